@@ -1,0 +1,154 @@
+"""All-to-all dispatcher: tokens travel over the EP group to the ranks owning their experts.
+
+Legend: T tokens, H hidden, K top-k, P EP degree, n tokens of this rank's share,
+S_send / N rows sent / received.
+
+Pipeline on the rank at ``(moe_ep_rank = e, moe_tp_rank = m)`` of a TP group:
+
+1. Every TP rank holds all ``T`` tokens. The EP group of column ``m`` splits them into ``P``
+   contiguous shares of ``ceil(T / P)``; this rank takes share ``e`` (empty when ``T < P``
+   leaves nothing for it). The MoE-TP peers of this rank take the same share, because the
+   destination's ``I`` slices are spread over exactly those peers' columns.
+2. A token is sent once to each EP rank that owns at least one of its ``K`` experts, with its
+   routing weights, its ids renumbered to the destination's local experts (``-1`` for the
+   others) and its adapter slot, all packed into one byte row so that a single
+   ``all_to_all_single`` moves everything. Send counts are exchanged first; the receive
+   buffer is sized from them (one host sync).
+3. The destination computes its local experts for its ``I`` slice and sends the weighted
+   partial sums back with the reversed splits; the origin adds the copies of each token.
+4. ``all_reduce`` over the MoE-TP group sums the ``I`` slices; ``all_gather`` over the EP
+   group puts the shares back together, so every TP rank ends with the full ``[T, H]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moelora_dist.moe.dispatch import Dispatched, Dispatcher
+from moelora_dist.parallel.groups import group_size
+
+
+def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int],
+                in_splits: list[int], group) -> None:
+    if group_size(group) == 1:
+        out.copy_(inp)
+        return
+    dist.all_to_all_single(out, inp, output_split_sizes=out_splits,
+                           input_split_sizes=in_splits, group=group)
+
+
+def share_bounds(num_tokens: int, ep: int, ep_rank: int) -> tuple[int, int]:
+    """Token range ``[start, end)`` of EP rank ``ep_rank``'s share (may be empty)."""
+    chunk = -(-num_tokens // ep)
+    start = min(num_tokens, ep_rank * chunk)
+    return start, min(num_tokens, start + chunk)
+
+
+def all_gather_shares(y_nH: torch.Tensor, num_tokens: int, group) -> torch.Tensor:
+    """Concatenate every EP rank's share (padded to one chunk) back into ``[T, H]``."""
+    ep = group_size(group)
+    if ep == 1:
+        return y_nH
+    chunk = -(-num_tokens // ep)
+    padded = y_nH.new_zeros(chunk, y_nH.shape[1])
+    padded[: y_nH.shape[0]] = y_nH
+    out = y_nH.new_empty(ep * chunk, y_nH.shape[1])
+    dist.all_gather_into_tensor(out, padded, group=group)
+    return out[:num_tokens]
+
+
+class _Handle:
+    __slots__ = ("num_tokens", "token_idx_S", "send_splits", "recv_splits", "share", "dtype")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+def _row_layout(hidden: int, top_k: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(offset of x, row bytes): fp32 weights | int32 ids | int32 slot | pad | x.
+
+    Offsets and the row stride are multiples of 16 bytes, so every part views in place.
+    """
+    meta = 4 * top_k + 4 * (top_k + 1)
+    x_off = -(-meta // 16) * 16
+    xb = hidden * torch.tensor([], dtype=dtype).element_size()
+    return x_off, x_off + -(-xb // 16) * 16
+
+
+def _pack(x_SH, weights_SK, ids_SK, slot_S) -> torch.Tensor:
+    """One byte row per token (see :func:`_row_layout`)."""
+    S, H = x_SH.shape
+    K = ids_SK.shape[1]
+    x_off, row = _row_layout(H, K, x_SH.dtype)
+    out = torch.zeros(S, row, dtype=torch.uint8, device=x_SH.device)
+    out[:, :4 * K] = weights_SK.to(torch.float32).contiguous().view(torch.uint8)
+    meta = torch.cat([ids_SK.to(torch.int32), slot_S.to(torch.int32)[:, None]], dim=1)
+    out[:, 4 * K:4 * (2 * K + 1)] = meta.view(torch.uint8)
+    xb = H * x_SH.element_size()
+    out[:, x_off:x_off + xb] = x_SH.contiguous().view(torch.uint8)
+    return out
+
+
+def _unpack(rows: torch.Tensor, hidden: int, top_k: int, dtype: torch.dtype):
+    x_off, _ = _row_layout(hidden, top_k, dtype)
+    xb = hidden * torch.tensor([], dtype=dtype).element_size()
+    w = rows[:, :4 * top_k].view(torch.float32)
+    meta = rows[:, 4 * top_k:4 * (2 * top_k + 1)].view(torch.int32)
+    x = rows[:, x_off:x_off + xb].view(dtype)
+    return x, w, meta[:, :top_k], meta[:, top_k]
+
+
+class AllToAllDispatcher(Dispatcher):
+    """Token movement over the EP group; see the module docstring for the pipeline."""
+
+    name = "all_to_all"
+
+    def dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, token_slot_T) -> Dispatched:
+        g = self.groups
+        ep, e_local = g.ep_size, self.shard.num_local_experts
+        T, H = x_TH.shape
+        K = topk_ids_TK.shape[1]
+        start, end = share_bounds(T, ep, g.rank_layout.moe_ep_rank)
+        ids_nK = topk_ids_TK[start:end].long()
+        owner_nK = torch.where(ids_nK >= 0, ids_nK // e_local, torch.full_like(ids_nK, -1))
+        dests_P = torch.arange(ep, device=x_TH.device)
+        mask_Pn = (owner_nK[None, :, :] == dests_P[:, None, None]).any(dim=2)
+        # Sorted by destination, then token: the rows for rank d are contiguous.
+        dest_S, token_S = mask_Pn.nonzero(as_tuple=True)
+        send_counts_P = mask_Pn.sum(dim=1)
+        local_SK = torch.where(owner_nK[token_S] == dest_S[:, None],
+                               ids_nK[token_S] - dest_S[:, None] * e_local,
+                               torch.full_like(ids_nK[token_S], -1))
+        slot_S = (token_slot_T[start:end][token_S] if token_slot_T is not None
+                  else torch.full_like(token_S, -1))
+        send = _pack(x_TH[start:end][token_S], topk_weights_TK[start:end][token_S], local_SK,
+                     slot_S)
+        recv_counts_P = torch.empty_like(send_counts_P)
+        _all_to_all(recv_counts_P, send_counts_P, [1] * ep, [1] * ep, g.ep_group)
+        send_splits = send_counts_P.tolist()
+        recv_splits = recv_counts_P.tolist()
+        recv = send.new_empty(sum(recv_splits), send.shape[1])
+        _all_to_all(recv, send, recv_splits, send_splits, g.ep_group)
+        x_NH, w_NK, ids_NK, slot_N = _unpack(recv, H, K, x_TH.dtype)
+        handle = _Handle(num_tokens=T, token_idx_S=token_S, send_splits=send_splits,
+                         recv_splits=recv_splits, share=(start, end), dtype=x_TH.dtype)
+        return Dispatched(x_NH, w_NK, ids_NK, slot_N if token_slot_T is not None else None,
+                          handle)
+
+    def combine(self, y_NH: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        g, h = self.groups, dispatched.handle
+        H = y_NH.shape[1]
+        back_SH = y_NH.new_empty(sum(h.send_splits), H)
+        _all_to_all(back_SH, y_NH.contiguous(), h.send_splits, h.recv_splits, g.ep_group)
+        start, end = h.share
+        # A token sent to several EP ranks comes back once from each: add the copies in fp32 (fp64
+        # for fp64 inputs).
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        y_nH = torch.zeros(end - start, H, dtype=acc, device=y_NH.device)
+        y_nH.index_add_(0, h.token_idx_S, back_SH.to(acc))
+        y_nH = y_nH.to(h.dtype)
+        if group_size(g.moe_tp_group) > 1:
+            dist.all_reduce(y_nH, group=g.moe_tp_group)
+        return all_gather_shares(y_nH, h.num_tokens, g.ep_group)
