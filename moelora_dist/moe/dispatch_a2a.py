@@ -29,6 +29,10 @@ from moelora_dist.moe.dispatch import Dispatched, Dispatcher
 from moelora_dist.parallel.groups import group_size
 
 
+# torch >= 2.13 renamed all_gather_into_tensor; the GPU machine runs 2.11.
+_ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int],
                 in_splits: list[int], group) -> None:
     if group_size(group) == 1:
@@ -54,7 +58,7 @@ def all_gather_shares(y_nH: torch.Tensor, num_tokens: int, group) -> torch.Tenso
     padded = y_nH.new_zeros(chunk, y_nH.shape[1])
     padded[: y_nH.shape[0]] = y_nH
     out = y_nH.new_empty(ep * chunk, y_nH.shape[1])
-    dist.all_gather_into_tensor(out, padded, group=group)
+    _ALL_GATHER_SINGLE(out, padded, group=group)
     return out[:num_tokens]
 
 

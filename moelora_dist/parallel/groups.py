@@ -130,12 +130,13 @@ def build_groups(layout: Layout, device: torch.device, backend: str) -> Parallel
 
 
 def init_parallel(tp: int, ep: int = 1, *, backend: str | None = None,
-                  timeout_s: float = 120) -> ParallelGroups:
+                  timeout_s: float | None = None) -> ParallelGroups:
     """Process groups for ``(tp, ep)`` from ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``.
 
     Validates ``Layout(WORLD_SIZE, tp, ep)`` first (raises :class:`LayoutError` before any
     group is built), sets the CUDA device of ``LOCAL_RANK`` before ``init_process_group``, and
-    uses ``timeout_s`` for every collective so that a dead rank cannot hang the others forever.
+    uses ``timeout_s`` (default ``$MOELORA_DIST_TIMEOUT``, else 120) for every collective so
+    that a dead rank cannot hang the others forever.
     Without a torchrun environment and with ``tp == ep == 1`` it returns
     :meth:`ParallelGroups.single` on the default device.
     """
@@ -159,6 +160,8 @@ def init_parallel(tp: int, ep: int = 1, *, backend: str | None = None,
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("MOELORA_DIST_TIMEOUT", 120))
     if not dist.is_initialized():
         kwargs = {"device_id": device} if device_type == "cuda" else {}
         dist.init_process_group(chosen, timeout=timedelta(seconds=timeout_s), **kwargs)
