@@ -1,0 +1,127 @@
+"""Local experts with multi-LoRA on the GPU: the Triton pipeline behind ``fused_experts``.
+
+Legend: T tokens, H hidden, E_l local experts, I_l local intermediate, K top-k, S slots,
+R max rank, BR padded rank (power of two >= 16).
+
+    align(base, by expert, rows ordered by slot)      4 small launches
+    [LoRA] align(lora, by slot*E_l + expert)          4 small launches
+    [LoRA] lora_shrink  x A^T                         -> [T*K + T, 2BR] fp32
+    gate_up (+ expand, act, + down shrink)            -> h [T*K, I_l], dshrink [T*K, BR]
+    down (+ expand, x top-k weight)                   -> [T*K, H]
+    topk_sum                                          -> y [T, H]
+
+Shapes of every buffer depend on T only (worst-case sizing), and nothing syncs with the host
+unless ``slot_enabled_S`` must be checked for "no adapter in this batch" outside a CUDA-graph
+capture; pass ``lora=None`` (the layer knows ``BatchInfo.num_lora_tokens``) to skip the LoRA
+path with no sync at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moelora_dist.kernels.align import align_items
+from moelora_dist.kernels.moe_gemm import ops
+from moelora_dist.lora.buffers import MoELoRABuffers
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Tile sizes of one call; ``block_m`` rows per expert block (base) / LoRA block."""
+
+    block_m: int = 64
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    lora_block_m: int = 16
+    down_block_n: int = 128
+
+
+def pick_config(num_tokens: int, top_k: int, num_experts: int, num_slots: int = 1) -> MoEConfig:
+    """Tiles by the average rows per expert: small blocks for decode, large for prefill."""
+    per_expert = num_tokens * top_k / max(num_experts, 1)
+    per_virtual = per_expert / max(num_slots, 1)
+    lora_bm = 16 if per_virtual <= 32 else 64
+    if per_expert <= 16:
+        return MoEConfig(16, 64, 128, 4, 4, lora_bm, 64)
+    if per_expert <= 128:
+        return MoEConfig(32, 64, 128, 4, 4, lora_bm, 64)
+    if per_expert <= 512:
+        return MoEConfig(64, 128, 64, 4, 3, lora_bm, 128)
+    return MoEConfig(128, 128, 64, 8, 3, lora_bm, 128)
+
+
+def _check(x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK, topk_ids_TK, token_slot_T, lora):
+    T, H = x_TH.shape
+    E, two_i, h2 = w_gate_up_EXH.shape
+    if h2 != H or two_i % 2:
+        raise ValueError(f"w_gate_up must be [E_l, 2*I_l, H={H}], got {tuple(w_gate_up_EXH.shape)}")
+    if tuple(w_down_EHI.shape) != (E, H, two_i // 2):
+        raise ValueError(f"w_down must be [E_l={E}, H={H}, I_l={two_i // 2}], "
+                         f"got {tuple(w_down_EHI.shape)}")
+    if topk_ids_TK.shape != topk_weights_TK.shape or topk_ids_TK.shape[0] != T:
+        raise ValueError(f"topk_ids {tuple(topk_ids_TK.shape)} and topk_weights "
+                         f"{tuple(topk_weights_TK.shape)} must both be [T={T}, K]")
+    if topk_ids_TK.dtype != torch.int32:
+        raise ValueError(f"topk_ids must be int32, got {topk_ids_TK.dtype}")
+    if lora is not None:
+        if token_slot_T is None or token_slot_T.shape != (T,):
+            raise ValueError(f"a LoRA call needs token_slot_T of shape [T={T}]")
+        if token_slot_T.dtype != torch.int32:
+            raise ValueError(f"token_slot_T must be int32, got {token_slot_T.dtype}")
+        if (lora.num_local_experts, lora.hidden, lora.i_local) != (E, H, two_i // 2):
+            raise ValueError(
+                f"LoRA buffers are for E_l={lora.num_local_experts}, H={lora.hidden}, "
+                f"I_l={lora.i_local} but the layer has E_l={E}, H={H}, I_l={two_i // 2}")
+
+
+def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: torch.Tensor,
+                   topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
+                   token_slot_T: torch.Tensor | None = None, lora: MoELoRABuffers | None = None,
+                   activation: str = "silu", slot_enabled_S: torch.Tensor | None = None,
+                   config: MoEConfig | None = None) -> torch.Tensor:
+    """Triton version of :func:`moelora_dist.moe.reference.experts_reference`.
+
+    Args:
+        x_TH: ``[T, H]`` bf16/fp16/fp32 tokens.
+        w_gate_up_EXH: ``[E_l, 2*I_l, H]``; w_down_EHI: ``[E_l, H, I_l]`` (x dtype).
+        topk_weights_TK: ``[T, K]`` fp32; topk_ids_TK: ``[T, K]`` int32 local ids, ``-1`` skip.
+        token_slot_T: ``[T]`` int32 slot per token, ``-1`` = no adapter.
+        lora: pool buffers of this layer, or None (base only).
+        slot_enabled_S: ``[S]`` bool from the batch info; None means "every slot of rank > 0".
+            Tokens of a disabled slot get no delta.
+        config: tile sizes; picked from the shapes when None.
+    Returns:
+        ``[T, H]`` in ``x_TH.dtype``.
+    """
+    _check(x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK, topk_ids_TK, token_slot_T, lora)
+    T, _ = x_TH.shape
+    E = w_gate_up_EXH.shape[0]
+    K = topk_ids_TK.shape[1]
+    if lora is not None:
+        if slot_enabled_S is None:
+            slot_enabled_S = lora.slot_rank > 0
+        elif not torch.cuda.is_current_stream_capturing() and not bool(slot_enabled_S.any()):
+            lora = None  # no adapter in this batch: skip the LoRA path, do not run it on zeros
+    cfg = config or pick_config(T, K, E, lora.num_slots if lora is not None else 1)
+    has_lora = lora is not None
+    base = align_items(topk_ids_TK, token_slot_T if has_lora else None,
+                       slot_enabled_S if has_lora else None,
+                       lora.slot_rank if has_lora else None, None, num_experts=E,
+                       block_m=cfg.block_m, mode="base", sort_by_slot=has_lora)
+    shrink = None
+    if has_lora:
+        la = align_items(topk_ids_TK, token_slot_T, slot_enabled_S, lora.slot_rank,
+                         lora.gate_up_a_shared, num_experts=E, block_m=cfg.lora_block_m,
+                         mode="lora")
+        shrink = ops.lora_shrink(x_TH, lora, la, K, block_k=cfg.block_k)
+    h, dshrink = ops.gate_up(x_TH, w_gate_up_EXH, base, K, token_slot_T, slot_enabled_S, lora,
+                             shrink, activation, block_n=cfg.block_n, block_k=cfg.block_k,
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, token_slot_T, slot_enabled_S, lora,
+                   dshrink, block_n=cfg.down_block_n, block_k=cfg.block_k,
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return ops.topk_sum(out, topk_ids_TK, E)

@@ -1,0 +1,86 @@
+"""Triton kernels: grouped down GEMM + LoRA expand + top-k weight, and the top-k sum.
+
+Imports triton only. The LoRA delta of down is added to the accumulator BEFORE the top-k
+weight multiplies it, so the weight is applied once to base + delta.
+"""
+
+import triton
+import triton.language as tl
+
+from moelora_dist.kernels.moe_gemm.kernel_common import (
+    NO_SLOT, _block_rows, _next_slot, _row_slots)
+
+
+@triton.jit
+def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket_ptr,
+                 num_post_pad_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                 b_shared_ptr, dshrink_ptr, b_ptr,
+                 num_pairs, top_k, hidden, inter,
+                 stride_we, stride_wh, stride_wi, stride_bs, stride_be, stride_bh, stride_br,
+                 HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[pair, n-tile] = topk_w[pair] * (h W_down^T + dshrink B_down^T)."""
+    pid = tl.program_id(0).to(tl.int64)
+    num_n = tl.cdiv(hidden, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    expert, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
+                                         pid_m, num_pairs, BLOCK_M)
+    if expert < 0:
+        return
+    expert = expert.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hidden
+    w_base = w_ptr + expert * stride_we + offs_n[None, :] * stride_wh
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < inter
+        h = tl.load(h_ptr + rows[:, None] * inter + offs_k[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_base + offs_k[:, None] * stride_wi,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(h, w.to(h.dtype))
+
+    if HAS_LORA:
+        slot_m = _row_slots(rows // top_k, row_mask, token_slot_ptr, slot_enabled_ptr,
+                            slot_rank_ptr)
+        offs_r = tl.arange(0, BLOCK_R)
+        slot = _next_slot(slot_m, -1)
+        while slot != NO_SLOT:
+            sel = slot_m == slot
+            slot64 = slot.to(tl.int64)
+            r_mask = offs_r < tl.load(slot_rank_ptr + slot64)
+            # A shared B_down sits at expert 0: expert stride 0, no copy.
+            eb = tl.where(tl.load(b_shared_ptr + slot64) != 0, 0, expert)
+            d = tl.load(dshrink_ptr + rows[:, None] * BLOCK_R + offs_r[None, :],
+                        mask=sel[:, None] & r_mask[None, :], other=0.0)
+            b = tl.load(b_ptr + slot64 * stride_bs + eb * stride_be
+                        + offs_n[None, :] * stride_bh + offs_r[:, None] * stride_br,
+                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            acc += tl.dot(d, b.to(tl.float32))
+            slot = _next_slot(slot_m, slot)
+
+    weight = tl.load(topk_w_ptr + rows, mask=row_mask, other=0.0)
+    acc = acc * weight[:, None]
+    tl.store(out_ptr + rows[:, None] * hidden + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _topk_sum_kernel(out_ptr, topk_ids_ptr, y_ptr, hidden, top_k, num_experts,
+                     stride_yt, BLOCK_H: tl.constexpr):
+    """y[t] = sum over k of out[t*K + k] for the pairs whose expert is valid on this rank;
+    the others were never written (their rows hold garbage) and are never read."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs < hidden
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in range(0, top_k):
+        # Broadcast the scalar expert id to the tile: a scalar & vector mask is rejected by
+        # the interpreter.
+        e = tl.load(topk_ids_ptr + t * top_k + k + tl.zeros([BLOCK_H], dtype=tl.int64))
+        ok = h_mask & (e >= 0) & (e < num_experts)
+        acc += tl.load(out_ptr + (t * top_k + k) * hidden + offs, mask=ok,
+                       other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * stride_yt + offs, acc.to(y_ptr.dtype.element_ty), mask=h_mask)

@@ -1,0 +1,100 @@
+"""Triton kernel: grouped gate_up GEMM + LoRA expand + activation + LoRA shrink of down.
+
+Imports triton only. One program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``h`` for one
+expert block: ``gate`` and ``up`` tiles from the base weights, then, for each adapter slot
+present in the block, the LoRA expand ``shrink B^T`` added BEFORE the activation, then
+``h = act(gate) * up``; finally the down projection's LoRA shrink ``h A_down^T`` of this tile
+is accumulated (fp32 atomics over the ``I`` tiles) so that ``h`` is never read back for it.
+"""
+
+import triton
+import triton.language as tl
+
+from moelora_dist.kernels.moe_gemm.kernel_common import (
+    NO_SLOT, _block_rows, _gelu_tanh_mul, _next_slot, _row_slots, _silu_mul)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
+                    token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, a_shared_ptr,
+                    shrink_ptr, b_ptr, down_a_ptr, dshrink_ptr,
+                    num_pairs, top_k, hidden, inter,
+                    stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
+                    stride_bs, stride_be, stride_bn, stride_br,
+                    stride_das, stride_dae, stride_dar, stride_dai,
+                    HAS_LORA: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    num_n = tl.cdiv(inter, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    expert, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
+                                         pid_m, num_pairs, BLOCK_M)
+    if expert < 0:
+        return
+    expert = expert.to(tl.int64)
+    tok = rows // top_k
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < inter
+    w_gate = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn
+    w_up = w_gate + inter * stride_wn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < hidden
+        x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        wg = tl.load(w_gate + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
+        wu = tl.load(w_up + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
+        acc_g += tl.dot(x, wg.to(x.dtype))
+        acc_u += tl.dot(x, wu.to(x.dtype))
+
+    if HAS_LORA:
+        slot_m = _row_slots(tok, row_mask, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr)
+        offs_r = tl.arange(0, BLOCK_R)
+        slot = _next_slot(slot_m, -1)
+        while slot != NO_SLOT:
+            sel = slot_m == slot
+            slot64 = slot.to(tl.int64)
+            rank = tl.load(slot_rank_ptr + slot64)
+            r_mask = offs_r < rank
+            # Shared-A slots computed their shrink once per token, at row num_pairs + token.
+            shared = tl.load(a_shared_ptr + slot64) != 0
+            src = tl.where(shared, num_pairs + tok, rows)
+            s_ptr = shrink_ptr + src[:, None] * (2 * BLOCK_R) + offs_r[None, :]
+            s_mask = sel[:, None] & r_mask[None, :]
+            s_g = tl.load(s_ptr, mask=s_mask, other=0.0)
+            s_u = tl.load(s_ptr + BLOCK_R, mask=s_mask, other=0.0)
+            b_base = b_ptr + slot64 * stride_bs + expert * stride_be
+            b_off = offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
+            b_mask = r_mask[:, None] & n_mask[None, :]
+            b_g = tl.load(b_base + b_off, mask=b_mask, other=0.0).to(tl.float32)
+            b_u = tl.load(b_base + inter * stride_bn + b_off, mask=b_mask, other=0.0)
+            acc_g += tl.dot(s_g, b_g)
+            acc_u += tl.dot(s_u, b_u.to(tl.float32))
+            slot = _next_slot(slot_m, slot)
+
+    if ACT == 0:
+        h = _silu_mul(acc_g, acc_u)
+    else:
+        h = _gelu_tanh_mul(acc_g, acc_u)
+    out_mask = row_mask[:, None] & n_mask[None, :]
+    tl.store(h_ptr + rows[:, None] * inter + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=out_mask)
+
+    if HAS_LORA:
+        h = tl.where(out_mask, h, 0.0)
+        slot = _next_slot(slot_m, -1)
+        while slot != NO_SLOT:
+            sel = slot_m == slot
+            slot64 = slot.to(tl.int64)
+            r_mask = offs_r < tl.load(slot_rank_ptr + slot64)
+            a_ptr = (down_a_ptr + slot64 * stride_das + expert * stride_dae
+                     + offs_r[None, :] * stride_dar + offs_n[:, None] * stride_dai)
+            a_d = tl.load(a_ptr, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            part = tl.dot(tl.where(sel[:, None], h, 0.0), a_d.to(tl.float32))
+            tl.atomic_add(dshrink_ptr + rows[:, None] * BLOCK_R + offs_r[None, :], part,
+                          mask=sel[:, None] & r_mask[None, :])
+            slot = _next_slot(slot_m, slot)

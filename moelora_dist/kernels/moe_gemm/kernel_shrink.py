@@ -1,0 +1,51 @@
+"""Triton kernel: LoRA shrink of gate_up, ``x A^T`` for blocks of one (slot, expert).
+
+Imports triton only. Items are (token, k) pairs of slots whose A is per expert, and whole
+tokens of slots whose A is shared by all experts (computed once per token, read at expert 0
+with an expert stride of 0 -- the bucket of such a token is ``slot * E + 0``).
+"""
+
+import triton
+import triton.language as tl
+
+from moelora_dist.kernels.moe_gemm.kernel_common import _block_rows
+
+
+@triton.jit
+def _lora_shrink_kernel(x_ptr, a_ptr, a_shared_ptr, slot_rank_ptr, sorted_ids_ptr,
+                        block_bucket_ptr, num_post_pad_ptr, out_ptr,
+                        num_items, num_pairs, top_k, num_experts, hidden, half_rows,
+                        stride_xt, stride_xh, stride_as, stride_ae, stride_ar, stride_ah,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[item, :BLOCK_R] = x A_gate^T, out[item, BLOCK_R:] = x A_up^T (fp32; columns past the
+    slot's rank are written as zeros and never read as data)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    bucket, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
+                                         pid_m, num_items, BLOCK_M)
+    if bucket < 0:
+        return
+    slot = (bucket // num_experts).to(tl.int64)
+    expert = (bucket % num_experts).to(tl.int64)
+    shared = tl.load(a_shared_ptr + slot) != 0
+    ea = tl.where(shared, 0, expert)
+    rank = tl.load(slot_rank_ptr + slot)
+    tok = tl.where(rows < num_pairs, rows // top_k, rows - num_pairs)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    a_base = a_ptr + slot * stride_as + ea * stride_ae
+    acc_g = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < hidden
+        x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        a_off = offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ah
+        ab_mask = r_mask[None, :] & k_mask[:, None]
+        a_g = tl.load(a_base + a_off, mask=ab_mask, other=0.0).to(x.dtype)
+        a_u = tl.load(a_base + half_rows * stride_ar + a_off, mask=ab_mask, other=0.0)
+        acc_g += tl.dot(x, a_g)
+        acc_u += tl.dot(x, a_u.to(x.dtype))
+    out = out_ptr + rows[:, None] * (2 * BLOCK_R) + offs_r[None, :]
+    tl.store(out, acc_g, mask=row_mask[:, None])
+    tl.store(out + BLOCK_R, acc_u, mask=row_mask[:, None])

@@ -1,0 +1,147 @@
+"""Host glue of the grouped-GEMM family: launches of shrink, gate_up, down and top-k sum.
+
+Pipeline of one layer (see :mod:`moelora_dist.kernels.fused_moe_lora`):
+
+1. ``lora_shrink``  x A_gate/A_up^T per (slot, expert) block    -> shrink   [T*K + T, 2*BR] fp32
+2. ``gate_up``      x W^T + shrink B^T, act(gate) * up; h A_down^T -> h [T*K, I], dshrink [T*K, BR]
+3. ``down``         w_k * (h W_down^T + dshrink B_down^T)         -> out      [T*K, H]
+4. ``topk_sum``     sum over k of the valid pairs                 -> y        [T, H]
+
+Every launcher takes tensors with arbitrary strides where a weight may be shared (expert
+stride 0 for shared-outer factors comes from the pool's ``[S, 1, ...]`` buffers and the slot's
+flag, never from an ``expand``). No launcher syncs with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from moelora_dist.kernels.align import Alignment
+from moelora_dist.kernels.moe_gemm.kernel_down import _down_kernel, _topk_sum_kernel
+from moelora_dist.kernels.moe_gemm.kernel_gate_up import _gate_up_kernel
+from moelora_dist.kernels.moe_gemm.kernel_shrink import _lora_shrink_kernel
+from moelora_dist.lora.buffers import MoELoRABuffers
+
+ACT_IDS = {"silu": 0, "gelu": 1}
+
+
+def block_r(max_rank: int) -> int:
+    """Padded rank of the LoRA tiles: a power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(max(int(max_rank), 1)))
+
+
+def lora_shrink(x_TH: torch.Tensor, lora: MoELoRABuffers, al: Alignment, top_k: int,
+                *, block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """Gate/up LoRA shrink for the items of a ``mode="lora"`` alignment.
+
+    Args:
+        x_TH: ``[T, H]`` fp16/bf16/fp32 tokens.
+        al: alignment of ``T*K`` pairs then ``T`` tokens by ``slot * E_l + expert``.
+    Returns:
+        ``[T*K + T, 2*BR]`` fp32; row ``t*K+k`` (per-expert A) or ``T*K + t`` (shared A) holds
+        ``[x A_gate^T | x A_up^T]`` for the items the alignment placed; other rows are unset.
+    """
+    T, H = x_TH.shape
+    BR = block_r(lora.max_rank)
+    out = torch.empty(T * top_k + T, 2 * BR, dtype=torch.float32, device=x_TH.device)
+    a = lora.gate_up_a
+    _lora_shrink_kernel[(al.max_blocks,)](
+        x_TH, a, lora.gate_up_a_shared, lora.slot_rank, al.sorted_ids, al.block_bucket,
+        al.num_post_pad, out, al.num_items, T * top_k, top_k, lora.num_local_experts, H,
+        lora.max_rank, x_TH.stride(0), x_TH.stride(1), a.stride(0), a.stride(1), a.stride(2),
+        a.stride(3), BLOCK_M=al.block_m, BLOCK_K=block_k, BLOCK_R=BR, num_warps=num_warps)
+    return out
+
+
+def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
+            slot_enabled_S=None, lora: MoELoRABuffers | None = None, shrink=None,
+            activation: str = "silu", *, block_n: int = 64, block_k: int = 64,
+            num_warps: int = 4, num_stages: int = 3):
+    """Base gate_up + LoRA expand + activation (+ down LoRA shrink) for a base alignment.
+
+    Args:
+        x_TH: ``[T, H]``; w_gate_up_EXH: ``[E_l, 2*I_l, H]`` (gate rows then up rows).
+        al: base alignment of the ``T*K`` pairs by expert (rows ordered by slot).
+        shrink: output of :func:`lora_shrink` when ``lora`` is given.
+    Returns:
+        ``h`` ``[T*K, I_l]`` in ``x_TH.dtype`` (rows of invalid pairs unset) and ``dshrink``
+        ``[T*K, BR]`` fp32 (``h A_down^T``; None without LoRA).
+    """
+    if activation not in ACT_IDS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACT_IDS)}")
+    T, H = x_TH.shape
+    E, two_i, _ = w_gate_up_EXH.shape
+    inter = two_i // 2
+    N = T * top_k
+    h = torch.empty(N, inter, dtype=x_TH.dtype, device=x_TH.device)
+    has_lora = lora is not None
+    w = w_gate_up_EXH
+    if has_lora:
+        BR = block_r(lora.max_rank)
+        dshrink = torch.zeros(N, BR, dtype=torch.float32, device=x_TH.device)
+        b, da = lora.gate_up_b, lora.down_a
+        lora_args = (token_slot_T, slot_enabled_S, lora.slot_rank, lora.gate_up_a_shared,
+                     shrink, b, da, dshrink)
+        lora_strides = (*b.stride(), *da.stride())
+    else:
+        BR, dshrink = 16, None
+        lora_args = (h,) * 8  # never read: HAS_LORA=False removes every access
+        lora_strides = (0,) * 8
+    grid = (al.max_blocks * triton.cdiv(inter, block_n),)
+    _gate_up_kernel[grid](
+        x_TH, w, h, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
+        N, top_k, H, inter, x_TH.stride(0), x_TH.stride(1), w.stride(0), w.stride(1),
+        w.stride(2), *lora_strides, HAS_LORA=has_lora, ACT=ACT_IDS[activation],
+        BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
+        num_warps=num_warps, num_stages=num_stages)
+    return h, dshrink
+
+
+def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T=None,
+         slot_enabled_S=None, lora: MoELoRABuffers | None = None, dshrink=None, *,
+         block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3):
+    """Base down + LoRA expand, times the top-k weight, per pair.
+
+    Args:
+        h: ``[T*K, I_l]``; w_down_EHI: ``[E_l, H, I_l]``; topk_weights_TK: ``[T, K]`` fp32.
+        dshrink: ``[T*K, BR]`` fp32 from :func:`gate_up` when ``lora`` is given.
+    Returns:
+        ``[T*K, H]`` in ``h.dtype``; rows of pairs with an invalid expert are unset.
+    """
+    N, inter = h.shape
+    E, H, _ = w_down_EHI.shape
+    out = torch.empty(N, H, dtype=h.dtype, device=h.device)
+    tw = topk_weights_TK.contiguous()
+    if tw.dtype != torch.float32:
+        tw = tw.float()
+    w = w_down_EHI
+    has_lora = lora is not None
+    if has_lora:
+        BR = block_r(lora.max_rank)
+        b = lora.down_b
+        lora_args = (token_slot_T, slot_enabled_S, lora.slot_rank, lora.down_b_shared,
+                     dshrink, b)
+        b_strides = b.stride()
+    else:
+        BR, lora_args, b_strides = 16, (h,) * 6, (0,) * 4
+    grid = (al.max_blocks * triton.cdiv(H, block_n),)
+    _down_kernel[grid](
+        h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
+        N, top_k, H, inter, w.stride(0), w.stride(1), w.stride(2), *b_strides,
+        HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_R=BR, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def topk_sum(out_NH: torch.Tensor, topk_ids_TK: torch.Tensor, num_experts: int,
+             out_dtype: torch.dtype | None = None, *, block_h: int = 1024) -> torch.Tensor:
+    """``[T*K, H]`` weighted pair outputs -> ``[T, H]``, skipping invalid experts (fp32 sum)."""
+    T, K = topk_ids_TK.shape
+    H = out_NH.shape[1]
+    y = torch.empty(T, H, dtype=out_dtype or out_NH.dtype, device=out_NH.device)
+    if T:
+        _topk_sum_kernel[(T, triton.cdiv(H, block_h))](
+            out_NH, topk_ids_TK.contiguous(), y, H, K, num_experts, y.stride(0),
+            BLOCK_H=block_h)
+    return y
