@@ -1,0 +1,130 @@
+"""One forward's token layout and the KV cache.
+
+Legend: B requests in this forward, T new tokens (all requests, concatenated), Q the longest
+new-token run of a request, L the longest key run (cached + new), C cache rows, N kv heads
+(rank-local), D head dim.
+
+Tokens are packed request after request (request ``b`` owns ``[seg_indptr[b], seg_indptr[b+1])``)
+so that the dense and MoE layers see one ``[T, H]`` matrix. Attention needs them per request:
+:class:`ForwardBatch` carries the index maps (``req_T``, ``j_T``) that scatter the packed tokens
+into a padded ``[B, Q]`` grid and back, and the boolean mask ``[B, 1, Q, L]`` (causal on absolute
+positions, optional sliding window). It is built once per forward and shared by every layer.
+Prefill (many new tokens) and decode (one per request) are the same code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    """Everything a layer needs to know about the tokens of one forward pass.
+
+    ``positions_T`` ``[T]`` int64 absolute positions; ``seg_indptr_B1`` ``[B+1]`` int32;
+    ``req_T`` / ``j_T`` ``[T]`` int64 request and offset-in-request of each token;
+    ``cache_rows_B`` ``[B]`` int64 KV-cache row of each request (None: rows ``0..B-1``);
+    ``kv_lens_B`` ``[B]`` int64 keys each request attends to after this forward;
+    ``attn_mask_B1QL`` ``[B, 1, Q, L]`` bool, True = may attend.
+    """
+
+    positions_T: torch.Tensor
+    seg_indptr_B1: torch.Tensor
+    req_T: torch.Tensor
+    j_T: torch.Tensor
+    cache_rows_B: torch.Tensor | None
+    kv_lens_B: torch.Tensor
+    attn_mask_B1QL: torch.Tensor
+    max_q: int
+    max_kv: int
+
+    @property
+    def num_requests(self) -> int:
+        return int(self.kv_lens_B.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions_T.shape[0])
+
+    @property
+    def last_token_index_B(self) -> torch.Tensor:
+        """``[B]`` int64 index into the packed tokens of each request's last new token."""
+        return self.seg_indptr_B1[1:].long() - 1
+
+    @classmethod
+    def build(cls, new_lens: list[int], prefix_lens: list[int], device,
+              cache_rows: list[int] | None = None,
+              sliding_window: int | None = None) -> "ForwardBatch":
+        """Index maps and mask for requests that add ``new_lens[b]`` tokens after
+        ``prefix_lens[b]`` cached ones. ``cache_rows=None`` means request ``b`` uses row ``b``."""
+        if len(new_lens) != len(prefix_lens) or not new_lens:
+            raise ValueError("need one new length and one prefix length per request, B >= 1")
+        if min(new_lens) < 1:
+            raise ValueError("every request in a forward must add at least one token")
+        B = len(new_lens)
+        new = torch.tensor(new_lens, dtype=torch.int64)
+        prefix = torch.tensor(prefix_lens, dtype=torch.int64)
+        seg = torch.zeros(B + 1, dtype=torch.int64)
+        seg[1:] = torch.cumsum(new, 0)
+        req_T = torch.repeat_interleave(torch.arange(B), new)
+        j_T = torch.arange(int(seg[-1])) - seg[req_T]
+        positions_T = prefix[req_T] + j_T
+        kv_lens = prefix + new
+        max_q, max_kv = int(new.max()), int(kv_lens.max())
+        q_pos_BQ = prefix[:, None] + torch.arange(max_q)[None, :]  # absolute query positions
+        k_pos_L = torch.arange(max_kv)
+        mask = k_pos_L[None, None, :] <= q_pos_BQ[:, :, None]
+        if sliding_window is not None:
+            mask &= k_pos_L[None, None, :] > q_pos_BQ[:, :, None] - sliding_window
+        # Padded query slots (j >= new_len) see key 0 only, so their softmax has no empty row
+        # (which would be NaN); their outputs are never read.
+        pad_BQ = torch.arange(max_q)[None, :] >= new[:, None]
+        mask[pad_BQ] = k_pos_L[None, :] == 0
+        rows = None if cache_rows is None or cache_rows == list(range(B)) else torch.tensor(
+            cache_rows, dtype=torch.int64, device=device)
+        return cls(
+            positions_T=positions_T.to(device), seg_indptr_B1=seg.to(torch.int32).to(device),
+            req_T=req_T.to(device), j_T=j_T.to(device), cache_rows_B=rows,
+            kv_lens_B=kv_lens.to(device), attn_mask_B1QL=mask[:, None].to(device),
+            max_q=max_q, max_kv=max_kv)
+
+
+class KVCache:
+    """Per-layer key/value buffers ``[C, L_max, N, D]``: one row per live request.
+
+    Row-major by request so that one request's keys are contiguous and a decode step of
+    requests ``0..B-1`` reads a plain slice ``k[:B, :L]`` with no gather.
+    """
+
+    def __init__(self, num_layers: int, num_rows: int, max_len: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device):
+        shape = (num_rows, max_len, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+        self.num_rows = num_rows
+
+    def check(self, batch: ForwardBatch) -> None:
+        if batch.max_kv > self.max_len:
+            raise ValueError(f"sequence of {batch.max_kv} tokens exceeds the KV cache length "
+                             f"{self.max_len}")
+        if batch.cache_rows_B is None and batch.num_requests > self.num_rows:
+            raise ValueError(f"{batch.num_requests} requests but the KV cache has "
+                             f"{self.num_rows} rows")
+
+    def write_and_read(self, layer: int, batch: ForwardBatch, k_TND: torch.Tensor,
+                       v_TND: torch.Tensor):
+        """Store the new keys/values, return every request's keys/values ``[B, N, L, D]``."""
+        rows = batch.cache_rows_B
+        row_T = batch.req_T if rows is None else rows[batch.req_T]
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        k_cache[row_T, batch.positions_T] = k_TND.to(k_cache.dtype)
+        v_cache[row_T, batch.positions_T] = v_TND.to(v_cache.dtype)
+        L = batch.max_kv
+        if rows is None:
+            k, v = k_cache[: batch.num_requests, :L], v_cache[: batch.num_requests, :L]
+        else:
+            k, v = k_cache[rows, :L], v_cache[rows, :L]
+        return k.transpose(1, 2), v.transpose(1, 2)

@@ -1,0 +1,91 @@
+"""Dense (non-MoE) MLP layers of hybrid models, split over TP, with multi-LoRA.
+
+Legend: T tokens, H hidden, F dense intermediate (``F_l = F / tp`` on one rank).
+
+Qwen3-MoE can interleave plain SwiGLU MLPs (``mlp_only_layers``, ``decoder_sparse_step``).
+gate/up are column parallel, down is row parallel, and the partial output is all-reduced over
+the TP group. Such a layer has no expert weights and no MoE LoRA buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moelora_dist.models.config import ModelConfig, ModelConfigError
+from moelora_dist.models.lora_linear import linear_with_lora
+from moelora_dist.moe.weights import load_moe_weights
+
+
+class DenseMLP:
+    """``w_gate``/``w_up`` ``[F_l, H]`` and ``w_down`` ``[H, F_l]`` of one rank."""
+
+    def __init__(self, layer: int, weights: dict[str, torch.Tensor], tp_group=None):
+        self.layer, self.w, self.tp_group = layer, weights, tp_group
+        self.prefix = f"layers.{layer}.mlp"
+
+    def forward(self, x_TH: torch.Tensor, lora=None,
+                token_slot_T: torch.Tensor | None = None) -> torch.Tensor:
+        """``[T, H]`` -> ``[T, H]``, summed over TP ranks. ``lora``: path -> dense buffers."""
+        def proj(name, x):
+            buf = lora(f"{self.prefix}.{name}") if lora is not None else None
+            return linear_with_lora(x, self.w[name], None, buf, token_slot_T)
+
+        h = F.silu(proj("gate_proj", x_TH)) * proj("up_proj", x_TH)
+        y = proj("down_proj", h)
+        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+            dist.all_reduce(y, group=self.tp_group)
+        return y
+
+
+def dense_mlp_slice(cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of the dense intermediate owned by ``tp_rank``."""
+    F_ = cfg.dense_intermediate
+    if F_ % tp:
+        raise ModelConfigError(f"intermediate_size={F_} of the dense MLP layers is not "
+                               f"divisible by tp={tp}")
+    n = F_ // tp
+    return tp_rank * n, (tp_rank + 1) * n
+
+
+def load_dense_mlp_weights(reader, cfg: ModelConfig, layer: int, tp: int, tp_rank: int,
+                           dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read this rank's slices of a dense MLP layer."""
+    start, end = dense_mlp_slice(cfg, tp, tp_rank)
+    p = f"model.layers.{layer}.mlp"
+    H, F_ = cfg.hidden_size, cfg.dense_intermediate
+    return {
+        "gate_proj": reader.rows(f"{p}.gate_proj.weight", start, end, dtype=dtype,
+                                 expect_shape=(F_, H)),
+        "up_proj": reader.rows(f"{p}.up_proj.weight", start, end, dtype=dtype,
+                               expect_shape=(F_, H)),
+        "down_proj": reader.cols(f"{p}.down_proj.weight", start, end, dtype=dtype,
+                                 expect_shape=(H, F_)),
+    }
+
+
+def load_expert_weights(reader, cfg: ModelConfig, layer: int, shard, dtype: torch.dtype):
+    """This rank's experts of one MoE layer (its experts, its rows of ``I``), read sliced.
+
+    Key layouts (per expert, Mixtral ``w1/w3/w2``, fused 3-D) are handled by
+    :func:`moelora_dist.moe.weights.load_moe_weights`; here only the block's name is resolved:
+    ``block_sparse_moe`` (what transformers writes for Mixtral) or ``mlp``.
+
+    Args:
+        shard: a :class:`moelora_dist.parallel.layout.MoEShard`.
+    Returns:
+        ``router_EH`` ``[E, H]`` (all experts: every rank routes every token),
+        ``w_gate_up_EXH`` ``[E_l, 2*I_l, H]`` (gate rows, then up rows),
+        ``w_down_EHI`` ``[E_l, H, I_l]``.
+    """
+    prefixes = [f"model.layers.{layer}.{m}" for m in (cfg.moe_prefix, "mlp", "block_sparse_moe")]
+    prefix = next((p for p in dict.fromkeys(prefixes) if reader.has(f"{p}.gate.weight")), None)
+    if prefix is None:
+        raise ModelConfigError(f"config.json makes layer {layer} a MoE layer but the checkpoint "
+                               f"has no router weight {prefixes[0]}.gate.weight")
+    try:
+        w = load_moe_weights(reader.index, prefix, shard, hidden=cfg.hidden_size, dtype=dtype)
+    except KeyError as exc:
+        raise ModelConfigError(str(exc.args[0])) from None
+    return w.router_EH, w.w_gate_up, w.w_down

@@ -1,0 +1,154 @@
+"""The decoder stack: embeddings, attention + (MoE | dense MLP) layers, final norm, LM head.
+
+Legend: T tokens (packed over requests), H hidden, V vocab, N positions whose logits are wanted.
+
+One :class:`MoELoRAModel` per rank holds that rank's slices (see :mod:`.weights`) and one
+:class:`~moelora_dist.lora.pool.LoRAPool` for all its LoRA buffers: MoE layers read them through
+:class:`~moelora_dist.moe.layer.LoRAMoE`, attention and dense MLPs through
+:func:`~.lora_linear.linear_with_lora`. Embeddings and the LM head are replicated, so every
+rank ends with the same logits (computing them costs one ``[N, H] x [H, V]`` GEMM per rank).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm import tqdm
+
+from moelora_dist.lora.batch_info import BatchInfo
+from moelora_dist.lora.pool import DenseModuleSpec, LoRAPool, MoELayerSpec, PoolConfig
+from moelora_dist.models.attention import HeadSplit, TPAttention
+from moelora_dist.models.batch import ForwardBatch, KVCache
+from moelora_dist.models.config import ModelConfig
+from moelora_dist.models.mlp import DenseMLP
+from moelora_dist.models.ops import rms_norm, rope_cos_sin, rope_inv_freq
+from moelora_dist.moe.layer import LoRAMoE, MoEBlock
+from moelora_dist.parallel.groups import ParallelGroups
+
+log = logging.getLogger(__name__)
+
+
+def dense_module_specs(cfg: ModelConfig, split: HeadSplit) -> dict[str, DenseModuleSpec]:
+    """Every dense module an adapter may target, with its TP split.
+
+    k/v are "replicated" in the pool when kv heads are replicated over ranks (fewer kv heads
+    than ranks): the column rule would cut inside a head; the attention picks its head's rows.
+    """
+    H, D = cfg.hidden_size, cfg.head_dim
+    kv_split = "column" if split.kv_sharded else "replicated"
+    specs = {}
+    for layer in range(cfg.num_layers):
+        p = f"layers.{layer}.self_attn"
+        specs[f"{p}.q_proj"] = DenseModuleSpec(H, cfg.num_heads * D, "column")
+        specs[f"{p}.k_proj"] = DenseModuleSpec(H, cfg.num_kv_heads * D, kv_split)
+        specs[f"{p}.v_proj"] = DenseModuleSpec(H, cfg.num_kv_heads * D, kv_split)
+        specs[f"{p}.o_proj"] = DenseModuleSpec(cfg.num_heads * D, H, "row")
+        if not cfg.is_moe_layer(layer):
+            F_ = cfg.dense_intermediate
+            specs[f"layers.{layer}.mlp.gate_proj"] = DenseModuleSpec(H, F_, "column")
+            specs[f"layers.{layer}.mlp.up_proj"] = DenseModuleSpec(H, F_, "column")
+            specs[f"layers.{layer}.mlp.down_proj"] = DenseModuleSpec(F_, H, "row")
+    return specs
+
+
+class MoELoRAModel:
+    """One rank's part of a MoE causal LM with a multi-LoRA pool.
+
+    Build with :meth:`build` from a weight source; run :meth:`forward` on a packed batch.
+    """
+
+    def __init__(self, cfg: ModelConfig, groups: ParallelGroups, pool: LoRAPool,
+                 dtype: torch.dtype):
+        self.cfg, self.groups, self.pool, self.dtype = cfg, groups, pool, dtype
+        self.device = groups.device
+        self.split = HeadSplit.for_rank(cfg, groups.tp_size, groups.rank_layout.tp_rank)
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, self.device)
+        self.embed_VH: torch.Tensor | None = None
+        self.lm_head_VH: torch.Tensor | None = None
+        self.final_norm_H: torch.Tensor | None = None
+        self.layers: list[dict] = []
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, groups: ParallelGroups, source, *, dtype: torch.dtype,
+              max_loras: int = 8, max_rank: int = 64, dispatcher: str = "auto",
+              progress: bool = True) -> "MoELoRAModel":
+        """Read this rank's weights from ``source`` (:mod:`.weights`) and make the pool.
+
+        Raises :class:`~.config.ModelConfigError` / ``LayoutError`` when the layout cannot
+        split this model (heads, kv heads, experts or intermediate not divisible).
+        """
+        rl, dev = groups.rank_layout, groups.device
+        groups.layout.check_model(cfg.num_experts, cfg.moe_intermediate)
+        split = HeadSplit.for_rank(cfg, groups.tp_size, rl.tp_rank)
+        pool = LoRAPool(
+            PoolConfig(max_loras=max_loras, max_rank=max_rank, dtype=dtype, device=dev), rl,
+            moe_layers={i: MoELayerSpec(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate)
+                        for i in cfg.moe_layers},
+            dense_modules=dense_module_specs(cfg, split))
+        self = cls(cfg, groups, pool, dtype)
+        to = dict(device=dev, dtype=dtype)
+        self.embed_VH = source.embed().to(**to)
+        self.lm_head_VH = source.lm_head().to(**to)
+        self.final_norm_H = source.norm("model.norm").to(**to)
+        shard = rl.moe_shard(cfg.num_experts, cfg.moe_intermediate)
+        bar = tqdm(range(cfg.num_layers), desc="loading layers", unit="layer",
+                   disable=not (progress and groups.is_rank0))
+        for i in bar:
+            attn_w = {k: v.to(**to) for k, v in source.attention(i, split).items()}
+            layer = {
+                "ln1": source.norm(f"model.layers.{i}.input_layernorm").to(**to),
+                "ln2": source.norm(f"model.layers.{i}.post_attention_layernorm").to(**to),
+                "attn": TPAttention(cfg, i, split, attn_w, groups.tp_group),
+            }
+            if cfg.is_moe_layer(i):
+                router, gate_up, down = (t.to(**to) for t in source.experts(i, shard))
+                base = MoEBlock(router, gate_up, down, top_k=cfg.top_k,
+                                renormalize=cfg.renormalize, shard=shard,
+                                activation=cfg.activation)
+                layer["moe"] = LoRAMoE(base, pool, i, groups, dispatcher=dispatcher)
+            else:
+                mlp_w = source.dense_mlp(i, groups.tp_size, rl.tp_rank)
+                layer["mlp"] = DenseMLP(i, {k: v.to(**to) for k, v in mlp_w.items()},
+                                        groups.tp_group)
+            self.layers.append(layer)
+        source.close()
+        return self
+
+    def new_cache(self, num_rows: int, max_len: int) -> KVCache:
+        """A KV cache for ``num_rows`` concurrent requests of up to ``max_len`` tokens."""
+        return KVCache(self.cfg.num_layers, num_rows, max_len, self.split.num_kv,
+                       self.cfg.head_dim, self.dtype, self.device)
+
+    @torch.no_grad()
+    def forward(self, input_ids_T: torch.Tensor, batch: ForwardBatch, cache: KVCache,
+                batch_info: BatchInfo) -> torch.Tensor:
+        """Hidden states after the final norm.
+
+        Args:
+            input_ids_T: ``[T]`` int64 new tokens of every request, packed.
+            batch: their layout (:class:`ForwardBatch`); cache: the KV cache it indexes.
+            batch_info: per-token adapter slots from ``compute_batch_info``.
+        Returns:
+            ``[T, H]`` in the model dtype, identical on every TP rank.
+        """
+        cache.check(batch)
+        any_lora = batch_info.any_lora()
+        lora = self.pool.dense_buffers if any_lora else None
+        slot_T = batch_info.token_slot_T if any_lora else None
+        h = self.embed_VH[input_ids_T]
+        cos, sin = rope_cos_sin(batch.positions_T, self.inv_freq, h.dtype)
+        eps = self.cfg.rms_norm_eps
+        for layer in self.layers:
+            x = rms_norm(h, layer["ln1"], eps)
+            h = h + layer["attn"].forward(x, batch, cache, cos, sin, lora, slot_T)
+            x = rms_norm(h, layer["ln2"], eps)
+            if "moe" in layer:
+                h = h + layer["moe"](x, batch_info)
+            else:
+                h = h + layer["mlp"].forward(x, lora, slot_T)
+        return rms_norm(h, self.final_norm_H, eps)
+
+    def logits(self, hidden_NH: torch.Tensor) -> torch.Tensor:
+        """``[N, H]`` -> ``[N, V]`` float32 logits (the GEMM runs in the model dtype, as HF)."""
+        return torch.nn.functional.linear(hidden_NH, self.lm_head_VH).float()

@@ -1,0 +1,222 @@
+"""The model runner: a model, its adapters, and batches of requests that mix them.
+
+    groups = init_parallel(tp, ep)                         # or ParallelGroups.single("cpu")
+    runner = ModelRunner.from_pretrained(model_dir, groups, dtype=torch.float32)
+    runner.add_adapter("math", "/ckpt/math-lora")          # PEFT directory
+    logits = runner.prompt_logits([Request([1, 2, 3], "math"), Request([4, 5], None)])
+    outs = runner.generate([Request([1, 2, 3], "math", max_new_tokens=8)])
+    runner.remove_adapter("math")
+
+Every rank of the job runs the same calls with the same requests (SPMD); results are the same on
+every rank. Requests are grouped into forwards by a token budget and by the pool's slot count
+(a forward may use at most ``max_loras`` distinct adapters). Adapters are held in a host-side
+registry and moved into pool slots on demand (LRU), so more adapters than slots may be
+registered.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from moelora_dist.lora.batch_info import compute_batch_info
+from moelora_dist.models.batch import ForwardBatch
+from moelora_dist.models.config import ModelConfig
+from moelora_dist.models.model import MoELoRAModel
+from moelora_dist.models.requests import Request, validate_requests
+from moelora_dist.models.weights import CheckpointWeights
+from moelora_dist.parallel.groups import ParallelGroups
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    """Greedy output of one request: new token ids only, and why it stopped."""
+
+    output_ids: list[int]
+    finish_reason: str  # "length" | "eos"
+
+
+class ModelRunner:
+    """Serves one model with any number of registered adapters (see module docstring)."""
+
+    def __init__(self, model: MoELoRAModel):
+        self.model = model
+        self.cfg: ModelConfig = model.cfg
+        self.registry: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, groups: ParallelGroups | None = None, *,
+                        dtype: torch.dtype = torch.float32, max_loras: int = 8,
+                        max_rank: int = 64, dispatcher: str = "auto",
+                        progress: bool = True) -> "ModelRunner":
+        """Load this rank's slices of a Hugging Face MoE model directory."""
+        groups = groups or ParallelGroups.single("cpu")
+        cfg = ModelConfig.from_dir(model_dir)
+        source = CheckpointWeights(model_dir, cfg, dtype)
+        model = MoELoRAModel.build(cfg, groups, source, dtype=dtype, max_loras=max_loras,
+                                   max_rank=max_rank, dispatcher=dispatcher, progress=progress)
+        return cls(model)
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, path: str, **load_kwargs):
+        """Read a PEFT adapter directory, check it against the model, and register it.
+
+        It is loaded into a pool slot right away when a slot is free, else when a batch needs
+        it. ``load_kwargs`` go to :func:`moelora_dist.adapters.load_adapter`
+        (``force_shared_outer``, ``strict``). Raises ``ValueError`` subclasses naming the fix.
+        """
+        from moelora_dist.adapters import load_adapter
+
+        if name in self.registry:
+            raise ValueError(f"an adapter named {name!r} is already registered; remove it first")
+        pool = self.model.pool
+        adapter = load_adapter(path, model_config=self.cfg.raw, max_rank=pool.config.max_rank,
+                               name=name, **load_kwargs)
+        if len(pool.loaded()) < pool.config.max_loras:
+            pool.load(adapter)  # validates the adapter against every layer and module now
+        self.registry[name] = adapter
+        return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget an adapter and free its pool slot (zeroed)."""
+        if name not in self.registry:
+            raise ValueError(f"adapter {name!r} is not registered; registered: "
+                             f"{sorted(self.registry)}")
+        if self.model.pool.slot_of(name) is not None:
+            self.model.pool.unload(name)
+        del self.registry[name]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return sorted(self.registry)
+
+    # -- batching ----------------------------------------------------------------------------
+
+    def _chunks(self, requests: list[Request], max_tokens: int, max_requests: int):
+        """Consecutive groups of request indices within the token, request and slot budgets."""
+        max_loras = self.model.pool.config.max_loras
+        chunk, tokens, names = [], 0, set()
+        for i, r in enumerate(requests):
+            n = len(r.input_ids) + r.max_new_tokens
+            new_names = names | ({r.adapter} if r.adapter else set())
+            if chunk and (tokens + n > max_tokens or len(chunk) >= max_requests
+                          or len(new_names) > max_loras):
+                yield chunk
+                chunk, tokens, new_names = [], 0, {r.adapter} if r.adapter else set()
+            chunk.append(i)
+            tokens += n
+            names = new_names
+        if chunk:
+            yield chunk
+
+    def _validate(self, requests: list[Request]) -> None:
+        validate_requests(requests, vocab_size=self.cfg.vocab_size, adapters=self.registry,
+                          max_len=self.cfg.max_positions)
+
+    def _forward(self, input_ids: list[int], batch: ForwardBatch, cache, req_to_slot_B):
+        dev = self.model.device
+        info = compute_batch_info(batch.seg_indptr_B1, req_to_slot_B, self.model.pool.slot_rank_S)
+        ids_T = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        return self.model.forward(ids_T, batch, cache, info)
+
+    # -- public entry points -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def prompt_logits(self, requests: list[Request], max_batch_tokens: int = 8192,
+                      progress: bool = False) -> list[torch.Tensor]:
+        """Logits of every prompt position: one ``[len(input_ids), V]`` float32 CPU tensor each."""
+        self._validate(requests)
+        out: list[torch.Tensor | None] = [None] * len(requests)
+        pool, cfg = self.model.pool, self.cfg
+        chunks = list(self._chunks([Request(r.input_ids, r.adapter) for r in requests],
+                                   max_batch_tokens, 1 << 30))
+        for chunk in tqdm(chunks, desc="prefill", unit="batch", disable=not progress):
+            reqs = [requests[i] for i in chunk]
+            lens = [len(r.input_ids) for r in reqs]
+            batch = ForwardBatch.build(lens, [0] * len(reqs), self.model.device,
+                                       sliding_window=cfg.sliding_window)
+            cache = self.model.new_cache(len(reqs), max(lens))
+            req_to_slot = pool.prepare_batch([r.adapter for r in reqs], self.registry)
+            try:
+                hidden = self._forward([t for r in reqs for t in r.input_ids], batch, cache,
+                                       req_to_slot)
+            finally:
+                pool.release_batch()
+            logits = self.model.logits(hidden).cpu()
+            for i, part in zip(chunk, torch.split(logits, lens)):
+                out[i] = part
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def generate(self, requests: list[Request], max_batch: int = 64,
+                 progress: bool = False) -> list[Generation]:
+        """Greedy decoding; stops at ``max_new_tokens`` or an EOS id (unless ``ignore_eos``)."""
+        self._validate(requests)
+        results: list[Generation | None] = [None] * len(requests)
+        todo = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
+        for i, r in enumerate(requests):
+            if r.max_new_tokens == 0:
+                results[i] = Generation([], "length")
+        chunks = list(self._chunks([requests[i] for i in todo], 1 << 62, max_batch))
+        for chunk in tqdm(chunks, desc="generate", unit="batch", disable=not progress):
+            wave = [todo[j] for j in chunk]
+            for i, gen in zip(wave, self._generate_wave([requests[i] for i in wave])):
+                results[i] = gen
+        return results  # type: ignore[return-value]
+
+    def _generate_wave(self, reqs: list[Request]) -> list[Generation]:
+        pool, cfg, dev = self.model.pool, self.cfg, self.model.device
+        B = len(reqs)
+        prompt_lens = [len(r.input_ids) for r in reqs]
+        cache = self.model.new_cache(B, max(p + r.max_new_tokens for p, r in zip(prompt_lens, reqs)))
+        eos = set(cfg.eos_token_ids)
+        outs: list[list[int]] = [[] for _ in reqs]
+        reasons = ["length"] * B
+        req_to_slot = pool.prepare_batch([r.adapter for r in reqs], self.registry)
+        try:
+            batch = ForwardBatch.build(prompt_lens, [0] * B, dev, sliding_window=cfg.sliding_window)
+            hidden = self._forward([t for r in reqs for t in r.input_ids], batch, cache,
+                                   req_to_slot)
+            active = list(range(B))
+            last_idx = batch.last_token_index_B
+            while True:
+                next_ids = self._pick(self.model.logits(hidden[last_idx]))
+                still = []
+                for b, tok in zip(active, next_ids):
+                    outs[b].append(tok)
+                    if tok in eos and not reqs[b].ignore_eos:
+                        reasons[b] = "eos"
+                    elif len(outs[b]) < reqs[b].max_new_tokens:
+                        still.append(b)
+                active = still
+                if not active:
+                    break
+                batch = ForwardBatch.build(
+                    [1] * len(active), [prompt_lens[b] + len(outs[b]) - 1 for b in active], dev,
+                    cache_rows=active, sliding_window=cfg.sliding_window)
+                rows = torch.tensor(active, dtype=torch.int64, device=req_to_slot.device)
+                hidden = self._forward([outs[b][-1] for b in active], batch, cache,
+                                       req_to_slot[rows])
+                last_idx = batch.last_token_index_B
+        finally:
+            pool.release_batch()
+        return [Generation(o, r) for o, r in zip(outs, reasons)]
+
+    def _pick(self, logits_BV: torch.Tensor) -> list[int]:
+        """Greedy token of each row, made identical on every rank of the TP group.
+
+        The ranks compute the same logits, but a tie broken differently on one rank would make
+        the ranks run different batches and hang; rank 0 of the group decides for all.
+        """
+        ids = torch.argmax(logits_BV, dim=-1)
+        group = self.model.groups.tp_group
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.broadcast(ids, src=dist.get_process_group_ranks(group)[0], group=group)
+        return ids.tolist()
