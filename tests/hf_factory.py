@@ -26,6 +26,7 @@ whose arithmetic the reference mirrors line by line.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -116,13 +117,19 @@ def expert_intermediate(config) -> int:
 
 def moe_block(model, layer: int):
     """The sparse MoE block of decoder layer ``layer`` (works through a PEFT wrapper too)."""
-    base = model
-    while hasattr(base, "base_model") and base.base_model is not base:
-        base = base.base_model
-    if hasattr(base, "model") and hasattr(base.model, "model"):
-        base = base.model  # PeftModel -> LoraModel -> *ForCausalLM
-    decoder = base.model.layers[layer]
-    return getattr(decoder, "block_sparse_moe", None) or decoder.mlp
+    pattern = re.compile(rf"(^|\.)layers\.{layer}\.(mlp|block_sparse_moe)$")
+    for name, module in model.named_modules():
+        if pattern.search(name):
+            return module
+    raise ValueError(f"no MoE block for layer {layer} in {type(model).__name__}")
+
+
+def unwrapped_experts(block):
+    """The experts module of a MoE block with any PEFT ``ParamWrapper`` layers peeled off."""
+    experts = block.experts
+    while hasattr(experts, "base_layer") and hasattr(experts, "parameter_name"):
+        experts = experts.base_layer
+    return experts
 
 
 def saved_expert_key_layout(arch: str) -> tuple[str, dict[str, str]]:

@@ -98,6 +98,8 @@ class CanonicalAdapter:
     ``dense``: module path (e.g. ``"layers.3.self_attn.q_proj"``, ``"layers.0.mlp.up_proj"``)
     -> :class:`LoRAFactors` with expert dims of 1 (``a: [1, r, in]``, ``b: [1, out, r]``).
     ``format``: a short name of the checkpoint layout it came from, for ``inspect-adapter``.
+    ``layer_formats``: MoE layer index -> the layout that layer was read from (formats may
+    differ per layer).
     """
 
     name: str
@@ -106,6 +108,7 @@ class CanonicalAdapter:
     format: str = "unknown"
     source: str = ""
     config: dict = field(default_factory=dict)
+    layer_formats: dict[int, str] = field(default_factory=dict)
 
     @property
     def max_rank(self) -> int:

@@ -1,0 +1,147 @@
+"""Parsing of ``adapter_config.json`` (PEFT LoRA) and of the model's ``config.json`` dims.
+
+Rank and alpha of a module follow PEFT's own rule (``peft.utils.other.get_pattern_key``,
+peft 0.21): a ``rank_pattern`` / ``alpha_pattern`` key ``k`` applies to module name ``m`` when
+``re.match(rf"(.*\\.)?({k})$", m)``; the first matching key in the dict's order wins, else
+``r`` / ``lora_alpha``. ``m`` is the module's name inside the base model, i.e. the checkpoint
+key without ``base_model.model.`` and without ``.lora_A.weight``; for a ``target_parameters``
+LoRA it is the parameter's name (``model.layers.0.mlp.experts.gate_up_proj``). The scale is
+``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from moelora_dist.adapters.errors import AdapterError
+
+# PEFT options that change the math in ways the canonical form (plain B @ A) cannot carry.
+_UNSUPPORTED_TRUE = ("use_dora", "fan_in_fan_out", "use_qalora", "use_bdlora")
+
+
+@dataclass
+class LoRAConfigView:
+    """What the loader needs from ``adapter_config.json``."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    target_parameters: list = field(default_factory=list)
+    peft_version: tuple[int, ...] | None = None
+    raw: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, cfg: dict, source: str) -> "LoRAConfigView":
+        """Validate and read a parsed ``adapter_config.json`` (``source`` names it in errors)."""
+        peft_type = str(cfg.get("peft_type", "LORA")).upper()
+        if peft_type != "LORA":
+            raise AdapterError(f"{source}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters "
+                               "are supported")
+        for opt in _UNSUPPORTED_TRUE:
+            if cfg.get(opt):
+                raise AdapterError(f"{source}: {opt}=true is not supported (the canonical form is a "
+                                   f"plain scaled B @ A); re-export the adapter without {opt}")
+        if cfg.get("lora_bias") or cfg.get("bias", "none") not in ("none", None):
+            raise AdapterError(f"{source}: LoRA biases (lora_bias / bias={cfg.get('bias')!r}) are "
+                               "not supported; train with bias='none'")
+        if "r" not in cfg:
+            raise AdapterError(f"{source}: missing field 'r' (the LoRA rank)")
+        r = cfg["r"]
+        if not isinstance(r, int) or r <= 0:
+            raise AdapterError(f"{source}: r={r!r}; the LoRA rank must be a positive integer")
+        alpha = cfg.get("lora_alpha", r)
+        rank_pattern = dict(cfg.get("rank_pattern") or {})
+        for k, v in rank_pattern.items():
+            if not isinstance(v, int) or v <= 0:
+                raise AdapterError(f"{source}: rank_pattern[{k!r}]={v!r}; ranks must be positive "
+                                   "integers (rank 0 is not a LoRA)")
+        return cls(
+            r=r,
+            lora_alpha=float(alpha),
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            rank_pattern=rank_pattern,
+            alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+            target_parameters=list(cfg.get("target_parameters") or []),
+            peft_version=parse_version(cfg.get("peft_version")),
+            raw=dict(cfg),
+        )
+
+    def rank_alpha(self, module: str) -> tuple[int, float]:
+        """``(r, alpha)`` of module name ``module`` under PEFT's pattern rule (module docstring)."""
+        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r)
+        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module), self.lora_alpha)
+        return int(r), float(alpha)
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def targets_parameter(self, module: str, param: str) -> bool:
+        """PEFT's match of ``target_parameters`` (peft 0.21 ``_inject_parameters``)."""
+        key = f"{module}.{param}"
+        return any(key == t or key.endswith(f".{t}") for t in self.target_parameters)
+
+
+def _pattern_key(patterns: dict, module: str) -> str | None:
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def parse_version(text) -> tuple[int, ...] | None:
+    """``"0.18.1"`` -> ``(0, 18, 1)``; suffixes like ``.dev0`` are ignored; None when absent."""
+    if not text:
+        return None
+    nums = re.findall(r"\d+", str(text).split("+")[0])[:3]
+    return tuple(int(n) for n in nums) if nums else None
+
+
+@dataclass
+class ModelDims:
+    """The sizes of a model config an adapter is checked against (any field may be None)."""
+
+    hidden: int | None = None
+    moe_intermediate: int | None = None
+    num_experts: int | None = None
+    num_layers: int | None = None
+    dense_intermediate: int | None = None
+    q_out: int | None = None
+    kv_out: int | None = None
+    moe_layers: frozenset[int] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: dict | None) -> "ModelDims":
+        """Read a HF ``config.json`` dict (Qwen3-MoE, Mixtral, OLMoE field names)."""
+        if cfg is None:
+            return cls()
+        if not isinstance(cfg, dict):
+            raise AdapterError(f"model_config must be a dict parsed from config.json, got "
+                               f"{type(cfg).__name__}")
+        if "text_config" in cfg and "hidden_size" not in cfg:
+            cfg = cfg["text_config"]
+        hidden = cfg.get("hidden_size")
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+        moe_i = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
+        layers = cfg.get("num_hidden_layers")
+        heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+        head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
+        moe_layers = None
+        if layers is not None and experts:
+            # Qwen3-MoE places dense MLPs on mlp_only_layers and off the sparse step.
+            only = set(cfg.get("mlp_only_layers") or [])
+            step = int(cfg.get("decoder_sparse_step") or 1)
+            moe_layers = frozenset(l for l in range(layers) if l not in only and (l + 1) % step == 0)
+        return cls(
+            hidden=hidden,
+            moe_intermediate=moe_i,
+            num_experts=experts,
+            num_layers=layers,
+            dense_intermediate=cfg.get("intermediate_size"),
+            q_out=heads * head_dim if heads and head_dim else None,
+            kv_out=(kv or heads) * head_dim if heads and head_dim else None,
+            moe_layers=moe_layers,
+        )

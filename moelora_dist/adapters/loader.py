@@ -1,0 +1,195 @@
+"""``load_adapter``: a PEFT adapter directory -> :class:`CanonicalAdapter`, in one place.
+
+Pipeline: find files (refuse pickles) -> read ``adapter_config.json`` -> read safetensors ->
+refuse NaN/Inf -> classify every key (:mod:`keys`) -> convert each MoE layer and dense module
+(:mod:`formats`, :mod:`peft_params`) -> shared-outer per layer (:mod:`shared_outer`) ->
+validate against the model config and max rank (:mod:`validate`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
+from moelora_dist.adapters.config import LoRAConfigView, ModelDims
+from moelora_dist.adapters.errors import AdapterError
+from moelora_dist.adapters.formats import (Ctx, checked_scale, convert_expert_projection,
+                                           split_gate_up)
+from moelora_dist.adapters.keys import ParsedKey, parse_key
+from moelora_dist.adapters.peft_params import convert_params
+from moelora_dist.adapters.shared_outer import apply_shared_outer
+from moelora_dist.adapters.validate import check_finite, validate
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _find_files(path: Path) -> tuple[Path, Path]:
+    if not path.is_dir():
+        raise AdapterError(f"{path}: not a directory; expected a PEFT adapter directory holding "
+                           f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+    config, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not weights.is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterError(f"{path}: only pickled weights ({', '.join(pickles)}); they are never "
+                               "unpickled (arbitrary code execution). Convert them to "
+                               f"{WEIGHTS_NAME} with safetensors in a trusted environment")
+        raise AdapterError(f"{path}: missing {WEIGHTS_NAME}")
+    if not config.is_file():
+        raise AdapterError(f"{path}: missing {CONFIG_NAME} (needed for r, lora_alpha and "
+                           "target_parameters); save the adapter with PEFT's save_pretrained")
+    return config, weights
+
+
+def load_adapter(path: str | os.PathLike, *, model_config: dict | None = None,
+                 max_rank: int | None = None, strict: bool = True,
+                 force_shared_outer: bool | None = None,
+                 name: str | None = None) -> CanonicalAdapter:
+    """Load and normalize a PEFT LoRA adapter directory (every format in ``docs/adapters.md``).
+
+    Args:
+        path: directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        model_config: the model's parsed ``config.json``; when given, shapes, expert count and
+            layer indices are checked against it (and it settles ambiguous orientations).
+        max_rank: the pool's max rank; a larger rank is refused.
+        strict: refuse keys that are not understood (False: warn, list and ignore them).
+        force_shared_outer: None detects per layer, True requires shared-outer, False expands.
+        name: the adapter's name (default: the directory name).
+    Returns:
+        :class:`CanonicalAdapter` whose tensors keep the checkpoint dtype; ``a: [Ea, r, in]``,
+        ``b: [Eb, out, r]`` (see ``canonical.py``).
+    Raises:
+        AdapterError: with the file, layer, key and expected vs found shape.
+    """
+    path = Path(path)
+    config_file, weights_file = _find_files(path)
+    file = str(weights_file)
+    try:
+        raw_cfg = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{config_file}: not valid JSON ({exc})") from None
+    cfg = LoRAConfigView.from_dict(raw_cfg, str(config_file))
+    dims = ModelDims.from_config(model_config)
+    if max_rank is not None and max_rank <= 0:
+        raise AdapterError(f"max_rank={max_rank}; it must be positive")
+    tensors = load_file(str(weights_file))
+    check_finite(file, tensors)
+    ctx = Ctx(file, cfg, dims)
+
+    params: dict[int, dict[int, dict]] = defaultdict(lambda: defaultdict(dict))
+    experts_module: dict[int, str] = {}
+    projs: dict[tuple[int, str], list] = defaultdict(list)
+    dense: dict[str, dict[str, tuple[ParsedKey, torch.Tensor]]] = defaultdict(dict)
+    unknown: list[str] = []
+    for key in sorted(tensors):
+        pk = parse_key(key)
+        if pk.kind == "param":
+            params[pk.layer][pk.depth][pk.factor] = (pk, tensors[key])
+            experts_module[pk.layer] = pk.experts_module
+        elif pk.kind == "expert":
+            projs[(pk.layer, pk.proj)].append((pk, tensors[key]))
+        elif pk.kind == "dense":
+            dense[pk.path][pk.factor] = (pk, tensors[key])
+        else:
+            unknown.append(key)
+    if unknown:
+        msg = (f"{file}: {len(unknown)} key(s) that are not LoRA factors this loader understands: "
+               f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        if strict:
+            raise AdapterError(msg + "; pass strict=False to ignore them (see docs/adapters.md for "
+                               "the accepted key names)")
+        warnings.warn(msg + "; ignored (strict=False)", stacklevel=2)
+
+    sources: dict = {}
+    formats: dict[int, set[str]] = defaultdict(set)
+    moe: dict[int, MoELayerLoRA] = {}
+    layers = sorted(set(params) | {l for l, _ in projs})
+    for layer in layers:
+        got: dict[str, LoRAFactors] = {}
+        if layer in params:
+            if any(l == layer for l, _ in projs):
+                k = next(pk.key for (l, _), es in projs.items() if l == layer for pk, _ in es)
+                raise ctx.fail(layer, k, "both target_parameters keys (experts.lora_*) and "
+                               "expert projection keys for this layer; keep one format")
+            got, legacy = convert_params(ctx, layer, experts_module[layer], params[layer],
+                                         dims.num_experts)
+            formats[layer].add("peft-target-parameters" + (" (peft<=0.18 transposed)" if legacy else ""))
+            first = {d: fac["A"][0].key for d, fac in params[layer].items()}
+            for p in got:
+                sources[(layer, p)] = first[min(first)] if len(first) == 1 else (
+                    first[max(first)] if p in ("gate", "up") else first[0])
+        else:
+            E = dims.num_experts or _infer_experts(projs, layer)
+            for (l, p), entries in sorted(projs.items()):
+                if l != layer:
+                    continue
+                f = convert_expert_projection(ctx, layer, entries, E)
+                sources[(layer, p)] = entries[0][0].key
+                names = {pk.proj_name for pk, _ in entries}
+                styles = {"per-expert" if pk.expert is not None else "stacked" for pk, _ in entries}
+                formats[layer].add(("mixtral w1/w3/w2 " if names & {"w1", "w2", "w3"} else "")
+                                   + "/".join(sorted(styles)))
+                if p == "gate_up":
+                    if (layer, "gate") in projs or (layer, "up") in projs:
+                        raise ctx.fail(layer, entries[0][0].key, "gate_up_proj keys together with "
+                                       "separate gate/up keys; keep one")
+                    got["gate"], got["up"] = split_gate_up(ctx, layer, entries[0][0].key, f)
+                    sources[(layer, "gate")] = sources[(layer, "up")] = entries[0][0].key
+                else:
+                    got[p] = f
+        E = dims.num_experts or max(max(f.a.shape[0], f.b.shape[0]) for f in got.values())
+        for p, f in got.items():
+            for side, t in (("lora_A", f.a), ("lora_B", f.b)):
+                if t.shape[0] not in (1, E):
+                    raise ctx.fail(layer, sources[(layer, p)], f"expert count mismatch: {p} {side} "
+                                   f"has {t.shape[0]} experts, other projections {E}")
+        layer_lora = MoELayerLoRA(num_experts=E, **got)
+        moe[layer] = apply_shared_outer(layer_lora, layer, force_shared_outer, file)
+
+    dense_out: dict[str, LoRAFactors] = {}
+    for p, fac in sorted(dense.items()):
+        for f in "AB":
+            if f not in fac:
+                other = next(iter(fac.values()))[0]
+                raise ctx.fail(other.layer, other.key, f"lora_{f} of module {p!r} is missing")
+        (pa, A), (_, B) = fac["A"], fac["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise ctx.fail(pa.layer, pa.key, f"dense LoRA needs lora_A [r, in] and lora_B [out, r] "
+                           f"of one rank; found {tuple(A.shape)} and {tuple(B.shape)}")
+        scale = checked_scale(ctx, pa.layer, pa.key, pa.module, A.shape[0])
+        dense_out[p] = LoRAFactors(a=A.unsqueeze(0), b=B.unsqueeze(0), scaling=scale)
+        sources[p] = pa.key
+
+    fmt = sorted({f for fs in formats.values() for f in fs}) or ["dense-only"]
+    adapter = CanonicalAdapter(name=name or path.name, moe=moe, dense=dense_out,
+                               format=" + ".join(fmt), source=str(path), config=raw_cfg,
+                               layer_formats={l: " + ".join(sorted(fs)) for l, fs in formats.items()})
+    validate(adapter, dims, max_rank, sources, file)
+    if not adapter.moe and not adapter.dense:
+        raise AdapterError(f"{file}: no LoRA factors found")
+    log.debug("loaded adapter %s: %s, %d MoE layers, %d dense modules", adapter.name,
+              adapter.format, len(moe), len(dense_out))
+    return adapter
+
+
+def _infer_experts(projs: dict, layer: int) -> int:
+    """E of one layer without a model config: the largest expert index or stack size seen."""
+    n = 1
+    for (l, _), entries in projs.items():
+        if l != layer:
+            continue
+        for pk, t in entries:
+            n = max(n, pk.expert + 1 if pk.expert is not None else (t.shape[0] if t.ndim == 3 else 1))
+    return n
