@@ -189,3 +189,25 @@ def make_peft_adapter(
     if out_dir is not None:
         peft_model.save_pretrained(str(out_dir), safe_serialization=True)
     return peft_model
+
+
+def lora_config_dict(r: int = 4, alpha: float = 8, **fields) -> dict:
+    """A minimal ``adapter_config.json`` body for hand-written adapters."""
+    return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": False,
+            "rank_pattern": {}, "alpha_pattern": {}, "target_modules": [], "bias": "none",
+            **fields}
+
+
+def write_adapter(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                  config: dict | None) -> Path:
+    """Write a hand-made adapter directory (``config`` None: no ``adapter_config.json``)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    if config is not None:
+        (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
