@@ -54,6 +54,10 @@ def pick_config(num_tokens: int, top_k: int, num_experts: int, num_slots: int = 
     return MoEConfig(128, 128, 64, 8, 3, lora_bm, 128)
 
 
+def _capturing(x_TH: torch.Tensor) -> bool:
+    return x_TH.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _check(x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK, topk_ids_TK, token_slot_T, lora):
     T, H = x_TH.shape
     E, two_i, h2 = w_gate_up_EXH.shape
@@ -104,7 +108,7 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
     if lora is not None:
         if slot_enabled_S is None:
             slot_enabled_S = lora.slot_rank > 0
-        elif not torch.cuda.is_current_stream_capturing() and not bool(slot_enabled_S.any()):
+        elif not _capturing(x_TH) and not bool(slot_enabled_S.any()):
             lora = None  # no adapter in this batch: skip the LoRA path, do not run it on zeros
     cfg = config or pick_config(T, K, E, lora.num_slots if lora is not None else 1)
     has_lora = lora is not None

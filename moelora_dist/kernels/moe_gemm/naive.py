@@ -1,0 +1,124 @@
+"""PyTorch references of the grouped-GEMM family, with the signatures of ``ops.py``.
+
+They walk the same alignment blocks as the kernels (so a wrong block label or a missing row
+shows up as a difference) but compute each block with plain matmuls in fp32. Outputs have the
+kernels' shapes; rows a kernel leaves unset (invalid pairs, tokens without a shared-A slot)
+are NaN here, so a test can check that the kernel writes exactly the rows it promises.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moelora_dist.kernels.align import Alignment
+from moelora_dist.kernels.moe_gemm.ops import ACT_IDS, block_r
+from moelora_dist.lora.buffers import MoELoRABuffers
+from moelora_dist.moe.reference import ACTIVATIONS
+
+
+def _blocks(al: Alignment):
+    """(bucket, items) for each block that a kernel computes."""
+    n = int(al.num_post_pad)
+    for j in range(n // al.block_m):
+        bucket = int(al.block_bucket[j])
+        if bucket < 0:
+            continue
+        items = al.sorted_ids[j * al.block_m:(j + 1) * al.block_m].long()
+        yield bucket, items[items < al.num_items]
+
+
+def _eff_slots(tok, token_slot_T, slot_enabled_S, slot_rank_S):
+    slot = token_slot_T.long()[tok]
+    safe = slot.clamp(min=0)
+    ok = (slot >= 0) & slot_enabled_S.bool()[safe] & (slot_rank_S[safe] > 0)
+    return torch.where(ok, slot, torch.full_like(slot, -1))
+
+
+def lora_shrink(x_TH, lora: MoELoRABuffers, al: Alignment, top_k: int, **_tiles):
+    """Reference of :func:`ops.lora_shrink`."""
+    T, _ = x_TH.shape
+    R, BR, E = lora.max_rank, block_r(lora.max_rank), lora.num_local_experts
+    out = torch.full((T * top_k + T, 2 * BR), float("nan"), device=x_TH.device)
+    for bucket, items in _blocks(al):
+        slot, e = divmod(bucket, E)
+        ea = 0 if bool(lora.gate_up_a_shared[slot]) else e
+        r = int(lora.slot_rank[slot])
+        tok = torch.where(items < T * top_k, items // top_k, items - T * top_k)
+        x = x_TH[tok].float()
+        a = lora.gate_up_a[slot, ea].float()
+        rows = torch.zeros(len(items), 2 * BR, device=x_TH.device)
+        rows[:, :r] = x @ a[:r].T
+        rows[:, BR:BR + r] = x @ a[R:R + r].T
+        out[items] = rows
+    return out
+
+
+def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
+            slot_enabled_S=None, lora: MoELoRABuffers | None = None, shrink=None,
+            activation: str = "silu", **_tiles):
+    """Reference of :func:`ops.gate_up`."""
+    if activation not in ACT_IDS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACT_IDS)}")
+    T, _ = x_TH.shape
+    inter = w_gate_up_EXH.shape[1] // 2
+    N = T * top_k
+    h = torch.full((N, inter), float("nan"), dtype=x_TH.dtype, device=x_TH.device)
+    dshrink = None
+    if lora is not None:
+        BR = block_r(lora.max_rank)
+        dshrink = torch.zeros(N, BR, device=x_TH.device)
+    for e, items in _blocks(al):
+        tok = items // top_k
+        gu = x_TH[tok].float() @ w_gate_up_EXH[e].float().T
+        if lora is not None:
+            slots = _eff_slots(tok, token_slot_T, slot_enabled_S, lora.slot_rank)
+            for s in slots.unique().tolist():
+                if s < 0:
+                    continue
+                sel = slots == s
+                r = int(lora.slot_rank[s])
+                src = tok + N if bool(lora.gate_up_a_shared[s]) else items
+                sh = shrink[src[sel]]
+                b = lora.gate_up_b[s, e].float()
+                gu[sel, :inter] += sh[:, :r] @ b[:inter, :r].T
+                gu[sel, inter:] += sh[:, BR:BR + r] @ b[inter:, :r].T
+        hh = ACTIVATIONS[activation](gu[:, :inter]) * gu[:, inter:]
+        h[items] = hh.to(h.dtype)
+        if lora is not None:
+            for s in slots.unique().tolist():
+                if s < 0:
+                    continue
+                sel = slots == s
+                r = int(lora.slot_rank[s])
+                dshrink[items[sel], :r] = hh[sel] @ lora.down_a[s, e, :r].float().T
+    return h, dshrink
+
+
+def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T=None,
+         slot_enabled_S=None, lora: MoELoRABuffers | None = None, dshrink=None, **_tiles):
+    """Reference of :func:`ops.down`."""
+    N, _ = h.shape
+    H = w_down_EHI.shape[1]
+    out = torch.full((N, H), float("nan"), dtype=h.dtype, device=h.device)
+    tw = topk_weights_TK.reshape(-1).float()
+    for e, items in _blocks(al):
+        y = h[items].float() @ w_down_EHI[e].float().T
+        if lora is not None:
+            slots = _eff_slots(items // top_k, token_slot_T, slot_enabled_S, lora.slot_rank)
+            for s in slots.unique().tolist():
+                if s < 0:
+                    continue
+                sel = slots == s
+                r = int(lora.slot_rank[s])
+                eb = 0 if bool(lora.down_b_shared[s]) else e
+                y[sel] += dshrink[items[sel], :r] @ lora.down_b[s, eb, :, :r].float().T
+        out[items] = (tw[items, None] * y).to(out.dtype)
+    return out
+
+
+def topk_sum(out_NH, topk_ids_TK, num_experts: int, out_dtype=None, **_tiles):
+    """Reference of :func:`ops.topk_sum`."""
+    T, K = topk_ids_TK.shape
+    ok = (topk_ids_TK >= 0) & (topk_ids_TK < num_experts)
+    vals = torch.where(ok.reshape(-1, 1), out_NH.float(), torch.zeros((), device=out_NH.device))
+    return vals.view(T, K, -1).sum(1).to(out_dtype or out_NH.dtype)
