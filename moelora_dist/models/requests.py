@@ -27,6 +27,7 @@ class Request:
     adapter: str | None = None
     max_new_tokens: int = 0
     ignore_eos: bool = False
+    line: int | None = None  # 0-based line in the request file (output keys use it)
 
 
 def parse_requests(lines, *, need_max_new_tokens: bool = False) -> list[Request]:
@@ -53,7 +54,7 @@ def parse_requests(lines, *, need_max_new_tokens: bool = False) -> list[Request]
             raise RequestError(f"request line {i}: generate needs 'max_new_tokens'")
         if not isinstance(mnt, int) or isinstance(mnt, bool) or mnt < 0:
             raise RequestError(f"request line {i}: 'max_new_tokens' must be an integer >= 0")
-        out.append(Request(ids, adapter, mnt, bool(obj.get("ignore_eos", False))))
+        out.append(Request(ids, adapter, mnt, bool(obj.get("ignore_eos", False)), line=i))
     if not out:
         raise RequestError("the request file holds no requests")
     return out
@@ -76,7 +77,8 @@ def validate_requests(requests: list[Request], *, vocab_size: int, adapters,
         max_len: longest sequence the runner accepts (prompt + new tokens), if bounded.
     """
     known = sorted(adapters)
-    for i, r in enumerate(requests):
+    for idx, r in enumerate(requests):
+        i = idx if r.line is None else r.line
         if not r.input_ids:
             raise RequestError(f"request {i}: input_ids is empty; give at least one token")
         bad = [t for t in r.input_ids if not 0 <= t < vocab_size]

@@ -65,22 +65,27 @@ class ModelRunner:
 
     # -- adapters ----------------------------------------------------------------------------
 
-    def add_adapter(self, name: str, path: str, **load_kwargs):
-        """Read a PEFT adapter directory, check it against the model, and register it.
+    def add_adapter(self, name: str, adapter, **load_kwargs):
+        """Register an adapter: a PEFT directory (read and checked against the model here) or
+        a :class:`~moelora_dist.adapters.CanonicalAdapter` already loaded.
 
         It is loaded into a pool slot right away when a slot is free, else when a batch needs
         it. ``load_kwargs`` go to :func:`moelora_dist.adapters.load_adapter`
         (``force_shared_outer``, ``strict``). Raises ``ValueError`` subclasses naming the fix.
         """
-        from moelora_dist.adapters import load_adapter
+        from moelora_dist.adapters import CanonicalAdapter, load_adapter
 
         if name in self.registry:
             raise ValueError(f"an adapter named {name!r} is already registered; remove it first")
         pool = self.model.pool
-        adapter = load_adapter(path, model_config=self.cfg.raw, max_rank=pool.config.max_rank,
-                               name=name, **load_kwargs)
+        if not isinstance(adapter, CanonicalAdapter):
+            adapter = load_adapter(adapter, model_config=self.cfg.raw,
+                                   max_rank=pool.config.max_rank, name=name, **load_kwargs)
+        elif adapter.name != name:
+            raise ValueError(f"adapter object is named {adapter.name!r}, registered as {name!r}; "
+                             "load it with name=... matching")
         if len(pool.loaded()) < pool.config.max_loras:
-            pool.load(adapter)  # validates the adapter against every layer and module now
+            pool.load(adapter)  # validates it against every layer and module now
         self.registry[name] = adapter
         return adapter
 
