@@ -207,7 +207,7 @@ def write_adapter(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor],
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
     if config is not None:
         (out / "adapter_config.json").write_text(json.dumps(config))
     return out
