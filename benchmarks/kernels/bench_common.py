@@ -1,0 +1,137 @@
+"""Inputs, the transformers peer, rooflines and the plot of the kernel benchmark."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+
+import torch
+
+from moelora_dist.kernels.testing import make_lora
+from moelora_dist.moe.reference import route
+
+MODELS = {  # H, E, K, I (NOTES.md)
+    "qwen3-30b-a3b": (2048, 128, 8, 768),
+    "mixtral-8x7b": (4096, 8, 2, 14336),
+}
+HBM_BYTES_PER_S = 3.0e12  # H100 copy bandwidth measured (NOTES.md)
+BF16_FLOPS = 798e12  # H100 bf16 GEMM measured (NOTES.md)
+NUM_SLOTS = 8
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    T: int
+    adapters: int  # 0: no LoRA buffers at all (the base layer)
+    rank: int
+    share: float  # share of tokens carrying an adapter
+
+    @property
+    def name(self) -> str:
+        if self.adapters == 0:
+            return f"{self.model}/T{self.T}/base"
+        return f"{self.model}/T{self.T}/a{self.adapters}r{self.rank}s{self.share:g}"
+
+
+def make_inputs(case: Case, device="cuda", seed=0):
+    """bf16 layer inputs; adapters are contiguous requests, as a serving batch has them."""
+    H, E, K, I = MODELS[case.model]
+    g = torch.Generator().manual_seed(seed)
+    dev = dict(device=device, dtype=torch.bfloat16)
+    x = torch.randn(case.T, H, generator=g).to(**dev)
+    w_gu = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(**dev)
+    w_d = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(**dev)
+    tw, ids = route(torch.randn(case.T, E, generator=g).to(device), K, renormalize=True)
+    inp = dict(x_TH=x, w_gate_up_EXH=w_gu, w_down_EHI=w_d, topk_weights_TK=tw, topk_ids_TK=ids,
+               token_slot_T=None, lora=None, slot_enabled_S=None)
+    if case.adapters == 0:
+        return inp
+    lora = make_lora(NUM_SLOTS, E, case.rank, H, I, torch.bfloat16, device, g,
+                     ranks=[case.rank] * case.adapters + [0] * (NUM_SLOTS - case.adapters))
+    n_lora = int(round(case.T * case.share))
+    slot = torch.full((case.T,), -1, dtype=torch.int32)
+    if n_lora:
+        per = math.ceil(n_lora / case.adapters)
+        slot[:n_lora] = (torch.arange(n_lora) // per).to(torch.int32)
+    enabled = torch.zeros(NUM_SLOTS, dtype=torch.bool)
+    enabled[slot[slot >= 0].unique().long()] = True
+    inp.update(token_slot_T=slot.to(device), lora=lora, slot_enabled_S=enabled.to(device))
+    return inp
+
+
+def touched_weight_bytes(inp) -> int:
+    """Bytes of the base expert weights a call must read (experts with >= 1 pair)."""
+    E, two_i, H = inp["w_gate_up_EXH"].shape
+    n = int(inp["topk_ids_TK"][inp["topk_ids_TK"] >= 0].unique().numel())
+    return n * 3 * (two_i // 2) * H * inp["w_gate_up_EXH"].element_size()
+
+
+def flops(inp) -> float:
+    T, K = inp["topk_ids_TK"].shape
+    E, two_i, H = inp["w_gate_up_EXH"].shape
+    return 2.0 * T * K * 3 * H * (two_i // 2)
+
+
+def make_peer(inp, rank: int | None):
+    """transformers' Qwen3MoeSparseMoeBlock (grouped_mm experts) with our weights, optionally
+    wrapped with a PEFT ``target_parameters`` LoRA of ``rank`` on both expert parameters."""
+    from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    E, two_i, H = inp["w_gate_up_EXH"].shape
+    K = inp["topk_ids_TK"].shape[1]
+    cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=two_i // 2, num_experts=E,
+                         num_experts_per_tok=K, norm_topk_prob=True,
+                         experts_implementation="grouped_mm")
+    block = Qwen3MoeSparseMoeBlock(cfg).to(device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        block.experts.gate_up_proj.copy_(inp["w_gate_up_EXH"])
+        block.experts.down_proj.copy_(inp["w_down_EHI"])
+        block.gate.weight.normal_(0, H ** -0.5)
+    if rank:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        block = inject_adapter_in_model(
+            LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
+                       target_parameters=["experts.gate_up_proj", "experts.down_proj"]), block)
+        block = block.to(device="cuda", dtype=torch.bfloat16)
+    x = inp["x_TH"][None]
+    return lambda: block(x)
+
+
+def write_csv(path, rows, meta):
+    keys = list(meta) + [k for k in rows[0] if k not in meta]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**meta, **r})
+
+
+def plot(path, rows, meta):
+    """Time vs T per configuration, one panel per model, log-log, with the peer dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model and r["ok"]]
+        for cfg in sorted({r["config"] for r in mine}):
+            pts = sorted((r["T"], r["ms"]) for r in mine if r["config"] == cfg)
+            style = "--" if cfg.startswith("peer") else "-"
+            ax.plot(*zip(*pts), style, marker="o", label=cfg)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("time per MoE layer (ms, median)")
+        ax.set_title(model)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"moelora_dist fused MoE + multi-LoRA, {meta['device']}, {meta['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,147 @@
+"""Benchmark of the fused MoE + multi-LoRA kernels against the base layer, the PyTorch
+reference and the transformers peer (Qwen3MoeSparseMoeBlock, grouped_mm, +PEFT LoRA).
+
+Run on a GPU (the device tool):
+
+    PYTHONPATH=$PWD python3 benchmarks/kernels/bench_moe_lora.py --out benchmarks/results
+
+Writes ``kernels_<device>.csv`` (one row per case, with device, torch/triton versions and date)
+and ``kernels_<device>.png``. Each case is checked against ``experts_reference`` before it is
+timed; a case that fails the check gets ``ok=False`` and no ratio or speedup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import sys
+
+import torch
+import triton
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import (BF16_FLOPS, HBM_BYTES_PER_S, MODELS, Case, flops,  # noqa: E402
+                          make_inputs, make_peer, plot, touched_weight_bytes, write_csv)
+
+from moelora_dist.kernels.fused_moe_lora import fused_moe_lora  # noqa: E402
+from moelora_dist.moe.reference import experts_reference  # noqa: E402
+
+log = logging.getLogger("bench_moe_lora")
+T_ALL = (1, 8, 64, 512, 4096, 16384)
+DECODE_MAX_T = 512  # up to here the roofline is HBM bytes; above it bf16 FLOPs
+
+
+def registry(quick: bool) -> list[Case]:
+    """The pruned cross product: every case a target needs, plus rank/share/adapter sweeps."""
+    cases = []
+    q = "qwen3-30b-a3b"
+    for T in T_ALL:
+        cases += [Case(q, T, 0, 0, 0.0),  # base layer
+                  Case(q, T, 8, 16, 0.0),  # buffers loaded, no adapter in the batch
+                  Case(q, T, 8, 16, 1.0),  # target: 8 adapters r16 on every token
+                  Case(q, T, 8, 64, 1.0), Case(q, T, 1, 16, 1.0), Case(q, T, 8, 16, 0.5)]
+    m = "mixtral-8x7b"
+    for T in (1, 64, 4096, 16384):
+        cases += [Case(m, T, 0, 0, 0.0), Case(m, T, 8, 16, 1.0), Case(m, T, 1, 64, 0.5)]
+    if quick:
+        cases = [c for c in cases if c.T in (8, 64, 4096)]
+    return cases
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def run_case(case: Case, time_reference: bool) -> dict:
+    inp = make_inputs(case)
+    ours = lambda: fused_moe_lora(**inp)  # noqa: E731
+    y = ours()
+    ts = inp["token_slot_T"]
+    if ts is not None:  # what the batch info hands the reference: disabled slots -> -1
+        en = inp["slot_enabled_S"][ts.clamp(min=0).long()]
+        ts = torch.where((ts >= 0) & en, ts, torch.full_like(ts, -1))
+    ref_args = (inp["x_TH"], inp["w_gate_up_EXH"], inp["w_down_EHI"], inp["topk_weights_TK"],
+                inp["topk_ids_TK"], ts, inp["lora"])
+    want = experts_reference(*ref_args)
+    err = float((y.float() - want.float()).abs().max())
+    scale = float(want.float().abs().max())
+    ok = bool(err <= 4e-2 * max(scale, 1.0)) and not torch.isnan(y).any().item()
+    row = dict(model=case.model, T=case.T, adapters=case.adapters, rank=case.rank,
+               share=case.share, config=_config_name(case), ok=ok, max_err=err,
+               ref_scale=scale)
+    row["ms"] = bench(ours) if ok else float("nan")
+    row["ref_ms"] = bench(lambda: experts_reference(*ref_args)) if time_reference else ""
+    t = row["ms"] * 1e-3
+    row["hbm_pct"] = 100 * touched_weight_bytes(inp) / t / HBM_BYTES_PER_S
+    row["bf16_peak_pct"] = 100 * flops(inp) / t / BF16_FLOPS
+    return row, inp
+
+
+def _config_name(case: Case) -> str:
+    if case.adapters == 0:
+        return "base"
+    return f"{case.adapters} adapters r{case.rank} share {case.share:g}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/results", help="folder for the CSV and PNG")
+    ap.add_argument("--quick", action="store_true", help="T in {8, 64, 4096} only")
+    ap.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
+    ap.add_argument("--reference-t", type=int, nargs="*", default=[64, 4096],
+                    help="T at which experts_reference is timed (it is slow)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_moe_lora needs a CUDA GPU (run it through the device tool)")
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.cuda.get_device_name()
+    meta = dict(device=dev, torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    rows, base_ms = [], {}
+    for case in tqdm(registry(args.quick), desc="cases"):
+        timed_ref = case.model.startswith("qwen3") and case.T in args.reference_t and (
+            case.adapters in (0, 8) and case.share in (0.0, 1.0) and case.rank == 16
+            or case.adapters == 0)
+        try:
+            row, inp = run_case(case, timed_ref)
+        except torch.cuda.OutOfMemoryError as e:
+            log.warning("%s: out of memory (%s)", case.name, e)
+            continue
+        key = (case.model, case.T)
+        if case.adapters == 0:
+            base_ms[key] = row["ms"]
+        row["vs_base"] = row["ms"] / base_ms[key] if key in base_ms else ""
+        row["ref_speedup"] = row["ref_ms"] / row["ms"] if row["ref_ms"] != "" else ""
+        if not args.no_peer and case.model.startswith("qwen3") and case.adapters in (0, 8) \
+                and case.share != 0.5 and case.rank in (0, 16, 64) and row["ok"]:
+            peer_rank = case.rank if case.share > 0 else 0
+            try:
+                peer_ms = bench(make_peer(inp, peer_rank))
+                rows.append(dict(model=case.model, T=case.T, adapters=case.adapters,
+                                 rank=peer_rank, share=case.share,
+                                 config=f"peer transformers{' +PEFT r%d' % peer_rank if peer_rank else ''}",
+                                 ok=True, ms=peer_ms))
+                row["vs_peer"] = row["ms"] / peer_ms
+            except Exception as e:  # the peer is informative only; never hide our numbers
+                log.warning("%s: peer failed: %r", case.name, e)
+        rows.append(row)
+        log.info("%-44s ok=%s %.4f ms vs_base=%s", case.name, row["ok"], row["ms"],
+                 row["vs_base"])
+        del inp
+        torch.cuda.empty_cache()
+    tag = dev.replace(" ", "_").replace("/", "_")
+    keys = {}
+    for r in rows:
+        keys.update(dict.fromkeys(r))
+    rows = [{k: r.get(k, "") for k in keys} for r in rows]
+    write_csv(os.path.join(args.out, f"kernels_{tag}.csv"), rows, meta)
+    plot(os.path.join(args.out, f"kernels_{tag}.png"), rows, meta)
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()

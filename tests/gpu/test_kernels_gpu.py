@@ -1,0 +1,121 @@
+"""Kernels on a CUDA GPU in bf16 at real sizes, and a decode step under a CUDA graph.
+
+Run with the device tool: ``PYTHONPATH=$PWD python3 -m pytest tests/gpu -m gpu -q``.
+Tolerance: bf16 stores ``h`` and per-pair outputs (8 bits of mantissa) and the LoRA expand
+runs in tf32; the reference computes in fp32 from the same bf16 weights, so differences of a
+few bf16 ulps of the output magnitude (~1) are expected.
+"""
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+BF16 = dict(atol=4e-2, rtol=4e-2)
+
+
+def _effective_slots(c):
+    s = c["token_slot_T"].long()
+    lora = c["lora"]
+    ok = (s >= 0) & c["slot_enabled_S"][s.clamp(min=0)] & (lora.slot_rank[s.clamp(min=0)] > 0)
+    return torch.where(ok, s, -1).to(torch.int32)
+
+
+def _case(name, T):
+    from moelora_dist.kernels.testing import make_case
+
+    # Qwen3-30B-A3B expert sizes with 32 local experts (EP 4), K 8, ranks 64/32/0/64.
+    return make_case(name, T=T, H=2048, E=32, I=768, K=8, R=64, dtype=torch.bfloat16,
+                     device="cuda", seed=1)
+
+
+@pytest.mark.parametrize("T", [5, 64, 700], ids=["T5", "T64", "T700"])
+@pytest.mark.parametrize("case", ["mixed", "empty_expert", "one_expert", "t_lt_block",
+                                  "no_lora_tokens", "all_invalid"])
+def test_fused_moe_lora_bf16_matches_reference(case, T):
+    from moelora_dist.kernels.fused_moe_lora import fused_moe_lora
+    from moelora_dist.moe.reference import experts_reference
+
+    c = _case(case, T)
+    args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
+            c["topk_ids_TK"])
+    got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"])
+    want = experts_reference(*args, _effective_slots(c), c["lora"])
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.float(), want.float(), **BF16)
+    base = experts_reference(*args)
+    if case == "mixed":  # the delta is large enough that dropping it would fail the check
+        assert (want.float() - base.float()).abs().amax() > 0.2
+
+
+@pytest.mark.parametrize("case", ["mixed", "no_lora_tokens"])
+def test_align_and_batch_info_on_gpu(case):
+    from moelora_dist.kernels.align import align_items
+    from moelora_dist.kernels.align import naive as align_naive
+    from moelora_dist.kernels.batch_info import compute_batch_info
+    from moelora_dist.kernels.batch_info import naive as bi_naive
+
+    c = _case(case, 300)
+    lora = c["lora"]
+    a = (c["topk_ids_TK"], c["token_slot_T"], c["slot_enabled_S"], lora.slot_rank,
+         lora.gate_up_a_shared)
+    for mode, by_slot in [("base", True), ("lora", False)]:
+        got = align_items(*a, num_experts=32, block_m=16, mode=mode, sort_by_slot=by_slot)
+        want = align_naive.align_items(*a, num_experts=32, block_m=16, mode=mode,
+                                       sort_by_slot=by_slot)
+        assert int(got.num_post_pad) == int(want.num_post_pad)
+        assert torch.equal(got.block_bucket, want.block_bucket)
+        assert torch.equal(got.sorted_ids.sort().values, want.sorted_ids.sort().values)
+    seg = torch.tensor([0, 10, 10, 200, 300], dtype=torch.int32, device="cuda")
+    req = torch.tensor([1, -1, 0, 3], dtype=torch.int32, device="cuda")
+    got = compute_batch_info(seg, req, lora.slot_rank)
+    want = bi_naive.compute_batch_info(seg, req, lora.slot_rank)
+    assert torch.equal(got.token_slot_T, want.token_slot_T)
+    assert torch.equal(got.slot_enabled_S, want.slot_enabled_S)
+
+
+def test_decode_step_in_cuda_graph_matches_eager():
+    """Capture one decode step for a fixed T, then replay with new slots, -1 tokens and -1
+    experts copied into the static inputs; every replay equals the eager call."""
+    from moelora_dist.kernels.fused_moe_lora import fused_moe_lora
+
+    T = 48
+    c = _case("mixed", T)
+    lora, E, K = c["lora"], 32, 8
+    static = {k: c[k].clone() for k in ("x_TH", "topk_weights_TK", "topk_ids_TK",
+                                         "token_slot_T", "slot_enabled_S")}
+
+    def step():
+        return fused_moe_lora(static["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"],
+                              static["topk_weights_TK"], static["topk_ids_TK"],
+                              static["token_slot_T"], lora, "silu", static["slot_enabled_S"])
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = step()
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for trial in range(3):
+        static["x_TH"].copy_(torch.randn(T, 2048, device="cuda", generator=g).bfloat16())
+        ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:K] for _ in range(T)])
+        ids[torch.rand(T, K, device="cuda", generator=g) < 0.25] = -1
+        static["topk_ids_TK"].copy_(ids.int())
+        slots = torch.randint(-1, 4, (T,), device="cuda", generator=g).int()
+        slots[: trial * 8] = -1
+        static["token_slot_T"].copy_(slots)
+        static["slot_enabled_S"].copy_(torch.tensor([True, trial != 1, False, trial == 2],
+                                                    device="cuda"))
+        graph.replay()
+        eager = step()
+        torch.cuda.synchronize()
+        # Not bitwise: the down-shrink sums its I tiles with fp32 atomics in any order.
+        torch.testing.assert_close(y_static.float(), eager.float(), atol=1e-2, rtol=1e-2)
