@@ -84,6 +84,7 @@ class LoRAPool:
     # -- slots -------------------------------------------------------------------------------
 
     def slot_of(self, name: str) -> int | None:
+        """Slot of a loaded adapter, or None."""
         return self._slot_by_name.get(name)
 
     def loaded(self) -> dict[str, int]:
@@ -92,6 +93,7 @@ class LoRAPool:
 
     @property
     def pinned(self) -> frozenset[int]:
+        """Slots pinned by the batches prepared since the last ``release_batch``."""
         return frozenset(self._pinned)
 
     def _touch(self, slot: int) -> None:
@@ -128,7 +130,8 @@ class LoRAPool:
         slot = self._pick_slot(staged.name)
         old = self._names[slot]
         if old is not None:
-            log.debug("evicting adapter %r from slot %d for %r", old, slot, staged.name)
+            if self.rank_layout.rank == 0:  # every rank evicts alike; one line is enough
+                log.debug("evicting adapter %r from slot %d for %r", old, slot, staged.name)
             del self._slot_by_name[old]
         for idx, buf in self._moe.items():
             write_moe_slot(buf, slot, staged.moe.get(idx), cfg.outer_shared_only)
@@ -207,11 +210,15 @@ class LoRAPool:
     # -- buffers -----------------------------------------------------------------------------
 
     def moe_buffers(self, layer: int) -> MoELoRABuffers:
+        """Rank-local buffers of MoE layer ``layer`` (shapes in :mod:`..buffers`): what the
+        reference and the kernels read, with this pool's dtype and device."""
         if layer not in self._moe:
             raise PoolError(f"the pool has no MoE layer {layer}; MoE layers: {sorted(self._moe)}")
         return self._moe[layer]
 
     def dense_buffers(self, path: str) -> DenseLoRABuffers:
+        """Rank-local buffers of one dense module: ``a [S, R, in_local]``, ``b [S, out_local,
+        R]`` (scaling folded in), ``slot_rank [S]`` int32."""
         if path not in self._dense:
             raise PoolError(f"the pool has no dense module {path!r}; known: {sorted(self._dense)}")
         return self._dense[path]

@@ -90,7 +90,7 @@ class SimCase:
     requests: list[str | None]
     registry: dict[str, CanonicalAdapter]
     decoy: CanonicalAdapter
-    y_ref_TH: torch.Tensor = None
+    y_ref_TH: torch.Tensor | None = None  # [T, H] fp64, set by build_case
     lora_effect: float = 0.0  # max |y_ref - y_base| / max |y_ref|: the check is not vacuous
 
 
@@ -177,7 +177,9 @@ def rank_output(case: SimCase, rank_layout: RankLayout) -> torch.Tensor:
     w_gu = case.w_gate_up_EXH[es]
     w_gu_local = torch.cat([w_gu[:, i0:i1], w_gu[:, I + i0:I + i1]], dim=1)  # gate rows, up rows
     w_d_local = case.w_down_EHI[es, :, i0:i1]
-    pool = LoRAPool(PoolConfig(max_loras=len(case.registry), max_rank=8, dtype=torch.float64),
+    max_rank = max(a.max_rank for a in [case.decoy, *case.registry.values()])
+    pool = LoRAPool(PoolConfig(max_loras=len(case.registry), max_rank=max_rank,
+                               dtype=torch.float64),
                     rank_layout, {LAYER: MoELayerSpec(cfg.experts, cfg.hidden, cfg.intermediate)})
     pool.load(case.decoy)  # a previous tenant the batch must evict without a trace
     req_to_slot = pool.prepare_batch(case.requests, case.registry)
