@@ -18,6 +18,7 @@ MODELS = {  # H, E, K, I (NOTES.md)
 HBM_BYTES_PER_S = 3.0e12  # H100 copy bandwidth measured (NOTES.md)
 BF16_FLOPS = 798e12  # H100 bf16 GEMM measured (NOTES.md)
 NUM_SLOTS = 8
+_WEIGHTS: dict = {}
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,16 @@ class Case:
 def make_inputs(case: Case, device="cuda", seed=0):
     """bf16 layer inputs; adapters are contiguous requests, as a serving batch has them."""
     H, E, K, I = MODELS[case.model]
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     dev = dict(device=device, dtype=torch.bfloat16)
-    x = torch.randn(case.T, H, generator=g).to(**dev)
-    w_gu = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(**dev)
-    w_d = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(**dev)
-    tw, ids = route(torch.randn(case.T, E, generator=g).to(device), K, renormalize=True)
+    x = torch.randn(case.T, H, generator=g, device=device).to(**dev)
+    if case.model not in _WEIGHTS:  # one copy per model: the weights do not change per case
+        _WEIGHTS.clear()
+        _WEIGHTS[case.model] = (
+            (torch.randn(E, 2 * I, H, generator=g, device=device) * H ** -0.5).to(**dev),
+            (torch.randn(E, H, I, generator=g, device=device) * I ** -0.5).to(**dev))
+    w_gu, w_d = _WEIGHTS[case.model]
+    tw, ids = route(torch.randn(case.T, E, generator=g, device=device), K, renormalize=True)
     inp = dict(x_TH=x, w_gate_up_EXH=w_gu, w_down_EHI=w_d, topk_weights_TK=tw, topk_ids_TK=ids,
                token_slot_T=None, lora=None, slot_enabled_S=None)
     if case.adapters == 0:

@@ -38,7 +38,8 @@ def make_lora(S: int, E: int, R: int, H: int, I: int, dtype, device, g, *,
     """Pool buffers with slot ``s`` of rank ``ranks[s]``; rows past a slot's rank stay zero."""
     ranks = ranks if ranks is not None else [R] * S
     lora = MoELoRABuffers.zeros(S, E, R, H, I, dtype=dtype, device=device)
-    rn = lambda *s: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)
+    rn = lambda *s: (torch.randn(*s, generator=g, device=g.device) * scale).to(device=device,
+                                                                          dtype=dtype)
     for s, r in enumerate(ranks):
         if r == 0:
             continue
