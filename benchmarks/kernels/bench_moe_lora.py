@@ -133,14 +133,20 @@ def main(argv=None):
                  row["vs_base"])
         del inp
         torch.cuda.empty_cache()
-    tag = dev.replace(" ", "_").replace("/", "_")
+        _write(args.out, rows, meta, with_plot=False)  # a run cut short keeps its rows
+    _write(args.out, rows, meta, with_plot=True)
+    log.info("wrote %s", args.out)
+
+
+def _write(out, rows, meta, with_plot):
+    tag = meta["device"].replace(" ", "_").replace("/", "_")
     keys = {}
     for r in rows:
         keys.update(dict.fromkeys(r))
     rows = [{k: r.get(k, "") for k in keys} for r in rows]
-    write_csv(os.path.join(args.out, f"kernels_{tag}.csv"), rows, meta)
-    plot(os.path.join(args.out, f"kernels_{tag}.png"), rows, meta)
-    log.info("wrote %s", args.out)
+    write_csv(os.path.join(out, f"kernels_{tag}.csv"), rows, meta)
+    if with_plot:
+        plot(os.path.join(out, f"kernels_{tag}.png"), rows, meta)
 
 
 if __name__ == "__main__":
