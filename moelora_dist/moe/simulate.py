@@ -66,6 +66,7 @@ class SimConfig:
     tokens: int = 24
     seed: int = 0
     tol: float = 1e-10
+    device: str = "cpu"  # where each rank's pool and computation run ("cuda" on a GPU)
 
     def __post_init__(self) -> None:
         for k in ("max_world", "experts", "hidden", "intermediate", "top_k", "tokens"):
@@ -169,8 +170,13 @@ def merged_reference(case: SimCase) -> torch.Tensor:
 
 
 def rank_output(case: SimCase, rank_layout: RankLayout) -> torch.Tensor:
-    """``[T, H]`` fp64 partial output of one mocked rank: its experts, its rows of I."""
+    """``[T, H]`` fp64 partial output of one mocked rank: its experts, its rows of I.
+
+    The pool, the sliced base weights and the computation live on ``case.cfg.device``; the
+    adapters stay on the CPU, as a loader hands them over. The result comes back on the CPU.
+    """
     cfg = case.cfg
+    dev = torch.device(cfg.device)
     shard = rank_layout.moe_shard(cfg.experts, cfg.intermediate)
     es, i0, i1, I = slice(shard.expert_start, shard.expert_end), shard.i_start, shard.i_end, \
         cfg.intermediate
@@ -179,16 +185,18 @@ def rank_output(case: SimCase, rank_layout: RankLayout) -> torch.Tensor:
     w_d_local = case.w_down_EHI[es, :, i0:i1]
     max_rank = max(a.max_rank for a in [case.decoy, *case.registry.values()])
     pool = LoRAPool(PoolConfig(max_loras=len(case.registry), max_rank=max_rank,
-                               dtype=torch.float64),
+                               dtype=torch.float64, device=dev),
                     rank_layout, {LAYER: MoELayerSpec(cfg.experts, cfg.hidden, cfg.intermediate)})
     pool.load(case.decoy)  # a previous tenant the batch must evict without a trace
     req_to_slot = pool.prepare_batch(case.requests, case.registry)
-    info = compute_batch_info(case.seg_indptr_B1, req_to_slot, pool.slot_rank_S)
-    local_ids = localize_topk_ids(case.topk_ids_TK, shard.expert_start, shard.num_local_experts)
-    y = experts_reference(case.x_TH, w_gu_local, w_d_local, case.topk_weights_TK, local_ids,
-                          info.token_slot_T, pool.moe_buffers(LAYER))
+    info = compute_batch_info(case.seg_indptr_B1.to(dev), req_to_slot, pool.slot_rank_S)
+    local_ids = localize_topk_ids(case.topk_ids_TK.to(dev), shard.expert_start,
+                                  shard.num_local_experts)
+    y = experts_reference(case.x_TH.to(dev), w_gu_local.to(dev), w_d_local.to(dev),
+                          case.topk_weights_TK.to(dev), local_ids, info.token_slot_T,
+                          pool.moe_buffers(LAYER))
     pool.release_batch()
-    return y
+    return y.cpu()
 
 
 def simulate_layout(case: SimCase, layout: Layout) -> SimRow:
