@@ -71,6 +71,9 @@ VARIANTS = {
     "down-only": (dict(target_parameters=["mlp.experts.down_proj"]), ("down",)),
     "rslora+patterns": (dict(target_parameters=EXPERT_PARAMETERS, use_rslora=True, r=8, alpha=6),
                         ("gate", "up", "down")),
+    # PEFT 0.21 rewrites v4-style target_modules on experts into target_parameters, with
+    # rank 2r / alpha 2*alpha on the fused gate_up (rank_pattern ".*\\.gate_up_proj").
+    "target_modules-on-experts": (dict(target_modules="EXPERT_MODULES"), ("gate", "up", "down")),
     "rank+alpha-pattern": (dict(target_parameters=EXPERT_PARAMETERS,
                                 rank_pattern={"layers.1.mlp.experts.down_proj": 2,
                                               "gate_up_proj": 6},
@@ -83,6 +86,9 @@ VARIANTS = {
 @pytest.mark.parametrize("arch", ARCHS)
 def test_moe_block_matches_hf_peft(arch, variant, tmp_path):
     kwargs, projections = VARIANTS[variant]
+    if kwargs.get("target_modules") == "EXPERT_MODULES":
+        names = saved_expert_key_layout(arch)[1]
+        kwargs = dict(target_modules=[names["gate"], names["up"], names["down"]])
     model = make_model(arch, seed=0)
     config = model.config
     model_config = config.to_dict()
@@ -95,6 +101,8 @@ def test_moe_block_matches_hf_peft(arch, variant, tmp_path):
     for layer in (0, 1):
         lora = adapter.moe[layer]
         assert tuple(lora.projections()) == projections
+        if variant == "target_modules-on-experts":
+            assert lora.gate.rank == 8 and lora.gate.scaling == 2.0 and lora.down.rank == 4
         block = moe_block(peft_model, layer)
         with torch.no_grad():
             y_hf = block(x_TH[None])[0]
