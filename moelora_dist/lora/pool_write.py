@@ -54,6 +54,8 @@ def _check_factors(f: LoRAFactors, where: str, in_dim: int, out_dim: int, num_ex
     if r > max_rank:
         raise PoolError(f"{where}: rank {r} exceeds the pool's max_rank={max_rank}; build the "
                         f"pool with max_rank >= {r}")
+    # Checked on the full tensors, not this rank's slice: every rank must reach the same
+    # verdict, or the pools of one TP group would disagree about which adapters exist.
     for key, t in (("A", a), ("B", b)):
         if not t.dtype.is_floating_point:
             raise PoolError(f"{where}: lora {key} has dtype {t.dtype}, expected a float dtype")
