@@ -1,16 +1,23 @@
 """``moelora-dist sweep``: EP/TP correctness sweep against the single-process reference.
 
+    moelora-dist sweep                                  # real processes, world 1, 2, 4, CPU
+    moelora-dist sweep --max-world 8 --json sweep.json
+    moelora-dist sweep --device cuda --max-world 2      # NCCL, one GPU per process
     moelora-dist sweep --simulate                       # every layout with world <= 8, CPU
-    moelora-dist sweep --simulate --max-world 4 --json sweep.json
     python -m moelora_dist.jobs.sweep --simulate
+
+By default (multi-process, :func:`run_processes`): a built-in tiny MoE model
+(:mod:`moelora_dist.moe.tiny`, 3 layers) is written to safetensors in a temporary directory;
+for each world size 1, 2, 4 (up to ``--max-world``) the launcher starts that many processes
+(gloo on CPU, NCCL with ``--device cuda``), and each runs
+:mod:`moelora_dist.jobs.sweep_worker`: every valid ``(tp, ep)`` layout and every dispatcher,
+each rank reading only its slice of the checkpoint, with several adapters (per-expert,
+shared-outer, shared-A, down-only; ranks 2 to 8) mixed with base-only requests, through
+layer 0 and through the stack, compared with the same model on one process.
 
 ``--simulate`` plays every rank in one process with mocked rank layouts
 (:mod:`moelora_dist.moe.simulate`): per layout, the outputs of the ranks of each TP group
 must sum to the merged-weight reference in fp64. Exit code 1 if any layout fails.
-
-The multi-process sweep (real process groups) is not built yet; until it is, ``sweep``
-without ``--simulate`` says so and runs the simulated sweep. :func:`run_simulate` is the
-simulated path, callable from the multi-process one.
 """
 
 from __future__ import annotations
@@ -42,13 +49,60 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
     p.add_argument("--tol", type=float, default=d.tol,
                    help=f"largest passing max-abs error relative to max |y| (default {d.tol:g})")
+    p.add_argument("--device", default=d.device,
+                   help=f"device of each simulated rank's pool and compute (default {d.device})")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON")
+
+
+# Defaults of the options both paths share: (multi-process sweep, --simulate).
+SHARED_DEFAULTS = {"max_world": (4, 8), "experts": (8, 24), "hidden": (32, 16),
+                   "intermediate": (16, 840), "top_k": (2, 2), "tokens": (48, 24), "seed": (0, 0)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simulate", action="store_true",
                    help="one process plays every rank with mocked layouts (no process group)")
-    add_simulate_arguments(p)
+    d = SHARED_DEFAULTS
+    for flag, key, what in (("--max-world", "max_world", "largest world size"),
+                            ("--experts", "experts", "experts E of each MoE layer"),
+                            ("--hidden", "hidden", "hidden size H"),
+                            ("--intermediate", "intermediate", "expert intermediate size I"),
+                            ("--top-k", "top_k", "experts per token"),
+                            ("--tokens", "tokens", "tokens in the batch"),
+                            ("--seed", "seed", "random seed")):
+        p.add_argument(flag, type=int, default=None,
+                       help=f"{what} (default {d[key][0]}; {d[key][1]} with --simulate)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="largest passing max-abs error relative to max |y| (default: by dtype, "
+                        "1e-4 for float32; 1e-10 with --simulate)")
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON")
+    g = p.add_argument_group("multi-process sweep (ignored with --simulate)")
+    g.add_argument("--layers", type=int, default=3, help="MoE layers in the stack (default 3)")
+    g.add_argument("--layouts", default=None,
+                   help="comma list of WORLDxTPxEP to run, e.g. 4x4x2,2x2x1 (default: all)")
+    g.add_argument("--dispatchers", default="all_reduce,all_to_all",
+                   help="comma list from all_reduce, all_to_all, ref_all_reduce, "
+                        "ref_all_to_all, auto (default all_reduce,all_to_all)")
+    g.add_argument("--adapters", default=None,
+                   help="comma list of built-in adapters (default: all of per_expert_r4, "
+                        "shared_outer_r8, gate_up_shared_a_r2, down_only_r6)")
+    g.add_argument("--dtype", choices=("float64", "float32", "bfloat16", "float16"),
+                   default="float32", help="model and adapter dtype (default float32)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: gloo processes; cuda: NCCL, one GPU per process (default cpu)")
+    g.add_argument("--timeout", type=float, default=600,
+                   help="seconds one world size may take before it counts as failed (default 600)")
+
+
+def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Put the path's own defaults into the shared options left unset."""
+    col = 1 if args.simulate else 0
+    for key, pair in SHARED_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, pair[col])
+    if args.simulate and args.tol is None:
+        args.tol = 1e-10
+    return args
 
 
 def format_table(rows) -> str:
@@ -77,14 +131,15 @@ def run_simulate(args: argparse.Namespace) -> int:
     try:
         cfg = SimConfig(max_world=args.max_world, experts=args.experts, hidden=args.hidden,
                         intermediate=args.intermediate, top_k=args.top_k, tokens=args.tokens,
-                        seed=args.seed, tol=args.tol)
+                        seed=args.seed, tol=args.tol, device=args.device)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
     t0 = time.perf_counter()
     case, rows = run_simulation(cfg, progress=True)
     seconds = time.perf_counter() - t0
     print(f"simulated sweep: E={cfg.experts} H={cfg.hidden} I={cfg.intermediate} "
-          f"K={cfg.top_k} T={cfg.tokens} seed={cfg.seed}, fp64, {len(case.registry)} adapters "
+          f"K={cfg.top_k} T={cfg.tokens} seed={cfg.seed}, fp64 on {cfg.device}, "
+          f"{len(case.registry)} adapters "
           f"+ base-only requests; LoRA changes the output by {case.lora_effect:.2f} of max |y|")
     print(format_table(rows))
     checked = [r for r in rows if r.skipped is None]
@@ -104,10 +159,12 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    if not args.simulate:
-        print("note: the multi-process sweep is not built yet; running the simulated sweep "
-              "(--simulate)")
-    return run_simulate(args)
+    fill_defaults(args)
+    if args.simulate:
+        return run_simulate(args)
+    from moelora_dist.jobs.sweep_run import run_processes
+
+    return run_processes(args)
 
 
 if __name__ == "__main__":
