@@ -126,17 +126,19 @@ def load_adapter(path: str | os.PathLike, *, model_config: dict | None = None,
             got, legacy = convert_params(ctx, layer, experts_module[layer], params[layer],
                                          dims.num_experts)
             formats[layer].add("peft-target-parameters" + (" (peft<=0.18 transposed)" if legacy else ""))
-            first = {d: fac["A"][0].key for d, fac in params[layer].items()}
+            depths = sorted(params[layer])
             for p in got:
-                sources[(layer, p)] = first[min(first)] if len(first) == 1 else (
-                    first[max(first)] if p in ("gate", "up") else first[0])
+                # nesting: gate_up is the innermost wrapper (deepest) when both are targeted
+                d = depths[-1] if p in ("gate", "up") else depths[0]
+                for f in "AB":
+                    sources[(layer, p, f)] = params[layer][d][f][0].key
         else:
             E = dims.num_experts or _infer_experts(projs, layer)
             for (l, p), entries in sorted(projs.items()):
                 if l != layer:
                     continue
                 f = convert_expert_projection(ctx, layer, entries, E)
-                sources[(layer, p)] = entries[0][0].key
+                keys = {f_: next(pk.key for pk, _ in entries if pk.factor == f_) for f_ in "AB"}
                 names = {pk.proj_name for pk, _ in entries}
                 styles = {"per-expert" if pk.expert is not None else "stacked" for pk, _ in entries}
                 formats[layer].add(("mixtral w1/w3/w2 " if names & {"w1", "w2", "w3"} else "")
@@ -145,15 +147,17 @@ def load_adapter(path: str | os.PathLike, *, model_config: dict | None = None,
                     if (layer, "gate") in projs or (layer, "up") in projs:
                         raise ctx.fail(layer, entries[0][0].key, "gate_up_proj keys together with "
                                        "separate gate/up keys; keep one")
-                    got["gate"], got["up"] = split_gate_up(ctx, layer, entries[0][0].key, f)
-                    sources[(layer, "gate")] = sources[(layer, "up")] = entries[0][0].key
+                    got["gate"], got["up"] = split_gate_up(ctx, layer, keys["B"], f)
+                    for q in ("gate", "up"):
+                        sources.update({(layer, q, f_): keys[f_] for f_ in "AB"})
                 else:
                     got[p] = f
+                    sources.update({(layer, p, f_): keys[f_] for f_ in "AB"})
         E = dims.num_experts or max(max(f.a.shape[0], f.b.shape[0]) for f in got.values())
         for p, f in got.items():
             for side, t in (("lora_A", f.a), ("lora_B", f.b)):
                 if t.shape[0] not in (1, E):
-                    raise ctx.fail(layer, sources[(layer, p)], f"expert count mismatch: {p} {side} "
+                    raise ctx.fail(layer, sources[(layer, p, side[-1])], f"expert count mismatch: {p} {side} "
                                    f"has {t.shape[0]} experts, other projections {E}")
         layer_lora = MoELayerLoRA(num_experts=E, **got)
         moe[layer] = apply_shared_outer(layer_lora, layer, force_shared_outer, file)
@@ -170,7 +174,7 @@ def load_adapter(path: str | os.PathLike, *, model_config: dict | None = None,
                            f"of one rank; found {tuple(A.shape)} and {tuple(B.shape)}")
         scale = checked_scale(ctx, pa.layer, pa.key, pa.module, A.shape[0])
         dense_out[p] = LoRAFactors(a=A.unsqueeze(0), b=B.unsqueeze(0), scaling=scale)
-        sources[p] = pa.key
+        sources[(p, "A")], sources[(p, "B")] = pa.key, fac["B"][0].key
 
     fmt = sorted({f for fs in formats.values() for f in fs}) or ["dense-only"]
     adapter = CanonicalAdapter(name=name or path.name, moe=moe, dense=dense_out,

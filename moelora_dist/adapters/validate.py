@@ -1,7 +1,8 @@
 """Checks of a normalized adapter against itself, a model config and the pool's max rank.
 
 Every error names the file, the layer, a checkpoint key of the offending factor (``sources``
-maps ``(layer, projection)`` or a dense path to one) and the expected vs found shape.
+maps ``(layer, projection, "A"|"B")`` or ``(dense path, "A"|"B")`` to one) and the expected
+vs found shape.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def validate(adapter: CanonicalAdapter, dims: ModelDims, max_rank: int | None,
     for layer, moe in sorted(adapter.moe.items()):
         E = moe.num_experts
         if dims.num_experts is not None and E != dims.num_experts:
-            key = sources.get((layer, next(iter(moe.projections()))), "?")
+            key = sources.get((layer, next(iter(moe.projections())), "A"), "?")
             raise AdapterError(f"{file}: layer {layer}, key {key!r}: expert count mismatch: the "
                                f"adapter has {E} experts, the model {dims.num_experts}")
         if dims.num_layers is not None and layer >= dims.num_layers:
@@ -66,22 +67,24 @@ def validate(adapter: CanonicalAdapter, dims: ModelDims, max_rank: int | None,
         I = dims.moe_intermediate or next((f.in_dim for n, f in proj.items() if n == "down"),
                                           next((f.out_dim for n, f in proj.items() if n != "down"), None))
         for name, f in proj.items():
-            key = sources.get((layer, name), "?")
+            keys = (sources.get((layer, name, "A"), "?"), sources.get((layer, name, "B"), "?"))
             exp_in, exp_out = (I, H) if name == "down" else (H, I)
-            _check_factors(file, layer, key, f"the {name} projection", f, exp_in, exp_out, max_rank,
-                           E)
+            _check_factors(file, layer, keys, f"the {name} projection", f, exp_in, exp_out,
+                           max_rank, E)
     for path, f in sorted(adapter.dense.items()):
-        key = sources.get(path, "?")
+        keys = (sources.get((path, "A"), "?"), sources.get((path, "B"), "?"))
         exp_in, exp_out = _dense_expect(path, dims)
         layer = int(m[1]) if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", path)) else None
         if layer is not None and dims.num_layers is not None and layer >= dims.num_layers:
-            raise AdapterError(f"{file}: key {key!r}: layer {layer} but the model has only "
+            raise AdapterError(f"{file}: key {keys[0]!r}: layer {layer} but the model has only "
                                f"{dims.num_layers} layers")
-        _check_factors(file, layer, key, f"module {path}", f, exp_in or f.in_dim,
+        _check_factors(file, layer, keys, f"module {path}", f, exp_in or f.in_dim,
                        exp_out or f.out_dim, max_rank, 1)
 
 
-def _check_factors(file, layer, key, what, f: LoRAFactors, d_in, d_out, max_rank, E) -> None:
+def _check_factors(file, layer, keys, what, f: LoRAFactors, d_in, d_out, max_rank, E) -> None:
+    """``keys``: the checkpoint keys of (lora_A, lora_B), named in the error."""
+    key, key_b = keys
     if f.rank == 0:
         raise AdapterError(f"{file}: layer {layer}, key {key!r}: rank 0 for {what}")
     if max_rank is not None and f.rank > max_rank:
@@ -93,5 +96,5 @@ def _check_factors(file, layer, key, what, f: LoRAFactors, d_in, d_out, max_rank
         raise _shape_err(file, layer, key, f"lora_A of {what} (canonical [E, r, in])", exp_a,
                          list(f.a.shape))
     if f.b.shape[0] not in (1, E) or f.b.shape[1] != d_out or f.b.shape[2] != f.rank:
-        raise _shape_err(file, layer, key, f"lora_B of {what} (canonical [E, out, r])", exp_b,
+        raise _shape_err(file, layer, key_b, f"lora_B of {what} (canonical [E, out, r])", exp_b,
                          list(f.b.shape))
