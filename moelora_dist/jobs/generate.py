@@ -30,26 +30,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests decoded together (default 64)")
 
 
-def _body(args):
-    def body(runner, groups) -> int:
-        from moelora_dist.models.requests import read_requests
+def run(runner, groups, args: argparse.Namespace) -> int:
+    """The job on a built runner (callable from a driver that keeps its process groups)."""
+    from moelora_dist.models.requests import read_requests
 
-        requests = read_requests(args.requests, need_max_new_tokens=True)
-        results = runner.generate(requests, max_batch=args.max_batch, progress=groups.is_rank0)
-        if groups.is_rank0:
-            with open(args.out, "w") as f:
-                for r, g in zip(requests, results):
-                    f.write(json.dumps({"request": r.line, "output_ids": g.output_ids,
-                                        "finish_reason": g.finish_reason}) + "\n")
-            log.info("wrote %d generations to %s", len(requests), args.out)
-        return 0
-    return body
+    requests = read_requests(args.requests, need_max_new_tokens=True)
+    results = runner.generate(requests, max_batch=args.max_batch, progress=groups.is_rank0)
+    if groups.is_rank0:
+        with open(args.out, "w") as f:
+            for r, g in zip(requests, results):
+                f.write(json.dumps({"request": r.line, "output_ids": g.output_ids,
+                                    "finish_reason": g.finish_reason}) + "\n")
+        log.info("wrote %d generations to %s", len(requests), args.out)
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
     args.command = "generate"
     try:
-        return run_job(args, _body(args))
+        return run_job(args, lambda runner, groups: run(runner, groups, args))
     except ValueError as exc:  # every user mistake is a ValueError subclass naming the fix
         print(f"moelora-dist generate: error: {exc}", file=sys.stderr)
         return 2

@@ -25,27 +25,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
 
 
-def _body(args):
-    def body(runner, groups) -> int:
-        from safetensors.torch import save_file
+def run(runner, groups, args: argparse.Namespace) -> int:
+    """The job on a built runner (callable from a driver that keeps its process groups)."""
+    from safetensors.torch import save_file
 
-        from moelora_dist.models.requests import read_requests
+    from moelora_dist.models.requests import read_requests
 
-        requests = read_requests(args.requests)
-        logits = runner.prompt_logits(requests, max_batch_tokens=args.max_batch_tokens,
-                                      progress=groups.is_rank0)
-        if groups.is_rank0:
-            save_file({f"request_{r.line}": t.contiguous() for r, t in zip(requests, logits)},
-                      args.out)
-            log.info("wrote logits of %d requests to %s", len(requests), args.out)
-        return 0
-    return body
+    requests = read_requests(args.requests)
+    logits = runner.prompt_logits(requests, max_batch_tokens=args.max_batch_tokens,
+                                  progress=groups.is_rank0)
+    if groups.is_rank0:
+        save_file({f"request_{r.line}": t.contiguous() for r, t in zip(requests, logits)},
+                  args.out)
+        log.info("wrote logits of %d requests to %s", len(requests), args.out)
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
     args.command = "logits"
     try:
-        return run_job(args, _body(args))
+        return run_job(args, lambda runner, groups: run(runner, groups, args))
     except ValueError as exc:  # every user mistake is a ValueError subclass naming the fix
         print(f"moelora-dist logits: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,153 @@
+"""End to end under the launcher (gloo CPU processes): logits and greedy tokens on every
+``(tp, ep)`` in {(2,1), (2,2), (4,2), (4,4)} equal transformers+PEFT run one request at a time.
+
+One launch per layout runs every architecture (Qwen3-MoE, hybrid Qwen3-MoE with a dense MLP
+layer, Mixtral, OLMoE): the launched processes run this file as a module (``driver`` below),
+which builds the process groups once and then, per architecture, does exactly what
+``moelora-dist logits`` and ``moelora-dist generate`` do (same argument parser, same
+``build_runner``, same ``run``). ``test_real_cli_*`` then runs the commands themselves under
+``python -m launch`` and ``torchrun`` once. The tiny models have 2 kv heads, so tp=4 exercises
+kv heads replicated over ranks; OLMoE's q/k norm spans all heads (an all-reduce under TP).
+
+Tolerance as in test_e2e_single.py: fp32, ``ATOL = 1e-4`` on logits of size O(1-5); sums over
+ranks reorder fp32 additions (~1e-6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+ATOL = 1e-4
+# (tp, ep, dispatcher): "auto" picks all_reduce at these tiny token counts, so two layouts force
+# the all-to-all dispatcher to cover it end to end.
+LAYOUTS = [(2, 1, "auto"), (2, 2, "all_to_all"), (4, 2, "all_reduce"), (4, 4, "all_to_all")]
+CASES = {"qwen3_moe": ("qwen3_moe", False), "qwen3_hybrid": ("qwen3_moe", True),
+         "mixtral": ("mixtral", False), "olmoe": ("olmoe", False)}
+
+
+def _launch(argv: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    from tests.e2e_cases import (GEN_REQUESTS, REQUESTS, build_case, hf_generate, hf_logits,
+                                 write_requests)
+
+    root = tmp_path_factory.mktemp("e2e_launch")
+    out = {}
+    for name, (arch, hybrid) in CASES.items():
+        case = build_case(arch, root / name, hybrid=hybrid)
+        write_requests(root / name / "req.jsonl", REQUESTS)
+        write_requests(root / name / "gen.jsonl", GEN_REQUESTS)
+        out[name] = (case, hf_logits(case), hf_generate(case))
+    return root, out
+
+
+def _check(root: Path, out_dir: Path, cases: dict) -> None:
+    for name, (case, ref_logits, ref_tokens) in cases.items():
+        got = load_file(str(out_dir / f"{name}.safetensors"))
+        assert len(got) == len(ref_logits)
+        for i, ref in enumerate(ref_logits):
+            torch.testing.assert_close(got[f"request_{i}"], ref, atol=ATOL, rtol=0,
+                                       msg=f"{name} request {i}")
+        lines = [json.loads(x) for x in (out_dir / f"{name}.jsonl").read_text().splitlines()]
+        assert [x["output_ids"] for x in lines] == ref_tokens, name
+
+
+@pytest.mark.parametrize("tp,ep,dispatcher", LAYOUTS,
+                         ids=[f"tp{t}-ep{e}-{d}" for t, e, d in LAYOUTS])
+def test_every_arch_matches_hf_peft_under_launch(cases, tp, ep, dispatcher, tmp_path):
+    root, refs = cases
+    _launch([sys.executable, "-m", "launch", "--nproc-per-node", str(tp), "--device", "cpu",
+             "--timeout", "120", "-m", "tests.unit.test_e2e_launch", str(root),
+             "--out", str(tmp_path), "--tp", str(tp), "--ep", str(ep),
+             "--dispatcher", dispatcher])
+    _check(root, tmp_path, refs)
+
+
+def test_real_cli_under_launch_and_torchrun(cases, tmp_path):
+    root, refs = cases
+    case, ref_logits, ref_tokens = refs["qwen3_hybrid"]
+    common = ["--model", str(case.model_dir), *case.adapter_args(), "--device", "cpu"]
+    _launch([sys.executable, "-m", "launch", "--nproc-per-node", "2", "--device", "cpu",
+             "logits", *common, "--requests", str(root / "qwen3_hybrid" / "req.jsonl"),
+             "--out", str(tmp_path / "l.safetensors"), "--tp", "2", "--ep", "2"])
+    got = load_file(str(tmp_path / "l.safetensors"))
+    for i, ref in enumerate(ref_logits):
+        torch.testing.assert_close(got[f"request_{i}"], ref, atol=ATOL, rtol=0)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    _launch([str(torchrun), "--nproc-per-node", "2", "-m", "moelora_dist.jobs.generate",
+             *common, "--requests", str(root / "qwen3_hybrid" / "gen.jsonl"),
+             "--out", str(tmp_path / "g.jsonl"), "--tp", "2"])
+    lines = [json.loads(x) for x in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert [x["output_ids"] for x in lines] == ref_tokens
+
+
+def test_tp_without_launcher_says_how_to_launch(cases, tmp_path, capsys):
+    from moelora_dist.cli import main as cli_main
+
+    root, refs = cases
+    case = refs["mixtral"][0]
+    rc = cli_main(["logits", "--model", str(case.model_dir), "--requests",
+                   str(root / "mixtral" / "req.jsonl"), "--out", str(tmp_path / "x"),
+                   "--tp", "2", "--device", "cpu"])
+    assert rc == 2
+    assert "--nproc-per-node 2" in capsys.readouterr().err
+
+
+def driver(argv: list[str] | None = None) -> int:
+    """Run in each launched process: every case of ``--root`` on one layout, like the CLI."""
+    from moelora_dist.jobs import generate, logits
+    from moelora_dist.models.cli_common import build_runner, make_groups
+    from moelora_dist.parallel.groups import destroy_parallel
+
+    p = argparse.ArgumentParser()
+    # Positional first: the launcher hands "-m MODULE" arguments over only after a positional.
+    p.add_argument("root", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tp", type=int, required=True)
+    p.add_argument("--ep", type=int, required=True)
+    p.add_argument("--dispatcher", default="auto")
+    ns = p.parse_args(argv)
+    groups = None
+    try:
+        for name in CASES:
+            d = ns.root / name
+            common = ["--model", str(d / "model"), "--adapter", f"a1={d / 'a1'}", "--adapter",
+                      f"a2={d / 'a2'}", "--tp", str(ns.tp), "--ep", str(ns.ep), "--device", "cpu",
+                      "--dispatcher", ns.dispatcher]
+            parser = argparse.ArgumentParser()
+            logits.add_arguments(parser)
+            largs = parser.parse_args(common + ["--requests", str(d / "req.jsonl"),
+                                                "--out", str(ns.out / f"{name}.safetensors")])
+            largs.command = "logits"
+            groups = groups or make_groups(largs)
+            runner = build_runner(largs, groups)
+            logits.run(runner, groups, largs)
+            parser = argparse.ArgumentParser()
+            generate.add_arguments(parser)
+            gargs = parser.parse_args(common + ["--requests", str(d / "gen.jsonl"),
+                                                "--out", str(ns.out / f"{name}.jsonl")])
+            generate.run(runner, groups, gargs)  # same runner: adapters stay registered
+    finally:
+        destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(driver())
