@@ -141,7 +141,13 @@ class AllToAllDispatcher(Dispatcher):
         return Dispatched(x_NH, w_NK, ids_NK, slot_N if token_slot_T is not None else None,
                           handle)
 
-    def combine(self, y_NH: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+    def combine(self, y_NH: torch.Tensor, dispatched: Dispatched, *,
+                gather: bool = True) -> torch.Tensor:
+        """``y_NH [N, H]`` partial outputs of the received rows -> ``[T, H]`` on every TP rank.
+
+        ``gather=False`` stops before the EP all-gather and returns this rank's share
+        ``[end - start, H]`` (for callers whose next op keeps tokens split, and benchmarks).
+        """
         g, h = self.groups, dispatched.handle
         H = y_NH.shape[1]
         back_SH = y_NH.new_empty(sum(h.send_splits), H)
@@ -155,4 +161,6 @@ class AllToAllDispatcher(Dispatcher):
         y_nH = y_nH.to(h.dtype)
         if group_size(g.moe_tp_group) > 1:
             dist.all_reduce(y_nH, group=g.moe_tp_group)
+        if not gather:
+            return y_nH
         return all_gather_shares(y_nH, h.num_tokens, g.ep_group)

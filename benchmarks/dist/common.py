@@ -1,0 +1,64 @@
+"""Shared pieces of the two-GPU benchmarks: groups, timing, CSV rows.
+
+Timing follows DeepEP's ``testing.py``: every rank syncs and meets at a barrier before each
+timed iteration, the iteration is timed with CUDA events on the current stream, the median over
+iterations is kept, and the slowest rank's median is the result (an all-to-all is as slow as
+its slowest participant).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import statistics
+
+import torch
+import torch.distributed as dist
+
+
+def bench(fn, *, warmup: int = 5, iters: int = 20, group=None, local: bool = False) -> float:
+    """Median seconds of ``fn()`` over ``iters``, max over the ranks of ``group`` (or world).
+
+    ``local=True`` times this rank alone (no barrier, no reduction): for one-GPU baselines.
+    """
+    distributed = dist.is_initialized() and not local
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        if distributed:
+            dist.barrier(group=group)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    med = torch.tensor([statistics.median(times)], device="cuda", dtype=torch.float64)
+    if distributed:
+        dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)
+    return float(med.item())
+
+
+def env_columns() -> dict:
+    import triton
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "date": datetime.date.today().isoformat()}
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
