@@ -19,6 +19,9 @@ from moelora_dist.adapters.errors import AdapterError
 
 # PEFT options that change the math in ways the canonical form (plain B @ A) cannot carry.
 _UNSUPPORTED_TRUE = ("use_dora", "fan_in_fan_out", "use_qalora", "use_bdlora")
+# Expert parameters [E, H, 2I] with gate/up columns interleaved: same PEFT key and shape pattern
+# as the supported layout but different math, so they are refused by model type.
+_INTERLEAVED_EXPERTS = ("gpt_oss",)
 
 
 @dataclass
@@ -123,6 +126,9 @@ class ModelDims:
                                f"{type(cfg).__name__}")
         if "text_config" in cfg and "hidden_size" not in cfg:
             cfg = cfg["text_config"]
+        if cfg.get("model_type") in _INTERLEAVED_EXPERTS:
+            raise AdapterError(f"model_type {cfg['model_type']!r} stores its experts transposed and "
+                               "with gate/up interleaved; its expert LoRA layout is not supported")
         hidden = cfg.get("hidden_size")
         experts = cfg.get("num_experts") or cfg.get("num_local_experts")
         moe_i = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
 from moelora_dist.adapters.config import LoRAConfigView, ModelDims
@@ -116,7 +117,9 @@ def load_adapter(path: str | os.PathLike, *, model_config: dict | None = None,
     formats: dict[int, set[str]] = defaultdict(set)
     moe: dict[int, MoELayerLoRA] = {}
     layers = sorted(set(params) | {l for l, _ in projs})
-    for layer in layers:
+    # disable=None: a bar on a terminal only, silent in CI logs and pipes.
+    for layer in tqdm(layers, desc=f"adapter {name or path.name}", unit="layer", disable=None,
+                      leave=False):
         got: dict[str, LoRAFactors] = {}
         if layer in params:
             if any(l == layer for l, _ in projs):

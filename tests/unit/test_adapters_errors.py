@@ -162,10 +162,13 @@ def test_missing_factor_and_mixed_styles(tmp_path):
         load_adapter(tmp_path / "mixed")
 
 
-def test_unsupported_peft_options(tmp_path):
-    _write(tmp_path, _stacked(), use_dora=True)
+def test_unsupported_peft_options_and_models(tmp_path):
+    _write(tmp_path / "dora", _stacked(), use_dora=True)
     with pytest.raises(AdapterError, match=r"use_dora=true is not supported"):
-        load_adapter(tmp_path)
+        load_adapter(tmp_path / "dora")
+    _write(tmp_path / "ok", _stacked())
+    with pytest.raises(AdapterError, match=r"model_type 'gpt_oss' .* interleaved"):
+        load_adapter(tmp_path / "ok", model_config={**MODEL_CONFIG, "model_type": "gpt_oss"})
 
 
 def test_layer_checks_against_model(tmp_path):
