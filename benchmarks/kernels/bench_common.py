@@ -62,7 +62,9 @@ def make_inputs(case: Case, device="cuda", seed=0):
         slot[:n_lora] = (torch.arange(n_lora) // per).to(torch.int32)
     enabled = torch.zeros(NUM_SLOTS, dtype=torch.bool)
     enabled[slot[slot >= 0].unique().long()] = True
-    inp.update(token_slot_T=slot.to(device), lora=lora, slot_enabled_S=enabled.to(device))
+    # The host-side count a BatchInfo carries; lets the layer skip LoRA with no sync.
+    inp.update(token_slot_T=slot.to(device), lora=lora, slot_enabled_S=enabled.to(device),
+               num_lora_tokens=n_lora)
     return inp
 
 

@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (BF16_FLOPS, HBM_BYTES_PER_S, MODELS, Case, flops,  # noqa: E402
                           make_inputs, make_peer, plot, touched_weight_bytes, write_csv)
 
+from bench_stages import stage_times  # noqa: E402
+
 from moelora_dist.kernels.fused_moe_lora import fused_moe_lora  # noqa: E402
 from moelora_dist.moe.reference import experts_reference  # noqa: E402
 
@@ -55,6 +57,21 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
+def bench_graph(fn) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph: a decode step's cost without the
+    Python launch overhead of ~12 Triton launches (the serving loop captures decode)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
+
+
 def run_case(case: Case, time_reference: bool) -> dict:
     inp = make_inputs(case)
     ours = lambda: fused_moe_lora(**inp)  # noqa: E731
@@ -73,6 +90,7 @@ def run_case(case: Case, time_reference: bool) -> dict:
                share=case.share, config=_config_name(case), ok=ok, max_err=err,
                ref_scale=scale)
     row["ms"] = bench(ours) if ok else float("nan")
+    row["ms_graph"] = bench_graph(ours) if ok and case.T <= DECODE_MAX_T else ""
     row["ref_ms"] = bench(lambda: experts_reference(*ref_args)) if time_reference else ""
     t = row["ms"] * 1e-3
     row["hbm_pct"] = 100 * touched_weight_bytes(inp) / t / HBM_BYTES_PER_S
@@ -91,6 +109,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results", help="folder for the CSV and PNG")
     ap.add_argument("--quick", action="store_true", help="T in {8, 64, 4096} only")
     ap.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
+    ap.add_argument("--stages", action="store_true", help="also time each kernel stage")
     ap.add_argument("--reference-t", type=int, nargs="*", default=[64, 4096],
                     help="T at which experts_reference is timed (it is slow)")
     args = ap.parse_args(argv)
@@ -101,20 +120,30 @@ def main(argv=None):
     dev = torch.cuda.get_device_name()
     meta = dict(device=dev, torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    rows, base_ms = [], {}
+    rows, base_ms, stage_rows = [], {}, []
     for case in tqdm(registry(args.quick), desc="cases"):
         timed_ref = case.model.startswith("qwen3") and case.T in args.reference_t and (
             case.adapters in (0, 8) and case.share in (0.0, 1.0) and case.rank == 16
             or case.adapters == 0)
         try:
             row, inp = run_case(case, timed_ref)
+            row["vs_base"] = ""
         except torch.cuda.OutOfMemoryError as e:
             log.warning("%s: out of memory (%s)", case.name, e)
             continue
         key = (case.model, case.T)
         if case.adapters == 0:
-            base_ms[key] = row["ms"]
-        row["vs_base"] = row["ms"] / base_ms[key] if key in base_ms else ""
+            base_ms[key] = (row["ms"], row["ms_graph"])
+        if key in base_ms:
+            row["vs_base"] = row["ms"] / base_ms[key][0]
+            if row["ms_graph"] != "":
+                row["vs_base_graph"] = row["ms_graph"] / base_ms[key][1]
+        if args.stages and case.model.startswith("qwen3") and case.T in (64, 4096) and (
+                case.adapters == 0 or (case.adapters == 8 and case.rank == 16
+                                       and case.share == 1.0)):
+            for stage, ms in stage_times(inp).items():
+                stage_rows.append(dict(case=case.name, stage=stage, ms=ms))
+            _write_stages(args.out, stage_rows, meta)
         row["ref_speedup"] = row["ref_ms"] / row["ms"] if row["ref_ms"] != "" else ""
         if not args.no_peer and case.model.startswith("qwen3") and case.adapters in (0, 8) \
                 and case.share != 0.5 and case.rank in (0, 16, 64) and row["ok"]:
@@ -136,6 +165,11 @@ def main(argv=None):
         _write(args.out, rows, meta, with_plot=False)  # a run cut short keeps its rows
     _write(args.out, rows, meta, with_plot=True)
     log.info("wrote %s", args.out)
+
+
+def _write_stages(out, rows, meta):
+    tag = meta["device"].replace(" ", "_").replace("/", "_")
+    write_csv(os.path.join(out, f"kernels_stages_{tag}.csv"), rows, meta)
 
 
 def _write(out, rows, meta, with_plot):

@@ -86,7 +86,8 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
                    topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
                    token_slot_T: torch.Tensor | None = None, lora: MoELoRABuffers | None = None,
                    activation: str = "silu", slot_enabled_S: torch.Tensor | None = None,
-                   config: MoEConfig | None = None) -> torch.Tensor:
+                   config: MoEConfig | None = None,
+                   num_lora_tokens: int | None = None) -> torch.Tensor:
     """Triton version of :func:`moelora_dist.moe.reference.experts_reference`.
 
     Args:
@@ -98,6 +99,9 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
         slot_enabled_S: ``[S]`` bool from the batch info; None means "every slot of rank > 0".
             Tokens of a disabled slot get no delta.
         config: tile sizes; picked from the shapes when None.
+        num_lora_tokens: host-side count from ``BatchInfo``; ``0`` skips the LoRA path with no
+            sync. When None, a non-capturing call checks ``slot_enabled_S.any()`` on the host
+            (a sync that costs the CPU/GPU overlap: ~0.1-0.2 ms at decode sizes, measured).
     Returns:
         ``[T, H]`` in ``x_TH.dtype``.
     """
@@ -105,10 +109,12 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
     T, _ = x_TH.shape
     E = w_gate_up_EXH.shape[0]
     K = topk_ids_TK.shape[1]
+    if lora is not None and num_lora_tokens == 0:
+        lora = None  # the batch info says no token has an adapter: skip, not run on zeros
     if lora is not None:
         if slot_enabled_S is None:
             slot_enabled_S = lora.slot_rank > 0
-        elif not _capturing(x_TH) and not bool(slot_enabled_S.any()):
+        elif num_lora_tokens is None and not _capturing(x_TH) and not bool(slot_enabled_S.any()):
             lora = None  # no adapter in this batch: skip the LoRA path, do not run it on zeros
     cfg = config or pick_config(T, K, E, lora.num_slots if lora is not None else 1)
     has_lora = lora is not None

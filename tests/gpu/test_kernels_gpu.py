@@ -14,7 +14,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-BF16 = dict(atol=4e-2, rtol=4e-2)
+BF16_RTOL = 2e-2  # the absolute tolerance is this times the output's largest magnitude
 
 
 def _effective_slots(c):
@@ -45,7 +45,8 @@ def test_fused_moe_lora_bf16_matches_reference(case, T):
     got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"])
     want = experts_reference(*args, _effective_slots(c), c["lora"])
     assert not torch.isnan(got).any()
-    torch.testing.assert_close(got.float(), want.float(), **BF16)
+    scale = max(1.0, float(want.float().abs().max()))
+    torch.testing.assert_close(got.float(), want.float(), atol=BF16_RTOL * scale, rtol=BF16_RTOL)
     base = experts_reference(*args)
     if case == "mixed":  # the delta is large enough that dropping it would fail the check
         assert (want.float() - base.float()).abs().amax() > 0.2

@@ -1,0 +1,48 @@
+"""Per-stage times of one fused_moe_lora call (align, shrink, gate_up, down, top-k sum), so the
+LoRA overhead can be attributed to a kernel. Used by ``bench_moe_lora.py --stages``."""
+
+from __future__ import annotations
+
+import triton
+
+from moelora_dist.kernels.align import align_items
+from moelora_dist.kernels.fused_moe_lora import pick_config
+from moelora_dist.kernels.moe_gemm import ops
+
+
+def stage_times(inp) -> dict:
+    """Median ms of each stage for the inputs of one benchmark case (LoRA if present)."""
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")  # noqa: E731
+    x, ids, lora = inp["x_TH"], inp["topk_ids_TK"], inp["lora"]
+    ts, en = inp["token_slot_T"], inp["slot_enabled_S"]
+    T, K = ids.shape
+    E = inp["w_gate_up_EXH"].shape[0]
+    cfg = pick_config(T, K, E, lora.num_slots if lora is not None else 1)
+    has = lora is not None
+    rank = lora.slot_rank if has else None
+    out = {}
+    align_base = lambda: align_items(ids, ts if has else None, en if has else None, rank,  # noqa: E731
+                                     None, num_experts=E, block_m=cfg.block_m, mode="base",
+                                     sort_by_slot=has)
+    out["align_base"] = bench(align_base)
+    base = align_base()
+    shrink = None
+    if has:
+        align_lora = lambda: align_items(ids, ts, en, rank, lora.gate_up_a_shared,  # noqa: E731
+                                         num_experts=E, block_m=cfg.lora_block_m, mode="lora")
+        out["align_lora"] = bench(align_lora)
+        la = align_lora()
+        out["lora_shrink"] = bench(lambda: ops.lora_shrink(x, lora, la, K, block_k=cfg.block_k))
+        shrink = ops.lora_shrink(x, lora, la, K, block_k=cfg.block_k)
+    gkw = dict(block_n=cfg.block_n, block_k=cfg.block_k, num_warps=cfg.num_warps,
+               num_stages=cfg.num_stages)
+    gu = lambda: ops.gate_up(x, inp["w_gate_up_EXH"], base, K, ts, en, lora, shrink, **gkw)  # noqa: E731
+    out["gate_up"] = bench(gu)
+    h, dsh = gu()
+    dkw = dict(gkw, block_n=cfg.down_block_n)
+    dn = lambda: ops.down(h, inp["w_down_EHI"], inp["topk_weights_TK"], base, K, ts, en,  # noqa: E731
+                          lora, dsh, **dkw)
+    out["down"] = bench(dn)
+    o = dn()
+    out["topk_sum"] = bench(lambda: ops.topk_sum(o, ids, E))
+    return out
