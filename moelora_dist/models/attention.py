@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from moelora_dist.models.batch import ForwardBatch, KVCache
 from moelora_dist.models.config import ModelConfig, ModelConfigError
-from moelora_dist.models.lora_linear import linear_with_lora
+from moelora_dist.models.lora_linear import DenseLoRA, linear_with_lora
 from moelora_dist.models.ops import apply_rope, rms_norm, rms_norm_sharded
 
 
@@ -78,24 +78,23 @@ class TPAttention:
         self.kv_rows = None if split.kv_sharded else slice(
             split.kv_start * D, (split.kv_start + split.num_kv) * D)
 
-    def _proj(self, name: str, x_TH, lora, token_slot_T, out_rows=None):
-        buf = lora(f"{self.prefix}.{name}") if lora is not None else None
-        return linear_with_lora(x_TH, self.w[name], self.w.get(f"{name}.bias"), buf,
-                                token_slot_T, out_rows)
+    def _proj(self, name: str, x_TH, lora, out_rows=None):
+        return linear_with_lora(x_TH, self.w[name], self.w.get(f"{name}.bias"), lora,
+                                f"{self.prefix}.{name}", out_rows)
 
     def forward(self, x_TH: torch.Tensor, batch: ForwardBatch, cache: KVCache,
-                cos_TD: torch.Tensor, sin_TD: torch.Tensor, lora=None,
-                token_slot_T: torch.Tensor | None = None) -> torch.Tensor:
+                cos_TD: torch.Tensor, sin_TD: torch.Tensor,
+                lora: DenseLoRA | None = None) -> torch.Tensor:
         """``[T, H]`` -> ``[T, H]`` (full sum over TP ranks on every rank).
 
-        ``lora``: callable module path -> the pool's dense buffers, or None (no adapter tokens).
-        ``token_slot_T``: ``[T]`` int32 slot per token (``-1`` none).
+        ``lora``: this forward's dense LoRA (:class:`.lora_linear.DenseLoRA`), or None when no
+        token of the batch uses an adapter. ``cos_TD``/``sin_TD``: ``[T, D]`` RoPE tables.
         """
         cfg, sp, D = self.cfg, self.split, self.cfg.head_dim
         T = x_TH.shape[0]
-        q = self._proj("q_proj", x_TH, lora, token_slot_T)
-        k = self._proj("k_proj", x_TH, lora, token_slot_T, self.kv_rows)
-        v = self._proj("v_proj", x_TH, lora, token_slot_T, self.kv_rows)
+        q = self._proj("q_proj", x_TH, lora)
+        k = self._proj("k_proj", x_TH, lora, self.kv_rows)
+        v = self._proj("v_proj", x_TH, lora, self.kv_rows)
         if cfg.qk_norm == "full":
             q = rms_norm_sharded(q, self.w["q_norm"], cfg.rms_norm_eps, cfg.num_heads * D,
                                  self.tp_group)
@@ -113,7 +112,7 @@ class TPAttention:
         k = apply_rope(k, cos_TD, sin_TD)
         k_BNLD, v_BNLD = cache.write_and_read(self.layer, batch, k, v)
         out_TND = self._attend(q, k_BNLD, v_BNLD, batch)
-        o = self._proj("o_proj", out_TND.reshape(T, sp.num_q * D), lora, token_slot_T)
+        o = self._proj("o_proj", out_TND.reshape(T, sp.num_q * D), lora)
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(o, group=self.tp_group)
         if "o_proj.bias" in self.w:

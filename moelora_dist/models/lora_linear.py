@@ -21,35 +21,13 @@ from __future__ import annotations
 import torch
 
 
-def lora_delta(x_TI: torch.Tensor, a_SRI: torch.Tensor, b_SOR: torch.Tensor,
-               token_slot_T: torch.Tensor) -> torch.Tensor:
-    """Per-token LoRA delta ``b[slot_t] @ (a[slot_t] @ x_t)``; zero where ``slot_t == -1``.
-
-    Args:
-        x_TI: ``[T, I]`` activations (any float dtype).
-        a_SRI: ``[S, R, I]`` LoRA A of every slot.
-        b_SOR: ``[S, O, R]`` LoRA B of every slot, scaling folded in.
-        token_slot_T: ``[T]`` int slot per token, ``-1`` = no adapter.
-    Returns:
-        ``[T, O]`` float32 delta (callers add it to the base output, then cast).
-    """
-    S, R, I = a_SRI.shape
-    T = x_TI.shape[0]
-    if x_TI.shape[1] != I or b_SOR.shape[0] != S or b_SOR.shape[2] != R:
-        raise ValueError(
-            f"LoRA shapes do not match: x {tuple(x_TI.shape)}, a {tuple(a_SRI.shape)}, "
-            f"b {tuple(b_SOR.shape)}")
-    shrink_TSR = (x_TI.float() @ a_SRI.reshape(S * R, I).float().T).view(T, S, R)
-    # One-hot of the token's slot; -1 matches no slot, so base-only tokens get exactly zero.
-    own_TS = token_slot_T.long()[:, None] == torch.arange(S, device=x_TI.device)[None, :]
-    shrink_TSR = shrink_TSR * own_TS[:, :, None].to(shrink_TSR.dtype)
-    b_KO = b_SOR.float().permute(0, 2, 1).reshape(S * R, -1)
-    return shrink_TSR.view(T, S * R) @ b_KO
-
-
 def lora_delta_reference(x_TI: torch.Tensor, a_SRI: torch.Tensor, b_SOR: torch.Tensor,
                          token_slot_T: torch.Tensor) -> torch.Tensor:
-    """Token-by-token loop with the same contract as :func:`lora_delta` (tests only)."""
+    """Token-by-token fp64 loop: ``b[slot_t] @ (a[slot_t] @ x_t)``, zero for ``slot_t == -1``.
+
+    The test reference of :meth:`DenseLoRA.apply`. Args: x_TI ``[T, I]``, a_SRI ``[S, R, I]``,
+    b_SOR ``[S, O, R]`` (scaling folded in), token_slot_T ``[T]``. Returns ``[T, O]`` fp32.
+    """
     out = torch.zeros(x_TI.shape[0], b_SOR.shape[1], dtype=torch.float32, device=x_TI.device)
     for t, s in enumerate(token_slot_T.tolist()):
         if s >= 0:
@@ -57,23 +35,68 @@ def lora_delta_reference(x_TI: torch.Tensor, a_SRI: torch.Tensor, b_SOR: torch.T
     return out
 
 
+class DenseLoRA:
+    """The dense-module LoRA of one forward pass: which slot each token uses, and the pool's
+    factors as fp32 stacked matrices.
+
+    Built once per forward and shared by every layer, so the token one-hot mask is made once;
+    the stacked fp32 factors (``A^T``: ``[I, S*R]``, ``B``: ``[S*R, O]``) are cached across
+    forwards in ``cache`` and rebuilt when the pool's slot assignment changes (``key``).
+    Decode runs a handful of small kernels per module; caching avoids re-casting and
+    re-permuting the factors on every step.
+    """
+
+    def __init__(self, pool, token_slot_T: torch.Tensor, cache: dict, key):
+        S = pool.config.max_loras
+        self.pool = pool
+        self.T = int(token_slot_T.shape[0])
+        self.S = S
+        # One-hot of each token's slot; -1 matches no slot, so base-only tokens get exactly 0.
+        self.own_TS1 = (token_slot_T.long()[:, None] == torch.arange(
+            S, device=token_slot_T.device)[None, :]).float()[:, :, None]
+        if cache.get("key") != key:
+            cache.clear()
+            cache["key"] = key
+        self.cache = cache
+
+    def _factors(self, path: str, out_rows: slice | None):
+        ck = (path, None if out_rows is None else (out_rows.start, out_rows.stop))
+        hit = self.cache.get(ck)
+        if hit is None:
+            buf = self.pool.dense_buffers(path)
+            S, R, I = buf.a.shape
+            b = buf.b if out_rows is None else buf.b[:, out_rows]
+            hit = (buf.a.float().reshape(S * R, I).T.contiguous(),
+                   b.float().permute(0, 2, 1).reshape(S * R, -1).contiguous())
+            self.cache[ck] = hit
+        return hit
+
+    def apply(self, y_TO: torch.Tensor, x_TI: torch.Tensor, path: str,
+              out_rows: slice | None = None) -> torch.Tensor:
+        """``y + B[slot] A[slot] x`` per token, in ``y``'s dtype; the shrink stays fp32.
+
+        Args: y_TO ``[T, O]`` base output; x_TI ``[T, I]`` the module's input.
+        """
+        a_IK, b_KO = self._factors(path, out_rows)
+        shrink_TSR = (x_TI.float() @ a_IK).view(self.T, self.S, -1) * self.own_TS1
+        return torch.addmm(y_TO.float(), shrink_TSR.view(self.T, -1), b_KO).to(y_TO.dtype)
+
+
 def linear_with_lora(x_TI: torch.Tensor, w_OI: torch.Tensor, bias_O: torch.Tensor | None,
-                     lora, token_slot_T: torch.Tensor | None,
+                     lora: DenseLoRA | None, path: str,
                      out_rows: slice | None = None) -> torch.Tensor:
     """``x @ w^T (+ bias) + LoRA delta`` in ``x``'s dtype.
 
     Args:
         x_TI: ``[T, I]``; w_OI: ``[O, I]`` rank-local base weight; bias_O: ``[O]`` or None.
-        lora: the pool's ``DenseLoRABuffers`` of this module (``a [S,R,I]``, ``b [S,O',R]``),
-            or None when no token of the batch uses an adapter.
-        token_slot_T: ``[T]`` int, or None with ``lora`` None.
-        out_rows: rows of ``lora.b`` to use when the pool keeps the module replicated but this
-            rank computes only some of its outputs (kv heads replicated over TP ranks).
+        lora: this forward's :class:`DenseLoRA`, or None when no token uses an adapter.
+        path: module path in the pool (``layers.3.self_attn.q_proj``).
+        out_rows: rows of the pool's ``b`` to use when the pool keeps the module replicated but
+            this rank computes only some of its outputs (kv heads replicated over TP ranks).
     Returns:
         ``[T, O]`` in ``x_TI.dtype``.
     """
     y_TO = torch.nn.functional.linear(x_TI, w_OI, bias_O)
     if lora is None:
         return y_TO
-    b = lora.b if out_rows is None else lora.b[:, out_rows]
-    return (y_TO.float() + lora_delta(x_TI, lora.a, b, token_slot_T)).to(x_TI.dtype)
+    return lora.apply(y_TO, x_TI, path, out_rows)

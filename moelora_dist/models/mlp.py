@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moelora_dist.models.config import ModelConfig, ModelConfigError
-from moelora_dist.models.lora_linear import linear_with_lora
+from moelora_dist.models.lora_linear import DenseLoRA, linear_with_lora
 from moelora_dist.moe.weights import load_moe_weights
 
 
@@ -25,12 +25,11 @@ class DenseMLP:
         self.layer, self.w, self.tp_group = layer, weights, tp_group
         self.prefix = f"layers.{layer}.mlp"
 
-    def forward(self, x_TH: torch.Tensor, lora=None,
-                token_slot_T: torch.Tensor | None = None) -> torch.Tensor:
-        """``[T, H]`` -> ``[T, H]``, summed over TP ranks. ``lora``: path -> dense buffers."""
+    def forward(self, x_TH: torch.Tensor, lora: DenseLoRA | None = None) -> torch.Tensor:
+        """``[T, H]`` -> ``[T, H]``, summed over TP ranks. ``lora``: this forward's
+        :class:`.lora_linear.DenseLoRA`, or None when no token uses an adapter."""
         def proj(name, x):
-            buf = lora(f"{self.prefix}.{name}") if lora is not None else None
-            return linear_with_lora(x, self.w[name], None, buf, token_slot_T)
+            return linear_with_lora(x, self.w[name], None, lora, f"{self.prefix}.{name}")
 
         h = F.silu(proj("gate_proj", x_TH)) * proj("up_proj", x_TH)
         y = proj("down_proj", h)

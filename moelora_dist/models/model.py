@@ -21,6 +21,7 @@ from moelora_dist.lora.pool import DenseModuleSpec, LoRAPool, MoELayerSpec, Pool
 from moelora_dist.models.attention import HeadSplit, TPAttention
 from moelora_dist.models.batch import ForwardBatch, KVCache
 from moelora_dist.models.config import ModelConfig
+from moelora_dist.models.lora_linear import DenseLoRA
 from moelora_dist.models.mlp import DenseMLP
 from moelora_dist.models.ops import rms_norm, rope_cos_sin, rope_inv_freq
 from moelora_dist.moe.layer import LoRAMoE, MoEBlock
@@ -68,6 +69,11 @@ class MoELoRAModel:
         self.lm_head_VH: torch.Tensor | None = None
         self.final_norm_H: torch.Tensor | None = None
         self.layers: list[dict] = []
+        self._lora_cache: dict = {}  # fp32 stacked dense LoRA factors, see DenseLoRA
+
+    def invalidate_lora_cache(self) -> None:
+        """Call after rewriting a pool slot in place (same name, same slot)."""
+        self._lora_cache.clear()
 
     @classmethod
     def build(cls, cfg: ModelConfig, groups: ParallelGroups, source, *, dtype: torch.dtype,
@@ -133,20 +139,21 @@ class MoELoRAModel:
             ``[T, H]`` in the model dtype, identical on every TP rank.
         """
         cache.check(batch)
-        any_lora = batch_info.any_lora()
-        lora = self.pool.dense_buffers if any_lora else None
-        slot_T = batch_info.token_slot_T if any_lora else None
+        lora = None
+        if batch_info.any_lora():
+            lora = DenseLoRA(self.pool, batch_info.token_slot_T, self._lora_cache,
+                             tuple(sorted(self.pool.loaded().items())))
         h = self.embed_VH[input_ids_T]
         cos, sin = rope_cos_sin(batch.positions_T, self.inv_freq, h.dtype)
         eps = self.cfg.rms_norm_eps
         for layer in self.layers:
             x = rms_norm(h, layer["ln1"], eps)
-            h = h + layer["attn"].forward(x, batch, cache, cos, sin, lora, slot_T)
+            h = h + layer["attn"].forward(x, batch, cache, cos, sin, lora)
             x = rms_norm(h, layer["ln2"], eps)
             if "moe" in layer:
                 h = h + layer["moe"](x, batch_info)
             else:
-                h = h + layer["mlp"].forward(x, lora, slot_T)
+                h = h + layer["mlp"].forward(x, lora)
         return rms_norm(h, self.final_norm_H, eps)
 
     def logits(self, hidden_NH: torch.Tensor) -> torch.Tensor:

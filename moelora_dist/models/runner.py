@@ -97,6 +97,7 @@ class ModelRunner:
         if self.model.pool.slot_of(name) is not None:
             self.model.pool.unload(name)
         del self.registry[name]
+        self.model.invalidate_lora_cache()  # a new adapter of this name may reuse the slot
 
     @property
     def adapter_names(self) -> list[str]:
