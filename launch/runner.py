@@ -82,15 +82,36 @@ def prepare_env(nproc: int, device: str, timeout: float, threads: int | None) ->
     return device
 
 
+# Errors a rank raises because *another* rank died (its peer closed the connection, the
+# communicator was aborted): they name the victim, not the cause.
+SECONDARY = ("Connection closed by peer", "remote worker crashing", "Connection reset by peer",
+             "communicator was aborted", "NCCL error", "Broken pipe", "SIGTERM", "Signal 15")
+
+
+def _message(failure) -> str:
+    msg = failure.message
+    if not isinstance(msg, str):
+        msg = (msg or {}).get("message", "")
+    return msg.strip()
+
+
+def root_cause_rank(failures: dict) -> int:
+    """The rank whose own error started the failure: the earliest failure whose message is not
+    a consequence of a peer dying; the earliest of all when every one looks secondary."""
+    order = sorted(failures, key=lambda r: (failures[r].timestamp, r))
+    primary = [r for r in order if not any(p in _message(failures[r]) for p in SECONDARY)
+               and failures[r].exitcode != -15]
+    return (primary or order)[0]
+
+
 def format_failure(exc) -> str:
-    """One paragraph per failed rank: rank, exit code, and the error it recorded."""
-    first_rank, _ = exc.get_first_failure()
+    """One line per failed rank (rank, exit code, recorded error), root cause named first."""
+    first = root_cause_rank(exc.failures)
     lines = [f"moelora-launch: job failed on {len(exc.failures)} rank(s); the first to fail "
-             f"was rank {first_rank}"]
-    for rank, f in sorted(exc.failures.items()):
-        msg = f.message if isinstance(f.message, str) else (f.message or {}).get(
-            "message", "")
-        detail = msg.strip() or "no error recorded (see that rank's output above)"
+             f"was rank {first}"]
+    for rank in [first, *sorted(r for r in exc.failures if r != first)]:
+        f = exc.failures[rank]
+        detail = _message(f) or "no error recorded (see that rank's output above)"
         lines.append(f"  rank {rank} (local {f.local_rank}, pid {f.pid}) exit code "
                      f"{f.exitcode}: {detail}")
     return "\n".join(lines)

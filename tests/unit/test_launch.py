@@ -83,3 +83,17 @@ def test_job_names_and_environment(monkeypatch):
     assert int(os.environ["OMP_NUM_THREADS"]) == max(1, (os.cpu_count() or 1) // 2)
     with pytest.raises(SystemExit, match="must be >= 1"):
         prepare_env(0, "cpu", 30.0, None)
+
+
+def test_root_cause_is_not_the_rank_that_lost_its_peer():
+    from types import SimpleNamespace as F
+
+    from launch.runner import root_cause_rank
+
+    # Same timestamp (seconds): rank 0 only saw its peer disappear; rank 1 raised the error.
+    failures = {0: F(message="RuntimeError: Connection closed by peer [127.0.0.1]:1",
+                     timestamp=5, exitcode=1),
+                1: F(message="RuntimeError: boom", timestamp=5, exitcode=1)}
+    assert root_cause_rank(failures) == 1
+    failures[1] = F(message="", timestamp=6, exitcode=-15)  # killed by the launcher
+    assert root_cause_rank(failures) == 0  # every failure looks secondary: the earliest
