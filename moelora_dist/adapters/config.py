@@ -42,12 +42,12 @@ class LoRAConfigView:
         """Validate and read a parsed ``adapter_config.json`` (``source`` names it in errors)."""
         peft_type = str(cfg.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
-            raise AdapterError(f"{source}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters "
-                               "are supported")
+            raise AdapterError(f"{source}: peft_type is {cfg.get('peft_type')!r}; only LORA "
+                               "adapters are supported")
         for opt in _UNSUPPORTED_TRUE:
             if cfg.get(opt):
-                raise AdapterError(f"{source}: {opt}=true is not supported (the canonical form is a "
-                                   f"plain scaled B @ A); re-export the adapter without {opt}")
+                raise AdapterError(f"{source}: {opt}=true is not supported (the canonical form "
+                                   f"is a plain scaled B @ A); re-export the adapter without {opt}")
         if cfg.get("lora_bias") or cfg.get("bias", "none") not in ("none", None):
             raise AdapterError(f"{source}: LoRA biases (lora_bias / bias={cfg.get('bias')!r}) are "
                                "not supported; train with bias='none'")
@@ -127,8 +127,9 @@ class ModelDims:
         if "text_config" in cfg and "hidden_size" not in cfg:
             cfg = cfg["text_config"]
         if cfg.get("model_type") in _INTERLEAVED_EXPERTS:
-            raise AdapterError(f"model_type {cfg['model_type']!r} stores its experts transposed and "
-                               "with gate/up interleaved; its expert LoRA layout is not supported")
+            raise AdapterError(f"model_type {cfg['model_type']!r} stores its experts transposed "
+                               "and with gate/up interleaved; its expert LoRA layout is not "
+                               "supported")
         hidden = cfg.get("hidden_size")
         experts = cfg.get("num_experts") or cfg.get("num_local_experts")
         moe_i = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
@@ -140,7 +141,8 @@ class ModelDims:
             # Qwen3-MoE places dense MLPs on mlp_only_layers and off the sparse step.
             only = set(cfg.get("mlp_only_layers") or [])
             step = int(cfg.get("decoder_sparse_step") or 1)
-            moe_layers = frozenset(l for l in range(layers) if l not in only and (l + 1) % step == 0)
+            moe_layers = frozenset(l for l in range(layers)
+                                   if l not in only and (l + 1) % step == 0)
         return cls(
             hidden=hidden,
             moe_intermediate=moe_i,

@@ -74,16 +74,18 @@ def convert_expert_projection(ctx: Ctx, layer: int, entries: list[tuple[ParsedKe
     for pk, t in entries:
         if pk.expert is None:
             if pk.factor in stacked:
-                raise ctx.fail(layer, pk.key, f"duplicate stacked factor (also {stacked[pk.factor][0].key!r})")
+                raise ctx.fail(layer, pk.key, "duplicate stacked factor (also "
+                               f"{stacked[pk.factor][0].key!r})")
             stacked[pk.factor] = (pk, _as_stack(ctx, layer, pk, t))
         else:
             if t.ndim != 2:
-                raise ctx.fail(layer, pk.key, f"per-expert factor must be 2-D, found {tuple(t.shape)}")
+                raise ctx.fail(layer, pk.key, "per-expert factor must be 2-D, found "
+                               f"{tuple(t.shape)}")
             per[pk.factor][pk.expert] = (pk, t)
     for f in "AB":
         if f in stacked and per[f]:
-            raise ctx.fail(layer, stacked[f][0].key, f"both a stacked lora_{f} and per-expert lora_{f} "
-                           f"keys (e.g. {next(iter(per[f].values()))[0].key!r}); keep one")
+            raise ctx.fail(layer, stacked[f][0].key, f"both a stacked lora_{f} and per-expert "
+                           f"lora_{f} keys (e.g. {next(iter(per[f].values()))[0].key!r}); keep one")
         if f not in stacked and not per[f]:
             other = entries[0][0].key
             raise ctx.fail(layer, other, f"lora_{f} of this projection is missing")
@@ -93,12 +95,12 @@ def convert_expert_projection(ctx: Ctx, layer: int, entries: list[tuple[ParsedKe
     E = num_experts or max([max_idx + 1, *stack_dims, 1])
     for f, (pk, s) in stacked.items():
         if s.shape[0] not in (1, E):
-            raise ctx.fail(layer, pk.key, f"expert count mismatch: stacked lora_{f} has {s.shape[0]} "
-                           f"experts, expected {E} (or 1 for a shared factor)")
+            raise ctx.fail(layer, pk.key, f"expert count mismatch: stacked lora_{f} has "
+                           f"{s.shape[0]} experts, expected {E} (or 1 for a shared factor)")
     if max_idx >= E:
         bad = next(pk for f in "AB" for e, (pk, _) in per[f].items() if e == max_idx)
-        raise ctx.fail(layer, bad.key, f"expert count mismatch: expert index {max_idx} but the model "
-                       f"has {E} experts")
+        raise ctx.fail(layer, bad.key, f"expert count mismatch: expert index {max_idx} but the "
+                       f"model has {E} experts")
     per_expert = bool(per["A"] or per["B"])
     if per["A"] and per["B"] and set(per["A"]) != set(per["B"]):
         e = sorted(set(per["A"]) ^ set(per["B"]))[0]
@@ -122,11 +124,12 @@ def convert_expert_projection(ctx: Ctx, layer: int, entries: list[tuple[ParsedKe
                   else f"{sample.experts_module}.{sample.proj_name}")
         scales[e] = checked_scale(ctx, layer, key, module, ranks[e])
     R = max(ranks.values())
-    in_dims = {(t.shape[1] if pk.expert is not None else t.shape[2]) for pk, t in _factor(per, stacked, "A")}
-    out_dims = {(t.shape[0] if pk.expert is not None else t.shape[1]) for pk, t in _factor(per, stacked, "B")}
+    # per-expert A is [r, in] and B [out, r]; stacked ones carry a leading expert dim
+    in_dims = {t.shape[-1] for _, t in _factor(per, stacked, "A")}
+    out_dims = {t.shape[-2] for _, t in _factor(per, stacked, "B")}
     if len(in_dims) != 1 or len(out_dims) != 1:
-        raise ctx.fail(layer, sample.key, f"experts disagree on the input/output size: lora_A inputs "
-                       f"{sorted(in_dims)}, lora_B outputs {sorted(out_dims)}")
+        raise ctx.fail(layer, sample.key, "experts disagree on the input/output size: lora_A "
+                       f"inputs {sorted(in_dims)}, lora_B outputs {sorted(out_dims)}")
     (d_in,), (d_out,) = in_dims, out_dims
     a = _stack_a(per["A"], stacked.get("A"), E, R, d_in)
     b = _stack_b(per["B"], stacked.get("B"), E, R, d_out)
@@ -173,7 +176,8 @@ def _stack_b(per: dict, stacked, E: int, R: int, d_out: int) -> torch.Tensor:
     return out
 
 
-def split_gate_up(ctx: Ctx, layer: int, key: str, fused: LoRAFactors) -> tuple[LoRAFactors, LoRAFactors]:
+def split_gate_up(ctx: Ctx, layer: int, key: str,
+                  fused: LoRAFactors) -> tuple[LoRAFactors, LoRAFactors]:
     """A fused gate_up LoRA (``b: [Eb, 2I, r]``, gate rows first) -> gate and up sharing one A."""
     two_i = fused.b.shape[1]
     if two_i % 2:

@@ -33,10 +33,9 @@ PROJ_ALIASES = {
 }
 
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
-_PARAM = re.compile(r"^(?P<experts>(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?P<block>mlp|block_sparse_moe)"
-                    r"\.experts)(?P<wrap>(?:\.base_layer)*)$")
-_PROJ = re.compile(r"^(?P<experts>(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?P<block>mlp|block_sparse_moe)"
-                   r"\.experts)(?:\.(?P<expert>\d+))?\.(?P<proj>" + "|".join(PROJ_ALIASES) + r")$")
+_EXPERTS = r"(?P<experts>(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts)"
+_PARAM = re.compile(rf"^{_EXPERTS}(?P<wrap>(?:\.base_layer)*)$")
+_PROJ = re.compile(rf"^{_EXPERTS}(?:\.(?P<expert>\d+))?\.(?P<proj>{'|'.join(PROJ_ALIASES)})$")
 
 
 @dataclass(frozen=True)

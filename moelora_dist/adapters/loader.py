@@ -44,8 +44,8 @@ def _find_files(path: Path) -> tuple[Path, Path]:
     if not weights.is_file():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise AdapterError(f"{path}: only pickled weights ({', '.join(pickles)}); they are never "
-                               "unpickled (arbitrary code execution). Convert them to "
+            raise AdapterError(f"{path}: only pickled weights ({', '.join(pickles)}); they are "
+                               "never unpickled (arbitrary code execution). Convert them to "
                                f"{WEIGHTS_NAME} with safetensors in a trusted environment")
         raise AdapterError(f"{path}: missing {WEIGHTS_NAME}")
     if not config.is_file():
@@ -128,7 +128,8 @@ def load_adapter(path: str | os.PathLike, *, model_config: dict | None = None,
                                "expert projection keys for this layer; keep one format")
             got, legacy = convert_params(ctx, layer, experts_module[layer], params[layer],
                                          dims.num_experts)
-            formats[layer].add("peft-target-parameters" + (" (peft<=0.18 transposed)" if legacy else ""))
+            legacy_note = " (peft<=0.18 transposed)" if legacy else ""
+            formats[layer].add("peft-target-parameters" + legacy_note)
             depths = sorted(params[layer])
             for p in got:
                 # nesting: gate_up is the innermost wrapper (deepest) when both are targeted
@@ -137,31 +138,13 @@ def load_adapter(path: str | os.PathLike, *, model_config: dict | None = None,
                     sources[(layer, p, f)] = params[layer][d][f][0].key
         else:
             E = dims.num_experts or _infer_experts(projs, layer)
-            for (l, p), entries in sorted(projs.items()):
-                if l != layer:
-                    continue
-                f = convert_expert_projection(ctx, layer, entries, E)
-                keys = {f_: next(pk.key for pk, _ in entries if pk.factor == f_) for f_ in "AB"}
-                names = {pk.proj_name for pk, _ in entries}
-                styles = {"per-expert" if pk.expert is not None else "stacked" for pk, _ in entries}
-                formats[layer].add(("mixtral w1/w3/w2 " if names & {"w1", "w2", "w3"} else "")
-                                   + "/".join(sorted(styles)))
-                if p == "gate_up":
-                    if (layer, "gate") in projs or (layer, "up") in projs:
-                        raise ctx.fail(layer, entries[0][0].key, "gate_up_proj keys together with "
-                                       "separate gate/up keys; keep one")
-                    got["gate"], got["up"] = split_gate_up(ctx, layer, keys["B"], f)
-                    for q in ("gate", "up"):
-                        sources.update({(layer, q, f_): keys[f_] for f_ in "AB"})
-                else:
-                    got[p] = f
-                    sources.update({(layer, p, f_): keys[f_] for f_ in "AB"})
+            got = _convert_projection_layer(ctx, layer, projs, E, sources, formats[layer])
         E = dims.num_experts or max(max(f.a.shape[0], f.b.shape[0]) for f in got.values())
         for p, f in got.items():
             for side, t in (("lora_A", f.a), ("lora_B", f.b)):
                 if t.shape[0] not in (1, E):
-                    raise ctx.fail(layer, sources[(layer, p, side[-1])], f"expert count mismatch: {p} {side} "
-                                   f"has {t.shape[0]} experts, other projections {E}")
+                    raise ctx.fail(layer, sources[(layer, p, side[-1])], f"expert count mismatch: "
+                                   f"{p} {side} has {t.shape[0]} experts, other projections {E}")
         layer_lora = MoELayerLoRA(num_experts=E, **got)
         moe[layer] = apply_shared_outer(layer_lora, layer, force_shared_outer, file)
 
@@ -180,15 +163,43 @@ def load_adapter(path: str | os.PathLike, *, model_config: dict | None = None,
         sources[(p, "A")], sources[(p, "B")] = pa.key, fac["B"][0].key
 
     fmt = sorted({f for fs in formats.values() for f in fs}) or ["dense-only"]
+    layer_formats = {l: " + ".join(sorted(fs)) for l, fs in formats.items()}
     adapter = CanonicalAdapter(name=name or path.name, moe=moe, dense=dense_out,
                                format=" + ".join(fmt), source=str(path), config=raw_cfg,
-                               layer_formats={l: " + ".join(sorted(fs)) for l, fs in formats.items()})
+                               layer_formats=layer_formats)
     validate(adapter, dims, max_rank, sources, file)
     if not adapter.moe and not adapter.dense:
         raise AdapterError(f"{file}: no LoRA factors found")
     log.debug("loaded adapter %s: %s, %d MoE layers, %d dense modules", adapter.name,
               adapter.format, len(moe), len(dense_out))
     return adapter
+
+
+def _convert_projection_layer(ctx: Ctx, layer: int, projs: dict, E: int, sources: dict,
+                              formats: set[str]) -> dict[str, LoRAFactors]:
+    """The expert-projection keys of one layer -> ``{gate|up|down: factors}``; records the
+    checkpoint keys of each factor in ``sources`` and the layouts seen in ``formats``."""
+    got: dict[str, LoRAFactors] = {}
+    for (l, p), entries in sorted(projs.items()):
+        if l != layer:
+            continue
+        f = convert_expert_projection(ctx, layer, entries, E)
+        keys = {fac: next(pk.key for pk, _ in entries if pk.factor == fac) for fac in "AB"}
+        names = {pk.proj_name for pk, _ in entries}
+        styles = {"per-expert" if pk.expert is not None else "stacked" for pk, _ in entries}
+        formats.add(("mixtral w1/w3/w2 " if names & {"w1", "w2", "w3"} else "")
+                    + "/".join(sorted(styles)))
+        if p == "gate_up":
+            if (layer, "gate") in projs or (layer, "up") in projs:
+                raise ctx.fail(layer, entries[0][0].key, "gate_up_proj keys together with "
+                               "separate gate/up keys; keep one")
+            got["gate"], got["up"] = split_gate_up(ctx, layer, keys["B"], f)
+            for q in ("gate", "up"):
+                sources.update({(layer, q, fac): keys[fac] for fac in "AB"})
+        else:
+            got[p] = f
+            sources.update({(layer, p, fac): keys[fac] for fac in "AB"})
+    return got
 
 
 def _infer_experts(projs: dict, layer: int) -> int:
@@ -198,5 +209,6 @@ def _infer_experts(projs: dict, layer: int) -> int:
         if l != layer:
             continue
         for pk, t in entries:
-            n = max(n, pk.expert + 1 if pk.expert is not None else (t.shape[0] if t.ndim == 3 else 1))
+            stack = t.shape[0] if t.ndim == 3 else 1
+            n = max(n, pk.expert + 1 if pk.expert is not None else stack)
     return n

@@ -124,8 +124,9 @@ def _orientation(ctx: Ctx, layer: int, fac: dict, key: str) -> bool:
                        f"orientation; expected {expect} (hidden={H}, intermediate={I})")
     version = ctx.cfg.peft_version
     if version is None:
-        warnings.warn(f"{ctx.file}: layer {layer}: the orientation of the expert LoRA cannot be read "
-                      "from the shapes and adapter_config.json has no peft_version; assuming "
-                      "peft >= 0.19 (pass model_config to decide from shapes)", stacklevel=3)
+        warnings.warn(f"{ctx.file}: layer {layer}: the orientation of the expert LoRA cannot be "
+                      "read from the shapes and adapter_config.json has no peft_version; "
+                      "assuming peft >= 0.19 (pass model_config to decide from shapes)",
+                      stacklevel=3)
         return False
     return tuple(version[:2]) < _LEGACY_BEFORE

@@ -40,7 +40,8 @@ def _collapse(t: torch.Tensor) -> torch.Tensor | int:
     return t[:1].clone()
 
 
-def apply_shared_outer(moe: MoELayerLoRA, layer: int, force: bool | None, where: str) -> MoELayerLoRA:
+def apply_shared_outer(moe: MoELayerLoRA, layer: int, force: bool | None,
+                       where: str) -> MoELayerLoRA:
     """Normalize the sharing of one layer's factors (module docstring); returns a new object."""
     E = moe.num_experts
     proj = moe.projections()
@@ -60,8 +61,8 @@ def apply_shared_outer(moe: MoELayerLoRA, layer: int, force: bool | None, where:
                 if force:
                     side = "A" if name != "down" else "B"
                     raise AdapterError(
-                        f"{where}: layer {layer}: force_shared_outer=True but the {name} lora_{side} "
-                        f"of expert {got} differs from expert 0's (max abs diff "
+                        f"{where}: layer {layer}: force_shared_outer=True but the {name} "
+                        f"lora_{side} of expert {got} differs from expert 0's (max abs diff "
                         f"{(outer[got] - outer[0]).abs().max().item():.3g}); this adapter is not "
                         "shared-outer, load it with force_shared_outer=None or False")
             else:

@@ -57,15 +57,17 @@ def validate(adapter: CanonicalAdapter, dims: ModelDims, max_rank: int | None,
             raise AdapterError(f"{file}: layer {layer}, key {key!r}: expert count mismatch: the "
                                f"adapter has {E} experts, the model {dims.num_experts}")
         if dims.num_layers is not None and layer >= dims.num_layers:
-            raise AdapterError(f"{file}: layer {layer}: the model has only {dims.num_layers} layers")
+            raise AdapterError(f"{file}: layer {layer}: the model has only {dims.num_layers} "
+                               "layers")
         if dims.moe_layers is not None and layer not in dims.moe_layers:
-            raise AdapterError(f"{file}: layer {layer}: expert LoRA on a layer that is dense in the "
-                               "model config (mlp_only_layers / decoder_sparse_step)")
+            raise AdapterError(f"{file}: layer {layer}: expert LoRA on a layer that is dense in "
+                               "the model config (mlp_only_layers / decoder_sparse_step)")
         proj = moe.projections()
-        H = dims.hidden or next((f.out_dim for n, f in proj.items() if n == "down"),
-                                next((f.in_dim for n, f in proj.items() if n != "down"), None))
-        I = dims.moe_intermediate or next((f.in_dim for n, f in proj.items() if n == "down"),
-                                          next((f.out_dim for n, f in proj.items() if n != "down"), None))
+        # Without a model config, the first projection fixes H and I for the others.
+        first_name, first = next(iter(proj.items()))
+        own_h, own_i = ((first.out_dim, first.in_dim) if first_name == "down"
+                        else (first.in_dim, first.out_dim))
+        H, I = dims.hidden or own_h, dims.moe_intermediate or own_i
         for name, f in proj.items():
             keys = (sources.get((layer, name, "A"), "?"), sources.get((layer, name, "B"), "?"))
             exp_in, exp_out = (I, H) if name == "down" else (H, I)

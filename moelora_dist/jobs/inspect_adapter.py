@@ -104,16 +104,20 @@ def describe(adapter: CanonicalAdapter, model_config: dict | None, max_rank: int
         scope = f"all {len(moe_layers)} MoE layers of the model"
     else:
         moe_layers = sorted(adapter.moe)
-        scope = f"the adapter's {len(moe_layers)} MoE layers (no --model-config: H, I, E from the adapter)"
+        scope = (f"the adapter's {len(moe_layers)} MoE layers "
+                 "(no --model-config: H, I, E from the adapter)")
     elem = torch.empty((), dtype=dtype).element_size()
     dense = sum(R * (f.in_dim + f.out_dim) for f in adapter.dense.values()) * elem
     per_expert = slot_bytes(dims, moe_layers, R, dtype, False)
     lines.append(f"pool slot ({str(dtype).replace('torch.', '')}, R={R}, {scope}):")
-    lines.append(f"  MoE buffers, per-expert outer factors: {_fmt_bytes(per_expert)} ({per_expert} bytes)")
+    lines.append("  MoE buffers, per-expert outer factors: "
+                 f"{_fmt_bytes(per_expert)} ({per_expert} bytes)")
     if adapter.moe and all(m.shared_outer for m in adapter.moe.values()):
         shared = slot_bytes(dims, moe_layers, R, dtype, True)
-        lines.append(f"  MoE buffers, shared-outer pool:        {_fmt_bytes(shared)} ({shared} bytes)")
-    lines.append(f"  dense modules ({len(adapter.dense)}):                  {_fmt_bytes(dense)} ({dense} bytes)")
+        lines.append("  MoE buffers, shared-outer pool:        "
+                     f"{_fmt_bytes(shared)} ({shared} bytes)")
+    lines.append(f"  dense modules ({len(adapter.dense)}):                  "
+                 f"{_fmt_bytes(dense)} ({dense} bytes)")
     return "\n".join(lines)
 
 
