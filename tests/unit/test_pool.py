@@ -87,6 +87,8 @@ def _bad_adapters():
     out["expert_count"] = (a, "MoE layer 1: 8 experts, but the model layer has 4")
     a = ok("nan"); a.moe[1].down.b[0, 0, 0] = float("nan")
     out["nan"] = (a, "MoE layer 1 down: lora B holds NaN or Inf")
+    a = ok("neg_inf"); a.dense["layers.0.self_attn.o_proj"].a[0, 1, 2] = float("-inf")
+    out["neg_inf"] = (a, "module 'layers.0.self_attn.o_proj': lora A holds NaN or Inf")
     a = ok("rank_mismatch"); a.moe[0].up = LoRAFactors(a.moe[0].up.a, a.moe[0].up.b[..., :3], 1.0)
     out["rank_mismatch"] = (a, "MoE layer 0 up: A has rank 4 but B has rank 3")
     a = ok("dense_dims"); a.dense["layers.2.mlp.gate_proj"] = _dense(H, 7, 4, g)
