@@ -53,7 +53,7 @@ def _adapter(name, rank, layers, source_device, dtype, seed):
 
 def _check(pool, adapter, slot):
     """The slot holds this rank's slice of the adapter (first layer, gate A and down B)."""
-    buf, shard = pool.moe_buffers(0), pool._shards[0]
+    buf, shard = pool.moe_buffers(0), pool.moe_shard(0)
     layer = adapter.moe[0]
     r = layer.gate.rank
     es = slice(shard.expert_start, shard.expert_end)
@@ -93,7 +93,7 @@ def bench(args):
             load_ms.append((time.perf_counter() - t0) * 1e3)
             ok &= _check(pool, a, slot)
             t0 = time.perf_counter()
-            stage_adapter(a, rl, cfg.max_rank, False, specs, pool._shards, {})
+            stage_adapter(a, rl, cfg.max_rank, False, specs, {i: pool.moe_shard(i) for i in specs}, {})
             _sync(dev)
             stage_ms.append((time.perf_counter() - t0) * 1e3)
         slot_bytes = sum(t[0].numel() * t.element_size()

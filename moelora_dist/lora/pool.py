@@ -32,7 +32,7 @@ from moelora_dist.lora.pool_types import (DenseLoRABuffers, DenseModuleSpec, MoE
                                           PoolConfig, PoolError)
 from moelora_dist.lora.pool_write import (clear_dense_slot, clear_moe_slot, stage_adapter,
                                           write_dense_slot, write_moe_slot)
-from moelora_dist.parallel.layout import LayoutError, RankLayout
+from moelora_dist.parallel.layout import LayoutError, MoEShard, RankLayout
 
 __all__ = ["DenseLoRABuffers", "DenseModuleSpec", "LoRAPool", "MoELayerSpec", "PoolConfig",
            "PoolError"]
@@ -59,7 +59,7 @@ class LoRAPool:
         self.dense_specs = dict(dense_modules or {})
         S, R = config.max_loras, config.max_rank
         kw = dict(dtype=config.dtype, device=config.device)
-        self._shards = {}
+        self._shards: dict[int, MoEShard] = {}
         self._moe: dict[int, MoELoRABuffers] = {}
         for idx, spec in sorted(self.moe_specs.items()):
             try:
@@ -215,6 +215,12 @@ class LoRAPool:
         if layer not in self._moe:
             raise PoolError(f"the pool has no MoE layer {layer}; MoE layers: {sorted(self._moe)}")
         return self._moe[layer]
+
+    def moe_shard(self, layer: int) -> MoEShard:
+        """This rank's experts and rows of I in MoE layer ``layer`` (what the buffers hold)."""
+        if layer not in self._shards:
+            raise PoolError(f"the pool has no MoE layer {layer}; MoE layers: {sorted(self._moe)}")
+        return self._shards[layer]
 
     def dense_buffers(self, path: str) -> DenseLoRABuffers:
         """Rank-local buffers of one dense module: ``a [S, R, in_local]``, ``b [S, out_local,

@@ -204,6 +204,7 @@ def test_dense_buffers_hold_the_rank_local_slice_with_scaling():
         pool.dense_buffers("nope")
     with pytest.raises(PoolError, match=r"no MoE layer 3; MoE layers: \[0, 1\]"):
         pool.moe_buffers(3)
+    assert pool.moe_shard(1) == rl.moe_shard(E, I)
 
 
 def test_memory_accounting_and_table():
