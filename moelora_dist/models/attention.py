@@ -78,9 +78,9 @@ class TPAttention:
         self.kv_rows = None if split.kv_sharded else slice(
             split.kv_start * D, (split.kv_start + split.num_kv) * D)
 
-    def _proj(self, name: str, x_TH, lora, out_rows=None):
-        return linear_with_lora(x_TH, self.w[name], self.w.get(f"{name}.bias"), lora,
-                                f"{self.prefix}.{name}", out_rows)
+    def _proj(self, name: str, x_TH, lora, out_rows=None, bias=True):
+        b = self.w.get(f"{name}.bias") if bias else None
+        return linear_with_lora(x_TH, self.w[name], b, lora, f"{self.prefix}.{name}", out_rows)
 
     def forward(self, x_TH: torch.Tensor, batch: ForwardBatch, cache: KVCache,
                 cos_TD: torch.Tensor, sin_TD: torch.Tensor,
@@ -112,11 +112,12 @@ class TPAttention:
         k = apply_rope(k, cos_TD, sin_TD)
         k_BNLD, v_BNLD = cache.write_and_read(self.layer, batch, k, v)
         out_TND = self._attend(q, k_BNLD, v_BNLD, batch)
-        o = self._proj("o_proj", out_TND.reshape(T, sp.num_q * D), lora)
+        # o is row parallel: its bias is added once, after the sum over ranks, not per rank.
+        o = self._proj("o_proj", out_TND.reshape(T, sp.num_q * D), lora, bias=False)
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(o, group=self.tp_group)
         if "o_proj.bias" in self.w:
-            o = o + self.w["o_proj.bias"]  # replicated bias: add once, after the sum
+            o = o + self.w["o_proj.bias"]
         return o
 
     def _attend(self, q_TND, k_BNLD, v_BNLD, batch: ForwardBatch) -> torch.Tensor:
