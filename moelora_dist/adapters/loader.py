@@ -126,16 +126,11 @@ def load_adapter(path: str | os.PathLike, *, model_config: dict | None = None,
                 k = next(pk.key for (l, _), es in projs.items() if l == layer for pk, _ in es)
                 raise ctx.fail(layer, k, "both target_parameters keys (experts.lora_*) and "
                                "expert projection keys for this layer; keep one format")
-            got, legacy = convert_params(ctx, layer, experts_module[layer], params[layer],
-                                         dims.num_experts)
+            got, legacy, keys = convert_params(ctx, layer, experts_module[layer], params[layer],
+                                               dims.num_experts)
             legacy_note = " (peft<=0.18 transposed)" if legacy else ""
             formats[layer].add("peft-target-parameters" + legacy_note)
-            depths = sorted(params[layer])
-            for p in got:
-                # nesting: gate_up is the innermost wrapper (deepest) when both are targeted
-                d = depths[-1] if p in ("gate", "up") else depths[0]
-                for f in "AB":
-                    sources[(layer, p, f)] = params[layer][d][f][0].key
+            sources.update({(layer, p, f): k[f] for p, k in keys.items() for f in "AB"})
         else:
             E = dims.num_experts or _infer_experts(projs, layer)
             got = _convert_projection_layer(ctx, layer, projs, E, sources, formats[layer])

@@ -41,12 +41,17 @@ def _out_in(param: str, H: int | None, I: int | None) -> tuple[int | None, int |
 
 def convert_params(ctx: Ctx, layer: int, experts_module: str,
                    by_depth: dict[int, dict[str, tuple[ParsedKey, torch.Tensor]]],
-                   num_experts: int | None) -> tuple[dict[str, LoRAFactors], bool]:
-    """The wrapper levels of one experts module -> ``({gate|up|down: factors}, legacy)``.
+                   num_experts: int | None) -> tuple[dict[str, LoRAFactors], bool, dict]:
+    """The wrapper levels of one experts module -> ``(factors, legacy, keys)``.
 
     ``by_depth[d]["A"|"B"]``: ``(key, tensor)`` of the wrapper with ``d`` ``base_layer`` hops;
     tensors ``lora_A: [r*E, in]`` / ``lora_B: [out, r*E]`` (or the legacy transposes).
-    ``legacy`` is True when the peft <= 0.18 orientation was detected.
+    Returns ``{gate|up|down: LoRAFactors}``, ``legacy`` (True when the peft <= 0.18
+    orientation was detected) and ``{gate|up|down: {"A"|"B": checkpoint key}}``.
+
+    Which wrapper holds which parameter follows PEFT 0.21's nesting (definition order, first
+    innermost); if the shapes contradict it and fit the other nesting (a writer that wrapped
+    in another order), the other nesting is used.
     """
     any_key = next(iter(next(iter(by_depth.values())).values()))[0].key
     params = [p for p in EXPERT_PARAMS if ctx.cfg.targets_parameter(experts_module, p)]
@@ -67,10 +72,18 @@ def convert_params(ctx: Ctx, layer: int, experts_module: str,
             if fac[f][1].ndim != 2:
                 raise ctx.fail(layer, fac[f][0].key, f"expected a 2-D tensor, found "
                                f"{tuple(fac[f][1].shape)}")
-    legacy = _orientation(ctx, layer, {p: by_depth[depth_of[p]] for p in params}, any_key)
+    fac = {p: by_depth[depth_of[p]] for p in params}
+    if len(params) == 2 and not any(_fits(ctx, fac)):
+        swapped = {params[0]: fac[params[1]], params[1]: fac[params[0]]}
+        if any(_fits(ctx, swapped)):
+            fac = swapped
+    legacy = _orientation(ctx, layer, fac, any_key)
     out: dict[str, LoRAFactors] = {}
+    keys: dict[str, dict[str, str]] = {}
     for p in params:
-        (pa, A), (_, B) = by_depth[depth_of[p]]["A"], by_depth[depth_of[p]]["B"]
+        (pa, A), (pb, B) = fac[p]["A"], fac[p]["B"]
+        for q in (("gate", "up") if p == "gate_up_proj" else ("down",)):
+            keys[q] = {"A": pa.key, "B": pb.key}
         module = f"{experts_module}.{p}"
         r, _ = ctx.cfg.rank_alpha(module)
         if A.shape[0] % r or B.shape[1] != A.shape[0]:
@@ -93,11 +106,17 @@ def convert_params(ctx: Ctx, layer: int, experts_module: str,
             out["gate"], out["up"] = split_gate_up(ctx, layer, pa.key, f)
         else:
             out["down"] = f
-    return out, legacy
+    return out, legacy, keys
 
 
-def _orientation(ctx: Ctx, layer: int, fac: dict, key: str) -> bool:
-    """True for the peft <= 0.18 orientation; see the module docstring for the rule."""
+def _fits(ctx: Ctx, fac: dict) -> tuple[bool, bool]:
+    """``(fits the current orientation, fits the peft <= 0.18 one)`` with the evidence at hand
+    (model dims, and gate_up against down); both False when there is no evidence."""
+    fits = _fit_lists(ctx, fac)
+    return (bool(fits[False]) and all(fits[False]), bool(fits[True]) and all(fits[True]))
+
+
+def _fit_lists(ctx: Ctx, fac: dict) -> dict[bool, list[bool]]:
     H, I = ctx.dims.hidden, ctx.dims.moe_intermediate
     fits = {False: [], True: []}  # per orientation: does each parameter's shape fit?
     for p, f in fac.items():
@@ -112,8 +131,14 @@ def _orientation(ctx: Ctx, layer: int, fac: dict, key: str) -> bool:
         dn_in, dn_out = fac["down_proj"]["A"][1].shape[1], fac["down_proj"]["B"][1].shape[0]
         fits[False].append(gu_in == dn_out and gu_out == 2 * dn_in)
         fits[True].append(gu_in == 2 * dn_out and gu_out == dn_in)
-    new_ok = bool(fits[False]) and all(fits[False])
-    old_ok = bool(fits[True]) and all(fits[True])
+    return fits
+
+
+def _orientation(ctx: Ctx, layer: int, fac: dict, key: str) -> bool:
+    """True for the peft <= 0.18 orientation; see the module docstring for the rule."""
+    H, I = ctx.dims.hidden, ctx.dims.moe_intermediate
+    fits = _fit_lists(ctx, fac)
+    new_ok, old_ok = _fits(ctx, fac)
     if new_ok != old_ok:
         return old_ok
     if fits[False] and not new_ok and not old_ok:

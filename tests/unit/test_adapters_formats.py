@@ -182,3 +182,21 @@ def test_partial_expert_set_gives_zero_delta_for_untargeted(reference, tmp_path)
     assert got.moe[0].num_experts == E
     assert torch.count_nonzero(got.moe[0].gate.delta(3)) == 0
     torch.testing.assert_close(got.moe[0].down.delta(2), ref.moe[0].down.delta(2))
+
+
+@pytest.mark.parametrize("with_model_config", [True, False])
+def test_other_wrapper_nesting_is_read_from_shapes(reference, tmp_path, with_model_config):
+    """A writer that wrapped down_proj first (down under base_layer) still loads right."""
+    ref, model_config = reference
+    t = {}
+    for layer, m in ref.moe.items():
+        b_gu = torch.cat([m.gate.b, m.up.b], 1)  # [E, 2I, r]
+        for wrap, a, b in (("", m.gate.a, b_gu), ("base_layer.", m.down.a, m.down.b)):
+            # current orientation: lora_A [r*E, in] expert-major, lora_B [out, r*E] rank-major
+            t[f"{P}.{layer}.mlp.experts.{wrap}lora_A.weight"] = a.reshape(E * R, -1)
+            t[f"{P}.{layer}.mlp.experts.{wrap}lora_B.weight"] = b.permute(1, 2, 0).reshape(-1, R * E)
+    write_adapter(tmp_path, t, lora_config_dict(r=R, alpha=8, target_parameters=EXPERT_PARAMETERS,
+                                                peft_version="0.21.2"))
+    got = load_adapter(tmp_path, model_config=model_config if with_model_config else None)
+    assert got.format == "peft-target-parameters"
+    assert_same_deltas(got, ref)
