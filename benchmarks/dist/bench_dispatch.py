@@ -93,10 +93,9 @@ def main() -> None:
                                  ratio=round(t_ours / t_raw, 3) if ok else "",
                                  ratio_gather=round(t_full / t_raw, 3) if ok else "",
                                  correct=ok, **env))
-                if rank0():
+                if rank0():  # rewritten after every row: a killed run keeps what it measured
                     print(rows[-1], flush=True)
-        if rank0():
-            write_csv(args.out, rows)
+                    write_csv(args.out, rows)
     finally:
         destroy_parallel()
 

@@ -107,8 +107,9 @@ def main() -> None:
                                         one_gpu_tok_s=round(T / t1), ep2_tok_s=round(T / t2),
                                         speedup=round(t1 / t2, 3) if ok else "",
                                         rel_err=f"{err:.2e}", correct=ok, **env))
-                    if rank0():
+                    if rank0():  # rewritten after every row: a killed run keeps its rows
                         print(prefill[-1], flush=True)
+                        write_csv(args.out_prefix + "_prefill.csv", prefill)
             layer, pool = layers["all_reduce"]
             for T in (int(t) for t in args.decode_tokens.split(",")):
                 x, info = batch(pool, registry, T, seed=100 + T)
@@ -141,9 +142,7 @@ def main() -> None:
                                    correct=err < 5e-2, note=note, **env))
                 if rank0():
                     print(decode[-1], flush=True)
-        if rank0():
-            write_csv(args.out_prefix + "_prefill.csv", prefill)
-            write_csv(args.out_prefix + "_decode.csv", decode)
+                    write_csv(args.out_prefix + "_decode.csv", decode)
     finally:
         destroy_parallel()
 
