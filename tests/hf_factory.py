@@ -11,12 +11,19 @@ the model-runner tests. Everything is built from a config in memory::
 Sizes are tiny on purpose (hidden 32, expert intermediate 24, 4 experts, top-2, 2 layers,
 vocab 128): H != I and H != 2*I so that a transposed or mis-assigned factor changes a shape.
 
-What ``save_pretrained`` writes (transformers 5.23, checked by ``test_hf_factory_*``): the
+What ``save_pretrained`` writes (transformers 5.23, checked by
+``tests/unit/test_hf_parity_moe.py::test_save_pretrained_writes_per_expert_keys``): the
 in-memory experts are 3-D parameters ``mlp.experts.gate_up_proj [E, 2I, H]`` and
 ``mlp.experts.down_proj [E, H, I]``, but the checkpoint is converted back to the per-expert
 keys of older releases: ``model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight`` for
 Qwen3-MoE and OLMoE, ``model.layers.{l}.block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`` for
-Mixtral (see :func:`saved_expert_key_layout`).
+Mixtral (see :func:`saved_expert_key_layout`). In memory every architecture, Mixtral included,
+calls the block ``mlp``, so PEFT adapter keys read ``...layers.{l}.mlp.experts...``.
+
+PEFT 0.21 rewrites v4-style ``target_modules`` on experts (``gate_proj``/``up_proj``/``down_proj``,
+Mixtral ``w1``/``w3``/``w2``) into ``target_parameters`` with rank ``2r`` and alpha ``2*alpha`` on
+the fused ``gate_up_proj``, and drops those names from ``target_modules`` (so a dense MLP of the
+same model is then not targeted).
 
 The experts run the "eager" implementation: PEFT's ``target_parameters`` LoRA works by
 parametrizing the expert parameters, which every implementation reads, but eager is the one

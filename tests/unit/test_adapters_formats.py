@@ -200,3 +200,13 @@ def test_other_wrapper_nesting_is_read_from_shapes(reference, tmp_path, with_mod
     got = load_adapter(tmp_path, model_config=model_config if with_model_config else None)
     assert got.format == "peft-target-parameters"
     assert_same_deltas(got, ref)
+
+
+def test_name_source_and_dtype_are_kept(reference, tmp_path):
+    ref, model_config = reference
+    t = {k: v.to(torch.bfloat16) for k, v in _per_expert(ref).items()}
+    write_adapter(tmp_path / "my-adapter", t, lora_config_dict(r=R, alpha=8))
+    got = load_adapter(tmp_path / "my-adapter", model_config=model_config)
+    assert got.name == "my-adapter" and got.source == str(tmp_path / "my-adapter")
+    assert got.moe[0].down.b.dtype == torch.bfloat16 and got.config["lora_alpha"] == 8
+    assert load_adapter(tmp_path / "my-adapter", name="x").name == "x"
