@@ -210,3 +210,16 @@ def test_name_source_and_dtype_are_kept(reference, tmp_path):
     assert got.name == "my-adapter" and got.source == str(tmp_path / "my-adapter")
     assert got.moe[0].down.b.dtype == torch.bfloat16 and got.config["lora_alpha"] == 8
     assert load_adapter(tmp_path / "my-adapter", name="x").name == "x"
+
+
+def test_formats_may_differ_per_layer(reference, tmp_path):
+    ref, model_config = reference
+    t = {k: v for k, v in _legacy_tensors(ref).items() if ".layers.0." in k}
+    t.update({k: v for k, v in _per_expert(ref, "block_sparse_moe", ("w1", "w3", "w2")).items()
+              if ".layers.1." in k})
+    write_adapter(tmp_path, t, lora_config_dict(r=R, alpha=8, target_parameters=EXPERT_PARAMETERS))
+    got = load_adapter(tmp_path, model_config=model_config)
+    assert got.layer_formats == {0: "peft-target-parameters (peft<=0.18 transposed)",
+                                 1: "mixtral w1/w3/w2 per-expert"}
+    assert got.moe[0].gate_up_shared_a and not got.moe[1].gate_up_shared_a
+    assert_same_deltas(got, ref)
