@@ -194,3 +194,48 @@ def test_peft_target_parameter_key_layout(tmp_path):
             keys = {k for k in f.keys() if ".layers.0." in k}
         # one targeted parameter lands under experts.lora_* whichever it is
         assert keys == {prefix + "lora_A.weight", prefix + "lora_B.weight"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_v4_per_expert_adapter_through_peft_conversion(arch, tmp_path):
+    """A transformers-4 style per-expert adapter (what PEFT wrote before the experts became 3-D
+    parameters; Mixtral names w1/w3/w2) is loaded by real PEFT into the transformers-5 model,
+    which converts it. Our per-expert reading must give the HF+PEFT block output, and PEFT's
+    re-saved v5 file (rank 2r fused gate_up, block-diagonal B) the same deltas."""
+    from peft import PeftModel
+
+    from tests.hf_factory import lora_config_dict, write_adapter
+
+    model = make_model(arch)
+    config = model.config
+    E, I, H, r = num_experts(config), expert_intermediate(config), config.hidden_size, 4
+    block_name, names = saved_expert_key_layout(arch)
+    gen = torch.Generator().manual_seed(11)
+    t = {}
+    for layer in (0, 1):
+        for e in range(E):
+            for proj, din, dout in (("gate", H, I), ("up", H, I), ("down", I, H)):
+                pre = f"base_model.model.model.layers.{layer}.{block_name}.experts.{e}.{names[proj]}"
+                t[f"{pre}.lora_A.weight"] = torch.randn(r, din, generator=gen) * 0.3
+                t[f"{pre}.lora_B.weight"] = torch.randn(dout, r, generator=gen) * 0.3
+    write_adapter(tmp_path / "v4", t, lora_config_dict(r=r, alpha=8, target_modules=list(names.values())))
+    peft_model = PeftModel.from_pretrained(model, str(tmp_path / "v4")).eval()
+    peft_model.save_pretrained(str(tmp_path / "v5"))
+    v4 = load_adapter(tmp_path / "v4", model_config=config.to_dict())
+    v5 = load_adapter(tmp_path / "v5", model_config=config.to_dict())
+    assert v4.format.endswith("per-expert") and v5.format == "peft-target-parameters"
+    assert v4.moe[0].gate.rank == r and v5.moe[0].gate.rank == 2 * r
+    x_TH = torch.randn(24, H, generator=gen)
+    for layer in (0, 1):
+        for proj in ("gate", "up", "down"):
+            for e in range(E):
+                torch.testing.assert_close(getattr(v5.moe[layer], proj).delta(e),
+                                           getattr(v4.moe[layer], proj).delta(e),
+                                           atol=1e-6, rtol=1e-6)
+        block = moe_block(peft_model, layer)
+        with torch.no_grad():
+            y_hf = block(x_TH[None])[0]
+            ours = _merged_reference(block, v4.moe[layer], config, x_TH)
+            base_gap = (_merged_reference(block, None, config, x_TH) - y_hf).abs().max()
+        torch.testing.assert_close(ours, y_hf, atol=ATOL, rtol=RTOL)
+        assert base_gap > 1e-2
