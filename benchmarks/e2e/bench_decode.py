@@ -1,0 +1,281 @@
+"""Decode throughput of the whole model runner, with and without 8 LoRA adapters in the batch.
+
+    python benchmarks/e2e/bench_decode.py                     # Qwen3-30B-A3B shape, 4 layers
+    python benchmarks/e2e/bench_decode.py --tiny --device cpu # a seconds-long smoke run
+    python -m launch --nproc-per-node 2 -m benchmarks.e2e.bench_decode --tp 2 --ep 2  # 2 GPUs
+
+Model: random weights of Qwen3-30B-A3B's shape (H 2048, 32 q / 4 kv heads of 128, E 128, top-8
+renormalized, I 768, vocab 151936) with ``--layers`` decoder layers (default 4, to fit one GPU),
+bf16. Adapters: 8 of rank 16 on q/k/v/o and on every expert's gate/up/down, all resident in a
+pool of 8 slots. For each batch size B: B requests with ``--prompt-len`` random tokens are
+prefilled (untimed), then ``--steps`` greedy decode steps are timed end to end on the host
+clock (batch layout, batch info, forward, LM head, argmax and its copy to the host: what a
+serving loop pays per step). "base" runs the batch with no adapter; "lora8" gives request b
+adapter ``b % 8``. Headline: tokens/s of lora8 over base (target >= 0.85 at B = 64).
+
+Before timing, a correctness check runs one LoRA decode step: requests 0 and 1 of the mixed
+batch against the same requests run alone, and on CUDA the Triton MoE path against the PyTorch
+reference (``MOELORA_BACKEND=torch``); max abs error over max |logit| must stay below 5e-2
+(bf16). A failing check is written to the CSV with ``ok=False``, and the run exits 1.
+Results: ``benchmarks/results/e2e_decode_<device>.csv`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import logging
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA  # noqa
+from moelora_dist.lora.batch_info import compute_batch_info  # noqa: E402
+from moelora_dist.models.batch import ForwardBatch  # noqa: E402
+from moelora_dist.models.config import ModelConfig  # noqa: E402
+from moelora_dist.models.model import MoELoRAModel  # noqa: E402
+from moelora_dist.models.weights import RandomWeights  # noqa: E402
+
+log = logging.getLogger("bench_decode")
+CHECK_TOL = 5e-2
+QWEN3_30B_A3B = dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                     num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                     intermediate_size=6144, norm_topk_prob=True, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                     max_position_embeddings=40960)
+TINY = dict(QWEN3_30B_A3B, vocab_size=256, hidden_size=64, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+            moe_intermediate_size=32, intermediate_size=96)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 4; tiny 2)")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes "
+                   "(default 1,16,64,256; tiny 1,4)")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps per case")
+    p.add_argument("--warmup", type=int, default=4, help="untimed decode steps first")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request")
+    p.add_argument("--num-adapters", type=int, default=8)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "..", "results"))
+    return p.parse_args(argv)
+
+
+def make_groups(args):
+    from moelora_dist.parallel.groups import ParallelGroups, init_parallel
+
+    if "RANK" in os.environ:
+        return init_parallel(args.tp, args.ep)
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return ParallelGroups.single(torch.device("cuda", 0) if dev == "cuda" else "cpu")
+
+
+def random_adapter(name, cfg, rank, device, seed) -> CanonicalAdapter:
+    """Rank-``rank`` LoRA on q/k/v/o and on every expert projection of every layer (fp32)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g, device=device) * 0.02  # noqa: E731
+    E, H, I, D = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate, cfg.head_dim
+    f = lambda o, i, e=1: LoRAFactors(rn(e, rank, i), rn(e, o, rank), 2.0)  # noqa: E731
+    dense, moe = {}, {}
+    for layer in range(cfg.num_layers):
+        p = f"layers.{layer}.self_attn"
+        dense[f"{p}.q_proj"] = f(cfg.num_heads * D, H)
+        dense[f"{p}.k_proj"] = f(cfg.num_kv_heads * D, H)
+        dense[f"{p}.v_proj"] = f(cfg.num_kv_heads * D, H)
+        dense[f"{p}.o_proj"] = f(H, cfg.num_heads * D)
+        moe[layer] = MoELayerLoRA(E, f(I, H, E), f(I, H, E), f(H, I, E))
+    return CanonicalAdapter(name, moe=moe, dense=dense, format="random")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Case:
+    """B requests prefilled into a fresh KV cache; ``step()`` decodes one token for all."""
+
+    def __init__(self, model: MoELoRAModel, prompts_BP: torch.Tensor, max_new: int,
+                 req_to_slot_B: torch.Tensor):
+        B, prompt_len = prompts_BP.shape
+        self.model, self.B, self.slots = model, B, req_to_slot_B
+        dev = model.device
+        self.cache = model.new_cache(B, prompt_len + max_new + 1)
+        self.lens = [prompt_len] * B
+        chunk = max(1, 4096 // prompt_len)  # prefill in chunks: bounded activation memory
+        last = []
+        for b0 in range(0, B, chunk):
+            rows = list(range(b0, min(B, b0 + chunk)))
+            batch = ForwardBatch.build([prompt_len] * len(rows), [0] * len(rows), dev,
+                                       cache_rows=rows)
+            last.append(self._run(prompts_BP[rows].flatten().to(dev), batch, self.slots[rows]))
+        self.next_ids = torch.argmax(torch.cat(last), dim=-1)
+
+    def _run(self, ids_T, batch, slots_B):
+        info = compute_batch_info(batch.seg_indptr_B1, slots_B, self.model.pool.slot_rank_S)
+        hidden = self.model.forward(ids_T, batch, self.cache, info)
+        return self.model.logits(hidden[batch.last_token_index_B])
+
+    def step(self) -> torch.Tensor:
+        batch = ForwardBatch.build([1] * self.B, self.lens, self.model.device)
+        logits = self._run(self.next_ids, batch, self.slots)
+        self.next_ids = torch.argmax(logits, dim=-1)
+        self.next_ids.tolist()  # the host needs the tokens every step (stop checks, output)
+        self.lens = [n + 1 for n in self.lens]
+        return logits
+
+
+def prompts(cfg, B: int, prompt_len: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (B, prompt_len), generator=g)
+
+
+def check(model, args, lora_slots) -> float:
+    """Relative max error of one mixed-batch LoRA decode step against (a) requests 0 and 1 run
+    alone (slot mapping, batching) and (b) on CUDA, the PyTorch reference MoE path."""
+    B = 4
+    p = prompts(model.cfg, B, args.prompt_len, seed=1)
+    slots = lora_slots(B)
+    mixed = Case(model, p, 2, slots).step().float()
+    rel = lambda got, want: ((got.float() - want).abs().max() / want.abs().max()).item()  # noqa
+    errs = [rel(Case(model, p[b:b + 1], 2, slots[b:b + 1]).step()[0], mixed[b]) for b in (0, 1)]
+    if model.device.type == "cuda":
+        os.environ["MOELORA_BACKEND"] = "torch"
+        try:
+            errs.append(rel(mixed, Case(model, p, 2, slots).step().float()))
+        finally:
+            del os.environ["MOELORA_BACKEND"]
+    return max(errs) if torch.isfinite(mixed).all() else float("inf")
+
+
+def run(args) -> list[dict]:
+    groups = make_groups(args)
+    rank0 = groups.is_rank0
+    raw = dict(TINY if args.tiny else QWEN3_30B_A3B)
+    raw["num_hidden_layers"] = args.layers or (2 if args.tiny else 4)
+    cfg = ModelConfig.from_dict(raw)
+    dtype = getattr(torch, args.dtype)
+    dev = groups.device
+    model = MoELoRAModel.build(cfg, groups, RandomWeights(cfg, dtype, dev, seed=0), dtype=dtype,
+                               max_loras=args.num_adapters, max_rank=args.rank, progress=rank0)
+    for i in tqdm(range(args.num_adapters), desc="adapters", disable=not rank0):
+        model.pool.load(random_adapter(f"a{i}", cfg, args.rank, dev, seed=100 + i))
+    slot_of = [model.pool.slot_of(f"a{i}") for i in range(args.num_adapters)]
+    lora_slots = lambda B: torch.tensor([slot_of[b % len(slot_of)] for b in range(B)],  # noqa
+                                        dtype=torch.int32, device=dev)
+    err = check(model, args, lora_slots)
+    ok = err < CHECK_TOL
+    if rank0:
+        log.info("correctness check: relative max error %.3g (%s)", err, "ok" if ok else "FAIL")
+    batches = [int(b) for b in (args.batches or ("1,4" if args.tiny else "1,16,64,256")).split(",")]
+    rows = []
+    for B in tqdm(batches, desc="batch sizes", disable=not rank0):
+        for mode in ("base", "lora8"):
+            slots = lora_slots(B) if mode == "lora8" else torch.full((B,), -1, dtype=torch.int32,
+                                                                     device=dev)
+            case = Case(model, prompts(cfg, B, args.prompt_len), args.warmup + args.steps, slots)
+            for _ in range(args.warmup):
+                case.step()
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                case.step()
+            sync(dev)
+            sec = time.perf_counter() - t0
+            rows.append(dict(batch=B, mode=mode, tokens_per_s=round(B * args.steps / sec, 2),
+                             ms_per_step=round(1e3 * sec / args.steps, 3), check_rel_err=err,
+                             ok=ok))
+            del case
+        base, lora = rows[-2], rows[-1]
+        lora["ratio_vs_base"] = round(lora["tokens_per_s"] / base["tokens_per_s"], 4)
+        base["ratio_vs_base"] = 1.0
+    return rows, cfg, groups
+
+
+def meta(args, cfg, groups) -> dict:
+    dev = groups.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    return dict(device=name, world=groups.layout.world_size, tp=groups.tp_size,
+                ep=groups.ep_size, torch=torch.__version__, triton=tv,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                model="tiny" if args.tiny else "qwen3-30b-a3b-shape", layers=cfg.num_layers,
+                dtype=args.dtype, prompt_len=args.prompt_len, steps=args.steps,
+                adapters=args.num_adapters, rank=args.rank)
+
+
+def write_outputs(rows, m, out_dir) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    tag = m["device"].replace(" ", "_") + ("_tiny" if m["model"] == "tiny" else "")
+    path = os.path.join(out_dir, f"e2e_decode_{tag}")
+    keys = list(m) + ["batch", "mode", "tokens_per_s", "ms_per_step", "ratio_vs_base",
+                      "check_rel_err", "ok"]
+    with open(path + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**m, **r})
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: wrote %s.csv, no plot", path)
+        return path
+    batches = sorted({r["batch"] for r in rows})
+    get = lambda mode: [next(r["tokens_per_s"] for r in rows if r["batch"] == b  # noqa: E731
+                             and r["mode"] == mode) for b in batches]
+    x = range(len(batches))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.bar([i - 0.2 for i in x], get("base"), 0.4, label="no adapter")
+    ax.bar([i + 0.2 for i in x], get("lora8"), 0.4, label=f"{m['adapters']} adapters, r={m['rank']}")
+    for i, b in enumerate(batches):
+        ratio = next(r["ratio_vs_base"] for r in rows if r["batch"] == b and r["mode"] == "lora8")
+        ax.annotate(f"{ratio:.2f}x", (i + 0.2, get("lora8")[i]), ha="center", va="bottom")
+    ax.set_xticks(list(x), [f"B={b}" for b in batches])
+    ax.set_yscale("log")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{m['model']}, {m['layers']} layers, {m['dtype']}, tp={m['tp']} ep={m['ep']}\n"
+                 f"{m['device']}, {m['date']} UTC", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".png", dpi=110)
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rows, cfg, groups = run(args)
+    if groups.is_rank0:
+        m = meta(args, cfg, groups)
+        path = write_outputs(rows, m, args.out_dir)
+        for r in rows:
+            log.info("B=%-4d %-6s %10.1f tok/s %8.2f ms/step ratio %.3f", r["batch"], r["mode"],
+                     r["tokens_per_s"], r["ms_per_step"], r["ratio_vs_base"])
+        log.info("wrote %s.csv", path)
+    if groups.backend != "none":
+        from moelora_dist.parallel.groups import destroy_parallel
+        destroy_parallel()
+    return 0 if rows and rows[0]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
