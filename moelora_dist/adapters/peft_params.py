@@ -103,10 +103,32 @@ def convert_params(ctx: Ctx, layer: int, experts_module: str,
             a, b = a_Eri, b_oRE.permute(2, 0, 1)
         f = LoRAFactors(a=a.contiguous(), b=b.contiguous(), scaling=scale)
         if p == "gate_up_proj":
-            out["gate"], out["up"] = split_gate_up(ctx, layer, pa.key, f)
+            out["gate"], out["up"] = split_block_diagonal(*split_gate_up(ctx, layer, pa.key, f))
         else:
             out["down"] = f
     return out, legacy, keys
+
+
+def split_block_diagonal(gate: LoRAFactors, up: LoRAFactors) -> tuple[LoRAFactors, LoRAFactors]:
+    """Undo PEFT's v4 -> v5 fusion when it is visible in the numbers (exact, halves the rank).
+
+    PEFT 0.21 converts a transformers-4 adapter (separate gate and up LoRA of rank r) into one
+    gate_up LoRA of rank 2r: ``A = cat(A_gate, A_up)`` and a block-diagonal ``B``. When the
+    rank columns gate's ``b`` uses (nonzero in some expert) and those up's ``b`` uses are
+    disjoint and both non-empty, gate and up get their own A restricted to their columns.
+    Otherwise (a natively trained v5 adapter: dense B) the shared A is returned unchanged.
+
+    Args / returns: ``gate``, ``up`` with ``a: [Ea, r, H]`` (the same tensor), ``b: [E, I, r]``.
+    """
+    used_gate = gate.b.ne(0).any(dim=1).any(dim=0)  # [r] bool
+    used_up = up.b.ne(0).any(dim=1).any(dim=0)
+    if not used_gate.any() or not used_up.any() or (used_gate & used_up).any():
+        return gate, up
+    cols_gate, cols_up = used_gate.nonzero().flatten(), used_up.nonzero().flatten()
+    return (LoRAFactors(a=gate.a[:, cols_gate].contiguous(), b=gate.b[:, :, cols_gate].contiguous(),
+                        scaling=gate.scaling),
+            LoRAFactors(a=up.a[:, cols_up].contiguous(), b=up.b[:, :, cols_up].contiguous(),
+                        scaling=up.scaling))
 
 
 def _fits(ctx: Ctx, fac: dict) -> tuple[bool, bool]:

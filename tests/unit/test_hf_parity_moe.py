@@ -201,7 +201,8 @@ def test_v4_per_expert_adapter_through_peft_conversion(arch, tmp_path):
     """A transformers-4 style per-expert adapter (what PEFT wrote before the experts became 3-D
     parameters; Mixtral names w1/w3/w2) is loaded by real PEFT into the transformers-5 model,
     which converts it. Our per-expert reading must give the HF+PEFT block output, and PEFT's
-    re-saved v5 file (rank 2r fused gate_up, block-diagonal B) the same deltas."""
+    re-saved v5 file (rank 2r fused gate_up, block-diagonal B) the same deltas, split back
+    into gate and up LoRAs of rank r."""
     from peft import PeftModel
 
     from tests.hf_factory import lora_config_dict, write_adapter
@@ -224,7 +225,10 @@ def test_v4_per_expert_adapter_through_peft_conversion(arch, tmp_path):
     v4 = load_adapter(tmp_path / "v4", model_config=config.to_dict())
     v5 = load_adapter(tmp_path / "v5", model_config=config.to_dict())
     assert v4.format.endswith("per-expert") and v5.format == "peft-target-parameters"
-    assert v4.moe[0].gate.rank == r and v5.moe[0].gate.rank == 2 * r
+    assert json.loads((tmp_path / "v5" / "adapter_config.json").read_text())["rank_pattern"] == {
+        r".*\.gate_up_proj": 2 * r}
+    assert v4.moe[0].gate.rank == r and v5.moe[0].gate.rank == r  # block-diagonal B split back
+    assert not v5.moe[0].gate_up_shared_a
     x_TH = torch.randn(24, H, generator=gen)
     for layer in (0, 1):
         for proj in ("gate", "up", "down"):
