@@ -67,6 +67,7 @@ class SimConfig:
     seed: int = 0
     tol: float = 1e-10
     device: str = "cpu"  # where each rank's pool and computation run ("cuda" on a GPU)
+    outer_shared_only: bool = False  # shared-outer adapters only, in outer_shared_only pools
 
     def __post_init__(self) -> None:
         for k in ("max_world", "experts", "hidden", "intermediate", "top_k", "tokens"):
@@ -112,21 +113,33 @@ class SimRow:
 
 
 def build_case(cfg: SimConfig) -> SimCase:
-    """Random fp64 weights, five adapters of different kinds and ranks, eight requests
-    (two base-only, one empty), and the merged-weight reference."""
+    """Random fp64 weights, five adapters of different kinds and ranks (all shared-outer when
+    ``cfg.outer_shared_only``), eight requests (two base-only, one empty), and the
+    merged-weight reference."""
     g = torch.Generator().manual_seed(cfg.seed)
     E, H, I, T = cfg.experts, cfg.hidden, cfg.intermediate, cfg.tokens
     rn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
-    kinds = {
-        "per_expert_r8": dict(rank=8),
-        "shared_outer_r4": dict(rank=4, shared_outer=True),
-        "fused_gate_up_r6": dict(rank=6, shared_gate_up_a=True),
-        "down_only_r3": dict(rank=3, projections=("down",)),
-        "gate_a_shared_r5": dict(rank=5, gate_a_shared_only=True),
-    }
+    if cfg.outer_shared_only:
+        kinds = {
+            "shared_outer_r4": dict(rank=4),
+            "shared_outer_r8": dict(rank=8),
+            "shared_outer_fused_r6": dict(rank=6, shared_gate_up_a=True),
+            "shared_outer_down_r3": dict(rank=3, projections=("down",)),
+            "shared_outer_gate_up_r5": dict(rank=5, projections=("gate", "up")),
+        }
+        kinds = {n: dict(kw, shared_outer=True) for n, kw in kinds.items()}
+    else:
+        kinds = {
+            "per_expert_r8": dict(rank=8),
+            "shared_outer_r4": dict(rank=4, shared_outer=True),
+            "fused_gate_up_r6": dict(rank=6, shared_gate_up_a=True),
+            "down_only_r3": dict(rank=3, projections=("down",)),
+            "gate_a_shared_r5": dict(rank=5, gate_a_shared_only=True),
+        }
     registry = {n: CanonicalAdapter(n, moe={LAYER: random_moe_lora(E, H, I, g=g, **kw)})
                 for n, kw in kinds.items()}
-    decoy = CanonicalAdapter("decoy_r8", moe={LAYER: random_moe_lora(E, H, I, 8, g)})
+    decoy = CanonicalAdapter("decoy_r8", moe={LAYER: random_moe_lora(
+        E, H, I, 8, g, shared_outer=cfg.outer_shared_only)})
     names = list(kinds)
     requests = [names[0], None, names[1], names[2], names[3], None, names[4], names[0]]
     cuts = torch.randint(0, T + 1, (len(requests) - 1,), generator=g).sort().values
@@ -185,7 +198,8 @@ def rank_output(case: SimCase, rank_layout: RankLayout) -> torch.Tensor:
     w_d_local = case.w_down_EHI[es, :, i0:i1]
     max_rank = max(a.max_rank for a in [case.decoy, *case.registry.values()])
     pool = LoRAPool(PoolConfig(max_loras=len(case.registry), max_rank=max_rank,
-                               dtype=torch.float64, device=dev),
+                               dtype=torch.float64, device=dev,
+                               outer_shared_only=cfg.outer_shared_only),
                     rank_layout, {LAYER: MoELayerSpec(cfg.experts, cfg.hidden, cfg.intermediate)})
     pool.load(case.decoy)  # a previous tenant the batch must evict without a trace
     req_to_slot = pool.prepare_batch(case.requests, case.registry)

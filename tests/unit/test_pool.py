@@ -274,3 +274,28 @@ def test_pool_with_reference_matches_merged_weights_for_mixed_batch():
         mg, md = (w_gu, w_d) if name is None else _merged(ads[name].moe[1], w_gu, w_d)
         want = experts_reference(x[t:t + 1], mg, md, tw[t:t + 1].double(), tid[t:t + 1])
         torch.testing.assert_close(y[t:t + 1], want, rtol=1e-12, atol=1e-12, msg=str(name))
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_dense_lora_of_tp_ranks_matches_unsharded(tp):
+    # column-parallel: rank outputs are concatenated; row-parallel: they are summed (the
+    # all-reduce of the base layer carries the LoRA delta too). fp64, so exact up to rounding.
+    ad = _adapter("a", 5, layers=(), seed=3)
+    x = torch.randn(7, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for path in ("layers.0.self_attn.q_proj", "layers.0.self_attn.o_proj"):
+        f = ad.dense[path]
+        xin = x[:, :f.in_dim]
+        want = f.scaling * (xin @ f.a[0].T) @ f.b[0].T
+        parts = []
+        for rank in range(tp):
+            pool = _pool(RankLayout(Layout(tp, tp, 1), rank), S=2, R=8)
+            slot = pool.load(ad)
+            buf = pool.dense_buffers(path)
+            if DENSE[path].split == "row":
+                step = f.in_dim // tp
+                x_local = xin[:, rank * step:(rank + 1) * step]
+            else:
+                x_local = xin
+            parts.append((x_local @ buf.a[slot].T) @ buf.b[slot].T)
+        got = torch.cat(parts, 1) if DENSE[path].split == "column" else sum(parts)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

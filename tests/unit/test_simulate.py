@@ -37,6 +37,15 @@ def test_every_layout_up_to_world_8_matches_reference():
     assert by_key[(5, 5, 1)].skipped and by_key[(6, 6, 3)].skipped  # moe_tp=5, ep=3
 
 
+def test_outer_shared_only_pools_match_reference():
+    cfg = dataclasses.replace(SMALL, max_world=4, outer_shared_only=True)
+    case, rows = run_simulation(cfg, progress=False)
+    assert all(a.moe[0].shared_outer for a in case.registry.values())
+    assert case.lora_effect > 0.05
+    checked = [r for r in rows if r.skipped is None]
+    assert len(checked) == 12 and all(r.passed for r in checked), checked
+
+
 def _tp_rank_slicer(layout: Layout):
     """The classic bug: I rows chosen by tp_rank of tp instead of moe_tp_rank of moe_tp (the
     local size is kept so the pool accepts it; the offset is what goes wrong)."""
