@@ -254,6 +254,8 @@ def test_pool_with_reference_matches_merged_weights_for_mixed_batch():
              "fused": dict(shared_gate_up_a=True), "mixed": dict(gate_a_shared_only=True),
              "down_only": dict(projections=("down",)), "gate_only": dict(projections=("gate",))}
     ads = {n: _adapter(n, 2 + i, dense=(), seed=10 + i, **kw) for i, (n, kw) in enumerate(kinds.items())}
+    for layer in ads["gate_only"].moe.values():  # inner factors shared too: broadcast at load
+        layer.gate.b = layer.gate.b[:1].clone()
     pool = _pool(S=len(ads), R=8, dense=False)
     pool.load(_adapter("old", 8, dense=(), seed=99))  # evicted below
     g = torch.Generator().manual_seed(0)
