@@ -92,9 +92,12 @@ class TPAttention:
         """
         cfg, sp, D = self.cfg, self.split, self.cfg.head_dim
         T = x_TH.shape[0]
-        q = self._proj("q_proj", x_TH, lora)
-        k = self._proj("k_proj", x_TH, lora, self.kv_rows)
-        v = self._proj("v_proj", x_TH, lora, self.kv_rows)
+        q, k, v = (self._proj(n, x_TH, None) for n in ("q_proj", "k_proj", "v_proj"))
+        if lora is not None:  # one shrink GEMM for q, k and v: they read the same x
+            p = self.prefix
+            q, k, v = lora.apply_group(x_TH, [(q, f"{p}.q_proj", None),
+                                              (k, f"{p}.k_proj", self.kv_rows),
+                                              (v, f"{p}.v_proj", self.kv_rows)])
         if cfg.qk_norm == "full":
             q = rms_norm_sharded(q, self.w["q_norm"], cfg.rms_norm_eps, cfg.num_heads * D,
                                  self.tp_group)
@@ -130,16 +133,18 @@ class TPAttention:
         sp, D = self.split, self.cfg.head_dim
         B, Q = batch.num_requests, batch.max_q
         g = sp.num_q // sp.num_kv
-        q_BQND = q_TND.new_zeros(B, Q, sp.num_q, D)
-        q_BQND[batch.req_T, batch.j_T] = q_TND
+        if Q == 1:  # decode: one token per request, already in [B, Q] order; no scatter
+            q_BQND = q_TND[:, None]
+        else:
+            q_BQND = q_TND.new_zeros(B, Q, sp.num_q, D)
+            q_BQND[batch.req_T, batch.j_T] = q_TND
         q_grp = q_BQND.view(B, Q, sp.num_kv, g, D).permute(0, 2, 3, 1, 4).reshape(
             B, sp.num_kv, g * Q, D)
-        mask = batch.attn_mask_B1QL.repeat(1, 1, g, 1)
-        out = F.scaled_dot_product_attention(q_grp, k_BNLD, v_BNLD, attn_mask=mask,
-                                             scale=D ** -0.5)
+        out = F.scaled_dot_product_attention(q_grp, k_BNLD, v_BNLD,
+                                             attn_mask=batch.grouped_mask(g), scale=D ** -0.5)
         out_BQND = out.view(B, sp.num_kv, g, Q, D).permute(0, 3, 1, 2, 4).reshape(
             B, Q, sp.num_q, D)
-        return out_BQND[batch.req_T, batch.j_T]
+        return out_BQND[:, 0] if Q == 1 else out_BQND[batch.req_T, batch.j_T]
 
 
 def load_attention_weights(reader, cfg: ModelConfig, layer: int, split: HeadSplit,

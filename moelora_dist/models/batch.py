@@ -40,6 +40,15 @@ class ForwardBatch:
     max_q: int
     max_kv: int
 
+    def grouped_mask(self, g: int) -> torch.Tensor:
+        """The mask tiled ``g`` times along queries, ``[B, 1, g*Q, L]``, for attention that
+        stacks the ``g`` query heads of one kv head along the query axis (made once per
+        forward, shared by every layer)."""
+        cache = self.__dict__.setdefault("_grouped", {})
+        if g not in cache:
+            cache[g] = self.attn_mask_B1QL.repeat(1, 1, g, 1)
+        return cache[g]
+
     @property
     def num_requests(self) -> int:
         return int(self.kv_lens_B.shape[0])

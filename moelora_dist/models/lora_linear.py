@@ -59,27 +59,55 @@ class DenseLoRA:
             cache["key"] = key
         self.cache = cache
 
-    def _factors(self, path: str, out_rows: slice | None):
-        ck = (path, None if out_rows is None else (out_rows.start, out_rows.stop))
+    def _factors(self, path: str, rows):
+        ck = (path, rows)
         hit = self.cache.get(ck)
         if hit is None:
             buf = self.pool.dense_buffers(path)
             S, R, I = buf.a.shape
-            b = buf.b if out_rows is None else buf.b[:, out_rows]
+            b = buf.b if rows is None else buf.b[:, rows[0]:rows[1]]
             hit = (buf.a.float().reshape(S * R, I).T.contiguous(),
                    b.float().permute(0, 2, 1).reshape(S * R, -1).contiguous())
             self.cache[ck] = hit
         return hit
 
+    def _group(self, specs: tuple):
+        """Stacked ``A^T`` of several modules that read the same input: ``[I, n*S*R]``."""
+        hit = self.cache.get(specs)
+        if hit is None:
+            parts = [self._factors(path, rows) for path, rows in specs]
+            hit = (torch.cat([a for a, _ in parts], dim=1).contiguous(), [b for _, b in parts])
+            self.cache[specs] = hit
+        return hit
+
+    def apply_group(self, x_TI: torch.Tensor, items) -> list[torch.Tensor]:
+        """Add the LoRA delta of several modules that share the input ``x`` (q, k and v).
+
+        One shrink GEMM for all of them (their A's are stacked), one expand per module.
+        Args:
+            x_TI: ``[T, I]`` the shared input.
+            items: ``(y_TO, path, out_rows)`` per module: its base output ``[T, O]`` (updated
+                in place: the fp32 delta is added and rounded once to ``y``'s dtype), its pool
+                path, and the rows of a replicated ``b`` this rank computes (or None).
+        Returns:
+            the updated ``y_TO`` tensors.
+        """
+        specs = tuple((p, None if r is None else (r.start, r.stop)) for _, p, r in items)
+        a_IK, b_list = self._group(specs)
+        n = len(items)
+        shrink = (x_TI.float() @ a_IK).view(self.T, n, self.S, -1) * self.own_TS1[:, None]
+        out = []
+        for j, (y_TO, _, _) in enumerate(items):
+            out.append(y_TO.add_(shrink[:, j].reshape(self.T, -1) @ b_list[j]))
+        return out
+
     def apply(self, y_TO: torch.Tensor, x_TI: torch.Tensor, path: str,
               out_rows: slice | None = None) -> torch.Tensor:
-        """``y + B[slot] A[slot] x`` per token, in ``y``'s dtype; the shrink stays fp32.
+        """``y + B[slot] A[slot] x`` per token (in place, in ``y``'s dtype; fp32 shrink).
 
         Args: y_TO ``[T, O]`` base output; x_TI ``[T, I]`` the module's input.
         """
-        a_IK, b_KO = self._factors(path, out_rows)
-        shrink_TSR = (x_TI.float() @ a_IK).view(self.T, self.S, -1) * self.own_TS1
-        return torch.addmm(y_TO.float(), shrink_TSR.view(self.T, -1), b_KO).to(y_TO.dtype)
+        return self.apply_group(x_TI, [(y_TO, path, out_rows)])[0]
 
 
 def linear_with_lora(x_TI: torch.Tensor, w_OI: torch.Tensor, bias_O: torch.Tensor | None,

@@ -28,11 +28,14 @@ class DenseMLP:
     def forward(self, x_TH: torch.Tensor, lora: DenseLoRA | None = None) -> torch.Tensor:
         """``[T, H]`` -> ``[T, H]``, summed over TP ranks. ``lora``: this forward's
         :class:`.lora_linear.DenseLoRA`, or None when no token uses an adapter."""
-        def proj(name, x):
-            return linear_with_lora(x, self.w[name], None, lora, f"{self.prefix}.{name}")
-
-        h = F.silu(proj("gate_proj", x_TH)) * proj("up_proj", x_TH)
-        y = proj("down_proj", h)
+        p = self.prefix
+        gate = F.linear(x_TH, self.w["gate_proj"])
+        up = F.linear(x_TH, self.w["up_proj"])
+        if lora is not None:  # gate and up read the same x: one shrink GEMM
+            gate, up = lora.apply_group(x_TH, [(gate, f"{p}.gate_proj", None),
+                                               (up, f"{p}.up_proj", None)])
+        y = linear_with_lora(F.silu(gate) * up, self.w["down_proj"], None, lora,
+                             f"{p}.down_proj")
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(y, group=self.tp_group)
         return y
