@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (BF16_FLOPS, HBM_BYTES_PER_S, MODELS, Case, flops,  # noqa: E402
                           make_inputs, make_peer, plot, touched_weight_bytes, write_csv)
 
-from bench_stages import stage_times  # noqa: E402
+from bench_stages import stage_times, variant_times  # noqa: E402
 
 from moelora_dist.kernels.fused_moe_lora import fused_moe_lora  # noqa: E402
 from moelora_dist.moe.reference import experts_reference  # noqa: E402
@@ -138,11 +138,16 @@ def main(argv=None):
             row["vs_base"] = row["ms"] / base_ms[key][0]
             if row["ms_graph"] != "":
                 row["vs_base_graph"] = row["ms_graph"] / base_ms[key][1]
-        if args.stages and case.model.startswith("qwen3") and case.T in (64, 4096) and (
+        if args.stages and case.model.startswith("qwen3") and case.T in (64, 4096, 16384) and (
                 case.adapters == 0 or (case.adapters == 8 and case.rank == 16
                                        and case.share == 1.0)):
             for stage, ms in stage_times(inp).items():
                 stage_rows.append(dict(case=case.name, stage=stage, ms=ms))
+            if case.T <= DECODE_MAX_T:
+                for stage, ms in variant_times(inp, bench_graph).items():
+                    stage_rows.append(dict(case=case.name, stage=f"variant {stage} (graph)", ms=ms))
+            for stage, ms in variant_times(inp).items():
+                stage_rows.append(dict(case=case.name, stage=f"variant {stage}", ms=ms))
             _write_stages(args.out, stage_rows, meta)
         row["ref_speedup"] = row["ref_ms"] / row["ms"] if row["ref_ms"] != "" else ""
         if not args.no_peer and case.model.startswith("qwen3") and case.adapters in (0, 8) \

@@ -46,3 +46,32 @@ def stage_times(inp) -> dict:
     o = dn()
     out["topk_sum"] = bench(lambda: ops.topk_sum(o, ids, E))
     return out
+
+
+def variant_times(inp, graph_timer=None) -> dict:
+    """Median ms of the whole layer under tile/fusion variants (before/after notes)."""
+    import dataclasses
+
+    from moelora_dist.kernels.fused_moe_lora import fused_moe_lora
+
+    T, K = inp["topk_ids_TK"].shape
+    E = inp["w_gate_up_EXH"].shape[0]
+    lora = inp["lora"]
+    base_cfg = pick_config(T, K, E, lora.num_slots if lora is not None else 1)
+    rep = dataclasses.replace
+    variants = {"default": base_cfg,
+                "bm64_n128_w4": rep(base_cfg, block_m=64, block_n=128, num_warps=4),
+                "bm128_n128_w8": rep(base_cfg, block_m=128, block_n=128, num_warps=8)}
+    if lora is not None:
+        variants.update({
+            "down_shrink_apart": rep(base_cfg, fuse_down_shrink=False),
+            "apart_bm64": rep(base_cfg, fuse_down_shrink=False, block_m=64, block_n=128,
+                              num_warps=4),
+            "lora_bm32": rep(base_cfg, lora_block_m=32),
+            "shrink_k64": rep(base_cfg, shrink_block_k=64)})
+    timer = graph_timer or (lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40,
+                                                               return_mode="median"))
+    out = {}
+    for name, cfg in variants.items():
+        out[name] = timer(lambda: fused_moe_lora(**inp, config=cfg))
+    return out

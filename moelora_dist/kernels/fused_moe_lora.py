@@ -38,6 +38,8 @@ class MoEConfig:
     num_stages: int = 3
     lora_block_m: int = 16
     down_block_n: int = 128
+    shrink_block_k: int = 128
+    fuse_down_shrink: bool = True  # h A_down^T in the gate_up epilogue (atomics) or apart
 
 
 def pick_config(num_tokens: int, top_k: int, num_experts: int, num_slots: int = 1) -> MoEConfig:
@@ -127,10 +129,14 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
         la = align_items(topk_ids_TK, token_slot_T, slot_enabled_S, lora.slot_rank,
                          lora.gate_up_a_shared, num_experts=E, block_m=cfg.lora_block_m,
                          mode="lora")
-        shrink = ops.lora_shrink(x_TH, lora, la, K, block_k=cfg.block_k)
+        shrink = ops.lora_shrink(x_TH, lora, la, K, block_k=cfg.shrink_block_k)
     h, dshrink = ops.gate_up(x_TH, w_gate_up_EXH, base, K, token_slot_T, slot_enabled_S, lora,
                              shrink, activation, block_n=cfg.block_n, block_k=cfg.block_k,
-                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                             fuse_down_shrink=cfg.fuse_down_shrink)
+    if has_lora and not cfg.fuse_down_shrink:
+        dshrink = ops.down_shrink(h, lora, base, K, token_slot_T, slot_enabled_S,
+                                  block_k=cfg.shrink_block_k)
     out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, token_slot_T, slot_enabled_S, lora,
                    dshrink, block_n=cfg.down_block_n, block_k=cfg.block_k,
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)

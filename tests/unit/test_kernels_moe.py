@@ -18,7 +18,10 @@ from moelora_dist.moe.reference import experts_reference
 TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=2e-2, rtol=2e-2)}
 # Small tiles keep the interpreter fast and make several blocks per expert.
 SMALL = MoEConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1,
-                  lora_block_m=16, down_block_n=16)
+                  lora_block_m=16, down_block_n=16, shrink_block_k=16)
+SMALL_UNFUSED = MoEConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1,
+                          lora_block_m=16, down_block_n=16, shrink_block_k=16,
+                          fuse_down_shrink=False)
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +68,16 @@ def test_stages_match_reference(case):
     assert int(rows.sum()) == int((c["topk_ids_TK"] >= 0).sum())
     torch.testing.assert_close(h[rows], h_ref[rows], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(dsh, dsh_ref, atol=1e-4, rtol=1e-4)
+    # The unfused alternative: h A_down^T from the stored h, only for rows with a slot.
+    h2, none = ops.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh, **gtiles,
+                           fuse_down_shrink=False)
+    assert none is None
+    torch.testing.assert_close(h2[rows], h[rows], atol=1e-5, rtol=1e-5)
+    dsh2 = ops.down_shrink(h, lora, base, K, ts, en, block_k=16)
+    dsh2_ref = naive.down_shrink(h, lora, base, K, ts, en)
+    lora_rows = ~torch.isnan(dsh2_ref[:, 0])
+    torch.testing.assert_close(dsh2[lora_rows], dsh2_ref[lora_rows], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dsh2[lora_rows], dsh[lora_rows], atol=1e-4, rtol=1e-4)
 
     out = ops.down(h, c["w_down_EHI"], c["topk_weights_TK"], base, K, ts, en, lora, dsh,
                    **gtiles)
@@ -75,14 +88,15 @@ def test_stages_match_reference(case):
     torch.testing.assert_close(y, naive.topk_sum(out, c["topk_ids_TK"], 4))
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_down_shrink", "apart"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_moe_lora_matches_experts_reference(case, dtype):
+def test_fused_moe_lora_matches_experts_reference(case, dtype, fused):
     c = make_case(case, T=20, E=4, K=2, R=16, dtype=dtype)
     args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
             c["topk_ids_TK"])
     got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
-                         config=SMALL)
+                         config=SMALL if fused else SMALL_UNFUSED)
     want = experts_reference(*args, _effective_slots(c), c["lora"])
     _close(got, want, dtype)
     if case == "all_invalid":
@@ -120,6 +134,16 @@ def test_fused_experts_backend_switch(monkeypatch):
             c["topk_ids_TK"], _effective_slots(c), c["lora"])
     monkeypatch.setenv("MOELORA_BACKEND", "triton")
     got = fused_experts(*args, slot_enabled_S=c["slot_enabled_S"])
+    _close(got, experts_reference(*args), torch.float32)
+
+
+def test_num_lora_tokens_zero_skips_lora():
+    """The batch info's host count 0 means base only, whatever the buffers hold."""
+    c = make_case("mixed", T=20, E=4, K=2)
+    args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
+            c["topk_ids_TK"])
+    got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
+                         config=SMALL, num_lora_tokens=0)
     _close(got, experts_reference(*args), torch.float32)
 
 

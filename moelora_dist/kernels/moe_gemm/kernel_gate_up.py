@@ -4,7 +4,8 @@ Imports triton only. One program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``h``
 expert block: ``gate`` and ``up`` tiles from the base weights, then, for each adapter slot
 present in the block, the LoRA expand ``shrink B^T`` added BEFORE the activation, then
 ``h = act(gate) * up``; finally the down projection's LoRA shrink ``h A_down^T`` of this tile
-is accumulated (fp32 atomics over the ``I`` tiles) so that ``h`` is never read back for it.
+is accumulated (fp32 atomics over the ``I`` tiles) so that ``h`` is never read back for it
+(``FUSE_DOWN_SHRINK``; otherwise ``_down_shrink_kernel`` computes it from the stored ``h``).
 """
 
 import triton
@@ -22,7 +23,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                     stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
                     stride_bs, stride_be, stride_bn, stride_br,
                     stride_das, stride_dae, stride_dar, stride_dai,
-                    HAS_LORA: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HAS_LORA: tl.constexpr, FUSE_DOWN_SHRINK: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(inter, BLOCK_N)
@@ -84,7 +85,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
     tl.store(h_ptr + rows[:, None] * inter + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=out_mask)
 
-    if HAS_LORA:
+    if HAS_LORA and FUSE_DOWN_SHRINK:
         h = tl.where(out_mask, h, 0.0)
         slot = _next_slot(slot_m, -1)
         while slot != NO_SLOT:

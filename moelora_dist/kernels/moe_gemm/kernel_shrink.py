@@ -8,7 +8,8 @@ with an expert stride of 0 -- the bucket of such a token is ``slot * E + 0``).
 import triton
 import triton.language as tl
 
-from moelora_dist.kernels.moe_gemm.kernel_common import _block_rows
+from moelora_dist.kernels.moe_gemm.kernel_common import (
+    NO_SLOT, _block_rows, _next_slot, _row_slots)
 
 
 @triton.jit
@@ -49,3 +50,38 @@ def _lora_shrink_kernel(x_ptr, a_ptr, a_shared_ptr, slot_rank_ptr, sorted_ids_pt
     out = out_ptr + rows[:, None] * (2 * BLOCK_R) + offs_r[None, :]
     tl.store(out, acc_g, mask=row_mask[:, None])
     tl.store(out + BLOCK_R, acc_u, mask=row_mask[:, None])
+
+
+@triton.jit
+def _down_shrink_kernel(h_ptr, a_ptr, sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
+                        token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, out_ptr,
+                        num_pairs, top_k, inter, stride_as, stride_ae, stride_ar, stride_ai,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[pair, :BLOCK_R] = h A_down^T for the pairs of one expert block, slot by slot (the
+    rows of a block are sorted by slot, so this reads the block's ``h`` once or twice)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    expert, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
+                                         pid_m, num_pairs, BLOCK_M)
+    if expert < 0:
+        return
+    expert = expert.to(tl.int64)
+    slot_m = _row_slots(rows // top_k, row_mask, token_slot_ptr, slot_enabled_ptr,
+                        slot_rank_ptr)
+    offs_r = tl.arange(0, BLOCK_R)
+    slot = _next_slot(slot_m, -1)
+    while slot != NO_SLOT:
+        sel = slot_m == slot
+        slot64 = slot.to(tl.int64)
+        r_mask = offs_r < tl.load(slot_rank_ptr + slot64)
+        a_base = a_ptr + slot64 * stride_as + expert * stride_ae + offs_r[None, :] * stride_ar
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < inter
+            h = tl.load(h_ptr + rows[:, None] * inter + offs_k[None, :],
+                        mask=sel[:, None] & k_mask[None, :], other=0.0)
+            a = tl.load(a_base + offs_k[:, None] * stride_ai,
+                        mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            acc += tl.dot(h, a.to(h.dtype))
+        tl.store(out_ptr + rows[:, None] * BLOCK_R + offs_r[None, :], acc, mask=sel[:, None])
+        slot = _next_slot(slot_m, slot)

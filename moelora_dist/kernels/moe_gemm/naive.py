@@ -94,6 +94,23 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
     return h, dshrink
 
 
+def down_shrink(h, lora: MoELoRABuffers, al: Alignment, top_k: int, token_slot_T,
+                slot_enabled_S, **_tiles):
+    """Reference of :func:`ops.down_shrink` (rows without an enabled slot are NaN)."""
+    N, _ = h.shape
+    out = torch.full((N, block_r(lora.max_rank)), float("nan"), device=h.device)
+    for e, items in _blocks(al):
+        slots = _eff_slots(items // top_k, token_slot_T, slot_enabled_S, lora.slot_rank)
+        for s in slots.unique().tolist():
+            if s < 0:
+                continue
+            sel = items[slots == s]
+            r = int(lora.slot_rank[s])
+            out[sel] = 0.0
+            out[sel, :r] = h[sel].float() @ lora.down_a[s, e, :r].float().T
+    return out
+
+
 def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T=None,
          slot_enabled_S=None, lora: MoELoRABuffers | None = None, dshrink=None, **_tiles):
     """Reference of :func:`ops.down`."""

@@ -20,7 +20,7 @@ import triton
 from moelora_dist.kernels.align import Alignment
 from moelora_dist.kernels.moe_gemm.kernel_down import _down_kernel, _topk_sum_kernel
 from moelora_dist.kernels.moe_gemm.kernel_gate_up import _gate_up_kernel
-from moelora_dist.kernels.moe_gemm.kernel_shrink import _lora_shrink_kernel
+from moelora_dist.kernels.moe_gemm.kernel_shrink import _down_shrink_kernel, _lora_shrink_kernel
 from moelora_dist.lora.buffers import MoELoRABuffers
 
 ACT_IDS = {"silu": 0, "gelu": 1}
@@ -57,7 +57,7 @@ def lora_shrink(x_TH: torch.Tensor, lora: MoELoRABuffers, al: Alignment, top_k: 
 def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             slot_enabled_S=None, lora: MoELoRABuffers | None = None, shrink=None,
             activation: str = "silu", *, block_n: int = 64, block_k: int = 64,
-            num_warps: int = 4, num_stages: int = 3):
+            num_warps: int = 4, num_stages: int = 3, fuse_down_shrink: bool = True):
     """Base gate_up + LoRA expand + activation (+ down LoRA shrink) for a base alignment.
 
     Args:
@@ -66,7 +66,8 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         shrink: output of :func:`lora_shrink` when ``lora`` is given.
     Returns:
         ``h`` ``[T*K, I_l]`` in ``x_TH.dtype`` (rows of invalid pairs unset) and ``dshrink``
-        ``[T*K, BR]`` fp32 (``h A_down^T``; None without LoRA).
+        ``[T*K, BR]`` fp32 (``h A_down^T``; None without LoRA, or when not
+        ``fuse_down_shrink``: then call :func:`down_shrink`).
     """
     if activation not in ACT_IDS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACT_IDS)}")
@@ -77,9 +78,11 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
     h = torch.empty(N, inter, dtype=x_TH.dtype, device=x_TH.device)
     has_lora = lora is not None
     w = w_gate_up_EXH
+    fuse = has_lora and fuse_down_shrink
     if has_lora:
         BR = block_r(lora.max_rank)
-        dshrink = torch.zeros(N, BR, dtype=torch.float32, device=x_TH.device)
+        # atomics accumulate into it when fused; unused (never read) otherwise
+        dshrink = torch.zeros(N if fuse else 1, BR, dtype=torch.float32, device=x_TH.device)
         b, da = lora.gate_up_b, lora.down_a
         lora_args = (token_slot_T, slot_enabled_S, lora.slot_rank, lora.gate_up_a_shared,
                      shrink, b, da, dshrink)
@@ -92,10 +95,27 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
     _gate_up_kernel[grid](
         x_TH, w, h, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
         N, top_k, H, inter, x_TH.stride(0), x_TH.stride(1), w.stride(0), w.stride(1),
-        w.stride(2), *lora_strides, HAS_LORA=has_lora, ACT=ACT_IDS[activation],
+        w.stride(2), *lora_strides, HAS_LORA=has_lora, FUSE_DOWN_SHRINK=fuse,
+        ACT=ACT_IDS[activation],
         BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
         num_warps=num_warps, num_stages=num_stages)
-    return h, dshrink
+    return h, (dshrink if fuse else None)
+
+
+def down_shrink(h, lora: MoELoRABuffers, al: Alignment, top_k: int, token_slot_T,
+                slot_enabled_S, *, block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """``h A_down^T`` per pair from the stored ``h`` (the unfused alternative of the gate_up
+    epilogue). Args: h ``[T*K, I_l]``; al: the base alignment. Returns ``[T*K, BR]`` fp32, set
+    for the pairs with an enabled slot (other rows unset and never read)."""
+    N, inter = h.shape
+    BR = block_r(lora.max_rank)
+    out = torch.empty(N, BR, dtype=torch.float32, device=h.device)
+    a = lora.down_a
+    _down_shrink_kernel[(al.max_blocks,)](
+        h, a, al.sorted_ids, al.block_bucket, al.num_post_pad, token_slot_T, slot_enabled_S,
+        lora.slot_rank, out, N, top_k, inter, *a.stride(), BLOCK_M=al.block_m,
+        BLOCK_K=block_k, BLOCK_R=BR, num_warps=num_warps)
+    return out
 
 
 def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T=None,
