@@ -84,6 +84,11 @@ class ModelRunner:
         elif adapter.name != name:
             raise ValueError(f"adapter object is named {adapter.name!r}, registered as {name!r}; "
                              "load it with name=... matching")
+        unserved = sorted(set(adapter.dense) - set(pool.dense_specs))
+        if unserved:
+            raise ValueError(
+                f"adapter {name!r} targets modules this runner does not serve: {unserved[:4]}; "
+                "LoRA is served on q/k/v/o_proj, dense MLP gate/up/down_proj and the experts")
         if len(pool.loaded()) < pool.config.max_loras:
             pool.load(adapter)  # validates it against every layer and module now
         self.registry[name] = adapter

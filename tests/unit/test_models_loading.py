@@ -184,3 +184,17 @@ def test_generate_needs_max_new_tokens_and_bad_dirs_fail_clearly(tmp_path, capsy
     (model_dir / "model.safetensors").rename(model_dir / "pytorch_model.bin")
     assert _run_cli(tmp_path, model_dir, ['{"input_ids": [5]}']) == 2
     assert "never unpickled" in capsys.readouterr().err
+
+
+def test_adapter_on_unserved_module_is_refused(tmp_path):
+    from tests.hf_factory import make_peft_adapter
+
+    model_dir = save_model(make_model("mixtral"), tmp_path / "m")
+    make_peft_adapter(make_model("mixtral"), tmp_path / "a", r=4,
+                      target_modules=["lm_head", "q_proj"])
+    runner = ModelRunner.from_pretrained(str(model_dir), max_loras=1, max_rank=4,
+                                         progress=False)
+    with pytest.warns(UserWarning):  # the loader skips PEFT's saved lm_head base weight
+        with pytest.raises(ValueError, match=r"does not serve: \['lm_head'\]"):
+            runner.add_adapter("x", str(tmp_path / "a"), strict=False)
+    assert runner.adapter_names == [] and runner.model.pool.loaded() == {}
