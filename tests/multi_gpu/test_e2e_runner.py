@@ -1,0 +1,129 @@
+"""The model runner on every layout of this world equals the one-process runner (logits of a
+batch mixing two adapters and base requests; greedy tokens on CPU).
+
+    .venv/bin/torchrun --nproc-per-node 4 -m pytest tests/multi_gpu/test_e2e_runner.py -q
+    python -m launch --nproc-per-node 2 --device cuda -m pytest tests/multi_gpu -q
+
+Needs neither transformers nor peft: every rank writes the same seeded Qwen3-MoE-format
+checkpoint (hybrid: layer 1 is a dense MLP; 2 kv heads so tp=4 replicates them) into its own
+temporary directory, and registers the same seeded random adapters (attention, dense MLP and
+every expert). Tolerance: fp32 on CPU (gloo) differs by summation order only, atol 1e-4 on O(1)
+logits; on GPUs the experts run through Triton (TF32-class products): 2e-2 of max |logit|.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
+from moelora_dist.models.config import ModelConfig
+from moelora_dist.models.requests import Request
+from moelora_dist.models.runner import ModelRunner
+from moelora_dist.parallel.groups import ParallelGroups, init_parallel
+from moelora_dist.parallel.layout import valid_layouts
+
+WORLD = int(os.environ.get("WORLD_SIZE", "0"))
+CUDA = os.environ.get("MOELORA_DIST_BACKEND") == "nccl" or (
+    os.environ.get("MOELORA_DIST_BACKEND") is None and torch.cuda.is_available())
+RAW = dict(model_type="qwen3_moe", vocab_size=96, hidden_size=32, num_hidden_layers=3,
+           num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8,
+           num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=40,
+           norm_topk_prob=True, mlp_only_layers=[1], rms_norm_eps=1e-6,
+           rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+           max_position_embeddings=128, eos_token_id=None)
+CFG = ModelConfig.from_dict(RAW)
+LAYOUTS = [lay for lay in (valid_layouts(WORLD, CFG.num_experts, CFG.moe_intermediate)
+                           if WORLD else [])
+           if CFG.num_heads % lay.tp == 0 and (lay.tp % CFG.num_kv_heads == 0
+                                                or CFG.num_kv_heads % lay.tp == 0)]
+REQUESTS = [Request([3, 4, 5, 6, 7], "a"), Request([9, 10], None),
+            Request([11, 12, 13, 14, 15, 16, 17], "b"), Request([20, 21, 22], "a")]
+
+
+def _write_checkpoint(d: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    rn = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    H, D, E, I, F = 32, 8, CFG.num_experts, CFG.moe_intermediate, CFG.dense_intermediate
+    t = {"model.embed_tokens.weight": rn(96, H), "lm_head.weight": rn(96, H),
+         "model.norm.weight": 1 + rn(H)}
+    for layer in range(CFG.num_layers):
+        p = f"model.layers.{layer}"
+        t.update({f"{p}.input_layernorm.weight": 1 + rn(H),
+                  f"{p}.post_attention_layernorm.weight": 1 + rn(H),
+                  f"{p}.self_attn.q_proj.weight": rn(4 * D, H),
+                  f"{p}.self_attn.k_proj.weight": rn(2 * D, H),
+                  f"{p}.self_attn.v_proj.weight": rn(2 * D, H),
+                  f"{p}.self_attn.o_proj.weight": rn(H, 4 * D),
+                  f"{p}.self_attn.q_norm.weight": 1 + rn(D),
+                  f"{p}.self_attn.k_norm.weight": 1 + rn(D)})
+        if CFG.is_moe_layer(layer):
+            t[f"{p}.mlp.gate.weight"] = rn(E, H)
+            for e in range(E):
+                t[f"{p}.mlp.experts.{e}.gate_proj.weight"] = rn(I, H)
+                t[f"{p}.mlp.experts.{e}.up_proj.weight"] = rn(I, H)
+                t[f"{p}.mlp.experts.{e}.down_proj.weight"] = rn(H, I)
+        else:
+            t.update({f"{p}.mlp.gate_proj.weight": rn(F, H), f"{p}.mlp.up_proj.weight": rn(F, H),
+                      f"{p}.mlp.down_proj.weight": rn(H, F)})
+    save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(d, "model.safetensors"))
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(RAW, f)
+
+
+def _adapter(name: str, rank: int, seed: int) -> CanonicalAdapter:
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    f = lambda o, i, e=1: LoRAFactors(rn(e, rank, i), rn(e, o, rank), 0.5)  # noqa: E731
+    H, D, E, I, F = 32, 8, CFG.num_experts, CFG.moe_intermediate, CFG.dense_intermediate
+    dense, moe = {}, {}
+    for layer in range(CFG.num_layers):
+        p = f"layers.{layer}"
+        dense.update({f"{p}.self_attn.q_proj": f(4 * D, H), f"{p}.self_attn.k_proj": f(2 * D, H),
+                      f"{p}.self_attn.v_proj": f(2 * D, H), f"{p}.self_attn.o_proj": f(H, 4 * D)})
+        if CFG.is_moe_layer(layer):
+            moe[layer] = MoELayerLoRA(E, f(I, H, E), f(I, H, E), f(H, I, E))
+        else:
+            dense.update({f"{p}.mlp.gate_proj": f(F, H), f"{p}.mlp.up_proj": f(F, H),
+                          f"{p}.mlp.down_proj": f(H, F)})
+    return CanonicalAdapter(name, moe=moe, dense=dense)
+
+
+def _runner(model_dir: str, groups: ParallelGroups, dispatcher: str) -> ModelRunner:
+    runner = ModelRunner.from_pretrained(model_dir, groups, max_loras=2, max_rank=8,
+                                         dispatcher=dispatcher, progress=False)
+    runner.add_adapter("a", _adapter("a", 4, 1))
+    runner.add_adapter("b", _adapter("b", 8, 2))
+    return runner
+
+
+@pytest.fixture(scope="module")
+def reference():
+    d = tempfile.mkdtemp(prefix="e2e_runner_")
+    _write_checkpoint(d)
+    dev = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
+    runner = _runner(d, ParallelGroups.single(dev), "auto")
+    gens = [Request(r.input_ids, r.adapter, max_new_tokens=4, ignore_eos=True) for r in REQUESTS]
+    return d, runner.prompt_logits(REQUESTS), runner.generate(gens), gens
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"tp{x.tp}-ep{x.ep}" for x in LAYOUTS])
+@pytest.mark.parametrize("dispatcher", ["all_reduce", "all_to_all"])
+def test_runner_matches_one_process(layout, dispatcher, reference):
+    d, ref_logits, ref_gens, gens = reference
+    runner = _runner(d, init_parallel(layout.tp, layout.ep), dispatcher)
+    got = runner.prompt_logits(REQUESTS)
+    out = runner.generate(gens)  # every collective runs before any assert
+    for g, r in zip(got, ref_logits):
+        if CUDA:
+            assert (g - r).abs().max() <= 2e-2 * r.abs().max()
+        else:
+            torch.testing.assert_close(g, r, atol=1e-4, rtol=0)
+    assert [len(o.output_ids) for o in out] == [4] * len(gens)
+    if not CUDA:
+        assert [o.output_ids for o in out] == [o.output_ids for o in ref_gens]
