@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--out", default="benchmarks/results/dist_dispatch.csv")
+    p.add_argument("--profile", action="store_true", help="print a profile at H 2048, T 4096")
     args = p.parse_args()
     groups = init_parallel(2, 2)
     E, K = args.experts, args.top_k
@@ -81,6 +82,16 @@ def main() -> None:
                     dd = disp.dispatch(x, w, ids, slot)
                     disp.combine(dd.x_NH, dd, gather=gather)
 
+                if (H, T) == (2048, 4096) and args.profile:  # where the time goes, once
+                    from torch.profiler import ProfilerActivity, profile
+
+                    with profile(activities=[ProfilerActivity.CPU,
+                                             ProfilerActivity.CUDA]) as prof:
+                        ours(False)
+                        torch.cuda.synchronize()
+                    if rank0():
+                        print(prof.key_averages().table(sort_by="cpu_time_total",
+                                                        row_limit=25), flush=True)
                 t_raw = bench(raw)
                 t_ours = bench(lambda: ours(False))
                 t_full = bench(lambda: ours(True))

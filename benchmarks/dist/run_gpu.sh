@@ -18,7 +18,7 @@ step "multi_gpu tests, NCCL, Triton experts"
 MOELORA_DIST_BACKEND=nccl timeout 150 $TR -m pytest tests/multi_gpu -q -p no:cacheprovider -x \
   >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 step "dispatch benchmark"
-timeout 110 $TR benchmarks/dist/bench_dispatch.py --out "$OUT/dist_dispatch.csv" >>"$LOG" 2>&1
+timeout 110 $TR benchmarks/dist/bench_dispatch.py --profile --out "$OUT/dist_dispatch.csv" >>"$LOG" 2>&1
 echo "rc=$?" | tee -a "$LOG"
 step "layer benchmark"
 timeout 140 $TR benchmarks/dist/bench_layer.py --out-prefix "$OUT/dist_layer" >>"$LOG" 2>&1

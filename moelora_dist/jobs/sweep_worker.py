@@ -122,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
                 out = run_model(cfg, args.checkpoint, groups, dispatcher, names, registry,
                                 args.tokens, args.seed, dtype)
                 errs = [*_errors(out[0], ref[0]), *_errors(out[1], ref[1])]
-                worst = torch.tensor(errs, dtype=torch.float64)
+                worst = torch.tensor(errs, dtype=torch.float64, device=groups.device)
                 if world > 1:  # the worst rank decides; the world group is named explicitly
                     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=dist.group.WORLD)
                 la, lr, sa, sr = worst.tolist()

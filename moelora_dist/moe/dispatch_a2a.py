@@ -13,9 +13,10 @@ Pipeline on the rank at ``(moe_ep_rank = e, moe_tp_rank = m)`` of a TP group:
    routing weights, its ids renumbered to the destination's local experts (``-1`` for the
    others) and its adapter slot, all packed into one byte row so that a single
    ``all_to_all_single`` moves everything. Send counts are exchanged first; the receive
-   buffer is sized from them (one host sync).
+   buffer is sized from them (the dispatch's only host sync).
 3. The destination computes its local experts for its ``I`` slice and sends the weighted
-   partial sums back with the reversed splits; the origin adds the copies of each token.
+   partial sums back with the reversed splits; the origin adds the copies of each token
+   (``index_add_`` in the input dtype).
 4. ``all_reduce`` over the MoE-TP group sums the ``I`` slices; ``all_gather`` over the EP
    group puts the shares back together, so every TP rank ends with the full ``[T, H]``.
 """
@@ -71,33 +72,46 @@ class _Handle:
 
 
 def _row_layout(hidden: int, top_k: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(offset of x, row bytes): fp32 weights | int32 ids | int32 slot | pad | x.
+    """(offset of x, row bytes): fp32 weights | int32 ids | int32 slot | pad | x | pad.
 
     Offsets and the row stride are multiples of 16 bytes, so every part views in place.
     """
     meta = 4 * top_k + 4 * (top_k + 1)
     x_off = -(-meta // 16) * 16
-    xb = hidden * torch.tensor([], dtype=dtype).element_size()
+    xb = hidden * dtype.itemsize
     return x_off, x_off + -(-xb // 16) * 16
+
+
+def _rows(meta_SW: torch.Tensor, x_SH: torch.Tensor) -> torch.Tensor:
+    """Byte rows ``meta | x | pad`` from int32 meta words and x (one cat, few launches)."""
+    _, row = _row_layout(x_SH.shape[1], 1, x_SH.dtype)
+    parts = [meta_SW.view(torch.uint8), x_SH.contiguous().view(torch.uint8)]
+    tail = meta_SW.shape[1] * 4 + x_SH.shape[1] * x_SH.element_size()
+    tail = -(-tail // 16) * 16 - tail
+    if tail:
+        parts.append(torch.zeros(x_SH.shape[0], tail, dtype=torch.uint8, device=x_SH.device))
+    return torch.cat(parts, dim=1)
+
+
+def _meta_pad(top_k: int) -> int:
+    """int32 words of padding after weights, ids and slot (meta ends on 16 bytes)."""
+    return _row_layout(1, top_k, torch.uint8)[0] // 4 - (2 * top_k + 1)
 
 
 def _pack(x_SH, weights_SK, ids_SK, slot_S) -> torch.Tensor:
     """One byte row per token (see :func:`_row_layout`)."""
-    S, H = x_SH.shape
-    K = ids_SK.shape[1]
-    x_off, row = _row_layout(H, K, x_SH.dtype)
-    out = torch.zeros(S, row, dtype=torch.uint8, device=x_SH.device)
-    out[:, :4 * K] = weights_SK.to(torch.float32).contiguous().view(torch.uint8)
-    meta = torch.cat([ids_SK.to(torch.int32), slot_S.to(torch.int32)[:, None]], dim=1)
-    out[:, 4 * K:4 * (2 * K + 1)] = meta.view(torch.uint8)
-    xb = H * x_SH.element_size()
-    out[:, x_off:x_off + xb] = x_SH.contiguous().view(torch.uint8)
-    return out
+    S, K = ids_SK.shape
+    meta = [weights_SK.to(torch.float32).contiguous().view(torch.int32),
+            ids_SK.to(torch.int32), slot_S.to(torch.int32)[:, None]]
+    pad = _meta_pad(K)
+    if pad:
+        meta.append(torch.zeros(S, pad, dtype=torch.int32, device=x_SH.device))
+    return _rows(torch.cat(meta, dim=1), x_SH)
 
 
 def _unpack(rows: torch.Tensor, hidden: int, top_k: int, dtype: torch.dtype):
     x_off, _ = _row_layout(hidden, top_k, dtype)
-    xb = hidden * torch.tensor([], dtype=dtype).element_size()
+    xb = hidden * dtype.itemsize
     w = rows[:, :4 * top_k].view(torch.float32)
     meta = rows[:, 4 * top_k:4 * (2 * top_k + 1)].view(torch.int32)
     x = rows[:, x_off:x_off + xb].view(dtype)
@@ -115,24 +129,33 @@ class AllToAllDispatcher(Dispatcher):
         T, H = x_TH.shape
         K = topk_ids_TK.shape[1]
         start, end = share_bounds(T, ep, g.rank_layout.moe_ep_rank)
-        ids_nK = topk_ids_TK[start:end].long()
-        owner_nK = torch.where(ids_nK >= 0, ids_nK // e_local, torch.full_like(ids_nK, -1))
-        dests_P = torch.arange(ep, device=x_TH.device)
-        mask_Pn = (owner_nK[None, :, :] == dests_P[:, None, None]).any(dim=2)
-        # Sorted by destination, then token: the rows for rank d are contiguous.
-        dest_S, token_S = mask_Pn.nonzero(as_tuple=True)
+        ids_nK = topk_ids_TK[start:end].to(torch.int32)
+        n = end - start
+        dev = x_TH.device
+        # floor division keeps the sentinel: -1 // E_l == -1, owned by no rank.
+        owner_nK = torch.div(ids_nK, e_local, rounding_mode="floor")
+        dest_P11 = torch.arange(ep, device=dev, dtype=torch.int32).view(ep, 1, 1)
+        own_PnK = owner_nK.unsqueeze(0) == dest_P11
+        mask_Pn = own_PnK.any(dim=2)
         send_counts_P = mask_Pn.sum(dim=1)
-        local_SK = torch.where(owner_nK[token_S] == dest_S[:, None],
-                               ids_nK[token_S] - dest_S[:, None] * e_local,
-                               torch.full_like(ids_nK[token_S], -1))
-        slot_S = (token_slot_T[start:end][token_S] if token_slot_T is not None
-                  else torch.full_like(token_S, -1))
-        send = _pack(x_TH[start:end][token_S], topk_weights_TK[start:end][token_S], local_SK,
-                     slot_S)
         recv_counts_P = torch.empty_like(send_counts_P)
         _all_to_all(recv_counts_P, send_counts_P, [1] * ep, [1] * ep, g.ep_group)
-        send_splits = send_counts_P.tolist()
-        recv_splits = recv_counts_P.tolist()
+        counts = torch.cat([send_counts_P, recv_counts_P]).tolist()  # host sync: split sizes
+        send_splits, recv_splits = counts[:ep], counts[ep:]
+        # (dest, token) pairs sorted by destination, then token: rank d's rows are contiguous.
+        dest_S, token_S = mask_Pn.nonzero(as_tuple=True)
+        # Meta words of every (dest, token) at once, ids renumbered to dest's local experts;
+        # then one gather picks the rows to send.
+        local_PnK = torch.where(own_PnK, ids_nK.unsqueeze(0) - dest_P11 * e_local, -1)
+        slot_n = (token_slot_T[start:end].to(torch.int32) if token_slot_T is not None
+                  else torch.full((n,), -1, dtype=torch.int32, device=dev))
+        meta = [topk_weights_TK[start:end].to(torch.float32).view(torch.int32).expand(ep, n, K),
+                local_PnK.to(torch.int32), slot_n.view(1, n, 1).expand(ep, n, 1)]
+        pad = _meta_pad(K)
+        if pad:
+            meta.append(torch.zeros(1, 1, pad, dtype=torch.int32, device=dev).expand(ep, n, pad))
+        meta_SW = torch.cat(meta, dim=2)[dest_S, token_S]
+        send = _rows(meta_SW, x_TH[start:end][token_S])
         recv = send.new_empty(sum(recv_splits), send.shape[1])
         _all_to_all(recv, send, recv_splits, send_splits, g.ep_group)
         x_NH, w_NK, ids_NK, slot_N = _unpack(recv, H, K, x_TH.dtype)
@@ -153,12 +176,10 @@ class AllToAllDispatcher(Dispatcher):
         back_SH = y_NH.new_empty(sum(h.send_splits), H)
         _all_to_all(back_SH, y_NH.contiguous(), h.send_splits, h.recv_splits, g.ep_group)
         start, end = h.share
-        # A token sent to several EP ranks comes back once from each: add the copies in fp32 (fp64
-        # for fp64 inputs).
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        y_nH = torch.zeros(end - start, H, dtype=acc, device=y_NH.device)
-        y_nH.index_add_(0, h.token_idx_S, back_SH.to(acc))
-        y_nH = y_nH.to(h.dtype)
+        # A token sent to several EP ranks comes back once from each: add the copies. In bf16
+        # the sum of two copies rounds once, as the all-reduce dispatcher's sum does.
+        y_nH = y_NH.new_zeros(end - start, H)
+        y_nH.index_add_(0, h.token_idx_S, back_SH)
         if group_size(g.moe_tp_group) > 1:
             dist.all_reduce(y_nH, group=g.moe_tp_group)
         if not gather:

@@ -176,6 +176,10 @@ class LoRAMoE(nn.Module):
         def local_experts(x_NH, w_NK, ids_NK, slot_N):
             if x_NH.shape[0] == 0:
                 return x_NH.new_zeros(0, x_NH.shape[1])
+            # The all-to-all hands over strided views into its byte buffer; the Triton
+            # kernels index their inputs as dense row-major (an illegal access otherwise).
+            x_NH, w_NK, ids_NK = x_NH.contiguous(), w_NK.contiguous(), ids_NK.contiguous()
+            slot_N = slot_N.contiguous() if slot_N is not None else None
             return fused_experts(x_NH, base.w_gate_up, base.w_down, w_NK, ids_NK, slot_N,
                                  lora if slot_N is not None else None, base.activation,
                                  slot_enabled_S)
