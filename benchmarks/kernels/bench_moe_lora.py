@@ -143,6 +143,7 @@ def main(argv=None):
                                        and case.share == 1.0)):
             for stage, ms in stage_times(inp).items():
                 stage_rows.append(dict(case=case.name, stage=stage, ms=ms))
+            _write_stages(args.out, stage_rows, meta)
             if case.T <= DECODE_MAX_T:
                 for stage, ms in variant_times(inp, bench_graph).items():
                     stage_rows.append(dict(case=case.name, stage=f"variant {stage} (graph)", ms=ms))
