@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import Case, make_inputs  # noqa: E402
+from bench_stages import variant_times  # noqa: E402
 
 from moelora_dist.kernels.fused_moe_lora import fused_moe_lora  # noqa: E402
 
@@ -21,6 +22,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--t", type=int, nargs="*", default=[1, 64, 4096])
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--variants", action="store_true", help="also time the config variants")
     args = ap.parse_args()
     for T in args.t:
         for case in (Case("qwen3-30b-a3b", T, 0, 0, 0.0), Case("qwen3-30b-a3b", T, 8, 16, 1.0)):
@@ -40,6 +42,9 @@ def main():
                     rows.append((t / args.iters, ev.key[:70]))
             for t, k in sorted(rows, reverse=True)[:14]:
                 print(f"{t:10.1f}  {k}")
+            if args.variants:
+                for name, ms in variant_times(inp).items():
+                    print(f"   variant {name:24s} {ms * 1e3:9.1f} us")
 
 
 if __name__ == "__main__":

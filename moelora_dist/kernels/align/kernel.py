@@ -71,7 +71,8 @@ def _align_count_kernel(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_ran
     bucket, sub = _item_keys(item, in_range, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr,
                              slot_rank_ptr, shared_ptr, num_pairs, top_k, num_experts,
                              num_buckets, MODE, SUB_SLOT)
-    tl.atomic_add(counts_ptr + bucket * num_sub + sub, 1, mask=in_range)
+    # Relaxed: the only ordering needed is the kernel boundary before the scan.
+    tl.atomic_add(counts_ptr + bucket * num_sub + sub, 1, mask=in_range, sem="relaxed")
 
 
 @triton.jit
@@ -99,29 +100,32 @@ def _align_scan_kernel(counts_ptr, bucket_end_ptr, num_post_pad_ptr, num_buckets
 
 @triton.jit
 def _align_scatter_kernel(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
-                          shared_ptr, cursor_ptr, bucket_end_ptr, sorted_ids_ptr,
-                          block_bucket_ptr, num_items, num_pairs, top_k, num_experts,
-                          num_buckets, num_sub, max_blocks,
-                          MODE: tl.constexpr, SUB_SLOT: tl.constexpr, BLOCK: tl.constexpr,
-                          BLOCK_M: tl.constexpr, CHUNK_B: tl.constexpr):
-    """Place each item at its run's cursor; label ``BLOCK`` blocks with their bucket."""
+                          shared_ptr, cursor_ptr, sorted_ids_ptr, num_items, num_pairs, top_k,
+                          num_experts, num_buckets, num_sub,
+                          MODE: tl.constexpr, SUB_SLOT: tl.constexpr, BLOCK: tl.constexpr):
+    """Place each item at its run's cursor (the order inside a run is arbitrary)."""
     pid = tl.program_id(0).to(tl.int64)
     item = pid * BLOCK + tl.arange(0, BLOCK)
     in_range = item < num_items
     bucket, sub = _item_keys(item, in_range, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr,
                              slot_rank_ptr, shared_ptr, num_pairs, top_k, num_experts,
                              num_buckets, MODE, SUB_SLOT)
-    pos = tl.atomic_add(cursor_ptr + bucket * num_sub + sub, 1, mask=in_range)
+    pos = tl.atomic_add(cursor_ptr + bucket * num_sub + sub, 1, mask=in_range, sem="relaxed")
     tl.store(sorted_ids_ptr + pos, item.to(tl.int32), mask=in_range)
 
-    # Block labels: the bucket of block j is the number of bucket ends <= j * BLOCK_M.
-    blk = pid * BLOCK + tl.arange(0, BLOCK)
-    first_row = blk * BLOCK_M
-    label = tl.zeros([BLOCK], dtype=tl.int32)
-    for c0 in range(0, num_buckets + 1, CHUNK_B):
-        c = c0 + tl.arange(0, CHUNK_B)
-        ends = tl.load(bucket_end_ptr + c, mask=c <= num_buckets, other=2147483647)
-        label += tl.sum((ends[None, :] <= first_row[:, None]).to(tl.int32), axis=1)
-    # The sentinel bucket and blocks past the padded total are marked -1.
-    label = tl.where(label < num_buckets, label, -1)
-    tl.store(block_bucket_ptr + blk, label, mask=blk < max_blocks)
+
+@triton.jit
+def _align_label_kernel(bucket_end_ptr, block_bucket_ptr, num_buckets, max_blocks,
+                        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One program per bucket (the last is the sentinel, and also clears the tail): write the
+    bucket's id on its blocks; sentinel blocks and blocks past the end get -1."""
+    b = tl.program_id(0)
+    end = tl.load(bucket_end_ptr + b) // BLOCK_M
+    start = tl.load(bucket_end_ptr + b - 1, mask=b > 0, other=0) // BLOCK_M
+    is_sentinel = b == num_buckets
+    label = tl.where(is_sentinel, -1, b)
+    stop = tl.where(is_sentinel, max_blocks, end)
+    for j0 in range(start, stop, BLOCK_B):
+        j = j0 + tl.arange(0, BLOCK_B)
+        tl.store(block_bucket_ptr + j, tl.zeros([BLOCK_B], dtype=tl.int32) + label,
+                 mask=j < stop)

@@ -1,9 +1,15 @@
 """Host glue of the align family: sizes, allocation and launches (no host sync).
 
-Pipeline (4 launches, static shapes, CUDA-graph safe for a fixed ``T``):
+Pipeline (6 launches, static shapes, CUDA-graph safe for a fixed ``T``):
 ``zeros(counts)`` -> ``_align_count_kernel`` (atomic histogram of (bucket, sub) keys) ->
 ``_align_scan_kernel`` (one program: padded bucket offsets, run starts) ->
-``full(sorted_ids, pad)`` + ``_align_scatter_kernel`` (items to their slots, block labels).
+``full(sorted_ids, pad)`` + ``_align_scatter_kernel`` (items to their places) ->
+``_align_label_kernel`` (one program per bucket labels its blocks).
+
+Measured on an H100 (docs/kernels.md): an earlier version labelled the blocks inside the
+scatter by counting bucket ends per block (O(blocks x buckets)) with acq_rel atomics; it took
+45-600 us, as long as the whole base layer at T=1. Per-bucket labelling and relaxed atomics
+fixed that.
 
 Every output is sized for the worst case of ``num_items`` items, so its shape depends only on
 ``T``, ``K``, the bucket count and ``BLOCK_M``: at most ``min(num_buckets + 1, num_items)``
@@ -18,7 +24,7 @@ import triton
 
 from moelora_dist.kernels.align.common import MODES, Alignment, max_rows
 from moelora_dist.kernels.align.kernel import (
-    _align_count_kernel, _align_scan_kernel, _align_scatter_kernel)
+    _align_count_kernel, _align_label_kernel, _align_scan_kernel, _align_scatter_kernel)
 
 _BLOCK = 256
 
@@ -80,9 +86,10 @@ def align_items(topk_ids_TK: torch.Tensor, token_slot_T: torch.Tensor | None,
     _align_scan_kernel[(1,)](
         counts, bucket_end, num_post_pad, num_buckets, num_sub, BLOCK_M=block_m,
         NB_P2=triton.next_power_of_2(num_buckets + 1), NS_P2=triton.next_power_of_2(num_sub))
-    grid = (triton.cdiv(max(num_items, max_blocks), _BLOCK),)
-    _align_scatter_kernel[grid](
-        ids, tslot, en, rk, sh, counts, bucket_end, sorted_ids, block_bucket, num_items,
-        *common, max_blocks, MODE=mode_id, SUB_SLOT=sort_by_slot, BLOCK=_BLOCK,
-        BLOCK_M=block_m, CHUNK_B=64)
+    if num_items:
+        _align_scatter_kernel[(triton.cdiv(num_items, _BLOCK),)](
+            ids, tslot, en, rk, sh, counts, sorted_ids, num_items, *common,
+            MODE=mode_id, SUB_SLOT=sort_by_slot, BLOCK=_BLOCK)
+    _align_label_kernel[(num_buckets + 1,)](bucket_end, block_bucket, num_buckets, max_blocks,
+                                            BLOCK_M=block_m, BLOCK_B=16)
     return Alignment(sorted_ids, block_bucket, num_post_pad, block_m, num_items)
