@@ -2,7 +2,7 @@
 
     python benchmarks/e2e/bench_decode.py                     # Qwen3-30B-A3B shape, 4 layers
     python benchmarks/e2e/bench_decode.py --tiny --device cpu # a seconds-long smoke run
-    python -m launch --nproc-per-node 2 -m benchmarks.e2e.bench_decode --tp 2 --ep 2  # 2 GPUs
+    torchrun --standalone --nproc-per-node 2 benchmarks/e2e/bench_decode.py --tp 2 --ep 2
 
 Model: random weights of Qwen3-30B-A3B's shape (H 2048, 32 q / 4 kv heads of 128, E 128, top-8
 renormalized, I 768, vocab 151936) with ``--layers`` decoder layers (default 4, to fit one GPU),

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    add_model_arguments(p, generate=True)
     p.add_argument("--max-batch", type=int, default=64,
                    help="requests decoded together (default 64)")
 

@@ -18,13 +18,15 @@ from moelora_dist.models.requests import RequestError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, generate: bool = False) -> None:
     p.add_argument("--model", required=True, metavar="DIR",
                    help="Hugging Face model directory: config.json + *.safetensors")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="PEFT adapter directory served under NAME (repeatable)")
     p.add_argument("--requests", required=True, metavar="FILE.jsonl",
-                   help='one JSON object per line: {"input_ids": [...], "adapter": NAME|null}')
+                   help='one JSON object per line: {"input_ids": [...], "adapter": NAME|null'
+                        + (', "max_new_tokens": N} (optional "ignore_eos": true)' if generate
+                           else "}"))
     p.add_argument("--out", required=True, metavar="FILE", help="output file (rank 0 writes it)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--ep", type=int, default=1,
@@ -38,7 +40,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rank", type=int, default=None,
                    help="largest LoRA rank the pool holds (default: largest rank given)")
     p.add_argument("--dispatcher", default="auto",
-                   help="MoE dispatcher: auto | all_reduce | all_to_all (default auto)")
+                   choices=("auto", "all_reduce", "all_to_all", "ref_all_reduce", "ref_all_to_all"),
+                   help="MoE dispatcher (default auto: all_reduce for small batches or ep=1)")
     p.add_argument("--max-batch-tokens", type=int, default=8192,
                    help="token budget of one forward (default 8192)")
 
