@@ -198,3 +198,30 @@ def test_adapter_on_unserved_module_is_refused(tmp_path):
         with pytest.raises(ValueError, match=r"does not serve: \['lm_head'\]"):
             runner.add_adapter("x", str(tmp_path / "a"), strict=False)
     assert runner.adapter_names == [] and runner.model.pool.loaded() == {}
+
+
+def test_generate_stops_at_eos_like_hf(tmp_path):
+    model = make_model("olmoe")
+    model_dir = save_model(model, tmp_path)
+    prompt = [5, 6, 7]
+    free = ModelRunner.from_pretrained(str(model_dir), progress=False).generate(
+        [Request(prompt, max_new_tokens=4, ignore_eos=True)])[0].output_ids
+    gen_cfg = json.loads((model_dir / "generation_config.json").read_text())
+    gen_cfg["eos_token_id"] = free[1]  # make the second generated token the EOS
+    (model_dir / "generation_config.json").write_text(json.dumps(gen_cfg))
+    g = ModelRunner.from_pretrained(str(model_dir), progress=False).generate(
+        [Request(prompt, max_new_tokens=4)])[0]
+    hf = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=4, do_sample=False,
+                        eos_token_id=free[1])[0, 3:].tolist()
+    assert g.output_ids == free[:2] == hf and g.finish_reason == "eos"
+
+
+def test_sliding_window_generate_matches_hf(tmp_path):
+    model = make_model("mixtral", sliding_window=3)
+    model_dir = save_model(model, tmp_path)
+    prompt = [5, 6, 7, 8, 9]
+    ours = ModelRunner.from_pretrained(str(model_dir), progress=False).generate(
+        [Request(prompt, max_new_tokens=6, ignore_eos=True)])[0].output_ids
+    hf = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                        min_new_tokens=6)[0, 5:].tolist()
+    assert ours == hf
