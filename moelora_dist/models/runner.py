@@ -32,6 +32,7 @@ from moelora_dist.models.weights import CheckpointWeights
 from moelora_dist.parallel.groups import ParallelGroups
 
 log = logging.getLogger(__name__)
+LOGITS_SLICE = 1024  # tokens whose logits are materialized on the device at once
 
 
 @dataclass
@@ -160,7 +161,9 @@ class ModelRunner:
                                        req_to_slot)
             finally:
                 pool.release_batch()
-            logits = self.model.logits(hidden).cpu()
+            # [T, V] fp32 can be GBs at a 150k vocabulary: project and copy out in slices.
+            logits = torch.cat([self.model.logits(hidden[s:s + LOGITS_SLICE]).cpu()
+                                for s in range(0, hidden.shape[0], LOGITS_SLICE)])
             for i, part in zip(chunk, torch.split(logits, lens)):
                 out[i] = part
         return out  # type: ignore[return-value]
