@@ -66,9 +66,10 @@ def variant_times(inp, graph_timer=None) -> dict:
                                      num_warps=8, num_stages=3)}
     if lora is not None:
         variants.update({
-            "down_shrink_apart": rep(base_cfg, fuse_down_shrink=False),
-            "apart_bm64": rep(base_cfg, fuse_down_shrink=False, block_m=64, block_n=128,
-                              block_k=64, num_warps=4, num_stages=3),
+            "down_shrink_fused": rep(base_cfg, fuse_down_shrink=True),
+            "n64": rep(base_cfg, block_n=64),
+            "w8": rep(base_cfg, num_warps=8),
+            "stages2": rep(base_cfg, num_stages=2),
             "lora_bm32": rep(base_cfg, lora_block_m=32),
             "shrink_k64": rep(base_cfg, shrink_block_k=64)})
     timer = graph_timer or (lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40,

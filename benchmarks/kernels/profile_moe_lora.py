@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import Case, make_inputs  # noqa: E402
+from bench_moe_lora import bench_graph  # noqa: E402
 from bench_stages import variant_times  # noqa: E402
 
 from moelora_dist.kernels.fused_moe_lora import fused_moe_lora  # noqa: E402
@@ -43,8 +44,9 @@ def main():
             for t, k in sorted(rows, reverse=True)[:14]:
                 print(f"{t:10.1f}  {k}")
             if args.variants:
-                for name, ms in variant_times(inp).items():
-                    print(f"   variant {name:24s} {ms * 1e3:9.1f} us")
+                timer = bench_graph if T <= 512 else None  # no launch noise at decode sizes
+                for name, ms in variant_times(inp, timer).items():
+                    print(f"   variant {name:24s} {ms * 1e3:9.1f} us{' (graph)' if timer else ''}")
 
 
 if __name__ == "__main__":

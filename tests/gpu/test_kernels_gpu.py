@@ -118,5 +118,6 @@ def test_decode_step_in_cuda_graph_matches_eager():
         graph.replay()
         eager = step()
         torch.cuda.synchronize()
-        # Not bitwise: the down-shrink sums its I tiles with fp32 atomics in any order.
-        torch.testing.assert_close(y_static.float(), eager.float(), atol=1e-2, rtol=1e-2)
+        # Bitwise: the default config has no atomics on the data path (the down shrink runs
+        # apart), and the replay computes the same blocks in the same order as eager.
+        assert torch.equal(y_static, eager), (y_static.float() - eager.float()).abs().max()

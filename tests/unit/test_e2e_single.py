@@ -53,11 +53,13 @@ def test_logits_command_matches_hf_peft(case, tmp_path):
             assert (r - b).abs().max() > 100 * ATOL
 
 
-def test_generate_command_matches_hf_generate(case, tmp_path):
+@pytest.mark.parametrize("budget", ["8192", "6"], ids=["one_prefill", "chunked_prefill"])
+def test_generate_command_matches_hf_generate(case, tmp_path, budget):
     req = write_requests(tmp_path / "gen.jsonl", GEN_REQUESTS)
     out = tmp_path / "gen_out.jsonl"
     rc = cli_main(["generate", "--model", str(case.model_dir), *case.adapter_args(),
-                   "--requests", str(req), "--out", str(out), "--device", "cpu"])
+                   "--requests", str(req), "--out", str(out), "--device", "cpu",
+                   "--max-batch-tokens", budget])
     assert rc == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["request"] for x in lines] == list(range(len(GEN_REQUESTS)))

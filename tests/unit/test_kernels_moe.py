@@ -5,6 +5,8 @@ tests/gpu. Tolerances travel with the dtype: fp32 differs from the reference by 
 order only; fp16 stores ``h`` and the per-pair outputs in fp16 (about 1e-3 relative).
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,9 +21,8 @@ TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=2e-2,
 # Small tiles keep the interpreter fast and make several blocks per expert.
 SMALL = MoEConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1,
                   lora_block_m=16, down_block_n=16, shrink_block_k=16)
-SMALL_UNFUSED = MoEConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1,
-                          lora_block_m=16, down_block_n=16, shrink_block_k=16,
-                          fuse_down_shrink=False)
+SMALL_FUSED = dataclasses.replace(SMALL, fuse_down_shrink=True)
+SMALL_UNFUSED = dataclasses.replace(SMALL, fuse_down_shrink=False)
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +97,7 @@ def test_fused_moe_lora_matches_experts_reference(case, dtype, fused):
     args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
             c["topk_ids_TK"])
     got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
-                         config=SMALL if fused else SMALL_UNFUSED)
+                         config=SMALL_FUSED if fused else SMALL_UNFUSED)
     want = experts_reference(*args, _effective_slots(c), c["lora"])
     _close(got, want, dtype)
     if case == "all_invalid":
