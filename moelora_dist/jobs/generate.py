@@ -35,7 +35,8 @@ def run(runner, groups, args: argparse.Namespace) -> int:
     from moelora_dist.models.requests import read_requests
 
     requests = read_requests(args.requests, need_max_new_tokens=True)
-    results = runner.generate(requests, max_batch=args.max_batch, progress=groups.is_rank0)
+    results = runner.generate(requests, max_batch=args.max_batch,
+                              max_batch_tokens=args.max_batch_tokens, progress=groups.is_rank0)
     if groups.is_rank0:
         with open(args.out, "w") as f:
             for r, g in zip(requests, results):

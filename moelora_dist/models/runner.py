@@ -170,7 +170,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def generate(self, requests: list[Request], max_batch: int = 64,
-                 progress: bool = False) -> list[Generation]:
+                 max_batch_tokens: int = 8192, progress: bool = False) -> list[Generation]:
         """Greedy decoding; stops at ``max_new_tokens`` or an EOS id (unless ``ignore_eos``)."""
         self._validate(requests)
         results: list[Generation | None] = [None] * len(requests)
@@ -181,11 +181,12 @@ class ModelRunner:
         chunks = list(self._chunks([requests[i] for i in todo], 1 << 62, max_batch))
         for chunk in tqdm(chunks, desc="generate", unit="batch", disable=not progress):
             wave = [todo[j] for j in chunk]
-            for i, gen in zip(wave, self._generate_wave([requests[i] for i in wave])):
+            for i, gen in zip(wave, self._generate_wave([requests[i] for i in wave],
+                                                        max_batch_tokens)):
                 results[i] = gen
         return results  # type: ignore[return-value]
 
-    def _generate_wave(self, reqs: list[Request]) -> list[Generation]:
+    def _generate_wave(self, reqs: list[Request], max_batch_tokens: int) -> list[Generation]:
         pool, cfg, dev = self.model.pool, self.cfg, self.model.device
         B = len(reqs)
         prompt_lens = [len(r.input_ids) for r in reqs]
@@ -195,13 +196,20 @@ class ModelRunner:
         reasons = ["length"] * B
         req_to_slot = pool.prepare_batch([r.adapter for r in reqs], self.registry)
         try:
-            batch = ForwardBatch.build(prompt_lens, [0] * B, dev, sliding_window=cfg.sliding_window)
-            hidden = self._forward([t for r in reqs for t in r.input_ids], batch, cache,
-                                   req_to_slot)
+            # Prefill by token budget (the KV cache rows are the wave's), then decode all.
+            last_hidden = []
+            prefill = [Request(r.input_ids) for r in reqs]
+            for rows in self._chunks(prefill, max_batch_tokens, 1 << 30):
+                batch = ForwardBatch.build([prompt_lens[b] for b in rows], [0] * len(rows), dev,
+                                           cache_rows=rows, sliding_window=cfg.sliding_window)
+                idx = torch.tensor(rows, dtype=torch.int64, device=req_to_slot.device)
+                hidden = self._forward([t for b in rows for t in reqs[b].input_ids], batch,
+                                       cache, req_to_slot[idx])
+                last_hidden.append(hidden[batch.last_token_index_B])
+            hidden = torch.cat(last_hidden)  # [active requests, H]: one row each, always
             active = list(range(B))
-            last_idx = batch.last_token_index_B
             while True:
-                next_ids = self._pick(self.model.logits(hidden[last_idx]))
+                next_ids = self._pick(self.model.logits(hidden))
                 still = []
                 for b, tok in zip(active, next_ids):
                     outs[b].append(tok)
@@ -215,10 +223,9 @@ class ModelRunner:
                 batch = ForwardBatch.build(
                     [1] * len(active), [prompt_lens[b] + len(outs[b]) - 1 for b in active], dev,
                     cache_rows=active, sliding_window=cfg.sliding_window)
-                rows = torch.tensor(active, dtype=torch.int64, device=req_to_slot.device)
+                idx = torch.tensor(active, dtype=torch.int64, device=req_to_slot.device)
                 hidden = self._forward([outs[b][-1] for b in active], batch, cache,
-                                       req_to_slot[rows])
-                last_idx = batch.last_token_index_B
+                                       req_to_slot[idx])
         finally:
             pool.release_batch()
         return [Generation(o, r) for o, r in zip(outs, reasons)]
