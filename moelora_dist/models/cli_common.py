@@ -12,6 +12,7 @@ import logging
 import os
 
 import torch
+from tqdm import tqdm
 
 from moelora_dist.models.requests import RequestError
 
@@ -91,7 +92,8 @@ def build_runner(args, groups):
     cfg = ModelConfig.from_dir(args.model)
     paths = parse_adapter_args(args.adapter)
     adapters = {n: load_adapter(p, model_config=cfg.raw, max_rank=args.max_rank, name=n)
-                for n, p in paths.items()}
+                for n, p in tqdm(paths.items(), desc="reading adapters", unit="adapter",
+                                 disable=not (groups.is_rank0 and paths))}
     max_rank = args.max_rank or max([a.max_rank for a in adapters.values()] + [1])
     max_loras = args.max_loras or max(len(adapters), 1)
     runner = ModelRunner.from_pretrained(
