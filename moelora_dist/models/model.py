@@ -95,7 +95,9 @@ class MoELoRAModel:
         self = cls(cfg, groups, pool, dtype)
         to = dict(device=dev, dtype=dtype)
         self.embed_VH = source.embed().to(**to)
-        self.lm_head_VH = source.lm_head().to(**to)
+        # Tied embeddings share one tensor (a [V, H] copy is ~0.6 GB at a 150k vocabulary).
+        self.lm_head_VH = (self.embed_VH if cfg.tie_word_embeddings
+                           else source.lm_head().to(**to))
         self.final_norm_H = source.norm("model.norm").to(**to)
         shard = rl.moe_shard(cfg.num_experts, cfg.moe_intermediate)
         bar = tqdm(range(cfg.num_layers), desc="loading layers", unit="layer",
