@@ -158,7 +158,8 @@ def main(argv=None):
                 peer_ms = bench(make_peer(inp, peer_rank))
                 rows.append(dict(model=case.model, T=case.T, adapters=case.adapters,
                                  rank=peer_rank, share=case.share,
-                                 config=f"peer transformers{' +PEFT r%d' % peer_rank if peer_rank else ''}",
+                                 config="peer transformers" + (
+                                     f" +PEFT r{peer_rank}" if peer_rank else ""),
                                  ok=True, ms=peer_ms))
                 row["vs_peer"] = row["ms"] / peer_ms
             except Exception as e:  # the peer is informative only; never hide our numbers

@@ -12,7 +12,9 @@ from moelora_dist.kernels.moe_gemm import ops
 
 def stage_times(inp) -> dict:
     """Median ms of each stage for the inputs of one benchmark case (LoRA if present)."""
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")  # noqa: E731
+    def bench(fn):
+        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
     x, ids, lora = inp["x_TH"], inp["topk_ids_TK"], inp["lora"]
     ts, en = inp["token_slot_T"], inp["slot_enabled_S"]
     T, K = ids.shape
@@ -21,9 +23,11 @@ def stage_times(inp) -> dict:
     has = lora is not None
     rank = lora.slot_rank if has else None
     out = {}
-    align_base = lambda: align_items(ids, ts if has else None, en if has else None, rank,  # noqa: E731
-                                     None, num_experts=E, block_m=cfg.block_m, mode="base",
-                                     sort_by_slot=has)
+
+    def align_base():
+        return align_items(ids, ts if has else None, en if has else None, rank, None,
+                           num_experts=E, block_m=cfg.block_m, mode="base", sort_by_slot=has)
+
     out["align_base"] = bench(align_base)
     base = align_base()
     shrink = None
@@ -32,16 +36,30 @@ def stage_times(inp) -> dict:
                                          num_experts=E, block_m=cfg.lora_block_m, mode="lora")
         out["align_lora"] = bench(align_lora)
         la = align_lora()
-        out["lora_shrink"] = bench(lambda: ops.lora_shrink(x, lora, la, K, block_k=cfg.block_k))
-        shrink = ops.lora_shrink(x, lora, la, K, block_k=cfg.block_k)
+        out["lora_shrink"] = bench(
+            lambda: ops.lora_shrink(x, lora, la, K, block_k=cfg.shrink_block_k))
+        shrink = ops.lora_shrink(x, lora, la, K, block_k=cfg.shrink_block_k)
     gkw = dict(block_n=cfg.block_n, block_k=cfg.block_k, num_warps=cfg.num_warps,
                num_stages=cfg.num_stages)
-    gu = lambda: ops.gate_up(x, inp["w_gate_up_EXH"], base, K, ts, en, lora, shrink, **gkw)  # noqa: E731
+
+    def gu():
+        return ops.gate_up(x, inp["w_gate_up_EXH"], base, K, ts, en, lora, shrink, **gkw,
+                           fuse_down_shrink=cfg.fuse_down_shrink)
+
     out["gate_up"] = bench(gu)
     h, dsh = gu()
+    if has and not cfg.fuse_down_shrink:
+        def dshrink():
+            return ops.down_shrink(h, lora, base, K, ts, en, block_k=cfg.shrink_block_k)
+
+        out["down_shrink"] = bench(dshrink)
+        dsh = dshrink()
     dkw = dict(gkw, block_n=cfg.down_block_n)
-    dn = lambda: ops.down(h, inp["w_down_EHI"], inp["topk_weights_TK"], base, K, ts, en,  # noqa: E731
-                          lora, dsh, **dkw)
+
+    def dn():
+        return ops.down(h, inp["w_down_EHI"], inp["topk_weights_TK"], base, K, ts, en, lora,
+                        dsh, **dkw)
+
     out["down"] = bench(dn)
     o = dn()
     out["topk_sum"] = bench(lambda: ops.topk_sum(o, ids, E))

@@ -63,7 +63,8 @@ def test_stages_match_reference(case):
     torch.testing.assert_close(sh[written], sh_ref[written], atol=1e-4, rtol=1e-4)
 
     gtiles = dict(block_n=16, block_k=16, num_stages=1)
-    h, dsh = ops.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh, **gtiles)
+    h, dsh = ops.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh, **gtiles,
+                         fuse_down_shrink=True)
     h_ref, dsh_ref = naive.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh_ref)
     rows = ~torch.isnan(h_ref[:, 0])
     assert int(rows.sum()) == int((c["topk_ids_TK"] >= 0).sum())

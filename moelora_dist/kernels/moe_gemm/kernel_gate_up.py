@@ -23,8 +23,9 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                     stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
                     stride_bs, stride_be, stride_bn, stride_br,
                     stride_das, stride_dae, stride_dar, stride_dai,
-                    HAS_LORA: tl.constexpr, FUSE_DOWN_SHRINK: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                    HAS_LORA: tl.constexpr, FUSE_DOWN_SHRINK: tl.constexpr,
+                    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(inter, BLOCK_N)
     pid_m = pid // num_n

@@ -57,7 +57,7 @@ def lora_shrink(x_TH: torch.Tensor, lora: MoELoRABuffers, al: Alignment, top_k: 
 def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             slot_enabled_S=None, lora: MoELoRABuffers | None = None, shrink=None,
             activation: str = "silu", *, block_n: int = 64, block_k: int = 64,
-            num_warps: int = 4, num_stages: int = 3, fuse_down_shrink: bool = True):
+            num_warps: int = 4, num_stages: int = 3, fuse_down_shrink: bool = False):
     """Base gate_up + LoRA expand + activation (+ down LoRA shrink) for a base alignment.
 
     Args:
