@@ -7,11 +7,12 @@
     outs = runner.generate([Request([1, 2, 3], "math", max_new_tokens=8)])
     runner.remove_adapter("math")
 
-Every rank of the job runs the same calls with the same requests (SPMD); results are the same on
-every rank. Requests are grouped into forwards by a token budget and by the pool's slot count
-(a forward may use at most ``max_loras`` distinct adapters). Adapters are held in a host-side
-registry and moved into pool slots on demand (LRU), so more adapters than slots may be
-registered.
+Every rank of the job runs the same calls with the same requests (SPMD). With one TP group
+(``world == tp``) every rank returns every result; with ``dp`` replicas each serves every
+``dp``-th request and global rank 0 returns them all (:mod:`.dp`), the others their share.
+Requests are grouped into forwards by a token budget and by the pool's slot count (a forward
+may use at most ``max_loras`` distinct adapters). Adapters are held in a host-side registry and
+moved into pool slots on demand (LRU), so more adapters than slots may be registered.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from moelora_dist.lora.batch_info import compute_batch_info
 from moelora_dist.models.batch import ForwardBatch
 from moelora_dist.models.config import ModelConfig
+from moelora_dist.models.dp import gather_generations, gather_logits, replica_indices
 from moelora_dist.models.model import MoELoRAModel
 from moelora_dist.models.requests import Request, validate_requests
 from moelora_dist.models.weights import CheckpointWeights
@@ -147,10 +149,12 @@ class ModelRunner:
         self._validate(requests)
         out: list[torch.Tensor | None] = [None] * len(requests)
         pool, cfg = self.model.pool, self.cfg
-        chunks = list(self._chunks([Request(r.input_ids, r.adapter) for r in requests],
-                                   max_batch_tokens, 1 << 30))
+        mine = replica_indices(self.model.groups, len(requests))
+        chunks = list(self._chunks([Request(requests[i].input_ids, requests[i].adapter)
+                                    for i in mine], max_batch_tokens, 1 << 30))
         for chunk in tqdm(chunks, desc="prefill", unit="batch", disable=not progress):
-            reqs = [requests[i] for i in chunk]
+            idxs = [mine[j] for j in chunk]
+            reqs = [requests[i] for i in idxs]
             lens = [len(r.input_ids) for r in reqs]
             batch = ForwardBatch.build(lens, [0] * len(reqs), self.model.device,
                                        sliding_window=cfg.sliding_window)
@@ -164,9 +168,10 @@ class ModelRunner:
             # [T, V] fp32 can be GBs at a 150k vocabulary: project and copy out in slices.
             logits = torch.cat([self.model.logits(hidden[s:s + LOGITS_SLICE]).cpu()
                                 for s in range(0, hidden.shape[0], LOGITS_SLICE)])
-            for i, part in zip(chunk, torch.split(logits, lens)):
+            for i, part in zip(idxs, torch.split(logits, lens)):
                 out[i] = part
-        return out  # type: ignore[return-value]
+        shapes = [(len(r.input_ids), cfg.vocab_size) for r in requests]
+        return gather_logits(self.model.groups, out, shapes)  # type: ignore[return-value]
 
     @torch.no_grad()
     def generate(self, requests: list[Request], max_batch: int = 64,
@@ -174,9 +179,10 @@ class ModelRunner:
         """Greedy decoding; stops at ``max_new_tokens`` or an EOS id (unless ``ignore_eos``)."""
         self._validate(requests)
         results: list[Generation | None] = [None] * len(requests)
-        todo = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
-        for i, r in enumerate(requests):
-            if r.max_new_tokens == 0:
+        mine = replica_indices(self.model.groups, len(requests))
+        todo = [i for i in mine if requests[i].max_new_tokens > 0]
+        for i in mine:
+            if requests[i].max_new_tokens == 0:
                 results[i] = Generation([], "length")
         chunks = list(self._chunks([requests[i] for i in todo], 1 << 62, max_batch))
         for chunk in tqdm(chunks, desc="generate", unit="batch", disable=not progress):
@@ -184,7 +190,7 @@ class ModelRunner:
             for i, gen in zip(wave, self._generate_wave([requests[i] for i in wave],
                                                         max_batch_tokens)):
                 results[i] = gen
-        return results  # type: ignore[return-value]
+        return gather_generations(self.model.groups, results, Generation)  # type: ignore
 
     def _generate_wave(self, reqs: list[Request], max_batch_tokens: int) -> list[Generation]:
         pool, cfg, dev = self.model.pool, self.cfg, self.model.device

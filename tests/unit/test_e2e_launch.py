@@ -6,7 +6,8 @@ layer, Mixtral, OLMoE): the launched processes run this file as a module (``driv
 which builds the process groups once and then, per architecture, does exactly what
 ``moelora-dist logits`` and ``moelora-dist generate`` do (same argument parser, same
 ``build_runner``, same ``run``). ``test_real_cli_*`` then runs the commands themselves under
-``python -m launch`` and ``torchrun`` once. The tiny models have 2 kv heads, so tp=4 exercises
+``python -m launch`` and ``torchrun`` once, on 4 processes with tp=2 (two data-parallel
+replicas that split the requests; rank 0 collects and writes). The tiny models have 2 kv heads, so tp=4 exercises
 kv heads replicated over ranks; OLMoE's q/k norm spans all heads (an all-reduce under TP).
 
 Tolerance as in test_e2e_single.py: fp32, ``ATOL = 1e-4`` on logits of size O(1-5); sums over
@@ -84,15 +85,17 @@ def test_real_cli_under_launch_and_torchrun(cases, tmp_path):
     root, refs = cases
     case, ref_logits, ref_tokens = refs["qwen3_hybrid"]
     common = ["--model", str(case.model_dir), *case.adapter_args(), "--device", "cpu"]
-    _launch([sys.executable, "-m", "launch", "--nproc-per-node", "2", "--device", "cpu",
+    # 4 processes with tp=2: two data-parallel replicas split the requests, rank 0 collects.
+    _launch([sys.executable, "-m", "launch", "--nproc-per-node", "4", "--device", "cpu",
              "logits", *common, "--requests", str(root / "qwen3_hybrid" / "req.jsonl"),
              "--out", str(tmp_path / "l.safetensors"), "--tp", "2", "--ep", "2"])
     got = load_file(str(tmp_path / "l.safetensors"))
     for i, ref in enumerate(ref_logits):
         torch.testing.assert_close(got[f"request_{i}"], ref, atol=ATOL, rtol=0)
     torchrun = Path(sys.executable).parent / "torchrun"
-    _launch([str(torchrun), "--nproc-per-node", "2", "-m", "moelora_dist.jobs.generate",
-             *common, "--requests", str(root / "qwen3_hybrid" / "gen.jsonl"),
+    _launch([str(torchrun), "--standalone", "--nproc-per-node", "4", "-m",
+             "moelora_dist.jobs.generate", *common,
+             "--requests", str(root / "qwen3_hybrid" / "gen.jsonl"),
              "--out", str(tmp_path / "g.jsonl"), "--tp", "2"])
     lines = [json.loads(x) for x in (tmp_path / "g.jsonl").read_text().splitlines()]
     assert [x["output_ids"] for x in lines] == ref_tokens
