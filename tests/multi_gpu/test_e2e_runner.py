@@ -107,7 +107,9 @@ def _runner(model_dir: str, groups: ParallelGroups, dispatcher: str) -> ModelRun
 def reference():
     d = tempfile.mkdtemp(prefix="e2e_runner_")
     _write_checkpoint(d)
-    dev = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
+    # This rank's own GPU (init_parallel has not set the device yet when the fixture runs).
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if CUDA else \
+        torch.device("cpu")
     runner = _runner(d, ParallelGroups.single(dev), "auto")
     gens = [Request(r.input_ids, r.adapter, max_new_tokens=4, ignore_eos=True) for r in REQUESTS]
     return d, runner.prompt_logits(REQUESTS), runner.generate(gens), gens
