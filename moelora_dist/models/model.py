@@ -121,6 +121,10 @@ class MoELoRAModel:
                                         groups.tp_group)
             self.layers.append(layer)
         source.close()
+        if groups.is_rank0:
+            log.info("%s: %d layers (%d MoE), %s, LoRA pool %d slots x rank %d = %.1f MiB per rank",
+                     cfg.arch, cfg.num_layers, len(cfg.moe_layers), groups.layout, max_loras,
+                     max_rank, pool.nbytes() / 2**20)
         return self
 
     def new_cache(self, num_rows: int, max_len: int) -> KVCache:

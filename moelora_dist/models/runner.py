@@ -95,6 +95,9 @@ class ModelRunner:
         if len(pool.loaded()) < pool.config.max_loras:
             pool.load(adapter)  # validates it against every layer and module now
         self.registry[name] = adapter
+        if self.model.groups.is_rank0:
+            log.info("adapter %r: rank %d, %d MoE layers, %d dense modules (%s)", name,
+                     adapter.max_rank, len(adapter.moe), len(adapter.dense), adapter.format)
         return adapter
 
     def remove_adapter(self, name: str) -> None:
