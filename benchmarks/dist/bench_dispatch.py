@@ -8,7 +8,8 @@ expert step is the identity (the rows come back unchanged), so the timing is the
 alone: split exchange, packing, the payload all-to-all, the return all-to-all and the
 weighted sum at the origin (``gather=False``: tokens stay in their EP shares, as the
 all-to-all moves them). ``ours_gather_us`` adds the all-gather that gives every TP rank all T
-tokens again. ``raw_us`` is two NCCL ``all_to_all_single`` calls with exactly our splits and
+tokens again. ``static_us``: the fixed-capacity dispatcher (even splits, no host sync; its
+bytes are ``static_MB_per_rank``). ``raw_us`` is two NCCL ``all_to_all_single`` calls with exactly our splits and
 row sizes (dispatch bytes out, combine bytes back), with nothing else. A row reports no ratio
 unless the dispatcher's output is right (identity experts: y = x * sum of top-k weights).
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import bench, env_columns, rank0, write_csv  # noqa: E402
 
 from moelora_dist.moe.dispatch_a2a import AllToAllDispatcher, _row_layout  # noqa: E402
+from moelora_dist.moe.dispatch_static import AllToAllStaticDispatcher  # noqa: E402
 from moelora_dist.moe.reference import route  # noqa: E402
 from moelora_dist.parallel.groups import destroy_parallel, init_parallel  # noqa: E402
 
@@ -43,6 +45,7 @@ def main() -> None:
     E, K = args.experts, args.top_k
     shard = groups.rank_layout.moe_shard(E, 768)
     disp = AllToAllDispatcher(groups, shard)
+    static = AllToAllStaticDispatcher(groups, shard)
     env = env_columns()
     rows = []
     try:
@@ -58,9 +61,12 @@ def main() -> None:
                     return (d.x_NH.float() * (d.topk_weights_NK * keep).sum(1, keepdim=True)
                             ).to(x.dtype)
 
+                d = static.dispatch(x, w, ids, slot)
+                ok_static = torch.allclose(static.combine(identity(d), d).float(), x.float(),
+                                           rtol=2e-2, atol=2e-2)
                 d = disp.dispatch(x, w, ids, slot)
                 y = disp.combine(identity(d), d)
-                ok = torch.allclose(y.float(), x.float(), rtol=2e-2, atol=2e-2)
+                ok = torch.allclose(y.float(), x.float(), rtol=2e-2, atol=2e-2) and ok_static
                 ok_t = torch.tensor([int(ok)], device="cuda")
                 dist.all_reduce(ok_t, op=dist.ReduceOp.MIN)
                 ok = bool(ok_t.item())
@@ -78,9 +84,9 @@ def main() -> None:
                     dist.all_to_all_single(y_back, y_recv, h.send_splits, h.recv_splits,
                                            group=groups.ep_group)
 
-                def ours(gather):
-                    dd = disp.dispatch(x, w, ids, slot)
-                    disp.combine(dd.x_NH, dd, gather=gather)
+                def ours(gather, dispatcher=disp):
+                    dd = dispatcher.dispatch(x, w, ids, slot)
+                    dispatcher.combine(dd.x_NH, dd, gather=gather)
 
                 if (H, T) == (2048, 4096) and args.profile:  # where the time goes, once
                     from torch.profiler import ProfilerActivity, profile
@@ -95,6 +101,9 @@ def main() -> None:
                 t_raw = bench(raw)
                 t_ours = bench(lambda: ours(False))
                 t_full = bench(lambda: ours(True))
+                t_static = bench(lambda: ours(False, static))
+                t_static_full = bench(lambda: ours(True, static))
+                static_rows = 2 * (-(-T // 2))  # P x C rows per rank, P = 2
                 mb = send_rows * row_bytes / 1e6
                 rows.append(dict(hidden=H, tokens=T, experts=E, top_k=K,
                                  dispatch_MB_per_rank=round(mb, 3),
@@ -103,6 +112,10 @@ def main() -> None:
                                  ours_gather_us=round(t_full * 1e6, 1),
                                  ratio=round(t_ours / t_raw, 3) if ok else "",
                                  ratio_gather=round(t_full / t_raw, 3) if ok else "",
+                                 static_MB_per_rank=round(static_rows * row_bytes / 1e6, 3),
+                                 static_us=round(t_static * 1e6, 1),
+                                 static_gather_us=round(t_static_full * 1e6, 1),
+                                 ratio_static=round(t_static / t_raw, 3) if ok else "",
                                  correct=ok, **env))
                 if rank0():  # rewritten after every row: a killed run keeps what it measured
                     print(rows[-1], flush=True)

@@ -28,7 +28,7 @@ from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELa
 from moelora_dist.lora.batch_info import compute_batch_info  # noqa: E402
 from moelora_dist.lora.pool import LoRAPool, MoELayerSpec, PoolConfig  # noqa: E402
 from moelora_dist.moe.layer import LoRAMoE, MoEBlock  # noqa: E402
-from moelora_dist.parallel.groups import ParallelGroups, destroy_parallel, init_parallel  # noqa
+from moelora_dist.parallel.groups import ParallelGroups, init_parallel  # noqa
 
 H, E, K, I, S, R = 2048, 128, 8, 768, 8, 16
 DT = torch.bfloat16
@@ -89,7 +89,8 @@ def main() -> None:
     weights, registry = full_weights(), adapters()
     single = ParallelGroups.single(groups.device)
     layer1, pool1 = build(single, weights, registry, "all_reduce")
-    layers = {d: build(groups, weights, registry, d) for d in ("all_to_all", "all_reduce")}
+    layers = {d: build(groups, weights, registry, d)
+              for d in ("all_to_all", "all_to_all_static", "all_reduce")}
     prefill, decode = [], []
     try:
         with torch.no_grad():
@@ -143,8 +144,19 @@ def main() -> None:
                 if rank0():
                     print(decode[-1], flush=True)
                     write_csv(args.out_prefix + "_decode.csv", decode)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)
     finally:
-        destroy_parallel()
+        torch.cuda.synchronize()
+        dist.barrier()
+        # destroy_process_group after a captured NCCL graph hung past the time limit once
+        # (2026-11-23); the results are written, so leave without tearing down.
+        sys.stdout.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -81,13 +81,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layouts", default=None,
                    help="comma list of WORLDxTPxEP to run, e.g. 4x4x2,2x2x1 (default: all)")
     g.add_argument("--dispatchers", default="all_reduce,all_to_all",
-                   help="comma list from all_reduce, all_to_all, ref_all_reduce, "
-                        "ref_all_to_all, auto (default all_reduce,all_to_all)")
+                   help="comma list from all_reduce, all_to_all, all_to_all_static, "
+                        "ref_all_reduce, ref_all_to_all, auto (default all_reduce,all_to_all)")
     g.add_argument("--adapters", default=None,
                    help="comma list of built-in adapters (default: all of per_expert_r4, "
                         "shared_outer_r8, gate_up_shared_a_r2, down_only_r6)")
-    g.add_argument("--dtype", choices=("float64", "float32", "bfloat16", "float16"),
-                   default="float32", help="model and adapter dtype (default float32)")
+    g.add_argument("--dtype", choices=("auto", "float64", "float32", "bfloat16", "float16"),
+                   default="auto", help="model and adapter dtype (default auto: float32 on "
+                                        "cpu, bfloat16 on cuda)")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: gloo processes; cuda: NCCL, one GPU per process (default cpu)")
     g.add_argument("--timeout", type=float, default=600,

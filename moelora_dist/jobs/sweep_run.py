@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from moelora_dist.jobs.sweep_worker import DEFAULT_TOL
+from moelora_dist.jobs.sweep_worker import default_tol
 from moelora_dist.moe import tiny
 from moelora_dist.parallel.layout import LayoutError, valid_layouts
 
@@ -86,6 +86,8 @@ def _launch_world(world: int, args, ckpt: Path, out: Path, layouts: list[str] | 
 
 def run_processes(args) -> int:
     """Run the sweep from parsed ``moelora-dist sweep`` arguments; 1 if any case fails."""
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     try:
         cfg = tiny.TinyMoEConfig(hidden=args.hidden, intermediate=args.intermediate,
                                  num_experts=args.experts, top_k=args.top_k,
@@ -119,7 +121,7 @@ def run_processes(args) -> int:
             raise SystemExit(f"error: layouts {missing} of world {w} do not fit E="
                              f"{cfg.num_experts}, I={cfg.intermediate} (valid: {fits})")
         plan[w] = len(todo) * num_disp
-    tol = args.tol if args.tol is not None else DEFAULT_TOL[args.dtype]
+    tol = args.tol if args.tol is not None else default_tol(args.dtype, args.device)
     print(f"sweep: tiny MoE E={cfg.num_experts} H={cfg.hidden} I={cfg.intermediate} "
           f"K={cfg.top_k} layers={cfg.num_layers}, T={args.tokens}, {args.dtype} on "
           f"{args.device}, dispatchers {args.dispatchers}, tol {tol:g} (relative)", flush=True)

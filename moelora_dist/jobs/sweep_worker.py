@@ -36,6 +36,13 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.
 DEFAULT_TOL = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
 
+def default_tol(dtype: str, device_type: str) -> float:
+    """Triton runs fp32 products as TF32 on GPUs: 2e-3 there instead of 1e-4."""
+    if dtype == "float32" and device_type == "cuda":
+        return 2e-3
+    return DEFAULT_TOL[dtype]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="tiny model directory (safetensors)")
     p.add_argument("--out", required=True, help="JSON-lines file rank 0 appends rows to")
@@ -95,7 +102,6 @@ def main(args: argparse.Namespace) -> int:
         open(os.path.join(args.checkpoint, "config.json")).read()).items()
         if k in tiny.TinyMoEConfig.__dataclass_fields__})
     dtype = DTYPES[args.dtype]
-    tol = args.tol if args.tol is not None else DEFAULT_TOL[args.dtype]
     registry = {a.name: a for a in tiny.make_adapters(cfg)}
     chosen = args.adapters.split(",") if args.adapters else list(registry)
     unknown = [n for n in chosen if n not in registry]
@@ -107,6 +113,8 @@ def main(args: argparse.Namespace) -> int:
                if wanted is None or (lay.tp, lay.ep) in wanted]
     dispatchers = args.dispatchers.split(",")
     first = init_parallel(layouts[0].tp, layouts[0].ep) if layouts else None
+    tol = args.tol if args.tol is not None else default_tol(
+        args.dtype, first.device.type if first else "cpu")
     try:
         single = ParallelGroups.single(first.device if first else "cpu")
         ref = run_model(cfg, args.checkpoint, single, "all_reduce", names, registry,
@@ -132,7 +140,8 @@ def main(args: argparse.Namespace) -> int:
                                stack_abs_err=sa, stack_rel_err=sr, max_abs_err=max(la, sa),
                                max_rel_err=max(lr, sr), tol=tol, dtype=args.dtype,
                                lora_effect=lora_effect,
-                               passed=max(lr, sr) <= tol and lora_effect > 1e-3, seconds=time.perf_counter() - t0)
+                               passed=max(lr, sr) <= tol and lora_effect > 1e-3,
+                               seconds=time.perf_counter() - t0)
                     with open(args.out, "a") as fh:
                         fh.write(json.dumps(row) + "\n")
                     log.info("%s %s: max rel err %.2e", layout, dispatcher, row["max_rel_err"])

@@ -16,6 +16,9 @@ before and the full combined ``y_TH`` after.
   safe; combine is one all-reduce over the TP group. Best for decode (small ``T``).
 - ``all_to_all`` (:class:`~moelora_dist.moe.dispatch_a2a.AllToAllDispatcher`): tokens are split
   over the EP group and sent with ``all_to_all_single`` (prefill, large ``T``).
+- ``all_to_all_static`` (:mod:`~moelora_dist.moe.dispatch_static`): the same shares, sent
+  with even splits of fixed capacity (padding rows route nowhere): no split exchange, no host
+  sync, CUDA-graph safe.
 - ``ref_all_reduce`` / ``ref_all_to_all`` (:mod:`moelora_dist.moe.dispatch_ref`): plain
   ``all_gather`` references of the two, to test the fast paths against.
 - ``auto`` (the default): ``all_reduce`` when ``ep == 1`` or ``T < AUTO_ALL_TO_ALL_MIN_TOKENS``
@@ -36,7 +39,8 @@ from moelora_dist.parallel.groups import ParallelGroups, group_size
 from moelora_dist.parallel.layout import MoEShard
 
 AUTO_ALL_TO_ALL_MIN_TOKENS = 512
-DISPATCHERS = ("auto", "all_reduce", "all_to_all", "ref_all_reduce", "ref_all_to_all")
+DISPATCHERS = ("auto", "all_reduce", "all_to_all", "all_to_all_static", "ref_all_reduce",
+               "ref_all_to_all")
 
 # (x_NH, topk_weights_NK fp32, local topk_ids_NK int32, token_slot_N int32 or None) -> y_NH
 ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -108,6 +112,10 @@ def make_dispatcher(name: str, groups: ParallelGroups, shard: MoEShard) -> Dispa
         from moelora_dist.moe.dispatch_a2a import AllToAllDispatcher
 
         return AllToAllDispatcher(groups, shard)
+    if name == "all_to_all_static":
+        from moelora_dist.moe.dispatch_static import AllToAllStaticDispatcher
+
+        return AllToAllStaticDispatcher(groups, shard)
     if name in ("ref_all_reduce", "ref_all_to_all"):
         from moelora_dist.moe.dispatch_ref import ReferenceAllReduce, ReferenceAllToAll
 

@@ -21,15 +21,20 @@ from moelora_dist.parallel.layout import LayoutError, valid_layouts
 WORLD = int(os.environ.get("WORLD_SIZE", "0"))
 CUDA = os.environ.get("MOELORA_DIST_BACKEND") == "nccl" or (
     os.environ.get("MOELORA_DIST_BACKEND") is None and torch.cuda.is_available())
-DTYPE = torch.float32 if CUDA else torch.float64
-REL_TOL = 2e-2 if CUDA else 1e-9
+# GPUs run the serving dtype, bf16: the Triton tile configs for fp32 ask for more shared memory
+# than an H200 has (seen 2026-11-23). Partial sums rounded to bf16 per rank: 5e-2 of scale.
+DTYPE = torch.bfloat16 if CUDA else torch.float64
+REL_TOL = 5e-2 if CUDA else 1e-9
 CFG = tiny.TinyMoEConfig(hidden=32, intermediate=16, num_experts=8, top_k=2, num_layers=3)
 ADAPTERS = {a.name: a for a in tiny.make_adapters(CFG)}
 MIXED = ["per_expert_r4", None, "shared_outer_r8", "gate_up_shared_a_r2", None, "down_only_r6",
          "per_expert_r4"]
 LAYOUTS = valid_layouts(WORLD, CFG.num_experts, CFG.intermediate) if WORLD else []
-ALL_DISPATCHERS = ("all_reduce", "all_to_all", "ref_all_reduce", "ref_all_to_all", "auto")
-FAST = ("all_reduce", "all_to_all")
+ALL_DISPATCHERS = ("all_reduce", "all_to_all", "all_to_all_static", "ref_all_reduce",
+                   "ref_all_to_all", "auto")
+FAST = ("all_reduce", "all_to_all", "all_to_all_static")
+REFERENCE_OF = {"all_reduce": "ref_all_reduce", "all_to_all": "ref_all_to_all",
+                "all_to_all_static": "ref_all_to_all"}
 
 
 def _id(layout):
@@ -94,7 +99,7 @@ def test_moe_layer_matches_unsharded(layout, dispatcher):
 def test_fast_dispatcher_matches_its_reference(layout, dispatcher):
     g = _groups(layout)
     y = _run_layer(g, dispatcher, MIXED, 29, seed=2)
-    _assert_close(y, _run_layer(g, "ref_" + dispatcher, MIXED, 29, seed=2))
+    _assert_close(y, _run_layer(g, REFERENCE_OF[dispatcher], MIXED, 29, seed=2))
 
 
 @pytest.mark.parametrize("layout,dispatcher", _cases(FAST))
