@@ -6,7 +6,8 @@
 H 2048, E 128, K 8, I 768, bf16; 8 adapters of rank 16 (per-expert, every projection) in a
 pool of 8 slots; 8 requests of equal length, one per adapter. Prefill (``T`` in 4096, 16384):
 the layer on one GPU (each rank runs the one-GPU layer alone, timed locally) against
-``tp = ep = 2`` with the all-to-all and the all-reduce dispatcher; throughput is T / time.
+``tp = ep = 2`` with each dispatcher, eager, and (static-shape dispatchers) replayed from a CUDA
+graph (``speedup_graph``: one-GPU graph time over the EP=2 graph time); throughput is T / time.
 Decode (``T`` in 1, 8, 64): the all-reduce path on ``tp = ep = 2``, eager and replayed from a
 CUDA graph. Every timed case is first checked against the one-GPU output (relative max error
 in bf16 below 5e-2), and a row whose check fails carries no speed-up.
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import bench, env_columns, rank0, write_csv  # noqa: E402
+from common import bench, capture, env_columns, rank0, write_csv  # noqa: E402
 
 from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA  # noqa
 from moelora_dist.lora.batch_info import compute_batch_info  # noqa: E402
@@ -98,13 +99,42 @@ def main() -> None:
                 x, info1 = batch(pool1, registry, T, seed=T)
                 ref = layer1(x, info1)
                 t1 = bench(lambda: layer1(x, info1), local=True)
+                t1_graph = ""
+                try:
+                    graph1, y1 = capture(lambda: layer1(x, info1))
+                    graph1.replay()
+                    torch.cuda.synchronize()
+                    if rel_err(y1, ref) < 1e-2:
+                        t1_graph = bench(graph1.replay, local=True)
+                    del graph1, y1
+                except Exception as exc:
+                    if rank0():
+                        print(f"one-GPU graph capture failed (T={T}): {exc}", flush=True)
                 for d, (layer, pool) in layers.items():
                     _, info = batch(pool, registry, T, seed=T)
                     err = rel_err(layer(x, info), ref)
                     ok = err < 5e-2
                     t2 = bench(lambda: layer(x, info))
+                    t_graph = ""
+                    if d != "all_to_all":  # the others have static shapes: graph them too
+                        try:
+                            graph, y_graph = capture(lambda: layer(x, info))
+                            graph.replay()
+                            torch.cuda.synchronize()
+                            if rel_err(y_graph, ref) < 5e-2:
+                                t_graph = bench(graph.replay)
+                            del graph, y_graph
+                        except Exception as exc:
+                            if rank0():
+                                print(f"graph capture failed ({d}, T={T}): {exc}", flush=True)
+                        torch.cuda.empty_cache()
                     prefill.append(dict(tokens=T, dispatcher=d, one_gpu_ms=round(t1 * 1e3, 3),
                                         ep2_ms=round(t2 * 1e3, 3),
+                                        one_gpu_graph_ms=(round(t1_graph * 1e3, 3)
+                                                          if t1_graph else ""),
+                                        ep2_graph_ms=round(t_graph * 1e3, 3) if t_graph else "",
+                                        speedup_graph=(round(t1_graph / t_graph, 3)
+                                                       if t_graph and t1_graph and ok else ""),
                                         one_gpu_tok_s=round(T / t1), ep2_tok_s=round(T / t2),
                                         speedup=round(t1 / t2, 3) if ok else "",
                                         rel_err=f"{err:.2e}", correct=ok, **env))

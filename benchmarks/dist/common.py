@@ -62,3 +62,17 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 def rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def capture(fn, warmup: int = 2):
+    """A CUDA graph of ``fn()`` (warmed up on a side stream first, as PyTorch asks)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
