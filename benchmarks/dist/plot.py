@@ -28,15 +28,23 @@ def plot_dispatch(rows: list[dict], out: Path) -> None:
         axes[0].loglog(mb, [float(r["raw_us"]) for r in sub], "o--", label=f"raw NCCL, H={H}")
         axes[0].loglog(mb, [float(r["ours_us"]) for r in sub], "o-", label=f"dispatch+combine, H={H}")
         axes[1].semilogx(mb, [float(r["ours_us"]) / float(r["raw_us"]) for r in sub], "o-",
-                         label=f"H={H}")
-        axes[1].semilogx(mb, [float(r["ours_gather_us"]) / float(r["raw_us"]) for r in sub],
-                         "x:", label=f"H={H}, + EP all-gather")
+                         label=f"H={H}, uneven splits, eager")
+        graphed = [(m, float(r["static_graph_us"]) / float(r["raw_us"]))
+                   for m, r in zip(mb, sub) if r.get("static_graph_us")]
+        if graphed:
+            axes[0].loglog([g[0] for g in graphed],
+                           [g[1] * float(r["raw_us"]) for g, r in zip(graphed, sub)], "s-",
+                           label=f"static, CUDA graph, H={H}")
+            axes[1].semilogx(*zip(*graphed), "s-", label=f"H={H}, static in a CUDA graph")
+        if sub and sub[0].get("static_us"):
+            axes[1].semilogx(mb, [float(r["static_us"]) / float(r["raw_us"]) for r in sub],
+                             "x:", label=f"H={H}, static, eager")
     axes[0].set(xlabel="dispatch bytes per rank (MB)", ylabel="time (us)",
                 title="all-to-all dispatch + combine, 2 x H200")
     axes[1].axhline(1.3, color="grey", lw=0.8)
     axes[1].axvline(8, color="grey", lw=0.8, ls=":")
     axes[1].set(xlabel="dispatch bytes per rank (MB)", ylabel="time / raw NCCL",
-                title="overhead over raw all_to_all_single (target <= 1.3 at >= 8 MB)")
+                title="time / raw NCCL (target <= 1.3 at >= 8 MB)")
     for ax in axes:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -49,10 +57,14 @@ def plot_layer(prefill: list[dict], decode: list[dict], out: Path) -> None:
     labels, vals = [], []
     for r in prefill:
         labels.append(f"T={r['tokens']}\n{r['dispatcher']}")
-        vals.append((float(r["one_gpu_tok_s"]) / 1e6, float(r["ep2_tok_s"]) / 1e6))
+        T = float(r["tokens"])
+        g1, g2 = r.get("one_gpu_graph_ms"), r.get("ep2_graph_ms")
+        vals.append((T / float(r["one_gpu_ms"]) / 1e3, T / float(r["ep2_ms"]) / 1e3,
+                     T / float(g1) / 1e3 if g1 else 0, T / float(g2) / 1e3 if g2 else 0))
     x = range(len(labels))
-    axes[0].bar([i - 0.2 for i in x], [v[0] for v in vals], 0.4, label="one GPU")
-    axes[0].bar([i + 0.2 for i in x], [v[1] for v in vals], 0.4, label="EP=2 (2 GPUs)")
+    for j, name in enumerate(("one GPU, eager", "EP=2, eager", "one GPU, graph",
+                              "EP=2, graph")):
+        axes[0].bar([i + (j - 1.5) * 0.2 for i in x], [v[j] for v in vals], 0.2, label=name)
     axes[0].set_xticks(list(x), labels, fontsize=7)
     axes[0].set(ylabel="M tokens / s", title="LoRA MoE layer, Qwen3-30B-A3B shapes, 8 x r16")
     axes[0].legend(fontsize=7)

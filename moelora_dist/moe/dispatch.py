@@ -21,9 +21,12 @@ before and the full combined ``y_TH`` after.
   sync, CUDA-graph safe.
 - ``ref_all_reduce`` / ``ref_all_to_all`` (:mod:`moelora_dist.moe.dispatch_ref`): plain
   ``all_gather`` references of the two, to test the fast paths against.
-- ``auto`` (the default): ``all_reduce`` when ``ep == 1`` or ``T < AUTO_ALL_TO_ALL_MIN_TOKENS``
-  (512), else ``all_to_all``. Below a few hundred tokens the all-to-all's split exchange and
-  host sync cost more than the all-reduce of ``[T, H]`` saves.
+- ``auto`` (the default): ``all_reduce`` when ``ep <= AUTO_ALL_REDUCE_MAX_EP`` (2) or
+  ``T < AUTO_ALL_TO_ALL_MIN_TOKENS`` (512), else ``all_to_all``. Measured on two H200s
+  (``benchmarks/results/dist_layer_prefill.csv``): at EP = 2 the all-reduce path was the
+  fastest at every T up to 16384 (1.27x one GPU eager at 16384, vs 0.96x all-to-all), because
+  the all-to-all's fixed cost (split exchange, host sync, ~40 launches, ~1 ms) outweighs what
+  it saves when half the tokens stay local anyway. Wider EP is unmeasured.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from moelora_dist.parallel.groups import ParallelGroups, group_size
 from moelora_dist.parallel.layout import MoEShard
 
 AUTO_ALL_TO_ALL_MIN_TOKENS = 512
+AUTO_ALL_REDUCE_MAX_EP = 2
 DISPATCHERS = ("auto", "all_reduce", "all_to_all", "all_to_all_static", "ref_all_reduce",
                "ref_all_to_all")
 
@@ -126,6 +130,6 @@ def make_dispatcher(name: str, groups: ParallelGroups, shard: MoEShard) -> Dispa
 
 def auto_dispatcher_name(num_tokens: int, ep: int) -> str:
     """The dispatcher ``auto`` picks for ``num_tokens`` tokens and EP degree ``ep``."""
-    if ep == 1 or num_tokens < AUTO_ALL_TO_ALL_MIN_TOKENS:
+    if ep <= AUTO_ALL_REDUCE_MAX_EP or num_tokens < AUTO_ALL_TO_ALL_MIN_TOKENS:
         return "all_reduce"
     return "all_to_all"

@@ -113,10 +113,11 @@ def test_single_process_dispatchers_agree():
 
 def test_auto_dispatcher_choice():
     n = AUTO_ALL_TO_ALL_MIN_TOKENS
-    assert auto_dispatcher_name(1, 2) == "all_reduce"
-    assert auto_dispatcher_name(n - 1, 2) == "all_reduce"
-    assert auto_dispatcher_name(n, 2) == "all_to_all"
+    assert auto_dispatcher_name(1, 4) == "all_reduce"
+    assert auto_dispatcher_name(n - 1, 8) == "all_reduce"
+    assert auto_dispatcher_name(n, 4) == "all_to_all"
     assert auto_dispatcher_name(10 * n, 1) == "all_reduce"  # nothing to move with ep = 1
+    assert auto_dispatcher_name(10 * n, 2) == "all_reduce"  # measured faster at EP = 2
 
 
 def test_bad_inputs_name_the_problem():
