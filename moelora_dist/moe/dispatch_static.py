@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moelora_dist.moe.dispatch import Dispatched, Dispatcher
-from moelora_dist.moe.dispatch_a2a import _ALL_GATHER_SINGLE, _meta_pad, _rows, _unpack
+from moelora_dist.moe.dispatch_a2a import _ALL_GATHER_SINGLE, _meta_pad, _row_layout, _unpack
 from moelora_dist.parallel.groups import group_size
 
 
@@ -42,8 +42,6 @@ class AllToAllStaticDispatcher(Dispatcher):
         # Pad the share to C rows: padded rows route nowhere (ids -1).
         ids_CK = torch.full((C, K), -1, dtype=torch.int32, device=dev)
         ids_CK[:n] = topk_ids_TK[start:end]
-        x_CH = x_TH.new_zeros(C, H)
-        x_CH[:n] = x_TH[start:end]
         w_CK = torch.zeros(C, K, dtype=torch.float32, device=dev)
         w_CK[:n] = topk_weights_TK[start:end]
         slot_C = torch.full((C,), -1, dtype=torch.int32, device=dev)
@@ -59,8 +57,18 @@ class AllToAllStaticDispatcher(Dispatcher):
         if pad:
             meta.append(torch.zeros(1, 1, pad, dtype=torch.int32, device=dev).expand(P, C, pad))
         meta_PCW = torch.cat(meta, dim=2)
-        send = _rows(meta_PCW.view(P * C, meta_PCW.shape[2]),
-                     x_CH.expand(P, C, H).reshape(P * C, H))
+        # Write the rows in place: meta words, then x broadcast to the P destinations in one
+        # pass (no padded copy of the share, no P-fold copy before packing).
+        x_off, row = _row_layout(H, K, x_TH.dtype)
+        xb = H * x_TH.dtype.itemsize
+        send_PCR = torch.empty(P, C, row, dtype=torch.uint8, device=dev)
+        send_PCR[:, :, :x_off] = meta_PCW.view(torch.uint8)
+        send_PCR[:, :n, x_off:x_off + xb] = x_TH[start:end].contiguous().view(torch.uint8)
+        if n < C:
+            send_PCR[:, n:, x_off:] = 0
+        if row > x_off + xb:
+            send_PCR[:, :n, x_off + xb:] = 0
+        send = send_PCR.view(P * C, row)
         recv = torch.empty_like(send)
         if P > 1:
             dist.all_to_all_single(recv, send, group=g.ep_group)
@@ -81,9 +89,8 @@ class AllToAllStaticDispatcher(Dispatcher):
             dist.all_to_all_single(back, y_NH.contiguous(), group=g.ep_group)
         else:
             back = y_NH
-        # sum over the P copies: reduced in fp32 inside the kernel, rounded once.
-        acc = torch.float64 if y_NH.dtype == torch.float64 else torch.float32
-        y_CH = back.view(P, C, H).sum(dim=0, dtype=acc).to(y_NH.dtype)
+        # Sum of the P copies: PyTorch accumulates half types in fp32 and rounds once.
+        y_CH = back.view(P, C, H).sum(dim=0)
         if group_size(g.moe_tp_group) > 1:
             dist.all_reduce(y_CH, group=g.moe_tp_group)
         if not gather:
