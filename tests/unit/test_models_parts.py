@@ -117,3 +117,43 @@ def test_head_split_refusals():
         HeadSplit.for_rank(_cfg(heads=12, kv=6), 4, 0)
     with pytest.raises(ModelConfigError, match="multiple of num_key_value_heads=3"):
         HeadSplit.for_rank(_cfg(heads=12, kv=3), 4, 0)
+
+
+def test_attention_never_uses_cudnn_and_matches_math(monkeypatch):
+    """Decode changes the kv length every step; cuDNN attention would build a plan for each
+    (70-110 ms per step on an H100), so ``_attend`` must run with cuDNN off. The grouped-query
+    stacking must still equal plain per-head attention."""
+    import torch.nn.functional as F
+
+    from moelora_dist.models import attention as attn_mod
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attn_mod.F, "scaled_dot_product_attention", spy)
+    cfg = ModelConfig.from_dict(dict(model_type="qwen3_moe", vocab_size=16, hidden_size=16,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     num_experts=4, num_experts_per_tok=2,
+                                     moe_intermediate_size=8, num_hidden_layers=1))
+    layer = attn_mod.TPAttention.__new__(attn_mod.TPAttention)
+    layer.cfg, layer.split = cfg, HeadSplit.for_rank(cfg, 1, 0)
+    g = torch.Generator().manual_seed(0)
+    for new, prefix in (([1, 1], [3, 6]), ([3, 1], [2, 4])):  # decode, then mixed prefill
+        b = ForwardBatch.build(new, prefix, "cpu")
+        T, L = sum(new), b.max_kv
+        q = torch.randn(T, 4, 8, generator=g)
+        k, v = torch.randn(2, 2, L, 8, generator=g), torch.randn(2, 2, L, 8, generator=g)
+        got = layer._attend(q, k, v, b)
+        for t in range(T):
+            r, j = int(b.req_T[t]), int(b.j_T[t])
+            mask = b.attn_mask_B1QL[r, 0, j]
+            for h in range(4):
+                kh = h // 2  # two query heads per kv head
+                s = (k[r, kh] @ q[t, h]) * 8 ** -0.5
+                p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=0)
+                torch.testing.assert_close(got[t, h], p @ v[r, kh], atol=1e-5, rtol=1e-5)
+    assert seen and not any(seen)
