@@ -37,12 +37,18 @@ def fused_experts(
     activation: str = "silu",
     slot_enabled_S: torch.Tensor | None = None,
     backend: str | None = None,
+    num_lora_tokens: int | None = None,
 ) -> torch.Tensor:
-    """See :func:`experts_reference` for shapes; ``lora=None`` runs the base path only."""
+    """See :func:`experts_reference` for shapes; ``lora=None`` runs the base path only.
+
+    ``num_lora_tokens``: the host-side count of ``BatchInfo`` when known. It spares the Triton
+    path its host check of ``slot_enabled_S.any()`` (a sync per layer otherwise).
+    """
     if pick_backend(x_TH.device, backend) == "torch":
         return experts_reference(x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK,
                                  topk_ids_TK, token_slot_T, lora, activation)
     from moelora_dist.kernels.fused_moe_lora import fused_moe_lora  # imports triton lazily
 
     return fused_moe_lora(x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK, topk_ids_TK,
-                          token_slot_T, lora, activation, slot_enabled_S)
+                          token_slot_T, lora, activation, slot_enabled_S,
+                          num_lora_tokens=num_lora_tokens)

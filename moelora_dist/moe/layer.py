@@ -162,7 +162,7 @@ class LoRAMoE(nn.Module):
         """
         if x_TH.dim() != 2 or x_TH.shape[1] != self.base.hidden_size:
             raise ValueError(f"x must be [T, {self.base.hidden_size}], got {tuple(x_TH.shape)}")
-        lora = token_slot_T = slot_enabled_S = None
+        lora = token_slot_T = slot_enabled_S = num_lora_tokens = None
         if batch_info is not None and self.pool is not None and batch_info.any_lora():
             if batch_info.num_tokens != x_TH.shape[0]:
                 raise ValueError(f"batch_info describes {batch_info.num_tokens} tokens but x "
@@ -170,6 +170,8 @@ class LoRAMoE(nn.Module):
             lora = self.pool.moe_buffers(self.layer_idx)
             token_slot_T = batch_info.token_slot_T
             slot_enabled_S = batch_info.slot_enabled_S
+            # Known on the host (or None): no per-layer sync to find out whether LoRA runs.
+            num_lora_tokens = batch_info.num_lora_tokens
         base = self.base
         w_TK, ids_TK = base.route(x_TH)
 
@@ -182,7 +184,7 @@ class LoRAMoE(nn.Module):
             slot_N = slot_N.contiguous() if slot_N is not None else None
             return fused_experts(x_NH, base.w_gate_up, base.w_down, w_NK, ids_NK, slot_N,
                                  lora if slot_N is not None else None, base.activation,
-                                 slot_enabled_S)
+                                 slot_enabled_S, num_lora_tokens=num_lora_tokens)
 
         return self.get_dispatcher(x_TH.shape[0])(x_TH, w_TK, ids_TK, token_slot_T,
                                                   local_experts)
