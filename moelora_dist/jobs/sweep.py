@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "float32 1e-4 on cpu, 2e-3 on cuda (TF32 products), bfloat16 5e-2, "
                         "float64 1e-9; 1e-10 with --simulate)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: gloo processes; cuda: NCCL, one GPU per process; with --simulate "
+                        "the device of every simulated rank's compute (default cpu)")
     g = p.add_argument_group("multi-process sweep (ignored with --simulate)")
     g.add_argument("--layers", type=int, default=3, help="MoE layers in the stack (default 3)")
     g.add_argument("--layouts", default=None,
@@ -90,8 +93,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("auto", "float64", "float32", "bfloat16", "float16"),
                    default="auto", help="model and adapter dtype (default auto: float32 on "
                                         "cpu, bfloat16 on cuda)")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu: gloo processes; cuda: NCCL, one GPU per process (default cpu)")
     g.add_argument("--timeout", type=float, default=600,
                    help="seconds one world size may take before it counts as failed (default 600)")
 
