@@ -1,4 +1,4 @@
-"""The ``moelora-dist`` command.
+"""moelora-dist: many LoRA adapters at once on the MoE layers of a TP/EP-split model.
 
     moelora-dist layout --world 8 --tp 8 --ep 2 --experts 128 --intermediate 768
     moelora-dist inspect-adapter DIR [--model-config config.json]
@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="commands:\n" + "\n".join(
                                          f"  {n:<16} {h}" for n, (_, h) in COMMANDS.items()))
-    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND",
+                        help="one of the commands below; 'moelora-dist COMMAND --help' for its "
+                             "options")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
