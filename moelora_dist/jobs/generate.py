@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, generate=True)
     p.add_argument("--max-batch", type=int, default=64,
                    help="requests decoded together (default 64)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="decode eagerly; by default decode steps replay CUDA graphs on one GPU "
+                        "(one process, waves of at most 256 requests)")
 
 
 def run(runner, groups, args: argparse.Namespace) -> int:
@@ -36,7 +39,8 @@ def run(runner, groups, args: argparse.Namespace) -> int:
 
     requests = read_requests(args.requests, need_max_new_tokens=True)
     results = runner.generate(requests, max_batch=args.max_batch,
-                              max_batch_tokens=args.max_batch_tokens, progress=groups.is_rank0)
+                              max_batch_tokens=args.max_batch_tokens, progress=groups.is_rank0,
+                              cuda_graphs=args.cuda_graphs)
     if groups.is_rank0:
         with open(args.out, "w") as f:
             for r, g in zip(requests, results):

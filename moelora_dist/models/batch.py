@@ -99,6 +99,29 @@ class ForwardBatch:
             kv_lens_B=kv_lens.to(device), attn_mask_B1QL=mask[:, None].to(device),
             max_q=max_q, max_kv=max_kv)
 
+    @classmethod
+    def static_decode(cls, positions_B: torch.Tensor, max_len: int,
+                      sliding_window: int | None = None) -> "ForwardBatch":
+        """One new token per request, request ``b`` in KV-cache row ``b``, attending over all
+        ``max_len`` cached keys with the mask doing the rest: every shape is fixed by
+        ``(B, max_len)`` and every index is computed on the device from ``positions_B``, so
+        the forward can be captured in a CUDA graph and replayed with new positions.
+
+        ``positions_B``: ``[B]`` int64 position of each new token (a padding row uses 0, so
+        it sees exactly one key and nothing is NaN).
+        """
+        B, dev = int(positions_B.shape[0]), positions_B.device
+        k_pos_L = torch.arange(max_len, device=dev)
+        mask_BL = k_pos_L[None, :] <= positions_B[:, None]
+        if sliding_window is not None:
+            mask_BL &= k_pos_L[None, :] > positions_B[:, None] - sliding_window
+        req_T = torch.arange(B, device=dev)
+        return cls(positions_T=positions_B, seg_indptr_B1=torch.arange(
+                       B + 1, dtype=torch.int32, device=dev),
+                   req_T=req_T, j_T=torch.zeros_like(req_T), cache_rows_B=None,
+                   kv_lens_B=positions_B + 1, attn_mask_B1QL=mask_BL[:, None, None, :],
+                   max_q=1, max_kv=max_len)
+
 
 class KVCache:
     """Per-layer key/value buffers ``[C, L_max, N, D]``: one row per live request.

@@ -35,13 +35,44 @@ def lora_delta_reference(x_TI: torch.Tensor, a_SRI: torch.Tensor, b_SOR: torch.T
     return out
 
 
+def _stacked_factors(pool, path: str, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``A^T [I, S*R]`` and ``B [S*R, O]`` (rows ``rows`` of a replicated ``b``) of
+    every slot of one module, read from the pool's buffers."""
+    buf = pool.dense_buffers(path)
+    S, R, I = buf.a.shape
+    b = buf.b if rows is None else buf.b[:, rows[0]:rows[1]]
+    return (buf.a.float().reshape(S * R, I).T.contiguous(),
+            b.float().permute(0, 2, 1).reshape(S * R, -1).contiguous())
+
+
+def sync_factor_cache(pool, cache: dict, key) -> None:
+    """Bring the cached fp32 factors up to date with the pool when ``key`` changed.
+
+    Every entry covers all slots, so it depends on the pool's buffers only; a changed key
+    (another slot assignment, or an explicit invalidation) rewrites the entries **in place**.
+    Keeping the tensors' storage is what lets a captured CUDA graph, which holds their
+    addresses, serve a replaced adapter without being captured again.
+    """
+    if cache.get("key") == key:
+        return
+    for (path, rows), (a, b) in cache.get("factors", {}).items():
+        new_a, new_b = _stacked_factors(pool, path, rows)
+        a.copy_(new_a)
+        b.copy_(new_b)
+    for specs, (a_cat, _) in cache.get("groups", {}).items():
+        parts = [cache["factors"][spec][0] for spec in specs]
+        torch.cat(parts, dim=1, out=a_cat)
+    cache["key"] = key
+
+
 class DenseLoRA:
     """The dense-module LoRA of one forward pass: which slot each token uses, and the pool's
     factors as fp32 stacked matrices.
 
     Built once per forward and shared by every layer, so the token one-hot mask is made once;
     the stacked fp32 factors (``A^T``: ``[I, S*R]``, ``B``: ``[S*R, O]``) are cached across
-    forwards in ``cache`` and rebuilt when the pool's slot assignment changes (``key``).
+    forwards in ``cache`` and rewritten in place when ``key`` (the pool's slot assignment)
+    changes, see :func:`sync_factor_cache`.
     Decode runs a handful of small kernels per module; caching avoids re-casting and
     re-permuting the factors on every step.
     """
@@ -54,30 +85,24 @@ class DenseLoRA:
         # One-hot of each token's slot; -1 matches no slot, so base-only tokens get exactly 0.
         self.own_TS1 = (token_slot_T.long()[:, None] == torch.arange(
             S, device=token_slot_T.device)[None, :]).float()[:, :, None]
-        if cache.get("key") != key:
-            cache.clear()
-            cache["key"] = key
+        sync_factor_cache(pool, cache, key)
         self.cache = cache
 
     def _factors(self, path: str, rows):
-        ck = (path, rows)
-        hit = self.cache.get(ck)
+        factors = self.cache.setdefault("factors", {})
+        hit = factors.get((path, rows))
         if hit is None:
-            buf = self.pool.dense_buffers(path)
-            S, R, I = buf.a.shape
-            b = buf.b if rows is None else buf.b[:, rows[0]:rows[1]]
-            hit = (buf.a.float().reshape(S * R, I).T.contiguous(),
-                   b.float().permute(0, 2, 1).reshape(S * R, -1).contiguous())
-            self.cache[ck] = hit
+            hit = factors[(path, rows)] = _stacked_factors(self.pool, path, rows)
         return hit
 
     def _group(self, specs: tuple):
         """Stacked ``A^T`` of several modules that read the same input: ``[I, n*S*R]``."""
-        hit = self.cache.get(specs)
+        groups = self.cache.setdefault("groups", {})
+        hit = groups.get(specs)
         if hit is None:
             parts = [self._factors(path, rows) for path, rows in specs]
             hit = (torch.cat([a for a, _ in parts], dim=1).contiguous(), [b for _, b in parts])
-            self.cache[specs] = hit
+            groups[specs] = hit
         return hit
 
     def apply_group(self, x_TI: torch.Tensor, items) -> list[torch.Tensor]:

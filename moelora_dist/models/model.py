@@ -21,7 +21,7 @@ from moelora_dist.lora.pool import DenseModuleSpec, LoRAPool, MoELayerSpec, Pool
 from moelora_dist.models.attention import HeadSplit, TPAttention
 from moelora_dist.models.batch import ForwardBatch, KVCache
 from moelora_dist.models.config import ModelConfig
-from moelora_dist.models.lora_linear import DenseLoRA
+from moelora_dist.models.lora_linear import DenseLoRA, sync_factor_cache
 from moelora_dist.models.mlp import DenseMLP
 from moelora_dist.models.ops import rms_norm, rope_cos_sin, rope_inv_freq
 from moelora_dist.moe.layer import LoRAMoE, MoEBlock
@@ -72,8 +72,21 @@ class MoELoRAModel:
         self._lora_cache: dict = {}  # fp32 stacked dense LoRA factors, see DenseLoRA
 
     def invalidate_lora_cache(self) -> None:
-        """Call after rewriting a pool slot in place (same name, same slot)."""
-        self._lora_cache.clear()
+        """Call after rewriting a pool slot in place (same name, same slot): the next forward
+        (or :meth:`sync_lora_cache`) rewrites the cached factors in place."""
+        self._lora_cache["key"] = None  # never equal to a real key
+
+    def lora_cache_key(self) -> tuple:
+        """The pool's slot assignment, ``((name, slot), ...)``: what the factor cache follows."""
+        return tuple(sorted(self.pool.loaded().items()))
+
+    def sync_lora_cache(self) -> None:
+        """Refresh the dense LoRA factor cache now if the pool changed since it was filled.
+
+        A CUDA graph replay builds no :class:`DenseLoRA` (which would do this), so the graph
+        runner calls it before every replay.
+        """
+        sync_factor_cache(self.pool, self._lora_cache, self.lora_cache_key())
 
     @classmethod
     def build(cls, cfg: ModelConfig, groups: ParallelGroups, source, *, dtype: torch.dtype,
@@ -148,7 +161,7 @@ class MoELoRAModel:
         lora = None
         if batch_info.any_lora():
             lora = DenseLoRA(self.pool, batch_info.token_slot_T, self._lora_cache,
-                             tuple(sorted(self.pool.loaded().items())))
+                             self.lora_cache_key())
         h = self.embed_VH[input_ids_T]
         cos, sin = rope_cos_sin(batch.positions_T, self.inv_freq, h.dtype)
         eps = self.cfg.rms_norm_eps

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from moelora_dist.lora.batch_info import compute_batch_info
 from moelora_dist.models.batch import ForwardBatch
 from moelora_dist.models.config import ModelConfig
+from moelora_dist.models.graphs import DecodeGraphs, bucket_for, graphs_supported
 from moelora_dist.models.dp import gather_generations, gather_logits, replica_indices
 from moelora_dist.models.model import MoELoRAModel
 from moelora_dist.models.requests import Request, validate_requests
@@ -52,6 +53,8 @@ class ModelRunner:
         self.model = model
         self.cfg: ModelConfig = model.cfg
         self.registry: dict = {}
+        # Made on the first graph decode (CUDA, one process); a test may set an uncaptured one.
+        self.decode_graphs: DecodeGraphs | None = None
 
     @classmethod
     def from_pretrained(cls, model_dir: str, groups: ParallelGroups | None = None, *,
@@ -178,8 +181,13 @@ class ModelRunner:
 
     @torch.no_grad()
     def generate(self, requests: list[Request], max_batch: int = 64,
-                 max_batch_tokens: int = 8192, progress: bool = False) -> list[Generation]:
-        """Greedy decoding; stops at ``max_new_tokens`` or an EOS id (unless ``ignore_eos``)."""
+                 max_batch_tokens: int = 8192, progress: bool = False,
+                 cuda_graphs: bool = True) -> list[Generation]:
+        """Greedy decoding; stops at ``max_new_tokens`` or an EOS id (unless ``ignore_eos``).
+
+        ``cuda_graphs``: decode steps replay CUDA graphs (:mod:`.graphs`) on CUDA with one
+        process and at most 256 requests per wave; False (or any other case) runs eagerly.
+        """
         self._validate(requests)
         results: list[Generation | None] = [None] * len(requests)
         mine = replica_indices(self.model.groups, len(requests))
@@ -191,15 +199,25 @@ class ModelRunner:
         for chunk in tqdm(chunks, desc="generate", unit="batch", disable=not progress):
             wave = [todo[j] for j in chunk]
             for i, gen in zip(wave, self._generate_wave([requests[i] for i in wave],
-                                                        max_batch_tokens)):
+                                                        max_batch_tokens, cuda_graphs)):
                 results[i] = gen
         return gather_generations(self.model.groups, results, Generation)  # type: ignore
 
-    def _generate_wave(self, reqs: list[Request], max_batch_tokens: int) -> list[Generation]:
+    def _decode_graphs(self, num_rows: int) -> DecodeGraphs | None:
+        if bucket_for(num_rows) is None:
+            return None
+        if self.decode_graphs is None and graphs_supported(self.model):
+            self.decode_graphs = DecodeGraphs(self.model)
+        return self.decode_graphs
+
+    def _generate_wave(self, reqs: list[Request], max_batch_tokens: int,
+                       cuda_graphs: bool) -> list[Generation]:
         pool, cfg, dev = self.model.pool, self.cfg, self.model.device
         B = len(reqs)
         prompt_lens = [len(r.input_ids) for r in reqs]
-        cache = self.model.new_cache(B, max(p + r.max_new_tokens for p, r in zip(prompt_lens, reqs)))
+        max_len = max(p + r.max_new_tokens for p, r in zip(prompt_lens, reqs))
+        graphs = self._decode_graphs(B) if cuda_graphs else None
+        cache = graphs.cache_for(B, max_len) if graphs else self.model.new_cache(B, max_len)
         eos = set(cfg.eos_token_ids)
         outs: list[list[int]] = [[] for _ in reqs]
         reasons = ["length"] * B
@@ -215,10 +233,11 @@ class ModelRunner:
                 hidden = self._forward([t for b in rows for t in reqs[b].input_ids], batch,
                                        cache, req_to_slot[idx])
                 last_hidden.append(hidden[batch.last_token_index_B])
-            hidden = torch.cat(last_hidden)  # [active requests, H]: one row each, always
+            # [B, H]: one row per request
+            next_ids = self._pick(self.model.logits(torch.cat(last_hidden)))
+            slots = req_to_slot.tolist()
             active = list(range(B))
             while True:
-                next_ids = self._pick(self.model.logits(hidden))
                 still = []
                 for b, tok in zip(active, next_ids):
                     outs[b].append(tok)
@@ -229,15 +248,32 @@ class ModelRunner:
                 active = still
                 if not active:
                     break
+                if graphs is not None:
+                    next_ids = self._graph_step(graphs, active, outs, prompt_lens, slots)
+                    continue
                 batch = ForwardBatch.build(
                     [1] * len(active), [prompt_lens[b] + len(outs[b]) - 1 for b in active], dev,
                     cache_rows=active, sliding_window=cfg.sliding_window)
                 idx = torch.tensor(active, dtype=torch.int64, device=req_to_slot.device)
                 hidden = self._forward([outs[b][-1] for b in active], batch, cache,
                                        req_to_slot[idx])
+                next_ids = self._pick(self.model.logits(hidden))
         finally:
             pool.release_batch()
         return [Generation(o, r) for o, r in zip(outs, reasons)]
+
+    @staticmethod
+    def _graph_step(graphs: DecodeGraphs, active: list[int], outs: list[list[int]],
+                    prompt_lens: list[int], slots: list[int]) -> list[int]:
+        """One decode step of the live requests ``active`` (ascending; request b is cache row
+        b) through :class:`DecodeGraphs`; finished rows below the last live one are padding."""
+        n = active[-1] + 1
+        ids, pos, row_slots = [0] * n, [-1] * n, [-1] * n
+        for b in active:
+            ids[b], pos[b], row_slots[b] = outs[b][-1], prompt_lens[b] + len(outs[b]) - 1, slots[b]
+        _, next_B = graphs.step(ids, pos, row_slots)
+        got = next_B.tolist()
+        return [got[b] for b in active]
 
     def _pick(self, logits_BV: torch.Tensor) -> list[int]:
         """Greedy token of each row, made identical on every rank of the TP group.
