@@ -20,6 +20,8 @@ CASES = {
     "t_lt_block": "T smaller than BLOCK_M",
     "no_lora_tokens": "LoRA buffers given but every token_slot is -1",
     "all_invalid": "every topk id is -1: the output is exactly zero",
+    "many_slots": "7 enabled slots (ranks R..R/4, shared A and B mixed) + a rank-0 one: blocks "
+                  "hold more slot runs than one stacked expand dot takes",
 }
 
 
@@ -81,13 +83,22 @@ def make_case(name: str, *, T=12, H=32, E=4, I=24, K=2, R=16, dtype=torch.float3
         ids[:, 1:] = -1
     elif name == "all_invalid":
         ids[:] = -1
-    S = 4
+    elif name == "many_slots":
+        ids[torch.rand(T, K, generator=g) < 0.1] = -1
+    if name == "many_slots":
+        S, ranks = 8, [R, R // 2, R // 4, R, 0, R // 2, R, R]
+        shared_a = [False, True, False, False, False, False, True, False]
+        shared_b = [True, False, False, True, False, False, False, False]
+        enabled = torch.tensor([True] * 8)
+    else:
+        S, ranks = 4, [R, R // 2, 0, R]
+        shared_a, shared_b = [False, True, False, True], [True, False, False, False]
+        enabled = torch.tensor([True, True, False, False])
     slot = torch.randint(-1, S, (T,), generator=g).to(torch.int32)
     if name == "no_lora_tokens":
         slot[:] = -1
-    lora = make_lora(S, E, R, H, I, dtype, device, g, ranks=[R, R // 2, 0, R],
-                     shared_a=[False, True, False, True], shared_b=[True, False, False, False])
-    enabled = torch.tensor([True, True, False, False])
+    lora = make_lora(S, E, R, H, I, dtype, device, g, ranks=ranks, shared_a=shared_a,
+                     shared_b=shared_b)
     if name == "no_lora_tokens":
         enabled[:] = False
     return dict(x_TH=x, w_gate_up_EXH=w_gu, w_down_EHI=w_d, topk_weights_TK=tw.to(device),

@@ -34,7 +34,7 @@ def _case(name, T):
 
 @pytest.mark.parametrize("T", [5, 64, 700], ids=["T5", "T64", "T700"])
 @pytest.mark.parametrize("case", ["mixed", "empty_expert", "one_expert", "t_lt_block",
-                                  "no_lora_tokens", "all_invalid"])
+                                  "no_lora_tokens", "all_invalid", "many_slots"])
 def test_fused_moe_lora_bf16_matches_reference(case, T):
     from moelora_dist.kernels.fused_moe_lora import fused_moe_lora
     from moelora_dist.moe.reference import experts_reference

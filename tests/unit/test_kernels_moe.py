@@ -105,6 +105,44 @@ def test_fused_moe_lora_matches_experts_reference(case, dtype, fused):
         assert torch.equal(got, torch.zeros_like(got))
 
 
+@pytest.mark.parametrize("lora_runs", [1, 2, 8], ids=["runs1", "runs2", "runs8"])
+def test_stacked_expand_matches_reference_for_any_runs_per_dot(lora_runs):
+    """A block of ~10 rows holds up to 7 slot runs: 1 and 2 runs per dot loop over chunks,
+    8 takes them in one dot with empty bands (slots of rank 4, 8, 16 and shared factors)."""
+    c = make_case("many_slots", T=20, E=4, K=2)
+    args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
+            c["topk_ids_TK"])
+    got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
+                         config=dataclasses.replace(SMALL, lora_runs=lora_runs))
+    _close(got, experts_reference(*args, _effective_slots(c), c["lora"]), torch.float32)
+
+
+def test_expand_does_not_rely_on_rows_sorted_by_slot():
+    """With a base alignment not sorted by slot, a slot appears in several runs of a block:
+    the result must not change (only the speed depends on the sort)."""
+    c = make_case("many_slots", T=20, E=4, K=2)
+    x, lora, K = c["x_TH"], c["lora"], 2
+    ts, en = c["token_slot_T"], c["slot_enabled_S"]
+    al = align_items(c["topk_ids_TK"], None, None, None, None, num_experts=4, block_m=16)
+    la = align_items(c["topk_ids_TK"], ts, en, lora.slot_rank, lora.gate_up_a_shared,
+                     num_experts=4, block_m=16, mode="lora")
+    sh = ops.lora_shrink(x, lora, la, K, block_k=16)
+    tiles = dict(block_n=16, block_k=16, num_stages=1, lora_runs=2)
+    h, _ = ops.gate_up(x, c["w_gate_up_EXH"], al, K, ts, en, lora, sh, **tiles)
+    h_ref, _ = naive.gate_up(x, c["w_gate_up_EXH"], al, K, ts, en, lora, sh)
+    rows = ~torch.isnan(h_ref[:, 0])
+    torch.testing.assert_close(h[rows], h_ref[rows], atol=1e-4, rtol=1e-4)
+    dsh = ops.down_shrink(h, lora, al, K, ts, en, block_k=16)
+    out = ops.down(h, c["w_down_EHI"], c["topk_weights_TK"], al, K, ts, en, lora, dsh, **tiles)
+    out_ref = naive.down(h, c["w_down_EHI"], c["topk_weights_TK"], al, K, ts, en, lora, dsh)
+    torch.testing.assert_close(out[rows], out_ref[rows], atol=1e-4, rtol=1e-4)
+
+
+def test_lora_runs_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        ops.num_runs(3, 16)
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 def test_base_only_and_activation(activation):
     c = make_case("mixed", T=20, E=4, K=2)

@@ -45,3 +45,37 @@ def _gelu_tanh_mul(gate, up):
     inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
     th = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
     return 0.5 * gate * (1.0 + th) * up
+
+
+@triton.jit
+def _row_runs(sorted_ids_ptr, pid_m, slot_m, num_items, top_k, token_slot_ptr,
+              slot_enabled_ptr, slot_rank_ptr, BLOCK_M: tl.constexpr):
+    """Run index of each row (-1 for rows without a slot) and the number of runs.
+
+    A run is a stretch of consecutive rows with the same slot. Rows of an expert are sorted by
+    slot, so a block holds few runs; the expand then stacks the factors of several runs into
+    one dot. Nothing depends on the sort for correctness: a slot split over two runs is just
+    two bands of the stacked dot. The previous row's slot is read back from ``sorted_ids``.
+    """
+    offs = tl.arange(0, BLOCK_M)
+    prev = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + offs - 1, mask=offs > 0,
+                   other=num_items).to(tl.int64)
+    prev_mask = prev < num_items
+    prev_slot = _row_slots(prev // top_k, prev_mask, token_slot_ptr, slot_enabled_ptr,
+                           slot_rank_ptr)
+    starts = (slot_m >= 0) & ((offs == 0) | (slot_m != prev_slot))
+    run_m = tl.cumsum(starts.to(tl.int32), axis=0) - 1
+    return tl.where(slot_m >= 0, run_m, -1), tl.sum(starts.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _stacked_slots(run_m, slot_m, first_run, NUM_RUNS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Slot of each row of the stacked K axis (``NUM_RUNS * BLOCK_R`` rows: band j holds run
+    ``first_run + j``), -1 where the run does not exist; and the band's rank index."""
+    offs_j = tl.arange(0, NUM_RUNS)
+    hit = run_m[:, None] == (first_run + offs_j)[None, :]
+    slot_j = tl.max(tl.where(hit, slot_m[:, None], -1), axis=0)
+    slot_q = tl.reshape(tl.broadcast_to(slot_j[:, None], (NUM_RUNS, BLOCK_R)),
+                        (NUM_RUNS * BLOCK_R,))
+    offs_q = tl.arange(0, NUM_RUNS * BLOCK_R)
+    return slot_q, offs_q // BLOCK_R, offs_q % BLOCK_R

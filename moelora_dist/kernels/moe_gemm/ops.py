@@ -31,6 +31,15 @@ def block_r(max_rank: int) -> int:
     return max(16, triton.next_power_of_2(max(int(max_rank), 1)))
 
 
+def num_runs(lora_runs: int, br: int) -> int:
+    """Slot runs stacked into one expand dot: ``lora_runs`` (a power of two) or, when 0, as
+    many as make a stacked K of 64 (4 runs at rank 16, 1 run from rank 64 up)."""
+    n = lora_runs or max(1, 64 // br)
+    if n & (n - 1):
+        raise ValueError(f"lora_runs must be a power of two, got {lora_runs}")
+    return n
+
+
 def lora_shrink(x_TH: torch.Tensor, lora: MoELoRABuffers, al: Alignment, top_k: int,
                 *, block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
     """Gate/up LoRA shrink for the items of a ``mode="lora"`` alignment.
@@ -57,13 +66,15 @@ def lora_shrink(x_TH: torch.Tensor, lora: MoELoRABuffers, al: Alignment, top_k: 
 def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             slot_enabled_S=None, lora: MoELoRABuffers | None = None, shrink=None,
             activation: str = "silu", *, block_n: int = 64, block_k: int = 64,
-            num_warps: int = 4, num_stages: int = 3, fuse_down_shrink: bool = False):
+            num_warps: int = 4, num_stages: int = 3, fuse_down_shrink: bool = False,
+            lora_runs: int = 0):
     """Base gate_up + LoRA expand + activation (+ down LoRA shrink) for a base alignment.
 
     Args:
         x_TH: ``[T, H]``; w_gate_up_EXH: ``[E_l, 2*I_l, H]`` (gate rows then up rows).
         al: base alignment of the ``T*K`` pairs by expert (rows ordered by slot).
         shrink: output of :func:`lora_shrink` when ``lora`` is given.
+        lora_runs: slot runs per expand dot (see :func:`num_runs`).
     Returns:
         ``h`` ``[T*K, I_l]`` in ``x_TH.dtype`` (rows of invalid pairs unset) and ``dshrink``
         ``[T*K, BR]`` fp32 (``h A_down^T``; None without LoRA, or when not
@@ -81,8 +92,10 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
     fuse = has_lora and fuse_down_shrink
     if has_lora:
         BR = block_r(lora.max_rank)
-        # atomics accumulate into it when fused; unused (never read) otherwise
-        dshrink = torch.zeros(N if fuse else 1, BR, dtype=torch.float32, device=x_TH.device)
+        # atomics accumulate into it when fused; otherwise never touched (no allocation, no
+        # fill launch: both cost host time in an eager decode step)
+        dshrink = (torch.zeros(N, BR, dtype=torch.float32, device=x_TH.device) if fuse
+                   else h)
         b, da = lora.gate_up_b, lora.down_a
         lora_args = (token_slot_T, slot_enabled_S, lora.slot_rank, lora.gate_up_a_shared,
                      shrink, b, da, dshrink)
@@ -98,7 +111,7 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         w.stride(2), *lora_strides, HAS_LORA=has_lora, FUSE_DOWN_SHRINK=fuse,
         ACT=ACT_IDS[activation],
         BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
-        num_warps=num_warps, num_stages=num_stages)
+        NUM_RUNS=num_runs(lora_runs, BR), num_warps=num_warps, num_stages=num_stages)
     return h, (dshrink if fuse else None)
 
 
@@ -120,7 +133,8 @@ def down_shrink(h, lora: MoELoRABuffers, al: Alignment, top_k: int, token_slot_T
 
 def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T=None,
          slot_enabled_S=None, lora: MoELoRABuffers | None = None, dshrink=None, *,
-         block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3):
+         block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
+         lora_runs: int = 0):
     """Base down + LoRA expand, times the top-k weight, per pair.
 
     Args:
@@ -150,7 +164,7 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
         N, top_k, H, inter, w.stride(0), w.stride(1), w.stride(2), *b_strides,
         HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_R=BR, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_R=BR, NUM_RUNS=num_runs(lora_runs, BR), num_warps=num_warps, num_stages=num_stages)
     return out
 
 
