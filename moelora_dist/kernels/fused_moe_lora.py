@@ -3,8 +3,8 @@
 Legend: T tokens, H hidden, E_l local experts, I_l local intermediate, K top-k, S slots,
 R max rank, BR padded rank (power of two >= 16).
 
-    align(base, by expert, rows ordered by slot)      4 small launches
-    [LoRA] align(lora, by slot*E_l + expert)          4 small launches
+    align(base, by expert, rows ordered by slot)      4 small launches (a fill + 3 kernels)
+    [LoRA] align(lora, by slot*E_l + expert)          in the same 4 launches
     [LoRA] lora_shrink  x A^T                         -> [T*K + T, 2BR] fp32
     gate_up (+ expand, act, + down shrink)            -> h [T*K, I_l], dshrink [T*K, BR]
     down (+ expand, x top-k weight)                   -> [T*K, H]
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moelora_dist.kernels.align import align_items
+from moelora_dist.kernels.align import align_base_and_lora, align_items
 from moelora_dist.kernels.moe_gemm import ops
 from moelora_dist.lora.buffers import MoELoRABuffers
 
@@ -127,16 +127,15 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
             lora = None  # no adapter in this batch: skip the LoRA path, do not run it on zeros
     cfg = config or pick_config(T, K, E, lora.num_slots if lora is not None else 1)
     has_lora = lora is not None
-    base = align_items(topk_ids_TK, token_slot_T if has_lora else None,
-                       slot_enabled_S if has_lora else None,
-                       lora.slot_rank if has_lora else None, None, num_experts=E,
-                       block_m=cfg.block_m, mode="base", sort_by_slot=has_lora)
     shrink = None
     if has_lora:
-        la = align_items(topk_ids_TK, token_slot_T, slot_enabled_S, lora.slot_rank,
-                         lora.gate_up_a_shared, num_experts=E, block_m=cfg.lora_block_m,
-                         mode="lora")
+        base, la = align_base_and_lora(topk_ids_TK, token_slot_T, slot_enabled_S,
+                                       lora.slot_rank, lora.gate_up_a_shared, num_experts=E,
+                                       block_m=cfg.block_m, lora_block_m=cfg.lora_block_m)
         shrink = ops.lora_shrink(x_TH, lora, la, K, block_k=cfg.shrink_block_k)
+    else:
+        base = align_items(topk_ids_TK, None, None, None, None, num_experts=E,
+                           block_m=cfg.block_m, mode="base")
     h, dshrink = ops.gate_up(x_TH, w_gate_up_EXH, base, K, token_slot_T, slot_enabled_S, lora,
                              shrink, activation, block_n=cfg.block_n, block_k=cfg.block_k,
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -51,6 +51,29 @@ def test_align_matches_reference(case, mode, by_slot, block_m):
     assert int(got.sorted_ids.min()) >= 0
 
 
+@pytest.mark.parametrize("case", ["mixed", "many_slots", "all_invalid", "t_lt_block"])
+@pytest.mark.parametrize("block_m,lora_block_m", [(4, 16), (16, 4)], ids=["bm4_16", "bm16_4"])
+def test_align_base_and_lora_equals_two_single_alignments(case, block_m, lora_block_m):
+    """The 4-launch pair of a LoRA call gives what the two references give, key by key."""
+    c = make_case(case, T=13, E=5, K=3)
+    lora = c["lora"]
+    args = (c["topk_ids_TK"], c["token_slot_T"], c["slot_enabled_S"], lora.slot_rank,
+            lora.gate_up_a_shared)
+    pair = align.align_base_and_lora(*args, num_experts=5, block_m=block_m,
+                                     lora_block_m=lora_block_m)
+    for got, mode, by_slot, bm in zip(pair, ["base", "lora"], [True, False],
+                                      [block_m, lora_block_m]):
+        want = align_naive.align_items(*args, num_experts=5, block_m=bm, mode=mode,
+                                       sort_by_slot=by_slot)
+        assert got.block_m == bm and got.num_items == want.num_items
+        assert int(got.num_post_pad) == int(want.num_post_pad)
+        assert torch.equal(got.block_bucket, want.block_bucket)
+        bucket, sub = align_naive.item_keys(*args, num_experts=5, mode=mode,
+                                            sort_by_slot=by_slot)
+        assert torch.equal(_keyed(got, bucket, sub), _keyed(want, bucket, sub))
+        assert sorted(got.sorted_ids.tolist()) == sorted(want.sorted_ids.tolist())
+
+
 def test_align_sentinel_blocks_are_last_and_marked():
     c = make_case("mixed", T=13, E=5, K=3)
     al = align.align_items(c["topk_ids_TK"], None, None, None, None, num_experts=5,

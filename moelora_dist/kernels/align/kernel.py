@@ -61,12 +61,15 @@ def _item_keys(item, in_range, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, s
 
 
 @triton.jit
-def _align_count_kernel(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
-                        shared_ptr, counts_ptr, num_items, num_pairs, top_k, num_experts,
-                        num_buckets, num_sub,
-                        MODE: tl.constexpr, SUB_SLOT: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    item = pid * BLOCK + tl.arange(0, BLOCK)
+def _count_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, shared_ptr,
+               counts_ptr, sorted_ids_ptr, labels_ptr, num_items, num_rows, num_blocks,
+               num_pairs, top_k, num_experts, num_buckets, num_sub,
+               MODE: tl.constexpr, SUB_SLOT: tl.constexpr):
+    # Padding rows hold num_items (never a valid item) and every block starts unlabelled (-1);
+    # the scatter overwrites both where items land (it runs after this kernel).
+    tl.store(sorted_ids_ptr + item, (tl.zeros_like(item) + num_items).to(tl.int32),
+             mask=item < num_rows)
+    tl.store(labels_ptr + item, tl.zeros_like(item).to(tl.int32) - 1, mask=item < num_blocks)
     in_range = item < num_items
     bucket, sub = _item_keys(item, in_range, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr,
                              slot_rank_ptr, shared_ptr, num_pairs, top_k, num_experts,
@@ -76,12 +79,32 @@ def _align_count_kernel(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_ran
 
 
 @triton.jit
-def _align_scan_kernel(counts_ptr, bucket_end_ptr, num_post_pad_ptr, num_buckets, num_sub,
-                       BLOCK_M: tl.constexpr, NB_P2: tl.constexpr, NS_P2: tl.constexpr):
-    """One program: padded bucket offsets, and the start of every (bucket, sub) run.
+def _align_count_kernel(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                        shared_ptr, counts_a_ptr, ids_a_ptr, labels_a_ptr, counts_b_ptr,
+                        ids_b_ptr, labels_b_ptr, num_items_a, rows_a, blocks_a, buckets_a,
+                        sub_a, num_items_b, rows_b, blocks_b, buckets_b,
+                        num_pairs, top_k, num_experts,
+                        MODE_A: tl.constexpr, SUB_SLOT_A: tl.constexpr, MODE_B: tl.constexpr,
+                        TWO: tl.constexpr, BLOCK: tl.constexpr):
+    """Histogram of (bucket, sub) keys, and the fill of the outputs, for alignment A and (when
+    ``TWO``) alignment B of the same items: one launch instead of a fill and a count each."""
+    item = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _count_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, shared_ptr,
+               counts_a_ptr, ids_a_ptr, labels_a_ptr, num_items_a, rows_a, blocks_a,
+               num_pairs, top_k, num_experts, buckets_a, sub_a, MODE_A, SUB_SLOT_A)
+    if TWO:
+        _count_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                   shared_ptr, counts_b_ptr, ids_b_ptr, labels_b_ptr, num_items_b, rows_b,
+                   blocks_b, num_pairs, top_k, num_experts, buckets_b, 1, MODE_B, False)
+
+
+@triton.jit
+def _scan_one(counts_ptr, num_post_pad_ptr, num_buckets, num_sub,
+              BLOCK_M: tl.constexpr, NB_P2: tl.constexpr, NS_P2: tl.constexpr):
+    """Padded bucket offsets and the start of every (bucket, sub) run, in place.
 
     ``counts`` holds ``(num_buckets + 1) * num_sub`` counters (the last bucket is the
-    sentinel); they are overwritten in place with the start offsets used by the scatter.
+    sentinel); they are overwritten with the start offsets used by the scatter.
     """
     b = tl.arange(0, NB_P2)
     s = tl.arange(0, NS_P2)
@@ -90,42 +113,55 @@ def _align_scan_kernel(counts_ptr, bucket_end_ptr, num_post_pad_ptr, num_buckets
     cnt = tl.load(counts_ptr + offs, mask=live, other=0)
     per_bucket = tl.sum(cnt, axis=1)
     padded = (per_bucket + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    end = tl.cumsum(padded, axis=0)
-    start = end - padded
+    start = tl.cumsum(padded, axis=0) - padded
     sub_start = tl.cumsum(cnt, axis=1) - cnt
     tl.store(counts_ptr + offs, start[:, None] + sub_start, mask=live)
-    tl.store(bucket_end_ptr + b, end, mask=b <= num_buckets)
     tl.store(num_post_pad_ptr, tl.sum(padded, axis=0))
 
 
 @triton.jit
-def _align_scatter_kernel(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
-                          shared_ptr, cursor_ptr, sorted_ids_ptr, num_items, num_pairs, top_k,
-                          num_experts, num_buckets, num_sub,
-                          MODE: tl.constexpr, SUB_SLOT: tl.constexpr, BLOCK: tl.constexpr):
-    """Place each item at its run's cursor (the order inside a run is arbitrary)."""
-    pid = tl.program_id(0).to(tl.int64)
-    item = pid * BLOCK + tl.arange(0, BLOCK)
+def _align_scan_kernel(counts_a_ptr, npp_a_ptr, buckets_a, sub_a, counts_b_ptr, npp_b_ptr,
+                       buckets_b, BM_A: tl.constexpr, NB_A_P2: tl.constexpr,
+                       NS_A_P2: tl.constexpr, BM_B: tl.constexpr, NB_B_P2: tl.constexpr):
+    """Program 0 scans alignment A, program 1 (launched only for two) alignment B."""
+    if tl.program_id(0) == 0:
+        _scan_one(counts_a_ptr, npp_a_ptr, buckets_a, sub_a, BM_A, NB_A_P2, NS_A_P2)
+    else:
+        _scan_one(counts_b_ptr, npp_b_ptr, buckets_b, 1, BM_B, NB_B_P2, 1)
+
+
+@triton.jit
+def _scatter_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                 shared_ptr, cursor_ptr, sorted_ids_ptr, labels_ptr, num_items, num_pairs,
+                 top_k, num_experts, num_buckets, num_sub,
+                 MODE: tl.constexpr, SUB_SLOT: tl.constexpr, BLOCK_M: tl.constexpr):
     in_range = item < num_items
     bucket, sub = _item_keys(item, in_range, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr,
                              slot_rank_ptr, shared_ptr, num_pairs, top_k, num_experts,
                              num_buckets, MODE, SUB_SLOT)
     pos = tl.atomic_add(cursor_ptr + bucket * num_sub + sub, 1, mask=in_range, sem="relaxed")
     tl.store(sorted_ids_ptr + pos, item.to(tl.int32), mask=in_range)
+    # Every block of a bucket holds at least one item (padding < BLOCK_M sits at the end), so
+    # the items label all blocks; items of one block all write the same label.
+    label = tl.where(bucket == num_buckets, -1, bucket).to(tl.int32)
+    tl.store(labels_ptr + pos // BLOCK_M, label, mask=in_range)
 
 
 @triton.jit
-def _align_label_kernel(bucket_end_ptr, block_bucket_ptr, num_buckets, max_blocks,
-                        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
-    """One program per bucket (the last is the sentinel, and also clears the tail): write the
-    bucket's id on its blocks; sentinel blocks and blocks past the end get -1."""
-    b = tl.program_id(0)
-    end = tl.load(bucket_end_ptr + b) // BLOCK_M
-    start = tl.load(bucket_end_ptr + b - 1, mask=b > 0, other=0) // BLOCK_M
-    is_sentinel = b == num_buckets
-    label = tl.where(is_sentinel, -1, b)
-    stop = tl.where(is_sentinel, max_blocks, end)
-    for j0 in range(start, stop, BLOCK_B):
-        j = j0 + tl.arange(0, BLOCK_B)
-        tl.store(block_bucket_ptr + j, tl.zeros([BLOCK_B], dtype=tl.int32) + label,
-                 mask=j < stop)
+def _align_scatter_kernel(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                          shared_ptr, cursor_a_ptr, ids_a_ptr, labels_a_ptr, cursor_b_ptr,
+                          ids_b_ptr, labels_b_ptr, num_items_a, buckets_a, sub_a,
+                          num_items_b, buckets_b, num_pairs, top_k, num_experts,
+                          MODE_A: tl.constexpr, SUB_SLOT_A: tl.constexpr, BM_A: tl.constexpr,
+                          MODE_B: tl.constexpr, BM_B: tl.constexpr, TWO: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """Place each item at its run's cursor (the order inside a run is arbitrary) and label
+    the block it lands in, for A and (when ``TWO``) B."""
+    item = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _scatter_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                 shared_ptr, cursor_a_ptr, ids_a_ptr, labels_a_ptr, num_items_a, num_pairs,
+                 top_k, num_experts, buckets_a, sub_a, MODE_A, SUB_SLOT_A, BM_A)
+    if TWO:
+        _scatter_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                     shared_ptr, cursor_b_ptr, ids_b_ptr, labels_b_ptr, num_items_b,
+                     num_pairs, top_k, num_experts, buckets_b, 1, MODE_B, False, BM_B)

@@ -1,15 +1,17 @@
 """Host glue of the align family: sizes, allocation and launches (no host sync).
 
-Pipeline (6 launches, static shapes, CUDA-graph safe for a fixed ``T``):
-``zeros(counts)`` -> ``_align_count_kernel`` (atomic histogram of (bucket, sub) keys) ->
-``_align_scan_kernel`` (one program: padded bucket offsets, run starts) ->
-``full(sorted_ids, pad)`` + ``_align_scatter_kernel`` (items to their places) ->
-``_align_label_kernel`` (one program per bucket labels its blocks).
+Pipeline (4 launches for one alignment or for two of the same items, static shapes,
+CUDA-graph safe for a fixed ``T``): one int32 workspace holds every output;
+``zero_(counts)`` -> ``_align_count_kernel`` (fills the outputs, atomic histogram of
+(bucket, sub) keys) -> ``_align_scan_kernel`` (one program per alignment: run starts, rows
+in use) -> ``_align_scatter_kernel`` (items to their places; each item labels its block).
+A LoRA call aligns the pairs by expert (base) and by slot and expert (LoRA) in the same four
+launches (:func:`align_base_and_lora`).
 
 Measured on an H100 (docs/kernels.md): an earlier version labelled the blocks inside the
 scatter by counting bucket ends per block (O(blocks x buckets)) with acq_rel atomics; it took
 45-600 us, as long as the whole base layer at T=1. Per-bucket labelling and relaxed atomics
-fixed that.
+fixed that; labelling by the items themselves then removed that launch.
 
 Every output is sized for the worst case of ``num_items`` items, so its shape depends only on
 ``T``, ``K``, the bucket count and ``BLOCK_M``: at most ``min(num_buckets + 1, num_items)``
@@ -19,14 +21,97 @@ GEMMs are therefore bounded by the work that exists (items), never by ``S x E``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 
 from moelora_dist.kernels.align.common import MODES, Alignment, max_rows
 from moelora_dist.kernels.align.kernel import (
-    _align_count_kernel, _align_label_kernel, _align_scan_kernel, _align_scatter_kernel)
+    _align_count_kernel, _align_scan_kernel, _align_scatter_kernel)
 
 _BLOCK = 256
+
+
+@dataclass
+class _Spec:
+    """Sizes of one alignment inside the shared workspace."""
+
+    mode: int
+    sort_by_slot: bool
+    num_items: int
+    num_buckets: int
+    num_sub: int
+    block_m: int
+
+    @property
+    def rows(self) -> int:
+        return max_rows(self.num_items, self.num_buckets, self.block_m)
+
+    @property
+    def num_counts(self) -> int:
+        return (self.num_buckets + 1) * self.num_sub
+
+
+def _spec(mode: str, sort_by_slot: bool, T: int, K: int, S: int, num_experts: int,
+          block_m: int) -> _Spec:
+    num_items = T * K + (T if mode == "lora" else 0)
+    num_buckets = num_experts if mode == "base" else S * num_experts
+    num_sub = (S + 1) if (mode == "base" and sort_by_slot) else 1
+    return _Spec(MODES[mode], sort_by_slot, num_items, num_buckets, num_sub, block_m)
+
+
+def _align(ids, tslot, en, rk, sh, a: _Spec, b: _Spec | None, num_experts: int):
+    """Run the 4 launches for ``a`` (and ``b``) and return their :class:`Alignment` s."""
+    T, K = ids.shape
+    specs = [a] if b is None else [a, b]
+    # One allocation: counts of every spec first (zeroed by one fill), then per spec
+    # num_post_pad, sorted_ids and block labels (written by the kernels).
+    n_counts = sum(s.num_counts for s in specs)
+    sizes = [1 + s.rows + s.rows // s.block_m for s in specs]
+    ws = torch.empty(n_counts + sum(sizes), dtype=torch.int32, device=ids.device)
+    ws[:n_counts].zero_()
+    views, c0, o = [], 0, n_counts
+    for s in specs:
+        counts = ws[c0:c0 + s.num_counts]
+        npp = ws[o:o + 1]
+        sorted_ids = ws[o + 1:o + 1 + s.rows]
+        labels = ws[o + 1 + s.rows:o + 1 + s.rows + s.rows // s.block_m]
+        views.append((counts, npp, sorted_ids, labels))
+        c0 += s.num_counts
+        o += 1 + s.rows + s.rows // s.block_m
+    vb = views[1] if b is not None else views[0]
+    sb = b if b is not None else a
+    (ca, na, ia, la), (cb, nb, ib, lb) = views[0], vb
+    fill = max(max(s.rows, s.num_items) for s in specs)
+    common = (T * K, K, num_experts)
+    if fill:
+        _align_count_kernel[(triton.cdiv(fill, _BLOCK),)](
+            ids, tslot, en, rk, sh, ca, ia, la, cb, ib, lb,
+            a.num_items, a.rows, a.rows // a.block_m, a.num_buckets, a.num_sub,
+            sb.num_items, sb.rows, sb.rows // sb.block_m, sb.num_buckets, *common,
+            MODE_A=a.mode, SUB_SLOT_A=a.sort_by_slot, MODE_B=sb.mode, TWO=b is not None,
+            BLOCK=_BLOCK)
+    _align_scan_kernel[(len(specs),)](
+        ca, na, a.num_buckets, a.num_sub, cb, nb, sb.num_buckets,
+        BM_A=a.block_m, NB_A_P2=triton.next_power_of_2(a.num_buckets + 1),
+        NS_A_P2=triton.next_power_of_2(a.num_sub), BM_B=sb.block_m,
+        NB_B_P2=triton.next_power_of_2(sb.num_buckets + 1))
+    items = max(s.num_items for s in specs)
+    if items:
+        _align_scatter_kernel[(triton.cdiv(items, _BLOCK),)](
+            ids, tslot, en, rk, sh, ca, ia, la, cb, ib, lb, a.num_items, a.num_buckets,
+            a.num_sub, sb.num_items, sb.num_buckets, *common,
+            MODE_A=a.mode, SUB_SLOT_A=a.sort_by_slot, BM_A=a.block_m, MODE_B=sb.mode,
+            BM_B=sb.block_m, TWO=b is not None, BLOCK=_BLOCK)
+    return [Alignment(v[2], v[3], v[1], s.block_m, s.num_items) for s, v in zip(specs, views)]
+
+
+def _inputs(topk_ids_TK, token_slot_T, slot_enabled_S, slot_rank_S, shared_S):
+    dummy = torch.empty(1, dtype=torch.int32, device=topk_ids_TK.device)
+    pick = lambda t: t if t is not None else dummy  # noqa: E731
+    return (topk_ids_TK.contiguous(), pick(token_slot_T), pick(slot_enabled_S),
+            pick(slot_rank_S), pick(shared_S))
 
 
 def align_items(topk_ids_TK: torch.Tensor, token_slot_T: torch.Tensor | None,
@@ -51,45 +136,33 @@ def align_items(topk_ids_TK: torch.Tensor, token_slot_T: torch.Tensor | None,
         raise ValueError(f"unknown align mode {mode!r}; expected one of {sorted(MODES)}")
     if topk_ids_TK.dim() != 2:
         raise ValueError(f"topk_ids must be [T, K], got shape {tuple(topk_ids_TK.shape)}")
-    T, K = topk_ids_TK.shape
-    dev = topk_ids_TK.device
     needs_slots = mode != "base" or sort_by_slot
     if needs_slots and (token_slot_T is None or slot_enabled_S is None or slot_rank_S is None):
         raise ValueError(f"align mode {mode!r} (sort_by_slot={sort_by_slot}) needs "
                          "token_slot_T, slot_enabled_S and slot_rank_S")
+    T, K = topk_ids_TK.shape
     S = int(slot_rank_S.numel()) if slot_rank_S is not None else 0
-    num_pairs = T * K
-    num_items = num_pairs + (T if mode == "lora" else 0)
-    num_buckets = num_experts if mode == "base" else S * num_experts
-    num_sub = (S + 1) if (mode == "base" and sort_by_slot) else 1
-    rows = max_rows(num_items, num_buckets, block_m)
-    max_blocks = rows // block_m
+    spec = _spec(mode, sort_by_slot, T, K, S, num_experts, block_m)
+    ins = _inputs(topk_ids_TK, token_slot_T, slot_enabled_S, slot_rank_S, shared_S)
+    return _align(*ins, spec, None, num_experts)[0]
 
-    dummy_i = torch.empty(1, dtype=torch.int32, device=dev)
-    tslot = token_slot_T if token_slot_T is not None else dummy_i
-    en = slot_enabled_S if slot_enabled_S is not None else dummy_i
-    rk = slot_rank_S if slot_rank_S is not None else dummy_i
-    sh = shared_S if shared_S is not None else dummy_i
-    ids = topk_ids_TK.contiguous()
 
-    counts = torch.zeros((num_buckets + 1) * num_sub, dtype=torch.int32, device=dev)
-    bucket_end = torch.empty(num_buckets + 1, dtype=torch.int32, device=dev)
-    num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
-    sorted_ids = torch.full((rows,), num_items, dtype=torch.int32, device=dev)
-    block_bucket = torch.empty(max_blocks, dtype=torch.int32, device=dev)
-    mode_id = MODES[mode]
-    common = (num_pairs, K, num_experts, num_buckets, num_sub)
-    if num_items:
-        _align_count_kernel[(triton.cdiv(num_items, _BLOCK),)](
-            ids, tslot, en, rk, sh, counts, num_items, *common,
-            MODE=mode_id, SUB_SLOT=sort_by_slot, BLOCK=_BLOCK)
-    _align_scan_kernel[(1,)](
-        counts, bucket_end, num_post_pad, num_buckets, num_sub, BLOCK_M=block_m,
-        NB_P2=triton.next_power_of_2(num_buckets + 1), NS_P2=triton.next_power_of_2(num_sub))
-    if num_items:
-        _align_scatter_kernel[(triton.cdiv(num_items, _BLOCK),)](
-            ids, tslot, en, rk, sh, counts, sorted_ids, num_items, *common,
-            MODE=mode_id, SUB_SLOT=sort_by_slot, BLOCK=_BLOCK)
-    _align_label_kernel[(num_buckets + 1,)](bucket_end, block_bucket, num_buckets, max_blocks,
-                                            BLOCK_M=block_m, BLOCK_B=16)
-    return Alignment(sorted_ids, block_bucket, num_post_pad, block_m, num_items)
+def align_base_and_lora(topk_ids_TK: torch.Tensor, token_slot_T: torch.Tensor,
+                        slot_enabled_S: torch.Tensor, slot_rank_S: torch.Tensor,
+                        shared_S: torch.Tensor, *, num_experts: int, block_m: int,
+                        lora_block_m: int) -> tuple[Alignment, Alignment]:
+    """``align_items(mode="base", sort_by_slot=True)`` and ``align_items(mode="lora")`` of the
+    same pairs in one set of 4 launches (a LoRA call needs both; shapes as there).
+
+    Returns:
+        (base alignment with ``block_m`` rows per block, LoRA alignment with ``lora_block_m``).
+    """
+    if topk_ids_TK.dim() != 2:
+        raise ValueError(f"topk_ids must be [T, K], got shape {tuple(topk_ids_TK.shape)}")
+    T, K = topk_ids_TK.shape
+    S = int(slot_rank_S.numel())
+    a = _spec("base", True, T, K, S, num_experts, block_m)
+    b = _spec("lora", False, T, K, S, num_experts, lora_block_m)
+    ins = _inputs(topk_ids_TK, token_slot_T, slot_enabled_S, slot_rank_S, shared_S)
+    base, lora = _align(*ins, a, b, num_experts)
+    return base, lora
