@@ -13,10 +13,17 @@ clock (batch layout, batch info, forward, LM head, argmax and its copy to the ho
 serving loop pays per step). "base" runs the batch with no adapter; "lora8" gives request b
 adapter ``b % 8``. Headline: tokens/s of lora8 over base (target >= 0.85 at B = 64).
 
+Two decode paths, column ``decode``: "graph" replays the step from CUDA graphs
+(``moelora_dist.models.graphs``: batch padded to a bucket, KV read over the cache capacity;
+captured on the first step of each case, during warm-up) and "eager" runs it op by op. On
+CUDA both run (``--graphs auto``, the default; ``off``: eager only); on a CPU only eager, or
+``--graphs static`` runs the same padded static step uncaptured (smoke test of that path).
+
 Before timing, a correctness check runs one LoRA decode step: requests 0 and 1 of the mixed
-batch against the same requests run alone, and on CUDA the Triton MoE path against the PyTorch
-reference (``MOELORA_BACKEND=torch``); max abs error over max |logit| must stay below 5e-2
-(bf16). A failing check is written to the CSV with ``ok=False``, and the run exits 1.
+batch against the same requests run alone, on CUDA the Triton MoE path against the PyTorch
+reference (``MOELORA_BACKEND=torch``), and the graph (or static) step against the eager one;
+max abs error over max |logit| must stay below 5e-2 (bf16). A failing check is written to the
+CSV with ``ok=False``, and the run exits 1.
 Results: ``benchmarks/results/e2e_decode_<device>.csv`` and ``.png``.
 """
 
@@ -39,6 +46,7 @@ from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELa
 from moelora_dist.lora.batch_info import compute_batch_info  # noqa: E402
 from moelora_dist.models.batch import ForwardBatch  # noqa: E402
 from moelora_dist.models.config import ModelConfig  # noqa: E402
+from moelora_dist.models.graphs import DecodeGraphs, bucket_for  # noqa: E402
 from moelora_dist.models.model import MoELoRAModel  # noqa: E402
 from moelora_dist.models.weights import RandomWeights  # noqa: E402
 
@@ -68,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p.add_argument("--graphs", choices=("auto", "off", "static"), default="auto",
+                   help="auto: graph and eager rows on CUDA (one process), eager elsewhere; "
+                        "off: eager only; static: the padded static step uncaptured")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "..", "results"))
@@ -106,14 +117,19 @@ def sync(device):
 
 
 class Case:
-    """B requests prefilled into a fresh KV cache; ``step()`` decodes one token for all."""
+    """B requests prefilled into a KV cache; ``step()`` decodes one token for all.
+
+    With ``graphs`` the steps go through :class:`DecodeGraphs` and the cache is the one it
+    owns, so only the latest graph case may step.
+    """
 
     def __init__(self, model: MoELoRAModel, prompts_BP: torch.Tensor, max_new: int,
-                 req_to_slot_B: torch.Tensor):
+                 req_to_slot_B: torch.Tensor, graphs: DecodeGraphs | None = None):
         B, prompt_len = prompts_BP.shape
-        self.model, self.B, self.slots = model, B, req_to_slot_B
+        self.model, self.B, self.slots, self.graphs = model, B, req_to_slot_B, graphs
         dev = model.device
-        self.cache = model.new_cache(B, prompt_len + max_new + 1)
+        self.cache = (graphs.cache_for(B, prompt_len + max_new + 1) if graphs else
+                      model.new_cache(B, prompt_len + max_new + 1))
         self.lens = [prompt_len] * B
         chunk = max(1, 4096 // prompt_len)  # prefill in chunks: bounded activation memory
         last = []
@@ -123,6 +139,7 @@ class Case:
                                        cache_rows=rows)
             last.append(self._run(prompts_BP[rows].flatten().to(dev), batch, self.slots[rows]))
         self.next_ids = torch.argmax(torch.cat(last), dim=-1)
+        self.ids_host, self.slots_host = self.next_ids.tolist(), req_to_slot_B.tolist()
 
     def _run(self, ids_T, batch, slots_B):
         info = compute_batch_info(batch.seg_indptr_B1, slots_B, self.model.pool.slot_rank_S)
@@ -130,10 +147,15 @@ class Case:
         return self.model.logits(hidden[batch.last_token_index_B])
 
     def step(self) -> torch.Tensor:
-        batch = ForwardBatch.build([1] * self.B, self.lens, self.model.device)
-        logits = self._run(self.next_ids, batch, self.slots)
-        self.next_ids = torch.argmax(logits, dim=-1)
-        self.next_ids.tolist()  # the host needs the tokens every step (stop checks, output)
+        """``[B, V]`` fp32 logits of this step (a graph's static buffer: clone to keep)."""
+        if self.graphs is not None:
+            logits, next_ids = self.graphs.step(self.ids_host, self.lens, self.slots_host)
+        else:
+            batch = ForwardBatch.build([1] * self.B, self.lens, self.model.device)
+            logits = self._run(torch.tensor(self.ids_host, device=self.model.device), batch,
+                               self.slots)
+            next_ids = torch.argmax(logits, dim=-1)
+        self.ids_host = next_ids.tolist()  # the host needs the tokens (stop checks, output)
         self.lens = [n + 1 for n in self.lens]
         return logits
 
@@ -143,15 +165,21 @@ def prompts(cfg, B: int, prompt_len: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (B, prompt_len), generator=g)
 
 
-def check(model, args, lora_slots) -> float:
-    """Relative max error of one mixed-batch LoRA decode step against (a) requests 0 and 1 run
-    alone (slot mapping, batching) and (b) on CUDA, the PyTorch reference MoE path."""
-    B = 4
+def check(model, args, lora_slots, graphs: DecodeGraphs | None) -> float:
+    """Relative max error of one mixed-batch LoRA decode step (eager) against (a) requests 0
+    and 1 run alone (slot mapping, batching), (b) on CUDA, the PyTorch reference MoE path and
+    (c) with ``graphs``, the graph (or static) step, on a base and on the mixed batch."""
+    B = 3  # not a bucket: the graph step pads it to 4
     p = prompts(model.cfg, B, args.prompt_len, seed=1)
     slots = lora_slots(B)
     mixed = Case(model, p, 2, slots).step().float()
     rel = lambda got, want: ((got.float() - want).abs().max() / want.abs().max()).item()  # noqa
     errs = [rel(Case(model, p[b:b + 1], 2, slots[b:b + 1]).step()[0], mixed[b]) for b in (0, 1)]
+    if graphs is not None:
+        base_slots = torch.full_like(slots, -1)
+        base = Case(model, p, 2, base_slots).step().float()
+        for want, s in ((mixed, slots), (base, base_slots)):
+            errs.append(rel(Case(model, p, 2, s, graphs).step().clone(), want))
     if model.device.type == "cuda":
         os.environ["MOELORA_BACKEND"] = "torch"
         try:
@@ -176,17 +204,25 @@ def run(args) -> list[dict]:
     slot_of = [model.pool.slot_of(f"a{i}") for i in range(args.num_adapters)]
     lora_slots = lambda B: torch.tensor([slot_of[b % len(slot_of)] for b in range(B)],  # noqa
                                         dtype=torch.int32, device=dev)
-    err = check(model, args, lora_slots)
+    graphs, decodes = None, ["eager"]
+    if args.graphs == "static" or (args.graphs == "auto" and dev.type == "cuda"
+                                   and groups.layout.world_size == 1):
+        graphs = DecodeGraphs(model, capture=args.graphs == "auto")
+        decodes = ["graph" if graphs.capture else "static", "eager"]
+    err = check(model, args, lora_slots, graphs)
     ok = err < CHECK_TOL
     if rank0:
         log.info("correctness check: relative max error %.3g (%s)", err, "ok" if ok else "FAIL")
     batches = [int(b) for b in (args.batches or ("1,4" if args.tiny else "1,16,64,256")).split(",")]
     rows = []
-    for B in tqdm(batches, desc="batch sizes", disable=not rank0):
+    cases = [(b, d) for b in batches for d in decodes if d == "eager" or bucket_for(b)]
+    for B, decode in tqdm(cases, desc="cases", disable=not rank0):
         for mode in ("base", "lora8"):
             slots = lora_slots(B) if mode == "lora8" else torch.full((B,), -1, dtype=torch.int32,
                                                                      device=dev)
-            case = Case(model, prompts(cfg, B, args.prompt_len), args.warmup + args.steps, slots)
+            use = graphs if decode != "eager" else None
+            case = Case(model, prompts(cfg, B, args.prompt_len), args.warmup + args.steps, slots,
+                        use)
             for _ in range(args.warmup):
                 case.step()
             sync(dev)
@@ -195,8 +231,8 @@ def run(args) -> list[dict]:
                 case.step()
             sync(dev)
             sec = time.perf_counter() - t0
-            rows.append(dict(batch=B, mode=mode, tokens_per_s=round(B * args.steps / sec, 2),
-                             ms_per_step=round(1e3 * sec / args.steps, 3), check_rel_err=err,
+            rows.append(dict(batch=B, mode=mode, decode=decode,
+                             tokens_per_s=round(B * args.steps / sec, 2), ms_per_step=round(1e3 * sec / args.steps, 3), check_rel_err=err,
                              ok=ok))
             del case
         base, lora = rows[-2], rows[-1]
@@ -225,7 +261,7 @@ def write_outputs(rows, m, out_dir) -> str:
     os.makedirs(out_dir, exist_ok=True)
     tag = m["device"].replace(" ", "_") + ("_tiny" if m["model"] == "tiny" else "")
     path = os.path.join(out_dir, f"e2e_decode_{tag}")
-    keys = list(m) + ["batch", "mode", "tokens_per_s", "ms_per_step", "ratio_vs_base",
+    keys = list(m) + ["batch", "decode", "mode", "tokens_per_s", "ms_per_step", "ratio_vs_base",
                       "check_rel_err", "ok"]
     with open(path + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
@@ -240,16 +276,24 @@ def write_outputs(rows, m, out_dir) -> str:
         log.warning("matplotlib is not installed: wrote %s.csv, no plot", path)
         return path
     batches = sorted({r["batch"] for r in rows})
-    get = lambda mode: [next(r["tokens_per_s"] for r in rows if r["batch"] == b  # noqa: E731
-                             and r["mode"] == mode) for b in batches]
-    x = range(len(batches))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.bar([i - 0.2 for i in x], get("base"), 0.4, label="no adapter")
-    ax.bar([i + 0.2 for i in x], get("lora8"), 0.4, label=f"{m['adapters']} adapters, r={m['rank']}")
-    for i, b in enumerate(batches):
-        ratio = next(r["ratio_vs_base"] for r in rows if r["batch"] == b and r["mode"] == "lora8")
-        ax.annotate(f"{ratio:.2f}x", (i + 0.2, get("lora8")[i]), ha="center", va="bottom")
-    ax.set_xticks(list(x), [f"B={b}" for b in batches])
+    decodes = list(dict.fromkeys(r["decode"] for r in rows))
+    find = lambda b, d, mode: next((r for r in rows if r["batch"] == b  # noqa: E731
+                                    and r["decode"] == d and r["mode"] == mode), None)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    n = 2 * len(decodes)
+    width = 0.8 / n
+    for k, (d, mode) in enumerate((d, mode) for d in decodes for mode in ("base", "lora8")):
+        xs = [i - 0.4 + width * (k + 0.5) for i, b in enumerate(batches) if find(b, d, mode)]
+        ys = [find(b, d, mode)["tokens_per_s"] for b in batches if find(b, d, mode)]
+        label = f"{d}, " + ("no adapter" if mode == "base" else
+                            f"{m['adapters']} adapters r={m['rank']}")
+        ax.bar(xs, ys, width, label=label)
+        if mode == "lora8":
+            for x, b in zip(xs, [b for b in batches if find(b, d, mode)]):
+                r = find(b, d, mode)
+                ax.annotate(f"{r['ratio_vs_base']:.2f}x", (x, r["tokens_per_s"]), ha="center",
+                            va="bottom", fontsize=7)
+    ax.set_xticks(list(range(len(batches))), [f"B={b}" for b in batches])
     ax.set_yscale("log")
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"{m['model']}, {m['layers']} layers, {m['dtype']}, tp={m['tp']} ep={m['ep']}\n"
@@ -268,8 +312,13 @@ def main(argv=None) -> int:
         m = meta(args, cfg, groups)
         path = write_outputs(rows, m, args.out_dir)
         for r in rows:
-            log.info("B=%-4d %-6s %10.1f tok/s %8.2f ms/step ratio %.3f", r["batch"], r["mode"],
-                     r["tokens_per_s"], r["ms_per_step"], r["ratio_vs_base"])
+            log.info("B=%-4d %-6s %-6s %10.1f tok/s %8.2f ms/step ratio %.3f", r["batch"],
+                     r["decode"], r["mode"], r["tokens_per_s"], r["ms_per_step"],
+                     r["ratio_vs_base"])
+        for r in rows:
+            if r["batch"] == 64 and r["mode"] == "lora8":
+                log.info("headline B=64 %s: lora8 / base = %.3f (target >= 0.85)", r["decode"],
+                         r["ratio_vs_base"])
         log.info("wrote %s.csv", path)
     if groups.backend != "none":
         from moelora_dist.parallel.groups import destroy_parallel

@@ -1,9 +1,11 @@
 """Profile decode steps of the model runner (base and 8 adapters) with torch.profiler.
 
-    python benchmarks/e2e/profile_decode.py --batch 64 [--layers 4] [--out-dir DIR]
+    python benchmarks/e2e/profile_decode.py --batch 64 [--layers 4] [--graphs] [--out-dir DIR]
 
 Prints, per mode, the host time per step and the top CUDA kernels and CPU ops by total time,
-so a slow step can be traced to a kernel, a host sync or Python overhead.
+so a slow step can be traced to a kernel, a host sync or Python overhead. ``--graphs`` replays
+the steps from CUDA graphs (``moelora_dist.models.graphs``); the kernels inside a graph are
+still listed one by one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--graphs", action="store_true", help="decode through CUDA graphs")
     p.add_argument("--out-dir", default=None, help="write the tables here, not to stdout")
     args = p.parse_args(argv)
     bargs = bd.parse_args(["--layers", str(args.layers)])
@@ -40,10 +43,12 @@ def main(argv=None):
         model.pool.load(bd.random_adapter(f"a{i}", cfg, 16, dev, seed=100 + i))
     slot_of = [model.pool.slot_of(f"a{i}") for i in range(8)]
     B = args.batch
+    graphs = bd.DecodeGraphs(model) if args.graphs else None
+    tag = "graph" if args.graphs else "eager"
     for mode in ("base", "lora8", "base"):
         slots = (torch.tensor([slot_of[b % 8] for b in range(B)], dtype=torch.int32, device=dev)
                  if mode == "lora8" else torch.full((B,), -1, dtype=torch.int32, device=dev))
-        case = bd.Case(model, bd.prompts(cfg, B, 128), 4 + 2 * args.steps, slots)
+        case = bd.Case(model, bd.prompts(cfg, B, 128), 4 + 2 * args.steps, slots, graphs)
         for _ in range(4):
             case.step()
         bd.sync(dev)
@@ -51,7 +56,7 @@ def main(argv=None):
         for _ in range(args.steps):
             case.step()
         bd.sync(dev)
-        print(f"\n##### {mode} B={B}: {1e3 * (time.perf_counter() - t0) / args.steps:.2f} ms/step")
+        print(f"\n##### {tag} {mode} B={B}: {1e3 * (time.perf_counter() - t0) / args.steps:.2f} ms/step")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
                 case.step()
@@ -60,7 +65,7 @@ def main(argv=None):
                            for key in ("cuda_time_total", "cpu_time_total", "count"))
         if args.out_dir:
             os.makedirs(args.out_dir, exist_ok=True)
-            with open(os.path.join(args.out_dir, f"decode_{mode}_B{B}.txt"), "a") as f:
+            with open(os.path.join(args.out_dir, f"decode_{tag}_{mode}_B{B}.txt"), "a") as f:
                 f.write(tables)
         else:
             print(tables)

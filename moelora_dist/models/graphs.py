@@ -99,6 +99,8 @@ class DecodeGraphs:
         c = self.cache
         if c is None or c.num_rows < rows or c.max_len != length:
             self._graphs.clear()
+            if self.capture:  # the old pool died with its last graph; it cannot be reused
+                self._mempool = torch.cuda.graph_pool_handle()
             self.cache = None  # free the old cache before allocating the new one
             self.cache = self.model.new_cache(rows, length)
         return self.cache

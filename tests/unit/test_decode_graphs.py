@@ -195,3 +195,23 @@ def test_buckets_cache_reuse_and_errors(model):
         graphs.step([1], [64], [-1])
     with pytest.raises(ValueError, match="CUDA device"):
         DecodeGraphs(model, capture=True)
+
+
+def test_bench_decode_static_rows(tmp_path):
+    """bench_decode --graphs static: the bench's graph code path (uncaptured) runs, its check
+    (static step against eager, base and mixed) passes, and both kinds of rows are written."""
+    import csv
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "e2e" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode_static", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rc = bench.main(["--tiny", "--device", "cpu", "--graphs", "static", "--steps", "2",
+                     "--warmup", "1", "--batches", "3", "--prompt-len", "6",
+                     "--out-dir", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "e2e_decode_cpu_tiny.csv")))
+    assert rc == 0 and all(r["ok"] == "True" for r in rows)
+    assert [(r["decode"], r["mode"]) for r in rows] == [
+        ("static", "base"), ("static", "lora8"), ("eager", "base"), ("eager", "lora8")]
