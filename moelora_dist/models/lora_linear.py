@@ -11,6 +11,13 @@ shrink columns where ``R`` would do, which is small next to the base GEMM while 
 hundred. The shrink result stays in fp32 up to the expand (bf16 shrink results have produced
 garbage generations in a peer engine).
 
+Tensor cores (CUDA, bf16/fp16 models): the shrink multiplies the bf16 ``x`` and the bf16 pool
+``A`` with fp32 accumulation and an fp32 result (``torch.mm(..., out_dtype=float32)``): the same
+products as upcasting both, without the casts and without fp32 SIMT GEMMs. The expand runs in
+TF32 (the fp32 shrink enters the tensor core with a 10-bit mantissa, ``B`` is bf16 and exact),
+as the MoE LoRA kernels do; the result is rounded to bf16 anyway (8 bits). Set
+``MOELORA_DENSE_LORA_FP32=1`` for plain fp32 GEMMs (measured side by side in docs/models.md).
+
 Tensor-parallel use: for a column-parallel layer ``b`` holds this rank's output rows; for a
 row-parallel layer ``a`` holds this rank's input columns, so the shrink is a partial sum over
 TP and the delta rides on the same all-reduce as the base output.
@@ -18,7 +25,42 @@ TP and the delta rides on the same all-reduce as the base output.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
+
+FP32_ENV = "MOELORA_DENSE_LORA_FP32"
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_mm_out_dtype_ok: bool | None = None  # probed once: torch.mm(..., out_dtype=) exists on CUDA
+
+
+def _tensor_cores(x_TI: torch.Tensor) -> bool:
+    """Whether this forward's dense LoRA runs the tensor-core path (module docstring)."""
+    global _mm_out_dtype_ok
+    if not (x_TI.is_cuda and x_TI.dtype in _LOW_PRECISION) or os.environ.get(FP32_ENV) == "1":
+        return False
+    if _mm_out_dtype_ok is None:  # torch >= 2.8; a build without it keeps the fp32 path
+        try:
+            one = torch.ones(1, 1, dtype=x_TI.dtype, device=x_TI.device)
+            _mm_out_dtype_ok = torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _mm_out_dtype_ok = False
+    return _mm_out_dtype_ok
+
+
+@contextlib.contextmanager
+def _tf32_matmul(enabled: bool):
+    """TF32 for the fp32 GEMMs inside (the expand), restoring the global setting after."""
+    if not enabled:
+        yield
+        return
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def lora_delta_reference(x_TI: torch.Tensor, a_SRI: torch.Tensor, b_SOR: torch.Tensor,
@@ -59,9 +101,8 @@ def sync_factor_cache(pool, cache: dict, key) -> None:
         new_a, new_b = _stacked_factors(pool, path, rows)
         a.copy_(new_a)
         b.copy_(new_b)
-    for specs, (a_cat, _) in cache.get("groups", {}).items():
-        parts = [cache["factors"][spec][0] for spec in specs]
-        torch.cat(parts, dim=1, out=a_cat)
+    for (specs, _), (a_cat, _) in cache.get("groups", {}).items():
+        a_cat.copy_(torch.cat([cache["factors"][spec][0] for spec in specs], dim=1))
     cache["key"] = key
 
 
@@ -95,14 +136,17 @@ class DenseLoRA:
             hit = factors[(path, rows)] = _stacked_factors(self.pool, path, rows)
         return hit
 
-    def _group(self, specs: tuple):
-        """Stacked ``A^T`` of several modules that read the same input: ``[I, n*S*R]``."""
+    def _group(self, specs: tuple, a_dtype: torch.dtype):
+        """Stacked ``A^T`` of several modules that read the same input: ``[I, n*S*R]`` in
+        ``a_dtype`` (fp32, or the pool's bf16/fp16 for the tensor-core shrink: exact, the pool
+        holds ``A`` in that dtype)."""
         groups = self.cache.setdefault("groups", {})
-        hit = groups.get(specs)
+        hit = groups.get((specs, a_dtype))
         if hit is None:
             parts = [self._factors(path, rows) for path, rows in specs]
-            hit = (torch.cat([a for a, _ in parts], dim=1).contiguous(), [b for _, b in parts])
-            groups[specs] = hit
+            hit = (torch.cat([a for a, _ in parts], dim=1).to(a_dtype).contiguous(),
+                   [b for _, b in parts])
+            groups[(specs, a_dtype)] = hit
         return hit
 
     def apply_group(self, x_TI: torch.Tensor, items) -> list[torch.Tensor]:
@@ -118,12 +162,18 @@ class DenseLoRA:
             the updated ``y_TO`` tensors.
         """
         specs = tuple((p, None if r is None else (r.start, r.stop)) for _, p, r in items)
-        a_IK, b_list = self._group(specs)
+        fast = _tensor_cores(x_TI)
+        a_IK, b_list = self._group(specs, x_TI.dtype if fast else torch.float32)
         n = len(items)
-        shrink = (x_TI.float() @ a_IK).view(self.T, n, self.S, -1) * self.own_TS1[:, None]
+        if fast:
+            shrink_TK = torch.mm(x_TI, a_IK, out_dtype=torch.float32)
+        else:
+            shrink_TK = x_TI.float() @ a_IK
+        shrink = shrink_TK.view(self.T, n, self.S, -1) * self.own_TS1[:, None]
         out = []
-        for j, (y_TO, _, _) in enumerate(items):
-            out.append(y_TO.add_(shrink[:, j].reshape(self.T, -1) @ b_list[j]))
+        with _tf32_matmul(fast):
+            for j, (y_TO, _, _) in enumerate(items):
+                out.append(y_TO.add_(shrink[:, j].reshape(self.T, -1) @ b_list[j]))
         return out
 
     def apply(self, y_TO: torch.Tensor, x_TI: torch.Tensor, path: str,

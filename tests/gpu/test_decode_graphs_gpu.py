@@ -194,3 +194,34 @@ def test_new_cache_drops_graphs_and_captures_again(model):
         _close(got, want)
         ids, pos = want.argmax(-1).tolist(), [p + 1 for p in pos]
     assert graphs.captured == [(8, True)]
+
+
+@pytest.mark.parametrize("fp32_env", ["0", "1"], ids=["tensor_cores", "fp32"])
+def test_dense_lora_bf16_matches_token_loop(monkeypatch, fp32_env):
+    """The dense LoRA on CUDA in bf16 (tensor-core shrink with fp32 output, TF32 expand; or
+    plain fp32 GEMMs) against the fp64 token loop on the same bf16 factors. Bounds: into an
+    fp32 output only TF32 rounds (the fp32 shrink to 10 mantissa bits, ~5e-4 relative), so
+    2e-3 of the largest delta; into a bf16 output one more rounding (2^-8), so 1e-2."""
+    from types import SimpleNamespace
+
+    from moelora_dist.models.lora_linear import FP32_ENV, DenseLoRA, lora_delta_reference
+
+    monkeypatch.setenv(FP32_ENV, fp32_env)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    S, R, I, O, T = 8, 16, 2048, 512, 64
+    buf = SimpleNamespace(
+        a=(torch.randn(S, R, I, generator=g, device="cuda") * 0.05).bfloat16(),
+        b=(torch.randn(S, O, R, generator=g, device="cuda") * 0.05).bfloat16())
+    pool = SimpleNamespace(config=SimpleNamespace(max_loras=S), dense_buffers=lambda p: buf)
+    slot_T = torch.tensor([(t % (S + 1)) - 1 for t in range(T)], dtype=torch.int32,
+                          device="cuda")
+    x = torch.randn(T, I, generator=g, device="cuda").bfloat16()
+    want = lora_delta_reference(x, buf.a, buf.b, slot_T)
+    got = DenseLoRA(pool, slot_T, {}, key=1).apply(
+        torch.zeros(T, O, dtype=torch.float32, device="cuda"), x, "m")
+    err = (got - want).abs().max().item()
+    assert err <= 2e-3 * want.abs().max().item(), err  # fp32 accumulator: only TF32 rounding
+    assert (got[slot_T < 0] == 0).all()
+    y = DenseLoRA(pool, slot_T, {}, key=1).apply(
+        torch.zeros(T, O, dtype=torch.bfloat16, device="cuda"), x, "m")
+    assert (y.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item()
