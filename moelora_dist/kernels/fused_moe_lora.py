@@ -43,8 +43,10 @@ class MoEConfig:
     # Apart is faster on H100 (T=4096, 8 adapters r16: 1.36 vs 1.68 ms, docs/kernels.md) and
     # deterministic, so a CUDA-graph replay equals eager bit for bit.
     fuse_down_shrink: bool = False
-    # Slot runs stacked into one LoRA expand dot (0: a stacked K of 64, ops.num_runs).
-    lora_runs: int = 0
+    # Slot runs stacked into one LoRA expand dot of gate_up and down (a power of two).
+    lora_runs: int = 1
+    # down_shrink: 0 = one slot at a time (h re-read per slot), n = n runs stacked per dot.
+    down_shrink_runs: int = 0
 
 
 def pick_config(num_tokens: int, top_k: int, num_experts: int, num_slots: int = 1) -> MoEConfig:
@@ -141,8 +143,9 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                              fuse_down_shrink=cfg.fuse_down_shrink, lora_runs=cfg.lora_runs)
     if has_lora and not cfg.fuse_down_shrink:
-        dshrink = ops.down_shrink(h, lora, base, K, token_slot_T, slot_enabled_S,
-                                  block_k=cfg.shrink_block_k)
+        dshrink = ops.down_shrink(
+            h, lora, base, K, token_slot_T, slot_enabled_S, block_k=cfg.shrink_block_k,
+            lora_runs=cfg.down_shrink_runs or None)
     out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, token_slot_T, slot_enabled_S, lora,
                    dshrink, block_n=cfg.down_block_n, block_k=cfg.block_k,
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, lora_runs=cfg.lora_runs)

@@ -54,7 +54,7 @@ def test_fused_moe_lora_bf16_matches_reference(case, T):
 
 @pytest.mark.parametrize("case", ["mixed", "no_lora_tokens"])
 def test_align_and_batch_info_on_gpu(case):
-    from moelora_dist.kernels.align import align_items
+    from moelora_dist.kernels.align import align_base_and_lora, align_items
     from moelora_dist.kernels.align import naive as align_naive
     from moelora_dist.kernels.batch_info import compute_batch_info
     from moelora_dist.kernels.batch_info import naive as bi_naive
@@ -66,6 +66,13 @@ def test_align_and_batch_info_on_gpu(case):
     for mode, by_slot in [("base", True), ("lora", False)]:
         got = align_items(*a, num_experts=32, block_m=16, mode=mode, sort_by_slot=by_slot)
         want = align_naive.align_items(*a, num_experts=32, block_m=16, mode=mode,
+                                       sort_by_slot=by_slot)
+        assert int(got.num_post_pad) == int(want.num_post_pad)
+        assert torch.equal(got.block_bucket, want.block_bucket)
+        assert torch.equal(got.sorted_ids.sort().values, want.sorted_ids.sort().values)
+    pair = align_base_and_lora(*a, num_experts=32, block_m=64, lora_block_m=16)
+    for got, mode, by_slot, bm in zip(pair, ["base", "lora"], [True, False], [64, 16]):
+        want = align_naive.align_items(*a, num_experts=32, block_m=bm, mode=mode,
                                        sort_by_slot=by_slot)
         assert int(got.num_post_pad) == int(want.num_post_pad)
         assert torch.equal(got.block_bucket, want.block_bucket)

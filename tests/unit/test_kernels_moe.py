@@ -80,6 +80,8 @@ def test_stages_match_reference(case):
     lora_rows = ~torch.isnan(dsh2_ref[:, 0])
     torch.testing.assert_close(dsh2[lora_rows], dsh2_ref[lora_rows], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(dsh2[lora_rows], dsh[lora_rows], atol=1e-4, rtol=1e-4)
+    dsh4 = ops.down_shrink(h, lora, base, K, ts, en, block_k=16, lora_runs=4)
+    torch.testing.assert_close(dsh4[lora_rows], dsh2_ref[lora_rows], atol=1e-4, rtol=1e-4)
 
     out = ops.down(h, c["w_down_EHI"], c["topk_weights_TK"], base, K, ts, en, lora, dsh,
                    **gtiles)
@@ -105,15 +107,18 @@ def test_fused_moe_lora_matches_experts_reference(case, dtype, fused):
         assert torch.equal(got, torch.zeros_like(got))
 
 
-@pytest.mark.parametrize("lora_runs", [1, 2, 8], ids=["runs1", "runs2", "runs8"])
-def test_stacked_expand_matches_reference_for_any_runs_per_dot(lora_runs):
+@pytest.mark.parametrize("lora_runs,ds_runs", [(1, 0), (2, 1), (8, 2), (1, 8)],
+                         ids=["runs1_ds_per_slot", "runs2_ds1", "runs8_ds2", "runs1_ds8"])
+def test_stacked_expand_matches_reference_for_any_runs_per_dot(lora_runs, ds_runs):
     """A block of ~10 rows holds up to 7 slot runs: 1 and 2 runs per dot loop over chunks,
-    8 takes them in one dot with empty bands (slots of rank 4, 8, 16 and shared factors)."""
+    8 takes them in one dot with empty bands (slots of rank 4, 8, 16 and shared factors).
+    ``ds_runs`` does the same for the down shrink (0: its one-slot-at-a-time kernel)."""
     c = make_case("many_slots", T=20, E=4, K=2)
     args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
             c["topk_ids_TK"])
     got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
-                         config=dataclasses.replace(SMALL, lora_runs=lora_runs))
+                         config=dataclasses.replace(SMALL, lora_runs=lora_runs,
+                                                    down_shrink_runs=ds_runs))
     _close(got, experts_reference(*args, _effective_slots(c), c["lora"]), torch.float32)
 
 
@@ -133,6 +138,10 @@ def test_expand_does_not_rely_on_rows_sorted_by_slot():
     rows = ~torch.isnan(h_ref[:, 0])
     torch.testing.assert_close(h[rows], h_ref[rows], atol=1e-4, rtol=1e-4)
     dsh = ops.down_shrink(h, lora, al, K, ts, en, block_k=16)
+    dsh_ref = naive.down_shrink(h, lora, al, K, ts, en)
+    lora_rows = ~torch.isnan(dsh_ref[:, 0])
+    dsh2 = ops.down_shrink(h, lora, al, K, ts, en, block_k=16, lora_runs=2)
+    torch.testing.assert_close(dsh2[lora_rows], dsh_ref[lora_rows], atol=1e-4, rtol=1e-4)
     out = ops.down(h, c["w_down_EHI"], c["topk_weights_TK"], al, K, ts, en, lora, dsh, **tiles)
     out_ref = naive.down(h, c["w_down_EHI"], c["topk_weights_TK"], al, K, ts, en, lora, dsh)
     torch.testing.assert_close(out[rows], out_ref[rows], atol=1e-4, rtol=1e-4)
@@ -140,7 +149,7 @@ def test_expand_does_not_rely_on_rows_sorted_by_slot():
 
 def test_lora_runs_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="power of two"):
-        ops.num_runs(3, 16)
+        ops.num_runs(3)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from moelora_dist.kernels.moe_gemm.kernel_common import (
-    NO_SLOT, _block_rows, _next_slot, _row_slots)
+    NO_SLOT, _block_rows, _next_slot, _row_runs, _row_slots, _stacked_slots)
 
 
 @triton.jit
@@ -85,3 +85,46 @@ def _down_shrink_kernel(h_ptr, a_ptr, sorted_ids_ptr, block_bucket_ptr, num_post
             acc += tl.dot(h, a.to(h.dtype))
         tl.store(out_ptr + rows[:, None] * BLOCK_R + offs_r[None, :], acc, mask=sel[:, None])
         slot = _next_slot(slot_m, slot)
+
+
+@triton.jit
+def _down_shrink_runs_kernel(h_ptr, a_ptr, sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
+                             token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, out_ptr,
+                             num_pairs, top_k, inter, stride_as, stride_ae, stride_ar,
+                             stride_ai, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_R: tl.constexpr, NUM_RUNS: tl.constexpr):
+    """``_down_shrink_kernel`` with ``NUM_RUNS`` slot runs stacked on the N axis of one dot:
+    the block's ``h`` is read once per ``NUM_RUNS`` runs (not once per slot), and each row
+    keeps the band of its own run."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    expert, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
+                                         pid_m, num_pairs, BLOCK_M)
+    if expert < 0:
+        return
+    expert = expert.to(tl.int64)
+    slot_m = _row_slots(rows // top_k, row_mask, token_slot_ptr, slot_enabled_ptr,
+                        slot_rank_ptr)
+    run_m, num_runs = _row_runs(sorted_ids_ptr, pid_m, slot_m, num_pairs, top_k,
+                                token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_j = tl.arange(0, NUM_RUNS)
+    for first in range(0, num_runs, NUM_RUNS):
+        slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
+        rank_q = tl.load(slot_rank_ptr + slot_q, mask=slot_q >= 0, other=0)
+        a_base = (a_ptr + slot_q[None, :].to(tl.int64) * stride_as + expert * stride_ae
+                  + r_q[None, :] * stride_ar)
+        in_chunk = (run_m >= first) & (run_m < first + NUM_RUNS)
+        acc = tl.zeros([BLOCK_M, NUM_RUNS * BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < inter
+            h = tl.load(h_ptr + rows[:, None] * inter + offs_k[None, :],
+                        mask=in_chunk[:, None] & k_mask[None, :], other=0.0)
+            a = tl.load(a_base + offs_k[:, None] * stride_ai,
+                        mask=k_mask[:, None] & (r_q < rank_q)[None, :], other=0.0)
+            acc += tl.dot(h, a.to(h.dtype))
+        acc3 = tl.reshape(acc, (BLOCK_M, NUM_RUNS, BLOCK_R))
+        own = (run_m - first)[:, None, None] == offs_j[None, :, None]
+        out = tl.sum(tl.where(own, acc3, 0.0), axis=1)
+        tl.store(out_ptr + rows[:, None] * BLOCK_R + offs_r[None, :], out,
+                 mask=in_chunk[:, None])

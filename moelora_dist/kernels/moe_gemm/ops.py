@@ -20,7 +20,8 @@ import triton
 from moelora_dist.kernels.align import Alignment
 from moelora_dist.kernels.moe_gemm.kernel_down import _down_kernel, _topk_sum_kernel
 from moelora_dist.kernels.moe_gemm.kernel_gate_up import _gate_up_kernel
-from moelora_dist.kernels.moe_gemm.kernel_shrink import _down_shrink_kernel, _lora_shrink_kernel
+from moelora_dist.kernels.moe_gemm.kernel_shrink import (
+    _down_shrink_kernel, _down_shrink_runs_kernel, _lora_shrink_kernel)
 from moelora_dist.lora.buffers import MoELoRABuffers
 
 ACT_IDS = {"silu": 0, "gelu": 1}
@@ -31,13 +32,11 @@ def block_r(max_rank: int) -> int:
     return max(16, triton.next_power_of_2(max(int(max_rank), 1)))
 
 
-def num_runs(lora_runs: int, br: int) -> int:
-    """Slot runs stacked into one expand dot: ``lora_runs`` (a power of two) or, when 0, as
-    many as make a stacked K of 64 (4 runs at rank 16, 1 run from rank 64 up)."""
-    n = lora_runs or max(1, 64 // br)
-    if n & (n - 1):
-        raise ValueError(f"lora_runs must be a power of two, got {lora_runs}")
-    return n
+def num_runs(lora_runs: int) -> int:
+    """Check ``lora_runs`` (slot runs stacked into one LoRA dot): a power of two, >= 1."""
+    if lora_runs < 1 or lora_runs & (lora_runs - 1):
+        raise ValueError(f"lora_runs must be a power of two >= 1, got {lora_runs}")
+    return lora_runs
 
 
 def lora_shrink(x_TH: torch.Tensor, lora: MoELoRABuffers, al: Alignment, top_k: int,
@@ -67,7 +66,7 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             slot_enabled_S=None, lora: MoELoRABuffers | None = None, shrink=None,
             activation: str = "silu", *, block_n: int = 64, block_k: int = 64,
             num_warps: int = 4, num_stages: int = 3, fuse_down_shrink: bool = False,
-            lora_runs: int = 0):
+            lora_runs: int = 1):
     """Base gate_up + LoRA expand + activation (+ down LoRA shrink) for a base alignment.
 
     Args:
@@ -111,30 +110,44 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         w.stride(2), *lora_strides, HAS_LORA=has_lora, FUSE_DOWN_SHRINK=fuse,
         ACT=ACT_IDS[activation],
         BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
-        NUM_RUNS=num_runs(lora_runs, BR), num_warps=num_warps, num_stages=num_stages)
+        NUM_RUNS=num_runs(lora_runs), num_warps=num_warps, num_stages=num_stages)
     return h, (dshrink if fuse else None)
 
 
 def down_shrink(h, lora: MoELoRABuffers, al: Alignment, top_k: int, token_slot_T,
-                slot_enabled_S, *, block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
+                slot_enabled_S, *, block_k: int = 64, num_warps: int = 4,
+                lora_runs: int | None = None) -> torch.Tensor:
     """``h A_down^T`` per pair from the stored ``h`` (the unfused alternative of the gate_up
-    epilogue). Args: h ``[T*K, I_l]``; al: the base alignment. Returns ``[T*K, BR]`` fp32, set
-    for the pairs with an enabled slot (other rows unset and never read)."""
+    epilogue).
+
+    Args:
+        h: ``[T*K, I_l]``; al: the base alignment.
+        lora_runs: None: one slot at a time (``h`` read once per slot of a block); else that
+            many slot runs stacked per dot (``h`` read once per ``lora_runs`` runs).
+    Returns:
+        ``[T*K, BR]`` fp32, set for the pairs with an enabled slot (other rows unset, never
+        read).
+    """
     N, inter = h.shape
     BR = block_r(lora.max_rank)
     out = torch.empty(N, BR, dtype=torch.float32, device=h.device)
     a = lora.down_a
-    _down_shrink_kernel[(al.max_blocks,)](
-        h, a, al.sorted_ids, al.block_bucket, al.num_post_pad, token_slot_T, slot_enabled_S,
-        lora.slot_rank, out, N, top_k, inter, *a.stride(), BLOCK_M=al.block_m,
-        BLOCK_K=block_k, BLOCK_R=BR, num_warps=num_warps)
+    args = (h, a, al.sorted_ids, al.block_bucket, al.num_post_pad, token_slot_T,
+            slot_enabled_S, lora.slot_rank, out, N, top_k, inter, *a.stride())
+    if lora_runs is None:
+        _down_shrink_kernel[(al.max_blocks,)](*args, BLOCK_M=al.block_m, BLOCK_K=block_k,
+                                              BLOCK_R=BR, num_warps=num_warps)
+    else:
+        _down_shrink_runs_kernel[(al.max_blocks,)](
+            *args, BLOCK_M=al.block_m, BLOCK_K=block_k, BLOCK_R=BR,
+            NUM_RUNS=num_runs(lora_runs), num_warps=num_warps)
     return out
 
 
 def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T=None,
          slot_enabled_S=None, lora: MoELoRABuffers | None = None, dshrink=None, *,
          block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
-         lora_runs: int = 0):
+         lora_runs: int = 1):
     """Base down + LoRA expand, times the top-k weight, per pair.
 
     Args:
@@ -164,7 +177,7 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
         N, top_k, H, inter, w.stride(0), w.stride(1), w.stride(2), *b_strides,
         HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_R=BR, NUM_RUNS=num_runs(lora_runs, BR), num_warps=num_warps, num_stages=num_stages)
+        BLOCK_R=BR, NUM_RUNS=num_runs(lora_runs), num_warps=num_warps, num_stages=num_stages)
     return out
 
 
