@@ -18,7 +18,8 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                  num_pairs, top_k, hidden, inter,
                  stride_we, stride_wh, stride_wi, stride_bs, stride_be, stride_bh, stride_br,
                  HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, NUM_RUNS: tl.constexpr):
+                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, NUM_RUNS: tl.constexpr,
+                 LORA_STAGES: tl.constexpr):
     """out[pair, n-tile] = topk_w[pair] * (h W_down^T + dshrink B_down^T)."""
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(hidden, BLOCK_N)
@@ -49,7 +50,7 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                                     token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, BLOCK_M)
         rank_m = tl.load(slot_rank_ptr + slot_m, mask=slot_m >= 0, other=0)
         # NUM_RUNS slot runs per dot, loads issued together (see kernel_gate_up.py).
-        for first in range(0, num_runs, NUM_RUNS):
+        for first in tl.range(0, num_runs, NUM_RUNS, num_stages=LORA_STAGES):
             slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
             d_mask = (run_m[:, None] == first + band_q[None, :]) & (r_q[None, :] < rank_m[:, None])
             d = tl.load(dshrink_ptr + rows[:, None] * BLOCK_R + r_q[None, :], mask=d_mask,

@@ -27,7 +27,8 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                     stride_das, stride_dae, stride_dar, stride_dai,
                     HAS_LORA: tl.constexpr, FUSE_DOWN_SHRINK: tl.constexpr,
                     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, NUM_RUNS: tl.constexpr):
+                    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, NUM_RUNS: tl.constexpr,
+                    LORA_STAGES: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(inter, BLOCK_N)
     pid_m = pid // num_n
@@ -65,9 +66,11 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
         # Shared-A slots computed their shrink once per token, at row num_pairs + token.
         shared_m = tl.load(a_shared_ptr + slot_m, mask=has_m, other=0) != 0
         src = tl.where(shared_m, num_pairs + tok, rows)
-        # NUM_RUNS runs per dot: their loads are issued together, so a block of several slots
-        # waits for memory once, not once per slot (the old loop's cost, docs/kernels.md).
-        for first in range(0, num_runs, NUM_RUNS):
+        # A loop over the block's slot runs whose addresses depend on the run index only (the
+        # old loop found each next slot by a reduction over the block first). NUM_RUNS runs
+        # share one dot. LORA_STAGES=1: a software-pipelined loop multi-buffers these tiles
+        # next to the main loop's and ran out of shared memory at 128x128 tiles (H100).
+        for first in tl.range(0, num_runs, NUM_RUNS, num_stages=LORA_STAGES):
             slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
             s_mask = (run_m[:, None] == first + band_q[None, :]) & (r_q[None, :] < rank_m[:, None])
             s_ptr = shrink_ptr + src[:, None] * (2 * BLOCK_R) + r_q[None, :]
