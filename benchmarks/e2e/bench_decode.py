@@ -30,7 +30,6 @@ Results: ``benchmarks/results/e2e_decode_<device>.csv`` and ``.png``.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import logging
 import os
@@ -41,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA  # noqa
 from moelora_dist.lora.batch_info import compute_batch_info  # noqa: E402
@@ -49,6 +49,7 @@ from moelora_dist.models.config import ModelConfig  # noqa: E402
 from moelora_dist.models.graphs import DecodeGraphs, bucket_for  # noqa: E402
 from moelora_dist.models.model import MoELoRAModel  # noqa: E402
 from moelora_dist.models.weights import RandomWeights  # noqa: E402
+from decode_report import write_outputs  # noqa: E402
 
 log = logging.getLogger("bench_decode")
 CHECK_TOL = 5e-2
@@ -235,7 +236,8 @@ def run(args) -> list[dict]:
             sync(dev)
             sec = time.perf_counter() - t0
             rows.append(dict(batch=B, mode=mode, decode=decode,
-                             tokens_per_s=round(B * args.steps / sec, 2), ms_per_step=round(1e3 * sec / args.steps, 3), check_rel_err=err,
+                             tokens_per_s=round(B * args.steps / sec, 2),
+                             ms_per_step=round(1e3 * sec / args.steps, 3), check_rel_err=err,
                              ok=ok))
             del case
         base, lora = rows[-2], rows[-1]
@@ -258,53 +260,6 @@ def meta(args, cfg, groups) -> dict:
                 model="tiny" if args.tiny else "qwen3-30b-a3b-shape", layers=cfg.num_layers,
                 dtype=args.dtype, prompt_len=args.prompt_len, steps=args.steps,
                 adapters=args.num_adapters, rank=args.rank)
-
-
-def write_outputs(rows, m, out_dir) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    tag = m["device"].replace(" ", "_") + ("_tiny" if m["model"] == "tiny" else "")
-    path = os.path.join(out_dir, f"e2e_decode_{tag}")
-    keys = list(m) + ["batch", "decode", "mode", "tokens_per_s", "ms_per_step", "ratio_vs_base",
-                      "check_rel_err", "ok"]
-    with open(path + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**m, **r})
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: wrote %s.csv, no plot", path)
-        return path
-    batches = sorted({r["batch"] for r in rows})
-    decodes = list(dict.fromkeys(r["decode"] for r in rows))
-    find = lambda b, d, mode: next((r for r in rows if r["batch"] == b  # noqa: E731
-                                    and r["decode"] == d and r["mode"] == mode), None)
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    n = 2 * len(decodes)
-    width = 0.8 / n
-    for k, (d, mode) in enumerate((d, mode) for d in decodes for mode in ("base", "lora8")):
-        xs = [i - 0.4 + width * (k + 0.5) for i, b in enumerate(batches) if find(b, d, mode)]
-        ys = [find(b, d, mode)["tokens_per_s"] for b in batches if find(b, d, mode)]
-        label = f"{d}, " + ("no adapter" if mode == "base" else
-                            f"{m['adapters']} adapters r={m['rank']}")
-        ax.bar(xs, ys, width, label=label)
-        if mode == "lora8":
-            for x, b in zip(xs, [b for b in batches if find(b, d, mode)]):
-                r = find(b, d, mode)
-                ax.annotate(f"{r['ratio_vs_base']:.2f}x", (x, r["tokens_per_s"]), ha="center",
-                            va="bottom", fontsize=7)
-    ax.set_xticks(list(range(len(batches))), [f"B={b}" for b in batches])
-    ax.set_yscale("log")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"{m['model']}, {m['layers']} layers, {m['dtype']}, tp={m['tp']} ep={m['ep']}\n"
-                 f"{m['device']}, {m['date']} UTC", fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path + ".png", dpi=110)
-    return path
 
 
 def main(argv=None) -> int:

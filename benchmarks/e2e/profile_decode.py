@@ -56,7 +56,8 @@ def main(argv=None):
         for _ in range(args.steps):
             case.step()
         bd.sync(dev)
-        print(f"\n##### {tag} {mode} B={B}: {1e3 * (time.perf_counter() - t0) / args.steps:.2f} ms/step")
+        ms = 1e3 * (time.perf_counter() - t0) / args.steps
+        print(f"\n##### {tag} {mode} B={B}: {ms:.2f} ms/step")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
                 case.step()
