@@ -128,6 +128,9 @@ class DecodeGraphs:
         live = [j for j in range(B) if positions[j] >= 0]
         if any(positions[j] >= cache.max_len for j in live):
             raise ValueError(f"a position reaches the KV cache length {cache.max_len}")
+        S, V = self.model.pool.config.max_loras, self.model.cfg.vocab_size
+        if any(not -1 <= slots[j] < S or not 0 <= ids[j] < V for j in live):
+            raise ValueError(f"slots must lie in [-1, {S}) and token ids in [0, {V})")
         host[0, live] = torch.tensor([ids[j] for j in live], dtype=torch.int64)
         host[1, live] = torch.tensor([positions[j] for j in live], dtype=torch.int64)
         host[2, live] = torch.tensor([slots[j] for j in live], dtype=torch.int64)

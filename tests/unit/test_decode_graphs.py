@@ -193,6 +193,10 @@ def test_buckets_cache_reuse_and_errors(model):
         graphs.step([1] * 9, [0] * 9, [-1] * 9)
     with pytest.raises(ValueError, match="KV cache length"):
         graphs.step([1], [64], [-1])
+    with pytest.raises(ValueError, match="slots must lie"):
+        graphs.step([1], [3], [3])  # the pool has 3 slots
+    with pytest.raises(ValueError, match="token ids"):
+        graphs.step([128], [3], [-1])  # vocab 128
     with pytest.raises(ValueError, match="CUDA device"):
         DecodeGraphs(model, capture=True)
 
