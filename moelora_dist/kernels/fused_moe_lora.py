@@ -43,9 +43,14 @@ class MoEConfig:
     # Apart is faster on H100 (T=4096, 8 adapters r16: 1.36 vs 1.68 ms, docs/kernels.md) and
     # deterministic, so a CUDA-graph replay equals eager bit for bit.
     fuse_down_shrink: bool = False
-    # Slot runs stacked into one LoRA expand dot of gate_up and down (a power of two), and
-    # the software-pipeline depth of the loop over them (1: none).
-    lora_runs: int = 1
+    # LoRA expand of gate_up and down: a loop over the block's slot runs (lora_runs of them
+    # stacked per dot, a power of two; lora_stages its software-pipeline depth), or one slot
+    # at a time. H100, Qwen3, 8 adapters r16 (docs/kernels.md): at T=64 (16-row tiles) the
+    # whole layer took 0.488 ms in a graph with the run loop and 2 runs per dot, 0.496 with 1
+    # run, 0.514 before this change; at T=4096 (128x128 tiles) the run loop made the down
+    # kernel take 592 us against 390 us, so pick_config keeps the slot loop there.
+    run_loop: bool = True
+    lora_runs: int = 2
     lora_stages: int = 1
     # down_shrink: 0 = one slot at a time (h re-read per slot), n = n runs stacked per dot,
     # -1 = as many as make 64 columns (4 at rank 16).
@@ -66,8 +71,8 @@ def pick_config(num_tokens: int, top_k: int, num_experts: int, num_slots: int = 
     if per_expert <= 64:
         return MoEConfig(64, 128, 64, 4, 3, lora_bm, 128)
     # H100, Qwen3 shapes, T=4096 (256 rows per expert): 128x128 tiles with 8 warps took 0.87
-    # ms against 1.04 ms for 64x128 with 4 warps.
-    return MoEConfig(128, 128, 64, 8, 3, lora_bm, 128)
+    # ms against 1.04 ms for 64x128 with 4 warps; the LoRA expand loops one slot at a time.
+    return MoEConfig(128, 128, 64, 8, 3, lora_bm, 128, run_loop=False)
 
 
 def _down_shrink_runs(cfg: MoEConfig, max_rank: int) -> int | None:
@@ -152,14 +157,14 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
     h, dshrink = ops.gate_up(x_TH, w_gate_up_EXH, base, K, token_slot_T, slot_enabled_S, lora,
                              shrink, activation, block_n=cfg.block_n, block_k=cfg.block_k,
                              num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                             fuse_down_shrink=cfg.fuse_down_shrink, lora_runs=cfg.lora_runs,
-                             lora_stages=cfg.lora_stages)
+                             fuse_down_shrink=cfg.fuse_down_shrink, run_loop=cfg.run_loop,
+                             lora_runs=cfg.lora_runs, lora_stages=cfg.lora_stages)
     if has_lora and not cfg.fuse_down_shrink:
         dshrink = ops.down_shrink(
             h, lora, base, K, token_slot_T, slot_enabled_S, block_k=cfg.shrink_block_k,
             lora_runs=_down_shrink_runs(cfg, lora.max_rank))
     out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, token_slot_T, slot_enabled_S, lora,
                    dshrink, block_n=cfg.down_block_n, block_k=cfg.block_k,
-                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, lora_runs=cfg.lora_runs,
-                   lora_stages=cfg.lora_stages)
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, run_loop=cfg.run_loop,
+                   lora_runs=cfg.lora_runs, lora_stages=cfg.lora_stages)
     return ops.topk_sum(out, topk_ids_TK, E)

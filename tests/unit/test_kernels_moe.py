@@ -21,7 +21,9 @@ TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=2e-2,
 # Small tiles keep the interpreter fast and make several blocks per expert.
 SMALL = MoEConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1,
                   lora_block_m=16, down_block_n=16, shrink_block_k=16)
-SMALL_FUSED = dataclasses.replace(SMALL, fuse_down_shrink=True)
+# The fused variant also takes the one-slot-at-a-time expand loop (pick_config's choice for
+# large tiles), so every case runs both expand loops.
+SMALL_FUSED = dataclasses.replace(SMALL, fuse_down_shrink=True, run_loop=False)
 SMALL_UNFUSED = dataclasses.replace(SMALL, fuse_down_shrink=False)
 
 
@@ -107,9 +109,10 @@ def test_fused_moe_lora_matches_experts_reference(case, dtype, fused):
         assert torch.equal(got, torch.zeros_like(got))
 
 
-@pytest.mark.parametrize("lora_runs,ds_runs", [(1, 0), (2, 1), (8, 2), (1, 8)],
-                         ids=["runs1_ds_per_slot", "runs2_ds1", "runs8_ds2", "runs1_ds8"])
-def test_stacked_expand_matches_reference_for_any_runs_per_dot(lora_runs, ds_runs):
+@pytest.mark.parametrize("lora_runs,ds_runs,run_loop", [
+    (1, 0, True), (2, 1, True), (8, 2, True), (1, 8, True), (1, 4, False)],
+    ids=["runs1_ds_per_slot", "runs2_ds1", "runs8_ds2", "runs1_ds8", "slot_loop_ds4"])
+def test_stacked_expand_matches_reference_for_any_runs_per_dot(lora_runs, ds_runs, run_loop):
     """A block of ~10 rows holds up to 7 slot runs: 1 and 2 runs per dot loop over chunks,
     8 takes them in one dot with empty bands (slots of rank 4, 8, 16 and shared factors).
     ``ds_runs`` does the same for the down shrink (0: its one-slot-at-a-time kernel)."""
@@ -118,7 +121,8 @@ def test_stacked_expand_matches_reference_for_any_runs_per_dot(lora_runs, ds_run
             c["topk_ids_TK"])
     got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
                          config=dataclasses.replace(SMALL, lora_runs=lora_runs,
-                                                    down_shrink_runs=ds_runs))
+                                                    down_shrink_runs=ds_runs,
+                                                    run_loop=run_loop))
     _close(got, experts_reference(*args, _effective_slots(c), c["lora"]), torch.float32)
 
 

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from moelora_dist.kernels.moe_gemm.kernel_common import (
-    _block_rows, _row_runs, _row_slots, _stacked_slots)
+    NO_SLOT, _block_rows, _next_slot, _row_runs, _row_slots, _stacked_slots)
 
 
 @triton.jit
@@ -18,8 +18,8 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                  num_pairs, top_k, hidden, inter,
                  stride_we, stride_wh, stride_wi, stride_bs, stride_be, stride_bh, stride_br,
                  HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, NUM_RUNS: tl.constexpr,
-                 LORA_STAGES: tl.constexpr):
+                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RUN_LOOP: tl.constexpr,
+                 NUM_RUNS: tl.constexpr, LORA_STAGES: tl.constexpr):
     """out[pair, n-tile] = topk_w[pair] * (h W_down^T + dshrink B_down^T)."""
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(hidden, BLOCK_N)
@@ -46,25 +46,44 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
     if HAS_LORA:
         slot_m = _row_slots(rows // top_k, row_mask, token_slot_ptr, slot_enabled_ptr,
                             slot_rank_ptr)
-        run_m, num_runs = _row_runs(sorted_ids_ptr, pid_m, slot_m, num_pairs, top_k,
-                                    token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, BLOCK_M)
-        rank_m = tl.load(slot_rank_ptr + slot_m, mask=slot_m >= 0, other=0)
-        # NUM_RUNS slot runs per dot, loads issued together (see kernel_gate_up.py).
-        for first in tl.range(0, num_runs, NUM_RUNS, num_stages=LORA_STAGES):
-            slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
-            d_mask = (run_m[:, None] == first + band_q[None, :]) & (r_q[None, :] < rank_m[:, None])
-            d = tl.load(dshrink_ptr + rows[:, None] * BLOCK_R + r_q[None, :], mask=d_mask,
-                        other=0.0)
-            has_q = slot_q >= 0
-            rank_q = tl.load(slot_rank_ptr + slot_q, mask=has_q, other=0)
-            # A shared B_down sits at expert 0: expert stride 0, no copy.
-            shared_q = tl.load(b_shared_ptr + slot_q, mask=has_q, other=0) != 0
-            eb_q = tl.where(shared_q, 0, expert)
-            b = tl.load(b_ptr + slot_q[:, None].to(tl.int64) * stride_bs
-                        + eb_q[:, None] * stride_be + offs_n[None, :] * stride_bh
-                        + r_q[:, None] * stride_br,
-                        mask=(r_q < rank_q)[:, None] & n_mask[None, :], other=0.0)
-            acc += tl.dot(d, b.to(tl.float32))
+        if RUN_LOOP:
+            run_m, num_runs = _row_runs(sorted_ids_ptr, pid_m, slot_m, num_pairs, top_k,
+                                        token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                                        BLOCK_M)
+            rank_m = tl.load(slot_rank_ptr + slot_m, mask=slot_m >= 0, other=0)
+            # NUM_RUNS slot runs per dot (see kernel_gate_up.py).
+            for first in tl.range(0, num_runs, NUM_RUNS, num_stages=LORA_STAGES):
+                slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
+                d_mask = ((run_m[:, None] == first + band_q[None, :])
+                          & (r_q[None, :] < rank_m[:, None]))
+                d = tl.load(dshrink_ptr + rows[:, None] * BLOCK_R + r_q[None, :], mask=d_mask,
+                            other=0.0)
+                has_q = slot_q >= 0
+                rank_q = tl.load(slot_rank_ptr + slot_q, mask=has_q, other=0)
+                # A shared B_down sits at expert 0: expert stride 0, no copy.
+                shared_q = tl.load(b_shared_ptr + slot_q, mask=has_q, other=0) != 0
+                eb_q = tl.where(shared_q, 0, expert)
+                b = tl.load(b_ptr + slot_q[:, None].to(tl.int64) * stride_bs
+                            + eb_q[:, None] * stride_be + offs_n[None, :] * stride_bh
+                            + r_q[:, None] * stride_br,
+                            mask=(r_q < rank_q)[:, None] & n_mask[None, :], other=0.0)
+                acc += tl.dot(d, b.to(tl.float32))
+        else:
+            # One slot at a time (see kernel_gate_up.py for when each loop is used).
+            offs_r = tl.arange(0, BLOCK_R)
+            slot = _next_slot(slot_m, -1)
+            while slot != NO_SLOT:
+                sel = slot_m == slot
+                slot64 = slot.to(tl.int64)
+                r_mask = offs_r < tl.load(slot_rank_ptr + slot64)
+                eb = tl.where(tl.load(b_shared_ptr + slot64) != 0, 0, expert)
+                d = tl.load(dshrink_ptr + rows[:, None] * BLOCK_R + offs_r[None, :],
+                            mask=sel[:, None] & r_mask[None, :], other=0.0)
+                b = tl.load(b_ptr + slot64 * stride_bs + eb * stride_be
+                            + offs_n[None, :] * stride_bh + offs_r[:, None] * stride_br,
+                            mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                acc += tl.dot(d, b.to(tl.float32))
+                slot = _next_slot(slot_m, slot)
 
     weight = tl.load(topk_w_ptr + rows, mask=row_mask, other=0.0)
     acc = acc * weight[:, None]

@@ -27,8 +27,8 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                     stride_das, stride_dae, stride_dar, stride_dai,
                     HAS_LORA: tl.constexpr, FUSE_DOWN_SHRINK: tl.constexpr,
                     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, NUM_RUNS: tl.constexpr,
-                    LORA_STAGES: tl.constexpr):
+                    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RUN_LOOP: tl.constexpr,
+                    NUM_RUNS: tl.constexpr, LORA_STAGES: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(inter, BLOCK_N)
     pid_m = pid // num_n
@@ -59,31 +59,60 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
     if HAS_LORA:
         slot_m = _row_slots(tok, row_mask, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr)
         offs_r = tl.arange(0, BLOCK_R)
-        run_m, num_runs = _row_runs(sorted_ids_ptr, pid_m, slot_m, num_pairs, top_k,
-                                    token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, BLOCK_M)
-        has_m = slot_m >= 0
-        rank_m = tl.load(slot_rank_ptr + slot_m, mask=has_m, other=0)
-        # Shared-A slots computed their shrink once per token, at row num_pairs + token.
-        shared_m = tl.load(a_shared_ptr + slot_m, mask=has_m, other=0) != 0
-        src = tl.where(shared_m, num_pairs + tok, rows)
-        # A loop over the block's slot runs whose addresses depend on the run index only (the
-        # old loop found each next slot by a reduction over the block first). NUM_RUNS runs
-        # share one dot. LORA_STAGES=1: a software-pipelined loop multi-buffers these tiles
-        # next to the main loop's and ran out of shared memory at 128x128 tiles (H100).
-        for first in tl.range(0, num_runs, NUM_RUNS, num_stages=LORA_STAGES):
-            slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
-            s_mask = (run_m[:, None] == first + band_q[None, :]) & (r_q[None, :] < rank_m[:, None])
-            s_ptr = shrink_ptr + src[:, None] * (2 * BLOCK_R) + r_q[None, :]
-            s_g = tl.load(s_ptr, mask=s_mask, other=0.0)
-            s_u = tl.load(s_ptr + BLOCK_R, mask=s_mask, other=0.0)
-            rank_q = tl.load(slot_rank_ptr + slot_q, mask=slot_q >= 0, other=0)
-            b_mask = (r_q < rank_q)[:, None] & n_mask[None, :]
-            b_g_ptr = (b_ptr + slot_q[:, None].to(tl.int64) * stride_bs + expert * stride_be
-                       + offs_n[None, :] * stride_bn + r_q[:, None] * stride_br)
-            b_g = tl.load(b_g_ptr, mask=b_mask, other=0.0).to(tl.float32)
-            b_u = tl.load(b_g_ptr + inter * stride_bn, mask=b_mask, other=0.0).to(tl.float32)
-            acc_g += tl.dot(s_g, b_g)
-            acc_u += tl.dot(s_u, b_u)
+        if RUN_LOOP:
+            run_m, num_runs = _row_runs(sorted_ids_ptr, pid_m, slot_m, num_pairs, top_k,
+                                        token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                                        BLOCK_M)
+            has_m = slot_m >= 0
+            rank_m = tl.load(slot_rank_ptr + slot_m, mask=has_m, other=0)
+            # Shared-A slots computed their shrink once per token, at row num_pairs + token.
+            shared_m = tl.load(a_shared_ptr + slot_m, mask=has_m, other=0) != 0
+            src = tl.where(shared_m, num_pairs + tok, rows)
+            # A loop over the block's slot runs whose addresses depend on the run index only
+            # (the slot loop below finds each next slot by a reduction over the block first).
+            # NUM_RUNS runs share one dot. LORA_STAGES > 1 software-pipelines the loop; it
+            # multi-buffers these tiles next to the main loop's (out of shared memory at
+            # 128x128 tiles on H100).
+            for first in tl.range(0, num_runs, NUM_RUNS, num_stages=LORA_STAGES):
+                slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
+                s_mask = ((run_m[:, None] == first + band_q[None, :])
+                          & (r_q[None, :] < rank_m[:, None]))
+                s_ptr = shrink_ptr + src[:, None] * (2 * BLOCK_R) + r_q[None, :]
+                s_g = tl.load(s_ptr, mask=s_mask, other=0.0)
+                s_u = tl.load(s_ptr + BLOCK_R, mask=s_mask, other=0.0)
+                rank_q = tl.load(slot_rank_ptr + slot_q, mask=slot_q >= 0, other=0)
+                b_mask = (r_q < rank_q)[:, None] & n_mask[None, :]
+                b_g_ptr = (b_ptr + slot_q[:, None].to(tl.int64) * stride_bs
+                           + expert * stride_be + offs_n[None, :] * stride_bn
+                           + r_q[:, None] * stride_br)
+                b_g = tl.load(b_g_ptr, mask=b_mask, other=0.0).to(tl.float32)
+                b_u = tl.load(b_g_ptr + inter * stride_bn, mask=b_mask,
+                              other=0.0).to(tl.float32)
+                acc_g += tl.dot(s_g, b_g)
+                acc_u += tl.dot(s_u, b_u)
+        else:
+            # One slot at a time, the next one found by a reduction over the block: measured
+            # faster than the run loop at 128x128 tiles, slower at 16x64 (docs/kernels.md).
+            slot = _next_slot(slot_m, -1)
+            while slot != NO_SLOT:
+                sel = slot_m == slot
+                slot64 = slot.to(tl.int64)
+                r_mask = offs_r < tl.load(slot_rank_ptr + slot64)
+                # Shared-A slots computed their shrink once per token, at row num_pairs + tok.
+                shared = tl.load(a_shared_ptr + slot64) != 0
+                src = tl.where(shared, num_pairs + tok, rows)
+                s_ptr = shrink_ptr + src[:, None] * (2 * BLOCK_R) + offs_r[None, :]
+                s_mask = sel[:, None] & r_mask[None, :]
+                s_g = tl.load(s_ptr, mask=s_mask, other=0.0)
+                s_u = tl.load(s_ptr + BLOCK_R, mask=s_mask, other=0.0)
+                b_base = b_ptr + slot64 * stride_bs + expert * stride_be
+                b_off = offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
+                b_mask = r_mask[:, None] & n_mask[None, :]
+                b_g = tl.load(b_base + b_off, mask=b_mask, other=0.0).to(tl.float32)
+                b_u = tl.load(b_base + inter * stride_bn + b_off, mask=b_mask, other=0.0)
+                acc_g += tl.dot(s_g, b_g)
+                acc_u += tl.dot(s_u, b_u.to(tl.float32))
+                slot = _next_slot(slot_m, slot)
 
     if ACT == 0:
         h = _silu_mul(acc_g, acc_u)

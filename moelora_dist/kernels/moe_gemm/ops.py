@@ -66,15 +66,16 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             slot_enabled_S=None, lora: MoELoRABuffers | None = None, shrink=None,
             activation: str = "silu", *, block_n: int = 64, block_k: int = 64,
             num_warps: int = 4, num_stages: int = 3, fuse_down_shrink: bool = False,
-            lora_runs: int = 1, lora_stages: int = 1):
+            run_loop: bool = True, lora_runs: int = 1, lora_stages: int = 1):
     """Base gate_up + LoRA expand + activation (+ down LoRA shrink) for a base alignment.
 
     Args:
         x_TH: ``[T, H]``; w_gate_up_EXH: ``[E_l, 2*I_l, H]`` (gate rows then up rows).
         al: base alignment of the ``T*K`` pairs by expert (rows ordered by slot).
         shrink: output of :func:`lora_shrink` when ``lora`` is given.
-        lora_runs: slot runs per expand dot (see :func:`num_runs`); lora_stages: software
-            pipeline depth of the loop over them (1: none).
+        run_loop: expand loop over the block's slot runs (else one slot at a time, each
+            found by a reduction); lora_runs: slot runs per expand dot (:func:`num_runs`);
+            lora_stages: software-pipeline depth of the run loop (1: none).
     Returns:
         ``h`` ``[T*K, I_l]`` in ``x_TH.dtype`` (rows of invalid pairs unset) and ``dshrink``
         ``[T*K, BR]`` fp32 (``h A_down^T``; None without LoRA, or when not
@@ -111,8 +112,8 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         w.stride(2), *lora_strides, HAS_LORA=has_lora, FUSE_DOWN_SHRINK=fuse,
         ACT=ACT_IDS[activation],
         BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
-        NUM_RUNS=num_runs(lora_runs), LORA_STAGES=lora_stages, num_warps=num_warps,
-        num_stages=num_stages)
+        RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), LORA_STAGES=lora_stages,
+        num_warps=num_warps, num_stages=num_stages)
     return h, (dshrink if fuse else None)
 
 
@@ -149,12 +150,13 @@ def down_shrink(h, lora: MoELoRABuffers, al: Alignment, top_k: int, token_slot_T
 def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T=None,
          slot_enabled_S=None, lora: MoELoRABuffers | None = None, dshrink=None, *,
          block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
-         lora_runs: int = 1, lora_stages: int = 1):
+         run_loop: bool = True, lora_runs: int = 1, lora_stages: int = 1):
     """Base down + LoRA expand, times the top-k weight, per pair.
 
     Args:
         h: ``[T*K, I_l]``; w_down_EHI: ``[E_l, H, I_l]``; topk_weights_TK: ``[T, K]`` fp32.
         dshrink: ``[T*K, BR]`` fp32 from :func:`gate_up` when ``lora`` is given.
+        run_loop, lora_runs, lora_stages: the expand loop, as in :func:`gate_up`.
     Returns:
         ``[T*K, H]`` in ``h.dtype``; rows of pairs with an invalid expert are unset.
     """
@@ -179,8 +181,8 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
         N, top_k, H, inter, w.stride(0), w.stride(1), w.stride(2), *b_strides,
         HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_R=BR, NUM_RUNS=num_runs(lora_runs), LORA_STAGES=lora_stages, num_warps=num_warps,
-        num_stages=num_stages)
+        BLOCK_R=BR, RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), LORA_STAGES=lora_stages,
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 
