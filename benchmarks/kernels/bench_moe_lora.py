@@ -90,7 +90,10 @@ def run_case(case: Case, time_reference: bool) -> dict:
                share=case.share, config=_config_name(case), ok=ok, max_err=err,
                ref_scale=scale)
     row["ms"] = bench(ours) if ok else float("nan")
-    row["ms_graph"] = bench_graph(ours) if ok and case.T <= DECODE_MAX_T else ""
+    # Graphs at every T for Qwen3 too: the eager LoRA call issues more launches than the base
+    # one, and the graph time shows how much of a prefill-size gap is host time.
+    graph = case.T <= DECODE_MAX_T or case.model.startswith("qwen3")
+    row["ms_graph"] = bench_graph(ours) if ok and graph else ""
     row["ref_ms"] = bench(lambda: experts_reference(*ref_args)) if time_reference else ""
     t = row["ms"] * 1e-3
     row["hbm_pct"] = 100 * touched_weight_bytes(inp) / t / HBM_BYTES_PER_S

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import triton
 
-from moelora_dist.kernels.align import align_items
-from moelora_dist.kernels.fused_moe_lora import pick_config
+from moelora_dist.kernels.align import align_base_and_lora, align_items
+from moelora_dist.kernels.fused_moe_lora import down_shrink_runs_for, pick_config
 from moelora_dist.kernels.moe_gemm import ops
 
 
@@ -24,33 +24,40 @@ def stage_times(inp) -> dict:
     rank = lora.slot_rank if has else None
     out = {}
 
-    def align_base():
-        return align_items(ids, ts if has else None, en if has else None, rank, None,
-                           num_experts=E, block_m=cfg.block_m, mode="base", sort_by_slot=has)
-
-    out["align_base"] = bench(align_base)
-    base = align_base()
-    shrink = None
     if has:
-        align_lora = lambda: align_items(ids, ts, en, rank, lora.gate_up_a_shared,  # noqa: E731
-                                         num_experts=E, block_m=cfg.lora_block_m, mode="lora")
-        out["align_lora"] = bench(align_lora)
-        la = align_lora()
+        def align():
+            return align_base_and_lora(ids, ts, en, rank, lora.gate_up_a_shared,
+                                       num_experts=E, block_m=cfg.block_m,
+                                       lora_block_m=cfg.lora_block_m)
+
+        out["align_base_and_lora"] = bench(align)
+        base, la = align()
         out["lora_shrink"] = bench(
             lambda: ops.lora_shrink(x, lora, la, K, block_k=cfg.shrink_block_k))
         shrink = ops.lora_shrink(x, lora, la, K, block_k=cfg.shrink_block_k)
+    else:
+        def align():
+            return align_items(ids, None, None, None, None, num_experts=E,
+                               block_m=cfg.block_m, mode="base")
+
+        out["align_base"] = bench(align)
+        base, shrink = align(), None
+    loop = dict(run_loop=cfg.run_loop, lora_runs=cfg.lora_runs, lora_stages=cfg.lora_stages)
     gkw = dict(block_n=cfg.block_n, block_k=cfg.block_k, num_warps=cfg.num_warps,
                num_stages=cfg.num_stages)
 
     def gu():
         return ops.gate_up(x, inp["w_gate_up_EXH"], base, K, ts, en, lora, shrink, **gkw,
-                           fuse_down_shrink=cfg.fuse_down_shrink)
+                           fuse_down_shrink=cfg.fuse_down_shrink, **loop)
 
     out["gate_up"] = bench(gu)
     h, dsh = gu()
     if has and not cfg.fuse_down_shrink:
+        ds_runs = down_shrink_runs_for(cfg, lora.max_rank)
+
         def dshrink():
-            return ops.down_shrink(h, lora, base, K, ts, en, block_k=cfg.shrink_block_k)
+            return ops.down_shrink(h, lora, base, K, ts, en, block_k=cfg.shrink_block_k,
+                                   lora_runs=ds_runs)
 
         out["down_shrink"] = bench(dshrink)
         dsh = dshrink()
@@ -58,7 +65,7 @@ def stage_times(inp) -> dict:
 
     def dn():
         return ops.down(h, inp["w_down_EHI"], inp["topk_weights_TK"], base, K, ts, en, lora,
-                        dsh, **dkw)
+                        dsh, **dkw, **loop)
 
     out["down"] = bench(dn)
     o = dn()
@@ -84,12 +91,12 @@ def variant_times(inp, graph_timer=None) -> dict:
                                      num_warps=8, num_stages=3)}
     if lora is not None:
         variants.update({
-            "down_shrink_fused": rep(base_cfg, fuse_down_shrink=True),
-            "n64": rep(base_cfg, block_n=64),
-            "w8": rep(base_cfg, num_warps=8),
-            "stages2": rep(base_cfg, num_stages=2),
-            "lora_bm32": rep(base_cfg, lora_block_m=32),
-            "shrink_k64": rep(base_cfg, shrink_block_k=64)})
+            "run_loop" if not base_cfg.run_loop else "slot_loop":
+                rep(base_cfg, run_loop=not base_cfg.run_loop),
+            "lora_runs1": rep(base_cfg, lora_runs=1),
+            "down_shrink_per_slot": rep(base_cfg, down_shrink_runs=0),
+            "lora_bm16": rep(base_cfg, lora_block_m=16),
+            "n64": rep(base_cfg, block_n=64)})
     timer = graph_timer or (lambda fn: triton.testing.do_bench(fn, warmup=10, rep=40,
                                                                return_mode="median"))
     out = {}

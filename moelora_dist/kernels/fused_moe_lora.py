@@ -75,7 +75,8 @@ def pick_config(num_tokens: int, top_k: int, num_experts: int, num_slots: int = 
     return MoEConfig(128, 128, 64, 8, 3, lora_bm, 128, run_loop=False)
 
 
-def _down_shrink_runs(cfg: MoEConfig, max_rank: int) -> int | None:
+def down_shrink_runs_for(cfg: MoEConfig, max_rank: int) -> int | None:
+    """The down shrink's runs per dot for ``cfg`` (None: its one-slot-at-a-time kernel)."""
     if cfg.down_shrink_runs >= 0:
         return cfg.down_shrink_runs or None
     return max(1, 64 // ops.block_r(max_rank))
@@ -162,7 +163,7 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
     if has_lora and not cfg.fuse_down_shrink:
         dshrink = ops.down_shrink(
             h, lora, base, K, token_slot_T, slot_enabled_S, block_k=cfg.shrink_block_k,
-            lora_runs=_down_shrink_runs(cfg, lora.max_rank))
+            lora_runs=down_shrink_runs_for(cfg, lora.max_rank))
     out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, token_slot_T, slot_enabled_S, lora,
                    dshrink, block_n=cfg.down_block_n, block_k=cfg.block_k,
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, run_loop=cfg.run_loop,
