@@ -144,10 +144,13 @@ class DecodeGraphs:
         if not self.capture:
             logits, next_ids = self._forward(inputs, num_lora)
         else:
-            entry = self._graphs.get((P, num_lora > 0))
-            if entry is None:
-                entry = self._capture(inputs, num_lora)
-            entry[0].replay()
+            # The model's GPU need not be the current device (a process may hold several):
+            # streams, capture and replay must all be on the model's.
+            with torch.cuda.device(self.model.device):
+                entry = self._graphs.get((P, num_lora > 0))
+                if entry is None:
+                    entry = self._capture(inputs, num_lora)
+                entry[0].replay()
             logits, next_ids = entry[1], entry[2]
         return logits[:B], next_ids[:B]
 
@@ -176,7 +179,7 @@ class DecodeGraphs:
         # Warm up on a side stream, as torch.cuda.graphs recommends: Triton compiles and tunes,
         # and the dense factor cache is filled outside the graph's pool. Running the step
         # twice is harmless: it rewrites the same keys at the same positions.
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream(self.model.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
