@@ -132,9 +132,9 @@ class Case:
         self.cache = (graphs.cache_for(B, prompt_len + max_new + 1) if graphs else
                       model.new_cache(B, prompt_len + max_new + 1))
         self.lens = [prompt_len] * B
-        # Prefill (untimed) in chunks of <= 2048 tokens: bounded activation memory. (On the
-        # H100, 2026-11-23, kernels at e303396, a LoRA MoE call at T = 4096 with 8 slots failed
-        # to launch: the gate_up kernel asked 256 KiB of shared memory, over the 227 KiB limit.)
+        # Prefill (untimed) in chunks of <= 2048 tokens: bounded activation memory. (Kernels
+        # at e303396 also failed to launch a LoRA call with 128x128 tiles, 256 KiB of shared
+        # memory; fixed since, and tests/gpu runs that case at T = 700.)
         chunk = max(1, 2048 // prompt_len)
         last = []
         for b0 in range(0, B, chunk):

@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from moelora_dist.models.cli_common import add_model_arguments, run_job
+from moelora_dist.models.cli_common import add_model_arguments, main_job
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,7 @@ def run(runner, groups, args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    args.command = "logits"
-    try:
-        return run_job(args, lambda runner, groups: run(runner, groups, args))
-    except ValueError as exc:  # every user mistake is a ValueError subclass naming the fix
-        print(f"moelora-dist logits: error: {exc}", file=sys.stderr)
-        return 2
+    return main_job(args, "logits", run)
 
 
 if __name__ == "__main__":

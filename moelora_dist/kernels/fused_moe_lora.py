@@ -68,8 +68,6 @@ def pick_config(num_tokens: int, top_k: int, num_experts: int, num_slots: int = 
         return MoEConfig(16, 64, 128, 4, 4, lora_bm, 64)
     if per_expert <= 128:
         return MoEConfig(32, 64, 128, 4, 4, lora_bm, 64)
-    if per_expert <= 64:
-        return MoEConfig(64, 128, 64, 4, 3, lora_bm, 128)
     # H100, Qwen3 shapes, T=4096 (256 rows per expert): 128x128 tiles with 8 warps took 0.87
     # ms against 1.04 ms for 64x128 with 4 warps; the LoRA expand loops one slot at a time.
     return MoEConfig(128, 128, 64, 8, 3, lora_bm, 128, run_loop=False)

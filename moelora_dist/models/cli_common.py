@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 import torch
 from tqdm import tqdm
@@ -116,3 +117,14 @@ def run_job(args, body) -> int:
     finally:
         if groups is not None and groups.backend != "none":
             destroy_parallel()
+
+
+def main_job(args, command: str, run) -> int:
+    """The ``main`` of a model job: :func:`run_job` with ``run(runner, groups, args) -> int``;
+    a user mistake (every one is a ValueError subclass naming the fix) prints one line, exit 2."""
+    args.command = command
+    try:
+        return run_job(args, lambda runner, groups: run(runner, groups, args))
+    except ValueError as exc:
+        print(f"moelora-dist {command}: error: {exc}", file=sys.stderr)
+        return 2
