@@ -5,16 +5,7 @@
 # sweep_cuda.json. Earlier runs also ran the torch-reference experts and the e2e runner tests
 # (see benchmarks/results/dist_run_gpu*.log); set FULL=1 to include them.
 #   bash benchmarks/dist/run_gpu.sh        (from the repository root)
-set -uo pipefail
-OUT=${OUT:-/tmp/moelora-out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
-  NVSHMEM_DISABLE_NVLS=1 MOELORA_DIST_TIMEOUT=60
-LOG=$OUT/run.log
-TR="python3 -m torch.distributed.run --standalone --nproc-per-node 2"
-step() { echo "=== $1 ($(date -u +%H:%M:%S))" | tee -a "$LOG"; }
-step env
-{ nvidia-smi -L; python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } >>"$LOG" 2>&1
+source "$(dirname "$0")/gpu_env.sh"
 step "multi_gpu tests (layer), NCCL, Triton experts, bf16"
 MOELORA_DIST_BACKEND=nccl timeout 150 $TR -m pytest tests/multi_gpu/test_moe_layer_dist.py -q \
   -p no:cacheprovider -rf >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"

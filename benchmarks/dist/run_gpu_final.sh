@@ -4,16 +4,7 @@
 # the layer benchmark (EP 2 vs one GPU, decode). The dispatch benchmark is in run_gpu.sh.
 # Everything lands under $OUT: run.log, multi_gpu.log, sweep_cuda.json, dist_layer_*.csv.
 #   bash benchmarks/dist/run_gpu_final.sh        (from the repository root)
-set -uo pipefail
-OUT=${OUT:-/tmp/moelora-out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
-  NVSHMEM_DISABLE_NVLS=1 MOELORA_DIST_TIMEOUT=60
-LOG=$OUT/run.log
-TR="python3 -m torch.distributed.run --standalone --nproc-per-node 2"
-step() { echo "=== $1 ($(date -u +%H:%M:%S))" | tee -a "$LOG"; }
-step env
-{ nvidia-smi -L; python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } >>"$LOG" 2>&1
+source "$(dirname "$0")/gpu_env.sh"
 step "tests/multi_gpu (all), NCCL, Triton experts, bf16"
 MOELORA_DIST_BACKEND=nccl timeout 240 $TR -m pytest tests/multi_gpu -q -p no:cacheprovider -rf \
   >"$OUT/multi_gpu.log" 2>&1; echo "rc=$?" | tee -a "$LOG"; grep -E "passed|failed" "$OUT/multi_gpu.log" | tee -a "$LOG"

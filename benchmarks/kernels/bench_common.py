@@ -142,3 +142,25 @@ def plot(path, rows, meta):
     fig.suptitle(f"moelora_dist fused MoE + multi-LoRA, {meta['device']}, {meta['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def bench(fn) -> float:
+    """Median ms of ``fn`` (eager launches), as ``triton.testing.do_bench`` measures it."""
+    import triton  # CUDA-only path; the CPU tests import this module without timing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def bench_graph(fn) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph: a decode step's cost without the
+    Python launch overhead of ~12 Triton launches (the serving loop captures decode)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)

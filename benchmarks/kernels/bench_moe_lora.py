@@ -23,8 +23,8 @@ import triton
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (BF16_FLOPS, HBM_BYTES_PER_S, MODELS, Case, flops,  # noqa: E402
-                          make_inputs, make_peer, plot, touched_weight_bytes, write_csv)
+from bench_common import (BF16_FLOPS, HBM_BYTES_PER_S, Case, bench, bench_graph,  # noqa: E402
+                          flops, make_inputs, make_peer, plot, touched_weight_bytes, write_csv)
 
 from bench_stages import stage_times, variant_times  # noqa: E402
 
@@ -51,25 +51,6 @@ def registry(quick: bool) -> list[Case]:
     if quick:
         cases = [c for c in cases if c.T in (8, 64, 4096)]
     return cases
-
-
-def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
-def bench_graph(fn) -> float:
-    """Median ms of ``fn`` replayed from a CUDA graph: a decode step's cost without the
-    Python launch overhead of ~12 Triton launches (the serving loop captures decode)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return bench(graph.replay)
 
 
 def run_case(case: Case, time_reference: bool) -> dict:

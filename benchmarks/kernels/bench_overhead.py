@@ -18,29 +18,11 @@ import sys
 import time
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import Case, make_inputs  # noqa: E402
+from bench_common import Case, bench, bench_graph, make_inputs  # noqa: E402
 
 from moelora_dist.kernels.fused_moe_lora import fused_moe_lora, pick_config  # noqa: E402
-
-
-def _bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
-def _graph_ms(fn) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return _bench(graph.replay)
 
 
 def _host_us(fn, calls: int = 20) -> float:
@@ -95,7 +77,7 @@ def main():
                 fn = lambda: fused_moe_lora(**inp, config=cfg)  # noqa: E731
                 try:
                     row = dict(label=args.label, case=case.name, variant=name,
-                               eager_ms=_bench(fn), graph_ms=_graph_ms(fn), host_us=_host_us(fn))
+                               eager_ms=bench(fn), graph_ms=bench_graph(fn), host_us=_host_us(fn))
                 except Exception as e:  # e.g. tiles that do not fit shared memory: go on
                     print(f"{args.label:6s} {case.name:30s} {name:20s} failed: {e!r}"[:200])
                     continue
