@@ -1,6 +1,6 @@
 # Sourced by the device-run scripts of this folder: the output folder, NCCL settings (NVLink
-# multicast off), the torchrun command `$TR` ($NPROC processes, default 2), a `step` logger into $OUT/run.log, and the
-# device and version lines at the top of that log.
+# multicast off), the torchrun command `$TR` ($NPROC processes, default 2), a `step` logger
+# into $OUT/run.log, and the device and version lines at the top of that log.
 set -uo pipefail
 OUT=${OUT:-/tmp/moelora-out}
 mkdir -p "$OUT"
