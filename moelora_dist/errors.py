@@ -1,0 +1,43 @@
+"""The one family of errors a user can cause, and how a command reports one.
+
+Every mistake a user can make -- a bad file, key, option value, request, layout or adapter --
+raises a subclass of :class:`MoeloraError` whose message is one line naming the thing (file,
+layer, key, option) and the fix. Nothing else is a user error: any other exception is a bug
+here and keeps its traceback. The command-line entry points catch the family, print the one
+line and exit with :data:`USER_ERROR_EXIT` (2), before any heavy work where the check allows.
+
+This module imports nothing of the package, so every layer can raise these.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USER_ERROR_EXIT = 2
+
+
+class MoeloraError(ValueError):
+    """A user mistake; ``str(exc)`` is one line that names the problem and the fix.
+
+    A ``ValueError`` so that callers written against the built-in type keep working.
+    """
+
+
+class FileError(MoeloraError):
+    """A file that cannot be read or written as asked (missing, unreadable, corrupt, not a
+    regular file); the message names the path and the real cause."""
+
+
+class OptionError(MoeloraError):
+    """A command-line option or API argument with a value that cannot work."""
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks folded, so an error stays one line on a terminal."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def report_user_error(prog: str, exc: BaseException) -> int:
+    """Print ``"<prog>: error: <message>"`` as one line on stderr; return the exit code (2)."""
+    print(f"{prog}: error: {one_line(str(exc))}", file=sys.stderr, flush=True)
+    return USER_ERROR_EXIT
