@@ -2,7 +2,7 @@
 
     python -m launch.bootstrap <module> [args]      (started by torchrun, never by hand)
 
-A ``moelora_dist.jobs.<name>`` module (it defines ``add_arguments`` and ``main``) is run
+A ``moelora_dist.cli.<name>`` module (it defines ``add_arguments`` and ``main``) is run
 through its own parser; any other module runs as ``__main__``. The entry point is wrapped in
 torchelastic's ``record`` so that an exception on any rank is written to the error file the
 launcher reads back, and the launcher's failure report names the rank and the traceback.
@@ -31,7 +31,7 @@ def setup_logging() -> None:
 def run_job(module_name: str, argv: list[str]) -> int:
     setup_logging()
     module = importlib.import_module(module_name) if module_name.startswith(
-        "moelora_dist.jobs.") else None
+        "moelora_dist.cli.") else None
     if module is not None and hasattr(module, "add_arguments") and hasattr(module, "main"):
         parser = argparse.ArgumentParser(prog=module_name)
         module.add_arguments(parser)

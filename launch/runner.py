@@ -2,10 +2,10 @@
 
     python -m launch --nproc-per-node 4 sweep-worker --out /tmp/r.jsonl
     python -m launch --nproc-per-node 2 -m pytest tests/multi_gpu -q
-    moelora-launch --nproc-per-node 2 --device cuda -m moelora_dist.jobs.sweep_worker ...
+    moelora-launch --nproc-per-node 2 --device cuda -m moelora_dist.cli.sweep_worker ...
 
-``<job>`` is a ``moelora_dist.jobs.<job>`` module (dashes become underscores) or, after
-``-m``, any module. Plain ``torchrun --nproc-per-node N -m moelora_dist.jobs.<job>`` works too;
+``<job>`` is a ``moelora_dist.cli.<job>`` module (dashes become underscores) or, after
+``-m``, any module. Plain ``torchrun --nproc-per-node N -m moelora_dist.cli.<job>`` works too;
 this launcher adds what a serving job needs:
 
 - gloo on CPU processes, NCCL on GPUs (``--device``; exported as ``MOELORA_DIST_BACKEND``);
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between checks of the workers (bounds the time to stop "
                         "the others after a failure)")
     p.add_argument("-m", dest="module", default=None, help="run this module instead of a job")
-    p.add_argument("job", nargs="?", help="a moelora_dist.jobs module name, e.g. sweep-worker")
+    p.add_argument("job", nargs="?", help="a moelora_dist.cli job name, e.g. sweep-worker")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the job")
     return p
 
@@ -57,7 +57,7 @@ def resolve_module(job: str | None, module: str | None) -> str:
     if not job:
         raise SystemExit("moelora-launch: give a job name or -m MODULE")
     name = job.replace("-", "_")
-    return name if "." in name else f"moelora_dist.jobs.{name}"
+    return name if "." in name else f"moelora_dist.cli.{name}"
 
 
 def prepare_env(nproc: int, device: str, timeout: float, threads: int | None) -> str:

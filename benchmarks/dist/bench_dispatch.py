@@ -27,9 +27,9 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 from common import bench, capture, env_columns, rank0, write_csv  # noqa: E402
 
-from moelora_dist.moe.dispatch_a2a import AllToAllDispatcher, _row_layout  # noqa: E402
-from moelora_dist.moe.dispatch_static import AllToAllStaticDispatcher  # noqa: E402
-from moelora_dist.moe.reference import route  # noqa: E402
+from moelora_dist.moe.dispatch.all_to_all import AllToAllDispatcher, _row_layout  # noqa: E402
+from moelora_dist.moe.dispatch.all_to_all_static import AllToAllStaticDispatcher  # noqa: E402
+from moelora_dist.moe.router import route  # noqa: E402
 from moelora_dist.parallel.groups import destroy_parallel, init_parallel  # noqa: E402
 
 

@@ -26,9 +26,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import bench, capture, env_columns, rank0, write_csv  # noqa: E402
 
 from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA  # noqa
-from moelora_dist.lora.batch_info import compute_batch_info  # noqa: E402
+from moelora_dist.lora.batch_info import build_batch_info  # noqa: E402
 from moelora_dist.lora.pool import LoRAPool, MoELayerSpec, PoolConfig  # noqa: E402
-from moelora_dist.moe.layer import LoRAMoE, MoEBlock  # noqa: E402
+from moelora_dist.moe.block import MoEBlock
+from moelora_dist.moe.layer import LoRAMoE  # noqa: E402
 from moelora_dist.parallel.groups import ParallelGroups, init_parallel  # noqa
 
 H, E, K, I, S, R = 2048, 128, 8, 768, 8, 16
@@ -70,7 +71,7 @@ def batch(pool, registry, T: int, seed: int):
     B = min(len(names), T)
     seg = torch.linspace(0, T, B + 1, device="cuda").round().to(torch.int32)
     req = pool.prepare_batch(names[:B], registry)
-    info = compute_batch_info(seg, req, pool.slot_rank_S)
+    info = build_batch_info(seg, req, pool.slot_rank_S)
     pool.release_batch()
     return x, info
 

@@ -43,9 +43,9 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA  # noqa
-from moelora_dist.lora.batch_info import compute_batch_info  # noqa: E402
+from moelora_dist.lora.batch_info import build_batch_info  # noqa: E402
 from moelora_dist.models.batch import ForwardBatch  # noqa: E402
-from moelora_dist.models.config import ModelConfig  # noqa: E402
+from moelora_dist.config.model import ModelConfig  # noqa: E402
 from moelora_dist.models.graphs import DecodeGraphs, bucket_for  # noqa: E402
 from moelora_dist.models.model import MoELoRAModel  # noqa: E402
 from moelora_dist.models.weights import RandomWeights  # noqa: E402
@@ -146,7 +146,7 @@ class Case:
         self.ids_host, self.slots_host = self.next_ids.tolist(), req_to_slot_B.tolist()
 
     def _run(self, ids_T, batch, slots_B):
-        info = compute_batch_info(batch.seg_indptr_B1, slots_B, self.model.pool.slot_rank_S)
+        info = build_batch_info(batch.seg_indptr_B1, slots_B, self.model.pool.slot_rank_S)
         hidden = self.model.forward(ids_T, batch, self.cache, info)
         return self.model.logits(hidden[batch.last_token_index_B])
 

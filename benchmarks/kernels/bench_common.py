@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moelora_dist.kernels.testing import make_lora
-from moelora_dist.moe.reference import route
+from moelora_dist.testing.kernel_cases import make_lora
+from moelora_dist.moe.router import route
 
 MODELS = {  # H, E, K, I (NOTES.md)
     "qwen3-30b-a3b": (2048, 128, 8, 768),

@@ -28,8 +28,8 @@ from bench_common import (BF16_FLOPS, HBM_BYTES_PER_S, Case, bench, bench_graph,
 
 from bench_stages import stage_times, variant_times  # noqa: E402
 
-from moelora_dist.kernels.fused_moe_lora import fused_moe_lora  # noqa: E402
-from moelora_dist.moe.reference import experts_reference  # noqa: E402
+from moelora_dist.kernels.moe_lora.ops import fused_moe_lora  # noqa: E402
+from moelora_dist.kernels.moe_lora.naive import experts_reference  # noqa: E402
 
 log = logging.getLogger("bench_moe_lora")
 T_ALL = (1, 8, 64, 512, 4096, 16384)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import triton
 
-from moelora_dist.kernels.align import align_base_and_lora, align_items
-from moelora_dist.kernels.fused_moe_lora import down_shrink_runs_for, pick_config
+from moelora_dist.kernels.align.ops import align_base_and_lora, align_items
+from moelora_dist.kernels.moe_lora.configs import pick_config
 from moelora_dist.kernels.moe_gemm import ops
 
 
@@ -77,7 +77,7 @@ def variant_times(inp, graph_timer=None) -> dict:
     """Median ms of the whole layer under tile/fusion variants (before/after notes)."""
     import dataclasses
 
-    from moelora_dist.kernels.fused_moe_lora import fused_moe_lora
+    from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
 
     T, K = inp["topk_ids_TK"].shape
     E = inp["w_gate_up_EXH"].shape[0]

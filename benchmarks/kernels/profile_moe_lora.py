@@ -16,7 +16,7 @@ from bench_common import Case, make_inputs  # noqa: E402
 from bench_moe_lora import bench_graph  # noqa: E402
 from bench_stages import variant_times  # noqa: E402
 
-from moelora_dist.kernels.fused_moe_lora import fused_moe_lora  # noqa: E402
+from moelora_dist.kernels.moe_lora.ops import fused_moe_lora  # noqa: E402
 
 
 def main():

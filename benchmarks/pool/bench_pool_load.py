@@ -28,7 +28,7 @@ from tqdm import tqdm
 from moelora_dist.adapters.canonical import CanonicalAdapter
 from moelora_dist.lora.pool import LoRAPool, MoELayerSpec, PoolConfig
 from moelora_dist.lora.pool_write import stage_adapter
-from moelora_dist.moe.simulate import random_moe_lora
+from moelora_dist.testing.simulate import random_moe_lora
 from moelora_dist.parallel.layout import Layout, RankLayout
 
 H, E, I = 2048, 128, 768

@@ -33,6 +33,10 @@ class LoRAFactors:
     a: torch.Tensor  # [Ea, r, in]
     b: torch.Tensor  # [Eb, out, r]
     scaling: float
+    # Filled when the values are checked (moelora_dist.adapters.validate.check_values):
+    max_abs_a: float | None = None  # largest |a|
+    max_abs_b: float | None = None  # largest |b| (before scaling)
+    delta_bound: float | None = None  # bound on every entry of scaling * b @ a
 
     @property
     def rank(self) -> int:
@@ -109,6 +113,16 @@ class CanonicalAdapter:
     source: str = ""
     config: dict = field(default_factory=dict)
     layer_formats: dict[int, str] = field(default_factory=dict)
+    values_checked: bool = False  # every factor passed check_values (finite, bounded)
+
+    def factors(self):
+        """``(where, key, LoRAFactors)`` of every factor pair: ``where`` names it in errors,
+        ``key`` is ``(layer, projection)`` or ``(path,)``."""
+        for layer, moe in sorted(self.moe.items()):
+            for proj, f in moe.projections().items():
+                yield f"MoE layer {layer} {proj}", (layer, proj), f
+        for path, f in sorted(self.dense.items()):
+            yield f"module {path!r}", (path,), f
 
     @property
     def max_rank(self) -> int:

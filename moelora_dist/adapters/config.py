@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 
 from moelora_dist.adapters.errors import AdapterError
+from moelora_dist.config.model import (attention_dims, moe_intermediate_of, moe_layer_indices,
+                                       num_experts_of, text_config)
 
 # PEFT options that change the math in ways the canonical form (plain B @ A) cannot carry.
 _UNSUPPORTED_TRUE = ("use_dora", "fan_in_fan_out", "use_qalora", "use_bdlora")
@@ -40,6 +42,9 @@ class LoRAConfigView:
     @classmethod
     def from_dict(cls, cfg: dict, source: str) -> "LoRAConfigView":
         """Validate and read a parsed ``adapter_config.json`` (``source`` names it in errors)."""
+        if not isinstance(cfg, dict):
+            raise AdapterError(f"{source}: expected a JSON object, found a JSON "
+                               f"{type(cfg).__name__}")
         peft_type = str(cfg.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
             raise AdapterError(f"{source}: peft_type is {cfg.get('peft_type')!r}; only LORA "
@@ -54,21 +59,30 @@ class LoRAConfigView:
         if "r" not in cfg:
             raise AdapterError(f"{source}: missing field 'r' (the LoRA rank)")
         r = cfg["r"]
-        if not isinstance(r, int) or r <= 0:
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise AdapterError(f"{source}: r={r!r}; the LoRA rank must be a positive integer")
-        alpha = cfg.get("lora_alpha", r)
-        rank_pattern = dict(cfg.get("rank_pattern") or {})
+        alpha = _number(cfg.get("lora_alpha", r), "lora_alpha", source)
+        rank_pattern = _patterns(cfg, "rank_pattern", source)
         for k, v in rank_pattern.items():
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise AdapterError(f"{source}: rank_pattern[{k!r}]={v!r}; ranks must be positive "
                                    "integers (rank 0 is not a LoRA)")
+        alpha_pattern = {k: _number(v, f"alpha_pattern[{k!r}]", source)
+                         for k, v in _patterns(cfg, "alpha_pattern", source).items()}
+        targets = cfg.get("target_parameters") or []
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise AdapterError(f"{source}: target_parameters={targets!r}; expected a list of "
+                               "parameter names")
+        rslora = cfg.get("use_rslora", False)
+        if not isinstance(rslora, bool):
+            raise AdapterError(f"{source}: use_rslora={rslora!r}; expected true or false")
         return cls(
             r=r,
-            lora_alpha=float(alpha),
-            use_rslora=bool(cfg.get("use_rslora", False)),
+            lora_alpha=alpha,
+            use_rslora=rslora,
             rank_pattern=rank_pattern,
-            alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
-            target_parameters=list(cfg.get("target_parameters") or []),
+            alpha_pattern=alpha_pattern,
+            target_parameters=list(targets),
             peft_version=parse_version(cfg.get("peft_version")),
             raw=dict(cfg),
         )
@@ -86,6 +100,30 @@ class LoRAConfigView:
         """PEFT's match of ``target_parameters`` (peft 0.21 ``_inject_parameters``)."""
         key = f"{module}.{param}"
         return any(key == t or key.endswith(f".{t}") for t in self.target_parameters)
+
+
+def _number(value, name: str, source: str) -> float:
+    """A finite real number from the config (``lora_alpha``, ``alpha_pattern`` values)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdapterError(f"{source}: {name}={value!r}; it must be a number (e.g. 16)")
+    if not math.isfinite(value):
+        raise AdapterError(f"{source}: {name}={value!r}; it must be finite")
+    return float(value)
+
+
+def _patterns(cfg: dict, name: str, source: str) -> dict:
+    """``rank_pattern`` / ``alpha_pattern``: an object whose keys are valid regexes."""
+    value = cfg.get(name) or {}
+    if not isinstance(value, dict):
+        raise AdapterError(f"{source}: {name} must be an object of module-name regex -> value, "
+                           f"found {type(value).__name__}")
+    for key in value:
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as exc:
+            raise AdapterError(f"{source}: {name} key {key!r} is not a valid regular expression "
+                               f"({exc})") from None
+    return dict(value)
 
 
 def _pattern_key(patterns: dict, module: str) -> str | None:
@@ -124,25 +162,18 @@ class ModelDims:
         if not isinstance(cfg, dict):
             raise AdapterError(f"model_config must be a dict parsed from config.json, got "
                                f"{type(cfg).__name__}")
-        if "text_config" in cfg and "hidden_size" not in cfg:
-            cfg = cfg["text_config"]
+        cfg = text_config(cfg)
         if cfg.get("model_type") in _INTERLEAVED_EXPERTS:
             raise AdapterError(f"model_type {cfg['model_type']!r} stores its experts transposed "
                                "and with gate/up interleaved; its expert LoRA layout is not "
                                "supported")
         hidden = cfg.get("hidden_size")
-        experts = cfg.get("num_experts") or cfg.get("num_local_experts")
-        moe_i = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
+        experts = num_experts_of(cfg)
+        moe_i = moe_intermediate_of(cfg)
         layers = cfg.get("num_hidden_layers")
-        heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
-        head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
-        moe_layers = None
-        if layers is not None and experts:
-            # Qwen3-MoE places dense MLPs on mlp_only_layers and off the sparse step.
-            only = set(cfg.get("mlp_only_layers") or [])
-            step = int(cfg.get("decoder_sparse_step") or 1)
-            moe_layers = frozenset(l for l in range(layers)
-                                   if l not in only and (l + 1) % step == 0)
+        heads, kv, head_dim = attention_dims(cfg)
+        moe_index = moe_layer_indices(cfg)
+        moe_layers = frozenset(moe_index) if moe_index is not None else None
         return cls(
             hidden=hidden,
             moe_intermediate=moe_i,
@@ -150,6 +181,6 @@ class ModelDims:
             num_layers=layers,
             dense_intermediate=cfg.get("intermediate_size"),
             q_out=heads * head_dim if heads and head_dim else None,
-            kv_out=(kv or heads) * head_dim if heads and head_dim else None,
+            kv_out=kv * head_dim if kv and head_dim else None,
             moe_layers=moe_layers,
         )

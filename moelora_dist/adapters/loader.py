@@ -1,14 +1,15 @@
 """``load_adapter``: a PEFT adapter directory -> :class:`CanonicalAdapter`, in one place.
 
 Pipeline: find files (refuse pickles) -> read ``adapter_config.json`` -> read safetensors ->
-refuse NaN/Inf -> classify every key (:mod:`keys`) -> convert each MoE layer and dense module
+classify every key (:mod:`keys`) -> convert each MoE layer and dense module
 (:mod:`formats`, :mod:`peft_params`) -> shared-outer per layer (:mod:`shared_outer`) ->
-validate against the model config and max rank (:mod:`validate`).
+validate shapes against the model config and max rank, and values (finite, bounded) once
+(:mod:`validate`). Every file is read through :mod:`moelora_dist.files`, so an OS or format
+error is an :class:`AdapterError` naming the file and the real cause.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -16,7 +17,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
@@ -27,31 +27,66 @@ from moelora_dist.adapters.formats import (Ctx, checked_scale, convert_expert_pr
 from moelora_dist.adapters.keys import ParsedKey, parse_key
 from moelora_dist.adapters.peft_params import convert_params
 from moelora_dist.adapters.shared_outer import apply_shared_outer
-from moelora_dist.adapters.validate import check_finite, validate
+from moelora_dist.adapters.validate import check_values, validate
+from moelora_dist.errors import FileError
+from moelora_dist.files.paths import kind_of, read_json_object
+from moelora_dist.files.safetensors_io import load_all, pickled_files
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_KIND = {"missing": "does not exist", "denied": "permission denied",
+         "loop": "is a symbolic link loop", "other": "is not a regular file",
+         "dir": "is a directory, not a file", "file": "is a file"}
 
 
 def _find_files(path: Path) -> tuple[Path, Path]:
-    if not path.is_dir():
-        raise AdapterError(f"{path}: not a directory; expected a PEFT adapter directory holding "
-                           f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+    kind = kind_of(path)
+    if kind != "dir":
+        raise AdapterError(f"{path}: {'not a directory' if kind == 'file' else _KIND[kind]}; "
+                           f"expected a PEFT adapter directory holding {CONFIG_NAME} and "
+                           f"{WEIGHTS_NAME}")
     config, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not weights.is_file():
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise AdapterError(f"{path}: only pickled weights ({', '.join(pickles)}); they are "
-                               "never unpickled (arbitrary code execution). Convert them to "
-                               f"{WEIGHTS_NAME} with safetensors in a trusted environment")
-        raise AdapterError(f"{path}: missing {WEIGHTS_NAME}")
-    if not config.is_file():
+    w_kind = kind_of(weights)
+    if w_kind != "file":
+        if w_kind == "missing":
+            try:
+                names = sorted(p.name for p in path.iterdir())
+            except OSError:
+                names = []
+            shards = [n for n in names if n.startswith("adapter_model") and (
+                n.endswith(".safetensors") or n.endswith(".index.json"))]
+            if shards:
+                raise AdapterError(f"{path}: a sharded adapter ({', '.join(shards[:3])}) is not "
+                                   f"supported; save it as one {WEIGHTS_NAME} "
+                                   "(save_pretrained(..., max_shard_size='100GB'))")
+            pickles = pickled_files(path)
+            if pickles:
+                raise AdapterError(f"{path}: only pickled weights ({', '.join(pickles)}); they "
+                                   "are never unpickled (arbitrary code execution). Convert "
+                                   f"them to {WEIGHTS_NAME} with safetensors in a trusted "
+                                   "environment")
+            raise AdapterError(f"{path}: missing {WEIGHTS_NAME}")
+        raise AdapterError(f"{weights}: {_KIND[w_kind]}; expected the adapter's weights file")
+    c_kind = kind_of(config)
+    if c_kind == "missing":
         raise AdapterError(f"{path}: missing {CONFIG_NAME} (needed for r, lora_alpha and "
                            "target_parameters); save the adapter with PEFT's save_pretrained")
+    if c_kind != "file":
+        raise AdapterError(f"{config}: {_KIND[c_kind]}; expected the adapter's config file")
     return config, weights
+
+
+def read_adapter_config(path: str | os.PathLike) -> LoRAConfigView:
+    """Read and validate ``adapter_config.json`` of an adapter directory (cheap: no weights),
+    so a command can refuse a bad adapter before it loads a model."""
+    config_file, _ = _find_files(Path(path))
+    try:
+        raw = read_json_object(config_file, "adapter config")
+    except FileError as exc:
+        raise AdapterError(str(exc)) from None
+    return LoRAConfigView.from_dict(raw, str(config_file))
 
 
 def load_adapter(path: str | os.PathLike, *, model_config: dict | None = None,
@@ -77,16 +112,19 @@ def load_adapter(path: str | os.PathLike, *, model_config: dict | None = None,
     path = Path(path)
     config_file, weights_file = _find_files(path)
     file = str(weights_file)
-    try:
-        raw_cfg = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{config_file}: not valid JSON ({exc})") from None
-    cfg = LoRAConfigView.from_dict(raw_cfg, str(config_file))
+    cfg = read_adapter_config(path)
+    raw_cfg = cfg.raw
     dims = ModelDims.from_config(model_config)
-    if max_rank is not None and max_rank <= 0:
-        raise AdapterError(f"max_rank={max_rank}; it must be positive")
-    tensors = load_file(str(weights_file))
-    check_finite(file, tensors)
+    if max_rank is not None and (not isinstance(max_rank, int) or max_rank <= 0):
+        raise AdapterError(f"max_rank={max_rank!r}; it must be a positive integer")
+    try:
+        tensors = load_all(weights_file, "adapter weights")
+    except FileError as exc:
+        raise AdapterError(str(exc)) from None
+    for key, t in sorted(tensors.items()):
+        if not t.is_floating_point():
+            raise AdapterError(f"{file}: key {key!r} has dtype {t.dtype}; LoRA factors must be "
+                               "floating point (float32, bfloat16, float16)")
     ctx = Ctx(file, cfg, dims)
 
     params: dict[int, dict[int, dict]] = defaultdict(lambda: defaultdict(dict))
@@ -109,8 +147,9 @@ def load_adapter(path: str | os.PathLike, *, model_config: dict | None = None,
         msg = (f"{file}: {len(unknown)} key(s) that are not LoRA factors this loader understands: "
                f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
         if strict:
-            raise AdapterError(msg + "; pass strict=False to ignore them (see docs/adapters.md for "
-                               "the accepted key names)")
+            raise AdapterError(msg + "; see docs/adapters.md for the accepted key names "
+                               "(`moelora-dist inspect-adapter --no-strict DIR` lists them; "
+                               "strict=False in the API ignores them)")
         warnings.warn(msg + "; ignored (strict=False)", stacklevel=2)
 
     sources: dict = {}
@@ -165,6 +204,7 @@ def load_adapter(path: str | os.PathLike, *, model_config: dict | None = None,
     validate(adapter, dims, max_rank, sources, file)
     if not adapter.moe and not adapter.dense:
         raise AdapterError(f"{file}: no LoRA factors found")
+    check_values(adapter, file, sources)
     log.debug("loaded adapter %s: %s, %d MoE layers, %d dense modules", adapter.name,
               adapter.format, len(moe), len(dense_out))
     return adapter

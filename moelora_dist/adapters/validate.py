@@ -1,12 +1,25 @@
-"""Checks of a normalized adapter against itself, a model config and the pool's max rank.
+"""Checks of a normalized adapter: its values, its shapes against a model config, its ranks.
 
 Every error names the file, the layer, a checkpoint key of the offending factor (``sources``
 maps ``(layer, projection, "A"|"B")`` or ``(dense path, "A"|"B")`` to one) and the expected
-vs found shape.
+vs found value or shape.
+
+Values (:func:`check_values`, once per adapter): every factor finite, and every entry of the
+merged delta ``scaling * B @ A`` bounded by :data:`MAX_DELTA`. The bound is computed without
+forming ``B @ A``: ``|scaling| * sum_k max_o |B[o, k]| * max_i |A[k, i]|`` per expert, which
+is at least every entry's magnitude. Why 1024: a fine-tune's merged delta sits near the
+scale of the base weights it adjusts (1e-3 to 1 in the models served here; ranks to 128 with
+rsLoRA stay far below 1024), so only corrupt or diverged files fail; and with every entry at
+most 1024 the delta of one token is at most ``in_features * 1024 * max|x|``, which stays
+finite in bf16 and fp32 (max 3.4e38) for every activation below 1e31 at ``in_features <=
+32768``. fp16 (max 65504) has no such margin for any bound a real adapter meets; there the
+pool refuses factors it cannot store finite (``moelora_dist.lora.pool_write``), and the
+kernels' selection keeps a tenant's overflow inside its own rows.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -15,19 +28,49 @@ from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors
 from moelora_dist.adapters.config import ModelDims
 from moelora_dist.adapters.errors import AdapterError
 
+MAX_DELTA = 1024.0
 
-def check_finite(file: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Refuse NaN / Inf anywhere (a diverged run would poison every token routed through it)."""
-    for key, t in tensors.items():
-        if not t.is_floating_point() or t.numel() == 0:
-            continue
-        # aminmax propagates NaN and exposes +-Inf, and is ~50x faster than an isfinite mask
-        # on CPU bf16; the exact counts are only computed for the error message.
-        lo, hi = torch.aminmax(t)
-        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+
+def _row_max(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``max |t|`` over ``dim`` in fp64 (NaN propagates, Inf stays Inf)."""
+    return t.detach().abs().amax(dim=dim).double()
+
+
+def check_factor_values(f: LoRAFactors, where: str, keys: tuple[str, str]) -> None:
+    """Finite factors and scaling, delta within :data:`MAX_DELTA`; fills the factor's stats.
+
+    ``keys``: the checkpoint keys of ``(lora_A, lora_B)``, named in the error.
+    """
+    if not math.isfinite(f.scaling):
+        raise AdapterError(f"{where}: the scaling lora_alpha / r = {f.scaling} is not finite; "
+                           "fix lora_alpha / alpha_pattern in adapter_config.json")
+    a_rk = _row_max(f.a, -1)  # [Ea, r]: max |A[k, :]| per rank row
+    b_rk = _row_max(f.b, -2)  # [Eb, r]: max |B[:, k]| per rank column
+    for side, key, t, m in (("A", keys[0], f.a, a_rk), ("B", keys[1], f.b, b_rk)):
+        if m.numel() and not bool(torch.isfinite(m).all()):
             n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            raise AdapterError(f"{file}: key {key!r}: {n_nan} NaN and {n_inf} Inf values "
-                               f"(shape {tuple(t.shape)}); the adapter is corrupt or diverged")
+            raise AdapterError(f"{where}: lora {side} holds NaN or Inf: key {key!r}: {n_nan} NaN "
+                               f"and {n_inf} Inf values (shape {tuple(t.shape)}); the adapter is "
+                               "corrupt or diverged")
+    bound = abs(f.scaling) * float((a_rk * b_rk).sum(-1).max()) if a_rk.numel() else 0.0
+    if not bound <= MAX_DELTA:
+        raise AdapterError(
+            f"{where}: key {keys[0]!r}: the merged delta scaling * B @ A may reach {bound:.3g} "
+            f"(scaling {f.scaling:.3g}, max |A| {float(a_rk.max()):.3g}, max |B| "
+            f"{float(b_rk.max()):.3g}); an adapter's delta must stay below {MAX_DELTA:g} "
+            "(docs/adapters.md); the file is corrupt or lora_alpha is wrong")
+    f.max_abs_a = float(a_rk.max()) if a_rk.numel() else 0.0
+    f.max_abs_b = float(b_rk.max()) if b_rk.numel() else 0.0
+    f.delta_bound = bound
+
+
+def check_values(adapter: CanonicalAdapter, file: str, sources: dict | None = None) -> None:
+    """:func:`check_factor_values` on every factor of ``adapter``; marks it checked."""
+    sources = sources or {}
+    for where, src, f in adapter.factors():
+        keys = (sources.get((*src, "A"), "?"), sources.get((*src, "B"), "?"))
+        check_factor_values(f, f"{file}: {where}", keys)
+    adapter.values_checked = True
 
 
 def _dense_expect(path: str, dims: ModelDims) -> tuple[int | None, int | None]:
@@ -96,8 +139,8 @@ def _check_factors(file, layer, keys, what, f: LoRAFactors, d_in, d_out, max_ran
         raise AdapterError(f"{file}: layer {layer}, key {key!r}: rank 0 for {what}")
     if max_rank is not None and f.rank > max_rank:
         raise AdapterError(f"{file}: layer {layer}, key {key!r}: rank {f.rank} of {what} exceeds "
-                           f"the pool's max rank {max_rank}; raise max_lora_rank or use a smaller "
-                           "adapter")
+                           f"the pool's max rank {max_rank}; raise --max-rank (max_rank= in the "
+                           "API) or use a smaller adapter")
     exp_a, exp_b = f"[{E} or 1, {f.rank}, {d_in}]", f"[{E} or 1, {d_out}, {f.rank}]"
     if f.a.shape[0] not in (1, E) or f.a.shape[2] != d_in:
         raise _shape_err(file, layer, key, f"lora_A of {what} (canonical [E, r, in])", exp_a,

@@ -1,8 +1,8 @@
 """The LoRA slot pool: ``S`` adapter slots of rank ``R`` on one rank, LRU, pinning.
 
 Legend: S slots, R max rank, B requests. Per MoE layer the pool holds one
-:class:`~moelora_dist.lora.buffers.MoELoRABuffers` (rank-local, DESIGN section 5), per dense
-module one :class:`DenseLoRABuffers`. Writing a slot (:mod:`.pool_write`) validates the
+:class:`~moelora_dist.kernels.weights.MoELoRAWeights` (rank-local buffers, the tensors the
+MoE kernels read; docs/design.md), per dense module one :class:`DenseLoRABuffers`. Writing a slot (:mod:`.pool_write`) validates the
 whole adapter first, then zeroes the whole slot in every buffer and writes the rank-local
 slice, so a smaller rank or an untargeted module never inherits the previous tenant's values,
 and a bad adapter leaves every buffer byte-identical.
@@ -10,7 +10,7 @@ and a bad adapter leaves every buffer byte-identical.
 Usage by a serving loop, once per batch::
 
     req_to_slot_B = pool.prepare_batch(["a", None, "b"], registry)  # loads + pins
-    info = compute_batch_info(seg_indptr_B1, req_to_slot_B, pool.slot_rank_S)
+    info = build_batch_info(seg_indptr_B1, req_to_slot_B, pool.slot_rank_S)
     ... forward, each MoE layer reads pool.moe_buffers(layer) ...
     pool.release_batch()                                             # unpins
 
@@ -26,7 +26,7 @@ import logging
 import torch
 
 from moelora_dist.adapters.canonical import CanonicalAdapter
-from moelora_dist.lora.buffers import MoELoRABuffers
+from moelora_dist.kernels.weights import MoELoRAWeights
 from moelora_dist.lora.pool_report import describe_pool
 from moelora_dist.lora.pool_types import (DenseLoRABuffers, DenseModuleSpec, MoELayerSpec,
                                           PoolConfig, PoolError)
@@ -60,14 +60,14 @@ class LoRAPool:
         S, R = config.max_loras, config.max_rank
         kw = dict(dtype=config.dtype, device=config.device)
         self._shards: dict[int, MoEShard] = {}
-        self._moe: dict[int, MoELoRABuffers] = {}
+        self._moe: dict[int, MoELoRAWeights] = {}
         for idx, spec in sorted(self.moe_specs.items()):
             try:
                 shard = rank_layout.moe_shard(spec.num_experts, spec.intermediate)
             except LayoutError as exc:
                 raise PoolError(f"MoE layer {idx}: {exc}") from exc
             self._shards[idx] = shard
-            self._moe[idx] = MoELoRABuffers.zeros(
+            self._moe[idx] = MoELoRAWeights.zeros(
                 S, shard.num_local_experts, R, spec.hidden, shard.i_local,
                 outer_shared_only=config.outer_shared_only, **kw)
         self._dense: dict[str, DenseLoRABuffers] = {}
@@ -126,7 +126,7 @@ class LoRAPool:
             return slot
         cfg = self.config
         staged = stage_adapter(adapter, self.rank_layout, cfg.max_rank, cfg.outer_shared_only,
-                               self.moe_specs, self._shards, self.dense_specs)
+                               self.moe_specs, self._shards, self.dense_specs, cfg.dtype)
         slot = self._pick_slot(staged.name)
         old = self._names[slot]
         if old is not None:
@@ -209,7 +209,7 @@ class LoRAPool:
 
     # -- buffers -----------------------------------------------------------------------------
 
-    def moe_buffers(self, layer: int) -> MoELoRABuffers:
+    def moe_buffers(self, layer: int) -> MoELoRAWeights:
         """Rank-local buffers of MoE layer ``layer`` (shapes in :mod:`..buffers`): what the
         reference and the kernels read, with this pool's dtype and device."""
         if layer not in self._moe:
@@ -235,7 +235,7 @@ class LoRAPool:
         return self._slot_rank_S
 
     def _all_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"moe.{i}.{k}": t for i, b in self._moe.items() for k, t in b.tensors().items()}
+        out = {f"moe.{i}.{k}": t for i, b in self._moe.items() for k, t in b._asdict().items()}
         out.update({f"dense.{p}.{k}": t for p, b in self._dense.items()
                     for k, t in b.tensors().items()})
         out["slot_rank"] = self._slot_rank_S

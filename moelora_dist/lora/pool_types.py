@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from moelora_dist.errors import MoeloraError
 from moelora_dist.lora.slicing import DENSE_SPLITS
 
 
-class PoolError(ValueError):
+class PoolError(MoeloraError):
     """The pool cannot do what was asked (bad adapter, all slots pinned, unknown name)."""
 
 

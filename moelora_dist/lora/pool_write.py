@@ -3,8 +3,11 @@
 Loading is two phases so that a bad adapter never touches a buffer:
 
 1. :func:`stage_adapter` checks everything (layers and modules exist, expert counts, every
-   shape, rank <= R, rank > 0, finite values, shared-outer vs the pool's mode) and slices the
-   factors to this rank. It only reads; any problem raises :class:`PoolError`.
+   shape, rank <= R, rank > 0, shared-outer vs the pool's mode, values the pool's dtype can
+   store) and slices the factors to this rank. It only reads; any problem raises
+   :class:`PoolError`. The values are scanned once per adapter
+   (:func:`moelora_dist.adapters.validate.check_values`, done by the loader; an adapter built
+   in memory is checked on its first load), never again on a reload.
 2. :func:`write_moe_slot` / :func:`write_dense_slot` zero the whole slot of one buffer and
    copy the staged slice in, folding each projection's scaling into its B.
 
@@ -17,9 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moelora_dist.adapters import AdapterError
 from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
+from moelora_dist.adapters.validate import check_values
+from moelora_dist.kernels.weights import MoELoRAWeights
 from moelora_dist.lora import slicing
-from moelora_dist.lora.buffers import MoELoRABuffers
 from moelora_dist.lora.pool_types import DenseLoRABuffers, DenseModuleSpec, MoELayerSpec, PoolError
 from moelora_dist.parallel.layout import MoEShard, RankLayout
 
@@ -36,6 +41,7 @@ class StagedAdapter:
 
 def _check_factors(f: LoRAFactors, where: str, in_dim: int, out_dim: int, num_experts: int,
                    max_rank: int) -> None:
+    """Shapes, ranks and dtypes of one factor pair against the pool's spec."""
     a, b = f.a, f.b
     if a.dim() != 3 or b.dim() != 3:
         raise PoolError(f"{where}: factors must be 3-D (a [Ea, r, in], b [Eb, out, r]), got a "
@@ -54,15 +60,22 @@ def _check_factors(f: LoRAFactors, where: str, in_dim: int, out_dim: int, num_ex
     if r > max_rank:
         raise PoolError(f"{where}: rank {r} exceeds the pool's max_rank={max_rank}; build the "
                         f"pool with max_rank >= {r}")
-    # Checked on the full tensors, not this rank's slice: every rank must reach the same
-    # verdict, or the pools of one TP group would disagree about which adapters exist.
     for key, t in (("A", a), ("B", b)):
         if not t.dtype.is_floating_point:
             raise PoolError(f"{where}: lora {key} has dtype {t.dtype}, expected a float dtype")
-        # two reductions (NaN propagates, +-Inf shows up at an end) instead of a full-size
-        # isfinite mask: 30x faster on a CPU for adapters of a GB
-        if not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
-            raise PoolError(f"{where}: lora {key} holds NaN or Inf values")
+
+
+def _check_storable(f: LoRAFactors, where: str, dtype: torch.dtype) -> None:
+    """Whether the pool's dtype holds the (checked) values: a finite fp32 value past fp16's
+    range would be stored as Inf. Uses the statistics of the one value check (made on the
+    full tensors, so every rank of a TP group reaches the same verdict); no tensor scan."""
+    top = torch.finfo(dtype).max
+    stored = {"A": f.max_abs_a, "B (scaling folded in)": abs(f.scaling) * f.max_abs_b}
+    for key, value in stored.items():
+        if not value <= top:
+            raise PoolError(f"{where}: lora {key} reaches {value:.3g}, past the largest "
+                            f"{dtype} ({top:.3g}) the pool stores; use a float32 or bfloat16 "
+                            "pool (--dtype) or fix the adapter")
 
 
 def _check_moe_layer(name: str, idx: int, layer: MoELayerLoRA, spec: MoELayerSpec,
@@ -86,22 +99,20 @@ def _check_moe_layer(name: str, idx: int, layer: MoELayerLoRA, spec: MoELayerSpe
 
 def stage_adapter(adapter: CanonicalAdapter, rank_layout: RankLayout, max_rank: int,
                   outer_shared_only: bool, moe_specs: dict[int, MoELayerSpec],
-                  shards: dict[int, MoEShard], dense_specs: dict[str, DenseModuleSpec]
-                  ) -> StagedAdapter:
-    """Validate ``adapter`` against the pool and slice it to this rank; raises PoolError."""
+                  shards: dict[int, MoEShard], dense_specs: dict[str, DenseModuleSpec],
+                  dtype: torch.dtype) -> StagedAdapter:
+    """Validate ``adapter`` against the pool and slice it to this rank; raises PoolError.
+
+    Order: every shape against the pool's specs, then the values (once per adapter), then
+    whether the pool's dtype stores them; nothing is sliced before all of it passed.
+    """
     if not isinstance(adapter, CanonicalAdapter):
         raise PoolError(f"expected a CanonicalAdapter, got {type(adapter).__name__}")
-    staged = StagedAdapter(adapter.name)
     for idx, layer in sorted(adapter.moe.items()):
         if idx not in moe_specs:
             raise PoolError(f"adapter {adapter.name!r} targets MoE layer {idx}, but the pool "
                             f"has MoE layers {sorted(moe_specs)}; is it for another model?")
         _check_moe_layer(adapter.name, idx, layer, moe_specs[idx], max_rank, outer_shared_only)
-        try:
-            staged.moe[idx] = slicing.slice_moe_layer(layer, shards[idx])
-        except ValueError as exc:
-            raise PoolError(f"adapter {adapter.name!r} MoE layer {idx}: {exc}") from exc
-        staged.max_rank = max(staged.max_rank, layer.max_rank)
     for path, f in sorted(adapter.dense.items()):
         if path not in dense_specs:
             raise PoolError(f"adapter {adapter.name!r} targets dense module {path!r}, which "
@@ -109,6 +120,22 @@ def stage_adapter(adapter: CanonicalAdapter, rank_layout: RankLayout, max_rank: 
         spec = dense_specs[path]
         _check_factors(f, f"adapter {adapter.name!r} module {path!r}", spec.in_dim,
                        spec.out_dim, 1, max_rank)
+    if not adapter.values_checked:
+        try:
+            check_values(adapter, f"adapter {adapter.name!r}")
+        except AdapterError as exc:
+            raise PoolError(str(exc)) from None
+    for where, _, f in adapter.factors():
+        _check_storable(f, f"adapter {adapter.name!r} {where}", dtype)
+    staged = StagedAdapter(adapter.name)
+    for idx, layer in sorted(adapter.moe.items()):
+        try:
+            staged.moe[idx] = slicing.slice_moe_layer(layer, shards[idx])
+        except ValueError as exc:
+            raise PoolError(f"adapter {adapter.name!r} MoE layer {idx}: {exc}") from exc
+        staged.max_rank = max(staged.max_rank, layer.max_rank)
+    for path, f in sorted(adapter.dense.items()):
+        spec = dense_specs[path]
         try:
             staged.dense[path] = slicing.slice_dense(f, rank_layout, spec.split)
         except ValueError as exc:
@@ -123,7 +150,7 @@ def _scaled(b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor
     return (b.to(acc) * scaling).to(dtype)
 
 
-def clear_moe_slot(buf: MoELoRABuffers, slot: int, outer_shared_only: bool) -> None:
+def clear_moe_slot(buf: MoELoRAWeights, slot: int, outer_shared_only: bool) -> None:
     """Return slot ``slot`` of one layer's buffers to the state of a fresh pool."""
     for t in (buf.gate_up_a, buf.gate_up_b, buf.down_a, buf.down_b):
         t[slot].zero_()
@@ -132,7 +159,7 @@ def clear_moe_slot(buf: MoELoRABuffers, slot: int, outer_shared_only: bool) -> N
     buf.slot_rank[slot] = 0
 
 
-def write_moe_slot(buf: MoELoRABuffers, slot: int, local: MoELayerLoRA | None,
+def write_moe_slot(buf: MoELoRAWeights, slot: int, local: MoELayerLoRA | None,
                    outer_shared_only: bool) -> None:
     """Zero slot ``slot`` of one layer, then write ``local`` (rank-local, validated) into it.
 

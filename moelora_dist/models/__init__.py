@@ -5,7 +5,7 @@ any (tp, ep) layout; see docs/models.md.
     runner = ModelRunner.from_pretrained(model_dir, groups, dtype=torch.bfloat16)
 """
 
-from moelora_dist.models.config import ModelConfig, ModelConfigError
+from moelora_dist.config.model import ModelConfig, ModelConfigError
 from moelora_dist.models.requests import Request, RequestError
 from moelora_dist.models.runner import Generation, ModelRunner
 

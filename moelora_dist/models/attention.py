@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moelora_dist.models.batch import ForwardBatch, KVCache
-from moelora_dist.models.config import ModelConfig, ModelConfigError
+from moelora_dist.config.model import ModelConfig, ModelConfigError
 from moelora_dist.models.lora_linear import DenseLoRA, linear_with_lora
 from moelora_dist.models.ops import apply_rope, rms_norm, rms_norm_sharded
 

@@ -17,8 +17,9 @@ How the step is made static:
 - Attention reads the whole cache length ``L`` (:meth:`ForwardBatch.static_decode`); the mask,
   computed on the device from the positions, hides the keys a request does not have yet.
 - Token ids, positions and slots live in one static ``[3, P]`` int64 device buffer per bucket,
-  filled by one host-to-device copy per step; the per-token slots and ``slot_enabled_S`` are
-  derived from it on the device against the pool's live ``slot_rank_S``.
+  filled by one host-to-device copy per step; the batch info (per-token slots,
+  ``slot_enabled_S``) comes from the one builder, :func:`build_batch_info`, run inside the
+  graph against the pool's live ``slot_rank_S``.
 - Two graphs per bucket: "base" (no request has an adapter: the LoRA path is not in the graph
   at all) and "lora". Which one runs is decided on the host from the request slots, as
   ``BatchInfo.num_lora_tokens`` decides in eager mode. Graphs are captured lazily, on the first
@@ -26,10 +27,8 @@ How the step is made static:
   into one memory pool shared by all of them.
 
 What a graph holds by address, and why it stays right: the model weights; the pool's MoE and
-dense buffers, which loading/evicting writes in place; the fp32 stacked dense factors, which the
-model rewrites in place when the pool changes (``MoELoRAModel.sync_lora_cache``, called before
-every replay); and the KV cache, which this object owns: a cache of another shape drops every
-graph. Outputs (logits, ids) are static buffers, valid until the next step of the same bucket.
+dense buffers, which loading/evicting writes in place (the LoRA kernels read them directly);
+and the KV cache, which this object owns: a cache of another shape drops every graph. Outputs (logits, ids) are static buffers, valid until the next step of the same bucket.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ import time
 
 import torch
 
-from moelora_dist.lora.batch_info import BatchInfo
+from moelora_dist.lora.batch_info import build_batch_info
 from moelora_dist.models.batch import ForwardBatch, KVCache
 
 log = logging.getLogger(__name__)
@@ -140,7 +139,6 @@ class DecodeGraphs:
                                                    device=self.model.device)
         inputs.copy_(host)
         num_lora = sum(1 for j in live if slots[j] >= 0)
-        self.model.sync_lora_cache()
         if not self.capture:
             logits, next_ids = self._forward(inputs, num_lora)
         else:
@@ -158,17 +156,13 @@ class DecodeGraphs:
         """The static step; no host sync, every shape fixed by ``P`` and the cache."""
         model, cache = self.model, self.cache
         ids_P, pos_P, slot_P = inputs_3P[0], inputs_3P[1], inputs_3P[2]
+        P = int(ids_P.shape[0])
         batch = ForwardBatch.static_decode(pos_P, cache.max_len, model.cfg.sliding_window)
-        # As compute_batch_info: a slot counts only while its adapter has rank > 0.
-        rank_S = model.pool.slot_rank_S
-        S = int(rank_S.shape[0])
-        ok_P = (slot_P >= 0) & (rank_S[slot_P.clamp(min=0)] > 0)
-        token_slot_P = torch.where(ok_P, slot_P, -1).to(torch.int32)
-        slot_enabled_S = (token_slot_P.long()[:, None] == torch.arange(
-            S, device=slot_P.device)[None, :]).any(dim=0)
-        # Only ``num_lora_tokens == 0`` changes what runs (the LoRA path is left out); a
-        # graph captured with a positive count serves any other positive count.
-        info = BatchInfo(token_slot_P, slot_enabled_S, num_lora)
+        # One token per row. Only ``num_lora_tokens == 0`` changes what runs (the LoRA path
+        # is left out); a graph captured with a positive count serves any other one.
+        seg_P1 = torch.arange(P + 1, dtype=torch.int32, device=ids_P.device)
+        info = build_batch_info(seg_P1, slot_P, model.pool.slot_rank_S, backend=model.backend,
+                                validate=False, num_tokens=P, num_lora_tokens=num_lora)
         hidden_PH = model.forward(ids_P, batch, cache, info)
         logits_PV = model.logits(hidden_PH)
         return logits_PV, torch.argmax(logits_PV, dim=-1)

@@ -4,19 +4,11 @@ Legend: T tokens, S slots, R max rank, I input features (rank-local), O output f
 (rank-local). The pool stores ``a [S, R, I]`` and ``b [S, O, R]`` with the LoRA scaling folded
 into ``b``; ``token_slot_T`` says which slot each token uses (``-1``: none).
 
-Why all slots at once: ``x @ A_all^T`` over the ``S*R`` stacked rows, masked to each token's own
-slot, then one GEMM with the stacked ``B``. No gather of per-token weight copies and no
-data-dependent shapes or host syncs, so decode stays sync-free; the price is computing ``S*R``
-shrink columns where ``R`` would do, which is small next to the base GEMM while ``S*R`` is a few
-hundred. The shrink result stays in fp32 up to the expand (bf16 shrink results have produced
-garbage generations in a peer engine).
-
-Tensor cores (CUDA, bf16/fp16 models): the shrink multiplies the bf16 ``x`` and the bf16 pool
-``A`` with fp32 accumulation and an fp32 result (``torch.mm(..., out_dtype=float32)``): the same
-products as upcasting both, without the casts and without fp32 SIMT GEMMs. The expand runs in
-TF32 (the fp32 shrink enters the tensor core with a 10-bit mantissa, ``B`` is bf16 and exact),
-as the MoE LoRA kernels do; the result is rounded to bf16 anyway (8 bits). Set
-``MOELORA_DENSE_LORA_FP32=1`` for plain fp32 GEMMs (measured side by side in docs/models.md).
+The computation is the dense-LoRA kernel family (:mod:`moelora_dist.kernels.dense_lora`): the
+reference on CPU (the rows of each slot, selected), the Triton kernels on CUDA (tokens sorted
+by slot once per forward, blocks of one slot). Either way a slot's factors only ever touch its
+own tokens, and the kernels read the pool's buffers directly: loading, evicting or replacing
+an adapter writes those buffers in place, which a captured CUDA graph then sees with no copy.
 
 Tensor-parallel use: for a column-parallel layer ``b`` holds this rank's output rows; for a
 row-parallel layer ``a`` holds this rank's input columns, so the shrink is a partial sum over
@@ -25,134 +17,42 @@ TP and the delta rides on the same all-reduce as the base output.
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 
-FP32_ENV = "MOELORA_DENSE_LORA_FP32"
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-_mm_out_dtype_ok: bool | None = None  # probed once: torch.mm(..., out_dtype=) exists on CUDA
-
-
-def _tensor_cores(x_TI: torch.Tensor) -> bool:
-    """Whether this forward's dense LoRA runs the tensor-core path (module docstring)."""
-    global _mm_out_dtype_ok
-    if not (x_TI.is_cuda and x_TI.dtype in _LOW_PRECISION) or os.environ.get(FP32_ENV) == "1":
-        return False
-    if _mm_out_dtype_ok is None:  # torch >= 2.8; a build without it keeps the fp32 path
-        try:
-            one = torch.ones(1, 1, dtype=x_TI.dtype, device=x_TI.device)
-            _mm_out_dtype_ok = torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
-        except (TypeError, RuntimeError, NotImplementedError):
-            _mm_out_dtype_ok = False
-    return _mm_out_dtype_ok
-
-
-@contextlib.contextmanager
-def _tf32_matmul(enabled: bool):
-    """TF32 for the fp32 GEMMs inside (the expand), restoring the global setting after."""
-    if not enabled:
-        yield
-        return
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-
-
-def lora_delta_reference(x_TI: torch.Tensor, a_SRI: torch.Tensor, b_SOR: torch.Tensor,
-                         token_slot_T: torch.Tensor) -> torch.Tensor:
-    """Token-by-token fp64 loop: ``b[slot_t] @ (a[slot_t] @ x_t)``, zero for ``slot_t == -1``.
-
-    The test reference of :meth:`DenseLoRA.apply`. Args: x_TI ``[T, I]``, a_SRI ``[S, R, I]``,
-    b_SOR ``[S, O, R]`` (scaling folded in), token_slot_T ``[T]``. Returns ``[T, O]`` fp32.
-    """
-    out = torch.zeros(x_TI.shape[0], b_SOR.shape[1], dtype=torch.float32, device=x_TI.device)
-    for t, s in enumerate(token_slot_T.tolist()):
-        if s >= 0:
-            out[t] = b_SOR[s].double() @ (a_SRI[s].double() @ x_TI[t].double())
-    return out
-
-
-def _stacked_factors(pool, path: str, rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 ``A^T [I, S*R]`` and ``B [S*R, O]`` (rows ``rows`` of a replicated ``b``) of
-    every slot of one module, read from the pool's buffers."""
-    buf = pool.dense_buffers(path)
-    S, R, I = buf.a.shape
-    b = buf.b if rows is None else buf.b[:, rows[0]:rows[1]]
-    return (buf.a.float().reshape(S * R, I).T.contiguous(),
-            b.float().permute(0, 2, 1).reshape(S * R, -1).contiguous())
-
-
-def sync_factor_cache(pool, cache: dict, key) -> None:
-    """Bring the cached fp32 factors up to date with the pool when ``key`` changed.
-
-    Every entry covers all slots, so it depends on the pool's buffers only; a changed key
-    (another slot assignment, or an explicit invalidation) rewrites the entries **in place**.
-    Keeping the tensors' storage is what lets a captured CUDA graph, which holds their
-    addresses, serve a replaced adapter without being captured again.
-    """
-    if cache.get("key") == key:
-        return
-    for (path, rows), (a, b) in cache.get("factors", {}).items():
-        new_a, new_b = _stacked_factors(pool, path, rows)
-        a.copy_(new_a)
-        b.copy_(new_b)
-    for (specs, _), (a_cat, _) in cache.get("groups", {}).items():
-        a_cat.copy_(torch.cat([cache["factors"][spec][0] for spec in specs], dim=1))
-    cache["key"] = key
+from moelora_dist.kernels.dense_lora import naive as dense_naive
+from moelora_dist.lora.batch_info import BatchInfo
 
 
 class DenseLoRA:
-    """The dense-module LoRA of one forward pass: which slot each token uses, and the pool's
-    factors as fp32 stacked matrices.
+    """The dense-module LoRA of one forward pass: built once per forward, shared by every
+    layer (the token plan of the Triton path is made once, on first use).
 
-    Built once per forward and shared by every layer, so the token one-hot mask is made once;
-    the stacked fp32 factors (``A^T``: ``[I, S*R]``, ``B``: ``[S*R, O]``) are cached across
-    forwards in ``cache`` and rewritten in place when ``key`` (the pool's slot assignment)
-    changes, see :func:`sync_factor_cache`.
-    Decode runs a handful of small kernels per module; caching avoids re-casting and
-    re-permuting the factors on every step.
+    Args:
+        pool: the :class:`~moelora_dist.lora.pool.LoRAPool` (``dense_buffers(path)``).
+        batch_info: this forward's :class:`~moelora_dist.lora.batch_info.BatchInfo`.
+        backend: ``"torch"`` (reference) or ``"triton"``.
     """
 
-    def __init__(self, pool, token_slot_T: torch.Tensor, cache: dict, key):
-        S = pool.config.max_loras
+    def __init__(self, pool, batch_info: BatchInfo, backend: str):
         self.pool = pool
-        self.T = int(token_slot_T.shape[0])
-        self.S = S
-        # One-hot of each token's slot; -1 matches no slot, so base-only tokens get exactly 0.
-        self.own_TS1 = (token_slot_T.long()[:, None] == torch.arange(
-            S, device=token_slot_T.device)[None, :]).float()[:, :, None]
-        sync_factor_cache(pool, cache, key)
-        self.cache = cache
+        self.token_slot_T = batch_info.token_slot_T
+        self.slot_enabled_S = batch_info.slot_enabled_S
+        self.backend = backend
+        self._plan = None
 
-    def _factors(self, path: str, rows):
-        factors = self.cache.setdefault("factors", {})
-        hit = factors.get((path, rows))
-        if hit is None:
-            hit = factors[(path, rows)] = _stacked_factors(self.pool, path, rows)
-        return hit
+    def _run(self, ys, x_TI, a_list, b_list, slot_rank_S):
+        if self.backend == "torch":
+            dense_naive.add_dense_lora(ys, x_TI, a_list, b_list, self.token_slot_T, slot_rank_S)
+            return
+        from moelora_dist.kernels.dense_lora import ops  # Triton: optional off x86-64 Linux
 
-    def _group(self, specs: tuple, a_dtype: torch.dtype):
-        """Stacked ``A^T`` of several modules that read the same input: ``[I, n*S*R]`` in
-        ``a_dtype`` (fp32, or the pool's bf16/fp16 for the tensor-core shrink: exact, the pool
-        holds ``A`` in that dtype)."""
-        groups = self.cache.setdefault("groups", {})
-        hit = groups.get((specs, a_dtype))
-        if hit is None:
-            parts = [self._factors(path, rows) for path, rows in specs]
-            hit = (torch.cat([a for a, _ in parts], dim=1).to(a_dtype).contiguous(),
-                   [b for _, b in parts])
-            groups[(specs, a_dtype)] = hit
-        return hit
+        if self._plan is None:
+            self._plan = ops.plan_tokens(self.token_slot_T, self.slot_enabled_S, slot_rank_S)
+        ops.add_dense_lora(ys, x_TI, a_list, b_list, self.token_slot_T, slot_rank_S, self._plan)
 
     def apply_group(self, x_TI: torch.Tensor, items) -> list[torch.Tensor]:
         """Add the LoRA delta of several modules that share the input ``x`` (q, k and v).
 
-        One shrink GEMM for all of them (their A's are stacked), one expand per module.
         Args:
             x_TI: ``[T, I]`` the shared input.
             items: ``(y_TO, path, out_rows)`` per module: its base output ``[T, O]`` (updated
@@ -161,20 +61,15 @@ class DenseLoRA:
         Returns:
             the updated ``y_TO`` tensors.
         """
-        specs = tuple((p, None if r is None else (r.start, r.stop)) for _, p, r in items)
-        fast = _tensor_cores(x_TI)
-        a_IK, b_list = self._group(specs, x_TI.dtype if fast else torch.float32)
-        n = len(items)
-        if fast:
-            shrink_TK = torch.mm(x_TI, a_IK, out_dtype=torch.float32)
-        else:
-            shrink_TK = x_TI.float() @ a_IK
-        shrink = shrink_TK.view(self.T, n, self.S, -1) * self.own_TS1[:, None]
-        out = []
-        with _tf32_matmul(fast):
-            for j, (y_TO, _, _) in enumerate(items):
-                out.append(y_TO.add_(shrink[:, j].reshape(self.T, -1) @ b_list[j]))
-        return out
+        bufs = [self.pool.dense_buffers(path) for _, path, _ in items]
+        a_list = [buf.a for buf in bufs]
+        b_list = [buf.b if rows is None else buf.b[:, rows]
+                  for buf, (_, _, rows) in zip(bufs, items)]
+        ys = [y for y, _, _ in items]
+        # One slot-rank table for every module of the pool: a slot's rank is the largest
+        # rank of its adapter, and the rows past a module's own rank are zero.
+        self._run(ys, x_TI, a_list, b_list, self.pool.slot_rank_S)
+        return ys
 
     def apply(self, y_TO: torch.Tensor, x_TI: torch.Tensor, path: str,
               out_rows: slice | None = None) -> torch.Tensor:

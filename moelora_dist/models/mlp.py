@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moelora_dist.models.config import ModelConfig, ModelConfigError
+from moelora_dist.config.model import ModelConfig, ModelConfigError
 from moelora_dist.models.lora_linear import DenseLoRA, linear_with_lora
-from moelora_dist.moe.weights import load_moe_weights
+from moelora_dist.models.moe_weights import load_moe_weights
 
 
 class DenseMLP:
@@ -71,7 +71,7 @@ def load_expert_weights(reader, cfg: ModelConfig, layer: int, shard, dtype: torc
     """This rank's experts of one MoE layer (its experts, its rows of ``I``), read sliced.
 
     Key layouts (per expert, Mixtral ``w1/w3/w2``, fused 3-D) are handled by
-    :func:`moelora_dist.moe.weights.load_moe_weights`; here only the block's name is resolved:
+    :func:`moelora_dist.models.moe_weights.load_moe_weights`; here only the block's name is resolved:
     ``block_sparse_moe`` (what transformers writes for Mixtral) or ``mlp``.
 
     Args:
@@ -86,8 +86,5 @@ def load_expert_weights(reader, cfg: ModelConfig, layer: int, shard, dtype: torc
     if prefix is None:
         raise ModelConfigError(f"config.json makes layer {layer} a MoE layer but the checkpoint "
                                f"has no router weight {prefixes[0]}.gate.weight")
-    try:
-        w = load_moe_weights(reader.index, prefix, shard, hidden=cfg.hidden_size, dtype=dtype)
-    except KeyError as exc:
-        raise ModelConfigError(str(exc.args[0])) from None
+    w = load_moe_weights(reader, prefix, shard, hidden=cfg.hidden_size, dtype=dtype)
     return w.router_EH, w.w_gate_up, w.w_down

@@ -16,15 +16,17 @@ import logging
 import torch
 from tqdm import tqdm
 
+from moelora_dist.config.model import ModelConfig
 from moelora_dist.lora.batch_info import BatchInfo
 from moelora_dist.lora.pool import DenseModuleSpec, LoRAPool, MoELayerSpec, PoolConfig
 from moelora_dist.models.attention import HeadSplit, TPAttention
 from moelora_dist.models.batch import ForwardBatch, KVCache
-from moelora_dist.models.config import ModelConfig
-from moelora_dist.models.lora_linear import DenseLoRA, sync_factor_cache
+from moelora_dist.models.lora_linear import DenseLoRA
 from moelora_dist.models.mlp import DenseMLP
 from moelora_dist.models.ops import rms_norm, rope_cos_sin, rope_inv_freq
-from moelora_dist.moe.layer import LoRAMoE, MoEBlock
+from moelora_dist.moe.block import MoEBlock
+from moelora_dist.moe.experts import pick_backend
+from moelora_dist.moe.layer import LoRAMoE
 from moelora_dist.parallel.groups import ParallelGroups
 
 log = logging.getLogger(__name__)
@@ -60,38 +62,22 @@ class MoELoRAModel:
     """
 
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups, pool: LoRAPool,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, backend: str | None = None):
         self.cfg, self.groups, self.pool, self.dtype = cfg, groups, pool, dtype
         self.device = groups.device
+        # The kernels of the LoRA paths (MoE and dense): Triton on CUDA, references on CPU.
+        self.backend = pick_backend(self.device, backend)
         self.split = HeadSplit.for_rank(cfg, groups.tp_size, groups.rank_layout.tp_rank)
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, self.device)
         self.embed_VH: torch.Tensor | None = None
         self.lm_head_VH: torch.Tensor | None = None
         self.final_norm_H: torch.Tensor | None = None
         self.layers: list[dict] = []
-        self._lora_cache: dict = {}  # fp32 stacked dense LoRA factors, see DenseLoRA
-
-    def invalidate_lora_cache(self) -> None:
-        """Call after rewriting a pool slot in place (same name, same slot): the next forward
-        (or :meth:`sync_lora_cache`) rewrites the cached factors in place."""
-        self._lora_cache["key"] = None  # never equal to a real key
-
-    def lora_cache_key(self) -> tuple:
-        """The pool's slot assignment, ``((name, slot), ...)``: what the factor cache follows."""
-        return tuple(sorted(self.pool.loaded().items()))
-
-    def sync_lora_cache(self) -> None:
-        """Refresh the dense LoRA factor cache now if the pool changed since it was filled.
-
-        A CUDA graph replay builds no :class:`DenseLoRA` (which would do this), so the graph
-        runner calls it before every replay.
-        """
-        sync_factor_cache(self.pool, self._lora_cache, self.lora_cache_key())
 
     @classmethod
     def build(cls, cfg: ModelConfig, groups: ParallelGroups, source, *, dtype: torch.dtype,
               max_loras: int = 8, max_rank: int = 64, dispatcher: str = "auto",
-              progress: bool = True) -> "MoELoRAModel":
+              progress: bool = True, backend: str | None = None) -> "MoELoRAModel":
         """Read this rank's weights from ``source`` (:mod:`.weights`) and make the pool.
 
         Raises :class:`~.config.ModelConfigError` / ``LayoutError`` when the layout cannot
@@ -105,7 +91,7 @@ class MoELoRAModel:
             moe_layers={i: MoELayerSpec(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate)
                         for i in cfg.moe_layers},
             dense_modules=dense_module_specs(cfg, split))
-        self = cls(cfg, groups, pool, dtype)
+        self = cls(cfg, groups, pool, dtype, backend)
         to = dict(device=dev, dtype=dtype)
         self.embed_VH = source.embed().to(**to)
         # Tied embeddings share one tensor (a [V, H] copy is ~0.6 GB at a 150k vocabulary).
@@ -113,27 +99,31 @@ class MoELoRAModel:
                            else source.lm_head().to(**to))
         self.final_norm_H = source.norm("model.norm").to(**to)
         shard = rl.moe_shard(cfg.num_experts, cfg.moe_intermediate)
-        bar = tqdm(range(cfg.num_layers), desc="loading layers", unit="layer",
-                   disable=not (progress and groups.is_rank0))
-        for i in bar:
-            attn_w = {k: v.to(**to) for k, v in source.attention(i, split).items()}
-            layer = {
-                "ln1": source.norm(f"model.layers.{i}.input_layernorm").to(**to),
-                "ln2": source.norm(f"model.layers.{i}.post_attention_layernorm").to(**to),
-                "attn": TPAttention(cfg, i, split, attn_w, groups.tp_group),
-            }
-            if cfg.is_moe_layer(i):
-                router, gate_up, down = (t.to(**to) for t in source.experts(i, shard))
-                base = MoEBlock(router, gate_up, down, top_k=cfg.top_k,
-                                renormalize=cfg.renormalize, shard=shard,
-                                activation=cfg.activation)
-                layer["moe"] = LoRAMoE(base, pool, i, groups, dispatcher=dispatcher)
-            else:
-                mlp_w = source.dense_mlp(i, groups.tp_size, rl.tp_rank)
-                layer["mlp"] = DenseMLP(i, {k: v.to(**to) for k, v in mlp_w.items()},
-                                        groups.tp_group)
-            self.layers.append(layer)
-        source.close()
+        try:
+            bar = tqdm(range(cfg.num_layers), desc="loading layers", unit="layer",
+                       disable=not (progress and groups.is_rank0))
+            for i in bar:
+                attn_w = {k: v.to(**to) for k, v in source.attention(i, split).items()}
+                layer = {
+                    "ln1": source.norm(f"model.layers.{i}.input_layernorm").to(**to),
+                    "ln2": source.norm(f"model.layers.{i}.post_attention_layernorm").to(**to),
+                    "attn": TPAttention(cfg, i, split, attn_w, groups.tp_group),
+                }
+                if cfg.is_moe_layer(i):
+                    router, gate_up, down = (t.to(**to) for t in source.experts(i, shard))
+                    base = MoEBlock(router, gate_up, down, top_k=cfg.top_k,
+                                    renormalize=cfg.renormalize, shard=shard,
+                                    activation=cfg.activation)
+                    layer["moe"] = LoRAMoE(base, pool, i, groups, dispatcher=dispatcher,
+                                           backend=self.backend)
+                else:
+                    mlp_w = source.dense_mlp(i, groups.tp_size, rl.tp_rank)
+                    layer["mlp"] = DenseMLP(i, {k: v.to(**to) for k, v in mlp_w.items()},
+                                            groups.tp_group)
+                self.layers.append(layer)
+            source.check_all_placed()
+        finally:
+            source.close()
         if groups.is_rank0:
             log.info("%s: %d layers (%d MoE), %s, LoRA pool %d slots x rank %d = %.1f MiB per rank",
                      cfg.arch, cfg.num_layers, len(cfg.moe_layers), groups.layout, max_loras,
@@ -158,10 +148,7 @@ class MoELoRAModel:
             ``[T, H]`` in the model dtype, identical on every TP rank.
         """
         cache.check(batch)
-        lora = None
-        if batch_info.any_lora():
-            lora = DenseLoRA(self.pool, batch_info.token_slot_T, self._lora_cache,
-                             self.lora_cache_key())
+        lora = DenseLoRA(self.pool, batch_info, self.backend) if batch_info.any_lora() else None
         h = self.embed_VH[input_ids_T]
         cos, sin = rope_cos_sin(batch.positions_T, self.inv_freq, h.dtype)
         eps = self.cfg.rms_norm_eps

@@ -14,8 +14,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from moelora_dist.errors import MoeloraError
+from moelora_dist.files.paths import read_text
 
-class RequestError(ValueError):
+KNOWN_KEYS = ("input_ids", "adapter", "max_new_tokens", "ignore_eos")
+
+
+class RequestError(MoeloraError):
     """A request file or request the runner refuses; the message names the line and the fix."""
 
 
@@ -40,8 +45,14 @@ def parse_requests(lines, *, need_max_new_tokens: bool = False) -> list[Request]
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise RequestError(f"request line {i}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise RequestError(f"request line {i}: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise RequestError(f"request line {i}: expected a JSON object, got {type(obj).__name__}")
+        unknown = sorted(set(obj) - set(KNOWN_KEYS))
+        if unknown:
+            raise RequestError(f"request line {i}: unknown key(s) {unknown}; the known keys are "
+                               f"{list(KNOWN_KEYS)}")
         ids = obj.get("input_ids")
         if not isinstance(ids, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -54,18 +65,22 @@ def parse_requests(lines, *, need_max_new_tokens: bool = False) -> list[Request]
             raise RequestError(f"request line {i}: generate needs 'max_new_tokens'")
         if not isinstance(mnt, int) or isinstance(mnt, bool) or mnt < 0:
             raise RequestError(f"request line {i}: 'max_new_tokens' must be an integer >= 0")
-        out.append(Request(ids, adapter, mnt, bool(obj.get("ignore_eos", False)), line=i))
+        ignore_eos = obj.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise RequestError(f"request line {i}: 'ignore_eos' must be true or false")
+        out.append(Request(ids, adapter, mnt, ignore_eos, line=i))
     if not out:
         raise RequestError("the request file holds no requests")
     return out
 
 
 def read_requests(path: str, *, need_max_new_tokens: bool = False) -> list[Request]:
+    """Parse a JSONL request file; every problem (unreadable file included) is one line."""
+    lines = read_text(path, "request file").splitlines()
     try:
-        with open(path) as f:
-            return parse_requests(f.readlines(), need_max_new_tokens=need_max_new_tokens)
-    except FileNotFoundError:
-        raise RequestError(f"request file {path} does not exist") from None
+        return parse_requests(lines, need_max_new_tokens=need_max_new_tokens)
+    except RequestError as exc:
+        raise RequestError(f"{path}: {exc}") from None
 
 
 def validate_requests(requests: list[Request], *, vocab_size: int, adapters,

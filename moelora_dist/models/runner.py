@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from moelora_dist.lora.batch_info import compute_batch_info
+from moelora_dist.lora.batch_info import build_batch_info
 from moelora_dist.models.batch import ForwardBatch
-from moelora_dist.models.config import ModelConfig
+from moelora_dist.config.model import ModelConfig
 from moelora_dist.models.graphs import DecodeGraphs, bucket_for, graphs_supported
 from moelora_dist.models.dp import gather_generations, gather_logits, replica_indices
 from moelora_dist.models.model import MoELoRAModel
@@ -60,13 +60,16 @@ class ModelRunner:
     def from_pretrained(cls, model_dir: str, groups: ParallelGroups | None = None, *,
                         dtype: torch.dtype = torch.float32, max_loras: int = 8,
                         max_rank: int = 64, dispatcher: str = "auto",
-                        progress: bool = True) -> "ModelRunner":
-        """Load this rank's slices of a Hugging Face MoE model directory."""
+                        progress: bool = True, config: ModelConfig | None = None,
+                        backend: str | None = None) -> "ModelRunner":
+        """Load this rank's slices of a Hugging Face MoE model directory (``config``: its
+        parsed ``config.json`` when the caller has read it already)."""
         groups = groups or ParallelGroups.single("cpu")
-        cfg = ModelConfig.from_dir(model_dir)
+        cfg = config or ModelConfig.from_dir(model_dir)
         source = CheckpointWeights(model_dir, cfg, dtype)
         model = MoELoRAModel.build(cfg, groups, source, dtype=dtype, max_loras=max_loras,
-                                   max_rank=max_rank, dispatcher=dispatcher, progress=progress)
+                                   max_rank=max_rank, dispatcher=dispatcher, progress=progress,
+                                   backend=backend)
         return cls(model)
 
     # -- adapters ----------------------------------------------------------------------------
@@ -111,7 +114,6 @@ class ModelRunner:
         if self.model.pool.slot_of(name) is not None:
             self.model.pool.unload(name)
         del self.registry[name]
-        self.model.invalidate_lora_cache()  # a new adapter of this name may reuse the slot
 
     @property
     def adapter_names(self) -> list[str]:
@@ -142,7 +144,8 @@ class ModelRunner:
 
     def _forward(self, input_ids: list[int], batch: ForwardBatch, cache, req_to_slot_B):
         dev = self.model.device
-        info = compute_batch_info(batch.seg_indptr_B1, req_to_slot_B, self.model.pool.slot_rank_S)
+        info = build_batch_info(batch.seg_indptr_B1, req_to_slot_B, self.model.pool.slot_rank_S,
+                                backend=self.model.backend)
         ids_T = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         return self.model.forward(ids_T, batch, cache, info)
 

@@ -14,18 +14,39 @@ from __future__ import annotations
 
 import torch
 
+from moelora_dist.config.model import ModelConfig, ModelConfigError
+from moelora_dist.files.paths import kind_of
+from moelora_dist.files.safetensors_io import SafetensorsReader
 from moelora_dist.models.attention import HeadSplit, load_attention_weights
-from moelora_dist.models.checkpoint import CheckpointReader
-from moelora_dist.models.config import ModelConfig
-from moelora_dist.models.mlp import load_dense_mlp_weights, load_expert_weights
+from moelora_dist.models.mlp import dense_mlp_slice, load_dense_mlp_weights, load_expert_weights
+from moelora_dist.parallel.sharding import cut_gate_up
+
+# Checkpoint keys that hold no weight of the model (buffers transformers recomputes).
+IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class CheckpointWeights:
     """Rank-local slices read from a Hugging Face model directory."""
 
     def __init__(self, model_dir: str, cfg: ModelConfig, dtype: torch.dtype):
-        self.reader = CheckpointReader(model_dir)
+        if kind_of(model_dir) != "dir":
+            raise ModelConfigError(f"--model {model_dir}: not a directory; give a Hugging Face "
+                                   "model directory (config.json + *.safetensors)")
+        self.reader = SafetensorsReader(model_dir, what="model directory")
         self.cfg, self.dtype = cfg, dtype
+
+    def check_all_placed(self) -> None:
+        """Refuse a checkpoint holding tensors the model did not place (an unknown tensor, a
+        quantization scale such as ``*_scale_inv``): serving without them would silently
+        change the model. Call after every weight has been read."""
+        left = self.reader.unread([lambda k: k.endswith(IGNORED_KEY_SUFFIXES)])
+        if self.cfg.tie_word_embeddings and "lm_head.weight" in left:
+            left.remove("lm_head.weight")  # transformers ties it to the embeddings as well
+        if left:
+            raise ModelConfigError(
+                f"checkpoint {self.reader.path} holds {len(left)} tensor(s) this model does not "
+                f"place: {left[:4]}{' ...' if len(left) > 4 else ''}; they would be ignored, "
+                "so the checkpoint is refused (is it quantized, or of another architecture?)")
 
     def close(self) -> None:
         self.reader.close()
@@ -70,6 +91,9 @@ class RandomWeights:
         self.cfg, self.dtype, self.device, self.std = cfg, dtype, torch.device(device), std
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
 
+    def check_all_placed(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -104,8 +128,6 @@ class RandomWeights:
         return w
 
     def dense_mlp(self, layer: int, tp: int, tp_rank: int) -> dict[str, torch.Tensor]:
-        from moelora_dist.models.mlp import dense_mlp_slice
-
         s = slice(*dense_mlp_slice(self.cfg, tp, tp_rank))
         F_, H = self.cfg.dense_intermediate, self.cfg.hidden_size
         return {"gate_proj": self._randn(F_, H)[s].contiguous(),
@@ -116,16 +138,14 @@ class RandomWeights:
         cfg = self.cfg
         E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate
         router = self._randn(E, H)
-        e, i = slice(shard.expert_start, shard.expert_end), slice(shard.i_start, shard.i_end)
         # Draw per local expert in full and slice I: memory stays at one expert at a time
         # beyond the result, which matters at Qwen3-30B-A3B size on one GPU.
         gate_up, down = [], []
         for _ in range(shard.expert_start):  # advance the generator identically on every rank
             self._randn(2 * I, H), self._randn(H, I)
-        for _ in range(e.stop - e.start):
-            gu = self._randn(2 * I, H)
-            gate_up.append(torch.cat([gu[i], gu[I + i.start:I + i.stop]], dim=0))
-            down.append(self._randn(H, I)[:, i])
-        for _ in range(e.stop, E):
+        for _ in range(shard.num_local_experts):
+            gate_up.append(cut_gate_up(self._randn(2 * I, H), shard, dim=0))
+            down.append(self._randn(H, I)[:, shard.i_slice])
+        for _ in range(shard.expert_end, E):
             self._randn(2 * I, H), self._randn(H, I)
         return router, torch.stack(gate_up).contiguous(), torch.stack(down).contiguous()

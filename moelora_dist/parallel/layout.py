@@ -18,8 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from moelora_dist.errors import MoeloraError
 
-class LayoutError(ValueError):
+
+class LayoutError(MoeloraError):
     """A parallel layout or model shape that cannot be built; the message names the fix."""
 
 
@@ -59,6 +61,23 @@ class MoEShard:
 
     def owns_expert(self, expert: int) -> bool:
         return self.expert_start <= expert < self.expert_end
+
+    @property
+    def expert_slice(self) -> slice:
+        """This rank's experts, as an index into a full ``[E, ...]`` tensor."""
+        return slice(self.expert_start, self.expert_end)
+
+    @property
+    def i_slice(self) -> slice:
+        """This rank's rows (columns) of ``I``, as an index into a full ``I`` dim."""
+        return slice(self.i_start, self.i_end)
+
+    @property
+    def gate_up_slices(self) -> tuple[slice, slice]:
+        """This rank's gate rows and up rows inside a fused ``2I`` dim (gate rows first):
+        the same ``I`` range cut from each half, so a rank gets matching gate and up rows."""
+        I = self.intermediate
+        return slice(self.i_start, self.i_end), slice(I + self.i_start, I + self.i_end)
 
 
 def _check_positive(**sizes: int) -> None:

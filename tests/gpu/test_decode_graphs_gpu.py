@@ -47,7 +47,7 @@ def _adapter(name, cfg, rank, seed):
 
 @pytest.fixture(scope="module")
 def model():
-    from moelora_dist.models.config import ModelConfig
+    from moelora_dist.config.model import ModelConfig
     from moelora_dist.models.model import MoELoRAModel
     from moelora_dist.models.weights import RandomWeights
     from moelora_dist.parallel.groups import ParallelGroups
@@ -63,24 +63,24 @@ def model():
 
 
 def _prefill(model, cache, prompts):
-    from moelora_dist.lora.batch_info import compute_batch_info
+    from moelora_dist.lora.batch_info import build_batch_info
     from moelora_dist.models.batch import ForwardBatch
 
     lens = [len(p) for p in prompts]
     batch = ForwardBatch.build(lens, [0] * len(lens), model.device,
                                cache_rows=list(range(len(lens))))
     ids = torch.tensor([t for p in prompts for t in p], device=model.device)
-    info = compute_batch_info(batch.seg_indptr_B1, torch.full((len(lens),), -1,
+    info = build_batch_info(batch.seg_indptr_B1, torch.full((len(lens),), -1,
                               device=model.device), model.pool.slot_rank_S)
     model.forward(ids, batch, cache, info)
 
 
 def _eager(model, cache, ids, pos, slots):
-    from moelora_dist.lora.batch_info import compute_batch_info
+    from moelora_dist.lora.batch_info import build_batch_info
     from moelora_dist.models.batch import ForwardBatch
 
     batch = ForwardBatch.build([1] * len(ids), pos, model.device, cache_rows=list(range(len(ids))))
-    info = compute_batch_info(batch.seg_indptr_B1, torch.tensor(slots, device=model.device),
+    info = build_batch_info(batch.seg_indptr_B1, torch.tensor(slots, device=model.device),
                               model.pool.slot_rank_S)
     return model.logits(model.forward(torch.tensor(ids, device=model.device), batch, cache, info))
 

@@ -25,7 +25,7 @@ def _effective_slots(c):
 
 
 def _case(name, T):
-    from moelora_dist.kernels.testing import make_case
+    from moelora_dist.testing.kernel_cases import make_case
 
     # Qwen3-30B-A3B expert sizes with 32 local experts (EP 4), K 8, ranks 64/32/0/64.
     return make_case(name, T=T, H=2048, E=32, I=768, K=8, R=64, dtype=torch.bfloat16,
@@ -36,8 +36,8 @@ def _case(name, T):
 @pytest.mark.parametrize("case", ["mixed", "empty_expert", "one_expert", "t_lt_block",
                                   "no_lora_tokens", "all_invalid", "many_slots"])
 def test_fused_moe_lora_bf16_matches_reference(case, T):
-    from moelora_dist.kernels.fused_moe_lora import fused_moe_lora
-    from moelora_dist.moe.reference import experts_reference
+    from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
+    from moelora_dist.kernels.moe_lora.naive import experts_reference
 
     c = _case(case, T)
     args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
@@ -54,8 +54,8 @@ def test_fused_moe_lora_bf16_matches_reference(case, T):
 
 @pytest.mark.parametrize("case", ["mixed", "no_lora_tokens"])
 def test_align_and_batch_info_on_gpu(case):
-    from moelora_dist.kernels.align import align_base_and_lora, align_items
-    from moelora_dist.kernels.align import naive as align_naive
+    from moelora_dist.kernels.align.ops import align_base_and_lora, align_items
+    from moelora_dist.kernels.align.ops import naive as align_naive
     from moelora_dist.kernels.batch_info import compute_batch_info
     from moelora_dist.kernels.batch_info import naive as bi_naive
 
@@ -79,8 +79,8 @@ def test_align_and_batch_info_on_gpu(case):
         assert torch.equal(got.sorted_ids.sort().values, want.sorted_ids.sort().values)
     seg = torch.tensor([0, 10, 10, 200, 300], dtype=torch.int32, device="cuda")
     req = torch.tensor([1, -1, 0, 3], dtype=torch.int32, device="cuda")
-    got = compute_batch_info(seg, req, lora.slot_rank)
-    want = bi_naive.compute_batch_info(seg, req, lora.slot_rank)
+    got = build_batch_info(seg, req, lora.slot_rank)
+    want = bi_naive.build_batch_info(seg, req, lora.slot_rank)
     assert torch.equal(got.token_slot_T, want.token_slot_T)
     assert torch.equal(got.slot_enabled_S, want.slot_enabled_S)
 
@@ -88,7 +88,7 @@ def test_align_and_batch_info_on_gpu(case):
 def test_decode_step_in_cuda_graph_matches_eager():
     """Capture one decode step for a fixed T, then replay with new slots, -1 tokens and -1
     experts copied into the static inputs; every replay equals the eager call."""
-    from moelora_dist.kernels.fused_moe_lora import fused_moe_lora
+    from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
 
     T = 48
     c = _case("mixed", T)

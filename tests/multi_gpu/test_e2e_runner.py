@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
-from moelora_dist.models.config import ModelConfig
+from moelora_dist.config.model import ModelConfig
 from moelora_dist.models.requests import Request
 from moelora_dist.models.runner import ModelRunner
 from moelora_dist.parallel.groups import ParallelGroups, init_parallel

@@ -12,8 +12,9 @@ import tempfile
 import pytest
 import torch
 
-from moelora_dist.moe import tiny
-from moelora_dist.moe.layer import LoRAMoE, MoEBlock
+from moelora_dist.testing import tiny
+from moelora_dist.moe.block import MoEBlock
+from moelora_dist.moe.layer import LoRAMoE
 from moelora_dist.parallel import groups as groups_mod
 from moelora_dist.parallel.groups import ParallelGroups, init_parallel
 from moelora_dist.parallel.layout import LayoutError, valid_layouts

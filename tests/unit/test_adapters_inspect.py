@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from moelora_dist.cli import main as cli_main
+from moelora_dist.cli.main import main as cli_main
 from tests.hf_factory import (
     ATTENTION_MODULES,
     EXPERT_PARAMETERS,
@@ -71,7 +71,10 @@ def test_inspect_shared_outer_without_model_config_float32(tmp_path, capsys):
     assert f"({_moe_slot_bytes(r, H, I, E, 1, 1, 1, 4)} bytes)" in out
 
 
-def test_inspect_reports_load_errors(tmp_path):
+def test_inspect_reports_load_errors(tmp_path, capsys):
+    """A load error is one line on stderr and exit code 2 (as every command's user error)."""
     (tmp_path / "adapter_model.pt").write_bytes(b"x")
-    with pytest.raises(SystemExit, match=r"error: .*only pickled weights"):
-        cli_main(["inspect-adapter", str(tmp_path)])
+    assert cli_main(["inspect-adapter", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "moelora-dist inspect-adapter: error: " in err[0]
+    assert "only pickled weights" in err[0]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moelora_dist.lora.batch_info import compute_batch_info
+from moelora_dist.lora.batch_info import build_batch_info
 
 i32 = lambda *v: torch.tensor(v, dtype=torch.int32)
 
@@ -26,7 +26,7 @@ def _expected_token_slots(seg, req, rank):
     pytest.param([0, 1, 2, 3, 4], [2, 2, 0, 2], [1, 1, 5], id="slot reused by several requests"),
 ])
 def test_token_slots_and_enabled_slots(seg, req, rank):
-    info = compute_batch_info(i32(*seg), i32(*req), i32(*rank))
+    info = build_batch_info(i32(*seg), i32(*req), i32(*rank))
     want = _expected_token_slots(seg, req, rank)
     assert info.token_slot_T.dtype == torch.int32
     assert info.token_slot_T.tolist() == want
@@ -39,13 +39,13 @@ def test_token_slots_and_enabled_slots(seg, req, rank):
 
 
 def test_no_requests_at_all():
-    info = compute_batch_info(i32(0), i32(), i32(4, 4))
+    info = build_batch_info(i32(0), i32(), i32(4, 4))
     assert info.token_slot_T.numel() == 0 and not info.slot_enabled_S.any()
     assert info.num_lora_tokens == 0 and not info.any_lora()
 
 
 def test_any_lora_without_host_count_reads_enabled_slots():
-    info = compute_batch_info(i32(0, 3), i32(1), i32(0, 2))
+    info = build_batch_info(i32(0, 3), i32(1), i32(0, 2))
     info.num_lora_tokens = None  # a device path may not know it on the host
     assert info.any_lora()
     info.slot_enabled_S[:] = False
@@ -53,7 +53,7 @@ def test_any_lora_without_host_count_reads_enabled_slots():
 
 
 def test_accepts_int64_inputs():
-    info = compute_batch_info(torch.tensor([0, 2, 3]), torch.tensor([1, -1]), torch.tensor([2, 2]))
+    info = build_batch_info(torch.tensor([0, 2, 3]), torch.tensor([1, -1]), torch.tensor([2, 2]))
     assert info.token_slot_T.tolist() == [1, 1, -1]
 
 
@@ -67,9 +67,9 @@ def test_accepts_int64_inputs():
 ])
 def test_bad_input_is_refused(seg, req, rank, needle):
     with pytest.raises(ValueError, match=needle):
-        compute_batch_info(i32(*seg), i32(*req), i32(*rank))
+        build_batch_info(i32(*seg), i32(*req), i32(*rank))
 
 
 def test_bad_dims_are_refused():
     with pytest.raises(ValueError, match="must be 1-D"):
-        compute_batch_info(i32(0, 2).view(1, 2), i32(0), i32(4))
+        build_batch_info(i32(0, 2).view(1, 2), i32(0), i32(4))

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from moelora_dist.moe.dispatch import make_dispatcher
-from moelora_dist.moe.dispatch_a2a import _pack, _row_layout, _unpack, share_bounds
+from moelora_dist.moe.dispatch.packing import (meta_row, pack_rows, row_layout, share_bounds,
+                                               unpack_rows)
 from moelora_dist.parallel.groups import ParallelGroups
 
 
@@ -18,18 +19,19 @@ def test_pack_roundtrip_is_exact_and_aligned(dtype, hidden):
     w = torch.rand(S, K, generator=g)
     ids = torch.randint(-1, 8, (S, K), generator=g, dtype=torch.int32)
     slot = torch.randint(-1, 4, (S,), generator=g, dtype=torch.int32)
-    rows = _pack(x, w, ids, slot)
+    rows = pack_rows(meta_row(w, ids, slot[:, None]), x)
     assert rows.dtype == torch.uint8 and rows.shape[1] % 16 == 0
-    assert _row_layout(hidden, K, dtype)[0] % 16 == 0
-    x2, w2, ids2, slot2 = _unpack(rows, hidden, K, dtype)
+    assert row_layout(hidden, K, dtype)[0] % 16 == 0
+    assert rows.shape[1] == row_layout(hidden, K, dtype)[1]
+    x2, w2, ids2, slot2 = unpack_rows(rows, hidden, K, dtype)
     assert torch.equal(x2, x) and torch.equal(w2, w)
     assert torch.equal(ids2, ids) and torch.equal(slot2, slot)
 
 
 def test_pack_of_zero_rows():
-    rows = _pack(torch.zeros(0, 4), torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.int32),
-                 torch.zeros(0, dtype=torch.int32))
-    x, w, ids, slot = _unpack(rows, 4, 2, torch.float32)
+    rows = pack_rows(meta_row(torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.int32),
+                              torch.zeros(0, 1, dtype=torch.int32)), torch.zeros(0, 4))
+    x, w, ids, slot = unpack_rows(rows, 4, 2, torch.float32)
     assert x.shape == (0, 4) and w.shape == (0, 2) and ids.shape == (0, 2) and slot.shape == (0,)
 
 

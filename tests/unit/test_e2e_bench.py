@@ -33,7 +33,7 @@ def test_bench_decode_tiny_writes_csv(tmp_path):
 
 def test_random_adapter_targets_every_module():
     bench = _bench_module()
-    from moelora_dist.models.config import ModelConfig
+    from moelora_dist.config.model import ModelConfig
 
     cfg = ModelConfig.from_dict(dict(bench.TINY, num_hidden_layers=2))
     a = bench.random_adapter("x", cfg, 4, "cpu", seed=0)

@@ -94,7 +94,7 @@ def test_real_cli_under_launch_and_torchrun(cases, tmp_path):
         torch.testing.assert_close(got[f"request_{i}"], ref, atol=ATOL, rtol=0)
     torchrun = Path(sys.executable).parent / "torchrun"
     _launch([str(torchrun), "--standalone", "--nproc-per-node", "4", "-m",
-             "moelora_dist.jobs.generate", *common,
+             "moelora_dist.cli.generate", *common,
              "--requests", str(root / "qwen3_hybrid" / "gen.jsonl"),
              "--out", str(tmp_path / "g.jsonl"), "--tp", "2"])
     lines = [json.loads(x) for x in (tmp_path / "g.jsonl").read_text().splitlines()]
@@ -102,7 +102,7 @@ def test_real_cli_under_launch_and_torchrun(cases, tmp_path):
 
 
 def test_tp_without_launcher_says_how_to_launch(cases, tmp_path, capsys):
-    from moelora_dist.cli import main as cli_main
+    from moelora_dist.cli.main import main as cli_main
 
     root, refs = cases
     case = refs["mixtral"][0]
@@ -115,8 +115,8 @@ def test_tp_without_launcher_says_how_to_launch(cases, tmp_path, capsys):
 
 def driver(argv: list[str] | None = None) -> int:
     """Run in each launched process: every case of ``--root`` on one layout, like the CLI."""
-    from moelora_dist.jobs import generate, logits
-    from moelora_dist.models.cli_common import build_runner, make_groups
+    from moelora_dist.cli import generate, logits
+    from moelora_dist.cli.common import build_runner, check_inputs, make_groups
     from moelora_dist.parallel.groups import destroy_parallel
 
     p = argparse.ArgumentParser()
@@ -139,14 +139,16 @@ def driver(argv: list[str] | None = None) -> int:
             largs = parser.parse_args(common + ["--requests", str(d / "req.jsonl"),
                                                 "--out", str(ns.out / f"{name}.safetensors")])
             largs.command = "logits"
+            cfg, paths, requests = check_inputs(largs, need_max_new_tokens=False)
             groups = groups or make_groups(largs)
-            runner = build_runner(largs, groups)
-            logits.run(runner, groups, largs)
+            runner = build_runner(largs, groups, cfg, paths)
+            logits.run(runner, groups, largs, requests)
             parser = argparse.ArgumentParser()
             generate.add_arguments(parser)
             gargs = parser.parse_args(common + ["--requests", str(d / "gen.jsonl"),
                                                 "--out", str(ns.out / f"{name}.jsonl")])
-            generate.run(runner, groups, gargs)  # same runner: adapters stay registered
+            _, _, requests = check_inputs(gargs, need_max_new_tokens=True)
+            generate.run(runner, groups, gargs, requests)  # same runner: adapters registered
     finally:
         destroy_parallel()
     return 0

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moelora_dist.cli import main as cli_main
+from moelora_dist.cli.main import main as cli_main
 from moelora_dist.models.requests import Request
 from moelora_dist.models.runner import ModelRunner
 from tests.e2e_cases import (GEN_REQUESTS, REQUESTS, build_case, hf_generate, hf_logits,

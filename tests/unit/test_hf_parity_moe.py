@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 
 from moelora_dist.adapters import load_adapter
-from moelora_dist.moe.reference import experts_reference, route
+from moelora_dist.kernels.moe_lora.naive import experts_reference
+from moelora_dist.moe.router import route
 from tests.hf_factory import (
     ARCHS,
     ATTENTION_MODULES,

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from moelora_dist.kernels import align, batch_info
+from moelora_dist.kernels.align import common as align_common
 from moelora_dist.kernels.align import naive as align_naive
-from moelora_dist.kernels.batch_info import naive as bi_naive
-from moelora_dist.kernels.testing import CASES, make_case, poison_
+from moelora_dist.kernels.align import ops as align
+from moelora_dist.lora.batch_info import build_batch_info
+from moelora_dist.testing.kernel_cases import CASES, make_case, poison_
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +86,7 @@ def test_align_sentinel_blocks_are_last_and_marked():
     assert (al.block_bucket[n_blocks - sentinel:] == -1).all()
     assert (al.block_bucket[:n_blocks - sentinel] >= 0).all()
     # worst-case sizing: shape depends on T, K, E, BLOCK_M only
-    assert al.sorted_ids.numel() == align.max_rows(13 * 3, 5, 4)
+    assert al.sorted_ids.numel() == align_common.max_rows(13 * 3, 5, 4)
 
 
 def test_align_rejects_missing_slot_info():
@@ -107,13 +108,13 @@ BATCHES = {
 @pytest.mark.parametrize("name", list(BATCHES))
 def test_batch_info_matches_reference(name):
     seg, req, rank = (torch.tensor(v, dtype=torch.int32) for v in BATCHES[name])
-    got = batch_info.compute_batch_info(seg, req, rank)
-    want = bi_naive.compute_batch_info(seg, req, rank)
+    got = build_batch_info(seg, req, rank, backend="triton")
+    want = build_batch_info(seg, req, rank, backend="torch")
     assert torch.equal(got.token_slot_T, want.token_slot_T)
     assert torch.equal(got.slot_enabled_S, want.slot_enabled_S)
     assert got.num_lora_tokens == want.num_lora_tokens
-    unsynced = batch_info.compute_batch_info(seg, req, rank, validate=False,
-                                             num_tokens=int(seg[-1]))
+    unsynced = build_batch_info(seg, req, rank, backend="triton", validate=False,
+                                num_tokens=int(seg[-1]))
     assert unsynced.num_lora_tokens is None
     assert int(unsynced.num_lora_tokens_dev) == want.num_lora_tokens
 
@@ -121,4 +122,4 @@ def test_batch_info_matches_reference(name):
 def test_batch_info_rejects_out_of_range_slot():
     seg = torch.tensor([0, 2, 4], dtype=torch.int32)
     with pytest.raises(ValueError, match="outside"):
-        batch_info.compute_batch_info(seg, torch.tensor([0, 5]), torch.tensor([4, 4]))
+        build_batch_info(seg, torch.tensor([0, 5]), torch.tensor([4, 4]), backend="triton")

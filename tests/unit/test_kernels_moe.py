@@ -10,21 +10,21 @@ import dataclasses
 import pytest
 import torch
 
-from moelora_dist.kernels.align import align_items
-from moelora_dist.kernels.fused_moe_lora import MoEConfig, fused_moe_lora
+from moelora_dist.kernels.align.ops import align_items
 from moelora_dist.kernels.moe_gemm import naive, ops
-from moelora_dist.kernels.testing import CASES, make_case, poison_
-from moelora_dist.moe.experts import fused_experts
-from moelora_dist.moe.reference import experts_reference
+from moelora_dist.kernels.moe_lora.configs import MoEConfig
+from moelora_dist.kernels.moe_lora.naive import experts_reference
+from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
+from moelora_dist.moe.experts import pick_backend, run_experts
+from moelora_dist.testing.kernel_cases import CASES, make_case, poison_
 
 TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=2e-2, rtol=2e-2)}
 # Small tiles keep the interpreter fast and make several blocks per expert.
 SMALL = MoEConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1,
                   lora_block_m=16, down_block_n=16, shrink_block_k=16)
-# The fused variant also takes the one-slot-at-a-time expand loop (pick_config's choice for
-# large tiles), so every case runs both expand loops.
-SMALL_FUSED = dataclasses.replace(SMALL, fuse_down_shrink=True, run_loop=False)
-SMALL_UNFUSED = dataclasses.replace(SMALL, fuse_down_shrink=False)
+# The one-slot-at-a-time expand loop (pick_config's choice for large tiles) next to the run
+# loop, so every case runs both expand loops.
+SMALL_SLOT_LOOP = dataclasses.replace(SMALL, run_loop=False)
 
 
 @pytest.fixture(autouse=True)
@@ -65,25 +65,20 @@ def test_stages_match_reference(case):
     torch.testing.assert_close(sh[written], sh_ref[written], atol=1e-4, rtol=1e-4)
 
     gtiles = dict(block_n=16, block_k=16, num_stages=1)
-    h, dsh = ops.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh, **gtiles,
-                         fuse_down_shrink=True)
-    h_ref, dsh_ref = naive.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh_ref)
+    h = ops.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh, **gtiles)
+    h_ref = naive.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh_ref)
     rows = ~torch.isnan(h_ref[:, 0])
     assert int(rows.sum()) == int((c["topk_ids_TK"] >= 0).sum())
     torch.testing.assert_close(h[rows], h_ref[rows], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(dsh, dsh_ref, atol=1e-4, rtol=1e-4)
-    # The unfused alternative: h A_down^T from the stored h, only for rows with a slot.
-    h2, none = ops.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh, **gtiles,
-                           fuse_down_shrink=False)
-    assert none is None
+    h2 = ops.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh, **gtiles, run_loop=False)
     torch.testing.assert_close(h2[rows], h[rows], atol=1e-5, rtol=1e-5)
-    dsh2 = ops.down_shrink(h, lora, base, K, ts, en, block_k=16)
-    dsh2_ref = naive.down_shrink(h, lora, base, K, ts, en)
-    lora_rows = ~torch.isnan(dsh2_ref[:, 0])
-    torch.testing.assert_close(dsh2[lora_rows], dsh2_ref[lora_rows], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(dsh2[lora_rows], dsh[lora_rows], atol=1e-4, rtol=1e-4)
+    # h A_down^T from the stored h, only for rows with a slot: one slot at a time, 4 runs.
+    dsh = ops.down_shrink(h, lora, base, K, ts, en, block_k=16)
+    dsh_ref = naive.down_shrink(h, lora, base, K, ts, en)
+    lora_rows = ~torch.isnan(dsh_ref[:, 0])
+    torch.testing.assert_close(dsh[lora_rows], dsh_ref[lora_rows], atol=1e-4, rtol=1e-4)
     dsh4 = ops.down_shrink(h, lora, base, K, ts, en, block_k=16, lora_runs=4)
-    torch.testing.assert_close(dsh4[lora_rows], dsh2_ref[lora_rows], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dsh4[lora_rows], dsh_ref[lora_rows], atol=1e-4, rtol=1e-4)
 
     out = ops.down(h, c["w_down_EHI"], c["topk_weights_TK"], base, K, ts, en, lora, dsh,
                    **gtiles)
@@ -94,15 +89,15 @@ def test_stages_match_reference(case):
     torch.testing.assert_close(y, naive.topk_sum(out, c["topk_ids_TK"], 4))
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_down_shrink", "apart"])
+@pytest.mark.parametrize("run_loop", [True, False], ids=["run_loop", "slot_loop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_moe_lora_matches_experts_reference(case, dtype, fused):
+def test_fused_moe_lora_matches_experts_reference(case, dtype, run_loop):
     c = make_case(case, T=20, E=4, K=2, R=16, dtype=dtype)
     args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
             c["topk_ids_TK"])
     got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
-                         config=SMALL_FUSED if fused else SMALL_UNFUSED)
+                         config=SMALL if run_loop else SMALL_SLOT_LOOP)
     want = experts_reference(*args, _effective_slots(c), c["lora"])
     _close(got, want, dtype)
     if case == "all_invalid":
@@ -137,8 +132,8 @@ def test_expand_does_not_rely_on_rows_sorted_by_slot():
                      num_experts=4, block_m=16, mode="lora")
     sh = ops.lora_shrink(x, lora, la, K, block_k=16)
     tiles = dict(block_n=16, block_k=16, num_stages=1, lora_runs=2)
-    h, _ = ops.gate_up(x, c["w_gate_up_EXH"], al, K, ts, en, lora, sh, **tiles)
-    h_ref, _ = naive.gate_up(x, c["w_gate_up_EXH"], al, K, ts, en, lora, sh)
+    h = ops.gate_up(x, c["w_gate_up_EXH"], al, K, ts, en, lora, sh, **tiles)
+    h_ref = naive.gate_up(x, c["w_gate_up_EXH"], al, K, ts, en, lora, sh)
     rows = ~torch.isnan(h_ref[:, 0])
     torch.testing.assert_close(h[rows], h_ref[rows], atol=1e-4, rtol=1e-4)
     dsh = ops.down_shrink(h, lora, al, K, ts, en, block_k=16)
@@ -181,13 +176,18 @@ def test_lora_delta_really_applied_and_disabled_slot_ignored():
     torch.testing.assert_close(with_lora[eff < 0], base[eff < 0], atol=1e-5, rtol=1e-5)
 
 
-def test_fused_experts_backend_switch(monkeypatch):
+def test_run_experts_backend_is_an_argument():
+    """The backend is chosen by the caller (the layer, once at build), never by the
+    environment: the Triton path runs on CPU tensors under the interpreter when asked."""
     c = make_case("mixed", T=20, E=4, K=2)
     args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
             c["topk_ids_TK"], _effective_slots(c), c["lora"])
-    monkeypatch.setenv("MOELORA_BACKEND", "triton")
-    got = fused_experts(*args, slot_enabled_S=c["slot_enabled_S"])
-    _close(got, experts_reference(*args), torch.float32)
+    want = experts_reference(*args)
+    for backend in ("triton", "torch"):
+        got = run_experts(backend, *args, "silu", c["slot_enabled_S"], None)
+        _close(got, want, torch.float32)
+    with pytest.raises(ValueError, match="unknown expert backend"):
+        pick_backend(c["x_TH"].device, "cuda")
 
 
 def test_num_lora_tokens_zero_skips_lora():

@@ -70,7 +70,7 @@ def test_invalid_layout_fails_before_any_group(tmp_path):
 
 
 def test_job_names_and_environment(monkeypatch):
-    assert resolve_module("sweep-worker", None) == "moelora_dist.jobs.sweep_worker"
+    assert resolve_module("sweep-worker", None) == "moelora_dist.cli.sweep_worker"
     assert resolve_module("tests.x", None) == "tests.x"
     assert resolve_module(None, "pytest") == "pytest"
     with pytest.raises(SystemExit, match="give a job name"):

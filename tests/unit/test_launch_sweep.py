@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moelora_dist.jobs.sweep_run import parse_world_layouts
+from moelora_dist.cli.sweep_run import parse_world_layouts
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,10 +4,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moelora_dist.moe import tiny
-from moelora_dist.moe.layer import MoEBlock
-from moelora_dist.moe.weights import SafetensorsIndex, detect_key_style, load_moe_weights
+from moelora_dist.errors import FileError
+from moelora_dist.files.safetensors_io import SafetensorsReader
+from moelora_dist.models.moe_weights import detect_key_style, load_moe_weights
+from moelora_dist.moe.block import MoEBlock
 from moelora_dist.parallel.layout import Layout, valid_layouts
+from moelora_dist.testing import tiny
 
 CFG = tiny.TinyMoEConfig(hidden=8, intermediate=12, num_experts=4, top_k=2, num_layers=3)
 
@@ -20,7 +22,7 @@ def ckpt(tmp_path_factory):
 @pytest.mark.parametrize("layer,style", [(0, "fused"), (1, "per_expert"), (2, "mixtral")])
 def test_every_rank_reads_exactly_its_slice(ckpt, layer, style):
     router, gu, down = tiny.full_weights(CFG, layer)
-    with SafetensorsIndex(ckpt) as index:
+    with SafetensorsReader(ckpt) as index:
         assert detect_key_style(index, CFG.prefix(layer)) == style
         for layout in valid_layouts(4, CFG.num_experts, CFG.intermediate):
             for rank in range(layout.world_size):
@@ -39,7 +41,8 @@ def test_sharded_checkpoint_directory_and_dtype(tmp_path):
     save_file({k: full[k] for k in keys[::2]}, str(tmp_path / "model-00001-of-00002.safetensors"))
     save_file({k: full[k] for k in keys[1::2]}, str(tmp_path / "model-00002-of-00002.safetensors"))
     shard = Layout(2, 2, 2).moe_shard(1, CFG.num_experts, CFG.intermediate)
-    w = load_moe_weights(tmp_path, CFG.prefix(1), shard, hidden=CFG.hidden, dtype=torch.float64)
+    w = load_moe_weights(SafetensorsReader(tmp_path), CFG.prefix(1), shard, hidden=CFG.hidden,
+                         dtype=torch.float64)
     _, gu, _ = tiny.full_weights(CFG, 1)
     assert w.w_gate_up.dtype == torch.float64
     torch.testing.assert_close(w.w_gate_up, gu[2:].double())
@@ -47,14 +50,15 @@ def test_sharded_checkpoint_directory_and_dtype(tmp_path):
 
 def test_errors_name_key_and_fix(ckpt, tmp_path):
     shard = Layout(1, 1).moe_shard(0, CFG.num_experts, CFG.intermediate)
-    with pytest.raises(KeyError, match="no MoE expert weights under prefix 'model.nope'"):
-        load_moe_weights(ckpt, "model.nope", shard, hidden=CFG.hidden,
+    reader = SafetensorsReader(ckpt)
+    with pytest.raises(FileError, match="no MoE expert weights under prefix 'model.nope'"):
+        load_moe_weights(reader, "model.nope", shard, hidden=CFG.hidden,
                          router_key=f"{CFG.prefix(0)}.gate.weight")
     wrong_i = Layout(1, 1).moe_shard(0, CFG.num_experts, 2 * CFG.intermediate)
-    with pytest.raises(ValueError, match=r"gate_up_proj has shape \[4, 24, 8\], expected"):
-        load_moe_weights(ckpt, CFG.prefix(0), wrong_i, hidden=CFG.hidden)
-    with pytest.raises(ValueError, match=r"gate.weight has shape \[4, 8\], expected \[4, 9\]"):
-        load_moe_weights(ckpt, CFG.prefix(1), shard, hidden=9)
+    with pytest.raises(FileError, match=r"gate_up_proj' has shape \[4, 24, 8\], expected"):
+        load_moe_weights(reader, CFG.prefix(0), wrong_i, hidden=CFG.hidden)
+    with pytest.raises(FileError, match=r"gate.weight' has shape \[4, 8\], expected \[4, 9\]"):
+        load_moe_weights(reader, CFG.prefix(1), shard, hidden=9)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(FileNotFoundError, match="never unpickled"):
-        SafetensorsIndex(tmp_path)
+    with pytest.raises(FileError, match="never unpickled"):
+        SafetensorsReader(tmp_path)

@@ -72,7 +72,7 @@ def test_invalid_model_shape():
 
 
 def test_layout_cli_table(capsys):
-    from moelora_dist.cli import main
+    from moelora_dist.cli.main import main
     assert main(["layout", "--world", "4", "--tp", "4", "--ep", "2",
                  "--experts", "8", "--intermediate", "64"]) == 0
     out = capsys.readouterr().out

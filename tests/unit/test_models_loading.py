@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moelora_dist.cli import main as cli_main
-from moelora_dist.models.checkpoint import CheckpointError
-from moelora_dist.models.config import ModelConfig, ModelConfigError
+from moelora_dist.cli.main import main as cli_main
+from moelora_dist.errors import FileError
+from moelora_dist.config.model import ModelConfig, ModelConfigError
 from moelora_dist.models.requests import Request
 from moelora_dist.models.runner import ModelRunner
 from moelora_dist.parallel.groups import ParallelGroups
@@ -79,7 +79,7 @@ def test_sharded_checkpoint_with_index(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     victim = sorted(set(index["weight_map"].values()))[0]
     (tmp_path / victim).unlink()
-    with pytest.raises(CheckpointError, match="shards that are missing"):
+    with pytest.raises(FileError, match="shards that are missing"):
         _ours(tmp_path)
 
 

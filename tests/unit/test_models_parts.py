@@ -6,20 +6,29 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moelora_dist.config.model import ModelConfig, ModelConfigError
+from moelora_dist.lora.batch_info import BatchInfo
 from moelora_dist.lora.pool_types import DenseLoRABuffers, PoolConfig
 from moelora_dist.models.attention import HeadSplit
 from moelora_dist.models.batch import ForwardBatch, KVCache
-from moelora_dist.models.config import ModelConfig, ModelConfigError
-from moelora_dist.models.lora_linear import DenseLoRA, lora_delta_reference
+from moelora_dist.models.lora_linear import DenseLoRA
+from moelora_dist.testing.references import dense_lora_token_loop as lora_delta_reference
 
 
 class _FakePool:
-    def __init__(self, bufs, S):
-        self.config = PoolConfig(max_loras=S, max_rank=4)
+    def __init__(self, bufs, S, R=4):
+        self.config = PoolConfig(max_loras=S, max_rank=R)
         self.bufs = bufs
+        self.slot_rank_S = torch.full((S,), R, dtype=torch.int32)
 
     def dense_buffers(self, path):
         return self.bufs[path]
+
+
+def _info(slot_T, S=3):
+    enabled = torch.zeros(S, dtype=torch.bool)
+    enabled[slot_T[slot_T >= 0].long()] = True
+    return BatchInfo(slot_T, enabled, int((slot_T >= 0).sum()))
 
 
 def _bufs(S=3, R=4, I=10, O=6, seed=0):
@@ -40,25 +49,27 @@ def test_dense_lora_matches_token_loop(slots):
     pool = _FakePool({"m": buf}, 3)
     slot_T = torch.tensor(slots, dtype=torch.int32)
     x = torch.randn(len(slots), 10)
-    ctx = DenseLoRA(pool, slot_T, {}, key=1)
+    ctx = DenseLoRA(pool, _info(slot_T), "torch")
     got = ctx.apply(torch.zeros(len(slots), 6), x, "m")
     want = lora_delta_reference(x, buf.a, buf.b, slot_T)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got[slot_T < 0] == 0).all()
 
 
-def test_dense_lora_out_rows_and_cache_key():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dense_lora_out_rows_and_rewritten_slot(backend):
+    """Rows of a replicated b (kv heads), and a slot rewritten in place between forwards:
+    the kernels read the pool's buffers, so the next forward serves the new values."""
     buf = _bufs()
     pool = _FakePool({"m": buf}, 3)
-    slot_T = torch.tensor([0, 1, 2], dtype=torch.int32)
-    x = torch.randn(3, 10)
-    cache: dict = {}
+    slot_T = torch.tensor([0, 1, 2, -1], dtype=torch.int32)
+    x = torch.randn(4, 10)
     rows = slice(2, 4)  # a replicated kv module: this rank computes output rows 2..3
-    got = DenseLoRA(pool, slot_T, cache, key="k1").apply(torch.zeros(3, 2), x, "m", rows)
+    got = DenseLoRA(pool, _info(slot_T), backend).apply(torch.zeros(4, 2), x, "m", rows)
     want = lora_delta_reference(x, buf.a, buf.b, slot_T)[:, rows]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    buf.b.mul_(2)  # a slot rewritten: the same key would serve stale factors, a new key not
-    got2 = DenseLoRA(pool, slot_T, cache, key="k2").apply(torch.zeros(3, 2), x, "m", rows)
+    buf.b.mul_(2)
+    got2 = DenseLoRA(pool, _info(slot_T), backend).apply(torch.zeros(4, 2), x, "m", rows)
     torch.testing.assert_close(got2, 2 * want, atol=1e-5, rtol=1e-5)
 
 

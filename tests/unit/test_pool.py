@@ -6,7 +6,7 @@ import torch
 from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
 from moelora_dist.lora.pool import (DenseModuleSpec, LoRAPool, MoELayerSpec, PoolConfig,
                                     PoolError)
-from moelora_dist.moe.simulate import random_moe_lora
+from moelora_dist.testing.simulate import random_moe_lora
 from moelora_dist.parallel.layout import Layout, RankLayout
 
 E, H, I = 4, 8, 12
@@ -248,7 +248,8 @@ def _merged(layer: MoELayerLoRA, w_gu, w_d):
 
 
 def test_pool_with_reference_matches_merged_weights_for_mixed_batch():
-    from moelora_dist.moe.reference import experts_reference, route
+    from moelora_dist.kernels.moe_lora.naive import experts_reference
+    from moelora_dist.moe.router import route
 
     kinds = {"per_expert": {}, "shared_outer": dict(shared_outer=True),
              "fused": dict(shared_gate_up_a=True), "mixed": dict(gate_a_shared_only=True),

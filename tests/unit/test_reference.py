@@ -2,8 +2,9 @@
 
 import torch
 
-from moelora_dist.lora.buffers import MoELoRABuffers
-from moelora_dist.moe.reference import experts_reference, localize_topk_ids, route
+from moelora_dist.kernels.weights import MoELoRAWeights
+from moelora_dist.kernels.moe_lora.naive import experts_reference
+from moelora_dist.moe.router import localize_topk_ids, route
 
 
 def _setup(seed=0, T=9, H=12, E=4, I=10, K=2, S=3, R=4):
@@ -12,7 +13,7 @@ def _setup(seed=0, T=9, H=12, E=4, I=10, K=2, S=3, R=4):
     x = rn(T, H)
     w_gu, w_d = rn(E, 2 * I, H), rn(E, H, I)
     tw, tid = route(rn(T, E), K, renormalize=True)
-    lora = MoELoRABuffers.zeros(S, E, R, H, I, dtype=torch.float64)
+    lora = MoELoRAWeights.zeros(S, E, R, H, I, dtype=torch.float64)
     ranks = [4, 2, 0]
     for s, r in enumerate(ranks):
         lora.gate_up_a[s, :, :r] = rn(E, r, H)
@@ -54,8 +55,8 @@ def test_sentinel_experts_are_skipped_and_shards_sum():
     parts = []
     for start in (0, 2):
         local = localize_topk_ids(tid, start, 2)
-        sub = MoELoRABuffers(**{k: (v[:, start:start + 2] if v.dim() == 4 else v)
-                               for k, v in lora.tensors().items()})
+        sub = MoELoRAWeights(**{k: (v[:, start:start + 2] if v.dim() == 4 else v)
+                               for k, v in lora._asdict().items()})
         parts.append(experts_reference(x, w_gu[start:start + 2], w_d[start:start + 2],
                                        tw, local, slots, sub))
     torch.testing.assert_close(parts[0] + parts[1], full, rtol=1e-12, atol=1e-12)

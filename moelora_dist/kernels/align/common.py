@@ -6,10 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-MODE_BASE, MODE_LORA, MODE_LORA_PAIRS = 0, 1, 2  # must match kernel.py
-
-MODES = {"base": MODE_BASE, "lora": MODE_LORA, "lora_pairs": MODE_LORA_PAIRS}
-
 
 @dataclass
 class Alignment:

@@ -12,10 +12,11 @@ negative id is never shifted into a valid range: validity is decided before any 
 import triton
 import triton.language as tl
 
-# Modes of the key function (constexpr).
-MODE_BASE = 0  # bucket = expert; sub = effective slot + 1 when SUB_SLOT, else 0
-MODE_LORA = 1  # bucket = slot * E + expert (pairs of per-expert-A slots), slot * E (tokens)
-MODE_LORA_PAIRS = 2  # bucket = slot * E + expert for every pair with an enabled slot
+from moelora_dist.kernels import constants
+
+# Modes of the key function (constexpr; numbers and meaning in ``kernels/constants.py``).
+MODE_BASE = tl.constexpr(constants.ALIGN_MODE_BASE)
+MODE_LORA = tl.constexpr(constants.ALIGN_MODE_LORA)
 
 
 @triton.jit
@@ -36,7 +37,7 @@ def _item_keys(item, in_range, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, s
     is_pair = in_range & (item < num_pairs)
     tok = tl.where(is_pair, item // top_k, item - num_pairs)
     expert = tl.load(topk_ids_ptr + item, mask=is_pair, other=-1)
-    if MODE == 0:
+    if MODE == MODE_BASE:
         valid = is_pair & (expert >= 0) & (expert < num_experts)
         bucket = tl.where(valid, expert, num_buckets)
         if SUB_SLOT:
@@ -47,7 +48,7 @@ def _item_keys(item, in_range, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, s
     else:
         slot = _effective_slot(tok, in_range, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr)
         has = slot >= 0
-        if MODE == 1:
+        if MODE == MODE_LORA:
             shared = tl.load(shared_ptr + slot, mask=has, other=0) != 0
             pair_ok = is_pair & has & (~shared) & (expert >= 0) & (expert < num_experts)
             tok_ok = in_range & (item >= num_pairs) & has & shared

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from moelora_dist.kernels.align.common import MODES, Alignment, max_rows
+from moelora_dist.kernels.align.common import Alignment, max_rows
+from moelora_dist.kernels.constants import ALIGN_MODES
 
 
 def item_keys(topk_ids_TK, token_slot_T, slot_enabled_S, slot_rank_S, shared_S, *,
@@ -51,8 +52,8 @@ def align_items(topk_ids_TK, token_slot_T, slot_enabled_S, slot_rank_S, shared_S
                 num_experts: int, block_m: int, mode: str = "base",
                 sort_by_slot: bool = False) -> Alignment:
     """Reference of :func:`moelora_dist.kernels.align.ops.align_items` (see it for shapes)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown align mode {mode!r}; expected one of {sorted(MODES)}")
+    if mode not in ALIGN_MODES:
+        raise ValueError(f"unknown align mode {mode!r}; expected one of {sorted(ALIGN_MODES)}")
     bucket, sub = item_keys(topk_ids_TK, token_slot_T, slot_enabled_S, slot_rank_S, shared_S,
                             num_experts=num_experts, mode=mode, sort_by_slot=sort_by_slot)
     S = int(slot_rank_S.numel()) if slot_rank_S is not None else 0

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from moelora_dist.kernels.align.common import MODES, Alignment, max_rows
+from moelora_dist.kernels.align.common import Alignment, max_rows
+from moelora_dist.kernels.constants import ALIGN_MODES
 from moelora_dist.kernels.align.kernel import (
     _align_count_kernel, _align_scan_kernel, _align_scatter_kernel)
 
@@ -58,7 +59,7 @@ def _spec(mode: str, sort_by_slot: bool, T: int, K: int, S: int, num_experts: in
     num_items = T * K + (T if mode == "lora" else 0)
     num_buckets = num_experts if mode == "base" else S * num_experts
     num_sub = (S + 1) if (mode == "base" and sort_by_slot) else 1
-    return _Spec(MODES[mode], sort_by_slot, num_items, num_buckets, num_sub, block_m)
+    return _Spec(ALIGN_MODES[mode], sort_by_slot, num_items, num_buckets, num_sub, block_m)
 
 
 def _align(ids, tslot, en, rk, sh, a: _Spec, b: _Spec | None, num_experts: int):
@@ -132,8 +133,8 @@ def align_items(topk_ids_TK: torch.Tensor, token_slot_T: torch.Tensor | None,
             for all pairs with an enabled slot).
         sort_by_slot: base mode only: order rows of an expert by slot so blocks see few slots.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown align mode {mode!r}; expected one of {sorted(MODES)}")
+    if mode not in ALIGN_MODES:
+        raise ValueError(f"unknown align mode {mode!r}; expected one of {sorted(ALIGN_MODES)}")
     if topk_ids_TK.dim() != 2:
         raise ValueError(f"topk_ids must be [T, K], got shape {tuple(topk_ids_TK.shape)}")
     needs_slots = mode != "base" or sort_by_slot

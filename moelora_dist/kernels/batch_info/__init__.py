@@ -1,5 +1,5 @@
-"""Batch info on the device: per-token slot and per-slot enabled flags, one launch."""
+"""Batch info: per-token adapter slot and per-slot enabled flags, from per-request segments.
 
-from moelora_dist.kernels.batch_info.ops import compute_batch_info
-
-__all__ = ["compute_batch_info"]
+``naive.py`` is the reference (and the CPU path), ``ops.py`` the one-launch Triton version
+with the same signature; :func:`moelora_dist.lora.batch_info.build_batch_info` picks one.
+"""

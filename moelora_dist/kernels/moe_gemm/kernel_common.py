@@ -3,7 +3,10 @@
 import triton
 import triton.language as tl
 
-NO_SLOT = tl.constexpr(2147483647)  # larger than any slot; ends the loop over the slots of a block
+from moelora_dist.kernels import constants
+
+NO_SLOT = tl.constexpr(constants.NO_SLOT)  # larger than any slot; ends the loop over a block's slots
+FLOAT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -32,7 +35,19 @@ def _row_slots(tok, row_mask, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr):
 def _next_slot(slot_m, after):
     """Smallest slot in the block above ``after`` (NO_SLOT when none): rows are sorted by slot
     inside an expert, so a block usually holds one or two slots and this loop runs that often."""
-    return tl.min(tl.where(slot_m > after, slot_m, 2147483647), axis=0)
+    return tl.min(tl.where(slot_m > after, slot_m, NO_SLOT), axis=0)
+
+
+@triton.jit
+def _finite_or_zero(t):
+    """``t`` in fp32 with every NaN / +-Inf replaced by 0 (NaN fails the comparison).
+
+    Isolation: a stacked LoRA dot multiplies every row's zeros by the factors of the other
+    slots in its K bands; selecting finite factors keeps ``0 * factor == 0`` exact, so no slot
+    (loaded around the load-time checks) can carry a NaN into another slot's or a base row.
+    """
+    t = t.to(tl.float32)
+    return tl.where(tl.abs(t) <= FLOAT_MAX, t, 0.0)
 
 
 @triton.jit

@@ -1,14 +1,15 @@
 """Triton kernels: grouped down GEMM + LoRA expand + top-k weight, and the top-k sum.
 
 Imports triton only. The LoRA delta of down is added to the accumulator BEFORE the top-k
-weight multiplies it, so the weight is applied once to base + delta.
+weight multiplies it, so the weight is applied once to base + delta. Isolation as in
+``kernel_gate_up.py``: a select per slot in the slot loop, finite factors in the stacked dot.
 """
 
 import triton
 import triton.language as tl
 
 from moelora_dist.kernels.moe_gemm.kernel_common import (
-    NO_SLOT, _block_rows, _next_slot, _row_runs, _row_slots, _stacked_slots)
+    NO_SLOT, _block_rows, _finite_or_zero, _next_slot, _row_runs, _row_slots, _stacked_slots)
 
 
 @triton.jit
@@ -19,7 +20,7 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                  stride_we, stride_wh, stride_wi, stride_bs, stride_be, stride_bh, stride_br,
                  HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RUN_LOOP: tl.constexpr,
-                 NUM_RUNS: tl.constexpr, LORA_STAGES: tl.constexpr):
+                 NUM_RUNS: tl.constexpr):
     """out[pair, n-tile] = topk_w[pair] * (h W_down^T + dshrink B_down^T)."""
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(hidden, BLOCK_N)
@@ -52,7 +53,7 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                                         BLOCK_M)
             rank_m = tl.load(slot_rank_ptr + slot_m, mask=slot_m >= 0, other=0)
             # NUM_RUNS slot runs per dot (see kernel_gate_up.py).
-            for first in tl.range(0, num_runs, NUM_RUNS, num_stages=LORA_STAGES):
+            for first in range(0, num_runs, NUM_RUNS):
                 slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
                 d_mask = ((run_m[:, None] == first + band_q[None, :])
                           & (r_q[None, :] < rank_m[:, None]))
@@ -67,7 +68,7 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                             + eb_q[:, None] * stride_be + offs_n[None, :] * stride_bh
                             + r_q[:, None] * stride_br,
                             mask=(r_q < rank_q)[:, None] & n_mask[None, :], other=0.0)
-                acc += tl.dot(d, b.to(tl.float32))
+                acc += tl.dot(d, _finite_or_zero(b))
         else:
             # One slot at a time (see kernel_gate_up.py for when each loop is used).
             offs_r = tl.arange(0, BLOCK_R)
@@ -82,7 +83,7 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                 b = tl.load(b_ptr + slot64 * stride_bs + eb * stride_be
                             + offs_n[None, :] * stride_bh + offs_r[:, None] * stride_br,
                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                acc += tl.dot(d, b.to(tl.float32))
+                acc += tl.where(sel[:, None], tl.dot(d, b.to(tl.float32)), 0.0)
                 slot = _next_slot(slot_m, slot)
 
     weight = tl.load(topk_w_ptr + rows, mask=row_mask, other=0.0)

@@ -1,34 +1,35 @@
-"""Triton kernel: grouped gate_up GEMM + LoRA expand + activation + LoRA shrink of down.
+"""Triton kernel: grouped gate_up GEMM + LoRA expand + activation.
 
 Imports triton only. One program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``h`` for one
 expert block: ``gate`` and ``up`` tiles from the base weights, then the LoRA expand
-``shrink B^T`` of the block's slots (``NUM_RUNS`` slot runs stacked per dot), added BEFORE the
-activation, then
-``h = act(gate) * up``; finally the down projection's LoRA shrink ``h A_down^T`` of this tile
-is accumulated (fp32 atomics over the ``I`` tiles) so that ``h`` is never read back for it
-(``FUSE_DOWN_SHRINK``; otherwise ``_down_shrink_kernel`` computes it from the stored ``h``).
+``shrink B^T`` of the block's slots, added BEFORE the activation, then ``h = act(gate) * up``.
+The down projection's LoRA shrink ``h A_down^T`` runs after, from the stored ``h``
+(``kernel_shrink.py``).
+
+Isolation (one slot's factors never reach another slot's rows or a base row): the slot loop
+adds each slot's product through a select on that slot's rows; the run loop stacks several
+slots' factors in one dot, so it selects finite factor values (``_finite_or_zero``) and the
+zeros of the other rows' bands stay exact zeros.
 """
 
 import triton
 import triton.language as tl
 
 from moelora_dist.kernels.moe_gemm.kernel_common import (
-    NO_SLOT, _block_rows, _gelu_tanh_mul, _next_slot, _row_runs, _row_slots, _silu_mul,
-    _stacked_slots)
+    NO_SLOT, _block_rows, _finite_or_zero, _gelu_tanh_mul, _next_slot, _row_runs, _row_slots,
+    _silu_mul, _stacked_slots)
 
 
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                     token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, a_shared_ptr,
-                    shrink_ptr, b_ptr, down_a_ptr, dshrink_ptr,
+                    shrink_ptr, b_ptr,
                     num_pairs, top_k, hidden, inter,
                     stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
                     stride_bs, stride_be, stride_bn, stride_br,
-                    stride_das, stride_dae, stride_dar, stride_dai,
-                    HAS_LORA: tl.constexpr, FUSE_DOWN_SHRINK: tl.constexpr,
-                    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RUN_LOOP: tl.constexpr,
-                    NUM_RUNS: tl.constexpr, LORA_STAGES: tl.constexpr):
+                    HAS_LORA: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                    RUN_LOOP: tl.constexpr, NUM_RUNS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(inter, BLOCK_N)
     pid_m = pid // num_n
@@ -69,11 +70,9 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
             shared_m = tl.load(a_shared_ptr + slot_m, mask=has_m, other=0) != 0
             src = tl.where(shared_m, num_pairs + tok, rows)
             # A loop over the block's slot runs whose addresses depend on the run index only
-            # (the slot loop below finds each next slot by a reduction over the block first).
-            # NUM_RUNS runs share one dot. LORA_STAGES > 1 software-pipelines the loop; it
-            # multi-buffers these tiles next to the main loop's (out of shared memory at
-            # 128x128 tiles on H100).
-            for first in tl.range(0, num_runs, NUM_RUNS, num_stages=LORA_STAGES):
+            # (the slot loop below finds each next slot by a reduction over the block first);
+            # NUM_RUNS runs share one dot.
+            for first in range(0, num_runs, NUM_RUNS):
                 slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
                 s_mask = ((run_m[:, None] == first + band_q[None, :])
                           & (r_q[None, :] < rank_m[:, None]))
@@ -85,9 +84,9 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                 b_g_ptr = (b_ptr + slot_q[:, None].to(tl.int64) * stride_bs
                            + expert * stride_be + offs_n[None, :] * stride_bn
                            + r_q[:, None] * stride_br)
-                b_g = tl.load(b_g_ptr, mask=b_mask, other=0.0).to(tl.float32)
-                b_u = tl.load(b_g_ptr + inter * stride_bn, mask=b_mask,
-                              other=0.0).to(tl.float32)
+                b_g = _finite_or_zero(tl.load(b_g_ptr, mask=b_mask, other=0.0))
+                b_u = _finite_or_zero(tl.load(b_g_ptr + inter * stride_bn, mask=b_mask,
+                                              other=0.0))
                 acc_g += tl.dot(s_g, b_g)
                 acc_u += tl.dot(s_u, b_u)
         else:
@@ -110,8 +109,8 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                 b_mask = r_mask[:, None] & n_mask[None, :]
                 b_g = tl.load(b_base + b_off, mask=b_mask, other=0.0).to(tl.float32)
                 b_u = tl.load(b_base + inter * stride_bn + b_off, mask=b_mask, other=0.0)
-                acc_g += tl.dot(s_g, b_g)
-                acc_u += tl.dot(s_u, b_u.to(tl.float32))
+                acc_g += tl.where(sel[:, None], tl.dot(s_g, b_g), 0.0)
+                acc_u += tl.where(sel[:, None], tl.dot(s_u, b_u.to(tl.float32)), 0.0)
                 slot = _next_slot(slot_m, slot)
 
     if ACT == 0:
@@ -121,18 +120,3 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
     out_mask = row_mask[:, None] & n_mask[None, :]
     tl.store(h_ptr + rows[:, None] * inter + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=out_mask)
-
-    if HAS_LORA and FUSE_DOWN_SHRINK:
-        h = tl.where(out_mask, h, 0.0)
-        slot = _next_slot(slot_m, -1)
-        while slot != NO_SLOT:
-            sel = slot_m == slot
-            slot64 = slot.to(tl.int64)
-            r_mask = offs_r < tl.load(slot_rank_ptr + slot64)
-            a_ptr = (down_a_ptr + slot64 * stride_das + expert * stride_dae
-                     + offs_r[None, :] * stride_dar + offs_n[:, None] * stride_dai)
-            a_d = tl.load(a_ptr, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-            part = tl.dot(tl.where(sel[:, None], h, 0.0), a_d.to(tl.float32))
-            tl.atomic_add(dshrink_ptr + rows[:, None] * BLOCK_R + offs_r[None, :], part,
-                          mask=sel[:, None] & r_mask[None, :])
-            slot = _next_slot(slot_m, slot)

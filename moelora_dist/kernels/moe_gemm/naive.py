@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from moelora_dist.kernels.align import Alignment
-from moelora_dist.kernels.moe_gemm.ops import ACT_IDS, block_r
-from moelora_dist.lora.buffers import MoELoRABuffers
-from moelora_dist.moe.reference import ACTIVATIONS
+from moelora_dist.kernels.activations import ACTIVATIONS
+from moelora_dist.kernels.align.common import Alignment
+from moelora_dist.kernels.constants import block_r, check_activation
+from moelora_dist.kernels.weights import MoELoRAWeights
 
 
 def _blocks(al: Alignment):
@@ -34,7 +34,7 @@ def _eff_slots(tok, token_slot_T, slot_enabled_S, slot_rank_S):
     return torch.where(ok, slot, torch.full_like(slot, -1))
 
 
-def lora_shrink(x_TH, lora: MoELoRABuffers, al: Alignment, top_k: int, **_tiles):
+def lora_shrink(x_TH, lora: MoELoRAWeights, al: Alignment, top_k: int, **_tiles):
     """Reference of :func:`ops.lora_shrink`."""
     T, _ = x_TH.shape
     R, BR, E = lora.max_rank, block_r(lora.max_rank), lora.num_local_experts
@@ -54,19 +54,15 @@ def lora_shrink(x_TH, lora: MoELoRABuffers, al: Alignment, top_k: int, **_tiles)
 
 
 def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
-            slot_enabled_S=None, lora: MoELoRABuffers | None = None, shrink=None,
+            slot_enabled_S=None, lora: MoELoRAWeights | None = None, shrink=None,
             activation: str = "silu", **_tiles):
     """Reference of :func:`ops.gate_up`."""
-    if activation not in ACT_IDS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACT_IDS)}")
+    check_activation(activation)
     T, _ = x_TH.shape
     inter = w_gate_up_EXH.shape[1] // 2
     N = T * top_k
     h = torch.full((N, inter), float("nan"), dtype=x_TH.dtype, device=x_TH.device)
-    dshrink = None
-    if lora is not None:
-        BR = block_r(lora.max_rank)
-        dshrink = torch.zeros(N, BR, device=x_TH.device)
+    BR = block_r(lora.max_rank) if lora is not None else 0
     for e, items in _blocks(al):
         tok = items // top_k
         gu = x_TH[tok].float() @ w_gate_up_EXH[e].float().T
@@ -84,17 +80,10 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
                 gu[sel, inter:] += sh[:, BR:BR + r] @ b[inter:, :r].T
         hh = ACTIVATIONS[activation](gu[:, :inter]) * gu[:, inter:]
         h[items] = hh.to(h.dtype)
-        if lora is not None:
-            for s in slots.unique().tolist():
-                if s < 0:
-                    continue
-                sel = slots == s
-                r = int(lora.slot_rank[s])
-                dshrink[items[sel], :r] = hh[sel] @ lora.down_a[s, e, :r].float().T
-    return h, dshrink
+    return h
 
 
-def down_shrink(h, lora: MoELoRABuffers, al: Alignment, top_k: int, token_slot_T,
+def down_shrink(h, lora: MoELoRAWeights, al: Alignment, top_k: int, token_slot_T,
                 slot_enabled_S, **_tiles):
     """Reference of :func:`ops.down_shrink` (rows without an enabled slot are NaN)."""
     N, _ = h.shape
@@ -112,7 +101,7 @@ def down_shrink(h, lora: MoELoRABuffers, al: Alignment, top_k: int, token_slot_T
 
 
 def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T=None,
-         slot_enabled_S=None, lora: MoELoRABuffers | None = None, dshrink=None, **_tiles):
+         slot_enabled_S=None, lora: MoELoRAWeights | None = None, dshrink=None, **_tiles):
     """Reference of :func:`ops.down`."""
     N, _ = h.shape
     H = w_down_EHI.shape[1]

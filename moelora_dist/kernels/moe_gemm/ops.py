@@ -1,11 +1,12 @@
 """Host glue of the grouped-GEMM family: launches of shrink, gate_up, down and top-k sum.
 
-Pipeline of one layer (see :mod:`moelora_dist.kernels.fused_moe_lora`):
+Pipeline of one layer (see :mod:`moelora_dist.kernels.moe_lora.ops`):
 
 1. ``lora_shrink``  x A_gate/A_up^T per (slot, expert) block    -> shrink   [T*K + T, 2*BR] fp32
-2. ``gate_up``      x W^T + shrink B^T, act(gate) * up; h A_down^T -> h [T*K, I], dshrink [T*K, BR]
-3. ``down``         w_k * (h W_down^T + dshrink B_down^T)         -> out      [T*K, H]
-4. ``topk_sum``     sum over k of the valid pairs                 -> y        [T, H]
+2. ``gate_up``      x W^T + shrink B^T, act(gate) * up            -> h        [T*K, I_l]
+3. ``down_shrink``  h A_down^T per slot run of an expert block    -> dshrink  [T*K, BR] fp32
+4. ``down``         w_k * (h W_down^T + dshrink B_down^T)         -> out      [T*K, H]
+5. ``topk_sum``     sum over k of the valid pairs                 -> y        [T, H]
 
 Every launcher takes tensors with arbitrary strides where a weight may be shared (expert
 stride 0 for shared-outer factors comes from the pool's ``[S, 1, ...]`` buffers and the slot's
@@ -17,19 +18,13 @@ from __future__ import annotations
 import torch
 import triton
 
-from moelora_dist.kernels.align import Alignment
+from moelora_dist.kernels.align.common import Alignment
+from moelora_dist.kernels.constants import block_r, check_activation
 from moelora_dist.kernels.moe_gemm.kernel_down import _down_kernel, _topk_sum_kernel
 from moelora_dist.kernels.moe_gemm.kernel_gate_up import _gate_up_kernel
 from moelora_dist.kernels.moe_gemm.kernel_shrink import (
     _down_shrink_kernel, _down_shrink_runs_kernel, _lora_shrink_kernel)
-from moelora_dist.lora.buffers import MoELoRABuffers
-
-ACT_IDS = {"silu": 0, "gelu": 1}
-
-
-def block_r(max_rank: int) -> int:
-    """Padded rank of the LoRA tiles: a power of two, at least 16 (``tl.dot``'s minimum)."""
-    return max(16, triton.next_power_of_2(max(int(max_rank), 1)))
+from moelora_dist.kernels.weights import MoELoRAWeights
 
 
 def num_runs(lora_runs: int) -> int:
@@ -39,7 +34,7 @@ def num_runs(lora_runs: int) -> int:
     return lora_runs
 
 
-def lora_shrink(x_TH: torch.Tensor, lora: MoELoRABuffers, al: Alignment, top_k: int,
+def lora_shrink(x_TH: torch.Tensor, lora: MoELoRAWeights, al: Alignment, top_k: int,
                 *, block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
     """Gate/up LoRA shrink for the items of a ``mode="lora"`` alignment.
 
@@ -63,26 +58,22 @@ def lora_shrink(x_TH: torch.Tensor, lora: MoELoRABuffers, al: Alignment, top_k: 
 
 
 def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
-            slot_enabled_S=None, lora: MoELoRABuffers | None = None, shrink=None,
+            slot_enabled_S=None, lora: MoELoRAWeights | None = None, shrink=None,
             activation: str = "silu", *, block_n: int = 64, block_k: int = 64,
-            num_warps: int = 4, num_stages: int = 3, fuse_down_shrink: bool = False,
-            run_loop: bool = True, lora_runs: int = 1, lora_stages: int = 1):
-    """Base gate_up + LoRA expand + activation (+ down LoRA shrink) for a base alignment.
+            num_warps: int = 4, num_stages: int = 3, run_loop: bool = True,
+            lora_runs: int = 1) -> torch.Tensor:
+    """Base gate_up + LoRA expand + activation for a base alignment.
 
     Args:
         x_TH: ``[T, H]``; w_gate_up_EXH: ``[E_l, 2*I_l, H]`` (gate rows then up rows).
         al: base alignment of the ``T*K`` pairs by expert (rows ordered by slot).
         shrink: output of :func:`lora_shrink` when ``lora`` is given.
         run_loop: expand loop over the block's slot runs (else one slot at a time, each
-            found by a reduction); lora_runs: slot runs per expand dot (:func:`num_runs`);
-            lora_stages: software-pipeline depth of the run loop (1: none).
+            found by a reduction); lora_runs: slot runs per expand dot (:func:`num_runs`).
     Returns:
-        ``h`` ``[T*K, I_l]`` in ``x_TH.dtype`` (rows of invalid pairs unset) and ``dshrink``
-        ``[T*K, BR]`` fp32 (``h A_down^T``; None without LoRA, or when not
-        ``fuse_down_shrink``: then call :func:`down_shrink`).
+        ``h`` ``[T*K, I_l]`` in ``x_TH.dtype`` (rows of invalid pairs unset).
     """
-    if activation not in ACT_IDS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACT_IDS)}")
+    act = check_activation(activation)
     T, H = x_TH.shape
     E, two_i, _ = w_gate_up_EXH.shape
     inter = two_i // 2
@@ -90,38 +81,31 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
     h = torch.empty(N, inter, dtype=x_TH.dtype, device=x_TH.device)
     has_lora = lora is not None
     w = w_gate_up_EXH
-    fuse = has_lora and fuse_down_shrink
     if has_lora:
         BR = block_r(lora.max_rank)
-        # atomics accumulate into it when fused; otherwise never touched (no allocation, no
-        # fill launch: both cost host time in an eager decode step)
-        dshrink = (torch.zeros(N, BR, dtype=torch.float32, device=x_TH.device) if fuse
-                   else h)
-        b, da = lora.gate_up_b, lora.down_a
+        b = lora.gate_up_b
         lora_args = (token_slot_T, slot_enabled_S, lora.slot_rank, lora.gate_up_a_shared,
-                     shrink, b, da, dshrink)
-        lora_strides = (*b.stride(), *da.stride())
+                     shrink, b)
+        lora_strides = b.stride()
     else:
-        BR, dshrink = 16, None
-        lora_args = (h,) * 8  # never read: HAS_LORA=False removes every access
-        lora_strides = (0,) * 8
+        BR = 16
+        lora_args = (h,) * 6  # never read: HAS_LORA=False removes every access
+        lora_strides = (0,) * 4
     grid = (al.max_blocks * triton.cdiv(inter, block_n),)
     _gate_up_kernel[grid](
         x_TH, w, h, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
         N, top_k, H, inter, x_TH.stride(0), x_TH.stride(1), w.stride(0), w.stride(1),
-        w.stride(2), *lora_strides, HAS_LORA=has_lora, FUSE_DOWN_SHRINK=fuse,
-        ACT=ACT_IDS[activation],
+        w.stride(2), *lora_strides, HAS_LORA=has_lora, ACT=act,
         BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
-        RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), LORA_STAGES=lora_stages,
+        RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs),
         num_warps=num_warps, num_stages=num_stages)
-    return h, (dshrink if fuse else None)
+    return h
 
 
-def down_shrink(h, lora: MoELoRABuffers, al: Alignment, top_k: int, token_slot_T,
+def down_shrink(h, lora: MoELoRAWeights, al: Alignment, top_k: int, token_slot_T,
                 slot_enabled_S, *, block_k: int = 64, num_warps: int = 4,
                 lora_runs: int | None = None) -> torch.Tensor:
-    """``h A_down^T`` per pair from the stored ``h`` (the unfused alternative of the gate_up
-    epilogue).
+    """``h A_down^T`` per pair from the stored ``h``.
 
     Args:
         h: ``[T*K, I_l]``; al: the base alignment.
@@ -148,15 +132,15 @@ def down_shrink(h, lora: MoELoRABuffers, al: Alignment, top_k: int, token_slot_T
 
 
 def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T=None,
-         slot_enabled_S=None, lora: MoELoRABuffers | None = None, dshrink=None, *,
+         slot_enabled_S=None, lora: MoELoRAWeights | None = None, dshrink=None, *,
          block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
-         run_loop: bool = True, lora_runs: int = 1, lora_stages: int = 1):
+         run_loop: bool = True, lora_runs: int = 1):
     """Base down + LoRA expand, times the top-k weight, per pair.
 
     Args:
         h: ``[T*K, I_l]``; w_down_EHI: ``[E_l, H, I_l]``; topk_weights_TK: ``[T, K]`` fp32.
-        dshrink: ``[T*K, BR]`` fp32 from :func:`gate_up` when ``lora`` is given.
-        run_loop, lora_runs, lora_stages: the expand loop, as in :func:`gate_up`.
+        dshrink: ``[T*K, BR]`` fp32 from :func:`down_shrink` when ``lora`` is given.
+        run_loop, lora_runs: the expand loop, as in :func:`gate_up`.
     Returns:
         ``[T*K, H]`` in ``h.dtype``; rows of pairs with an invalid expert are unset.
     """
@@ -181,7 +165,7 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
         N, top_k, H, inter, w.stride(0), w.stride(1), w.stride(2), *b_strides,
         HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_R=BR, RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), LORA_STAGES=lora_stages,
+        BLOCK_R=BR, RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs),
         num_warps=num_warps, num_stages=num_stages)
     return out
 

@@ -1,0 +1,1 @@
+"""The ``moelora-dist`` commands, one module per command (``main.py`` dispatches)."""

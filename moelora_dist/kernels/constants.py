@@ -1,0 +1,36 @@
+"""Numbers shared by the Triton kernels, their launchers and their references.
+
+This module imports neither torch nor triton, so a reference (``naive.py``) and a kernel
+file read the same values from one place.
+"""
+
+from __future__ import annotations
+
+# A slot id larger than any real one: ends the loop over the slots of a block.
+NO_SLOT = 2147483647
+
+# Activation of gate: ``h = act(gate) * up``. The id is a kernel constexpr.
+ACTIVATION_IDS = {"silu": 0, "gelu": 1}  # gelu: the tanh approximation
+
+# Align modes (the key function of ``align/kernel.py``).
+ALIGN_MODE_BASE = 0  # bucket = expert; sub = effective slot + 1 when sorting by slot
+ALIGN_MODE_LORA = 1  # bucket = slot * E + expert (pairs), slot * E (tokens of shared-A slots)
+ALIGN_MODE_LORA_PAIRS = 2  # bucket = slot * E + expert for every pair with an enabled slot
+ALIGN_MODES = {"base": ALIGN_MODE_BASE, "lora": ALIGN_MODE_LORA,
+               "lora_pairs": ALIGN_MODE_LORA_PAIRS}
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def block_r(max_rank: int) -> int:
+    """Padded rank of the LoRA tiles: a power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, next_power_of_2(max(int(max_rank), 1)))
+
+
+def check_activation(name: str) -> int:
+    """The kernel id of activation ``name``; ``ValueError`` naming the known ones."""
+    if name not in ACTIVATION_IDS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATION_IDS)}")
+    return ACTIVATION_IDS[name]
