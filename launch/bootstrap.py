@@ -12,7 +12,8 @@ then run the job and record how it failed.
 3. Failures reach the launcher through torchelastic's per-rank error file
    (``$TORCHELASTIC_ERROR_FILE``, JSON): a user error (``MoeloraError`` or ``LayoutError``) is
    reported by :func:`moelora_dist.errors.report_user_error`, which writes the one line there
-   and prints nothing under the launcher, and the process exits 2; any other exception keeps
+   and prints nothing under the launcher, and the process exits 2; a non-zero exit code with
+   no exception is recorded with that code (:func:`record_exit`); any other exception keeps
    its traceback on stderr and is recorded by torchelastic's ``record`` with
    :class:`JobErrorHandler`, which adds the collective and process group it was raised in (a
    timeout names ``in all_reduce on group ep1_tp4ep2, ranks [1, 3]``).
@@ -95,6 +96,29 @@ def describe(exc: BaseException, collective: dict | None) -> str:
     return msg
 
 
+def write_error_file(data: dict) -> None:
+    """Write this rank's torchelastic error file (JSON), atomically: the launcher may stop the
+    rank while it writes, and torchelastic's monitor raises on a half-written file."""
+    path = os.environ["TORCHELASTIC_ERROR_FILE"]
+    with open(f"{path}.tmp", "w") as fh:
+        json.dump(data, fh)
+    os.replace(f"{path}.tmp", path)
+
+
+def record_exit(code: int, message: str | None = None) -> None:
+    """Record a non-zero exit that raised nothing (``return 3``, ``sys.exit(3)``), unless the
+    rank already recorded its error (``report_user_error``). Without it a rank that exits 3
+    and is stopped by the launcher while Python shuts down (its peers, having lost it, failed
+    first) would look like a victim, its exit code lost."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):
+        return
+    text = message or (f"exited with code {code} (the job gave no error message; see that "
+                       f"rank's output above)")
+    write_error_file({"message": {"message": text, "extraInfo": {
+        "timestamp": str(int(time.time())), "exit_code": code}}})
+
+
 def _handler_class():
     from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
@@ -111,34 +135,46 @@ def _handler_class():
                 collective = None
             data = {"message": {"message": describe(e, collective), "extraInfo": {
                 "py_callstack": traceback.format_exc(), "timestamp": str(int(time.time())),
-                "collective": collective}}}
-            # Atomic: the launcher may stop this rank while it writes, and torchelastic's
-            # monitor raises on a half-written file.
-            with open(f"{path}.tmp", "w") as fh:
-                json.dump(data, fh)
-            os.replace(f"{path}.tmp", path)
+                "exit_code": 1, "collective": collective}}}
+            write_error_file(data)
 
     return JobErrorHandler
 
 
+def _run_module(module_name: str, argv: list[str]) -> int:
+    module = importlib.import_module(module_name) if module_name.startswith(
+        "moelora_dist.jobs.") else None
+    if module is not None and hasattr(module, "add_arguments") and hasattr(module, "main"):
+        parser = argparse.ArgumentParser(prog=module_name)
+        module.add_arguments(parser)
+        return int(module.main(parser.parse_args(argv)) or 0)
+    sys.argv = [module_name, *argv]
+    runpy.run_module(module_name, run_name="__main__", alter_sys=True)
+    return 0
+
+
 def run_job(module_name: str, argv: list[str]) -> int:
-    """Run the job; a user error becomes its one-line report and exit code 2."""
+    """Run the job; returns its exit code. A user error becomes its one-line report and 2;
+    a non-zero exit is recorded (:func:`record_exit`)."""
     from moelora_dist.errors import MoeloraError, report_user_error
     from moelora_dist.parallel.layout import LayoutError
 
     setup_logging()
+    message = None
     try:
-        module = importlib.import_module(module_name) if module_name.startswith(
-            "moelora_dist.jobs.") else None
-        if module is not None and hasattr(module, "add_arguments") and hasattr(module, "main"):
-            parser = argparse.ArgumentParser(prog=module_name)
-            module.add_arguments(parser)
-            return int(module.main(parser.parse_args(argv)) or 0)
-        sys.argv = [module_name, *argv]
-        runpy.run_module(module_name, run_name="__main__", alter_sys=True)
-        return 0
+        code = _run_module(module_name, argv)
+    except SystemExit as exc:  # sys.exit(N) / sys.exit("text"), as Python itself handles it
+        code = exc.code
+        if code is not None and not isinstance(code, int):
+            message = " ".join(str(code).split())
+            print(code, file=sys.stderr, flush=True)
+            code = 1
+        code = code or 0
     except (MoeloraError, LayoutError) as exc:
         return report_user_error(module_name, exc)
+    if code:
+        record_exit(code, message)
+    return code
 
 
 def main(argv: list[str]) -> int:

@@ -193,16 +193,39 @@ def _recorded(failure) -> bool:
     return getattr(failure, "error_file", NO_FILE) != NO_FILE
 
 
+def own_exit_code(failure) -> int | None:
+    """The code the rank exited with, or was exiting with when the launcher stopped it (from
+    its error record: launch/bootstrap.py and report_user_error write it); None for a rank
+    killed before it recorded anything."""
+    if failure.exitcode >= 0:
+        return failure.exitcode
+    if not _recorded(failure):
+        return None
+    extra = _extra(failure)
+    if "exit_code" in extra:
+        return int(extra["exit_code"])
+    return 2 if extra.get("user_error") else 1
+
+
 def exit_code(failure) -> int:
-    """The launcher's exit code for a root-cause failure: the rank's own; for a rank killed by
-    signal N, 128 + N, unless it had recorded its error first (stopped by the launcher while
-    exiting): then the code it was exiting with, 2 for a user error and 1 for an exception."""
-    code = failure.exitcode
-    if code >= 0:
-        return code or 1
-    if _recorded(failure):
-        return 2 if _extra(failure).get("user_error") else 1
-    return 128 - code
+    """The launcher's exit code for a root-cause failure: the rank's own (also when it was
+    stopped while exiting after recording it); 128 + N for a rank killed by signal N."""
+    own = own_exit_code(failure)
+    return 128 - failure.exitcode if own is None else (own or 1)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _code(failure) -> str:
+    own = own_exit_code(failure)
+    if own is None or own == failure.exitcode:
+        return f"exit code {failure.exitcode}"
+    return f"exit code {own} ({_signal_name(-failure.exitcode)} while exiting)"
 
 
 def reason(failure) -> str:
@@ -210,11 +233,7 @@ def reason(failure) -> str:
     if _recorded(failure):
         return one_line(_message(failure)) or "an empty error record"
     if failure.exitcode < 0:
-        try:
-            name = signal.Signals(-failure.exitcode).name
-        except ValueError:
-            name = f"signal {-failure.exitcode}"
-        return f"killed by {name}"
+        return f"killed by {_signal_name(-failure.exitcode)}"
     return (f"exited with code {failure.exitcode} without recording an error (see that rank's "
             f"output above)")
 
@@ -253,10 +272,9 @@ def format_failure(exc) -> str:
             detail = f"stopped by the launcher (SIGTERM) after rank {first} failed"
         else:
             detail = reason(f)
-        lines.append(f"  rank {rank} (local {f.local_rank}, pid {f.pid}) exit code "
-                     f"{f.exitcode}: {detail}")
-    last = (f"{PROG}: rank {first} (local {root.local_rank}, pid {root.pid}) exit code "
-            f"{root.exitcode}: {reason(root)}{_suspects(first, failures)}")
+        lines.append(f"  rank {rank} (local {f.local_rank}, pid {f.pid}) {_code(f)}: {detail}")
+    last = (f"{PROG}: rank {first} (local {root.local_rank}, pid {root.pid}) {_code(root)}: "
+            f"{reason(root)}{_suspects(first, failures)}")
     if _is_secondary(root) and root.exitcode != -15:
         last += (" -- every rank here only lost a peer: the rank that failed first is on "
                  "another machine (see its launcher's report) or was killed from outside")

@@ -56,7 +56,7 @@ def report_user_error(prog: str, exc: BaseException) -> int:
     written = False
     if path:
         data = {"message": {"message": line, "extraInfo": {
-            "timestamp": str(int(time.time())), "user_error": True,
+            "timestamp": str(int(time.time())), "user_error": True, "exit_code": USER_ERROR_EXIT,
             "error_type": type(exc).__name__}}}
         try:  # atomic: the launcher may stop this rank mid-write
             with open(f"{path}.tmp", "w") as fh:
