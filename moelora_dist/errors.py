@@ -38,6 +38,35 @@ def one_line(text: str) -> str:
 
 
 def report_user_error(prog: str, exc: BaseException) -> int:
-    """Print ``"<prog>: error: <message>"`` as one line on stderr; return the exit code (2)."""
-    print(f"{prog}: error: {one_line(str(exc))}", file=sys.stderr, flush=True)
+    """Report ``"<prog>: error: <message>"`` (one line); return the exit code (2).
+
+    On one process: printed on stderr. In a rank of a torchelastic job
+    (``$TORCHELASTIC_ERROR_FILE`` set): also written to that rank's error file in torchelastic's
+    JSON format, so the launcher's (or torchrun's) failure report shows it; and when the rank
+    is a direct child of ``moelora-launch`` (its pid in ``$MOELORA_LAUNCH_PID``, see
+    ``moelora_dist/parallel/launch_env.py``) nothing is printed here: the launcher prints the
+    line once for the job instead of once per rank.
+    """
+    import json
+    import os
+    import time
+
+    line = f"{prog}: error: {one_line(str(exc))}"
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    written = False
+    if path:
+        data = {"message": {"message": line, "extraInfo": {
+            "timestamp": str(int(time.time())), "user_error": True, "exit_code": USER_ERROR_EXIT,
+            "error_type": type(exc).__name__}}}
+        try:  # atomic: the launcher may stop this rank mid-write
+            with open(f"{path}.tmp", "w") as fh:
+                json.dump(data, fh)
+            os.replace(f"{path}.tmp", path)
+            written = True
+        except OSError:
+            pass  # no error file: the line below is the only report
+    # A grandchild of the launcher inherits the variable but is nobody's rank: it prints.
+    under_launcher = os.environ.get("MOELORA_LAUNCH_PID") == str(os.getppid())
+    if not (written and under_launcher):
+        print(line, file=sys.stderr, flush=True)
     return USER_ERROR_EXIT
