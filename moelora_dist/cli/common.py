@@ -16,6 +16,7 @@ import os
 import sys
 
 import torch
+import tqdm.std as tqdm_std
 from tqdm import tqdm
 
 from moelora_dist.dtypes import dtype_of
@@ -79,7 +80,7 @@ def parse_adapter_args(specs: list[str]) -> dict[str, str]:
 
 def close_progress_bars() -> None:
     """Close every live progress bar, so an error printed next is the last line on screen."""
-    for bar in list(getattr(tqdm, "_instances", [])):
+    for bar in list(tqdm_std.tqdm._instances):
         bar.close()
 
 

@@ -9,7 +9,6 @@ raised, or the timeout hit) fails the sweep, with the end of its output shown.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile

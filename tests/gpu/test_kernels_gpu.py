@@ -54,10 +54,9 @@ def test_fused_moe_lora_bf16_matches_reference(case, T):
 
 @pytest.mark.parametrize("case", ["mixed", "no_lora_tokens"])
 def test_align_and_batch_info_on_gpu(case):
+    from moelora_dist.kernels.align import naive as align_naive
     from moelora_dist.kernels.align.ops import align_base_and_lora, align_items
-    from moelora_dist.kernels.align.ops import naive as align_naive
-    from moelora_dist.kernels.batch_info import compute_batch_info
-    from moelora_dist.kernels.batch_info import naive as bi_naive
+    from moelora_dist.lora.batch_info import build_batch_info
 
     c = _case(case, 300)
     lora = c["lora"]
@@ -79,8 +78,8 @@ def test_align_and_batch_info_on_gpu(case):
         assert torch.equal(got.sorted_ids.sort().values, want.sorted_ids.sort().values)
     seg = torch.tensor([0, 10, 10, 200, 300], dtype=torch.int32, device="cuda")
     req = torch.tensor([1, -1, 0, 3], dtype=torch.int32, device="cuda")
-    got = build_batch_info(seg, req, lora.slot_rank)
-    want = bi_naive.build_batch_info(seg, req, lora.slot_rank)
+    got = build_batch_info(seg, req, lora.slot_rank, backend="triton")
+    want = build_batch_info(seg, req, lora.slot_rank, backend="torch")
     assert torch.equal(got.token_slot_T, want.token_slot_T)
     assert torch.equal(got.slot_enabled_S, want.slot_enabled_S)
 

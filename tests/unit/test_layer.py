@@ -8,7 +8,6 @@ from moelora_dist.testing import tiny
 from moelora_dist.moe.dispatch import AUTO_ALL_TO_ALL_MIN_TOKENS, auto_dispatcher_name
 from moelora_dist.moe.block import MoEBlock
 from moelora_dist.moe.layer import LoRAMoE
-from moelora_dist.kernels.moe_lora.naive import experts_reference
 from moelora_dist.parallel.groups import ParallelGroups
 from moelora_dist.parallel.layout import Layout, valid_layouts
 

@@ -302,3 +302,106 @@ def test_dense_lora_of_tp_ranks_matches_unsharded(tp):
             parts.append((x_local @ buf.a[slot].T) @ buf.b[slot].T)
         got = torch.cat(parts, 1) if DENSE[path].split == "column" else sum(parts)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_random_cycles_with_bad_loads_match_a_fresh_pool():
+    """1,000 random cycles of load, evict (LRU), replace, unload, forward and bad loads on a
+    3-slot pool sliced for rank 3 of (tp 4, ep 2). After every bad load the pool is
+    byte-identical to before it; every 50 cycles (and at the end) each slot equals a fresh
+    pool's slot holding the same adapter (an empty slot equals a fresh empty one); every
+    forward equals the same batch on such a fresh pool."""
+    from moelora_dist.kernels.moe_lora.naive import experts_reference
+    from moelora_dist.lora.batch_info import build_batch_info
+    from moelora_dist.moe.router import localize_topk_ids, route
+
+    rng = torch.Generator().manual_seed(11)
+    S, layout = 3, TP4_EP2_RANK3
+    good = {}
+    for i in range(8):
+        kw = dict(shared_outer=i % 3 == 1, shared_gate_up_a=i % 3 == 2)
+        layers = (0, 1) if i % 4 else (1,)
+        good[f"g{i}"] = [_adapter(f"g{i}", r, layers=layers, seed=100 * i + r, **kw)
+                         for r in (2, 8)]  # two versions per name: a replace changes rank
+    bad = [a for a, _ in _bad_adapters().values()]
+    pool = _pool(layout, S=S, R=64)
+    live: dict[str, CanonicalAdapter] = {}
+
+    def fresh_slot(adapter):
+        f = _pool(layout, S=S, R=64)
+        if adapter is not None:
+            f.load(adapter)
+        return _slot_state(f, 0)
+
+    def check_against_fresh():
+        for s in range(S):
+            name = next((n for n, slot in pool.loaded().items() if slot == s), None)
+            want = fresh_slot(live[name] if name else None)
+            got = _slot_state(pool, s)
+            for k in want:
+                assert torch.equal(got[k], want[k]), (s, name, k)
+
+    shard = pool.moe_shard(1)
+    for cycle in range(1000):
+        op = int(torch.randint(0, 6, (1,), generator=rng))
+        if op <= 1:  # load (evicts the least recently used when full)
+            name = f"g{int(torch.randint(0, 8, (1,), generator=rng))}"
+            if name not in pool.loaded():
+                adapter = good[name][int(torch.randint(0, 2, (1,), generator=rng))]
+                pool.load(adapter)
+                live[name] = adapter
+                live = {n: a for n, a in live.items() if n in pool.loaded()}
+        elif op == 2 and pool.loaded():  # replace: same name, other version, maybe other slot
+            name = sorted(pool.loaded())[int(torch.randint(0, len(pool.loaded()), (1,),
+                                                           generator=rng))]
+            pool.unload(name)
+            other = next(a for a in good[name] if a is not live[name])
+            pool.load(other)
+            live[name] = other
+            live = {n: a for n, a in live.items() if n in pool.loaded()}
+        elif op == 3 and pool.loaded():  # unload
+            name = sorted(pool.loaded())[0]
+            pool.unload(name)
+            del live[name]
+        elif op == 4:  # a bad load changes nothing
+            before = _snapshot(pool)
+            with pytest.raises(PoolError):
+                pool.load(bad[int(torch.randint(0, len(bad), (1,), generator=rng))])
+            after = pool._all_tensors()
+            assert all(torch.equal(after[k], before[k]) for k in before)
+        elif pool.loaded():  # forward of a mixed batch on layer 1 vs a fresh pool
+            names = sorted(pool.loaded()) + [None]
+            T = 9
+            x = torch.randn(T, H, generator=rng, dtype=torch.float64)
+            w, ids = route(torch.randn(T, E, generator=rng), 2, renormalize=True)
+            local = localize_topk_ids(ids, shard.expert_start, shard.num_local_experts)
+            who = [names[int(torch.randint(0, len(names), (1,), generator=rng))]
+                   for _ in range(T)]
+            seg = torch.arange(T + 1, dtype=torch.int32)
+            req = pool.prepare_batch(who, live)
+            info = build_batch_info(seg, req, pool.slot_rank_S)
+            w_gu, w_d = _w(pool, 1)
+            got = experts_reference(x, w_gu, w_d, w, local, info.token_slot_T,
+                                    pool.moe_buffers(1))
+            pool.release_batch()
+            for t, name in enumerate(who):
+                f = _pool(layout, S=S, R=64)
+                if name is not None:
+                    f.load(live[name])
+                slot_f = torch.tensor([0 if name else -1], dtype=torch.int32)
+                want = experts_reference(x[t:t + 1], w_gu, w_d, w[t:t + 1], local[t:t + 1],
+                                         slot_f, f.moe_buffers(1))
+                assert torch.equal(got[t:t + 1], want), (cycle, t, name)
+        if cycle % 50 == 49:
+            check_against_fresh()
+    check_against_fresh()
+
+
+def _w(pool, layer):
+    """Random base expert weights ``[E_l, 2 I_l, H]``, ``[E_l, H, I_l]`` of the pool's shard
+    (the same for every call: seeded by the layer)."""
+    shard = pool.moe_shard(layer)
+    g = torch.Generator().manual_seed(layer)
+    return (torch.randn(shard.num_local_experts, 2 * shard.i_local, H, generator=g,
+                        dtype=torch.float64),
+            torch.randn(shard.num_local_experts, H, shard.i_local, generator=g,
+                        dtype=torch.float64))
