@@ -1,7 +1,8 @@
 """The multi-process path of ``moelora-dist sweep`` (see :mod:`moelora_dist.cli.sweep`).
 
-The parent writes the tiny checkpoint once, launches one job per world size through
-:mod:`launch` (``sweep-worker`` on every rank), follows the rows rank 0 appends to a JSON-lines
+The parent writes the tiny checkpoint once, launches one job per world size with torchrun
+(:mod:`moelora_dist.cli.sweep_worker` on every rank, in the environment of
+:mod:`moelora_dist.parallel.launch_env`), follows the rows rank 0 appends to a JSON-lines
 file to drive the progress bar, and prints the table. A world size whose launch fails (a rank
 raised, or the timeout hit) fails the sweep, with the end of its output shown.
 """
@@ -9,6 +10,7 @@ raised, or the timeout hit) fails the sweep, with the end of its output shown.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -17,9 +19,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from moelora_dist.cli.sweep_worker import default_tol
+from moelora_dist.cli.sweep_worker import default_tol, lora_effect_floor
 from moelora_dist.testing import tiny
 from moelora_dist.errors import OptionError
+from moelora_dist.parallel import launch_env
 from moelora_dist.parallel.layout import valid_layouts
 
 HEADER = ["world", "tp", "ep", "moe_tp", "dispatcher", "max abs err", "max rel err", "pass"]
@@ -56,8 +59,13 @@ def _read_rows(path: Path) -> list[dict]:
 def _launch_world(world: int, args, ckpt: Path, out: Path, layouts: list[str] | None,
                   bar: tqdm) -> tuple[int, str]:
     """Run one world size; returns (exit code, output tail)."""
-    cmd = [sys.executable, "-m", "launch", "--nproc-per-node", str(world), "--device",
-           args.device, "--timeout", str(min(args.timeout, 300)), "sweep-worker",
+    # torchrun itself (the library never runs the top-level launcher), in the environment
+    # the launcher would give its workers: backend, collective timeout, threads, NVLS off.
+    env = dict(os.environ)
+    launch_env.prepare_worker_env(world, launch_env.backend_for_device(args.device),
+                                  min(args.timeout, 300), environ=env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(world), "--max-restarts", "0", "-m", "moelora_dist.cli.sweep_worker",
            "--checkpoint", str(ckpt), "--out", str(out), "--dispatchers", args.dispatchers,
            "--tokens", str(args.tokens), "--seed", str(args.seed), "--dtype", args.dtype]
     if layouts:
@@ -69,7 +77,7 @@ def _launch_world(world: int, args, ckpt: Path, out: Path, layouts: list[str] | 
     log_path = out.with_suffix(".log")
     seen, start = 0, time.monotonic()
     with open(log_path, "w") as log_fh:
-        proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             time.sleep(0.3)
             n = len(_read_rows(out))
@@ -144,7 +152,8 @@ def run_processes(args) -> int:
         print(n)
     if rows:
         print(f"the adapters change the stack output by {rows[0]['lora_effect']:.2f} of max |y| "
-              f"(a case fails if this is below 1e-3: the check would not see a LoRA bug)")
+              f"(a case fails if this is below {lora_effect_floor(tol):g}, ten times the "
+              "tolerance: the check would not see a LoRA bug)")
     bad = [r for r in rows if not r["passed"]]
     print(f"{len(rows) - len(bad)}/{sum(plan.values())} cases pass, {seconds:.1f} s")
     for f in failures:

@@ -9,6 +9,8 @@ few bf16 ulps of the output magnitude (~1) are expected.
 import pytest
 import torch
 
+from tests.conftest import effective_slots
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -17,11 +19,6 @@ pytestmark = [
 BF16_RTOL = 2e-2  # the absolute tolerance is this times the output's largest magnitude
 
 
-def _effective_slots(c):
-    s = c["token_slot_T"].long()
-    lora = c["lora"]
-    ok = (s >= 0) & c["slot_enabled_S"][s.clamp(min=0)] & (lora.slot_rank[s.clamp(min=0)] > 0)
-    return torch.where(ok, s, -1).to(torch.int32)
 
 
 def _case(name, T):
@@ -43,7 +40,7 @@ def test_fused_moe_lora_bf16_matches_reference(case, T):
     args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
             c["topk_ids_TK"])
     got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"])
-    want = experts_reference(*args, _effective_slots(c), c["lora"])
+    want = experts_reference(*args, effective_slots(c), c["lora"])
     assert not torch.isnan(got).any()
     scale = max(1.0, float(want.float().abs().max()))
     torch.testing.assert_close(got.float(), want.float(), atol=BF16_RTOL * scale, rtol=BF16_RTOL)

@@ -7,15 +7,11 @@ from moelora_dist.kernels.align import common as align_common
 from moelora_dist.kernels.align import naive as align_naive
 from moelora_dist.kernels.align import ops as align
 from moelora_dist.lora.batch_info import build_batch_info
-from moelora_dist.testing.kernel_cases import CASES, make_case, poison_
+from moelora_dist.testing.kernel_cases import CASES, make_case
+from tests.conftest import effective_slots
 
 
-@pytest.fixture(autouse=True)
-def poisoned_allocations(monkeypatch):
-    """Fresh torch.empty / empty_like memory is NaN (or a huge int) so unwritten output fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_(empty_like(*a, **k)))
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
 
 def _keyed(al, bucket, sub):

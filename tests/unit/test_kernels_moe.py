@@ -16,7 +16,8 @@ from moelora_dist.kernels.moe_lora.configs import MoEConfig
 from moelora_dist.kernels.moe_lora.naive import experts_reference
 from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
 from moelora_dist.moe.experts import pick_backend, run_experts
-from moelora_dist.testing.kernel_cases import CASES, make_case, poison_
+from moelora_dist.testing.kernel_cases import CASES, make_case
+from tests.conftest import effective_slots
 
 TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=2e-2, rtol=2e-2)}
 # Small tiles keep the interpreter fast and make several blocks per expert.
@@ -27,20 +28,9 @@ SMALL = MoEConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1,
 SMALL_SLOT_LOOP = dataclasses.replace(SMALL, run_loop=False)
 
 
-@pytest.fixture(autouse=True)
-def poisoned_allocations(monkeypatch):
-    """Fresh torch.empty / empty_like memory is NaN (or a huge int) so unwritten output fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_(empty_like(*a, **k)))
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
 
-def _effective_slots(c):
-    """What compute_batch_info hands the layer: disabled or rank-0 slots become -1."""
-    s = c["token_slot_T"].long()
-    lora = c["lora"]
-    ok = (s >= 0) & c["slot_enabled_S"][s.clamp(min=0)] & (lora.slot_rank[s.clamp(min=0)] > 0)
-    return torch.where(ok, s, -1).to(torch.int32)
 
 
 def _close(got, want, dtype):
@@ -98,7 +88,7 @@ def test_fused_moe_lora_matches_experts_reference(case, dtype, run_loop):
             c["topk_ids_TK"])
     got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
                          config=SMALL if run_loop else SMALL_SLOT_LOOP)
-    want = experts_reference(*args, _effective_slots(c), c["lora"])
+    want = experts_reference(*args, effective_slots(c), c["lora"])
     _close(got, want, dtype)
     if case == "all_invalid":
         assert torch.equal(got, torch.zeros_like(got))
@@ -118,7 +108,7 @@ def test_stacked_expand_matches_reference_for_any_runs_per_dot(lora_runs, ds_run
                          config=dataclasses.replace(SMALL, lora_runs=lora_runs,
                                                     down_shrink_runs=ds_runs,
                                                     run_loop=run_loop))
-    _close(got, experts_reference(*args, _effective_slots(c), c["lora"]), torch.float32)
+    _close(got, experts_reference(*args, effective_slots(c), c["lora"]), torch.float32)
 
 
 def test_expand_does_not_rely_on_rows_sorted_by_slot():
@@ -169,7 +159,7 @@ def test_lora_delta_really_applied_and_disabled_slot_ignored():
     with_lora = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu",
                                c["slot_enabled_S"], config=SMALL)
     base = fused_moe_lora(*args, config=SMALL)
-    eff = _effective_slots(c)
+    eff = effective_slots(c)
     has = (eff >= 0) & (c["topk_ids_TK"] >= 0).any(1)
     assert has.any() and (c["token_slot_T"] == 3).any()
     assert (with_lora[has] - base[has]).abs().amax() > 1e-2
@@ -181,7 +171,7 @@ def test_run_experts_backend_is_an_argument():
     environment: the Triton path runs on CPU tensors under the interpreter when asked."""
     c = make_case("mixed", T=20, E=4, K=2)
     args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
-            c["topk_ids_TK"], _effective_slots(c), c["lora"])
+            c["topk_ids_TK"], effective_slots(c), c["lora"])
     want = experts_reference(*args)
     for backend in ("triton", "torch"):
         got = run_experts(backend, *args, "silu", c["slot_enabled_S"], None)
@@ -210,3 +200,39 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="w_down"):
         fused_moe_lora(c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"][:, :4],
                        c["topk_weights_TK"], c["topk_ids_TK"])
+
+
+@pytest.mark.parametrize("shape", [
+    dict(R=32, H=32), dict(R=64, H=32),  # BLOCK_R 32 and 64 (ranks R, R/2, R)
+    dict(R=16, H=40),                    # H % BLOCK_K != 0 (block_k 16): a masked K tail
+    dict(R=16, E=4, K=4),                # K == E: every token routes to every expert
+    dict(R=16, E=1, K=1),                # one local expert
+], ids=["rank32", "rank64", "H_not_multiple_of_block_k", "K_equals_E", "one_local_expert"])
+@pytest.mark.parametrize("run_loop", [True, False], ids=["run_loop", "slot_loop"])
+def test_more_shapes_match_reference(shape, run_loop):
+    kw = dict(T=12, E=4, K=2, I=24, H=32)
+    kw.update(shape)
+    c = make_case("mixed", **kw)
+    args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
+            c["topk_ids_TK"])
+    got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
+                         config=SMALL if run_loop else SMALL_SLOT_LOOP)
+    _close(got, experts_reference(*args, effective_slots(c), c["lora"]), torch.float32)
+
+
+def test_expert_ids_past_the_local_experts_are_skipped():
+    """An id >= E_l (an expert of another rank not localized, or garbage) is never an index:
+    it contributes nothing, as -1 does, in the kernels and in the reference."""
+    c = make_case("mixed", T=16, E=4, K=2)
+    ids = c["topk_ids_TK"].clone()
+    ids[::3, 0] = 4
+    ids[1::4, 1] = 7
+    sentinel = torch.where(ids >= 4, -1, ids)
+    args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"])
+    got = fused_moe_lora(*args, ids, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
+                         config=SMALL)
+    want = fused_moe_lora(*args, sentinel, c["token_slot_T"], c["lora"], "silu",
+                          c["slot_enabled_S"], config=SMALL)
+    _close(got, want, torch.float32)
+    _close(experts_reference(*args, ids, effective_slots(c), c["lora"]),
+           experts_reference(*args, sentinel, effective_slots(c), c["lora"]), torch.float32)
