@@ -8,7 +8,6 @@ from moelora_dist.kernels.align import naive as align_naive
 from moelora_dist.kernels.align import ops as align
 from moelora_dist.lora.batch_info import build_batch_info
 from moelora_dist.testing.kernel_cases import CASES, make_case
-from tests.conftest import effective_slots
 
 
 pytestmark = pytest.mark.usefixtures("poisoned_allocations")
