@@ -13,7 +13,8 @@ import os
 def setup_logging(rank: int | None = None) -> None:
     """Configure the root logger for this process (``rank``: default ``$RANK`` or 0)."""
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    prefix = f"[rank{rank}] " if "RANK" in os.environ else ""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"{prefix}%(asctime)s %(levelname)s %(name)s: %(message)s",
+    # Under torchrun a line names its rank; one process alone gets a time stamp instead.
+    fmt = (f"[rank{rank}] %(levelname)s %(name)s: %(message)s" if "RANK" in os.environ
+           else "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=fmt,
                         force=True)

@@ -75,7 +75,7 @@ def _check(root: Path, out_dir: Path, cases: dict) -> None:
 def test_every_arch_matches_hf_peft_under_launch(cases, tp, ep, dispatcher, tmp_path):
     root, refs = cases
     _launch([sys.executable, "-m", "launch", "--nproc-per-node", str(tp), "--device", "cpu",
-             "--timeout", "120", "-m", "tests.unit.test_e2e_launch", str(root),
+             "--timeout", "120", "-m", "tests.integration.test_e2e_launch", str(root),
              "--out", str(tmp_path), "--tp", str(tp), "--ep", str(ep),
              "--dispatcher", dispatcher])
     _check(root, tmp_path, refs)

@@ -4,7 +4,7 @@
     PYTHONPATH=$PWD .venv/bin/python -m pytest tests/integration/test_launcher_multinode.py -q
 
 - the correctness sweep's worker (job ``sweep-worker``) passes every layout of world 4;
-- the end-to-end parity of tests/unit/test_e2e_launch.py (logits and greedy tokens of four
+- the end-to-end parity of tests/integration/test_e2e_launch.py (logits and greedy tokens of four
   architectures against transformers+PEFT) at (tp, ep) = (4, 2) (TP across the two nodes:
   rank 0 warns) and (2, 2) (one DP replica per node);
 - SIGKILL of either node's launcher (node 0 hosts the rendezvous store) ends the other one
@@ -23,10 +23,10 @@ import time
 
 import pytest
 
-from moelora_dist.moe import tiny
+from moelora_dist.testing import tiny
 from moelora_dist.parallel.layout import valid_layouts
 from tests.integration.launching import Nodes, alive, last_line, read_pids, wait_for
-from tests.unit.test_e2e_launch import LAYOUTS, _check, cases  # noqa: F401  (fixture)
+from tests.integration.test_e2e_launch import LAYOUTS, _check, cases  # noqa: F401  (fixture)
 
 # Two launchers start 4 processes on 2 cores; the runs below take 10-30 s.
 RUN_LIMIT_S = 240
@@ -65,7 +65,7 @@ def test_e2e_parity_on_two_nodes(cases, tp, ep, dispatcher, tmp_path):  # noqa: 
     root, refs = cases
     out = tmp_path / "out"
     out.mkdir()
-    job = ["-m", "tests.unit.test_e2e_launch", str(root), "--out", str(out), "--tp", str(tp),
+    job = ["-m", "tests.integration.test_e2e_launch", str(root), "--out", str(out), "--tp", str(tp),
            "--ep", str(ep), "--dispatcher", dispatcher]
     with Nodes(2, 2, job, tmp_path, timeout_s=120) as nodes:
         assert nodes.wait(RUN_LIMIT_S) == [0, 0], nodes.logs()
