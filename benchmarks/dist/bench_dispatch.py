@@ -24,13 +24,14 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import bench, capture, env_columns, rank0, write_csv  # noqa: E402
+from benchmarks.common import env_columns
+from benchmarks.dist.common import bench, capture, rank0, write_rows
 
-from moelora_dist.moe.dispatch.all_to_all import AllToAllDispatcher, _row_layout  # noqa: E402
-from moelora_dist.moe.dispatch.all_to_all_static import AllToAllStaticDispatcher  # noqa: E402
-from moelora_dist.moe.router import route  # noqa: E402
-from moelora_dist.parallel.groups import destroy_parallel, init_parallel  # noqa: E402
+from moelora_dist.moe.dispatch.all_to_all import AllToAllDispatcher
+from moelora_dist.moe.dispatch.packing import row_layout
+from moelora_dist.moe.dispatch.all_to_all_static import AllToAllStaticDispatcher
+from moelora_dist.moe.router import route
+from moelora_dist.parallel.groups import destroy_parallel, init_parallel
 
 
 def main() -> None:
@@ -73,7 +74,7 @@ def main() -> None:
                 ok = bool(ok_t.item())
                 h = d.handle
                 send_rows, recv_rows = sum(h.send_splits), sum(h.recv_splits)
-                row_bytes = _row_layout(H, K, x.dtype)[1]  # x + weights + ids + slot, aligned
+                row_bytes = row_layout(H, K, x.dtype)[1]  # x + weights + ids + slot, aligned
                 send_buf = torch.empty(send_rows, row_bytes, dtype=torch.uint8, device="cuda")
                 recv_buf = torch.empty(recv_rows, row_bytes, dtype=torch.uint8, device="cuda")
                 y_recv = torch.empty(recv_rows, H, dtype=x.dtype, device="cuda")
@@ -143,7 +144,7 @@ def main() -> None:
                                  correct=ok, **env))
                 if rank0():  # rewritten after every row: a killed run keeps what it measured
                     print(rows[-1], flush=True)
-                    write_csv(args.out, rows)
+                    write_rows(args.out, rows)
     finally:
         destroy_parallel()
 

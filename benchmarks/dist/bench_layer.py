@@ -22,15 +22,15 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import bench, capture, env_columns, rank0, write_csv  # noqa: E402
+from benchmarks.common import env_columns
+from benchmarks.dist.common import bench, capture, rank0, write_rows
 
-from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA  # noqa
-from moelora_dist.lora.batch_info import build_batch_info  # noqa: E402
-from moelora_dist.lora.pool import LoRAPool, MoELayerSpec, PoolConfig  # noqa: E402
+from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
+from moelora_dist.lora.batch_info import build_batch_info
+from moelora_dist.lora.pool import LoRAPool, MoELayerSpec, PoolConfig
 from moelora_dist.moe.block import MoEBlock
-from moelora_dist.moe.layer import LoRAMoE  # noqa: E402
-from moelora_dist.parallel.groups import ParallelGroups, init_parallel  # noqa
+from moelora_dist.moe.layer import LoRAMoE
+from moelora_dist.parallel.groups import ParallelGroups, init_parallel
 
 H, E, K, I, S, R = 2048, 128, 8, 768, 8, 16
 DT = torch.bfloat16
@@ -141,7 +141,7 @@ def main() -> None:
                                         rel_err=f"{err:.2e}", correct=ok, **env))
                     if rank0():  # rewritten after every row: a killed run keeps its rows
                         print(prefill[-1], flush=True)
-                        write_csv(args.out_prefix + "_prefill.csv", prefill)
+                        write_rows(args.out_prefix + "_prefill.csv", prefill)
             layer, pool = layers["all_reduce"]
             for T in (int(t) for t in args.decode_tokens.split(",")):
                 x, info = batch(pool, registry, T, seed=100 + T)
@@ -174,7 +174,7 @@ def main() -> None:
                                    correct=err < 5e-2, note=note, **env))
                 if rank0():
                     print(decode[-1], flush=True)
-                    write_csv(args.out_prefix + "_decode.csv", decode)
+                    write_rows(args.out_prefix + "_decode.csv", decode)
     except BaseException:
         import traceback
 

@@ -8,13 +8,12 @@ its slowest participant).
 
 from __future__ import annotations
 
-import csv
-import datetime
-import os
 import statistics
 
 import torch
 import torch.distributed as dist
+
+from benchmarks.common import env_columns, write_csv
 
 
 def bench(fn, *, warmup: int = 5, iters: int = 20, group=None, local: bool = False) -> float:
@@ -43,21 +42,10 @@ def bench(fn, *, warmup: int = 5, iters: int = 20, group=None, local: bool = Fal
     return float(med.item())
 
 
-def env_columns() -> dict:
-    import triton
-
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "date": datetime.date.today().isoformat()}
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    if not rows:
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+def write_rows(path: str, rows: list[dict]) -> None:
+    """The rows (each already starting with :func:`benchmarks.common.env_columns`) as CSV."""
+    if rows:
+        write_csv(path, rows, {k: rows[0][k] for k in env_columns()})
 
 
 def rank0() -> bool:

@@ -1,8 +1,8 @@
 """Decode throughput of the whole model runner, with and without 8 LoRA adapters in the batch.
 
-    python benchmarks/e2e/bench_decode.py                     # Qwen3-30B-A3B shape, 4 layers
-    python benchmarks/e2e/bench_decode.py --tiny --device cpu # a seconds-long smoke run
-    torchrun --standalone --nproc-per-node 2 benchmarks/e2e/bench_decode.py --tp 2 --ep 2
+    python -m benchmarks decode                     # Qwen3-30B-A3B shape, 4 layers
+    python -m benchmarks decode --tiny --device cpu # a seconds-long smoke run
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.e2e.bench_decode --tp 2 --ep 2
 
 Model: random weights of Qwen3-30B-A3B's shape (H 2048, 32 q / 4 kv heads of 128, E 128, top-8
 renormalized, I 768, vocab 151936) with ``--layers`` decoder layers (default 4, to fit one GPU),
@@ -21,35 +21,32 @@ CUDA both run (``--graphs auto``, the default; ``off``: eager only); on a CPU on
 
 Before timing, a correctness check runs one LoRA decode step: requests 0 and 1 of the mixed
 batch against the same requests run alone, on CUDA the Triton MoE path against the PyTorch
-reference (``MOELORA_BACKEND=torch``), and the graph (or static) step against the eager one;
+reference (the model's backend switched to ``torch``), and the graph (or static) step against the eager one;
 max abs error over max |logit| must stay below 5e-2 (bf16). A failing check is written to the
 CSV with ``ok=False``, and the run exits 1.
-Results: ``benchmarks/results/e2e_decode_<device>.csv`` and ``.png``.
+Results: ``e2e_decode_<device>.csv`` and ``.png`` in ``--out-dir`` (the CSV's first columns:
+device, versions, git commit, UTC time).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import os
-import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA  # noqa
-from moelora_dist.lora.batch_info import build_batch_info  # noqa: E402
-from moelora_dist.models.batch import ForwardBatch  # noqa: E402
-from moelora_dist.config.model import ModelConfig  # noqa: E402
-from moelora_dist.models.graphs import DecodeGraphs, bucket_for  # noqa: E402
-from moelora_dist.models.model import MoELoRAModel  # noqa: E402
-from moelora_dist.models.weights import RandomWeights  # noqa: E402
-from decode_report import write_outputs  # noqa: E402
+from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
+from moelora_dist.lora.batch_info import build_batch_info
+from moelora_dist.models.batch import ForwardBatch
+from moelora_dist.config.model import ModelConfig
+from moelora_dist.models.graphs import DecodeGraphs, bucket_for
+from moelora_dist.models.model import MoELoRAModel
+from moelora_dist.models.weights import RandomWeights
+from benchmarks.common import env_columns
+from benchmarks.e2e.decode_report import write_outputs
 
 log = logging.getLogger("bench_decode")
 CHECK_TOL = 5e-2
@@ -82,7 +79,8 @@ def parse_args(argv=None):
                         "off: eager only; static: the padded static step uncaptured")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "..", "results"))
+    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "..", "results",
+                                                     "current"))
     return p.parse_args(argv)
 
 
@@ -177,7 +175,7 @@ def check(model, args, lora_slots, graphs: DecodeGraphs | None) -> float:
     p = prompts(model.cfg, B, args.prompt_len, seed=1)
     slots = lora_slots(B)
     mixed = Case(model, p, 2, slots).step().float()
-    rel = lambda got, want: ((got.float() - want).abs().max() / want.abs().max()).item()  # noqa
+    rel = lambda got, want: ((got.float() - want).abs().max() / want.abs().max()).item()
     errs = [rel(Case(model, p[b:b + 1], 2, slots[b:b + 1]).step()[0], mixed[b]) for b in (0, 1)]
     if graphs is not None:
         base_slots = torch.full_like(slots, -1)
@@ -185,11 +183,8 @@ def check(model, args, lora_slots, graphs: DecodeGraphs | None) -> float:
         for want, s in ((mixed, slots), (base, base_slots)):
             errs.append(rel(Case(model, p, 2, s, graphs).step().clone(), want))
     if model.device.type == "cuda":
-        os.environ["MOELORA_BACKEND"] = "torch"
-        try:
+        with model.backend_as("torch"):
             errs.append(rel(mixed, Case(model, p, 2, slots).step().float()))
-        finally:
-            del os.environ["MOELORA_BACKEND"]
     return max(errs) if torch.isfinite(mixed).all() else float("inf")
 
 
@@ -206,7 +201,7 @@ def run(args) -> list[dict]:
     for i in tqdm(range(args.num_adapters), desc="adapters", disable=not rank0):
         model.pool.load(random_adapter(f"a{i}", cfg, args.rank, dev, seed=100 + i))
     slot_of = [model.pool.slot_of(f"a{i}") for i in range(args.num_adapters)]
-    lora_slots = lambda B: torch.tensor([slot_of[b % len(slot_of)] for b in range(B)],  # noqa
+    lora_slots = lambda B: torch.tensor([slot_of[b % len(slot_of)] for b in range(B)],
                                         dtype=torch.int32, device=dev)
     graphs, decodes = None, ["eager"]
     if args.graphs == "static" or (args.graphs == "auto" and dev.type == "cuda"
@@ -247,17 +242,8 @@ def run(args) -> list[dict]:
 
 
 def meta(args, cfg, groups) -> dict:
-    dev = groups.device
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    try:
-        import triton
-        tv = triton.__version__
-    except ImportError:
-        tv = "none"
-    return dict(device=name, world=groups.layout.world_size, tp=groups.tp_size,
-                ep=groups.ep_size, torch=torch.__version__, triton=tv,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-                model="tiny" if args.tiny else "qwen3-30b-a3b-shape", layers=cfg.num_layers,
+    return dict(**env_columns(), world=groups.layout.world_size, tp=groups.tp_size,
+                ep=groups.ep_size, model="tiny" if args.tiny else "qwen3-30b-a3b-shape", layers=cfg.num_layers,
                 dtype=args.dtype, prompt_len=args.prompt_len, steps=args.steps,
                 adapters=args.num_adapters, rank=args.rank)
 
@@ -285,4 +271,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -3,9 +3,10 @@ with the lora8/base ratio written over each LoRA bar."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
+
+from benchmarks.common import write_csv
 
 log = logging.getLogger("bench_decode")
 
@@ -14,13 +15,7 @@ def write_outputs(rows, m, out_dir) -> str:
     os.makedirs(out_dir, exist_ok=True)
     tag = m["device"].replace(" ", "_") + ("_tiny" if m["model"] == "tiny" else "")
     path = os.path.join(out_dir, f"e2e_decode_{tag}")
-    keys = list(m) + ["batch", "decode", "mode", "tokens_per_s", "ms_per_step", "ratio_vs_base",
-                      "check_rel_err", "ok"]
-    with open(path + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**m, **r})
+    write_csv(path + ".csv", rows, m)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -50,7 +45,7 @@ def write_outputs(rows, m, out_dir) -> str:
     ax.set_yscale("log")
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"{m['model']}, {m['layers']} layers, {m['dtype']}, tp={m['tp']} ep={m['ep']}\n"
-                 f"{m['device']}, {m['date']} UTC", fontsize=9)
+                 f"{m['device']}, {m['utc']} UTC, commit {m['commit']}", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path + ".png", dpi=110)

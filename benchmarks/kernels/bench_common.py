@@ -1,8 +1,7 @@
-"""Inputs, the transformers peer, rooflines and the plot of the kernel benchmark."""
+"""Inputs, the transformers peer, byte/FLOP counts and the plot of the kernel benchmark."""
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 
@@ -15,8 +14,6 @@ MODELS = {  # H, E, K, I (NOTES.md)
     "qwen3-30b-a3b": (2048, 128, 8, 768),
     "mixtral-8x7b": (4096, 8, 2, 14336),
 }
-HBM_BYTES_PER_S = 3.0e12  # H100 copy bandwidth measured (NOTES.md)
-BF16_FLOPS = 798e12  # H100 bf16 GEMM measured (NOTES.md)
 NUM_SLOTS = 8
 _WEIGHTS: dict = {}
 
@@ -108,15 +105,6 @@ def make_peer(inp, rank: int | None):
     return lambda: block(x)
 
 
-def write_csv(path, rows, meta):
-    keys = list(meta) + [k for k in rows[0] if k not in meta]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**meta, **r})
-
-
 def plot(path, rows, meta):
     """Time vs T per configuration, one panel per model, log-log, with the peer dashed."""
     import matplotlib
@@ -139,7 +127,8 @@ def plot(path, rows, meta):
         ax.set_title(model)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"moelora_dist fused MoE + multi-LoRA, {meta['device']}, {meta['date']}")
+    fig.suptitle(f"moelora_dist fused MoE + multi-LoRA, {meta['device']}, {meta['utc']} UTC, "
+                 f"commit {meta['commit']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

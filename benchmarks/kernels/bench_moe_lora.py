@@ -3,33 +3,29 @@ reference and the transformers peer (Qwen3MoeSparseMoeBlock, grouped_mm, +PEFT L
 
 Run on a GPU (the device tool):
 
-    PYTHONPATH=$PWD python3 benchmarks/kernels/bench_moe_lora.py --out benchmarks/results
+    PYTHONPATH=$PWD python3 -m benchmarks kernels --out benchmarks/results/current
 
-Writes ``kernels_<device>.csv`` (one row per case, with device, torch/triton versions and date)
-and ``kernels_<device>.png``. Each case is checked against ``experts_reference`` before it is
-timed; a case that fails the check gets ``ok=False`` and no ratio or speedup.
+Writes ``kernels_<device>.csv`` (one row per case; the first columns are device, versions,
+git commit, UTC time and the roofline measured in this run) and ``kernels_<device>.png``. Each
+case is checked against ``experts_reference`` before it is timed; a case that fails the check
+gets ``ok=False`` and no ratio or speedup.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import os
-import sys
 
 import torch
-import triton
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (BF16_FLOPS, HBM_BYTES_PER_S, Case, bench, bench_graph,  # noqa: E402
-                          flops, make_inputs, make_peer, plot, touched_weight_bytes, write_csv)
-
-from bench_stages import stage_times, variant_times  # noqa: E402
-
-from moelora_dist.kernels.moe_lora.ops import fused_moe_lora  # noqa: E402
-from moelora_dist.kernels.moe_lora.naive import experts_reference  # noqa: E402
+from benchmarks.common import device_tag, env_columns, measure_roofline, write_csv
+from benchmarks.kernels.bench_common import (Case, bench, bench_graph, flops, make_inputs,
+                                             make_peer, plot, touched_weight_bytes)
+from benchmarks.kernels.bench_stages import stage_times, variant_times
+from moelora_dist.kernels.moe_lora.naive import experts_reference
+from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
 
 log = logging.getLogger("bench_moe_lora")
 T_ALL = (1, 8, 64, 512, 4096, 16384)
@@ -53,7 +49,7 @@ def registry(quick: bool) -> list[Case]:
     return cases
 
 
-def run_case(case: Case, time_reference: bool) -> dict:
+def run_case(case: Case, time_reference: bool, roof: dict) -> dict:
     inp = make_inputs(case)
     ours = lambda: fused_moe_lora(**inp)  # noqa: E731
     y = ours()
@@ -77,8 +73,8 @@ def run_case(case: Case, time_reference: bool) -> dict:
     row["ms_graph"] = bench_graph(ours) if ok and graph else ""
     row["ref_ms"] = bench(lambda: experts_reference(*ref_args)) if time_reference else ""
     t = row["ms"] * 1e-3
-    row["hbm_pct"] = 100 * touched_weight_bytes(inp) / t / HBM_BYTES_PER_S
-    row["bf16_peak_pct"] = 100 * flops(inp) / t / BF16_FLOPS
+    row["hbm_pct"] = 100 * touched_weight_bytes(inp) / t / roof["hbm_bytes_per_s"]
+    row["bf16_peak_pct"] = 100 * flops(inp) / t / roof["bf16_flops"]
     return row, inp
 
 
@@ -101,16 +97,17 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_moe_lora needs a CUDA GPU (run it through the device tool)")
     os.makedirs(args.out, exist_ok=True)
-    dev = torch.cuda.get_device_name()
-    meta = dict(device=dev, torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    roof = measure_roofline()
+    meta = {**env_columns(), **roof}
+    log.info("roofline measured in this run: HBM copy %.2f TB/s, bf16 GEMM %.0f TFLOP/s",
+             roof["hbm_bytes_per_s"] / 1e12, roof["bf16_flops"] / 1e12)
     rows, base_ms, stage_rows = [], {}, []
     for case in tqdm(registry(args.quick), desc="cases"):
         timed_ref = case.model.startswith("qwen3") and case.T in args.reference_t and (
             case.adapters in (0, 8) and case.share in (0.0, 1.0) and case.rank == 16
             or case.adapters == 0)
         try:
-            row, inp = run_case(case, timed_ref)
+            row, inp = run_case(case, timed_ref, roof)
             row["vs_base"] = ""
         except torch.cuda.OutOfMemoryError as e:
             log.warning("%s: out of memory (%s)", case.name, e)
@@ -159,20 +156,16 @@ def main(argv=None):
 
 
 def _write_stages(out, rows, meta):
-    tag = meta["device"].replace(" ", "_").replace("/", "_")
+    tag = device_tag(meta)
     write_csv(os.path.join(out, f"kernels_stages_{tag}.csv"), rows, meta)
 
 
 def _write(out, rows, meta, with_plot):
-    tag = meta["device"].replace(" ", "_").replace("/", "_")
-    keys = {}
-    for r in rows:
-        keys.update(dict.fromkeys(r))
-    rows = [{k: r.get(k, "") for k in keys} for r in rows]
+    tag = device_tag(meta)
     write_csv(os.path.join(out, f"kernels_{tag}.csv"), rows, meta)
     if with_plot:
         plot(os.path.join(out, f"kernels_{tag}.png"), rows, meta)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

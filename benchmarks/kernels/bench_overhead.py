@@ -14,16 +14,14 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import Case, bench, bench_graph, make_inputs  # noqa: E402
+from benchmarks.kernels.bench_common import Case, bench, bench_graph, make_inputs
 
 from moelora_dist.kernels.moe_lora.configs import pick_config
-from moelora_dist.kernels.moe_lora.ops import fused_moe_lora  # noqa: E402
+from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
 
 
 def _host_us(fn, calls: int = 20) -> float:

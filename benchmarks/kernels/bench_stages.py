@@ -42,18 +42,17 @@ def stage_times(inp) -> dict:
 
         out["align_base"] = bench(align)
         base, shrink = align(), None
-    loop = dict(run_loop=cfg.run_loop, lora_runs=cfg.lora_runs, lora_stages=cfg.lora_stages)
+    loop = dict(run_loop=cfg.run_loop, lora_runs=cfg.lora_runs)
     gkw = dict(block_n=cfg.block_n, block_k=cfg.block_k, num_warps=cfg.num_warps,
                num_stages=cfg.num_stages)
 
     def gu():
-        return ops.gate_up(x, inp["w_gate_up_EXH"], base, K, ts, en, lora, shrink, **gkw,
-                           fuse_down_shrink=cfg.fuse_down_shrink, **loop)
+        return ops.gate_up(x, inp["w_gate_up_EXH"], base, K, ts, en, lora, shrink, **gkw, **loop)
 
     out["gate_up"] = bench(gu)
-    h, dsh = gu()
-    if has and not cfg.fuse_down_shrink:
-        ds_runs = down_shrink_runs_for(cfg, lora.max_rank)
+    h, dsh = gu(), None
+    if has:
+        ds_runs = cfg.down_shrink_runs_for(lora.max_rank)
 
         def dshrink():
             return ops.down_shrink(h, lora, base, K, ts, en, block_k=cfg.shrink_block_k,

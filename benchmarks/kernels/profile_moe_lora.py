@@ -6,17 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import Case, make_inputs  # noqa: E402
-from bench_moe_lora import bench_graph  # noqa: E402
-from bench_stages import variant_times  # noqa: E402
+from benchmarks.kernels.bench_common import Case, bench_graph, make_inputs
 
-from moelora_dist.kernels.moe_lora.ops import fused_moe_lora  # noqa: E402
+from benchmarks.kernels.bench_stages import variant_times
+
+from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
 
 
 def main():

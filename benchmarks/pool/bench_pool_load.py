@@ -16,8 +16,6 @@ adapter before it is timed. Writes ``pool_load_<device>.csv`` with device, versi
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
 import statistics
 import time
@@ -25,6 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from benchmarks.common import device_tag, env_columns, write_csv
 from moelora_dist.adapters.canonical import CanonicalAdapter
 from moelora_dist.lora.pool import LoRAPool, MoELayerSpec, PoolConfig
 from moelora_dist.lora.pool_write import stage_adapter
@@ -116,29 +115,23 @@ def bench(args):
     return rows
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default="benchmarks/results")
-    args = p.parse_args()
+    p.add_argument("--out", default="benchmarks/results/current")
+    args = p.parse_args(argv)
     rows = bench(args)
-    name = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else "cpu"
-    meta = dict(device=name, torch=torch.__version__, date=datetime.date.today().isoformat())
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"pool_load_{name.replace(' ', '_')}.csv")
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=[*meta, *rows[0]])
-        w.writeheader()
-        for r in rows:
-            w.writerow({**meta, **r})
+    meta = env_columns()
+    path = os.path.join(args.out, f"pool_load_{device_tag(meta)}.csv")
+    write_csv(path, rows, meta)
     for r in rows:
         print(r)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -11,6 +11,7 @@ rank ends with the same logits (computing them costs one ``[N, H] x [H, V]`` GEM
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -73,6 +74,22 @@ class MoELoRAModel:
         self.lm_head_VH: torch.Tensor | None = None
         self.final_norm_H: torch.Tensor | None = None
         self.layers: list[dict] = []
+
+    @contextlib.contextmanager
+    def backend_as(self, backend: str):
+        """Run the LoRA paths on ``backend`` inside the block (e.g. the PyTorch references on
+        a GPU, to check the kernels against them); the previous backend after."""
+        layers = [layer["moe"] for layer in self.layers if "moe" in layer]
+        before = self.backend
+        self.backend = pick_backend(self.device, backend)
+        for moe in layers:
+            moe.backend = self.backend
+        try:
+            yield
+        finally:
+            self.backend = before
+            for moe in layers:
+                moe.backend = before
 
     @classmethod
     def build(cls, cfg: ModelConfig, groups: ParallelGroups, source, *, dtype: torch.dtype,
