@@ -2,7 +2,8 @@
 
 Imports triton only. The LoRA delta of down is added to the accumulator BEFORE the top-k
 weight multiplies it, so the weight is applied once to base + delta. Isolation as in
-``kernel_gate_up.py``: a select per slot in the slot loop, finite factors in the stacked dot.
+``kernel_gate_up.py``: shrink values of other slots are exact zeros, factor tiles are selected
+finite.
 """
 
 import triton
@@ -53,7 +54,8 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                                         BLOCK_M)
             rank_m = tl.load(slot_rank_ptr + slot_m, mask=slot_m >= 0, other=0)
             # NUM_RUNS slot runs per dot (see kernel_gate_up.py).
-            for first in range(0, num_runs, NUM_RUNS):
+            # num_stages=1: not software-pipelined (see kernel_gate_up.py)
+            for first in tl.range(0, num_runs, NUM_RUNS, num_stages=1):
                 slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
                 d_mask = ((run_m[:, None] == first + band_q[None, :])
                           & (r_q[None, :] < rank_m[:, None]))
@@ -83,7 +85,7 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                 b = tl.load(b_ptr + slot64 * stride_bs + eb * stride_be
                             + offs_n[None, :] * stride_bh + offs_r[:, None] * stride_br,
                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                acc += tl.where(sel[:, None], tl.dot(d, b.to(tl.float32)), 0.0)
+                acc += tl.dot(d, _finite_or_zero(b))
                 slot = _next_slot(slot_m, slot)
 
     weight = tl.load(topk_w_ptr + rows, mask=row_mask, other=0.0)

@@ -6,10 +6,13 @@ expert block: ``gate`` and ``up`` tiles from the base weights, then the LoRA exp
 The down projection's LoRA shrink ``h A_down^T`` runs after, from the stored ``h``
 (``kernel_shrink.py``).
 
-Isolation (one slot's factors never reach another slot's rows or a base row): the slot loop
-adds each slot's product through a select on that slot's rows; the run loop stacks several
-slots' factors in one dot, so it selects finite factor values (``_finite_or_zero``) and the
-zeros of the other rows' bands stay exact zeros.
+Isolation (one slot's factors never reach another slot's rows or a base row): a row's shrink
+values are loaded as exact zeros outside its own slot (its own run's band), and the factor
+tiles are selected finite (``_finite_or_zero``), so every product a row gets from another
+slot is ``0 * finite = 0``. Selecting on the factor tile ([BLOCK_R, BLOCK_N]) rather than on
+the dot's result keeps ``acc += dot`` accumulating in place: a select of the result needed a
+second [BLOCK_M, BLOCK_N] accumulator, which spilled at 128x128 tiles and doubled the time
+of a LoRA call at T = 4096 (H200, measured).
 """
 
 import triton
@@ -71,8 +74,10 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
             src = tl.where(shared_m, num_pairs + tok, rows)
             # A loop over the block's slot runs whose addresses depend on the run index only
             # (the slot loop below finds each next slot by a reduction over the block first);
-            # NUM_RUNS runs share one dot.
-            for first in range(0, num_runs, NUM_RUNS):
+            # NUM_RUNS runs share one dot. num_stages=1: software-pipelining this loop
+            # multi-buffers its tiles next to the main loop's (out of shared memory at 128x128
+            # tiles on H100, slower at rank 64 on H200).
+            for first in tl.range(0, num_runs, NUM_RUNS, num_stages=1):
                 slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
                 s_mask = ((run_m[:, None] == first + band_q[None, :])
                           & (r_q[None, :] < rank_m[:, None]))
@@ -107,10 +112,11 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                 b_base = b_ptr + slot64 * stride_bs + expert * stride_be
                 b_off = offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
                 b_mask = r_mask[:, None] & n_mask[None, :]
-                b_g = tl.load(b_base + b_off, mask=b_mask, other=0.0).to(tl.float32)
-                b_u = tl.load(b_base + inter * stride_bn + b_off, mask=b_mask, other=0.0)
-                acc_g += tl.where(sel[:, None], tl.dot(s_g, b_g), 0.0)
-                acc_u += tl.where(sel[:, None], tl.dot(s_u, b_u.to(tl.float32)), 0.0)
+                b_g = _finite_or_zero(tl.load(b_base + b_off, mask=b_mask, other=0.0))
+                b_u = _finite_or_zero(tl.load(b_base + inter * stride_bn + b_off, mask=b_mask,
+                                              other=0.0))
+                acc_g += tl.dot(s_g, b_g)
+                acc_u += tl.dot(s_u, b_u)
                 slot = _next_slot(slot_m, slot)
 
     if ACT == 0:
