@@ -14,6 +14,6 @@ timeout 80 python3 -m moelora_dist.cli sweep --device cuda --max-world ${NPROC:-
   --dispatchers all_reduce,all_to_all,all_to_all_static --json "$OUT/sweep_cuda.json" \
   >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 step "layer benchmark"
-timeout 150 $TR benchmarks/dist/bench_layer.py --out-prefix "$OUT/dist_layer" >>"$LOG" 2>&1
+timeout 150 $TR -m benchmarks.dist.bench_layer --out-prefix "$OUT/dist_layer" >>"$LOG" 2>&1
 echo "rc=$?" | tee -a "$LOG"
 step done
