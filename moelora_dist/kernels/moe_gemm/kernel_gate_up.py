@@ -1,5 +1,9 @@
 """Triton kernel: grouped gate_up GEMM + LoRA expand + activation.
 
+Expert variants as constexpr flags: ``HAS_BIAS`` adds a per-expert bias before the activation
+(gpt-oss), ``ACT == 2`` is gpt-oss's clamped SwiGLU (``act_alpha``, ``act_limit``); the
+LoRA delta is in the accumulators by then, so the clamp sees the adapted product.
+
 Imports triton only. One program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``h`` for one
 expert block: ``gate`` and ``up`` tiles from the base weights, then the LoRA expand
 ``shrink B^T`` of the block's slots, added BEFORE the activation, then ``h = act(gate) * up``.
@@ -20,19 +24,20 @@ import triton.language as tl
 
 from moelora_dist.kernels.moe_gemm.kernel_common import (
     NO_SLOT, _block_rows, _finite_or_zero, _gelu_tanh_mul, _next_slot, _row_runs, _row_slots,
-    _silu_mul, _stacked_slots)
+    _silu_mul, _stacked_slots, _swiglu_oai_mul)
 
 
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                     token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, a_shared_ptr,
-                    shrink_ptr, b_ptr,
+                    shrink_ptr, b_ptr, bias_ptr,
                     num_pairs, top_k, hidden, inter,
                     stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
-                    stride_bs, stride_be, stride_bn, stride_br,
+                    stride_bs, stride_be, stride_bn, stride_br, stride_bias_e, act_alpha,
+                    act_limit,
                     HAS_LORA: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                    RUN_LOOP: tl.constexpr, NUM_RUNS: tl.constexpr):
+                    RUN_LOOP: tl.constexpr, NUM_RUNS: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(inter, BLOCK_N)
     pid_m = pid // num_n
@@ -119,10 +124,16 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                 acc_u += tl.dot(s_u, b_u)
                 slot = _next_slot(slot_m, slot)
 
+    if HAS_BIAS:  # gpt-oss: [E_l, 2 I_l] bias rows, gate then up (unit stride)
+        bias_row = bias_ptr + expert * stride_bias_e + offs_n
+        acc_g += tl.load(bias_row, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(bias_row + inter, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if ACT == 0:
         h = _silu_mul(acc_g, acc_u)
-    else:
+    elif ACT == 1:
         h = _gelu_tanh_mul(acc_g, acc_u)
+    else:
+        h = _swiglu_oai_mul(acc_g, acc_u, act_alpha, act_limit)
     out_mask = row_mask[:, None] & n_mask[None, :]
     tl.store(h_ptr + rows[:, None] * inter + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
              mask=out_mask)

@@ -19,7 +19,7 @@ import torch
 import triton
 
 from moelora_dist.kernels.align.common import Alignment
-from moelora_dist.kernels.constants import block_r, check_activation
+from moelora_dist.kernels.constants import as_activation, block_r, check_activation
 from moelora_dist.kernels.moe_gemm.kernel_down import _down_kernel, _topk_sum_kernel
 from moelora_dist.kernels.moe_gemm.kernel_gate_up import _gate_up_kernel
 from moelora_dist.kernels.moe_gemm.kernel_shrink import (
@@ -59,9 +59,9 @@ def lora_shrink(x_TH: torch.Tensor, lora: MoELoRAWeights, al: Alignment, top_k: 
 
 def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             slot_enabled_S=None, lora: MoELoRAWeights | None = None, shrink=None,
-            activation: str = "silu", *, block_n: int = 64, block_k: int = 64,
-            num_warps: int = 4, num_stages: int = 3, run_loop: bool = True,
-            lora_runs: int = 1) -> torch.Tensor:
+            activation="silu", bias_EX: torch.Tensor | None = None, *, block_n: int = 64,
+            block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
+            run_loop: bool = True, lora_runs: int = 1) -> torch.Tensor:
     """Base gate_up + LoRA expand + activation for a base alignment.
 
     Args:
@@ -70,10 +70,13 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         shrink: output of :func:`lora_shrink` when ``lora`` is given.
         run_loop: expand loop over the block's slot runs (else one slot at a time, each
             found by a reduction); lora_runs: slot runs per expand dot (:func:`num_runs`).
+        activation: a name or an ``Activation`` (gpt-oss's clamped SwiGLU reads its
+            alpha and limit); bias_EX: ``[E_l, 2*I_l]`` gate then up bias, or None.
     Returns:
         ``h`` ``[T*K, I_l]`` in ``x_TH.dtype`` (rows of invalid pairs unset).
     """
-    act = check_activation(activation)
+    act_spec = as_activation(activation)
+    act = check_activation(act_spec)
     T, H = x_TH.shape
     E, two_i, _ = w_gate_up_EXH.shape
     inter = two_i // 2
@@ -91,13 +94,15 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         BR = 16
         lora_args = (h,) * 6  # never read: HAS_LORA=False removes every access
         lora_strides = (0,) * 4
+    bias = bias_EX.contiguous() if bias_EX is not None else h  # h: never read without bias
     grid = (al.max_blocks * triton.cdiv(inter, block_n),)
     _gate_up_kernel[grid](
-        x_TH, w, h, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
+        x_TH, w, h, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args, bias,
         N, top_k, H, inter, x_TH.stride(0), x_TH.stride(1), w.stride(0), w.stride(1),
-        w.stride(2), *lora_strides, HAS_LORA=has_lora, ACT=act,
+        w.stride(2), *lora_strides, bias.stride(0) if bias_EX is not None else 0,
+        float(act_spec.alpha), float(act_spec.limit), HAS_LORA=has_lora, ACT=act,
         BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
-        RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs),
+        RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), HAS_BIAS=bias_EX is not None,
         num_warps=num_warps, num_stages=num_stages)
     return h
 
@@ -132,15 +137,16 @@ def down_shrink(h, lora: MoELoRAWeights, al: Alignment, top_k: int, token_slot_T
 
 
 def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T=None,
-         slot_enabled_S=None, lora: MoELoRAWeights | None = None, dshrink=None, *,
-         block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
-         run_loop: bool = True, lora_runs: int = 1):
+         slot_enabled_S=None, lora: MoELoRAWeights | None = None, dshrink=None,
+         bias_EH: torch.Tensor | None = None, *, block_n: int = 64, block_k: int = 64,
+         num_warps: int = 4, num_stages: int = 3, run_loop: bool = True, lora_runs: int = 1):
     """Base down + LoRA expand, times the top-k weight, per pair.
 
     Args:
         h: ``[T*K, I_l]``; w_down_EHI: ``[E_l, H, I_l]``; topk_weights_TK: ``[T, K]`` fp32.
         dshrink: ``[T*K, BR]`` fp32 from :func:`down_shrink` when ``lora`` is given.
         run_loop, lora_runs: the expand loop, as in :func:`gate_up`.
+        bias_EH: ``[E_l, H]`` down bias added before the top-k weight, or None.
     Returns:
         ``[T*K, H]`` in ``h.dtype``; rows of pairs with an invalid expert are unset.
     """
@@ -160,13 +166,15 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         b_strides = b.stride()
     else:
         BR, lora_args, b_strides = 16, (h,) * 6, (0,) * 4
+    bias = bias_EH.contiguous() if bias_EH is not None else out  # never read without bias
     grid = (al.max_blocks * triton.cdiv(H, block_n),)
     _down_kernel[grid](
-        h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
+        h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args, bias,
         N, top_k, H, inter, w.stride(0), w.stride(1), w.stride(2), *b_strides,
+        bias.stride(0) if bias_EH is not None else 0,
         HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=BR, RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs),
-        num_warps=num_warps, num_stages=num_stages)
+        HAS_BIAS=bias_EH is not None, num_warps=num_warps, num_stages=num_stages)
     return out
 
 

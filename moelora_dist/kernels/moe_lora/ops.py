@@ -58,9 +58,11 @@ def _check(x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK, topk_ids_TK, token_
 def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: torch.Tensor,
                    topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
                    token_slot_T: torch.Tensor | None = None, lora: MoELoRAWeights | None = None,
-                   activation: str = "silu", slot_enabled_S: torch.Tensor | None = None,
+                   activation="silu", slot_enabled_S: torch.Tensor | None = None,
                    config: MoEConfig | None = None,
-                   num_lora_tokens: int | None = None) -> torch.Tensor:
+                   num_lora_tokens: int | None = None,
+                   b_gate_up_EX: torch.Tensor | None = None,
+                   b_down_EH: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of :func:`moelora_dist.kernels.moe_lora.naive.experts_reference`.
 
     Args:
@@ -75,6 +77,9 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
         num_lora_tokens: host-side count from ``BatchInfo``; ``0`` skips the LoRA path with no
             sync. When None, a non-capturing call checks ``slot_enabled_S.any()`` on the host
             (a sync that costs the CPU/GPU overlap: ~0.1-0.2 ms at decode sizes, measured).
+        activation: a name or an ``Activation`` (gpt-oss's clamped SwiGLU).
+        b_gate_up_EX: ``[E_l, 2*I_l]``, b_down_EH: ``[E_l, H]`` expert biases, or None (the
+            down bias on one rank of a MoE-TP group only).
     Returns:
         ``[T, H]`` in ``x_TH.dtype``.
     """
@@ -101,7 +106,7 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
         base = align_items(topk_ids_TK, None, None, None, None, num_experts=E,
                            block_m=cfg.block_m, mode="base")
     h = ops.gate_up(x_TH, w_gate_up_EXH, base, K, token_slot_T, slot_enabled_S, lora, shrink,
-                    activation, block_n=cfg.block_n, block_k=cfg.block_k,
+                    activation, b_gate_up_EX, block_n=cfg.block_n, block_k=cfg.block_k,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, run_loop=cfg.run_loop,
                     lora_runs=cfg.lora_runs)
     dshrink = None
@@ -110,7 +115,7 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
             h, lora, base, K, token_slot_T, slot_enabled_S, block_k=cfg.shrink_block_k,
             lora_runs=cfg.down_shrink_runs_for(lora.max_rank))
     out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, token_slot_T, slot_enabled_S, lora,
-                   dshrink, block_n=cfg.down_block_n, block_k=cfg.block_k,
+                   dshrink, b_down_EH, block_n=cfg.down_block_n, block_k=cfg.block_k,
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, run_loop=cfg.run_loop,
                    lora_runs=cfg.lora_runs)
     return ops.topk_sum(out, topk_ids_TK, E)
