@@ -1,7 +1,13 @@
 """Self-attention split over tensor-parallel ranks by heads, with multi-LoRA on q/k/v/o.
 
 Legend: T tokens, H hidden, N_q / N_kv query / kv heads on this rank, D head dim, B requests,
-Q padded new tokens per request, L keys per request.
+Q padded new tokens per request, L keys per request, R rotated dims.
+
+Grouped-query attention of every GQA family: q/k/v biases (``attention_bias``), an o bias
+(gpt-oss; never GLM-4.5), q/k RMSNorm per head (Qwen3, GLM ``use_qk_norm``) or over the whole
+projection (OLMoE), partial rotary (the tables are ``[T, R]``, ``R <= D``: GLM's first half),
+a sliding window per layer and attention sinks (gpt-oss; each rank holds its heads' sinks).
+The core (scatter to requests, SDPA, sinks) is :mod:`.attention_core`; MLA is :mod:`.mla`.
 
 Split (Megatron style): q/k/v are column parallel (each rank computes its heads), o is row
 parallel (each rank holds the matching input columns) and its partial output is summed with one
@@ -16,19 +22,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+import torch.nn.functional as F  # noqa: F401  (tests spy on F.scaled_dot_product_attention)
 
-from moelora_dist.models.batch import ForwardBatch, KVCache
 from moelora_dist.config.model import ModelConfig, ModelConfigError
+from moelora_dist.models.attention_core import SDPA_BACKENDS, attend  # noqa: F401
+from moelora_dist.models.batch import ForwardBatch, KVCache
 from moelora_dist.models.lora_linear import DenseLoRA, linear_with_lora
-from moelora_dist.models.ops import apply_rope, rms_norm, rms_norm_sharded
-
-
-# cuDNN attention compiles an execution plan per shape, and decode grows the kv length every
-# step: on an H100 (torch 2.11) the first decode step at each new length took 70-110 ms for four
-# layers against 12 ms with the memory-efficient kernel. Every other backend takes any shape.
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+from moelora_dist.models.ops import rms_norm, rms_norm_sharded
+from moelora_dist.models.rope import apply_rotary
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class HeadSplit:
                 f"num_attention_heads={cfg.num_heads} is not divisible by tp={tp}; pick tp from "
                 f"{[d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0]}")
         num_q = cfg.num_heads // tp
+        if cfg.attention == "mla":  # keys and values are expanded per query head
+            return cls(tp_rank * num_q, num_q, tp_rank * num_q, num_q, 1)
         if cfg.num_kv_heads >= tp:
             if cfg.num_kv_heads % tp:
                 raise ModelConfigError(
@@ -80,6 +83,8 @@ class TPAttention:
         self.cfg, self.layer, self.split, self.tp_group = cfg, layer, split, tp_group
         self.w = weights
         self.prefix = f"layers.{layer}.self_attn"
+        # A per-layer window (gpt-oss); a model-wide one (Mixtral) is in the batch mask already.
+        self.window = cfg.layer_windows[layer] if cfg.layer_windows else None
         D = cfg.head_dim
         # Rows of the pool's replicated k/v LoRA B that belong to this rank's kv head.
         self.kv_rows = None if split.kv_sharded else slice(
@@ -95,7 +100,8 @@ class TPAttention:
         """``[T, H]`` -> ``[T, H]`` (full sum over TP ranks on every rank).
 
         ``lora``: this forward's dense LoRA (:class:`.lora_linear.DenseLoRA`), or None when no
-        token of the batch uses an adapter. ``cos_TD``/``sin_TD``: ``[T, D]`` RoPE tables.
+        token of the batch uses an adapter. ``cos_TD``/``sin_TD``: ``[T, R]`` RoPE tables
+        (``R < D``: partial rotary on the first ``R`` dims of each head).
         """
         cfg, sp, D = self.cfg, self.split, self.cfg.head_dim
         T = x_TH.shape[0]
@@ -118,8 +124,8 @@ class TPAttention:
         if cfg.qk_norm == "head":
             q = rms_norm(q, self.w["q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, self.w["k_norm"], cfg.rms_norm_eps)
-        q = apply_rope(q, cos_TD, sin_TD)
-        k = apply_rope(k, cos_TD, sin_TD)
+        q = apply_rotary(q, cos_TD, sin_TD)
+        k = apply_rotary(k, cos_TD, sin_TD)
         k_BNLD, v_BNLD = cache.write_and_read(self.layer, batch, k, v)
         out_TND = self._attend(q, k_BNLD, v_BNLD, batch)
         # o is row parallel: its bias is added once, after the sum over ranks, not per rank.
@@ -131,28 +137,9 @@ class TPAttention:
         return o
 
     def _attend(self, q_TND, k_BNLD, v_BNLD, batch: ForwardBatch) -> torch.Tensor:
-        """Scatter queries to ``[B, Q]``, attend, gather back to ``[T, N_q, D]``.
-
-        Grouped-query attention without copying kv heads: the ``g`` query heads that share a kv
-        head are stacked along the query axis (``[B, N_kv, g*Q, D]``), so the kv tensors are
-        read as they are and the mask is tiled ``g`` times.
-        """
-        sp, D = self.split, self.cfg.head_dim
-        B, Q = batch.num_requests, batch.max_q
-        g = sp.num_q // sp.num_kv
-        if Q == 1:  # decode: one token per request, already in [B, Q] order; no scatter
-            q_BQND = q_TND[:, None]
-        else:
-            q_BQND = q_TND.new_zeros(B, Q, sp.num_q, D)
-            q_BQND[batch.req_T, batch.j_T] = q_TND
-        q_grp = q_BQND.view(B, Q, sp.num_kv, g, D).permute(0, 2, 3, 1, 4).reshape(
-            B, sp.num_kv, g * Q, D)
-        with sdpa_kernel(SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(q_grp, k_BNLD, v_BNLD,
-                                                 attn_mask=batch.grouped_mask(g), scale=D ** -0.5)
-        out_BQND = out.view(B, sp.num_kv, g, Q, D).permute(0, 3, 1, 2, 4).reshape(
-            B, Q, sp.num_q, D)
-        return out_BQND[:, 0] if Q == 1 else out_BQND[batch.req_T, batch.j_T]
+        """``[T, N_q, D]`` attention of this layer (its window, its heads' sinks)."""
+        return attend(q_TND, k_BNLD, v_BNLD, batch, scale=self.cfg.head_dim ** -0.5,
+                      window=self.window, sinks_N=self.w.get("sinks"))
 
 
 def load_attention_weights(reader, cfg: ModelConfig, layer: int, split: HeadSplit,
@@ -176,8 +163,12 @@ def load_attention_weights(reader, cfg: ModelConfig, layer: int, split: HeadSpli
         w["q_proj.bias"] = reader.rows(f"{p}.q_proj.bias", *q_rows, dtype=dtype)
         w["k_proj.bias"] = reader.rows(f"{p}.k_proj.bias", *kv_rows, dtype=dtype)
         w["v_proj.bias"] = reader.rows(f"{p}.v_proj.bias", *kv_rows, dtype=dtype)
-        if reader.has(f"{p}.o_proj.bias"):
-            w["o_proj.bias"] = reader.get(f"{p}.o_proj.bias", dtype=dtype)
+        # o_bias None: the classic families have one when the checkpoint does
+        if cfg.o_bias or (cfg.o_bias is None and reader.has(f"{p}.o_proj.bias")):
+            w["o_proj.bias"] = reader.get(f"{p}.o_proj.bias", dtype=dtype, expect_shape=(H,))
+    if cfg.sinks:  # one logit per query head: each rank keeps its heads'
+        w["sinks"] = reader.rows(f"{p}.sinks", split.q_start, split.q_start + split.num_q,
+                                 dtype=dtype, expect_shape=(cfg.num_heads,))
     if cfg.qk_norm == "head":
         w["q_norm"] = reader.get(f"{p}.q_norm.weight", dtype=dtype, expect_shape=(D,))
         w["k_norm"] = reader.get(f"{p}.k_norm.weight", dtype=dtype, expect_shape=(D,))

@@ -40,14 +40,30 @@ class ForwardBatch:
     max_q: int
     max_kv: int
 
-    def grouped_mask(self, g: int) -> torch.Tensor:
+    def grouped_mask(self, g: int, window: int | None = None) -> torch.Tensor:
         """The mask tiled ``g`` times along queries, ``[B, 1, g*Q, L]``, for attention that
         stacks the ``g`` query heads of one kv head along the query axis (made once per
-        forward, shared by every layer)."""
+        forward and window, shared by every layer)."""
         cache = self.__dict__.setdefault("_grouped", {})
-        if g not in cache:
-            cache[g] = self.attn_mask_B1QL.repeat(1, 1, g, 1)
-        return cache[g]
+        if (g, window) not in cache:
+            cache[(g, window)] = self.mask_for(window).repeat(1, 1, g, 1)
+        return cache[(g, window)]
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        """``[B, 1, Q, L]`` bool: the mask with a sliding ``window`` on top (a query at
+        position ``i`` sees keys ``i - window < j <= i``), for models whose layers differ
+        (gpt-oss: windows on even layers). Built on the device from the causal mask itself
+        (a query's position is its count of visible keys minus one), so a CUDA-graph step
+        computes it too. Only for a batch built without a model-wide ``sliding_window``."""
+        if window is None:
+            return self.attn_mask_B1QL
+        cache = self.__dict__.setdefault("_windowed", {})
+        if window not in cache:
+            m = self.attn_mask_B1QL
+            q_pos = m.sum(-1, keepdim=True) - 1  # causal rows see keys 0..pos
+            k_pos = torch.arange(m.shape[-1], device=m.device)
+            cache[window] = m & (k_pos > q_pos - window)
+        return cache[window]
 
     @property
     def num_requests(self) -> int:
@@ -131,10 +147,12 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, num_rows: int, max_len: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device):
+                 head_dim: int, dtype: torch.dtype, device, v_head_dim: int | None = None):
         shape = (num_rows, max_len, num_kv_heads, head_dim)
+        # MLA caches its keys and values expanded per head, values narrower than keys.
+        v_shape = shape[:3] + (v_head_dim or head_dim,)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
         self.num_rows = num_rows
 

@@ -145,12 +145,19 @@ class DecodeGraphs:
             # The model's GPU need not be the current device (a process may hold several):
             # streams, capture and replay must all be on the model's.
             with torch.cuda.device(self.model.device):
-                entry = self._graphs.get((P, num_lora > 0))
+                entry = self._graphs.get(self._key(P, num_lora))
                 if entry is None:
                     entry = self._capture(inputs, num_lora)
                 entry[0].replay()
             logits, next_ids = entry[1], entry[2]
         return logits[:B], next_ids[:B]
+
+    def _key(self, P: int, num_lora: int) -> tuple:
+        """A graph per bucket and kind; a LoRA graph also per model LoRA variant (which
+        router LoRAs run), so loading an adapter with a router LoRA never replays a graph
+        captured without it."""
+        variant = self.model.lora_variant() if num_lora else ()
+        return (P, num_lora > 0) + ((variant,) if variant else ())
 
     def _forward(self, inputs_3P: torch.Tensor, num_lora: int):
         """The static step; no host sync, every shape fixed by ``P`` and the cache."""
@@ -183,7 +190,7 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._mempool):
             logits, next_ids = self._forward(inputs_3P, num_lora)
         entry = (graph, logits, next_ids)
-        self._graphs[(P, num_lora > 0)] = entry
+        self._graphs[self._key(P, num_lora)] = entry
         if self.model.groups.is_rank0:
             log.info("decode graph captured: batch bucket %d, %s, KV length %d, %.0f ms; "
                      "%d graphs, %.0f MiB reserved on the device", P,

@@ -152,6 +152,7 @@ def test_attention_never_uses_cudnn_and_matches_math(monkeypatch):
                                      moe_intermediate_size=8, num_hidden_layers=1))
     layer = attn_mod.TPAttention.__new__(attn_mod.TPAttention)
     layer.cfg, layer.split = cfg, HeadSplit.for_rank(cfg, 1, 0)
+    layer.window, layer.w = None, {}  # no per-layer window, no sinks
     g = torch.Generator().manual_seed(0)
     for new, prefix in (([1, 1], [3, 6]), ([3, 1], [2, 4])):  # decode, then mixed prefill
         b = ForwardBatch.build(new, prefix, "cpu")
