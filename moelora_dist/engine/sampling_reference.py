@@ -1,6 +1,7 @@
 """The reference of :func:`moelora_dist.engine.sampling.sample`, one row at a time, with the
 filters written as Hugging Face's logits warpers do them (masks in float64 over the whole
-vocabulary, sorts where they sort) and the same uniforms.
+vocabulary, sorts where they sort; ties at top-p's cut are kept, see :func:`kept_mask`) and the
+same uniforms.
 
     out = sample_reference(logits_BV, params, seeds, steps, num_logprobs)
 
@@ -35,6 +36,9 @@ def kept_mask(logits_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         cum = sorted_s.softmax(-1).cumsum(-1)
         remove = cum <= 1 - params.top_p
         remove[-1] = False  # the most likely token always stays
+        # One deviation from Hugging Face, as in the fast path: a token tied with the
+        # smallest kept one stays (which of equal logits a sort puts first is arbitrary)
+        remove &= sorted_s < sorted_s[~remove].min()
         s = s.masked_fill(remove.scatter(0, order, remove), float("-inf"))
     if params.min_p > 0:  # MinPLogitsWarper: below min_p times the top probability goes
         probs = s.softmax(-1)
