@@ -115,7 +115,6 @@ def bench(args) -> list[dict]:
                            speedup_vs_torch_way=round(base / graph, 2),
                            logits_read_once_us=round(read_us, 1))
         rows.append(row)
-        del logits, batch
     return rows, roof
 
 
