@@ -19,8 +19,9 @@ multiples of 128 (last blocks partial) for one-process tests.
 References: transformers' own FP8 path (``from_pretrained`` on the FP8 directory: on a CPU it
 dequantizes every weight with its scales) with the PEFT adapter loaded on top. Its
 dequantization infers the block size from the scale grid (``rows // scale_rows``), which is only
-right when every dim is a multiple of 128 or within one block; ``partial`` cases therefore use
-the dequantized fp32 twin written here instead (:func:`write_dequantized_twin`).
+right when every dim is a multiple of 128 or within one block, and it reads fused 3-D FP8
+expert tensors without their scales; ``partial`` and ``fused`` cases therefore use the
+dequantized fp32 twin written here instead (:func:`write_dequantized_twin`).
 """
 
 from __future__ import annotations
@@ -143,9 +144,26 @@ def write_dequantized_twin(fp8_dir: Path, out_dir: Path) -> Path:
     """The fp32 checkpoint of the same weights (what FP8 means when dequantized)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = load_file(str(fp8_dir / "model.safetensors"))
-    twin = {k: (dequantize_blocks(v, sd[k[:-len("weight")] + "weight_scale_inv"])
-                if v.dtype == torch.float8_e4m3fn else v)
-            for k, v in sd.items() if not k.endswith("scale_inv")}
+    twin = {}
+    for k, v in sd.items():
+        if k.endswith("scale_inv"):
+            continue
+        if v.dtype != torch.float8_e4m3fn:
+            twin[k] = v
+        elif k.endswith(".weight"):
+            twin[k] = dequantize_blocks(v, sd[k[:-len("weight")] + "weight_scale_inv"])
+        else:  # fused 3-D experts: written back per expert, the layout transformers reads
+            w = dequantize_blocks(v, sd[f"{k}_scale_inv"])
+            prefix, name = k.rsplit(".", 1)
+            gate, up, down = (("w1", "w3", "w2") if "block_sparse_moe" in k else
+                              ("gate_proj", "up_proj", "down_proj"))
+            for e in range(w.shape[0]):
+                if name == "down_proj":
+                    twin[f"{prefix}.{e}.{down}.weight"] = w[e].clone()
+                else:
+                    g, u = w[e].chunk(2)
+                    twin[f"{prefix}.{e}.{gate}.weight"] = g.clone()
+                    twin[f"{prefix}.{e}.{up}.weight"] = u.clone()
     save_file(twin, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((fp8_dir / "config.json").read_text())
     cfg.pop("quantization_config")
@@ -264,7 +282,10 @@ def build_fp8_case(arch: str, root: Path, *, seed: int = 0, hybrid: bool = False
                       target_modules=["q_proj", "v_proj"], target_parameters=EXPERT_PARAMETERS,
                       use_rslora=True, seed=seed + 2)
     adapters = {"a1": root / "a1", "a2": root / "a2"}
-    ref_dir = write_dequantized_twin(model_dir, root / "twin") if partial else model_dir
+    # transformers 5.24 reads fused 3-D FP8 expert tensors without their scales (measured: the
+    # raw e4m3 values), so fused cases are checked against the twin as well.
+    use_twin = partial or quant.get("fused", False)
+    ref_dir = write_dequantized_twin(model_dir, root / "twin") if use_twin else model_dir
     lm = quant.get("lm_head", False)
     hf = {None: load_reference(ref_dir, None, lm)}
     hf.update({n: load_reference(ref_dir, d, lm) for n, d in adapters.items()})
