@@ -267,8 +267,9 @@ def load_reference(model_dir: Path, adapter_dir: Path | None, fake_quant_lm_head
 
 
 def build_fp8_case(arch: str, root: Path, *, seed: int = 0, hybrid: bool = False,
-                   partial: bool = False, **quant) -> FP8Case:
-    """An FP8 model and two adapters (as in :func:`tests.e2e_cases.build_case`) under ``root``."""
+                   partial: bool = False, references: bool = True, **quant) -> FP8Case:
+    """An FP8 model and two adapters (as in :func:`tests.e2e_cases.build_case`) under ``root``;
+    ``references=False`` skips loading the transformers references (GPU tests)."""
     overrides = dict(PARTIAL[arch] if partial else SIZES[arch])
     if hybrid:
         overrides.update(num_hidden_layers=3, mlp_only_layers=[1])
@@ -282,6 +283,8 @@ def build_fp8_case(arch: str, root: Path, *, seed: int = 0, hybrid: bool = False
                       target_modules=["q_proj", "v_proj"], target_parameters=EXPERT_PARAMETERS,
                       use_rslora=True, seed=seed + 2)
     adapters = {"a1": root / "a1", "a2": root / "a2"}
+    if not references:
+        return FP8Case(arch, model_dir, adapters, {}, overrides)
     # transformers 5.24 reads fused 3-D FP8 expert tensors without their scales (measured: the
     # raw e4m3 values), so fused cases are checked against the twin as well.
     use_twin = partial or quant.get("fused", False)
