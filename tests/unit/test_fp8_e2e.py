@@ -97,3 +97,25 @@ def test_fp8_greedy_tokens_match_reference(case):
     outs = _runner(case).generate([Request(ids, a, max_new_tokens=n) for ids, a, n in GEN_REQUESTS])
     problem = greedy_matches_up_to_ties([g.output_ids for g in outs], case.hf, GEN_REQUESTS)
     assert problem is None, problem
+
+
+def test_memory_report_matches_loaded_weights(case, capsys):
+    """inspect-adapter --model-config sizes the base from the config alone; on one process it
+    must equal what the runner actually holds (fp32 here), and the start-up line says FP8."""
+    import json
+
+    from moelora_dist.cli.main import main as cli_main
+    from moelora_dist.config.weight_bytes import weight_bytes
+    from moelora_dist.models.memory import describe_memory, weight_bytes as held
+
+    model = _runner(case).model
+    cfg = ModelConfig.from_dir(str(case.model_dir))
+    want = weight_bytes(cfg, elem=4)
+    assert held(model) == (want["fp8"], want["other"])
+    assert describe_memory(model).startswith("base FP8 (FP8 e4m3 weights, 128x128 block")
+    capsys.readouterr()
+    assert cli_main(["inspect-adapter", str(case.adapter_dirs["a1"]), "--model-config",
+                     str(case.model_dir / "config.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"base model: {case.arch}, FP8 (FP8 e4m3 weights" in out
+    assert json.loads((case.model_dir / "config.json").read_text())["quantization_config"]
