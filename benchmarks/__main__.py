@@ -2,6 +2,7 @@
 
     python -m benchmarks --list
     python -m benchmarks kernels --out benchmarks/results/current [--quick] [--stages]
+    python -m benchmarks fp8 --out benchmarks/results/current [--quick]
     python -m benchmarks decode --out-dir benchmarks/results/current
     python -m benchmarks dispatch --nproc 2 --out-prefix benchmarks/results/current/dist
     python -m benchmarks layer --nproc 2 --out-prefix benchmarks/results/current/dist_layer
@@ -26,6 +27,9 @@ SUITES = {
     "kernels": ("benchmarks.kernels.bench_moe_lora",
                 "the MoE layer's local experts with multi-LoRA vs base, reference, transformers",
                 None),
+    "fp8": ("benchmarks.kernels.bench_fp8",
+            "FP8 experts vs bf16, FP8 + multi-LoRA vs FP8 (Qwen3, Mixtral, DeepSeek-V3 routed)",
+            None),
     "overhead": ("benchmarks.kernels.bench_overhead",
                  "eager vs graph time, host time and per-kernel GPU time of the MoE layer", None),
     "decode": ("benchmarks.e2e.bench_decode",
