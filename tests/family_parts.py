@@ -18,6 +18,16 @@ class DictReader:
     def has(self, key: str) -> bool:
         return key in self.t
 
+    def require(self, key: str) -> None:
+        assert key in self.t, key
+
+    def shape(self, key: str) -> list[int]:
+        return list(self.t[key].shape)
+
+    def dtype_name(self, key: str) -> str:
+        return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[
+            self.t[key].dtype]
+
     def get(self, key, *index, dtype=None, expect_shape=None):
         t = self.t[key]
         if expect_shape is not None:

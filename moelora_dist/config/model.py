@@ -34,6 +34,7 @@ from moelora_dist.config.families import (  # noqa: F401  (re-exported lenient r
 from moelora_dist.config.family_fields import (FamilyConfigError, classic_fields,
                                                gpt_oss_fields, grouped_router_fields)
 from moelora_dist.config.rope import RopeConfig
+from moelora_dist.config.quant import FP8Config, QuantConfigError, parse_quantization_config
 from moelora_dist.errors import MoeloraError
 from moelora_dist.files.paths import kind_of, read_json_object
 
@@ -86,6 +87,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     checkpoint_dtype: str | None = None
     max_positions: int | None = None
+    fp8: FP8Config | None = None  # set for a fine-grained FP8 checkpoint (config/quant.py)
     model_type: str = ""
     rope: RopeConfig | None = None
     # MoE block
@@ -182,7 +184,7 @@ class ModelConfig:
                 f"model_type {model_type!r} is not supported; supported: "
                 f"{', '.join(SUPPORTED_ARCHS)}")
         arch = family_of(raw)
-        quant_method = _quant_method(arch, raw)
+        quant_method, fp8 = _quantization(arch, raw)
         hidden = _req(raw, "hidden_size")
         _req(raw, "num_attention_heads")
         heads, kv_heads, head_dim = attention_dims(raw)
@@ -224,7 +226,7 @@ class ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             eos_token_ids=eos_ids, checkpoint_dtype=raw.get("dtype") or raw.get("torch_dtype"),
             max_positions=raw.get("max_position_embeddings"), model_type=model_type,
-            quant_method=quant_method, raw=raw, **fields)
+            quant_method=quant_method, fp8=fp8, raw=raw, **fields)
 
 
 _INT_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -244,19 +246,19 @@ def _check_types(raw: dict) -> None:
             raise ModelConfigError(f"config field {key!r} is {v!r}; it must be a positive integer")
 
 
-def _quant_method(arch: str, raw: dict) -> str | None:
-    """The served quantization (gpt-oss MXFP4 experts, dequantized at load) or None; any other
-    ``quantization_config`` is refused: its weights would be read without their scales."""
+def _quantization(arch: str, raw: dict) -> tuple[str | None, FP8Config | None]:
+    """``(quant_method, fp8)``: gpt-oss's MXFP4 experts (dequantized at load), or the
+    fine-grained FP8 layout (:mod:`.quant`); any other ``quantization_config`` is refused:
+    its weights would be read without their scales."""
     quant = raw.get("quantization_config")
-    if not quant:
-        return None
     method = quant.get("quant_method") if isinstance(quant, dict) else quant
-    if method in DEQUANTIZED_AT_LOAD.get(arch, ()):
-        return method
-    raise ModelConfigError(
-        f"quantization_config (quant_method {method!r}) is not supported: its weights "
-        "would be read without their scales; use a bf16/fp16/fp32 checkpoint"
-        + (" (gpt-oss MXFP4 experts are dequantized at load)" if arch == "gpt_oss" else ""))
+    if quant and method in DEQUANTIZED_AT_LOAD.get(arch, ()):
+        return method, None
+    try:  # the fine-grained FP8 layout is served; every other quantization is refused
+        return None, parse_quantization_config(raw)
+    except QuantConfigError as exc:
+        hint = " (gpt-oss MXFP4 experts are dequantized at load)" if arch == "gpt_oss" else ""
+        raise ModelConfigError(f"{exc}{hint}") from None
 
 
 def _req(raw: dict, key: str):

@@ -169,8 +169,10 @@ class SafetensorsReader:
             raise _safetensor_error(f"{self.what} shard", f, exc) from None
         if t.dtype not in WEIGHT_DTYPES:
             raise fail(self.what, f, f"tensor {key!r} is stored as {t.dtype}, which this loader "
-                       "does not read (quantized weights are not supported); use a "
-                       "bf16/fp16/fp32 checkpoint")
+                       "does not read here (a quantized tensor where the model config expects "
+                       "an unquantized one: no fine-grained FP8 quantization_config, or a "
+                       "module it does not convert); use a bf16/fp16/fp32 checkpoint or fix "
+                       "its quantization_config")
         self.read_keys.add(key)
         return t.to(dtype) if dtype is not None else t
 

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from moelora_dist.config.model import ModelConfig
 from moelora_dist.models.attention_core import attend
 from moelora_dist.models.batch import ForwardBatch, KVCache
-from moelora_dist.models.lora_linear import DenseLoRA, linear_with_lora
+from moelora_dist.models.fp8_weights import read_linear
+from moelora_dist.models.lora_linear import DenseLoRA, base_linear, linear_with_lora
 from moelora_dist.models.ops import rms_norm
 from moelora_dist.models.rope import apply_rotary
 
@@ -61,8 +61,8 @@ class TPMLA:
         m, w, p, N = self.mla, self.w, self.prefix, self.split.num_q
         T = x_TH.shape[0]
         q_in = "q_a_proj" if m.q_lora_rank is not None else "q_proj"
-        q0 = F.linear(x_TH, w[q_in], w.get(f"{q_in}.bias"))
-        kva = F.linear(x_TH, w["kv_a_proj_with_mqa"], w.get("kv_a_proj_with_mqa.bias"))
+        q0 = base_linear(x_TH, w[q_in], w.get(f"{q_in}.bias"))
+        kva = base_linear(x_TH, w["kv_a_proj_with_mqa"], w.get("kv_a_proj_with_mqa.bias"))
         if lora is not None:  # both read x: one shrink GEMM
             q0, kva = lora.apply_group(x_TH, [(q0, f"{p}.{q_in}", None),
                                               (kva, f"{p}.kv_a_proj_with_mqa", None)])
@@ -125,16 +125,19 @@ def mla_rank_slices(cfg: ModelConfig, split) -> dict[str, tuple[int, int, int]]:
 
 def load_mla_weights(reader, cfg: ModelConfig, layer: int, split,
                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read only this rank's heads of one MLA layer (latent projections whole)."""
+    """Read only this rank's heads of one MLA layer (latent projections whole). The linears
+    are tensors, or block-FP8 weights for an FP8 checkpoint (:mod:`.fp8_weights`)."""
     p = f"model.layers.{layer}.self_attn"
     cuts = mla_rank_slices(cfg, split)
     w = {}
     for name, shape in mla_shapes(cfg).items():
-        key = f"{p}.{name}" if name.endswith(".bias") else f"{p}.{name}.weight"
+        if name.endswith((".bias", "layernorm")):
+            key = f"{p}.{name}" if name.endswith(".bias") else f"{p}.{name}.weight"
+            w[name] = reader.get(key, dtype=dtype, expect_shape=shape)
+            continue
+        kw = {}
         if name in cuts:
             dim, lo, hi = cuts[name]
-            read = reader.rows if dim == 0 else reader.cols
-            w[name] = read(key, lo, hi, dtype=dtype, expect_shape=shape)
-        else:
-            w[name] = reader.get(key, dtype=dtype, expect_shape=shape)
+            kw = {"rows" if dim == 0 else "cols": (lo, hi)}
+        w[name] = read_linear(reader, cfg, f"{p}.{name}", dtype=dtype, expect_shape=shape, **kw)
     return w

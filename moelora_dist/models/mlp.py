@@ -18,8 +18,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moelora_dist.config.model import ModelConfig, ModelConfigError
-from moelora_dist.models.lora_linear import DenseLoRA, linear_with_lora
+from moelora_dist.models.fp8_weights import read_linear
+from moelora_dist.models.lora_linear import DenseLoRA, base_linear, linear_with_lora
 from moelora_dist.models.moe_weights import RankMoEWeights, load_moe_weights
+from moelora_dist.models.moe_weights_fp8 import experts_stored_fp8, load_moe_weights_fp8
 
 
 class DenseMLP:
@@ -38,8 +40,8 @@ class DenseMLP:
         """``[T, H]`` -> ``[T, H]``, summed over TP ranks. ``lora``: this forward's
         :class:`.lora_linear.DenseLoRA`, or None when no token uses an adapter."""
         p = self.prefix
-        gate = F.linear(x_TH, self.w["gate_proj"])
-        up = F.linear(x_TH, self.w["up_proj"])
+        gate = base_linear(x_TH, self.w["gate_proj"])
+        up = base_linear(x_TH, self.w["up_proj"])
         if lora is not None:  # gate and up read the same x: one shrink GEMM
             gate, up = lora.apply_group(x_TH, [(gate, f"{p}.gate_proj", None),
                                                (up, f"{p}.up_proj", None)])
@@ -70,13 +72,11 @@ def load_dense_mlp_weights(reader, cfg: ModelConfig, layer: int, tp: int, tp_ran
     start, end = dense_mlp_slice(cfg, tp, tp_rank, F_)
     p = f"model.layers.{layer}.{module}"
     H = cfg.hidden_size
-    return {
-        "gate_proj": reader.rows(f"{p}.gate_proj.weight", start, end, dtype=dtype,
-                                 expect_shape=(F_, H)),
-        "up_proj": reader.rows(f"{p}.up_proj.weight", start, end, dtype=dtype,
-                               expect_shape=(F_, H)),
-        "down_proj": reader.cols(f"{p}.down_proj.weight", start, end, dtype=dtype,
-                                 expect_shape=(H, F_)),
+    proj = lambda name, **kw: read_linear(reader, cfg, f"{p}.{name}", dtype=dtype, **kw)  # noqa: E731
+    return {  # tensors, or BlockFP8Weight for an FP8 checkpoint's projections
+        "gate_proj": proj("gate_proj", rows=(start, end), expect_shape=(F_, H)),
+        "up_proj": proj("up_proj", rows=(start, end), expect_shape=(F_, H)),
+        "down_proj": proj("down_proj", cols=(start, end), expect_shape=(H, F_)),
     }
 
 
@@ -104,6 +104,16 @@ def load_expert_weights(reader, cfg: ModelConfig, layer: int, shard,
     if prefix is None:
         raise ModelConfigError(f"config.json makes layer {layer} a MoE layer but the checkpoint "
                                f"has no router weight {prefixes[0]}.{router}.weight")
+    if cfg.expert_layout == "standard" and experts_stored_fp8(reader, cfg, prefix):
+        w = load_moe_weights_fp8(reader, cfg, prefix, shard, hidden=cfg.hidden_size, dtype=dtype)
+        E, H = cfg.num_experts, cfg.hidden_size
+        if cfg.router_fp32:  # DeepSeek-V3 / GLM-4.5 keep the router in fp32
+            w.router_EH = reader.get(f"{prefix}.gate.weight", dtype=torch.float32,
+                                     expect_shape=(E, H))
+        if cfg.correction_bias:
+            w.correction_bias_E = reader.get(f"{prefix}.gate.e_score_correction_bias",
+                                             dtype=torch.float32, expect_shape=(E,))
+        return w
     return load_moe_weights(reader, prefix, shard, hidden=cfg.hidden_size, dtype=dtype,
                             layout=cfg.expert_layout, correction_bias=cfg.correction_bias,
                             router_dtype=torch.float32 if cfg.router_fp32 else None)

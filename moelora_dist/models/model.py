@@ -31,7 +31,9 @@ from moelora_dist.lora.batch_info import BatchInfo
 from moelora_dist.lora.pool import DenseModuleSpec, LoRAPool, MoELayerSpec, PoolConfig
 from moelora_dist.models.attention import HeadSplit, TPAttention
 from moelora_dist.models.batch import ForwardBatch, KVCache
-from moelora_dist.models.lora_linear import DenseLoRA
+from moelora_dist.models.fp8_layout import check_fp8_layout
+from moelora_dist.models.lora_linear import DenseLoRA, base_linear
+from moelora_dist.models.memory import describe_memory, place_weight
 from moelora_dist.models.mla import TPMLA
 from moelora_dist.models.mlp import DenseMLP
 from moelora_dist.models.mxfp4 import mxfp4_note
@@ -161,6 +163,7 @@ class MoELoRAModel:
         """
         rl, dev = groups.rank_layout, groups.device
         groups.layout.check_model(cfg.num_experts, cfg.moe_intermediate)
+        check_fp8_layout(cfg, groups.tp_size, groups.layout.ep)
         split = HeadSplit.for_rank(cfg, groups.tp_size, rl.tp_rank)
         pool = LoRAPool(
             PoolConfig(max_loras=max_loras, max_rank=max_rank, dtype=dtype, device=dev), rl,
@@ -169,12 +172,13 @@ class MoELoRAModel:
             dense_modules=dense_module_specs(cfg, split))
         self = cls(cfg, groups, pool, dtype, backend)
         to = dict(device=dev, dtype=dtype)
+        place = lambda t: place_weight(t, dev, dtype)  # noqa: E731  (FP8 weights keep their dtype)
         # gpt-oss's norms stay fp32 (transformers' _keep_in_fp32_modules) and scale in fp32.
         norm_to = dict(device=dev, dtype=torch.float32 if cfg.norm_weight_first else dtype)
         self.embed_VH = source.embed().to(**to)
         # Tied embeddings share one tensor (a [V, H] copy is ~0.6 GB at a 150k vocabulary).
         self.lm_head_VH = (self.embed_VH if cfg.tie_word_embeddings
-                           else source.lm_head().to(**to))
+                           else place(source.lm_head()))
         self.final_norm_H = source.norm("model.norm").to(**norm_to)
         shard = rl.moe_shard(cfg.num_experts, cfg.moe_intermediate)
         attention_cls = TPMLA if cfg.attention == "mla" else TPAttention
@@ -183,7 +187,7 @@ class MoELoRAModel:
             bar = tqdm(range(cfg.num_layers), desc="loading layers", unit="layer",
                        disable=not (progress and groups.is_rank0))
             for i in bar:
-                attn_w = {k: v.to(**to) for k, v in source.attention(i, split).items()}
+                attn_w = {k: place(v) for k, v in source.attention(i, split).items()}
                 layer = {
                     "ln1": source.norm(f"model.layers.{i}.input_layernorm").to(**norm_to),
                     "ln2": source.norm(f"model.layers.{i}.post_attention_layernorm").to(
@@ -198,12 +202,12 @@ class MoELoRAModel:
                     if cfg.shared_intermediate:
                         sw = source.dense_mlp(i, groups.tp_size, rl.tp_rank,
                                               "mlp.shared_experts", cfg.shared_intermediate)
-                        layer["shared"] = DenseMLP(i, {k: v.to(**to) for k, v in sw.items()},
+                        layer["shared"] = DenseMLP(i, {k: place(v) for k, v in sw.items()},
                                                    groups.tp_group, "mlp.shared_experts")
                     layer["router_path"] = router_path(cfg, i)
                 else:
                     mlp_w = source.dense_mlp(i, groups.tp_size, rl.tp_rank)
-                    layer["mlp"] = DenseMLP(i, {k: v.to(**to) for k, v in mlp_w.items()},
+                    layer["mlp"] = DenseMLP(i, {k: place(v) for k, v in mlp_w.items()},
                                             groups.tp_group)
                 self.layers.append(layer)
             source.check_all_placed()
@@ -213,6 +217,7 @@ class MoELoRAModel:
             log.info("%s: %d layers (%d MoE), %s, LoRA pool %d slots x rank %d = %.1f MiB per rank",
                      cfg.arch, cfg.num_layers, len(cfg.moe_layers), groups.layout, max_loras,
                      max_rank, pool.nbytes() / 2**20)
+            log.info("%s", describe_memory(self))
             if mxfp4_values:
                 log.info("%s", mxfp4_note(mxfp4_values, dtype))
         return self
@@ -225,7 +230,8 @@ class MoELoRAModel:
         opt = lambda t, **kw: None if t is None else t.to(**(kw or to))  # noqa: E731
         return MoEBlock(
             w.router_EH.to(device=dev, dtype=torch.float32 if cfg.router_fp32 else dtype),
-            w.w_gate_up.to(**to), w.w_down.to(**to), top_k=cfg.top_k,
+            place_weight(w.w_gate_up, dev, dtype), place_weight(w.w_down, dev, dtype),
+            top_k=cfg.top_k,
             renormalize=cfg.renormalize, shard=shard, activation=activation_of(cfg),
             router=router_spec_of(cfg), router_bias_E=opt(w.router_bias_E),
             correction_bias_E=opt(w.correction_bias_E, device=dev, dtype=torch.float32),
@@ -284,4 +290,4 @@ class MoELoRAModel:
 
     def logits(self, hidden_NH: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` -> ``[N, V]`` float32 logits (the GEMM runs in the model dtype, as HF)."""
-        return torch.nn.functional.linear(hidden_NH, self.lm_head_VH).float()
+        return base_linear(hidden_NH, self.lm_head_VH).float()

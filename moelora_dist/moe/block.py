@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelora_dist.kernels.constants import Activation, as_activation
+from moelora_dist.kernels.weights_fp8 import is_fp8
 from moelora_dist.moe.experts import pick_backend, run_experts
 from moelora_dist.moe.router import RouterSpec, localize_topk_ids, route_with
 from moelora_dist.parallel.layout import MoEShard
@@ -33,7 +34,8 @@ def _frozen(t: torch.Tensor | None):
 class MoEBlock(nn.Module):
     """Base MoE layer holding one rank's slice of the expert weights (no LoRA, no collectives).
 
-    ``router_EH [E, H]``, ``w_gate_up [E_l, 2*I_l, H]``, ``w_down [E_l, H, I_l]``; optional
+    ``router_EH [E, H]``, ``w_gate_up [E_l, 2*I_l, H]``, ``w_down [E_l, H, I_l]``: tensors, or
+    :class:`~moelora_dist.kernels.weights_fp8.BlockFP8Weight` for FP8 experts; optional
     ``router_bias_E [E]``, ``correction_bias_E [E]`` (fp32), ``b_gate_up [E_l, 2*I_l]`` and
     ``b_down [E_l, H]`` (given on every rank; kept only where ``shard.i_start == 0``).
     ``router_fp32``: logits computed in fp32 from an fp32 router weight (DeepSeek-V3, GLM).
@@ -67,8 +69,10 @@ class MoEBlock(nn.Module):
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
         self.router = nn.Parameter(router_EH.float() if router_fp32 else router_EH,
                                    requires_grad=False)
-        self.w_gate_up = nn.Parameter(w_gate_up, requires_grad=False)
-        self.w_down = nn.Parameter(w_down, requires_grad=False)
+        # FP8 experts (a BlockFP8Weight: e4m3 values + block scales) are kept as they are.
+        self.w_gate_up = w_gate_up if is_fp8(w_gate_up) else nn.Parameter(w_gate_up,
+                                                                           requires_grad=False)
+        self.w_down = w_down if is_fp8(w_down) else nn.Parameter(w_down, requires_grad=False)
         self.router_bias = _frozen(router_bias_E)
         self.correction_bias = _frozen(None if correction_bias_E is None
                                        else correction_bias_E.float())
