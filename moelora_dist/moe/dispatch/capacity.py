@@ -15,9 +15,10 @@ small share, and the rounding keeps the number of distinct shapes (and compiled 
 small. When the rule reaches ``C0`` the exchange is lossless by construction: a destination
 can never need more than the share holds, so nothing is checked and nothing overflows.
 
-Where it lands (factor 1.25, sigmas 3): top-8 of 128 experts on EP 2 gives p = 0.996, so
-C = C0 at every T (almost every token needs both ranks anyway); on EP 8 p = 0.66 and C is
-0.83 C0 for large T; top-2 of 8 on EP 4 (Mixtral-like) p = 0.46, C = 0.58 C0. Below C0 a
+Where it lands (factor 1.25, sigmas 3): top-8 of 128 experts on EP 2 (p = 0.997) or EP 4
+(p = 0.91) gives C = C0 at every T (almost every token needs every rank anyway); on EP 8
+p = 0.67 and C = 0.85 C0 at T = 65536; top-2 of 8 on EP 4 (Mixtral-like) p = 0.46,
+C = 0.59 C0; small batches (C0 <= 16 or so) always get C0. Below C0 a
 share can overflow (skewed routing); :mod:`.all_to_all_fixed` then sends the excess in a second
 exchange, so results stay exact, and counts it.
 """
