@@ -293,3 +293,31 @@ def test_poisoned_lora_of_a_requested_pair_shows(layout):
     y = layer(x, info)
     pool.release_batch()
     _all_ok({} if bool(torch.isnan(y[t]).all()) else {"nan": "the poisoned pair was not seen"})
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need NCCL on GPUs; gloo CPU ranks have none")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_id)
+def test_graph_capture_sends_the_share_and_replays_exactly(layout):
+    # A capacity of 1 row overflows eagerly (second exchange); under capture the dispatcher
+    # must use the whole share instead, so the replay is exact with no host read.
+    g = init_parallel(layout.tp, layout.ep)
+    shard = g.rank_layout.moe_shard(E, I)
+    d = AllToAllFixedDispatcher(g, shard, FixedConfig(capacity=CapacityRule(rows=1)))
+    x, w, ids, slot = _inputs(37, 9)
+    eager = _round_trip(d, x, w, ids, slot)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _round_trip(d, x, w, ids, slot)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = _round_trip(d, x, w, ids, slot)
+    captured_capacity = d.stats.last_capacity
+    graph.replay()
+    torch.cuda.synchronize()
+    problems = {k: p for k, y in (("eager", eager), ("graph", y_graph))
+                if (p := _close(y, _expected(x, w, ids, slot, layout.moe_tp)))}
+    if captured_capacity != -(-37 // g.ep_size):
+        problems["capacity"] = f"captured with {captured_capacity} rows"
+    _all_ok(problems)

@@ -70,14 +70,14 @@ def test_bad_kernel_backend_names_the_problem():
         FixedConfig(backend="cuda")
 
 
-def _layer(dispatcher, pool=None):
+def _layer(dispatcher, pool=None, dtype=torch.float64, experts=None):
     g = ParallelGroups.single()
     shard = g.rank_layout.moe_shard(CFG.num_experts, CFG.intermediate)
-    router, gu, down = (t.to(torch.float64) for t in tiny.full_weights(CFG, 0))
+    router, gu, down = (t.to(dtype) for t in tiny.full_weights(CFG, 0))
     base = MoEBlock.from_full(router, gu, down, top_k=CFG.top_k, renormalize=True, shard=shard)
     if callable(dispatcher):
         dispatcher = dispatcher(g, shard)
-    return LoRAMoE(base, pool, 0, g, dispatcher)
+    return LoRAMoE(base, pool, 0, g, dispatcher, backend=experts)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -106,3 +106,23 @@ def test_layer_takes_a_built_dispatcher_and_refuses_one_for_another_shard():
     other = make_dispatcher("all_to_all_fixed", g, g.rank_layout.moe_shard(4, 4))
     with pytest.raises(ValueError, match="was built for another shard or layout"):
         _layer(other)
+
+
+def test_triton_experts_read_the_received_rows_in_place():
+    # The fixed dispatcher hands the experts x as a view of its receive buffer (row stride =
+    # the byte row, not H); the Triton experts (interpreter, fp32) must read it as the torch
+    # reference reads a contiguous x.
+    adapters = {a.name: a for a in tiny.make_adapters(CFG)}
+    names = ["per_expert_r4", None, "shared_outer_r8"]
+    g = ParallelGroups.single()
+    outs = []
+    for disp, experts in (("all_reduce", "torch"), ("all_to_all_fixed", "triton")):
+        pool = tiny.make_pool(CFG, g.rank_layout, dtype=torch.float32)
+        x, seg = tiny.make_requests(CFG, 11, names, 4, dtype=torch.float32)
+        layer = _layer(disp, pool, torch.float32, experts)
+        if disp == "all_to_all_fixed":
+            routed = layer.get_dispatcher(11).dispatch(x, *layer.base.route(x), None)
+            assert routed.x_NH.stride(0) > CFG.hidden and not routed.x_NH.is_contiguous()
+        outs.append(layer(x, tiny.batch_info_for(pool, names, adapters, seg)))
+        pool.release_batch()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)

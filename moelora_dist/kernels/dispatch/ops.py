@@ -29,9 +29,11 @@ from moelora_dist.kernels.dispatch.wire import DispatchIndex, RowFormat
 
 
 def _tiles(width: int) -> tuple[int, int]:
-    """(BLOCK_M rows, BLOCK_H columns): about 4096 elements per tile, rows of up to 1024."""
+    """(BLOCK_M rows, BLOCK_H columns): about 8192 elements per tile (16 KB of bf16 per
+    program and pass: a plain copy's size), rows of up to 1024. Untuned: the benchmark
+    (``python -m benchmarks dispatch``) measures the copy against the HBM roofline."""
     block_h = max(16, min(1024, next_power_of_2(max(width, 1))))
-    return max(1, min(16, 4096 // block_h)), block_h
+    return max(1, min(16, 8192 // block_h)), block_h
 
 
 def dispatch_index(topk_ids_nK: torch.Tensor, num_local_experts: int, num_dest: int,
@@ -140,5 +142,5 @@ def combine(out_CH: torch.Tensor, pos_nP: torch.Tensor, y_NH: torch.Tensor,
         out_CH, out_CH.stride(0), pos_nP, n, C0, P, capacity, me, y_NH, y_NH.stride(0),
         back, back.stride(0), ovf, ovf.stride(0), offs, H, BYPASS=bypass or P == 1,
         HAS_OVF=has_ovf, ACC_F64=out_CH.dtype == torch.float64, BLOCK_M=block_m,
-        BLOCK_H=block_h)
+        BLOCK_H=block_h, num_warps=8)  # an fp32 accumulator tile of 8192: 32 per thread
     return out_CH

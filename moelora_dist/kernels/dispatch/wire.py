@@ -35,6 +35,7 @@ Placement of the main exchange (``C`` rows per destination, one buffer ``buf``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from typing import NamedTuple
 
 import torch
@@ -52,16 +53,17 @@ class RowFormat:
     top_k: int
     dtype: torch.dtype
 
-    @property
+    # Cached: the dispatcher reads these on every call (host time counts).
+    @cached_property
     def itemsize(self) -> int:
         return torch.empty(0, dtype=self.dtype).element_size()
 
-    @property
+    @cached_property
     def x_offset(self) -> int:
         """Byte offset of x in a row (a multiple of 16)."""
         return -(-(4 * (2 * self.top_k + 1)) // 16) * 16
 
-    @property
+    @cached_property
     def meta_words(self) -> int:
         """W: int32 words before x, padding included."""
         return self.x_offset // 4
@@ -70,12 +72,12 @@ class RowFormat:
     def header_word(self) -> int:
         return 2 * self.top_k + 1
 
-    @property
+    @cached_property
     def row_bytes(self) -> int:
         xb = self.hidden * self.itemsize
         return self.x_offset + -(-xb // 16) * 16
 
-    @property
+    @cached_property
     def x_columns(self) -> int:
         """Elements of ``dtype`` from x's start to the row's end (x, then zero padding)."""
         return (self.row_bytes - self.x_offset) // self.itemsize
@@ -92,6 +94,12 @@ class RowFormat:
     def headers(self, buf_RB: torch.Tensor) -> torch.Tensor:
         """``[R]`` int32 header words of byte rows (a strided view)."""
         return self.words(buf_RB)[:, self.header_word]
+
+
+@lru_cache(maxsize=64)
+def row_format(hidden: int, top_k: int, dtype: torch.dtype) -> RowFormat:
+    """The (cached) :class:`RowFormat` of a shape."""
+    return RowFormat(hidden, top_k, dtype)
 
 
 def send_blocks(num_dest: int, bypass: bool) -> int:

@@ -45,7 +45,7 @@ from moelora_dist.errors import OptionError
 from moelora_dist.kernels.dispatch import naive
 from moelora_dist.kernels.dispatch.wire import (HEADER_COUNT_MASK, HEADER_OVERFLOW_BIT,
                                                 MAX_TOKENS, DispatchIndex, RowFormat,
-                                                exchange_splits, send_blocks,
+                                                exchange_splits, row_format, send_blocks,
                                                 source_of_recv_block)
 from moelora_dist.moe.dispatch.base import Dispatcher, Routed
 from moelora_dist.moe.dispatch.capacity import CapacityRule, capacity_rows
@@ -143,7 +143,7 @@ class AllToAllFixedDispatcher(Dispatcher):
             cap = C0  # a graph cannot size a second exchange: lossless by construction
         share = share_bounds(num_tokens, P, self.groups.rank_layout.moe_ep_rank)
         return _Plan(C0, cap, self.config.bypass_self or P == 1,
-                     RowFormat(hidden, top_k, dtype), share)
+                     row_format(hidden, top_k, dtype), share)
 
     def dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, token_slot_T) -> Routed:
         g = self.groups
