@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from moelora_dist.errors import OptionError
 
@@ -56,12 +57,14 @@ def share_rows(num_tokens: int, num_dest: int) -> int:
     return -(-num_tokens // num_dest)
 
 
+@lru_cache(maxsize=256)
 def need_probability(num_experts: int, top_k: int, num_dest: int) -> float:
     """P(a token routed uniformly to ``top_k`` distinct experts needs a given destination)."""
     local = num_experts // num_dest
     return 1.0 - math.comb(num_experts - local, top_k) / math.comb(num_experts, top_k)
 
 
+@lru_cache(maxsize=1024)
 def capacity_rows(num_tokens: int, num_dest: int, top_k: int, num_experts: int,
                   rule: CapacityRule = CapacityRule()) -> tuple[int, int]:
     """``(C0, C)`` for a batch of ``num_tokens`` tokens (see the module docstring)."""
