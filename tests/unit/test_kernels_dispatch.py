@@ -204,3 +204,20 @@ def test_combine_sums_each_tokens_copies(name):
             else:
                 want[t] += back[(d - (d > me)) * C + j]
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_long_share_walks_several_blocks(poisoned_allocations):
+    # 5000 tokens: the index kernel's prefix count crosses blocks of 2048 (the carry), and the
+    # capacity (2100) and the overflow room both span more than one fill block.
+    from moelora_dist.testing.dispatch_cases import DispatchCase
+
+    g = torch.Generator().manual_seed(5)
+    n, K, P, El = 5000, 2, 2, 4
+    c = DispatchCase(torch.randn(n, 8, generator=g), torch.rand(n, K, generator=g),
+                     torch.randint(-1, P * El, (n, K), generator=g, dtype=torch.int32),
+                     torch.randint(-1, 4, (n,), generator=g, dtype=torch.int32), El, P, 2100)
+    args = (c.topk_ids_nK, c.num_local, c.num_dest, c.capacity, c.overflow_capacity)
+    ref, got = naive.dispatch_index(*args), ops.dispatch_index(*args)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert int(ref.counts_P.min()) > c.capacity  # both destinations overflow
+    assert torch.equal(_packed(c, naive, 1, True, 0x5A)[0], _packed(c, ops, 1, True, 0x5A)[0])

@@ -48,11 +48,13 @@ def dispatch_index(topk_ids_nK: torch.Tensor, num_local_experts: int, num_dest: 
     inv = ws[n * P:n * P + P * C].view(P, C)
     ovf = ws[n * P + P * C:n * P + P * C + P * stride_o].view(P, stride_o)
     counts = ws[n * P + P * C + P * stride_o:]
+    # One program per destination walks the share in blocks (a serial prefix count): blocks
+    # of up to 2048 tokens keep the walk at ~8 steps for a 16k-token share.
+    block_n = max(16, min(2048, next_power_of_2(max(n, capacity, 1))))
     _dispatch_index_kernel[(num_dest,)](
         topk_ids_nK, topk_ids_nK.stride(0), topk_ids_nK.stride(1), n, K, num_local_experts,
         capacity, overflow_capacity, stride_o, num_dest, pos, inv, ovf, counts,
-        BLOCK_N=max(16, min(1024, next_power_of_2(max(n, capacity, 1)))),
-        BLOCK_K=next_power_of_2(K))
+        BLOCK_N=block_n, BLOCK_K=next_power_of_2(K), num_warps=8 if block_n >= 1024 else 4)
     return DispatchIndex(pos, inv, ovf[:, :overflow_capacity], counts)
 
 
