@@ -250,7 +250,10 @@ class AllToAllFixedDispatcher(Dispatcher):
             back_o = y.new_empty(sum(o.send_P), H)
             dist.all_to_all_single(back_o, y[st.main_rows:], output_split_sizes=o.send_P,
                                    input_split_sizes=o.recv_P, group=g.ep_group)
-            off = o.send_off_P
+            if back_o.shape[0]:  # else none of this rank's tokens has a row past the capacity
+                off = o.send_off_P
+            else:
+                back_o = None
         out_CH = y.new_empty(st.C0, H)
         st.kernels.combine(out_CH, st.index.pos_nP, y, back, back_o, off, capacity=cap, me=me,
                            bypass=st.bypass)
