@@ -106,7 +106,7 @@ def references():
     return out, gens
 
 
-@pytest.mark.parametrize("dispatcher", ["all_reduce", "all_to_all"])
+@pytest.mark.parametrize("dispatcher", ["all_reduce", "all_to_all", "all_to_all_fixed"])
 @pytest.mark.parametrize("family,layout", CASES,
                          ids=[f"{n}-tp{x.tp}-ep{x.ep}" for n, x in CASES])
 def test_family_matches_one_process(family, layout, dispatcher, references):
