@@ -13,7 +13,10 @@ log = logging.getLogger("bench_decode")
 
 def write_outputs(rows, m, out_dir) -> str:
     os.makedirs(out_dir, exist_ok=True)
-    tag = m["device"].replace(" ", "_") + ("_tiny" if m["model"] == "tiny" else "")
+    # the default shape keeps its historical file name; others are named after the shape
+    suffix = {"tiny": "_tiny", "qwen3-30b-a3b-shape": ""}.get(
+        m["model"], "_" + m["model"].removesuffix("-shape"))
+    tag = m["device"].replace(" ", "_") + suffix
     path = os.path.join(out_dir, f"e2e_decode_{tag}")
     write_csv(path + ".csv", rows, m)
     try:

@@ -7,13 +7,22 @@ from dataclasses import dataclass
 
 import torch
 
+from moelora_dist.kernels.constants import Activation
 from moelora_dist.testing.kernel_cases import make_lora
-from moelora_dist.moe.router import route
+from moelora_dist.moe.router import (localize_topk_ids, route, route_sigmoid_grouped,
+                                     route_topk_softmax)
 
-MODELS = {  # H, E, K, I of the public model configurations
+MODELS = {  # H, E (local), K, I of the public model configurations
     "qwen3-30b-a3b": (2048, 128, 8, 768),
     "mixtral-8x7b": (4096, 8, 2, 14336),
+    # --families: DeepSeek-V3's routed experts on one rank of EP 8 (tokens route top-8 over
+    # 256 experts with its grouped sigmoid router; the 7 other ranks' experts are -1 here)
+    # and gpt-oss-120b (biased experts, clamped SwiGLU, top-4 of 128).
+    "deepseek-v3-routed-ep8": (7168, 32, 8, 2048),
+    "gpt-oss-120b": (2880, 128, 4, 2880),
 }
+ROUTED_EXPERTS = {"deepseek-v3-routed-ep8": 256}  # experts a token routes over (all ranks)
+GPT_OSS_SWIGLU = Activation("swiglu_oai", 1.702, 7.0)
 NUM_SLOTS = 8
 _WEIGHTS: dict = {}
 
@@ -45,9 +54,22 @@ def make_inputs(case: Case, device="cuda", seed=0):
             (torch.randn(E, 2 * I, H, generator=g, device=device) * H ** -0.5).to(**dev),
             (torch.randn(E, H, I, generator=g, device=device) * I ** -0.5).to(**dev))
     w_gu, w_d = _WEIGHTS[case.model]
-    tw, ids = route(torch.randn(case.T, E, generator=g, device=device), K, renormalize=True)
+    E_all = ROUTED_EXPERTS.get(case.model, E)
+    logits = torch.randn(case.T, E_all, generator=g, device=device)
+    if case.model.startswith("deepseek"):
+        bias = torch.randn(E_all, generator=g, device=device) * 0.1
+        tw, ids = route_sigmoid_grouped(logits, bias, K, 8, 4, True, 2.5)
+        ids = localize_topk_ids(ids, 0, E)
+    elif case.model.startswith("gpt-oss"):
+        tw, ids = route_topk_softmax(logits, K)
+    else:
+        tw, ids = route(logits, K, renormalize=True)
     inp = dict(x_TH=x, w_gate_up_EXH=w_gu, w_down_EHI=w_d, topk_weights_TK=tw, topk_ids_TK=ids,
                token_slot_T=None, lora=None, slot_enabled_S=None)
+    if case.model.startswith("gpt-oss"):
+        inp.update(activation=GPT_OSS_SWIGLU, b_gate_up_EX=(
+            torch.randn(E, 2 * I, generator=g, device=device) * 0.1).to(**dev),
+            b_down_EH=(torch.randn(E, H, generator=g, device=device) * 0.1).to(**dev))
     if case.adapters == 0:
         return inp
     lora = make_lora(NUM_SLOTS, E, case.rank, H, I, torch.bfloat16, device, g,
@@ -73,9 +95,15 @@ def touched_weight_bytes(inp) -> int:
 
 
 def flops(inp) -> float:
-    T, K = inp["topk_ids_TK"].shape
+    """Base FLOPs of the pairs this rank computes (ids of other ranks' experts are -1)."""
+    pairs = int((inp["topk_ids_TK"] >= 0).sum())
     E, two_i, H = inp["w_gate_up_EXH"].shape
-    return 2.0 * T * K * 3 * H * (two_i // 2)
+    return 2.0 * pairs * 3 * H * (two_i // 2)
+
+
+def variant_kwargs(inp) -> dict:
+    """The expert variant of a case (gpt-oss: activation and biases), as reference kwargs."""
+    return {k: inp[k] for k in ("activation", "b_gate_up_EX", "b_down_EH") if k in inp}
 
 
 def make_peer(inp, rank: int | None):

@@ -21,40 +21,18 @@ import os
 import pytest
 import torch
 
-from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
 from moelora_dist.config.model import ModelConfig
-from moelora_dist.models.model import MoELoRAModel, dense_module_specs
-from moelora_dist.models.attention import HeadSplit
+from moelora_dist.models.model import MoELoRAModel
 from moelora_dist.models.random_weights import RandomWeights
 from moelora_dist.models.requests import Request
 from moelora_dist.models.runner import ModelRunner
 from moelora_dist.parallel.groups import ParallelGroups, init_parallel
 from moelora_dist.parallel.layout import valid_layouts
+from tests.family_configs import RAW, family_adapter
 
 WORLD = int(os.environ.get("WORLD_SIZE", "0"))
 CUDA = os.environ.get("MOELORA_DIST_BACKEND") == "nccl" or (
     os.environ.get("MOELORA_DIST_BACKEND") is None and torch.cuda.is_available())
-COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-              rms_norm_eps=1e-6, max_position_embeddings=256, eos_token_id=None)
-RAW = {
-    "deepseek_v3": dict(COMMON, model_type="deepseek_v3", n_routed_experts=8,
-                        num_experts_per_tok=3, moe_intermediate_size=24, intermediate_size=48,
-                        n_shared_experts=2, n_group=4, topk_group=2, first_k_dense_replace=1,
-                        kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=12,
-                        qk_rope_head_dim=8, v_head_dim=10, num_key_value_heads=4,
-                        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
-                                         "original_max_position_embeddings": 64,
-                                         "mscale": 1.0, "mscale_all_dim": 0.707}),
-    "glm4_moe": dict(COMMON, model_type="glm4_moe", n_routed_experts=8, num_experts_per_tok=3,
-                     moe_intermediate_size=24, intermediate_size=48, n_shared_experts=1,
-                     n_group=2, topk_group=1, first_k_dense_replace=1, num_key_value_heads=2,
-                     head_dim=8, attention_bias=True, use_qk_norm=True),
-    "gpt_oss": dict(COMMON, model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2,
-                    intermediate_size=24, num_key_value_heads=2, head_dim=8, sliding_window=4,
-                    swiglu_limit=1.0,
-                    rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0,
-                                     "truncate": False, "original_max_position_embeddings": 32}),
-}
 CFGS = {name: ModelConfig.from_dict(raw) for name, raw in RAW.items()}
 
 
@@ -71,26 +49,13 @@ REQUESTS = [Request([3, 4, 5, 6, 7, 8, 9], "a"), Request([9, 10], None),
             Request([11, 12, 13, 14, 15, 16, 17, 18], "b"), Request([20, 21, 22], "a")]
 
 
-def _adapter(cfg: ModelConfig, name: str, rank: int, seed: int) -> CanonicalAdapter:
-    """Every dense module the pool serves (the full specs of one rank of tp 1) and every
-    expert projection, random."""
-    g = torch.Generator().manual_seed(seed)
-    rn = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
-    f = lambda o, i, e=1: LoRAFactors(rn(e, rank, i), rn(e, o, rank), 0.5)  # noqa: E731
-    dense = {p: f(s.out_dim, s.in_dim)
-             for p, s in dense_module_specs(cfg, HeadSplit.for_rank(cfg, 1, 0)).items()}
-    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate
-    moe = {layer: MoELayerLoRA(E, f(I, H, E), f(I, H, E), f(H, I, E)) for layer in cfg.moe_layers}
-    return CanonicalAdapter(name, moe=moe, dense=dense)
-
-
 def _runner(cfg: ModelConfig, groups: ParallelGroups, dispatcher: str) -> ModelRunner:
     source = RandomWeights(cfg, torch.float32, groups.device, seed=0, std=0.2)
     model = MoELoRAModel.build(cfg, groups, source, dtype=torch.float32, max_loras=2,
                                max_rank=8, dispatcher=dispatcher, progress=False)
     runner = ModelRunner(model)
-    runner.add_adapter("a", _adapter(cfg, "a", 5, 1))
-    runner.add_adapter("b", _adapter(cfg, "b", 8, 2))
+    runner.add_adapter("a", family_adapter(cfg, "a", 5, 1))
+    runner.add_adapter("b", family_adapter(cfg, "b", 8, 2))
     return runner
 
 
