@@ -110,24 +110,39 @@ def test_gpt_oss_expert_lora_follows_the_interleaved_rows(tmp_path):
     assert (peft_gate_up[0][:, 0::2] - peft_gate_up[0][:, :24]).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("style", ["per_expert", "shared_outer"])
 @pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
-def test_per_expert_adapter_keys(family, tmp_path):
-    """Per-expert keys (``mlp.experts.{e}.{gate,up,down}_proj``, what transformers-4 era
-    trainers write) on the fused in-memory experts; reference: transformers with the deltas
-    merged (gpt-oss: into its interleaved transposed storage)."""
+def test_expert_projection_adapter_keys(family, style, tmp_path):
+    """Expert-projection keys on the fused in-memory experts: per expert
+    (``mlp.experts.{e}.{gate,up,down}_proj``, what transformers-4 era trainers write), or
+    shared-outer (one A of gate / up and one B of down for all experts, the inner factors per
+    expert). Reference: transformers with the deltas merged (gpt-oss: into its interleaved
+    transposed storage)."""
     model = make_family_model(family)
     d = save_family_model(model, tmp_path / "m")
     E = 8 if family == "deepseek_v3" else 4
     layer, r, H, I = 1, 3, 32, 24
     g = torch.Generator().manual_seed(5)
+    rn = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
     t, experts = {}, model.model.layers[layer].mlp.experts
+    pre = f"base_model.model.model.layers.{layer}.mlp.experts"
+    shared = {"gate_proj": rn(r, H), "up_proj": rn(r, H), "down_proj": rn(H, r)}
+    if style == "shared_outer":  # the outer factor once, 2-D, without an expert index
+        t.update({f"{pre}.gate_proj.lora_A.weight": shared["gate_proj"],
+                  f"{pre}.up_proj.lora_A.weight": shared["up_proj"],
+                  f"{pre}.down_proj.lora_B.weight": shared["down_proj"]})
     with torch.no_grad():
         for e in range(E):
             for proj, (o, i) in (("gate_proj", (I, H)), ("up_proj", (I, H)),
                                  ("down_proj", (H, I))):
-                a, b = torch.randn(r, i, generator=g) * 0.3, torch.randn(o, r, generator=g) * 0.3
-                key = f"base_model.model.model.layers.{layer}.mlp.experts.{e}.{proj}"
-                t[f"{key}.lora_A.weight"], t[f"{key}.lora_B.weight"] = a, b
+                a, b = rn(r, i), rn(o, r)
+                if style == "shared_outer":
+                    a, b = (a, shared[proj]) if proj == "down_proj" else (shared[proj], b)
+                    factor = "A" if proj == "down_proj" else "B"
+                    t[f"{pre}.{e}.{proj}.lora_{factor}.weight"] = a if factor == "A" else b
+                else:
+                    t[f"{pre}.{e}.{proj}.lora_A.weight"] = a
+                    t[f"{pre}.{e}.{proj}.lora_B.weight"] = b
                 delta = 2.0 * (b @ a)  # alpha 6 / r 3
                 if family == "deepseek_v3":
                     if proj == "down_proj":
@@ -146,6 +161,7 @@ def test_per_expert_adapter_keys(family, tmp_path):
         lora_config_dict(r=r, alpha=6)))
     adapter = _matches(d, tmp_path / "a", model)
     assert "per-expert" in adapter.format
+    assert adapter.moe[layer].shared_outer == (style == "shared_outer")
 
 
 @pytest.mark.parametrize("module,message", [
