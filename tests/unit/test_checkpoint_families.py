@@ -140,3 +140,49 @@ def test_mxfp4_sliced_reads_on_moe_tp_ranks(tmp_path):
             got = read_mxfp4(r, "w", slice(1, 3), slice(5, 17), (lo, hi), (4, 24, 96),
                              torch.float32)
             assert torch.equal(got, full[1:3, 5:17, lo:hi])
+
+
+@pytest.mark.parametrize("dequantize", [True, False], ids=["dequantized", "fp8_runtime"])
+def test_deepseek_block_fp8_checkpoint(tmp_path, dequantize, monkeypatch):
+    """The published DeepSeek-V3 / Kimi-K2 format: block-FP8 linears (MLA's five, the shared
+    experts, the dense MLP, every expert; router and norms unquantized) with
+    ``weight_scale_inv``. Dequantized at load it is exactly its fp32 twin (atol 1e-4 as
+    above). On the FP8 runtime the base products read their inputs quantized per token and
+    128 columns: the reference is transformers on the twin with that quantization simulated
+    on the same linears (tests/fp8_factory.install_fake_quant), compared by the FP8 rule of
+    tests/fp8_checks.py (e4m3 rounding flips)."""
+    from tests import fp8_factory
+    from tests.e2e_families import FAMILY_REQUESTS
+    from tests.fp8_checks import assert_fp8_close
+
+    model = make_family_model("deepseek_v3")
+    d = save_family_model(model, tmp_path / "m")
+    mla = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+    quantized = mla + ("o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def to_fp8(t):
+        for k in [k for k in t if k.endswith(".weight") and k.split(".")[-2] in quantized]:
+            t[k], t[k[:-len("weight")] + "weight_scale_inv"] = fp8_factory.quantize_blocks(t[k])
+    _rewrite(d, to_fp8)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                  "activation_scheme": "dynamic", "dequantize": dequantize}
+    (d / "config.json").write_text(json.dumps(cfg))
+    twin = fp8_factory.write_dequantized_twin(d, tmp_path / "twin")
+    runner = ModelRunner.from_pretrained(str(d), max_loras=1, max_rank=4, progress=False)
+    prompts = [ids for ids, _ in FAMILY_REQUESTS]
+    got = runner.prompt_logits([Request(p) for p in prompts])
+    if dequantize:
+        for p, o in zip(prompts, got):
+            torch.testing.assert_close(o, _logits_of(twin, p), atol=ATOL, rtol=0)
+        return
+    monkeypatch.setattr(fp8_factory, "QUANTIZED", fp8_factory.QUANTIZED + mla)
+    ref = fp8_factory.install_fake_quant(fp8_factory.load_reference(twin, None))
+    with torch.no_grad():
+        want = [ref(input_ids=torch.tensor([p])).logits[0] for p in prompts]
+    assert_fp8_close(got, want)
+
+
+def _logits_of(model_dir, prompt):
+    runner = ModelRunner.from_pretrained(str(model_dir), max_loras=1, max_rank=4, progress=False)
+    return runner.prompt_logits([Request(prompt)])[0]
