@@ -97,7 +97,8 @@ class ModelRunner:
         if unserved:
             raise ValueError(
                 f"adapter {name!r} targets modules this runner does not serve: {unserved[:4]}; "
-                "LoRA is served on q/k/v/o_proj, dense MLP gate/up/down_proj and the experts")
+                "LoRA is served on the attention projections, the dense and shared-expert MLPs, "
+                "the router and the experts (docs/families.md)")
         if len(pool.loaded()) < pool.config.max_loras:
             pool.load(adapter)  # validates it against every layer and module now
         self.registry[name] = adapter
