@@ -40,8 +40,8 @@ from moelora_dist.engine.pages import PageAllocator
 from moelora_dist.engine.plan import recv_plan, send_stop
 from moelora_dist.engine.prompts import RequestError, check_request, prompt_ids
 from moelora_dist.engine.scheduler import Scheduler
-from moelora_dist.engine.sequence import Sequence
-from moelora_dist.engine.step import run_step
+from moelora_dist.engine.sequence import Sequence, Status
+from moelora_dist.engine.step import output_of, run_step
 from moelora_dist.engine.worker import Worker
 from moelora_dist.errors import OptionError
 
@@ -82,6 +82,7 @@ class Engine:
         self._ids = itertools.count()
         self.counters = dict(prompt_tokens=0, output_tokens=0, steps=0, graph_steps=0)
         self.finished_by_adapter: dict[str, int] = {}
+        self._instant: list[Sequence] = []  # requests done at admission (nothing to compute)
 
     @classmethod
     def from_pretrained(cls, model_dir: str, adapters: dict | None = None, *, tp: int = 1,
@@ -165,7 +166,8 @@ class Engine:
         """Queue a request: ``prompt`` is token ids, a text (needs a tokenizer) or chat
         ``messages`` (``[{"role": ..., "content": ...}]``). Checked here, before any work."""
         self._leader_only("add_request")
-        if self.scheduler.find(request_id) is not None:
+        if self.scheduler.find(request_id) is not None or any(
+                s.request_id == request_id for s in self._instant):
             raise RequestError(f"request id {request_id!r} is already running or waiting")
         ids, params = self.check_request(prompt, sampling, adapter, want_prompt_logits)
         arrival = next(self._arrivals)
@@ -175,6 +177,10 @@ class Engine:
                        want_prompt_logits=want_prompt_logits)
         if self.codec is not None:
             seq.detokenizer = self.codec.detokenizer()
+        if params.max_tokens == 0 and not want_prompt_logits and params.prompt_logprobs is None:
+            seq.status, seq.finish_reason = Status.FINISHED, "length"
+            self._instant.append(seq)
+            return
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
@@ -183,23 +189,28 @@ class Engine:
         self._leader_only("abort")
         seq = self.scheduler.find(request_id)
         if seq is None:
-            return False
+            instant = [s for s in self._instant if s.request_id == request_id]
+            for s in instant:
+                self._instant.remove(s)
+            return bool(instant)
         self.scheduler.remove(seq)
         self.adapters.prepare(self.scheduler.running_adapters())
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._instant)
 
     def step(self):
         """Run one forward of the running batch; returns a
         :class:`~moelora_dist.engine.outputs.RequestOutput` per request that changed."""
         self._leader_only("step")
+        outputs = [output_of(s) for s in self._instant]
+        self._instant.clear()
         self.adapters.settle(self._adapters_in_use())
         scheduled = self.scheduler.schedule()
-        if not scheduled.entries:
-            return []
-        return run_step(self, scheduled)
+        if scheduled.entries:
+            outputs += run_step(self, scheduled)
+        return outputs
 
     def follow(self) -> None:
         """On a follower rank: execute the leader's plans until it stops (:meth:`shutdown`,

@@ -99,7 +99,7 @@ def run_step(engine, scheduled) -> list[RequestOutput]:
     for s in seqs:
         if s.status is Status.RUNNING and s.done_after_prefill and s.num_computed == s.num_tokens:
             finish(engine, s, "length")
-        out = _output(s)
+        out = output_of(s)
         if out is not None:
             outputs.append(out)
     return outputs
@@ -155,7 +155,7 @@ def finish(engine, seq, reason: str) -> None:
             seq.adapter, 0) + 1
 
 
-def _output(seq) -> RequestOutput | None:
+def output_of(seq) -> RequestOutput | None:
     """The delta of ``seq`` since its last output, or None when nothing changed."""
     new = seq.output_ids[seq.num_emitted:]
     finished = seq.status is Status.FINISHED
