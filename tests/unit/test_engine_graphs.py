@@ -12,46 +12,18 @@ padding rows, so log-probabilities agree to 1e-4 and tokens exactly.
 import pytest
 import torch
 
-from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
-from moelora_dist.config.model import ModelConfig
 from moelora_dist.engine.config import EngineConfig
 from moelora_dist.engine.engine import Engine
 from moelora_dist.engine.graphs import GraphRunner
 from moelora_dist.engine.interim import SamplingParams
-from moelora_dist.models.model import MoELoRAModel
-from moelora_dist.models.weights import RandomWeights
-from moelora_dist.parallel.groups import ParallelGroups
+from tests.engine_cases import adapter, drive, tiny_model
 
-TINY = dict(model_type="qwen3_moe", vocab_size=128, hidden_size=32, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
-            moe_intermediate_size=16, intermediate_size=48, norm_topk_prob=True,
-            rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
-            max_position_embeddings=256, num_hidden_layers=2)
 ATOL = 1e-4
-
-
-def adapter(name, cfg, rank, seed, std=0.3):
-    g = torch.Generator().manual_seed(seed)
-    rn = lambda *s: torch.randn(*s, generator=g) * std  # noqa: E731
-    E, H, I, D = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate, cfg.head_dim
-    f = lambda o, i, e=1: LoRAFactors(rn(e, rank, i), rn(e, o, rank), 1.0)  # noqa: E731
-    dense = {}
-    for layer in range(cfg.num_layers):
-        p = f"layers.{layer}.self_attn"
-        for m, o, i in (("q_proj", cfg.num_heads * D, H), ("k_proj", cfg.num_kv_heads * D, H),
-                        ("v_proj", cfg.num_kv_heads * D, H), ("o_proj", H, cfg.num_heads * D)):
-            dense[f"{p}.{m}"] = f(o, i)
-    moe = {layer: MoELayerLoRA(E, f(I, H, E), f(I, H, E), f(H, I, E))
-           for layer in range(cfg.num_layers)}
-    return CanonicalAdapter(name, moe=moe, dense=dense, format="random")
 
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ModelConfig.from_dict(TINY)
-    return MoELoRAModel.build(cfg, ParallelGroups.single("cpu"), RandomWeights(
-        cfg, torch.float32, "cpu", seed=0, std=0.1), dtype=torch.float32, max_loras=3,
-        max_rank=8, progress=False)
+    return tiny_model()
 
 
 def engines(model, **kw):
@@ -72,22 +44,10 @@ def engines(model, **kw):
 
 def run(engine, prompts, names, arrivals=None, max_tokens=6):
     """Greedy with 5 logprobs; ``arrivals[i]``: the step at which request i is added."""
-    arrivals = arrivals or [0] * len(prompts)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=5,
                             ignore_eos=True)
-    done, step = {}, 0
-    while True:
-        for i, at in enumerate(arrivals):
-            if at == step:
-                engine.add_request(str(i), prompts[i], params, names[i])
-        for out in engine.step():
-            d = done.setdefault(out.request_id, ([], []))
-            d[0].extend(out.new_token_ids)
-            d[1].extend(lp.logprob for lp in out.logprobs)
-        step += 1
-        if not engine.has_unfinished() and all(a < step for a in arrivals):
-            break
-    return [done[str(i)] for i in range(len(prompts))]
+    done = drive(engine, prompts, names, params, arrivals)
+    return [done[i][:2] for i in range(len(prompts))]
 
 
 CASES = {
