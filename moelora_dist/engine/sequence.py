@@ -39,6 +39,7 @@ class Sequence:
     params: object
     adapter: str | None
     seed: int
+    max_new: int = 0  # tokens to generate (0: the logits job, the prompt only)
     want_prompt_logits: bool = False
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -76,8 +77,3 @@ class Sequence:
     def num_prompt_logits(self) -> int:
         """Prompt positions whose logits are kept so far (the ``logits`` job)."""
         return sum(int(t.shape[0]) for t in self.prompt_logits)
-
-    @property
-    def done_after_prefill(self) -> bool:
-        """A request that generates nothing: finished once its prompt is computed."""
-        return self.params.max_tokens == 0
