@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The closing device run (nvidia-h200; the session's device time left fits one command of
 # ~8 minutes):
-#   1. tests/gpu, most important file first (isolation, engine graphs, paged attention,
-#      kernels, FP8, sampling, dispatch kernels), bf16 Triton;
+#   1. tests/gpu, most important file first (isolation, kernels, FP8, sampling, dispatch
+#      kernels, paged attention, engine graphs), bf16 Triton;
 #   2. the kernel benchmark (--quick, no peer) of the current tree and of the tree before the
 #      reorganization (.before/, `git archive 31adc40 moelora_dist benchmarks/kernels tests/gpu`);
 #   3. the engine benchmark at full Qwen3-30B-A3B depth, concurrency 1 and 64, 32 output tokens.
@@ -18,9 +18,9 @@ step env
 { nvidia-smi -L; python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } >>"$LOG" 2>&1
 step "GPU tests"
 PYTHONPATH=$PWD timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -rf \
-  tests/gpu/test_isolation_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_paged_attention_gpu.py \
-  tests/gpu/test_kernels_gpu.py tests/gpu/test_fp8_gpu.py tests/gpu/test_sampling_gpu.py \
-  tests/gpu/test_dispatch_kernels_gpu.py >"$OUT/gpu_tests.log" 2>&1
+  tests/gpu/test_isolation_gpu.py tests/gpu/test_kernels_gpu.py tests/gpu/test_fp8_gpu.py \
+  tests/gpu/test_sampling_gpu.py tests/gpu/test_dispatch_kernels_gpu.py \
+  tests/gpu/test_paged_attention_gpu.py tests/gpu/test_engine_gpu.py >"$OUT/gpu_tests.log" 2>&1
 echo "rc=$?" | tee -a "$LOG"; tail -15 "$OUT/gpu_tests.log" | tee -a "$LOG"
 step "kernel benchmark, current tree (quick, no peer)"
 PYTHONPATH=$PWD timeout 60 python3 -m benchmarks kernels --quick --no-peer --reference-t \
