@@ -26,7 +26,7 @@ COMMANDS = {
     "inspect-adapter": ("inspect_adapter", "describe a PEFT adapter directory"),
     "sweep": ("sweep", "EP/TP correctness sweep against the single-process reference"),
     "logits": ("logits", "prompt logits of a batch of requests with mixed adapters"),
-    "generate": ("generate", "greedy generation of a batch of requests with mixed adapters"),
+    "generate": ("generate", "generation (greedy unless asked) of requests with mixed adapters"),
 }
 
 

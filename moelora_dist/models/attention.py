@@ -1,19 +1,25 @@
 """Self-attention split over tensor-parallel ranks by heads, with multi-LoRA on q/k/v/o.
 
-Legend: T tokens, H hidden, N_q / N_kv query / kv heads on this rank, D head dim, B requests,
-Q padded new tokens per request, L keys per request, R rotated dims.
+Legend: T tokens, H hidden, N_q / N_kv query / kv heads on this rank, D head dim, R rotated
+dims of a head.
 
 Grouped-query attention of every GQA family: q/k/v biases (``attention_bias``), an o bias
 (gpt-oss; never GLM-4.5), q/k RMSNorm per head (Qwen3, GLM ``use_qk_norm``) or over the whole
-projection (OLMoE), partial rotary (the tables are ``[T, R]``, ``R <= D``: GLM's first half),
-a sliding window per layer and attention sinks (gpt-oss; each rank holds its heads' sinks).
-The core (scatter to requests, SDPA, sinks) is :mod:`.attention_core`; MLA is :mod:`.mla`.
+projection (OLMoE), a sliding window per layer and attention sinks (gpt-oss; each rank holds
+its heads' sinks), YaRN through the model's rotary tables. Full rotate-half rotary is fused
+into the page write; a partial one (GLM-4.5: the first ``R = D * partial_rotary_factor``
+dims) is applied in PyTorch first (:func:`.paged_rope.rotate_then_write`). MLA is :mod:`.mla`.
 
 Split (Megatron style): q/k/v are column parallel (each rank computes its heads), o is row
 parallel (each rank holds the matching input columns) and its partial output is summed with one
 all-reduce over the TP group. With fewer kv heads than TP ranks each kv head is replicated on
 ``tp / num_kv_heads`` consecutive ranks, which is exactly the set of ranks whose query heads use
 it. LoRA deltas follow the same split (see :mod:`.lora_linear`).
+
+A forward is four GEMM-sized steps: one q/k/v GEMM (weights concatenated at load; their LoRA
+shares one shrink), the write of the new keys and values into their pages with the per-head
+q/k norm and the rotary embedding fused in (``rope_write`` of the paged-attention kernel
+family), paged attention over each sequence's pages (decode and prefill chunks alike), and o.
 """
 
 from __future__ import annotations
@@ -22,15 +28,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F  # noqa: F401  (tests spy on F.scaled_dot_product_attention)
+import torch.nn.functional as F
 
 from moelora_dist.config.model import ModelConfig, ModelConfigError
-from moelora_dist.models.attention_core import SDPA_BACKENDS, attend  # noqa: F401
-from moelora_dist.models.batch import ForwardBatch, KVCache
+from moelora_dist.kernels.paged_attention import naive as pa_naive
+from moelora_dist.models.batch import ForwardBatch, PagedKVCache
 from moelora_dist.models.fp8_weights import read_linear
-from moelora_dist.models.lora_linear import DenseLoRA, linear_with_lora
+from moelora_dist.models.lora_linear import DenseLoRA, base_linear, linear_with_lora
 from moelora_dist.models.ops import rms_norm, rms_norm_sharded
-from moelora_dist.models.rope import apply_rotary
+from moelora_dist.models.paged_rope import rotate_then_write
 
 
 @dataclass(frozen=True)
@@ -74,39 +80,62 @@ class HeadSplit:
 class TPAttention:
     """Weights of one attention layer on one rank, and its forward.
 
-    ``w_q [N_q*D, H]``, ``w_k``/``w_v [N_kv*D, H]``, ``w_o [H, N_q*D]`` (rank-local), optional
-    biases, q/k norm weights (``[D]`` per head for Qwen3, this rank's slice of the whole
-    projection for OLMoE).
+    ``w_qkv [(N_q + 2 N_kv) * D, H]``: q, k and v rows of this rank concatenated at load so
+    that one GEMM computes all three (``w["q_proj"]``, ``w["k_proj"]``, ``w["v_proj"]`` are
+    views of it; block-FP8 projections stay three, each with its scales); ``w_o [H, N_q*D]``
+    (rank-local), optional biases, q/k norm weights (``[D]`` per head for Qwen3, this rank's
+    slice of the whole projection for OLMoE).
+    ``backend``: ``"torch"`` (the references) or ``"triton"`` for the paged-attention kernels.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int, split: HeadSplit, weights: dict,
-                 tp_group=None):
+                 tp_group=None, backend: str = "torch"):
         self.cfg, self.layer, self.split, self.tp_group = cfg, layer, split, tp_group
-        self.w = weights
+        self.backend = backend
         self.prefix = f"layers.{layer}.self_attn"
-        # A per-layer window (gpt-oss); a model-wide one (Mixtral) is in the batch mask already.
-        self.window = cfg.layer_windows[layer] if cfg.layer_windows else None
+        self.window = cfg.window_of(layer)  # per layer (gpt-oss) or model-wide (Mixtral)
+        self.partial = cfg.rope.rotary_dim < cfg.head_dim  # GLM-4.5: rotary in PyTorch
         D = cfg.head_dim
+        self.sizes = [split.num_q * D, split.num_kv * D, split.num_kv * D]
+        w = dict(weights)
+        names = ("q_proj", "k_proj", "v_proj")
+        # Block-FP8 projections keep their own scales per projection: not fused.
+        self.fused = all(isinstance(w[n], torch.Tensor) for n in names)
+        if self.fused:
+            w["qkv_proj"] = torch.cat([w.pop(n) for n in names]).contiguous()
+            for n, part in zip(names, w["qkv_proj"].split(self.sizes)):
+                w[n] = part
+            if "q_proj.bias" in w:
+                w["qkv_proj.bias"] = torch.cat([w.pop(f"{n}.bias") for n in names]).contiguous()
+        self.w = w
         # Rows of the pool's replicated k/v LoRA B that belong to this rank's kv head.
         self.kv_rows = None if split.kv_sharded else slice(
             split.kv_start * D, (split.kv_start + split.num_kv) * D)
 
-    def _proj(self, name: str, x_TH, lora, out_rows=None, bias=True):
-        b = self.w.get(f"{name}.bias") if bias else None
-        return linear_with_lora(x_TH, self.w[name], b, lora, f"{self.prefix}.{name}", out_rows)
+    def _kernels(self):
+        if self.backend == "triton":
+            from moelora_dist.kernels.paged_attention import ops  # Triton: optional off x86
 
-    def forward(self, x_TH: torch.Tensor, batch: ForwardBatch, cache: KVCache,
-                cos_TD: torch.Tensor, sin_TD: torch.Tensor,
+            return ops
+        return pa_naive
+
+    def forward(self, x_TH: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache,
+                rope: tuple[torch.Tensor, torch.Tensor],
                 lora: DenseLoRA | None = None) -> torch.Tensor:
         """``[T, H]`` -> ``[T, H]`` (full sum over TP ranks on every rank).
 
-        ``lora``: this forward's dense LoRA (:class:`.lora_linear.DenseLoRA`), or None when no
-        token of the batch uses an adapter. ``cos_TD``/``sin_TD``: ``[T, R]`` RoPE tables
-        (``R < D``: partial rotary on the first ``R`` dims of each head).
+        ``rope``: the model's ``cos, sin`` tables ``[max_positions, D/2]`` fp32. ``lora``: this
+        forward's dense LoRA (:class:`.lora_linear.DenseLoRA`), or None when no token of the
+        batch uses an adapter. This layer's new keys and values are written into ``cache``.
         """
         cfg, sp, D = self.cfg, self.split, self.cfg.head_dim
         T = x_TH.shape[0]
-        q, k, v = (self._proj(n, x_TH, None) for n in ("q_proj", "k_proj", "v_proj"))
+        if self.fused:
+            qkv = F.linear(x_TH, self.w["qkv_proj"], self.w.get("qkv_proj.bias"))
+            q, k, v = qkv.split(self.sizes, dim=1)
+        else:
+            q, k, v = (base_linear(x_TH, self.w[n], self.w.get(f"{n}.bias"))
+                       for n in ("q_proj", "k_proj", "v_proj"))
         if lora is not None:  # one shrink GEMM for q, k and v: they read the same x
             p = self.prefix
             q, k, v = lora.apply_group(x_TH, [(q, f"{p}.q_proj", None),
@@ -119,28 +148,33 @@ class TPAttention:
                                  self.tp_group, sp.kv_replication)
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        q = q.view(T, sp.num_q, D)
-        k = k.view(T, sp.num_kv, D)
-        v = v.view(T, sp.num_kv, D)
-        if cfg.qk_norm == "head":
-            q = rms_norm(q, self.w["q_norm"], cfg.rms_norm_eps)
-            k = rms_norm(k, self.w["k_norm"], cfg.rms_norm_eps)
-        q = apply_rotary(q, cos_TD, sin_TD)
-        k = apply_rotary(k, cos_TD, sin_TD)
-        k_BNLD, v_BNLD = cache.write_and_read(self.layer, batch, k, v)
-        out_TND = self._attend(q, k_BNLD, v_BNLD, batch)
+        head = cfg.qk_norm == "head"
+        kern = self._kernels()
+        k_pages, v_pages = cache.k[self.layer], cache.v[self.layer]
+        q3, k3, v3 = q.view(T, sp.num_q, D), k.view(T, sp.num_kv, D), v.view(T, sp.num_kv, D)
+        if self.partial:  # GLM-4.5: per-head norm and partial rotary here, then the write
+            if head:
+                q3 = rms_norm(q3, self.w["q_norm"], cfg.rms_norm_eps)
+                k3 = rms_norm(k3, self.w["k_norm"], cfg.rms_norm_eps)
+            q_TND = rotate_then_write(kern, q3, k3, v3, batch, rope, k_pages, v_pages)
+        else:
+            q_TND = kern.rope_write(q3, k3, v3, batch.positions_T, rope[0], rope[1],
+                                    batch.slot_mapping_T, k_pages, v_pages,
+                                    self.w["q_norm"] if head else None,
+                                    self.w["k_norm"] if head else None, cfg.rms_norm_eps)
+        out_TND = kern.paged_attention(q_TND, k_pages, v_pages, batch.block_tables_BM,
+                                       batch.kv_lens_B, batch.seg_indptr_B1, scale=D ** -0.5,
+                                       sliding_window=self.window,
+                                       decode_only=batch.decode_only,
+                                       sinks_N=self.w.get("sinks"))
         # o is row parallel: its bias is added once, after the sum over ranks, not per rank.
-        o = self._proj("o_proj", out_TND.reshape(T, sp.num_q * D), lora, bias=False)
+        o = linear_with_lora(out_TND.reshape(T, sp.num_q * D), self.w["o_proj"], None, lora,
+                             f"{self.prefix}.o_proj")
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(o, group=self.tp_group)
         if "o_proj.bias" in self.w:
             o = o + self.w["o_proj.bias"]
         return o
-
-    def _attend(self, q_TND, k_BNLD, v_BNLD, batch: ForwardBatch) -> torch.Tensor:
-        """``[T, N_q, D]`` attention of this layer (its window, its heads' sinks)."""
-        return attend(q_TND, k_BNLD, v_BNLD, batch, scale=self.cfg.head_dim ** -0.5,
-                      window=self.window, sinks_N=self.w.get("sinks"))
 
 
 def load_attention_weights(reader, cfg: ModelConfig, layer: int, split: HeadSplit,

@@ -15,24 +15,32 @@ so every rank computes them whole. Their LoRA is "replicated" in the pool, the o
 the column / row rule. Both MLA norms use eps 1e-6 whatever ``rms_norm_eps`` says (that is
 transformers' ``DeepseekV3RMSNorm`` default, which the attention module does not override).
 
-The KV cache holds the expanded per-head keys ``[Dq]`` and values ``[Dv]``, not the latent:
-the attention and cache of the other families serve MLA unchanged, and a kv_b LoRA is applied
-token by token as the keys are written (each request has one adapter, so this equals PEFT's
-merged kv_b). Caching the latent (``Ckv + Dr`` per token instead of ``N (Dq + Dv)``) would
-need absorbed-attention kernels and a per-request kv_b LoRA at read time: not done here.
+The paged KV cache holds the expanded per-head keys ``[Dq]`` and values, the values
+zero-padded from ``Dv`` to ``Dq`` so that one page shape (and the paged-attention kernels
+unchanged) serve MLA: the padded value dims attend to exact zeros and are cut from the output.
+Why expanded and not the latent: the kernels, page sizing and CUDA graphs of the other
+families then serve MLA as they are, and a kv_b LoRA is applied token by token as the keys
+are written (each sequence has one adapter, so this equals PEFT's merged kv_b). Costs:
+``N (2 Dq)`` values per token per layer instead of ``N (Dq + Dv)`` (1.2x at DeepSeek-V3's
+192 / 128) and far more than the latent's ``Ckv + Dr`` (576); caching the latent would need
+absorbed-attention kernels and a per-sequence kv_b LoRA at read time: not done here. The
+rope part rotates interleaved pairs in PyTorch before the page write
+(:mod:`.paged_rope`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from moelora_dist.config.model import ModelConfig
-from moelora_dist.models.attention_core import attend
-from moelora_dist.models.batch import ForwardBatch, KVCache
+from moelora_dist.kernels.paged_attention import naive as pa_naive
+from moelora_dist.models.batch import ForwardBatch, PagedKVCache
 from moelora_dist.models.fp8_weights import read_linear
 from moelora_dist.models.lora_linear import DenseLoRA, base_linear, linear_with_lora
 from moelora_dist.models.ops import rms_norm
+from moelora_dist.models.paged_rope import identity_tables, per_token_tables
 from moelora_dist.models.rope import apply_rotary
 
 MLA_NORM_EPS = 1e-6
@@ -47,17 +55,27 @@ class TPMLA:
     ``attention_bias``.
     """
 
-    def __init__(self, cfg: ModelConfig, layer: int, split, weights: dict, tp_group=None):
+    def __init__(self, cfg: ModelConfig, layer: int, split, weights: dict, tp_group=None,
+                 backend: str = "torch"):
         self.cfg, self.layer, self.split, self.tp_group = cfg, layer, split, tp_group
+        self.backend = backend
         self.w = weights
         self.prefix = f"layers.{layer}.self_attn"
         self.mla = cfg.mla
         self.scale = self.mla.qk_head_dim ** -0.5 * cfg.rope.softmax_mscale()
 
-    def forward(self, x_TH: torch.Tensor, batch: ForwardBatch, cache: KVCache,
-                cos_TR: torch.Tensor, sin_TR: torch.Tensor,
+    def _kernels(self):
+        if self.backend == "triton":
+            from moelora_dist.kernels.paged_attention import ops  # Triton: optional off x86
+
+            return ops
+        return pa_naive
+
+    def forward(self, x_TH: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache,
+                rope: tuple[torch.Tensor, torch.Tensor],
                 lora: DenseLoRA | None = None) -> torch.Tensor:
-        """``[T, H]`` -> ``[T, H]`` summed over TP ranks; ``cos_TR``/``sin_TR``: ``[T, Dr]``."""
+        """``[T, H]`` -> ``[T, H]`` summed over TP ranks. ``rope``: the model's ``[Pmax, Dr/2]``
+        fp32 tables (YaRN's factor in them); this layer's keys and values go into ``cache``."""
         m, w, p, N = self.mla, self.w, self.prefix, self.split.num_q
         T = x_TH.shape[0]
         q_in = "q_a_proj" if m.q_lora_rank is not None else "q_proj"
@@ -77,12 +95,22 @@ class TPMLA:
         k_nope, v = kv.view(T, N, m.qk_nope_head_dim + m.v_head_dim).split(
             [m.qk_nope_head_dim, m.v_head_dim], dim=-1)
         inter = self.cfg.rope.interleave
-        q_rot = apply_rotary(q_rot, cos_TR, sin_TR, inter)
+        cos_TR, sin_TR = per_token_tables(rope, batch.positions_T, q0.dtype)
         k_rot = apply_rotary(k_rot.reshape(T, 1, m.qk_rope_head_dim), cos_TR, sin_TR, inter)
-        q = torch.cat([q_nope, q_rot], dim=-1)
+        # the one shared rope key head is rotated once, then broadcast to every head
+        q = torch.cat([q_nope, apply_rotary(q_rot, cos_TR, sin_TR, inter)], dim=-1)
         k = torch.cat([k_nope, k_rot.expand(T, N, m.qk_rope_head_dim)], dim=-1)
-        k_BNLD, v_BNLE = cache.write_and_read(self.layer, batch, k, v.contiguous())
-        out_TNE = attend(q, k_BNLD, v_BNLE, batch, scale=self.scale)
+        v = F.pad(v, (0, m.qk_head_dim - m.v_head_dim))  # one page shape for keys and values
+        kern = self._kernels()
+        k_pages, v_pages = cache.k[self.layer], cache.v[self.layer]
+        # rope is done: the page write only stores (its rotation is the identity)
+        q = kern.rope_write(q.contiguous(), k.contiguous(), v.contiguous(),
+                            torch.zeros_like(batch.positions_T),
+                            *identity_tables(q.shape[-1] // 2, q.device),
+                            batch.slot_mapping_T, k_pages, v_pages)
+        out_TNE = kern.paged_attention(q, k_pages, v_pages, batch.block_tables_BM,
+                                       batch.kv_lens_B, batch.seg_indptr_B1, scale=self.scale,
+                                       decode_only=batch.decode_only)[..., :m.v_head_dim]
         # o is row parallel: its bias is added once, after the sum over ranks, not per rank.
         o = linear_with_lora(out_TNE.reshape(T, N * m.v_head_dim), w["o_proj"], None, lora,
                              f"{p}.o_proj")

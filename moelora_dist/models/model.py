@@ -30,7 +30,8 @@ from moelora_dist.kernels.constants import Activation
 from moelora_dist.lora.batch_info import BatchInfo
 from moelora_dist.lora.pool import DenseModuleSpec, LoRAPool, MoELayerSpec, PoolConfig
 from moelora_dist.models.attention import HeadSplit, TPAttention
-from moelora_dist.models.batch import ForwardBatch, KVCache
+from moelora_dist.kernels.norm import naive as norm_naive
+from moelora_dist.models.batch import ForwardBatch, PagedKVCache
 from moelora_dist.models.fp8_layout import check_fp8_layout
 from moelora_dist.models.lora_linear import DenseLoRA, base_linear
 from moelora_dist.models.memory import describe_memory, place_weight
@@ -38,7 +39,7 @@ from moelora_dist.models.mla import TPMLA
 from moelora_dist.models.mlp import DenseMLP
 from moelora_dist.models.mxfp4 import mxfp4_note
 from moelora_dist.models.ops import rms_norm
-from moelora_dist.models.rope import RotaryEmbedding
+from moelora_dist.models.rope import rope_tables_for
 from moelora_dist.moe.block import MoEBlock
 from moelora_dist.moe.experts import pick_backend
 from moelora_dist.moe.layer import LoRAMoE
@@ -46,6 +47,7 @@ from moelora_dist.moe.router import RouterSpec
 from moelora_dist.parallel.groups import ParallelGroups
 
 log = logging.getLogger(__name__)
+DEFAULT_MAX_POSITIONS = 8192  # rotary table length when config.json does not say
 
 
 def _attention_specs(cfg: ModelConfig, split: HeadSplit, p: str) -> dict[str, DenseModuleSpec]:
@@ -124,13 +126,16 @@ class MoELoRAModel:
     """
 
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups, pool: LoRAPool,
-                 dtype: torch.dtype, backend: str | None = None):
+                 dtype: torch.dtype, backend: str | None = None,
+                 max_positions: int | None = None):
         self.cfg, self.groups, self.pool, self.dtype = cfg, groups, pool, dtype
         self.device = groups.device
-        # The kernels of the LoRA paths (MoE and dense): Triton on CUDA, references on CPU.
+        # The kernels of every fused path (LoRA, attention, norms): Triton on CUDA,
+        # references on CPU.
         self.backend = pick_backend(self.device, backend)
         self.split = HeadSplit.for_rank(cfg, groups.tp_size, groups.rank_layout.tp_rank)
-        self.rope = RotaryEmbedding(cfg.rope, self.device)
+        self.max_positions = max_positions or cfg.max_positions or DEFAULT_MAX_POSITIONS
+        self.rope = rope_tables_for(cfg.rope, self.max_positions, self.device)
         self.embed_VH: torch.Tensor | None = None
         self.lm_head_VH: torch.Tensor | None = None
         self.final_norm_H: torch.Tensor | None = None
@@ -140,23 +145,27 @@ class MoELoRAModel:
     def backend_as(self, backend: str):
         """Run the LoRA paths on ``backend`` inside the block (e.g. the PyTorch references on
         a GPU, to check the kernels against them); the previous backend after."""
-        layers = [layer["moe"] for layer in self.layers if "moe" in layer]
+        parts = [layer[k] for layer in self.layers for k in ("moe", "attn") if k in layer]
         before = self.backend
         self.backend = pick_backend(self.device, backend)
-        for moe in layers:
-            moe.backend = self.backend
+        for part in parts:
+            part.backend = self.backend
         try:
             yield
         finally:
             self.backend = before
-            for moe in layers:
-                moe.backend = before
+            for part in parts:
+                part.backend = before
 
     @classmethod
     def build(cls, cfg: ModelConfig, groups: ParallelGroups, source, *, dtype: torch.dtype,
               max_loras: int = 8, max_rank: int = 64, dispatcher: str = "auto",
-              progress: bool = True, backend: str | None = None) -> "MoELoRAModel":
+              progress: bool = True, backend: str | None = None,
+              max_positions: int | None = None) -> "MoELoRAModel":
         """Read this rank's weights from ``source`` (:mod:`.weights`) and make the pool.
+
+        ``max_positions``: the rotary tables' length (default: the config's
+        ``max_position_embeddings``, else 8192).
 
         Raises :class:`~.config.ModelConfigError` / ``LayoutError`` when the layout cannot
         split this model (heads, kv heads, experts or intermediate not divisible).
@@ -170,7 +179,7 @@ class MoELoRAModel:
             moe_layers={i: MoELayerSpec(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate)
                         for i in cfg.moe_layers},
             dense_modules=dense_module_specs(cfg, split))
-        self = cls(cfg, groups, pool, dtype, backend)
+        self = cls(cfg, groups, pool, dtype, backend, max_positions)
         to = dict(device=dev, dtype=dtype)
         place = lambda t: place_weight(t, dev, dtype)  # noqa: E731  (FP8 weights keep their dtype)
         # gpt-oss's norms stay fp32 (transformers' _keep_in_fp32_modules) and scale in fp32.
@@ -192,7 +201,7 @@ class MoELoRAModel:
                     "ln1": source.norm(f"model.layers.{i}.input_layernorm").to(**norm_to),
                     "ln2": source.norm(f"model.layers.{i}.post_attention_layernorm").to(
                         **norm_to),
-                    "attn": attention_cls(cfg, i, split, attn_w, groups.tp_group),
+                    "attn": attention_cls(cfg, i, split, attn_w, groups.tp_group, self.backend),
                 }
                 if cfg.is_moe_layer(i):
                     w = source.experts(i, shard)
@@ -237,56 +246,72 @@ class MoELoRAModel:
             correction_bias_E=opt(w.correction_bias_E, device=dev, dtype=torch.float32),
             b_gate_up=opt(w.b_gate_up), b_down=opt(w.b_down), router_fp32=cfg.router_fp32)
 
-    def new_cache(self, num_rows: int, max_len: int) -> KVCache:
-        """A KV cache for ``num_rows`` concurrent requests of up to ``max_len`` tokens."""
-        return KVCache(self.cfg.num_layers, num_rows, max_len, self.split.num_kv,
-                       self.cfg.head_dim, self.dtype, self.device,
-                       v_head_dim=self.cfg.v_head_dim)
+    def new_cache(self, num_pages: int, page_size: int) -> PagedKVCache:
+        """A paged KV cache of ``num_pages`` pages of ``page_size`` tokens (this rank's kv
+        heads, every layer). MLA's pages hold ``qk_head_dim`` keys and values (the values
+        zero-padded from ``v_head_dim``: see :mod:`.mla`)."""
+        return PagedKVCache(self.cfg.num_layers, num_pages, page_size, self.split.num_kv,
+                            self.cfg.head_dim, self.dtype, self.device)
+
+    def page_bytes(self, page_size: int) -> int:
+        """Device bytes of one KV page (every layer, keys and values) on this rank."""
+        return PagedKVCache.page_bytes(self.cfg.num_layers, page_size, self.split.num_kv,
+                                       self.cfg.head_dim, self.dtype)
+
+    def _add_norm(self, h_TH, delta_TH, weight_H):
+        if self.cfg.norm_weight_first:  # gpt-oss's RMSNorm (weight x fp32 value, then cast)
+            if delta_TH is not None:
+                h_TH.add_(delta_TH)
+            return rms_norm(h_TH, weight_H, self.cfg.rms_norm_eps, weight_first=True)
+        if self.backend == "triton":
+            from moelora_dist.kernels.norm import ops  # Triton: optional off x86-64 Linux
+
+            return ops.add_rms_norm(h_TH, delta_TH, weight_H, self.cfg.rms_norm_eps)
+        return norm_naive.add_rms_norm(h_TH, delta_TH, weight_H, self.cfg.rms_norm_eps)
 
     @torch.no_grad()
-    def forward(self, input_ids_T: torch.Tensor, batch: ForwardBatch, cache: KVCache,
+    def forward(self, input_ids_T: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache,
                 batch_info: BatchInfo) -> torch.Tensor:
         """Hidden states after the final norm.
 
+        Each residual add is fused with the norm that follows it (one kernel on the GPU):
+        ``h += attn(x); x = norm2(h); h += mlp(x); x = norm1_next(h)``, the last norm being
+        the final one.
+
         Args:
-            input_ids_T: ``[T]`` int64 new tokens of every request, packed.
-            batch: their layout (:class:`ForwardBatch`); cache: the KV cache it indexes.
-            batch_info: per-token adapter slots from ``compute_batch_info``.
+            input_ids_T: ``[T]`` int64 new tokens of every sequence, packed.
+            batch: their layout (:class:`ForwardBatch`); cache: the pages it indexes (this
+                forward's keys and values are written into them).
+            batch_info: per-token adapter slots from ``build_batch_info``.
         Returns:
             ``[T, H]`` in the model dtype, identical on every TP rank.
         """
-        cache.check(batch)
         lora = DenseLoRA(self.pool, batch_info, self.backend) if batch_info.any_lora() else None
         h = self.embed_VH[input_ids_T]
-        cos, sin = self.rope.cos_sin(batch.positions_T, h.dtype)
-        eps, first = self.cfg.rms_norm_eps, self.cfg.norm_weight_first
-        for layer in self.layers:
-            x = rms_norm(h, layer["ln1"], eps, weight_first=first)
-            h = h + layer["attn"].forward(x, batch, cache, cos, sin, lora)
-            x = rms_norm(h, layer["ln2"], eps, weight_first=first)
-            if "moe" in layer:
-                h = h + self._moe(layer, x, batch_info, lora)
-            else:
-                h = h + layer["mlp"].forward(x, lora)
-        return rms_norm(h, self.final_norm_H, eps, weight_first=first)
+        x = self._add_norm(h, None, self.layers[0]["ln1"])
+        for i, layer in enumerate(self.layers):
+            x = self._add_norm(h, layer["attn"].forward(x, batch, cache, self.rope, lora),
+                               layer["ln2"])
+            y = self._moe(layer, x, batch_info, lora) if "moe" in layer else \
+                layer["mlp"].forward(x, lora)
+            nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_norm_H
+            x = self._add_norm(h, y, nxt)
+        return x
 
     def _moe(self, layer: dict, x_TH: torch.Tensor, batch_info: BatchInfo,
              lora: DenseLoRA | None) -> torch.Tensor:
         """Routed experts (router LoRA on the logits when an adapter has one) plus the shared
-        experts, which take the same input and no gate."""
-        moe, logits = layer["moe"], None
-        if lora is not None and self.pool.targets(layer["router_path"]):
-            logits = lora.apply(moe.base.router_logits(x_TH), x_TH, layer["router_path"])
+        experts, which take the same input and no gate. A step captured in a CUDA graph always
+        runs the router LoRA (zero for adapters without one), so the graph stays valid whatever
+        adapters load later."""
+        moe, logits, path = layer["moe"], None, layer["router_path"]
+        capturing = x_TH.is_cuda and torch.cuda.is_current_stream_capturing()
+        if lora is not None and (capturing or self.pool.targets(path)):
+            logits = lora.apply(moe.base.router_logits(x_TH), x_TH, path)
         y = moe(x_TH, batch_info, logits)
         if "shared" in layer:
             y = y + layer["shared"].forward(x_TH, lora)
         return y
-
-    def lora_variant(self) -> tuple:
-        """What, besides the batch, decides which LoRA kernels a forward runs: the router
-        LoRAs that resident adapters have (a captured graph is valid for one variant)."""
-        return tuple(sorted(p for layer in self.layers
-                            if (p := layer.get("router_path")) and self.pool.targets(p)))
 
     def logits(self, hidden_NH: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` -> ``[N, V]`` float32 logits (the GEMM runs in the model dtype, as HF)."""

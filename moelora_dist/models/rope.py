@@ -90,3 +90,16 @@ def apply_rotary(x_TND: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor
     else:
         out = x_rot * cos + _rotate_half(x_rot) * sin
     return out if R == x_TND.shape[-1] else torch.cat([out, x_pass], dim=-1)
+
+
+def rope_tables_for(rope: RopeConfig, max_positions: int, device=None):
+    """``cos, sin``: ``[max_positions, R/2]`` fp32, times the attention factor (YaRN), as the
+    paged page write and :func:`moelora_dist.models.paged_rope.per_token_tables` read them;
+    for the default RoPE over the whole head this is exactly
+    :func:`moelora_dist.kernels.paged_attention.naive.rope_tables`."""
+    inv_freq = RotaryEmbedding(rope, device).inv_freq
+    freqs = torch.arange(max_positions, device=device).float()[:, None] * inv_freq[None, :]
+    cos, sin = freqs.cos(), freqs.sin()
+    if rope.attention_factor != 1.0:
+        cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
+    return cos.contiguous(), sin.contiguous()
