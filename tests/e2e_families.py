@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moelora_dist.engine.engine import Engine
 from tests.e2e_cases import Case
 from tests.hf_families import make_family_adapter, make_family_model, save_family_model
 
@@ -42,3 +43,10 @@ def build_family_case(family: str, root: Path, *, seed: int = 0) -> Case:
         hf[name] = make_family_adapter(make_family_model(family, seed=seed), family,
                                        kw.pop("kind"), root / name, seed=seed + 1 + i, **kw)
     return Case(family, model_dir, {n: root / n for n in ADAPTERS}, hf)
+
+
+def family_engine(model_dir, max_loras: int = 1, max_rank: int = 8, **options) -> Engine:
+    """An engine on one process over ``model_dir`` (fp32 CPU unless ``options`` say), with a
+    small paged cache of 256 pages of 4 tokens: enough for every request here."""
+    return Engine.from_pretrained(str(model_dir), max_loras=max_loras, max_rank=max_rank,
+                                  progress=False, num_pages=256, page_size=4, **options)

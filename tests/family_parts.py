@@ -1,12 +1,14 @@
 """Helpers of the family attention tests: a dict-backed stand-in for the checkpoint reader
-(same ``get`` / ``rows`` / ``cols`` / ``has`` contract, shapes checked) and the batch and cache
-of one or more requests."""
+(same ``get`` / ``rows`` / ``cols`` / ``has`` contract, shapes checked) and the paged batch and
+cache of one or more requests (pages in a shuffled order, unwritten slots NaN)."""
 
 from __future__ import annotations
 
 import torch
 
-from moelora_dist.models.batch import ForwardBatch, KVCache
+from moelora_dist.models.batch import ForwardBatch, PagedKVCache
+
+PAGE_SIZE = 4
 
 
 class DictReader:
@@ -47,10 +49,35 @@ def layer_state(module, prefix: str) -> DictReader:
     return DictReader({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
 
 
-def batch_and_cache(lens: list[int], prefix: list[int], cfg, layers: int, v_dim=None,
-                    num_kv=None):
-    batch = ForwardBatch.build(lens, prefix, "cpu")
-    cache = KVCache(layers, len(lens), max(a + b for a, b in zip(lens, prefix)),
-                    num_kv or cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu",
-                    v_head_dim=v_dim)
-    return batch, cache
+def block_tables(max_lens: list[int], page_size: int = PAGE_SIZE, seed: int = 0):
+    """Pages for sequences of up to ``max_lens[b]`` tokens, taken from a shuffled pool (so
+    that a layer reading by position instead of through its table is caught), and the pool
+    size."""
+    need = [-(-n // page_size) for n in max_lens]
+    num_pages = sum(need) + 2
+    order = torch.randperm(num_pages, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables, used = [], 0
+    for n in need:
+        tables.append(order[used:used + n])
+        used += n
+    return tables, num_pages
+
+
+def poisoned_cache(layers: int, num_pages: int, num_kv: int, head_dim: int,
+                   page_size: int = PAGE_SIZE) -> PagedKVCache:
+    """A paged fp32 CPU cache whose every slot is NaN until a layer writes it: a read of a
+    slot no request owns turns the output NaN."""
+    cache = PagedKVCache(layers, num_pages, page_size, num_kv, head_dim, torch.float32, "cpu")
+    for t in cache.k + cache.v:
+        t.fill_(float("nan"))
+    return cache
+
+
+def batch_and_cache(lens: list[int], prefix: list[int], layers: int, num_kv: int,
+                    head_dim: int, max_lens: list[int] | None = None):
+    """The first forward of requests adding ``lens`` tokens after ``prefix`` cached ones, a
+    poisoned cache with room for ``max_lens`` tokens each, and their block tables (for the
+    next steps: ``ForwardBatch.build(new, prefix, tables, PAGE_SIZE, "cpu")``)."""
+    tables, num_pages = block_tables(max_lens or [a + b for a, b in zip(lens, prefix)])
+    batch = ForwardBatch.build(lens, prefix, tables, PAGE_SIZE, "cpu")
+    return batch, poisoned_cache(layers, num_pages, num_kv, head_dim), tables

@@ -7,8 +7,8 @@ Run with the device tool: ``PYTHONPATH=$PWD python3 -m pytest tests/gpu -m gpu -
 Tolerances: bf16 kernels as tests/gpu/test_kernels_gpu.py (2e-2 of the output magnitude: h
 and per-pair outputs stored in bf16, the LoRA expand in tf32). Whole models in fp32 (Triton
 products are TF32-class on GPUs) against the CPU references: 2e-2 of max |logit|, as
-tests/multi_gpu/test_e2e_runner.py on GPUs; graph against eager on the GPU: the graph pads
-the batch and reads the whole cache with a mask, same bound.
+tests/multi_gpu/test_families_runner.py on GPUs; greedy tokens of the engine's CUDA-graph
+steps against its eager steps (fp32: the padded bucket changes no token here).
 """
 
 import pytest
@@ -89,49 +89,60 @@ def test_routers_are_graph_safe_and_match_the_cpu():
                                    w_ref.gather(1, ref_order.indices), rtol=1e-5, atol=1e-6)
 
 
+def _engine(model, eager=False):
+    from moelora_dist.engine.config import EngineConfig
+    from moelora_dist.engine.engine import Engine
+    from tests.family_configs import family_adapter
+
+    engine = Engine(model, EngineConfig(max_loras=2, max_rank=8, page_size=16, num_pages=64,
+                                        enforce_eager=eager))
+    for name, rank, seed in (("a", 5, 1), ("b", 8, 2)):
+        if model.pool.slot_of(name) is not None:  # a previous engine's adapter on this model
+            model.pool.release_batch()
+            model.pool.unload(name)
+        engine.add_adapter(name, family_adapter(model.cfg, name, rank, seed))
+    return engine
+
+
 @pytest.fixture(scope="module", params=["deepseek_v3", "glm4_moe", "gpt_oss"])
 def family(request):
     from moelora_dist.config.model import ModelConfig
     from moelora_dist.models.model import MoELoRAModel
     from moelora_dist.models.random_weights import RandomWeights
-    from moelora_dist.models.runner import ModelRunner
     from moelora_dist.parallel.groups import ParallelGroups
-    from tests.family_configs import RAW, family_adapter
+    from tests.family_configs import RAW
 
     cfg = ModelConfig.from_dict(RAW[request.param])
-    runners = []
-    for dev in (torch.device("cuda", 0), torch.device("cpu")):
-        model = MoELoRAModel.build(cfg, ParallelGroups.single(dev),
-                                   RandomWeights(cfg, torch.float32, "cpu", seed=0, std=0.2),
-                                   dtype=torch.float32, max_loras=2, max_rank=8, progress=False)
-        runner = ModelRunner(model)
-        runner.add_adapter("a", family_adapter(cfg, "a", 5, 1))
-        runner.add_adapter("b", family_adapter(cfg, "b", 8, 2))
-        runners.append(runner)
-    return request.param, runners
+    models = [MoELoRAModel.build(cfg, ParallelGroups.single(dev),
+                                 RandomWeights(cfg, torch.float32, "cpu", seed=0, std=0.2),
+                                 dtype=torch.float32, max_loras=2, max_rank=8, progress=False)
+              for dev in (torch.device("cuda", 0), torch.device("cpu"))]
+    return request.param, models
+
+
+PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [9, 10], list(range(11, 30))]
+NAMES = ["a", None, "b"]
 
 
 def test_family_on_gpu_matches_cpu_reference(family):
-    from moelora_dist.models.requests import Request
-
     name, (gpu, cpu) = family
-    assert gpu.model.backend == "triton"
-    reqs = [Request([3, 4, 5, 6, 7, 8, 9], "a"), Request([9, 10], None),
-            Request(list(range(11, 30)), "b")]
-    for g_l, c_l in zip(gpu.prompt_logits(reqs), cpu.prompt_logits(reqs)):
+    assert gpu.backend == "triton"
+    for g_l, c_l in zip(_engine(gpu).prompt_logits(PROMPTS, NAMES),
+                        _engine(cpu).prompt_logits(PROMPTS, NAMES)):
         _close(g_l, c_l)
 
 
 def test_family_greedy_tokens_graphs_vs_eager(family):
-    """Greedy decode replayed from CUDA graphs (sinks, windows, MLA's value dim, router LoRA
-    and all) gives the eager decode's tokens."""
-    from moelora_dist.models.requests import Request
+    """Greedy decode replayed from CUDA graphs (sinks, windows, MLA's padded values, router
+    LoRA and all) gives the eager decode's tokens."""
+    from moelora_dist.engine.sampling import SamplingParams
 
     name, (gpu, _) = family
-    gens = [Request([3, 4, 5, 6, 7, 8, 9], "a", max_new_tokens=6, ignore_eos=True),
-            Request([9, 10], None, max_new_tokens=6, ignore_eos=True),
-            Request(list(range(11, 30)), "b", max_new_tokens=6, ignore_eos=True)]
-    graph = gpu.generate(gens, cuda_graphs=True)
-    assert gpu.decode_graphs is not None and gpu.decode_graphs.captured
-    eager = gpu.generate(gens, cuda_graphs=False)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    graph_engine = _engine(gpu)
+    graph = graph_engine.generate(PROMPTS, params, NAMES)
+    assert graph_engine.counters["graph_steps"] >= 4 and graph_engine.worker.graphs.captured
+    eager_engine = _engine(gpu, eager=True)
+    eager = eager_engine.generate(PROMPTS, params, NAMES)
+    assert eager_engine.counters["graph_steps"] == 0
     assert [g.output_ids for g in graph] == [e.output_ids for e in eager]

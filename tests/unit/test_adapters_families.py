@@ -15,8 +15,7 @@ from safetensors.torch import save_file
 
 from moelora_dist.adapters import AdapterError, load_adapter
 from moelora_dist.cli.main import main as cli_main
-from moelora_dist.models.requests import Request
-from moelora_dist.models.runner import ModelRunner
+from tests.e2e_families import family_engine
 from tests.hf_factory import lora_config_dict
 from tests.hf_families import make_family_model, save_family_model
 
@@ -38,10 +37,9 @@ def _peft(model, out_dir, seed=1, **lora_kw):
 
 
 def _matches(model_dir, adapter_dir, reference, max_rank=16):
-    runner = ModelRunner.from_pretrained(str(model_dir), max_loras=1, max_rank=max_rank,
-                                         progress=False)
-    adapter = runner.add_adapter("a", str(adapter_dir))
-    got = runner.prompt_logits([Request(p, "a") for p in PROMPTS])
+    engine = family_engine(model_dir, max_rank=max_rank)
+    adapter = engine.add_adapter("a", str(adapter_dir))
+    got = engine.prompt_logits(PROMPTS, "a")
     with torch.no_grad():
         for p, o in zip(PROMPTS, got):
             want = reference(input_ids=torch.tensor([p])).logits[0]

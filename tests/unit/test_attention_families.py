@@ -3,28 +3,29 @@
 same random weights (fp32, CPU), on one rank and split over mocked TP ranks.
 
 transformers runs its eager attention (explicit softmax; gpt-oss's sink column) with an
-additive causal mask; ours runs SDPA (sinks as an extra key) over the KV cache: they differ
-by fp32 reordering only, ``atol 1e-5`` on outputs of size O(1). Each feature is checked to
-matter at these sizes (dropping it moves the output far beyond the tolerance).
+additive causal mask; ours writes keys and values into a paged cache (pages shuffled, every
+unwritten slot NaN) and runs the paged-attention reference or its Triton kernel (interpreter;
+sinks as the online softmax's starting term): they differ by fp32 reordering only, ``atol
+1e-5`` on outputs of size O(1). Each feature is checked to matter at these sizes (dropping it
+moves the output far beyond the tolerance).
 """
 
 import dataclasses
-import math
 
 import pytest
 import torch
 
 from moelora_dist.config.model import ModelConfig
 from moelora_dist.models.attention import HeadSplit, TPAttention, load_attention_weights
-from moelora_dist.models.attention_core import attend, attend_reference
 from moelora_dist.models.batch import ForwardBatch
 from moelora_dist.models.mla import TPMLA, load_mla_weights
-from moelora_dist.models.rope import RotaryEmbedding
-from tests.family_parts import batch_and_cache, layer_state
+from moelora_dist.models.rope import RotaryEmbedding, rope_tables_for
+from tests.family_parts import PAGE_SIZE, batch_and_cache, layer_state
 from tests.hf_families import family_config
 
 S = 9  # longer than gpt-oss's window of 4
 ATOL = 1e-5
+MAX_POS = 64
 
 
 def _cfg(family, **over):
@@ -60,24 +61,20 @@ def _hf_out(attn, rope, x, window=None):
         return attn(x, position_embeddings=rope(x, pos), attention_mask=mask)[0][0]
 
 
-def _ours(family, cfg, attn, layer, x, tp=1, rank=0, lens=None):
+def _ours(family, cfg, attn, layer, x, tp=1, rank=0, backend="torch"):
     split = HeadSplit.for_rank(cfg, tp, rank)
     reader = layer_state(attn, f"model.layers.{layer}.self_attn")
-    rope = RotaryEmbedding(cfg.rope)
-    lens = lens or [x.shape[0]]
     if cfg.attention == "mla":
         w = load_mla_weights(reader, cfg, layer, split, torch.float32)
-        layer_obj = TPMLA(cfg, layer, split, w)
-        v_dim = cfg.mla.v_head_dim
+        layer_obj = TPMLA(cfg, layer, split, w, backend=backend)
     else:
         w = load_attention_weights(reader, cfg, layer, split, torch.float32)
-        layer_obj = TPAttention(cfg, layer, split, w)
-        v_dim = None
-    batch, cache = batch_and_cache(lens, [0] * len(lens), cfg, cfg.num_layers, v_dim,
-                                   num_kv=split.num_kv)
-    cos, sin = rope.cos_sin(batch.positions_T, torch.float32)
+        layer_obj = TPAttention(cfg, layer, split, w, backend=backend)
+    batch, cache, _ = batch_and_cache([x.shape[0]], [0], cfg.num_layers, split.num_kv,
+                                      cfg.head_dim)
     bias = layer_obj.w.pop("o_proj.bias", None) if tp > 1 else None
-    return layer_obj.forward(x, batch, cache, cos, sin), bias
+    out = layer_obj.forward(x, batch, cache, rope_tables_for(cfg.rope, MAX_POS))
+    return out, bias
 
 
 FAMILY_CASES = [("deepseek_v3", {}, 1), ("deepseek_v3", dict(attention_bias=True), 1),
@@ -86,14 +83,15 @@ FAMILY_CASES = [("deepseek_v3", {}, 1), ("deepseek_v3", dict(attention_bias=True
 IDS = ["mla", "mla_biases", "mla_no_q_lora", "glm", "gpt_oss_sliding", "gpt_oss_full"]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("family,over,layer", FAMILY_CASES, ids=IDS)
-def test_attention_matches_transformers(family, over, layer):
+def test_attention_matches_transformers(family, over, layer, backend):
     hf_cfg, cfg = _cfg(family, **over)
     attn, rope = _hf_attention(family, hf_cfg, layer)
     x = torch.randn(1, S, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     window = cfg.window_of(layer)
     want = _hf_out(attn, rope, x, window)
-    got, _ = _ours(family, cfg, attn, layer, x[0])
+    got, _ = _ours(family, cfg, attn, layer, x[0], backend=backend)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
@@ -118,26 +116,29 @@ def test_attention_split_over_tp_ranks_sums_to_the_whole(family, over, layer, tp
     torch.testing.assert_close(total, want, atol=ATOL, rtol=0)
 
 
-def test_two_requests_with_a_prefix_match_one_at_a_time():
-    """Packed requests of different lengths, then a decode step from the cache: each equals
-    transformers on that request alone (window, sinks and YaRN positions per request)."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_two_requests_then_decode_match_one_at_a_time(backend):
+    """Packed requests of different lengths, then a decode step from the paged cache: each
+    equals transformers on that request alone (window, sinks and YaRN positions per
+    request)."""
     hf_cfg, cfg = _cfg("gpt_oss")
     attn, rope_hf = _hf_attention("gpt_oss", hf_cfg, 0)
     split = HeadSplit.for_rank(cfg, 1, 0)
     layer = TPAttention(cfg, 0, split, load_attention_weights(
-        layer_state(attn, "model.layers.0.self_attn"), cfg, 0, split, torch.float32))
-    rope = RotaryEmbedding(cfg.rope)
+        layer_state(attn, "model.layers.0.self_attn"), cfg, 0, split, torch.float32),
+        backend=backend)
+    rope = rope_tables_for(cfg.rope, MAX_POS)
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(n, cfg.hidden_size, generator=g) for n in (7, 3)]
-    batch, cache = batch_and_cache([7, 3], [0, 0], cfg, 1)
-    cache.__init__(1, 2, 8, split.num_kv, cfg.head_dim, torch.float32, "cpu")
-    out = layer.forward(torch.cat(xs), batch, cache, *rope.cos_sin(batch.positions_T,
-                                                                   torch.float32))
+    batch, cache, tables = batch_and_cache([7, 3], [0, 0], 1, split.num_kv, cfg.head_dim,
+                                           max_lens=[8, 4])
+    out = layer.forward(torch.cat(xs), batch, cache, rope)
     for x, o in zip(xs, out.split([7, 3])):
         torch.testing.assert_close(o, _hf_out(attn, rope_hf, x[None], 4), atol=ATOL, rtol=0)
     nxt = torch.randn(2, cfg.hidden_size, generator=g)  # one more token each
-    step = ForwardBatch.build([1, 1], [7, 3], "cpu")
-    got = layer.forward(nxt, step, cache, *rope.cos_sin(step.positions_T, torch.float32))
+    step = ForwardBatch.build([1, 1], [7, 3], tables, PAGE_SIZE, "cpu")
+    assert step.decode_only
+    got = layer.forward(nxt, step, cache, rope)
     for b, (x, n) in enumerate(zip(xs, (7, 3))):
         full = _hf_out(attn, rope_hf, torch.cat([x, nxt[b:b + 1]])[None], 4)
         torch.testing.assert_close(got[b], full[n], atol=ATOL, rtol=0)
@@ -161,6 +162,12 @@ def test_rotary_tables_match_transformers(family):
     if family == "gpt_oss":  # transformers keeps half the table (it rotates by chunks)
         cos, sin = cos[:, : cos.shape[1] // 2], sin[:, : sin.shape[1] // 2]
     assert torch.equal(cos, cos_hf[0]) and torch.equal(sin, sin_hf[0])
+    # the paged path's [positions, R/2] tables (YaRN's attention factor in them) are the
+    # first halves of transformers' (rotate-half and interleaved tables alike)
+    cos_p, sin_p = rope_tables_for(cfg.rope, 200)
+    half = cos_p.shape[1]
+    torch.testing.assert_close(cos_p, cos_hf[0][:, :half], atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin_p, sin_hf[0][:, :half], atol=1e-6, rtol=0)
     if cfg.rope.kind == "yarn":  # YaRN changes the tables at these sizes
         plain = RotaryEmbedding(dataclasses.replace(cfg.rope, kind="default"))
         assert (plain.cos_sin(pos, torch.float32)[0] - cos_hf[0].repeat(
@@ -192,23 +199,3 @@ def test_each_feature_matters(what):
                                                                  rotary_dim=cfg.head_dim))
     got, _ = _ours(family, cfg2, attn, layer, x[0])
     assert (got - want).abs().max() > 100 * ATOL
-
-
-def test_attend_matches_its_reference_with_sinks_windows_and_value_dim():
-    g = torch.Generator().manual_seed(5)
-    batch = ForwardBatch.build([5, 1, 3], [0, 6, 2], "cpu")
-    T, L = 9, batch.max_kv
-    q = torch.randn(T, 4, 6, generator=g)
-    k, v = torch.randn(3, 2, L, 6, generator=g), torch.randn(3, 2, L, 5, generator=g)
-    sinks = torch.randn(4, generator=g)
-    for window in (None, 3):
-        for s in (None, sinks):
-            kw = dict(scale=0.4, window=window, sinks_N=s)
-            torch.testing.assert_close(attend(q, k, v, batch, **kw),
-                                       attend_reference(q, k, v, batch, **kw), atol=1e-5,
-                                       rtol=1e-5)
-    # a sink lowers every row's total weight below 1: with v = 1 the output is that total
-    ones = torch.ones(3, 2, L, 1)
-    total = attend(q, k, ones, batch, scale=0.4, sinks_N=sinks)
-    assert (total < 1).all() and (total > 0).all()
-    assert math.isclose(float(attend(q, k, ones, batch, scale=0.4).min()), 1.0, rel_tol=1e-5)

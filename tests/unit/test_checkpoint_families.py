@@ -16,8 +16,7 @@ from safetensors.torch import load_file, save_file
 from moelora_dist.config.model import ModelConfigError
 from moelora_dist.files.safetensors_io import SafetensorsReader
 from moelora_dist.models.mxfp4 import dequantize_mxfp4, read_mxfp4
-from moelora_dist.models.requests import Request
-from moelora_dist.models.runner import ModelRunner
+from tests.e2e_families import family_engine
 from tests.hf_families import make_family_model, save_family_model
 
 ATOL = 1e-4
@@ -25,8 +24,7 @@ PROMPT = [3, 4, 5, 6, 7, 8, 9, 10, 11]
 
 
 def _logits(model_dir):
-    runner = ModelRunner.from_pretrained(str(model_dir), max_loras=1, max_rank=4, progress=False)
-    return runner.prompt_logits([Request(PROMPT)])[0]
+    return family_engine(model_dir, max_rank=4).prompt_logits([PROMPT])[0]
 
 
 def _hf(model):
@@ -169,9 +167,8 @@ def test_deepseek_block_fp8_checkpoint(tmp_path, dequantize, monkeypatch):
                                   "activation_scheme": "dynamic", "dequantize": dequantize}
     (d / "config.json").write_text(json.dumps(cfg))
     twin = fp8_factory.write_dequantized_twin(d, tmp_path / "twin")
-    runner = ModelRunner.from_pretrained(str(d), max_loras=1, max_rank=4, progress=False)
     prompts = [ids for ids, _ in FAMILY_REQUESTS]
-    got = runner.prompt_logits([Request(p) for p in prompts])
+    got = family_engine(d, max_rank=4).prompt_logits(prompts)
     if dequantize:
         for p, o in zip(prompts, got):
             torch.testing.assert_close(o, _logits_of(twin, p), atol=ATOL, rtol=0)
@@ -184,5 +181,4 @@ def test_deepseek_block_fp8_checkpoint(tmp_path, dequantize, monkeypatch):
 
 
 def _logits_of(model_dir, prompt):
-    runner = ModelRunner.from_pretrained(str(model_dir), max_loras=1, max_rank=4, progress=False)
-    return runner.prompt_logits([Request(prompt)])[0]
+    return family_engine(model_dir, max_rank=4).prompt_logits([prompt])[0]

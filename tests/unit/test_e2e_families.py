@@ -20,8 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from moelora_dist.cli.main import main as cli_main
-from moelora_dist.models.requests import Request
-from moelora_dist.models.runner import ModelRunner
+from moelora_dist.engine.engine import Engine
 from tests.e2e_cases import hf_generate, hf_logits, write_requests
 from tests.e2e_families import FAMILY_GEN, FAMILY_REQUESTS, build_family_case
 from tests.hf_families import FAMILIES
@@ -94,17 +93,17 @@ def test_bfloat16_logits_match_transformers_bf16(case, tmp_path):
 
 def test_router_lora_runs_only_while_an_adapter_has_one(case):
     """The router LoRA (adapter a1) reaches the logits; with only a2 (no router LoRA)
-    resident the runner skips that path and still matches."""
-    runner = ModelRunner.from_pretrained(str(case.model_dir), max_loras=1, max_rank=8,
-                                         progress=False)
-    runner.add_adapter("a2", str(case.adapter_dirs["a2"]))
+    resident the engine skips that path and still matches."""
+    engine = Engine.from_pretrained(str(case.model_dir), max_loras=1, max_rank=8,
+                                    progress=False, num_pages=256, page_size=4)
+    engine.add_adapter("a2", str(case.adapter_dirs["a2"]))
     path = "layers.1.mlp." + ("router" if case.arch == "gpt_oss" else "gate")
-    assert not runner.model.pool.targets(path)
-    req = [(FAMILY_REQUESTS[2][0], "a2")]
-    torch.testing.assert_close(runner.prompt_logits([Request(*req[0])])[0],
-                               hf_logits(case, req)[0], atol=ATOL, rtol=0)
-    runner.add_adapter("a1", str(case.adapter_dirs["a1"]))
-    req = [(FAMILY_REQUESTS[0][0], "a1")]
-    got = runner.prompt_logits([Request(*req[0])])[0]  # evicts a2, loads a1
-    assert runner.model.pool.targets(path)
-    torch.testing.assert_close(got, hf_logits(case, req)[0], atol=ATOL, rtol=0)
+    ids, name = FAMILY_REQUESTS[2]
+    got = engine.prompt_logits([ids], name)[0]
+    assert not engine.model.pool.targets(path)
+    torch.testing.assert_close(got, hf_logits(case, [(ids, name)])[0], atol=ATOL, rtol=0)
+    engine.add_adapter("a1", str(case.adapter_dirs["a1"]))
+    ids, name = FAMILY_REQUESTS[0]
+    got = engine.prompt_logits([ids], name)[0]  # evicts a2, loads a1
+    assert engine.model.pool.targets(path)
+    torch.testing.assert_close(got, hf_logits(case, [(ids, name)])[0], atol=ATOL, rtol=0)
