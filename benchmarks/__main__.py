@@ -6,6 +6,7 @@
     python -m benchmarks dispatch --nproc 2 --out-prefix benchmarks/results/current/dist
     python -m benchmarks layer --nproc 2 --out-prefix benchmarks/results/current/dist_layer
     python -m benchmarks pool --out benchmarks/results/current
+    python -m benchmarks sampling --out benchmarks/results/current [--quick]
 
 A suite is a module with ``main(argv)``; a distributed one (``NPROC`` suites) is started
 under torchrun with ``--nproc N`` processes, in the launcher's environment (NVLink multicast
@@ -30,6 +31,9 @@ SUITES = {
     "decode": ("benchmarks.e2e.bench_decode",
                "whole-model decode steps, graphs vs eager, adapters vs none", None),
     "pool": ("benchmarks.pool.bench_pool_load", "adapter load time into the slot pool", None),
+    "sampling": ("benchmarks.sampling.bench_sampling",
+                 "per-request sampling at V=151936, eager and in a graph, vs the PyTorch way",
+                 None),
     "dispatch": ("benchmarks.dist.bench_dispatch",
                  "dispatch + combine vs raw NCCL all_to_all_single", "nproc"),
     "layer": ("benchmarks.dist.bench_layer", "the MoE layer on EP vs one GPU", "nproc"),
