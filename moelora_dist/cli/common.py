@@ -117,7 +117,7 @@ def check_inputs(args, *, need_max_new_tokens: bool):
     """
     from moelora_dist.adapters.loader import read_adapter_config
     from moelora_dist.config.model import ModelConfig
-    from moelora_dist.engine.interim import TextCodec
+    from moelora_dist.engine.text import TextCodec
     from moelora_dist.engine.prompts import RequestError, prompt_ids
     from moelora_dist.engine.requests import read_requests
 
@@ -144,9 +144,10 @@ def check_inputs(args, *, need_max_new_tokens: bool):
         if s.adapter is not None and s.adapter not in paths:
             raise RequestError(f"{where}: unknown adapter {s.adapter!r}; registered: "
                                f"{sorted(paths) or 'none'} (add it with --adapter NAME=DIR)")
-        total = len(s.prompt) + s.sampling.max_tokens
+        new = s.sampling.max_tokens if need_max_new_tokens else 0
+        total = len(s.prompt) + new
         if max_len is not None and total > max_len:
-            raise RequestError(f"{where}: {len(s.prompt)} prompt + {s.sampling.max_tokens} new "
+            raise RequestError(f"{where}: {len(s.prompt)} prompt + {new} new "
                                f"tokens exceed the model's {max_len} positions")
     check_writable(args.out, "--out")
     return cfg, paths, specs, codec

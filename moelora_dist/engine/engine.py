@@ -33,7 +33,8 @@ from moelora_dist.engine import gather
 from moelora_dist.engine.adapter_ops import AdapterManager, send
 from moelora_dist.engine.config import EngineConfig
 from moelora_dist.engine.graphs import GraphRunner
-from moelora_dist.engine.interim import SamplingParams, TextCodec
+from moelora_dist.engine.sampling_params import SamplingParams
+from moelora_dist.engine.text import StopMatcher, TextCodec
 from moelora_dist.engine.memory import plan_pages
 from moelora_dist.engine.outputs import AdapterCounts, Completion, EngineMetrics
 from moelora_dist.engine.pages import PageAllocator
@@ -158,7 +159,8 @@ class Engine:
         ids = prompt_ids(prompt, self.codec, self.cfg.vocab_size)
         params = sampling or SamplingParams()
         check_request(ids, params, adapter, self.adapters, self.cfg.vocab_size,
-                      self.max_model_len, self.pages.num_pages, self.config.page_size)
+                      self.max_model_len, self.pages.num_pages, self.config.page_size,
+                      new_tokens=0 if want_prompt_logits else None)
         return ids, params
 
     def add_request(self, request_id: str, prompt, sampling: SamplingParams | None = None,
@@ -176,11 +178,8 @@ class Engine:
         seq = Sequence(request_id, arrival, ids, params, adapter, seed,
                        want_prompt_logits=want_prompt_logits)
         if self.codec is not None:
-            seq.detokenizer = self.codec.detokenizer()
-        if params.max_tokens == 0 and not want_prompt_logits and params.prompt_logprobs is None:
-            seq.status, seq.finish_reason = Status.FINISHED, "length"
-            self._instant.append(seq)
-            return
+            seq.detokenizer = self.codec.detokenizer(ids)
+            seq.stop_matcher = StopMatcher(params.stop) if params.stop else None
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
@@ -332,7 +331,7 @@ class Engine:
                       progress: bool = False) -> list[torch.Tensor | None]:
         """fp32 logits ``[L_i, V]`` of every prompt position (CPU); collective, chunked and
         batched like any request (the ``logits`` job)."""
-        mine, checked, rids = self._session(prompts, SamplingParams(max_tokens=0,
+        mine, checked, rids = self._session(prompts, SamplingParams(max_tokens=1,
                                                                     temperature=0.0),
                                             adapter, True, progress)
         out: list[torch.Tensor | None] = [None] * len(prompts)

@@ -41,7 +41,7 @@ import time
 import torch
 
 from moelora_dist.engine.config import EngineConfig
-from moelora_dist.engine.interim import SamplingBatch, sample
+from moelora_dist.engine.sampling import SamplingBatch, sample
 from moelora_dist.lora.batch_info import build_batch_info
 from moelora_dist.models.batch import ForwardBatch
 from moelora_dist.moe.dispatch import auto_dispatcher_name

@@ -41,8 +41,11 @@ def prompt_ids(prompt, codec, vocab_size: int) -> list[int]:
 
 
 def check_request(ids: list[int], params, adapter: str | None, adapters, vocab_size: int,
-                  max_model_len: int, num_pages: int, page_size: int) -> None:
-    """Everything that would make the request fail later, said now (one line each)."""
+                  max_model_len: int, num_pages: int, page_size: int,
+                  new_tokens: int | None = None) -> None:
+    """Everything that would make the request fail later, said now (one line each).
+    ``new_tokens``: tokens it may generate (default ``params.max_tokens``; 0 for prompt
+    logits)."""
     if adapter is not None and not isinstance(adapter, str):
         raise RequestError(f"adapter {adapter!r}: give a registered name or None")
     if not adapters.servable(adapter):
@@ -51,12 +54,13 @@ def check_request(ids: list[int], params, adapter: str | None, adapters, vocab_s
         raise RequestError(f"unknown adapter {adapter!r} ({why}); registered: "
                            f"{known or 'none'} (add it with --adapter NAME=DIR)")
     params.validate(vocab_size)
-    total = len(ids) + params.max_tokens
+    new = params.max_tokens if new_tokens is None else new_tokens
+    total = len(ids) + new
     if total > max_model_len:
-        raise RequestError(f"{len(ids)} prompt + {params.max_tokens} new tokens exceed the "
+        raise RequestError(f"{len(ids)} prompt + {new} new tokens exceed the "
                            f"model's {max_model_len} positions (max_model_len)")
     need = -(-total // page_size)
     if need > num_pages:
-        raise RequestError(f"{len(ids)} prompt + {params.max_tokens} new tokens need {need} KV "
+        raise RequestError(f"{len(ids)} prompt + {new} new tokens need {need} KV "
                            f"pages of {page_size} tokens but the pool has {num_pages}; raise "
                            "--num-pages or --gpu-memory-utilization, or ask for fewer tokens")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from moelora_dist.engine.interim import SamplingError, SamplingParams
+from moelora_dist.engine.sampling_params import SamplingError, SamplingParams
 from moelora_dist.engine.prompts import RequestError
 from moelora_dist.files.paths import read_text
 
@@ -76,7 +76,7 @@ def parse_line(obj, i: int, *, need_max_new_tokens: bool) -> RequestSpec:
     fields.setdefault("temperature", 0.0)
     try:
         sampling = SamplingParams.from_dict({"max_tokens": mnt, **fields}) \
-            if need_max_new_tokens else SamplingParams(max_tokens=0, temperature=0.0)
+            if need_max_new_tokens else SamplingParams(max_tokens=1, temperature=0.0)
     except (SamplingError, TypeError) as exc:
         raise RequestError(f"request line {i}: {exc}") from None
     return RequestSpec(prompt, adapter, sampling, i)

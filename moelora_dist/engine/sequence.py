@@ -28,7 +28,7 @@ class Sequence:
 
     ``arrival``: the engine's admission counter; lower is older (first served, last
     preempted). ``want_prompt_logits``: keep the ``[L, V]`` logits of every prompt position
-    (the ``logits`` job). ``logprobs``: per generated token ``(token logprob, top ids, top
+    and generate nothing (the ``logits`` job). ``logprobs``: per generated token ``(token logprob, top ids, top
     logprobs)`` when asked; ``prompt_logprobs``: the same for prompt tokens 1.. (token 0 has
     none), filled once even if the prompt is recomputed.
     """
@@ -79,5 +79,6 @@ class Sequence:
 
     @property
     def done_after_prefill(self) -> bool:
-        """A request that generates nothing: finished once its prompt is computed."""
-        return self.params.max_tokens == 0
+        """A request for prompt logits generates nothing: finished once its prompt is
+        computed."""
+        return self.want_prompt_logits

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from moelora_dist.engine.interim import SamplingBatch, SamplingParams
+from moelora_dist.engine.sampling import SamplingBatch, SamplingParams
 from moelora_dist.engine.outputs import RequestOutput, TokenLogprob
 from moelora_dist.engine.plan import build_plan, send_plan
 from moelora_dist.engine.sequence import Status
@@ -136,9 +136,9 @@ def _append(engine, seq, token: int, lp) -> None:
     if params.logprobs is not None and lp is not None:
         k = params.logprobs
         seq.logprobs.append(TokenLogprob(token, lp[0], list(zip(lp[1][:k], lp[2][:k]))))
-    if seq.detokenizer is not None:
-        seq.text += seq.detokenizer.push([token])
-    if token in engine.eos_ids and not params.ignore_eos:
+    if seq.detokenizer is not None and _add_text(seq, seq.detokenizer.push([token])):
+        finish(engine, seq, "stop")  # a stop string: cut from the text, the token is kept
+    elif token in engine.eos_ids and not params.ignore_eos:
         finish(engine, seq, "eos")
     elif token in params.stop_token_ids:
         finish(engine, seq, "stop")
@@ -146,8 +146,22 @@ def _append(engine, seq, token: int, lp) -> None:
         finish(engine, seq, "length")
 
 
+def _add_text(seq, delta: str) -> bool:
+    """Append ``delta`` to the text shown, through the stop strings; True when one matched."""
+    stopped = False
+    if seq.stop_matcher is not None:
+        delta, stopped = seq.stop_matcher.feed(delta)
+    seq.text += delta
+    return stopped
+
+
 def finish(engine, seq, reason: str) -> None:
-    """End ``seq`` now: its pages go back to the pool at once."""
+    """End ``seq`` now: its pages go back to the pool at once, and the text the detokenizer
+    and the stop strings held back is released (unless a stop string ended it)."""
+    if seq.detokenizer is not None and not getattr(seq.stop_matcher, "stopped", False):
+        _add_text(seq, seq.detokenizer.flush())
+        if seq.stop_matcher is not None:
+            seq.text += seq.stop_matcher.flush()
     seq.status, seq.finish_reason = Status.FINISHED, reason
     engine.scheduler.remove(seq)
     if seq.adapter is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moelora_dist.engine.graphs import GraphRunner
-from moelora_dist.engine.interim import SampleOutput, SamplingBatch, sample
+from moelora_dist.engine.sampling import SampleOutput, SamplingBatch, sample
 from moelora_dist.lora.batch_info import build_batch_info
 from moelora_dist.models.batch import ForwardBatch
 
