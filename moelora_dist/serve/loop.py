@@ -206,8 +206,9 @@ class EngineLoop:
                     self._cancel_all(engine)
                     break
                 if engine.has_unfinished():
-                    self._deliver(engine.step())
-                    self.snapshot = self._snap()
+                    outputs = engine.step()
+                    self.snapshot = self._snap()  # before a client can see the outputs
+                    self._deliver(outputs)
                     idle_since = time.monotonic()
                 elif time.monotonic() - idle_since >= self.heartbeat_s:
                     engine.keepalive()

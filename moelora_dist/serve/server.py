@@ -69,6 +69,10 @@ def serve(engine, config: ServeConfig, *, served_name: str, model_root: str,
                                     timeout_graceful_shutdown=config.shutdown_timeout,
                                     lifespan="off"), loop)
     loop.on_fatal = lambda: setattr(server, "should_exit", True)
+    # uvicorn catches SIGTERM/SIGINT while it runs and raises them again on its way out to
+    # whatever handler was there before: make that one a no-op, so the drain below runs and
+    # the exit code is ours (0), not the signal's.
+    _ignore_signals()
     loop.start()
     try:
         server.run()
@@ -86,7 +90,7 @@ def serve(engine, config: ServeConfig, *, served_name: str, model_root: str,
 
 def _ignore_signals() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: log.info("signal received; waiting for the leader's stop"))
+        signal.signal(sig, lambda *_: None)
 
 
 class _Server(uvicorn.Server):
