@@ -29,15 +29,23 @@ CHAT = [{"role": "user", "content": "tell me a story about a cat"}]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     case = build_serve_case(root)
-    args = ["--model", str(case.model_dir), *case.adapter_args(), "--served-model-name",
+    return root, case, offline_engine(case)
+
+
+def _serve_args(case) -> list[str]:
+    return ["--model", str(case.model_dir), *case.adapter_args(), "--served-model-name",
             MODELS[0], "--enable-lora-loading", "--adapter-root", str(case.loadable),
             "--max-waiting", "64", "--shutdown-timeout", "20", "--max-model-len", "512"]
-    server = Server(args, root / "server.log", api_key=KEY)
-    with server:
-        yield case, server, offline_engine(case)
+
+
+@pytest.fixture(scope="module")
+def env(built):
+    root, case, engine = built
+    with Server(_serve_args(case), root / "server.log", api_key=KEY) as server:
+        yield case, server, engine
 
 
 def _adapter(model: str):
@@ -286,3 +294,38 @@ def test_sigterm_finishes_running_requests_then_exits_0(env):
     assert server.proc.wait(timeout=30) == 0, server.log()
     with pytest.raises(httpx.TransportError):
         httpx.get(server.url + "/health", timeout=2)
+
+
+def test_under_the_launcher_tp2_ep2_gives_the_same_greedy_outputs(built):
+    """``python -m launch --nproc-per-node 2 serve --tp 2 --ep 2`` on gloo: rank 0 serves,
+    rank 1 follows its plans; greedy outputs (whole and streamed, base and adapters, and an
+    adapter loaded at run time, which the follower reads from its own copy) equal the
+    single-process offline engine's. With a collective timeout of 8 s, 10 s of idleness in
+    between must not end the job (the leader's keep-alives). SIGTERM to the launcher stops
+    every rank within the deadline."""
+    root, case, engine = built
+    args = [*_serve_args(case), "--tp", "2", "--ep", "2"]
+    launch = ["--nproc-per-node", "2", "--timeout", "8"]
+    with Server(args, root / "launch.log", launch=launch) as server:
+        client = server.client()
+        for model in MODELS:
+            want = greedy(engine, PROMPTS, [_adapter(model)] * len(PROMPTS), [6] * 3)
+            for prompt, (ids, text) in zip(PROMPTS, want):
+                kw = dict(model=model, prompt=prompt, max_tokens=6, temperature=0,
+                          extra_body={"return_token_ids": True})
+                whole = client.completions.create(**kw).choices[0]
+                assert (whole.model_extra["token_ids"], whole.text) == (ids, text), model
+                streamed = [c.choices[0].model_extra["token_ids"]
+                            for c in client.completions.create(stream=True, **kw)]
+                assert sum(streamed, []) == ids
+        time.sleep(10)  # idle past the collective timeout
+        assert server.post("/v1/load_lora_adapter",
+                           {"lora_name": "a3", "lora_path": "a3"}).status_code == 200
+        (a1_ids, _), = greedy(engine, [[7, 8, 9]], ["a1"], [6])
+        got = client.completions.create(model="a3", prompt=[7, 8, 9], max_tokens=6,
+                                        temperature=0, extra_body={"return_token_ids": True})
+        assert got.choices[0].model_extra["token_ids"] == a1_ids
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=60)
+        assert code in (0, 128 + signal.SIGTERM), server.log()
+        assert "Traceback" not in server.log(), server.log()
