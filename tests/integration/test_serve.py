@@ -119,6 +119,55 @@ def test_chat_equals_offline_with_the_chat_template(env, stream):
         assert content == text, model
 
 
+def test_sampling_n_seed_stop_logprobs_echo(env):
+    """The sampling options reach the engine: a seeded sample equals the offline engine's
+    with the same seed (and repeats), ``n`` choices have their own seeds, a stop string cuts
+    the text (finish "stop"), logprobs (completions and chat) equal the offline engine's, and
+    echo returns the prompt with null first logprob."""
+    from moelora_dist.engine.sampling_params import SamplingParams
+
+    _, server, engine = env
+    client = server.client()
+    sampled = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, seed=7)
+    want = engine.generate([[3, 4, 5]], sampled, "a1")[0]
+    kw = dict(model="a1", prompt=[3, 4, 5], max_tokens=8, temperature=1.0, seed=7,
+              extra_body={"top_k": 20, "return_token_ids": True})
+    first = client.completions.create(n=3, **kw)
+    again = client.completions.create(n=3, **kw)
+    ids = [c.model_extra["token_ids"] for c in first.choices]
+    assert ids[0] == want.output_ids and ids == [c.model_extra["token_ids"]
+                                                 for c in again.choices]
+    assert len({tuple(x) for x in ids}) > 1, "n choices share one random stream"
+    assert first.usage.prompt_tokens == 3 and first.usage.completion_tokens == sum(map(len, ids))
+
+    (gids, text), = greedy(engine, ["hello world how are"], ["a2"], [8])
+    stop = text[3:5]
+    r = client.completions.create(model="a2", prompt="hello world how are", max_tokens=8,
+                                  temperature=0, stop=[stop])
+    assert r.choices[0].text == text[:text.find(stop)] and r.choices[0].finish_reason == "stop"
+
+    ref = engine.generate([[3, 4, 5]], SamplingParams(max_tokens=5, temperature=0, logprobs=2,
+                                                      prompt_logprobs=2), "a2")[0]
+    r = client.completions.create(model="a2", prompt=[3, 4, 5], max_tokens=5, temperature=0,
+                                  logprobs=2, echo=True)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert len(lp.tokens) == 3 + 5 and r.choices[0].text.startswith(
+        engine.codec.decode([3, 4, 5]))
+    got = [x for x in lp.token_logprobs[1:]]
+    exp = [p.logprob for p in ref.prompt_logprobs[1:]] + [p.logprob for p in ref.logprobs]
+    assert got == pytest.approx(exp, abs=1e-5)
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+    c = client.chat.completions.create(model="a2", messages=CHAT, max_tokens=4, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    ref = engine.generate([CHAT], SamplingParams(max_tokens=4, temperature=0, logprobs=3),
+                          "a2")[0]
+    content = c.choices[0].logprobs.content
+    assert [e.logprob for e in content] == pytest.approx([p.logprob for p in ref.logprobs],
+                                                         abs=1e-5)
+    assert all(len(e.top_logprobs) == 3 for e in content)
+
+
 def test_32_concurrent_streams_mixing_adapters_have_no_cross_talk(env):
     """32 streams at once over base, a1 and a2 with different prompts and lengths: each
     equals its own offline result, and all finish within a bounded time."""
