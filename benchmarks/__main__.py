@@ -2,7 +2,8 @@
 
     python -m benchmarks --list
     python -m benchmarks kernels --out benchmarks/results/current [--quick] [--stages]
-    python -m benchmarks decode --out-dir benchmarks/results/current
+    python -m benchmarks engine --out-dir benchmarks/results/current [--quick]
+    python -m benchmarks launches --out benchmarks/results/current [--tree DIR]
     python -m benchmarks dispatch --nproc 2 --out-prefix benchmarks/results/current/dist
     python -m benchmarks layer --nproc 2 --out-prefix benchmarks/results/current/dist_layer
     python -m benchmarks pool --out benchmarks/results/current
@@ -28,8 +29,12 @@ SUITES = {
                 None),
     "overhead": ("benchmarks.kernels.bench_overhead",
                  "eager vs graph time, host time and per-kernel GPU time of the MoE layer", None),
-    "decode": ("benchmarks.e2e.bench_decode",
-               "whole-model decode steps, graphs vs eager, adapters vs none", None),
+    "engine": ("benchmarks.engine.bench_engine",
+               "offline throughput of the engine, 8 adapters vs none; TTFT, TPOT, roofline",
+               None),
+    "launches": ("benchmarks.engine.launches",
+                 "kernels and host ms per layer of an eager decode step, this tree vs another",
+                 None),
     "pool": ("benchmarks.pool.bench_pool_load", "adapter load time into the slot pool", None),
     "sampling": ("benchmarks.sampling.bench_sampling",
                  "per-request sampling at V=151936, eager and in a graph, vs the PyTorch way",

@@ -16,7 +16,6 @@ at once and unloads it when no waiting or running sequence uses it any more.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -41,13 +40,32 @@ class AdapterManager:
         self.removing: set[str] = set()
         self._ops: list[dict] = []
         self._outgoing: dict[str, CanonicalAdapter] = {}
+        # A follower's own view of the names its caller added / removed (SPMD code calls the
+        # API on every rank): its requests are checked against the same names as the
+        # leader's, while the weights arrive with the leader's plans.
+        self.announced: set[str] = set()
+        self.withdrawn: set[str] = set()
 
     @property
     def names(self) -> list[str]:
         return sorted(self.registry)
 
     def servable(self, name: str | None) -> bool:
-        return name is None or (name in self.registry and name not in self.removing)
+        if name is None:
+            return True
+        if name in self.withdrawn:
+            return False
+        return (name in self.registry and name not in self.removing) or name in self.announced
+
+    def announce(self, name: str) -> None:
+        """A follower's caller added ``name`` (the leader's plan brings the weights)."""
+        self.announced.add(name)
+        self.withdrawn.discard(name)
+
+    def withdraw(self, name: str) -> None:
+        """A follower's caller removed ``name``."""
+        self.announced.discard(name)
+        self.withdrawn.add(name)
 
     def add(self, name: str, adapter, **load_kwargs) -> CanonicalAdapter:
         """Register ``adapter`` (a PEFT directory or a :class:`CanonicalAdapter`) as
@@ -177,8 +195,7 @@ def describe(adapter: CanonicalAdapter) -> dict:
                         **{p: _fspec(f) for p, f in m.projections().items()}}
            for layer, m in sorted(adapter.moe.items())}
     return {"name": adapter.name, "format": adapter.format, "moe": moe,
-            "dense": {p: _fspec(f) for p, f in sorted(adapter.dense.items())},
-            "values_checked": adapter.values_checked}
+            "dense": {p: _fspec(f) for p, f in sorted(adapter.dense.items())}}
 
 
 def send(adapter: CanonicalAdapter, group, src: int, device) -> None:
@@ -223,9 +240,7 @@ def receive(spec: dict, group, src: int, device) -> CanonicalAdapter:
                 got[proj] = factors(m[proj], shared)
         moe[int(layer)] = MoELayerLoRA(m["num_experts"], **got)
     dense = {p: factors(f) for p, f in sorted(spec["dense"].items())}
+    # The values are checked again here (the pool's load needs their statistics), so every
+    # rank reaches the verdict on the same full tensors.
     return CanonicalAdapter(spec["name"], moe=moe, dense=dense, format=spec["format"],
-                            source="broadcast", values_checked=spec["values_checked"])
-
-
-def adapter_source(adapter) -> str:
-    return str(Path(adapter)) if not isinstance(adapter, CanonicalAdapter) else "memory"
+                            source="broadcast")

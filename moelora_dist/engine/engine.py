@@ -122,9 +122,11 @@ class Engine:
 
     def add_adapter(self, name: str, adapter, **load_kwargs):
         """Register a PEFT directory or an in-memory ``CanonicalAdapter`` while requests run
-        (checked against every layer now). On a follower rank: a no-op (the leader's next
-        plan carries it). ``load_kwargs``: ``force_shared_outer``, ``strict``."""
+        (checked against every layer now). On a follower rank only the name is noted, for
+        checking requests (the leader's next plan carries the weights). ``load_kwargs``:
+        ``force_shared_outer``, ``strict``."""
         if not self.is_leader:
+            self.adapters.announce(name)
             return None
         adapter = self.adapters.add(name, adapter, **load_kwargs)
         if self.groups.is_rank0:
@@ -136,6 +138,8 @@ class Engine:
         """Refuse new requests for ``name`` now; unload it once its requests finished."""
         if self.is_leader:
             self.adapters.remove(name, in_use=name in self._adapters_in_use())
+        else:
+            self.adapters.withdraw(name)
 
     @property
     def adapter_names(self) -> list[str]:

@@ -75,7 +75,7 @@ def plan_pages(model, config: EngineConfig, max_model_len: int) -> int:
         t = torch.tensor([pages], dtype=torch.int64, device=groups.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=groups.tp_group)
         pages = int(t)
-    if pages < need:
+    if pages < need and config.num_pages is None:  # explicit pools: checked per request
         raise OptionError(
             f"the KV cache gets {pages} pages of {S} tokens, fewer than one sequence of "
             f"max_model_len={max_model_len} needs ({need}); raise --gpu-memory-utilization or "

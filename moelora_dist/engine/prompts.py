@@ -33,7 +33,7 @@ def prompt_ids(prompt, codec, vocab_size: int) -> list[int]:
                            f"messages; got {type(prompt).__name__}")
     ids = [int(t) for t in prompt]
     if not ids:
-        raise RequestError("the prompt is empty; give at least one token")
+        raise RequestError("input_ids is empty; give at least one token")
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")

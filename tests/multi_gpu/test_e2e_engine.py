@@ -1,8 +1,12 @@
-"""The model runner on every layout of this world equals the one-process runner (logits of a
-batch mixing two adapters and base requests; greedy tokens on CPU). Layouts with ``tp < world``
-have data-parallel replicas that split the requests; global rank 0 must hold them all.
+"""The engine on every layout of this world equals the one-process engine (logits of a batch
+mixing two adapters and base requests; greedy tokens on CPU; a stream of arrivals through a
+page pool small enough to preempt). Layouts with ``tp < world`` have data-parallel replicas
+that split the requests; global rank 0 must hold them all, each replica's leader its share,
+and the other ranks (which only follow the leader's plans) none. Adapter ``b`` is added after
+the engine is built, in memory: only the leader's call takes effect and its tensors reach the
+other ranks inside the step plan.
 
-    .venv/bin/torchrun --nproc-per-node 4 -m pytest tests/multi_gpu/test_e2e_runner.py -q
+    .venv/bin/torchrun --nproc-per-node 4 -m pytest tests/multi_gpu/test_e2e_engine.py -q
     python -m launch --nproc-per-node 2 --device cuda -m pytest tests/multi_gpu -q
 
 Needs neither transformers nor peft: every rank writes the same seeded Qwen3-MoE-format
@@ -24,10 +28,11 @@ from safetensors.torch import save_file
 
 from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
 from moelora_dist.config.model import ModelConfig
-from moelora_dist.models.requests import Request
-from moelora_dist.models.runner import ModelRunner
+from moelora_dist.engine.engine import Engine
+from moelora_dist.engine.interim import SamplingParams
 from moelora_dist.parallel.groups import ParallelGroups, init_parallel
 from moelora_dist.parallel.layout import valid_layouts
+from tests.engine_cases import drive
 
 WORLD = int(os.environ.get("WORLD_SIZE", "0"))
 CUDA = os.environ.get("MOELORA_DIST_BACKEND") == "nccl" or (
@@ -43,8 +48,13 @@ LAYOUTS = [lay for lay in (valid_layouts(WORLD, CFG.num_experts, CFG.moe_interme
                            if WORLD else [])
            if CFG.num_heads % lay.tp == 0 and (lay.tp % CFG.num_kv_heads == 0
                                                 or CFG.num_kv_heads % lay.tp == 0)]
-REQUESTS = [Request([3, 4, 5, 6, 7], "a"), Request([9, 10], None),
-            Request([11, 12, 13, 14, 15, 16, 17], "b"), Request([20, 21, 22], "a")]
+PROMPTS = [[3, 4, 5, 6, 7], [9, 10], [11, 12, 13, 14, 15, 16, 17], [20, 21, 22]]
+NAMES = ["a", None, "b", "a"]
+GEN = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+# a stream of arrivals through 7 pages of 4 tokens: preemption and recompute on every layout
+ARRIVALS = dict(prompts=PROMPTS + [[30, 31, 32, 33, 34, 35, 36, 37, 38], [40]],
+                names=NAMES + ["b", None], arrivals=[0, 0, 1, 2, 2, 5],
+                params=SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
 
 
 def _write_checkpoint(d: str) -> None:
@@ -95,44 +105,77 @@ def _adapter(name: str, rank: int, seed: int) -> CanonicalAdapter:
     return CanonicalAdapter(name, moe=moe, dense=dense)
 
 
-def _runner(model_dir: str, groups: ParallelGroups, dispatcher: str) -> ModelRunner:
-    runner = ModelRunner.from_pretrained(model_dir, groups, max_loras=2, max_rank=8,
-                                         dispatcher=dispatcher, progress=False)
-    runner.add_adapter("a", _adapter("a", 4, 1))
-    runner.add_adapter("b", _adapter("b", 8, 2))
-    return runner
+def _engine(model_dir: str, groups: ParallelGroups, dispatcher: str, **kw) -> Engine:
+    engine = Engine.from_pretrained(model_dir, {"a": _adapter("a", 4, 1)}, groups=groups,
+                                    max_loras=2, max_rank=8, dispatcher=dispatcher,
+                                    progress=False, page_size=4, **kw)
+    engine.add_adapter("b", _adapter("b", 8, 2))  # the leader's call; followers get it planned
+    return engine
+
+
+def _arrivals(engine):
+    """Every replica's leader serves the whole stream; the other ranks follow."""
+    if not engine.is_leader:
+        engine.follow()
+        return None
+    done = drive(engine, **ARRIVALS)
+    engine.shutdown()
+    return done, engine.scheduler.num_preemptions
 
 
 @pytest.fixture(scope="module")
 def reference():
-    d = tempfile.mkdtemp(prefix="e2e_runner_")
+    d = tempfile.mkdtemp(prefix="e2e_engine_")
     _write_checkpoint(d)
     # This rank's own GPU (init_parallel has not set the device yet when the fixture runs).
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if CUDA else \
         torch.device("cpu")
-    runner = _runner(d, ParallelGroups.single(dev), "auto")
-    gens = [Request(r.input_ids, r.adapter, max_new_tokens=4, ignore_eos=True) for r in REQUESTS]
-    return d, runner.prompt_logits(REQUESTS), runner.generate(gens), gens
+    engine = _engine(d, ParallelGroups.single(dev), "auto", num_pages=64)
+    small = _engine(d, ParallelGroups.single(dev), "auto", num_pages=7,
+                    max_num_batched_tokens=8)
+    return (d, engine.prompt_logits(PROMPTS, NAMES), engine.generate(PROMPTS, GEN, NAMES),
+            _arrivals(small))
+
+
+def _close(g, r):
+    if CUDA:
+        assert (g - r).abs().max() <= 2e-2 * r.abs().max()
+    else:
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[f"tp{x.tp}-ep{x.ep}" for x in LAYOUTS])
 @pytest.mark.parametrize("dispatcher", ["all_reduce", "all_to_all"])
-def test_runner_matches_one_process(layout, dispatcher, reference):
-    d, ref_logits, ref_gens, gens = reference
-    runner = _runner(d, init_parallel(layout.tp, layout.ep), dispatcher)
-    got = runner.prompt_logits(REQUESTS)
-    out = runner.generate(gens)  # every collective runs before any assert
-    # With dp > 1 replicas split the requests: rank 0 holds all results, others their share.
-    dp_rank = runner.model.groups.rank_layout.dp_rank
-    mine = [i for i in range(len(REQUESTS)) if i % layout.dp == dp_rank]
-    have = range(len(REQUESTS)) if runner.model.groups.rank == 0 else mine
+def test_engine_matches_one_process(layout, dispatcher, reference):
+    d, ref_logits, ref_gens, _ = reference
+    engine = _engine(d, init_parallel(layout.tp, layout.ep), dispatcher, num_pages=64)
+    got = engine.prompt_logits(PROMPTS, NAMES)
+    out = engine.generate(PROMPTS, GEN, NAMES)  # every collective runs before any assert
+    g = engine.groups
+    mine = [i for i in range(len(PROMPTS)) if i % layout.dp == g.rank_layout.dp_rank]
+    have = range(len(PROMPTS)) if g.rank == 0 else (mine if engine.is_leader else [])
     assert all(got[i] is not None and out[i] is not None for i in have)
+    assert all(got[i] is None and out[i] is None for i in range(len(PROMPTS)) if i not in have)
     for i in have:
-        g, r = got[i], ref_logits[i]
-        if CUDA:
-            assert (g - r).abs().max() <= 2e-2 * r.abs().max()
-        else:
-            torch.testing.assert_close(g, r, atol=1e-4, rtol=0)
+        _close(got[i], ref_logits[i])
         assert len(out[i].output_ids) == 4
         if not CUDA:
             assert out[i].output_ids == ref_gens[i].output_ids
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"tp{x.tp}-ep{x.ep}" for x in LAYOUTS])
+def test_arrivals_with_preemption_match_one_process(layout, reference):
+    d, _, _, (ref_done, ref_preempted) = reference
+    engine = _engine(d, init_parallel(layout.tp, layout.ep), "auto", num_pages=7,
+                     max_num_batched_tokens=8)
+    got = _arrivals(engine)  # every collective runs before any assert
+    assert ref_preempted > 0
+    if engine.is_leader:
+        done, preempted = got
+        assert preempted == ref_preempted and sorted(done) == sorted(ref_done)
+        for i, (ids, _, reason) in done.items():
+            assert len(ids) == 6 and reason == "length"
+            if not CUDA:
+                assert ids == ref_done[i][0], i
+    else:
+        assert got is None
