@@ -141,8 +141,10 @@ def build(args, groups, cfg, paths):
 
     adapters = {n: load_adapter(p, model_config=cfg.raw, max_rank=args.max_rank, name=n)
                 for n, p in paths.items()}
-    for i in range(args.random_adapters):
-        adapters[f"lora{i}"] = random_adapter(f"lora{i}", cfg, args.random_adapter_rank, i + 1)
+    dtype = dtype_of(args.dtype, MODEL_DTYPES)
+    for i in range(args.random_adapters):  # the same numbers on every rank (seeded)
+        adapters[f"lora{i}"] = random_adapter(f"lora{i}", cfg, args.random_adapter_rank, i + 1,
+                                              groups.device, dtype)
     extra = 4 if args.enable_lora_loading else 0
     max_rank = args.max_rank or max([a.max_rank for a in adapters.values()]
                                     + [64 if args.enable_lora_loading else 1])
@@ -155,7 +157,6 @@ def build(args, groups, cfg, paths):
                           max_rank=max_rank, enforce_eager=args.enforce_eager,
                           dispatcher=args.dispatcher)
     config.validate()
-    dtype = dtype_of(args.dtype, MODEL_DTYPES)
     source = (RandomWeights(cfg, dtype, groups.device) if args.random_weights
               else CheckpointWeights(args.model, cfg, dtype))
     model = MoELoRAModel.build(cfg, groups, source, dtype=dtype, max_loras=max_loras,

@@ -47,16 +47,19 @@ def shape_config(name: str, num_layers: int | None = None) -> dict:
     return raw
 
 
-def random_adapter(name: str, cfg, rank: int, seed: int) -> CanonicalAdapter:
-    """Rank-``rank`` LoRA on q/k/v/o and every expert projection of every layer (fp32, CPU;
-    factors ~N(0, 0.02^2), scale 2)."""
-    g = torch.Generator().manual_seed(seed)
+def random_adapter(name: str, cfg, rank: int, seed: int, device="cpu",
+                   dtype: torch.dtype = torch.float32) -> CanonicalAdapter:
+    """Rank-``rank`` LoRA on q/k/v/o and every expert projection of every layer (factors
+    ~N(0, 0.02^2), scale 2), drawn on ``device`` and kept on the host in ``dtype`` (as a
+    loaded checkpoint is): at Qwen3-30B-A3B's full depth one adapter is 0.8 G numbers."""
+    g = torch.Generator(device=device).manual_seed(seed)
     E, H, I, D = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate, cfg.head_dim
 
+    def rn(*shape):
+        return (torch.randn(*shape, generator=g, device=device) * 0.02).to(dtype).cpu()
+
     def f(out_dim, in_dim, e=1):
-        a = torch.randn(e, rank, in_dim, generator=g) * 0.02
-        b = torch.randn(e, out_dim, rank, generator=g) * 0.02
-        return LoRAFactors(a, b, 2.0)
+        return LoRAFactors(rn(e, rank, in_dim), rn(e, out_dim, rank), 2.0)
 
     dense, moe = {}, {}
     for layer in range(cfg.num_layers):
