@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
-from moelora_dist.engine.interim import SamplingBatch, SamplingParams
+from moelora_dist.engine.sampling import SamplingBatch, SamplingParams
 from moelora_dist.engine.plan import build_plan
 from moelora_dist.engine.sequence import Sequence
 from moelora_dist.moe.block import MoEBlock
