@@ -162,7 +162,10 @@ def create_app(state: ServerState) -> FastAPI:
         if req.stream:
             return StreamingResponse(generation.stream(run, req), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await generation.whole(run, req, request))
+        try:
+            return JSONResponse(await generation.whole(run, req, request))
+        except generation.ClientGone:
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed")
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -32,6 +32,10 @@ from moelora_dist.serve.responses import (Choice, chat_logprobs, completion_logp
 _ids = itertools.count()
 
 
+class ClientGone(Exception):
+    """The client of a whole (non-streamed) response disconnected; its choices are cancelled."""
+
+
 class Run:
     """The choices of one HTTP request inside the engine (module docstring)."""
 
@@ -153,6 +157,10 @@ async def prepare(state, kind: str, body) -> tuple[Run, object]:
     limit = state.max_model_len
     for i, (ids, text) in enumerate(prompts):
         want = max_tokens if max_tokens is not None else limit - len(ids)
+        if max_tokens is None and want < 1:
+            raise RequestInvalid(
+                f"this model's maximum context length is {limit} tokens, but the {field} "
+                f"alone have {len(ids)}; shorten the {field}", field)
         if len(ids) + max(want, 1) > limit:
             raise RequestInvalid(
                 f"this model's maximum context length is {limit} tokens, but {len(ids) + want}"
@@ -169,12 +177,13 @@ async def prepare(state, kind: str, body) -> tuple[Run, object]:
 
 
 async def watch_disconnect(request: Request, run: Run) -> None:
-    """Cancel ``run`` when the client of a non-streamed request goes away."""
+    """Cancel ``run`` when the client of a non-streamed request goes away, and wake the
+    handler waiting for it (cancelled choices send no more outputs)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             run.cancel()
-            run.record("abort")
+            run.queue.put_nowait(ClientGone())
             return
 
 
@@ -184,8 +193,9 @@ async def whole(run: Run, req, request: Request) -> dict:
     try:
         while not run.done:
             await run.next_output()
-    except BaseException:
+    except BaseException as exc:
         run.cancel()
+        run.record("abort" if isinstance(exc, ClientGone) else "error")
         raise
     finally:
         watcher.cancel()
@@ -267,6 +277,10 @@ async def stream(run: Run, req):
         yield "data: [DONE]\n\n"
         finished = True
         run.record("ok")
+    except Exception:
+        run.cancel()
+        run.record("error")
+        raise
     finally:
         if not finished:  # the client went away (the generator was closed) or an error
             run.cancel()

@@ -9,8 +9,9 @@ Names (prefix ``moelora_``; vLLM's ``vllm:`` names have the same meaning):
 - counters from the engine: ``prompt_tokens_total`` (computed, recomputation after a
   preemption included), ``generation_tokens_total``, ``preemptions_total``, ``steps_total``,
   ``adapter_requests_finished_total{adapter}``;
-- the server's: ``requests_total{model, status}`` (status ``ok``, ``abort`` for a client that
-  went away or a shutdown, ``error``), ``requests_rejected_total{reason}`` (429 / 503),
+- the server's: ``requests_total{model, status}`` of admitted requests (status ``ok``,
+  ``abort`` for a client that went away or a shutdown, ``error`` when the engine failed
+  under it), ``requests_rejected_total{reason}`` (429 / 503),
   histograms ``time_to_first_token_seconds``, ``time_per_output_token_seconds`` (the gaps
   between a request's tokens after the first), ``e2e_request_latency_seconds``.
 

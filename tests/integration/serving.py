@@ -161,7 +161,7 @@ class Server:
 
     def post(self, path: str, body, **kw) -> httpx.Response:
         content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        return httpx.post(self.url + path, content=content, timeout=60,
+        return httpx.post(self.url + path, content=content, timeout=kw.pop("timeout", 60),
                           headers={**self.headers(), "Content-Type": "application/json",
                                    **kw.pop("headers", {})}, **kw)
 

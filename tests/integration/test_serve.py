@@ -313,6 +313,26 @@ def test_disconnect_mid_stream_frees_pages(env):
     assert m['moelora_requests_total{model="a2",status="abort"}'] >= 1
 
 
+def test_disconnect_while_waiting_for_a_whole_response_cancels_it(env):
+    """A client of a non-streamed request that gives up (its read times out and it closes
+    the connection): the request is cancelled, its pages freed, and the server's handler
+    returns (the next requests are served as before)."""
+    _, server, _ = env
+    before = server.metrics()
+    body = {"model": "a1", "prompt": [8, 9], "max_tokens": 500, "temperature": 0,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        server.post("/v1/completions", body, timeout=1.0)
+    aborted = 'moelora_requests_total{model="a1",status="abort"}'
+    deadline = time.monotonic() + 10
+    while (m := server.metrics()).get(aborted, 0) < before.get(aborted, 0) + 1:
+        assert time.monotonic() < deadline, m
+        time.sleep(0.05)
+    assert m["moelora_kv_pages_used"] == 0 and m["moelora_requests_running"] == 0
+    made = m["moelora_generation_tokens_total"] - before["moelora_generation_tokens_total"]
+    assert made < 500, f"the request ran to the end ({made} tokens): not cancelled"
+
+
 def test_sigterm_finishes_running_requests_then_exits_0(env):
     """SIGTERM while a stream runs: new connections are refused, the stream still gets every
     token, and the server exits 0 within the shutdown deadline. (Runs last: it stops the
