@@ -2,9 +2,11 @@
 
     python -m benchmarks --list
     python -m benchmarks kernels --out benchmarks/results/current [--quick] [--stages]
+    python -m benchmarks fp8 --out benchmarks/results/current [--quick]
     python -m benchmarks engine --out-dir benchmarks/results/current [--quick]
-    python -m benchmarks launches --out benchmarks/results/current [--tree DIR]
-    python -m benchmarks dispatch --nproc 2 --out-prefix benchmarks/results/current/dist
+    python -m benchmarks launches --out benchmarks/results/current [--label new]
+    python -m benchmarks dispatch --nproc 2 --out benchmarks/results/current/dist_dispatch.csv
+    python -m benchmarks dispatch --nproc 2 --device cpu --dry-run --out /tmp/dispatch.csv
     python -m benchmarks layer --nproc 2 --out-prefix benchmarks/results/current/dist_layer
     python -m benchmarks pool --out benchmarks/results/current
     python -m benchmarks serve --out-dir benchmarks/results/current
@@ -28,6 +30,9 @@ SUITES = {
     "kernels": ("benchmarks.kernels.bench_moe_lora",
                 "the MoE layer's local experts with multi-LoRA vs base, reference, transformers",
                 None),
+    "fp8": ("benchmarks.kernels.bench_fp8",
+            "FP8 experts vs bf16, FP8 + multi-LoRA vs FP8 (Qwen3, Mixtral, DeepSeek-V3 routed)",
+            None),
     "overhead": ("benchmarks.kernels.bench_overhead",
                  "eager vs graph time, host time and per-kernel GPU time of the MoE layer", None),
     "engine": ("benchmarks.engine.bench_engine",
@@ -69,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         from moelora_dist.parallel import launch_env
 
         env = dict(os.environ)
-        launch_env.prepare_worker_env(int(nproc), "nccl", 120.0, environ=env)
+        cpu = any(a == "--device=cpu" or (a == "--device" and rest[i + 1:i + 2] == ["cpu"])
+                  for i, a in enumerate(rest))  # a dry run on gloo CPU processes
+        launch_env.prepare_worker_env(int(nproc), "gloo" if cpu else "nccl", 120.0, environ=env)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", nproc, "--max-restarts", "0", "-m", module, *rest]
         return subprocess.run(cmd, env=env).returncode

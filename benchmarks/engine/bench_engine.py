@@ -43,7 +43,7 @@ from benchmarks.engine.shapes import QWEN3_30B_A3B, TINY, random_adapter
 from moelora_dist.config.model import ModelConfig
 from moelora_dist.engine.config import EngineConfig
 from moelora_dist.engine.engine import Engine
-from moelora_dist.engine.sampling_params import SamplingParams
+from moelora_dist.engine.sampling import SamplingParams
 from moelora_dist.models.model import MoELoRAModel
 from moelora_dist.models.weights import RandomWeights
 from moelora_dist.parallel.groups import ParallelGroups

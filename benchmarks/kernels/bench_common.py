@@ -10,7 +10,7 @@ import torch
 from moelora_dist.testing.kernel_cases import make_lora
 from moelora_dist.moe.router import route
 
-MODELS = {  # H, E, K, I (NOTES.md)
+MODELS = {  # H, E, K, I of the public model configurations
     "qwen3-30b-a3b": (2048, 128, 8, 768),
     "mixtral-8x7b": (4096, 8, 2, 14336),
 }

@@ -1,6 +1,6 @@
 """Cost of swapping an adapter into a LoRA pool slot, and of preparing a batch.
 
-Shapes of Qwen3-30B-A3B MoE layers (H=2048, E=128, I=768; NOTES.md), a few layers (the
+Shapes of Qwen3-30B-A3B MoE layers (H=2048, E=128, I=768, its public configuration), a few layers (the
 cost is per layer; a 48-layer model costs 48/L times the reported load), mocked ranks of
 several layouts. Run on a GPU (the device tool) or a CPU:
 

@@ -1,7 +1,7 @@
-"""The one internal form every adapter checkpoint is normalized to (DESIGN section 5).
+"""The one internal form every adapter checkpoint is normalized to (docs/design.md section 5).
 
 Legend: E experts, H hidden, I expert intermediate, r LoRA rank. Every factor keeps the
-orientation of the math in DESIGN section 1 (``delta W = scaling * B @ A``):
+orientation of the math in docs/design.md section 1 (``delta W = scaling * B @ A``):
 
     gate.a: [Ea, r, H]   gate.b: [Eb, I, r]
     up.a:   [Ea, r, H]   up.b:   [Eb, I, r]

@@ -48,7 +48,12 @@ def add_model_arguments(p: argparse.ArgumentParser, generate: bool = False) -> N
     p.add_argument("--ep", type=int, default=1,
                    help="expert-parallel degree inside the TP group; divides tp (default 1)")
     p.add_argument("--dtype", choices=MODEL_DTYPES, default="float32",
-                   help="compute and weight dtype (default float32)")
+                   help="activation, LoRA and unquantized-weight dtype (default float32); an FP8 "
+                        "checkpoint (detected from its quantization_config) keeps its FP8 "
+                        "weights")
+    p.add_argument("--dequantize-fp8", action="store_true",
+                   help="FP8 checkpoint: dequantize its weights to --dtype at load (debugging: "
+                        "no activation quantization, more memory)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--max-loras", type=int, default=None,
@@ -117,9 +122,10 @@ def check_inputs(args, *, need_max_new_tokens: bool):
     """
     from moelora_dist.adapters.loader import read_adapter_config
     from moelora_dist.config.model import ModelConfig
-    from moelora_dist.engine.text import TextCodec
+    from moelora_dist.engine.engine import load_codec
     from moelora_dist.engine.prompts import RequestError, prompt_ids
     from moelora_dist.engine.requests import read_requests
+    from moelora_dist.models.fp8_layout import check_fp8_layout
 
     check_positive(args, "tp", "ep", "max_loras", "max_rank", "max_batch_tokens", "max_batch",
                    "page_size", "num_pages", "max_model_len")
@@ -127,30 +133,46 @@ def check_inputs(args, *, need_max_new_tokens: bool):
         raise OptionError(f"--gpu-memory-utilization {args.gpu_memory_utilization}: must lie "
                           "in (0, 1]")
     check_launched(args)
-    cfg = ModelConfig.from_dir(args.model)
+    cfg = apply_fp8_options(ModelConfig.from_dir(args.model), args)
+    check_fp8_layout(cfg, args.tp, args.ep)  # before any process group
     paths = parse_adapter_args(args.adapter)
     for path in paths.values():
         read_adapter_config(path)
     specs = read_requests(args.requests, need_max_new_tokens=need_max_new_tokens)
-    codec = TextCodec.from_model_dir(args.model)
+    codec, codec_error = load_codec(args.model)
     max_len = args.max_model_len or cfg.max_positions
     for s in specs:
         where = f"{args.requests}: request line {s.line}"
         try:
-            s.prompt = prompt_ids(s.prompt, codec, cfg.vocab_size)
+            s.prompt = prompt_ids(s.prompt, codec, cfg.vocab_size, codec_error)
             s.sampling.validate(cfg.vocab_size)
+            if s.sampling.stop and codec is None:
+                raise RequestError("stop strings need the model's tokenizer; use "
+                                   "stop_token_ids")
         except MoeloraError as exc:
             raise RequestError(f"{where}: {exc}") from None
         if s.adapter is not None and s.adapter not in paths:
             raise RequestError(f"{where}: unknown adapter {s.adapter!r}; registered: "
                                f"{sorted(paths) or 'none'} (add it with --adapter NAME=DIR)")
-        new = s.sampling.max_tokens if need_max_new_tokens else 0
-        total = len(s.prompt) + new
+        total = len(s.prompt) + s.max_new_tokens
         if max_len is not None and total > max_len:
-            raise RequestError(f"{where}: {len(s.prompt)} prompt + {new} new "
+            raise RequestError(f"{where}: {len(s.prompt)} prompt + {s.max_new_tokens} new "
                                f"tokens exceed the model's {max_len} positions")
     check_writable(args.out, "--out")
     return cfg, paths, specs, codec
+
+
+def apply_fp8_options(cfg, args):
+    """The config with ``--dequantize-fp8`` applied (OptionError on a checkpoint that is not
+    FP8)."""
+    import dataclasses
+
+    if not getattr(args, "dequantize_fp8", False):
+        return cfg
+    if cfg.fp8 is None:
+        raise OptionError(f"--dequantize-fp8: {args.model} is not an FP8 checkpoint (its "
+                          "config.json has no fine-grained FP8 quantization_config)")
+    return dataclasses.replace(cfg, fp8=dataclasses.replace(cfg.fp8, dequantize=True))
 
 
 def check_launched(args) -> None:

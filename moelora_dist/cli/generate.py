@@ -43,8 +43,13 @@ def _logprobs(items):
 def run(engine, groups, args: argparse.Namespace, requests) -> int:
     """The job on a built engine and checked requests (callable from a driver that keeps its
     process groups)."""
-    results = engine.generate([r.prompt for r in requests], [r.sampling for r in requests],
-                              [r.adapter for r in requests], progress=groups.is_rank0)
+    from moelora_dist.engine.outputs import Completion
+
+    todo = [r for r in requests if r.max_new_tokens > 0]  # a line asking for 0 tokens: none
+    got = iter(engine.generate([r.prompt for r in todo], [r.sampling for r in todo],
+                               [r.adapter for r in todo], progress=groups.is_rank0))
+    results = [next(got) if r.max_new_tokens > 0 else Completion(str(r.line), r.prompt, [],
+                                                                  "length") for r in requests]
     if groups.is_rank0:
         with open_for_write(args.out, "--out") as f:
             for r, c in zip(requests, results):

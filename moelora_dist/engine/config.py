@@ -36,7 +36,6 @@ class EngineConfig:
     max_graph_tokens: largest step (tokens) replayed from a CUDA graph; larger steps run
         eagerly. Graph sizes are the buckets of :data:`GRAPH_BUCKETS` up to it.
     dispatcher: MoE dispatcher (``auto`` picks per step size).
-    seed: base of the per-request seeds of requests that give none.
     """
 
     max_num_seqs: int = 256
@@ -50,7 +49,6 @@ class EngineConfig:
     enforce_eager: bool = False
     max_graph_tokens: int = 256
     dispatcher: str = "auto"
-    seed: int = 0
 
     def validate(self) -> None:
         """``OptionError`` naming the first field whose value cannot work."""

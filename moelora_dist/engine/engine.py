@@ -33,20 +33,29 @@ from moelora_dist.engine import gather
 from moelora_dist.engine.adapter_ops import AdapterManager, send
 from moelora_dist.engine.config import EngineConfig
 from moelora_dist.engine.graphs import GraphRunner
-from moelora_dist.engine.sampling_params import SamplingParams
-from moelora_dist.engine.text import StopMatcher, TextCodec
+from moelora_dist.engine.sampling import SamplingParams, request_seed
+from moelora_dist.engine.text import StopMatcher, TextCodec, TextError
 from moelora_dist.engine.memory import plan_pages
 from moelora_dist.engine.outputs import AdapterCounts, Completion, EngineMetrics
 from moelora_dist.engine.pages import PageAllocator
 from moelora_dist.engine.plan import recv_plan, send_idle, send_stop
 from moelora_dist.engine.prompts import RequestError, check_request, prompt_ids
 from moelora_dist.engine.scheduler import Scheduler
-from moelora_dist.engine.sequence import Sequence, Status
-from moelora_dist.engine.step import output_of, run_step
+from moelora_dist.engine.sequence import Sequence
+from moelora_dist.engine.step import run_step
 from moelora_dist.engine.worker import Worker
 from moelora_dist.errors import OptionError
 
 log = logging.getLogger(__name__)
+
+
+def load_codec(model_dir: str):
+    """``(TextCodec or None, the TextError that kept one from loading or None)``: a model
+    directory with a tokenizer but no ``text`` extra still serves token ids."""
+    try:
+        return TextCodec.from_model_dir(model_dir), None
+    except TextError as exc:
+        return None, exc
 
 
 class Engine:
@@ -55,10 +64,11 @@ class Engine:
     ``config.enforce_eager``; False runs the graphs' static steps uncaptured, for tests)."""
 
     def __init__(self, model, config: EngineConfig | None = None, codec=None,
-                 capture: bool | None = None):
+                 capture: bool | None = None, codec_error: Exception | None = None):
         config = config or EngineConfig()
         config.validate()
         self.model, self.config, self.codec = model, config, codec
+        self.codec_error = codec_error  # why a tokenizer present could not load (said on use)
         self.cfg = model.cfg
         groups = self.groups = model.groups
         self.max_model_len = config.max_model_len or model.max_positions
@@ -83,19 +93,21 @@ class Engine:
         self._ids = itertools.count()
         self.counters = dict(prompt_tokens=0, output_tokens=0, steps=0, graph_steps=0)
         self.finished_by_adapter: dict[str, int] = {}
-        self._instant: list[Sequence] = []  # requests done at admission (nothing to compute)
 
     @classmethod
     def from_pretrained(cls, model_dir: str, adapters: dict | None = None, *, tp: int = 1,
                         ep: int = 1, dtype="float32", device=None, groups=None,
                         config: EngineConfig | None = None, progress: bool = True,
-                        capture: bool | None = None, **options) -> "Engine":
+                        capture: bool | None = None, model_config=None,
+                        **options) -> "Engine":
         """Load a Hugging Face MoE model directory (this rank's slices) and its adapters.
 
         ``adapters``: name -> PEFT directory or :class:`~moelora_dist.adapters.CanonicalAdapter`.
         ``tp``/``ep``: the layout (under torchrun; one process needs 1/1). ``dtype``:
         ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype. ``options``: any
         :class:`EngineConfig` field (``max_num_seqs=64``, ``num_pages=...``).
+        ``model_config``: the directory's parsed :class:`~moelora_dist.config.model.ModelConfig`
+        when the caller has it (e.g. with FP8 dequantization switched on).
         """
         from moelora_dist.config.model import ModelConfig
         from moelora_dist.dtypes import dtype_of
@@ -105,14 +117,15 @@ class Engine:
 
         config = config or EngineConfig(**options)
         config.validate()
-        cfg = ModelConfig.from_dir(model_dir)
+        cfg = model_config or ModelConfig.from_dir(model_dir)
         dt = dtype if isinstance(dtype, torch.dtype) else dtype_of(dtype)
         groups = groups or make_groups(tp, ep, device)
         model = MoELoRAModel.build(cfg, groups, CheckpointWeights(model_dir, cfg, dt), dtype=dt,
                                    max_loras=config.max_loras, max_rank=config.max_rank,
                                    dispatcher=config.dispatcher, progress=progress,
                                    max_positions=config.max_model_len)
-        engine = cls(model, config, TextCodec.from_model_dir(model_dir), capture)
+        codec, error = load_codec(model_dir)
+        engine = cls(model, config, codec, capture, error)
         for name, adapter in (adapters or {}).items():
             engine.adapters.add(name, adapter)  # every rank: the engine is built collectively
         engine.adapters.take_ops()
@@ -160,11 +173,15 @@ class Engine:
                       want_prompt_logits: bool = False) -> tuple[list[int], SamplingParams]:
         """``(prompt ids, sampling)`` of a valid request, else a ``MoeloraError`` naming the
         problem; reads nothing but the request (any rank can check any request)."""
-        ids = prompt_ids(prompt, self.codec, self.cfg.vocab_size)
+        ids = prompt_ids(prompt, self.codec, self.cfg.vocab_size, self.codec_error)
         params = sampling or SamplingParams()
+        if params.stop and self.codec is None:
+            raise RequestError("stop strings need the model's tokenizer (the model directory "
+                               "has none, or the 'text' extra is not installed); use "
+                               "stop_token_ids")
         check_request(ids, params, adapter, self.adapters, self.cfg.vocab_size,
                       self.max_model_len, self.pages.num_pages, self.config.page_size,
-                      new_tokens=0 if want_prompt_logits else None)
+                      0 if want_prompt_logits else params.max_tokens)
         return ids, params
 
     def add_request(self, request_id: str, prompt, sampling: SamplingParams | None = None,
@@ -172,14 +189,12 @@ class Engine:
         """Queue a request: ``prompt`` is token ids, a text (needs a tokenizer) or chat
         ``messages`` (``[{"role": ..., "content": ...}]``). Checked here, before any work."""
         self._leader_only("add_request")
-        if self.scheduler.find(request_id) is not None or any(
-                s.request_id == request_id for s in self._instant):
+        if self.scheduler.find(request_id) is not None:
             raise RequestError(f"request id {request_id!r} is already running or waiting")
         ids, params = self.check_request(prompt, sampling, adapter, want_prompt_logits)
         arrival = next(self._arrivals)
-        seed = params.seed if params.seed is not None else \
-            (self.config.seed * 1_000_003 + arrival) % (1 << 31)
-        seq = Sequence(request_id, arrival, ids, params, adapter, seed,
+        seq = Sequence(request_id, arrival, ids, params, adapter, request_seed(params),
+                       max_new=0 if want_prompt_logits else params.max_tokens,
                        want_prompt_logits=want_prompt_logits)
         if self.codec is not None:
             seq.detokenizer = self.codec.detokenizer(ids)
@@ -192,28 +207,21 @@ class Engine:
         self._leader_only("abort")
         seq = self.scheduler.find(request_id)
         if seq is None:
-            instant = [s for s in self._instant if s.request_id == request_id]
-            for s in instant:
-                self._instant.remove(s)
-            return bool(instant)
+            return False
         self.scheduler.remove(seq)
         self.adapters.prepare(self.scheduler.running_adapters())
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._instant)
+        return self.scheduler.has_unfinished()
 
     def step(self):
         """Run one forward of the running batch; returns a
         :class:`~moelora_dist.engine.outputs.RequestOutput` per request that changed."""
         self._leader_only("step")
-        outputs = [output_of(s) for s in self._instant]
-        self._instant.clear()
         self.adapters.settle(self._adapters_in_use())
         scheduled = self.scheduler.schedule()
-        if scheduled.entries:
-            outputs += run_step(self, scheduled)
-        return outputs
+        return run_step(self, scheduled) if scheduled.entries else []
 
     def follow(self) -> None:
         """On a follower rank: execute the leader's plans until it stops (:meth:`shutdown`,

@@ -23,8 +23,10 @@ What is static, and why it stays right:
   ``SamplingBatch`` filled with ``copy_into``; only the leader samples (the other ranks'
   graphs end at the final norm).
 
-Graphs are keyed by ``(P, any adapter, decode only, top log-probs)``: a step without adapters
-leaves the LoRA path out entirely, a decode step uses the decode attention tiles. Every rank
+Graphs are keyed by ``(P, any adapter, decode only, top log-probs, sampling variant)``: a
+step without adapters leaves the LoRA path out entirely, a decode step uses the decode
+attention tiles, a greedy-only step skips the samplers' thresholds and one without top-k /
+top-p skips the sort of the logits. Every rank
 of the TP group gets the key in the plan, so all capture (and warm up, which runs the
 collectives) at the same step; NCCL collectives are captured inside the graph.
 
@@ -41,13 +43,29 @@ import time
 import torch
 
 from moelora_dist.engine.config import EngineConfig
-from moelora_dist.engine.sampling import SamplingBatch, sample
+from moelora_dist.engine.sampling import FULL, SamplingBatch, sample
 from moelora_dist.lora.batch_info import build_batch_info
 from moelora_dist.models.batch import ForwardBatch
 from moelora_dist.moe.dispatch import auto_dispatcher_name
 
 log = logging.getLogger(__name__)
-GRAPH_SAFE_DISPATCHERS = ("all_reduce", "all_to_all_static")
+GRAPH_SAFE_DISPATCHERS = ("all_reduce", "all_to_all_static", "all_to_all_fixed")
+# Sampling variants a graph is captured for (the plan's graph_sampling): greedy rows only; no
+# top-k / top-p (a row max); any filters (a full sort of the logits).
+GREEDY, UNFILTERED, FILTERED = 0, 1, 2
+
+
+def sampling_variant(batch: SamplingBatch) -> int:
+    """The cheapest graph variant that samples ``batch`` exactly as :func:`sample` would."""
+    if batch.all_greedy:
+        return GREEDY
+    return UNFILTERED if batch.filter_width == 0 else FILTERED
+
+
+def static_sampling(P: int, variant: int, device) -> SamplingBatch:
+    if variant == GREEDY:
+        return SamplingBatch.empty(P, device, filter_width=0, all_greedy=True)
+    return SamplingBatch.empty(P, device, filter_width=0 if variant == UNFILTERED else FULL)
 
 
 def graph_safe(model, num_tokens: int) -> bool:
@@ -81,7 +99,7 @@ class GraphRunner:
         self.width = config.pages_for(max_model_len)
         self._one_d: dict[int, torch.Tensor] = {}
         self._tables: dict[int, torch.Tensor] = {}
-        self._sampling: dict[int, SamplingBatch] = {}
+        self._sampling: dict[tuple[int, int], SamplingBatch] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
 
@@ -93,10 +111,10 @@ class GraphRunner:
         """The bucket P of a step of ``num_tokens`` tokens, 0 when it runs eagerly."""
         return next((b for b in self.buckets if b >= num_tokens), 0)
 
-    def sampling_buffer(self, P: int) -> SamplingBatch:
-        if P not in self._sampling:
-            self._sampling[P] = SamplingBatch.empty(P, self.model.device)
-        return self._sampling[P]
+    def sampling_buffer(self, P: int, variant: int) -> SamplingBatch:
+        if (P, variant) not in self._sampling:
+            self._sampling[P, variant] = static_sampling(P, variant, self.model.device)
+        return self._sampling[P, variant]
 
     def _buffers(self, P: int) -> tuple[torch.Tensor, torch.Tensor]:
         if P not in self._one_d:
@@ -119,8 +137,9 @@ class GraphRunner:
         one_d.copy_(plan.one_d)
         tables[:, : plan.width].copy_(plan.block_tables_BM)
         if self.leader:
-            sampling.copy_into(self.sampling_buffer(P))
-        key = (P, plan.num_lora_tokens > 0, plan.decode_only, plan.graph_logprobs)
+            sampling.copy_into(self.sampling_buffer(P, plan.graph_sampling))
+        key = (P, plan.num_lora_tokens > 0, plan.decode_only, plan.graph_logprobs,
+               plan.graph_sampling)
         if not self.capture:
             return self._step(*key)
         # The model's GPU need not be the current device: streams, capture and replay on its.
@@ -131,7 +150,7 @@ class GraphRunner:
             entry[0].replay()
         return entry[1]
 
-    def _step(self, P: int, lora: bool, decode_only: bool, num_logprobs: int):
+    def _step(self, P: int, lora: bool, decode_only: bool, num_logprobs: int, variant: int):
         """The static step: no host sync, every shape fixed by the key."""
         model = self.model
         one_d, tables = self._buffers(P)
@@ -143,7 +162,8 @@ class GraphRunner:
         if not self.leader:
             return None
         logits_PV = model.logits(hidden_PH[(seg[1:] - 1).clamp(min=0)])
-        return sample(logits_PV, self.sampling_buffer(P), num_logprobs)
+        return sample(logits_PV, self.sampling_buffer(P, variant), num_logprobs,
+                      backend=model.backend)
 
     def _capture(self, key: tuple) -> tuple:
         t0 = time.perf_counter()
@@ -161,8 +181,10 @@ class GraphRunner:
             out = self._step(*key)
         self._graphs[key] = (graph, out)
         if self.model.groups.is_rank0:
-            log.info("graph captured: %d tokens, %s, %s, %d logprobs, %.0f ms; %d graphs, "
-                     "%.0f MiB reserved", key[0], "lora" if key[1] else "base",
-                     "decode" if key[2] else "mixed", key[3], 1e3 * (time.perf_counter() - t0),
+            log.info("graph captured: %d tokens, %s, %s, %d logprobs, %s sampling, %.0f ms; "
+                     "%d graphs, %.0f MiB reserved", key[0], "lora" if key[1] else "base",
+                     "decode" if key[2] else "mixed", key[3],
+                     ("greedy", "unfiltered", "filtered")[key[4]],
+                     1e3 * (time.perf_counter() - t0),
                      len(self._graphs), torch.cuda.memory_reserved(self.model.device) / 2**20)
         return self._graphs[key]

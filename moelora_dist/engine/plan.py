@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 STEP, STOP, IDLE = 1, 2, 3
-HEADER = 9  # kind, T', B', M, num_lora_tokens, decode_only, graph P, graph logprobs, op bytes
+HEADER = 10  # kind, T', B', M, lora tokens, decode only, graph P, logprobs, sampling, op bytes
 
 
 @dataclass
@@ -38,8 +38,9 @@ class StepPlan:
     ``payload``: the int64 device tensor the views below share; ``graph_bucket``: P when the
     step replays a graph (the 1-D fields are then padded to P), 0 for an eager step;
     ``num_lora_tokens``: tokens with an adapter (host; 0 leaves the LoRA path out);
-    ``graph_logprobs``: the top log-probabilities the graph computes (part of its key, so
-    every rank captures the same graphs at the same step); ``ops``: adapter operations to
+    ``graph_logprobs`` / ``graph_sampling``: the top log-probabilities the graph computes and
+    its sampling variant (:mod:`.graphs`), part of its key, so every rank captures the same
+    graphs at the same step; ``ops``: adapter operations to
     apply before the forward (:mod:`.adapter_ops`).
     """
 
@@ -51,6 +52,7 @@ class StepPlan:
     decode_only: bool
     graph_bucket: int = 0
     graph_logprobs: int = 0
+    graph_sampling: int = 0
     ops: list[dict] = field(default_factory=list)
 
     def _views(self):
@@ -96,12 +98,13 @@ class StepPlan:
         ops = json.dumps(self.ops).encode() if self.ops else b""
         return torch.tensor([STEP, self.num_tokens, self.num_seqs, self.width,
                              self.num_lora_tokens, int(self.decode_only), self.graph_bucket,
-                             self.graph_logprobs, len(ops)], dtype=torch.int64)
+                             self.graph_logprobs, self.graph_sampling, len(ops)],
+                            dtype=torch.int64)
 
 
 def build_plan(seqs: list, counts: list[int], tables: list[list[int]], slots: list[int],
                page_size: int, device, graph_bucket: int = 0, graph_logprobs: int = 0,
-               ops=None) -> StepPlan:
+               graph_sampling: int = 0, ops=None) -> StepPlan:
     """The plan of sequences ``seqs`` adding ``counts[b]`` tokens each after their computed
     ones, with pages ``tables[b]`` and adapter slots ``slots[b]`` (``-1``: none).
 
@@ -142,7 +145,7 @@ def build_plan(seqs: list, counts: list[int], tables: list[list[int]], slots: li
     payload = torch.tensor(ids + pos + slot_map + seg + kv + lora + bt,
                            dtype=torch.int64).to(device)
     return StepPlan(payload, Tp, Bp, M, num_lora, max(counts) == 1, P, graph_logprobs,
-                    list(ops or []))
+                    graph_sampling, list(ops or []))
 
 
 def send_plan(plan: StepPlan, group, src: int, device) -> None:
@@ -171,7 +174,8 @@ def recv_plan(group, src: int, device) -> StepPlan | None:
     kind = IDLE
     while kind == IDLE:
         dist.broadcast(header, src=src, group=group)
-        kind, T, B, M, num_lora, decode_only, P, graph_logprobs, nbytes = header.tolist()
+        kind, T, B, M, num_lora, decode_only, P, graph_lp, graph_sampling, nbytes = \
+            header.tolist()
     if kind == STOP:
         return None
     assert kind == STEP, f"unknown plan kind {kind}"
@@ -182,4 +186,5 @@ def recv_plan(group, src: int, device) -> StepPlan | None:
         data = torch.empty(nbytes, dtype=torch.uint8, device=device)
         dist.broadcast(data, src=src, group=group)
         ops = json.loads(bytes(data.cpu().tolist()).decode())
-    return StepPlan(payload, T, B, M, num_lora, bool(decode_only), P, graph_logprobs, ops)
+    return StepPlan(payload, T, B, M, num_lora, bool(decode_only), P, graph_lp, graph_sampling,
+                    ops)

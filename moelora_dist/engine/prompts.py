@@ -15,23 +15,24 @@ class RequestError(MoeloraError):
     """A request the engine refuses; the message names the field and the fix."""
 
 
-def prompt_ids(prompt, codec, vocab_size: int) -> list[int]:
-    """Token ids of ``prompt`` (module docstring); ``RequestError`` for anything else."""
+def prompt_ids(prompt, codec, vocab_size: int, codec_error: Exception | None = None
+               ) -> list[int]:
+    """Token ids of ``prompt`` (module docstring); ``RequestError`` for anything else.
+    ``codec_error``: why the model's tokenizer did not load, said when text needs it."""
     if isinstance(prompt, str):
         if codec is None:
-            raise RequestError("a text prompt needs a tokenizer: the model directory has none "
-                               "(or the 'text' extra is not installed); give token ids")
-        return list(codec.encode(prompt))
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            raise codec_error or RequestError(
+                "a text prompt needs a tokenizer: the model directory has none; give token ids")
+        ids = list(codec.encode(prompt))
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict)
+                                                             for m in prompt):
         if codec is None:
-            raise RequestError("chat messages need a tokenizer with a chat template: the model "
-                               "directory has none (or the 'text' extra is not installed)")
-        return list(codec.apply_chat_template(list(prompt)))
-    if not isinstance(prompt, (list, tuple)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        raise RequestError("a prompt is a list of token ids, a text or a list of chat "
-                           f"messages; got {type(prompt).__name__}")
-    ids = [int(t) for t in prompt]
+            raise codec_error or RequestError(
+                "chat messages need a tokenizer with a chat template: the model directory has "
+                "none; give token ids")
+        ids = list(codec.apply_chat_template(list(prompt)))
+    else:
+        ids = _token_ids(prompt)
     if not ids:
         raise RequestError("input_ids is empty; give at least one token")
     bad = [t for t in ids if not 0 <= t < vocab_size]
@@ -40,12 +41,18 @@ def prompt_ids(prompt, codec, vocab_size: int) -> list[int]:
     return ids
 
 
+def _token_ids(prompt) -> list[int]:
+    if not isinstance(prompt, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise RequestError("a prompt is a list of token ids, a text or a list of chat "
+                           f"messages; got {type(prompt).__name__}")
+    return [int(t) for t in prompt]
+
+
 def check_request(ids: list[int], params, adapter: str | None, adapters, vocab_size: int,
-                  max_model_len: int, num_pages: int, page_size: int,
-                  new_tokens: int | None = None) -> None:
-    """Everything that would make the request fail later, said now (one line each).
-    ``new_tokens``: tokens it may generate (default ``params.max_tokens``; 0 for prompt
-    logits)."""
+                  max_model_len: int, num_pages: int, page_size: int, max_new: int) -> None:
+    """Everything that would make the request fail later, said now (one line each);
+    ``max_new``: the tokens it generates (``params.max_tokens``, 0 for prompt logits)."""
     if adapter is not None and not isinstance(adapter, str):
         raise RequestError(f"adapter {adapter!r}: give a registered name or None")
     if not adapters.servable(adapter):
@@ -54,13 +61,12 @@ def check_request(ids: list[int], params, adapter: str | None, adapters, vocab_s
         raise RequestError(f"unknown adapter {adapter!r} ({why}); registered: "
                            f"{known or 'none'} (add it with --adapter NAME=DIR)")
     params.validate(vocab_size)
-    new = params.max_tokens if new_tokens is None else new_tokens
-    total = len(ids) + new
+    total = len(ids) + max_new
     if total > max_model_len:
-        raise RequestError(f"{len(ids)} prompt + {new} new tokens exceed the "
+        raise RequestError(f"{len(ids)} prompt + {max_new} new tokens exceed the "
                            f"model's {max_model_len} positions (max_model_len)")
     need = -(-total // page_size)
     if need > num_pages:
-        raise RequestError(f"{len(ids)} prompt + {new} new tokens need {need} KV "
+        raise RequestError(f"{len(ids)} prompt + {max_new} new tokens need {need} KV "
                            f"pages of {page_size} tokens but the pool has {num_pages}; raise "
                            "--num-pages or --gpu-memory-utilization, or ask for fewer tokens")

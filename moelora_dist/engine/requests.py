@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from moelora_dist.engine.sampling_params import SamplingError, SamplingParams
+from moelora_dist.engine.sampling import SamplingError, SamplingParams
 from moelora_dist.engine.prompts import RequestError
 from moelora_dist.files.paths import read_text
 
@@ -32,12 +32,15 @@ KNOWN_KEYS = PROMPT_KEYS + ("adapter", "max_new_tokens") + SAMPLING_KEYS
 
 @dataclass
 class RequestSpec:
-    """One request line: its prompt (ids, text or messages), adapter, sampling settings."""
+    """One request line: its prompt (ids, text or messages), adapter, sampling settings, and
+    the tokens to generate (``max_new_tokens``; 0 for ``logits`` and for a ``generate`` line
+    that asks for none: it is answered without running, as before)."""
 
     prompt: object
     adapter: str | None
     sampling: SamplingParams
     line: int
+    max_new_tokens: int = 0
 
 
 def parse_line(obj, i: int, *, need_max_new_tokens: bool) -> RequestSpec:
@@ -73,13 +76,14 @@ def parse_line(obj, i: int, *, need_max_new_tokens: bool) -> RequestSpec:
     if not isinstance(ignore_eos, bool):
         raise RequestError(f"request line {i}: 'ignore_eos' must be true or false")
     fields = {k: obj[k] for k in SAMPLING_KEYS if k in obj}
-    fields.setdefault("temperature", 0.0)
+    if fields.get("temperature") is None:
+        fields["temperature"] = 0.0
     try:
-        sampling = SamplingParams.from_dict({"max_tokens": mnt, **fields}) \
+        sampling = SamplingParams.from_dict({"max_tokens": max(mnt, 1), **fields}) \
             if need_max_new_tokens else SamplingParams(max_tokens=1, temperature=0.0)
-    except (SamplingError, TypeError) as exc:
+    except SamplingError as exc:
         raise RequestError(f"request line {i}: {exc}") from None
-    return RequestSpec(prompt, adapter, sampling, i)
+    return RequestSpec(prompt, adapter, sampling, i, mnt)
 
 
 def parse_requests(lines, *, need_max_new_tokens: bool = False) -> list[RequestSpec]:

@@ -28,7 +28,7 @@ class Sequence:
 
     ``arrival``: the engine's admission counter; lower is older (first served, last
     preempted). ``want_prompt_logits``: keep the ``[L, V]`` logits of every prompt position
-    and generate nothing (the ``logits`` job). ``logprobs``: per generated token ``(token logprob, top ids, top
+    (the ``logits`` job). ``logprobs``: per generated token ``(token logprob, top ids, top
     logprobs)`` when asked; ``prompt_logprobs``: the same for prompt tokens 1.. (token 0 has
     none), filled once even if the prompt is recomputed.
     """
@@ -39,6 +39,7 @@ class Sequence:
     params: object
     adapter: str | None
     seed: int
+    max_new: int = 0  # tokens to generate (0: the logits job, the prompt only)
     want_prompt_logits: bool = False
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
@@ -76,9 +77,3 @@ class Sequence:
     def num_prompt_logits(self) -> int:
         """Prompt positions whose logits are kept so far (the ``logits`` job)."""
         return sum(int(t.shape[0]) for t in self.prompt_logits)
-
-    @property
-    def done_after_prefill(self) -> bool:
-        """A request for prompt logits generates nothing: finished once its prompt is
-        computed."""
-        return self.want_prompt_logits

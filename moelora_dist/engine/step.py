@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from moelora_dist.engine.sampling import SamplingBatch, SamplingParams
+from moelora_dist.engine.graphs import sampling_variant
 from moelora_dist.engine.outputs import RequestOutput, TokenLogprob
 from moelora_dist.engine.plan import build_plan, send_plan
 from moelora_dist.engine.sequence import Status
@@ -54,21 +55,12 @@ def run_step(engine, scheduled) -> list[RequestOutput]:
     for n in counts:
         seg.append(seg[-1] + n)
     sample_seqs = [b for b, (s, n) in enumerate(entries)
-                   if s.num_computed + n == s.num_tokens and not s.done_after_prefill]
+                   if s.num_computed + n == s.num_tokens and s.max_new > 0]
     num_logprobs = max([seqs[b].params.logprobs or 0 for b in sample_seqs] + [0])
     want = [_prompt_positions(s, s.num_computed, n) for s, n in entries]
     ranges = [(seg[b] + lo - s.num_computed, seg[b] + hi - s.num_computed)
               for b, (s, (lo, hi)) in enumerate(zip(seqs, want)) if hi > lo]
     P = 0 if ranges else worker.graph_bucket(seg[-1])
-    graph_lp = (MAX_GRAPH_LOGPROBS if num_logprobs else 0) if P else 0
-    ops, outgoing = engine.adapters.take_ops()
-    plan = build_plan(seqs, counts, [pages.table(s.request_id) for s in seqs], lora,
-                      cfg.page_size, engine.model.device, P, graph_lp,
-                      ops if engine.followers else [])
-    if engine.followers:
-        g = engine.groups
-        send_plan(plan, g.tp_group, engine.src, g.device)
-        engine.send_adapter_tensors(ops, outgoing)
     if P:  # every row of the graph samples; rows that do not sample this step are greedy
         params = [_PAD] * P
         seeds, steps = [0] * P, [0] * P
@@ -80,6 +72,15 @@ def run_step(engine, scheduled) -> list[RequestOutput]:
         steps = [len(seqs[b].output_ids) for b in sample_seqs]
     sampling = SamplingBatch.from_params(params, seeds, steps, engine.model.device) \
         if params else None
+    graph_lp = (MAX_GRAPH_LOGPROBS if num_logprobs else 0) if P else 0
+    ops, outgoing = engine.adapters.take_ops()
+    plan = build_plan(seqs, counts, [pages.table(s.request_id) for s in seqs], lora,
+                      cfg.page_size, engine.model.device, P, graph_lp,
+                      sampling_variant(sampling) if P else 0, ops if engine.followers else [])
+    if engine.followers:
+        g = engine.groups
+        send_plan(plan, g.tp_group, engine.src, g.device)
+        engine.send_adapter_tensors(ops, outgoing)
     res = worker.execute(plan, sampling, sample_seqs, [seg[b + 1] - 1 for b in sample_seqs],
                          graph_lp or num_logprobs, ranges)
     engine.counters["steps"] += 1
@@ -97,7 +98,7 @@ def run_step(engine, scheduled) -> list[RequestOutput]:
         _append(engine, seqs[b], token, lp)
     outputs = []
     for s in seqs:
-        if s.status is Status.RUNNING and s.done_after_prefill and s.num_computed == s.num_tokens:
+        if s.status is Status.RUNNING and s.max_new == 0 and s.num_computed == s.num_tokens:
             finish(engine, s, "length")
         out = output_of(s)
         if out is not None:
@@ -129,41 +130,41 @@ def _take_prompt_logits(seq, lo: int, hi: int, logits_nV: torch.Tensor) -> None:
 
 
 def _append(engine, seq, token: int, lp) -> None:
-    """A sampled token: append it, its log-probabilities and text; check the stop rules."""
+    """A sampled token: append it, its log-probabilities and text; check the stop rules
+    (EOS, then stop token ids, then stop strings in the text, then the length)."""
     params = seq.params
     seq.output_ids.append(token)
     engine.counters["output_tokens"] += 1
     if params.logprobs is not None and lp is not None:
         k = params.logprobs
         seq.logprobs.append(TokenLogprob(token, lp[0], list(zip(lp[1][:k], lp[2][:k]))))
-    if seq.detokenizer is not None and _add_text(seq, seq.detokenizer.push([token])):
-        finish(engine, seq, "stop")  # a stop string: cut from the text, the token is kept
-    elif token in engine.eos_ids and not params.ignore_eos:
+    stopped = False
+    if seq.detokenizer is not None:
+        delta = seq.detokenizer.push([token])
+        if seq.stop_matcher is not None:
+            delta, stopped = seq.stop_matcher.feed(delta)
+        seq.text += delta
+    if token in engine.eos_ids and not params.ignore_eos:
         finish(engine, seq, "eos")
-    elif token in params.stop_token_ids:
+    elif token in params.stop_token_ids or stopped:
         finish(engine, seq, "stop")
-    elif len(seq.output_ids) >= params.max_tokens:
+    elif len(seq.output_ids) >= seq.max_new:
         finish(engine, seq, "length")
 
 
-def _add_text(seq, delta: str) -> bool:
-    """Append ``delta`` to the text shown, through the stop strings; True when one matched."""
-    stopped = False
-    if seq.stop_matcher is not None:
-        delta, stopped = seq.stop_matcher.feed(delta)
-    seq.text += delta
-    return stopped
-
-
 def finish(engine, seq, reason: str) -> None:
-    """End ``seq`` now: its pages go back to the pool at once, and the text the detokenizer
-    and the stop strings held back is released (unless a stop string ended it)."""
-    if seq.detokenizer is not None and not getattr(seq.stop_matcher, "stopped", False):
-        _add_text(seq, seq.detokenizer.flush())
-        if seq.stop_matcher is not None:
-            seq.text += seq.stop_matcher.flush()
+    """End ``seq`` now: its pages go back to the pool at once; the text held back by the
+    detokenizer (and by a stop matcher that did not match) is released."""
     seq.status, seq.finish_reason = Status.FINISHED, reason
     engine.scheduler.remove(seq)
+    if seq.detokenizer is not None and not (seq.stop_matcher and seq.stop_matcher.stopped):
+        tail = seq.detokenizer.flush()
+        if seq.stop_matcher is not None:
+            tail, stopped = seq.stop_matcher.feed(tail)
+            tail += "" if stopped else seq.stop_matcher.flush()
+            if stopped:
+                seq.finish_reason = "stop"
+        seq.text += tail
     if seq.adapter is not None:
         engine.finished_by_adapter[seq.adapter] = engine.finished_by_adapter.get(
             seq.adapter, 0) + 1

@@ -1,4 +1,4 @@
-"""Cut the rank-local part of a canonical adapter (DESIGN section 2).
+"""Cut the rank-local part of a canonical adapter (docs/design.md section 2).
 
 Legend: E experts (E_l local), H hidden, I expert intermediate (I_l local), r rank.
 

@@ -10,8 +10,8 @@ it. LoRA deltas follow the same split (see :mod:`.lora_linear`).
 
 A forward is four GEMM-sized steps: one q/k/v GEMM (weights concatenated at load; their LoRA
 shares one shrink), the write of the new keys and values into their pages with the per-head
-q/k norm and the rotary embedding fused in (:func:`~moelora_dist.kernels.paged_attention.ops.rope_write`),
-paged attention over each sequence's pages (decode and prefill chunks alike), and o.
+q/k norm and the rotary embedding fused in (``rope_write`` of the paged-attention kernel
+family), paged attention over each sequence's pages (decode and prefill chunks alike), and o.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from moelora_dist.config.model import ModelConfig, ModelConfigError
 from moelora_dist.kernels.paged_attention import naive as pa_naive
 from moelora_dist.models.batch import ForwardBatch, PagedKVCache
-from moelora_dist.models.lora_linear import DenseLoRA, linear_with_lora
+from moelora_dist.models.fp8_weights import read_linear
+from moelora_dist.models.lora_linear import DenseLoRA, base_linear, linear_with_lora
 from moelora_dist.models.ops import rms_norm_sharded
 
 
@@ -70,8 +71,9 @@ class TPAttention:
 
     ``w_qkv [(N_q + 2 N_kv) * D, H]``: q, k and v rows of this rank concatenated at load so
     that one GEMM computes all three (``w["q_proj"]``, ``w["k_proj"]``, ``w["v_proj"]`` are
-    views of it); ``w_o [H, N_q*D]`` (rank-local), optional biases, q/k norm weights (``[D]``
-    per head for Qwen3, this rank's slice of the whole projection for OLMoE).
+    views of it; block-FP8 projections stay three, each with its scales); ``w_o [H, N_q*D]``
+    (rank-local), optional biases, q/k norm weights (``[D]`` per head for Qwen3, this rank's
+    slice of the whole projection for OLMoE).
     ``backend``: ``"torch"`` (the references) or ``"triton"`` for the paged-attention kernels.
     """
 
@@ -84,11 +86,14 @@ class TPAttention:
         self.sizes = [split.num_q * D, split.num_kv * D, split.num_kv * D]
         w = dict(weights)
         names = ("q_proj", "k_proj", "v_proj")
-        w["qkv_proj"] = torch.cat([w.pop(n) for n in names]).contiguous()
-        for n, part in zip(names, w["qkv_proj"].split(self.sizes)):
-            w[n] = part
-        if "q_proj.bias" in w:
-            w["qkv_proj.bias"] = torch.cat([w.pop(f"{n}.bias") for n in names]).contiguous()
+        # Block-FP8 projections keep their own scales per projection: not fused.
+        self.fused = all(isinstance(w[n], torch.Tensor) for n in names)
+        if self.fused:
+            w["qkv_proj"] = torch.cat([w.pop(n) for n in names]).contiguous()
+            for n, part in zip(names, w["qkv_proj"].split(self.sizes)):
+                w[n] = part
+            if "q_proj.bias" in w:
+                w["qkv_proj.bias"] = torch.cat([w.pop(f"{n}.bias") for n in names]).contiguous()
         self.w = w
         # Rows of the pool's replicated k/v LoRA B that belong to this rank's kv head.
         self.kv_rows = None if split.kv_sharded else slice(
@@ -112,8 +117,12 @@ class TPAttention:
         """
         cfg, sp, D = self.cfg, self.split, self.cfg.head_dim
         T = x_TH.shape[0]
-        qkv = F.linear(x_TH, self.w["qkv_proj"], self.w.get("qkv_proj.bias"))
-        q, k, v = qkv.split(self.sizes, dim=1)
+        if self.fused:
+            qkv = F.linear(x_TH, self.w["qkv_proj"], self.w.get("qkv_proj.bias"))
+            q, k, v = qkv.split(self.sizes, dim=1)
+        else:
+            q, k, v = (base_linear(x_TH, self.w[n], self.w.get(f"{n}.bias"))
+                       for n in ("q_proj", "k_proj", "v_proj"))
         if lora is not None:  # one shrink GEMM for q, k and v: they read the same x
             p = self.prefix
             q, k, v = lora.apply_group(x_TH, [(q, f"{p}.q_proj", None),
@@ -155,15 +164,12 @@ def load_attention_weights(reader, cfg: ModelConfig, layer: int, split: HeadSpli
     p = f"model.layers.{layer}.self_attn"
     q_rows = (split.q_start * D, (split.q_start + split.num_q) * D)
     kv_rows = (split.kv_start * D, (split.kv_start + split.num_kv) * D)
-    w = {
-        "q_proj": reader.rows(f"{p}.q_proj.weight", *q_rows, dtype=dtype,
-                              expect_shape=(cfg.num_heads * D, H)),
-        "k_proj": reader.rows(f"{p}.k_proj.weight", *kv_rows, dtype=dtype,
-                              expect_shape=(cfg.num_kv_heads * D, H)),
-        "v_proj": reader.rows(f"{p}.v_proj.weight", *kv_rows, dtype=dtype,
-                              expect_shape=(cfg.num_kv_heads * D, H)),
-        "o_proj": reader.cols(f"{p}.o_proj.weight", *q_rows, dtype=dtype,
-                              expect_shape=(H, cfg.num_heads * D)),
+    proj = lambda name, **kw: read_linear(reader, cfg, f"{p}.{name}", dtype=dtype, **kw)  # noqa: E731
+    w = {  # a tensor, or a BlockFP8Weight for an FP8 checkpoint's projections
+        "q_proj": proj("q_proj", rows=q_rows, expect_shape=(cfg.num_heads * D, H)),
+        "k_proj": proj("k_proj", rows=kv_rows, expect_shape=(cfg.num_kv_heads * D, H)),
+        "v_proj": proj("v_proj", rows=kv_rows, expect_shape=(cfg.num_kv_heads * D, H)),
+        "o_proj": proj("o_proj", cols=q_rows, expect_shape=(H, cfg.num_heads * D)),
     }
     if cfg.attention_bias:
         w["q_proj.bias"] = reader.rows(f"{p}.q_proj.bias", *q_rows, dtype=dtype)

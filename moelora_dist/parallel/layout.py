@@ -1,7 +1,7 @@
 """Rank layout: which global rank plays which role, with no process group needed.
 
 Global ranks are laid out as ``(dp, tp)`` with TP innermost, and each TP group is split as
-``(ep, moe_tp)`` with MoE-TP innermost (DESIGN section 2)::
+``(ep, moe_tp)`` with MoE-TP innermost (docs/design.md section 2)::
 
     rank        = dp_rank * tp + tp_rank
     moe_ep_rank = tp_rank // moe_tp

@@ -83,7 +83,7 @@ def _requests(B, names, seed=0):
 
 
 def _run(engine, prompts, names, n=8, arrivals=None):
-    from moelora_dist.engine.sampling_params import SamplingParams
+    from moelora_dist.engine.sampling import SamplingParams
     from tests.engine_cases import drive
 
     params = SamplingParams(max_tokens=n, temperature=0.0, logprobs=0, ignore_eos=True)

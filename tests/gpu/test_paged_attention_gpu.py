@@ -30,7 +30,7 @@ def _case(seqs, Nq, Nk, D, S, dtype, seed=0):
         pages = order[used:used + need[b]]
         used += need[b]
         tables[b, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        idx = torch.tensor(pages, device="cuda")
+        idx = torch.tensor(pages, dtype=torch.long, device="cuda")
         k = torch.randn(len(pages) * S, Nk, D, generator=g, device="cuda").to(dtype)
         v = torch.randn(len(pages) * S, Nk, D, generator=g, device="cuda").to(dtype)
         k[L:], v[L:] = float("nan"), float("nan")  # the stale tail of the last page

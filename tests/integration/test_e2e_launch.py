@@ -173,7 +173,7 @@ def driver(argv: list[str] | None = None) -> int:
 
 def arrivals(engine, out: Path) -> None:
     """The leader serves :data:`ARRIVALS` step by step; the other ranks follow its plans."""
-    from moelora_dist.engine.sampling_params import SamplingParams
+    from moelora_dist.engine.sampling import SamplingParams
     from tests.engine_cases import drive
 
     if not engine.is_leader:

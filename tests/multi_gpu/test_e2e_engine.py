@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
 from moelora_dist.config.model import ModelConfig
 from moelora_dist.engine.engine import Engine
-from moelora_dist.engine.sampling_params import SamplingParams
+from moelora_dist.engine.sampling import SamplingParams
 from moelora_dist.parallel.groups import ParallelGroups, init_parallel
 from moelora_dist.parallel.layout import valid_layouts
 from tests.engine_cases import drive

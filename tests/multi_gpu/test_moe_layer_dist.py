@@ -31,11 +31,11 @@ ADAPTERS = {a.name: a for a in tiny.make_adapters(CFG)}
 MIXED = ["per_expert_r4", None, "shared_outer_r8", "gate_up_shared_a_r2", None, "down_only_r6",
          "per_expert_r4"]
 LAYOUTS = valid_layouts(WORLD, CFG.num_experts, CFG.intermediate) if WORLD else []
-ALL_DISPATCHERS = ("all_reduce", "all_to_all", "all_to_all_static", "ref_all_reduce",
-                   "ref_all_to_all", "auto")
-FAST = ("all_reduce", "all_to_all", "all_to_all_static")
+ALL_DISPATCHERS = ("all_reduce", "all_to_all", "all_to_all_static", "all_to_all_fixed",
+                   "ref_all_reduce", "ref_all_to_all", "auto")
+FAST = ("all_reduce", "all_to_all", "all_to_all_static", "all_to_all_fixed")
 REFERENCE_OF = {"all_reduce": "ref_all_reduce", "all_to_all": "ref_all_to_all",
-                "all_to_all_static": "ref_all_to_all"}
+                "all_to_all_static": "ref_all_to_all", "all_to_all_fixed": "ref_all_to_all"}
 
 
 def _id(layout):
@@ -183,3 +183,31 @@ def test_invalid_layout_fails_before_any_group():
     with pytest.raises(LayoutError, match="does not divide tp"):
         init_parallel(WORLD, WORLD + 1)
     assert groups_mod._CACHE == before
+
+
+def _poison(t):
+    t.view(-1)[0::2] = float("nan")
+    t.view(-1)[1::2] = float("inf")
+
+
+@pytest.mark.parametrize("layout,dispatcher", _cases(FAST))
+def test_a_poisoned_slot_leaves_every_other_row_bit_identical(layout, dispatcher):
+    """NaN/Inf planted (around every check) in one adapter's slot on every rank: the other
+    adapters' and the base tokens' outputs do not change by one bit on any layout, and the
+    poisoned adapter's own tokens really read the planted values."""
+    g = _groups(layout)
+    pool = tiny.make_pool(CFG, g.rank_layout, dtype=DTYPE, device=g.device)
+    x, seg = tiny.make_requests(CFG, 31, MIXED, 12, dtype=DTYPE, device=g.device)
+    info = tiny.batch_info_for(pool, MIXED, ADAPTERS, seg)
+    layer = _layer(g, pool, dispatcher)
+    good = layer(x, info)
+    slot = pool.slot_of("shared_outer_r8")
+    buf = pool.moe_buffers(0)
+    for t in (buf.gate_up_a, buf.gate_up_b, buf.down_a, buf.down_b):
+        _poison(t[slot])
+    bad = layer(x, info)
+    pool.release_batch()
+    mine = info.token_slot_T == slot
+    assert mine.any() and (~mine).any()
+    assert torch.equal(bad[~mine], good[~mine])
+    assert not torch.isfinite(bad[mine]).all()

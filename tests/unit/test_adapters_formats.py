@@ -144,7 +144,7 @@ def test_ambiguous_orientation_uses_peft_version(tmp_path, version, legacy):
         got = load_adapter(tmp_path, model_config=model_config)
     if legacy:  # PEFT's own formula for [E, in, out] parameters: einsum("o r e, e r i -> e i o")
         want = torch.einsum("ore,eri->eio", B.view(h, r, e), A.view(e, r, h)) * 2
-    else:  # DESIGN section 5: B.view(out, r, E)[:, :, e] @ A.view(E, r, in)[e]
+    else:  # docs/adapters.md: B.view(out, r, E)[:, :, e] @ A.view(E, r, in)[e]
         want = torch.einsum("ore,eri->eoi", B.view(h, r, e), A.view(e, r, h)) * 2
     lora = got.moe[0]
     for ex in range(e):

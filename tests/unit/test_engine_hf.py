@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moelora_dist.engine.engine import Engine
-from moelora_dist.engine.sampling_params import SamplingParams
+from moelora_dist.engine.sampling import SamplingParams
 from tests.e2e_cases import build_case
 from tests.engine_cases import drive
 

@@ -16,7 +16,7 @@ import torch
 
 from moelora_dist.engine.config import EngineConfig
 from moelora_dist.engine.engine import Engine
-from moelora_dist.engine.sampling_params import SamplingParams
+from moelora_dist.engine.sampling import SamplingParams
 from tests.engine_cases import adapter, drive, tiny_model
 
 ATOL = 1e-4

@@ -13,7 +13,7 @@ import random
 import pytest
 
 from moelora_dist.engine.config import EngineConfig
-from moelora_dist.engine.sampling_params import SamplingParams
+from moelora_dist.engine.sampling import SamplingParams
 from moelora_dist.engine.pages import PageAllocator
 from moelora_dist.engine.scheduler import Scheduler
 from moelora_dist.engine.sequence import Sequence, Status

@@ -156,7 +156,7 @@ def test_attention_lora_delta_matches_peft(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_pretrained_writes_per_expert_keys(arch, tmp_path):
-    """DESIGN section 5: transformers 5 saves the 3-D experts back as per-expert 2-D keys."""
+    """docs/design.md section 5 and docs/adapters.md: transformers 5 saves the 3-D experts back as per-expert 2-D keys."""
     model = make_model(arch)
     save_model(model, tmp_path)
     block, names = saved_expert_key_layout(arch)
@@ -177,7 +177,7 @@ def test_save_pretrained_writes_per_expert_keys(arch, tmp_path):
 
 
 def test_peft_target_parameter_key_layout(tmp_path):
-    """DESIGN section 5's facts about what PEFT writes, checked on the real thing."""
+    """docs/adapters.md: the facts about what PEFT writes, checked on the real thing."""
     model = make_model("qwen3_moe")
     E, I, H, r = 4, expert_intermediate(model.config), model.config.hidden_size, 4
     make_peft_adapter(model, tmp_path / "both", r=r, target_parameters=EXPERT_PARAMETERS)

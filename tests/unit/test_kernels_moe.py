@@ -1,6 +1,6 @@
 """Grouped-GEMM kernels and the fused layer (Triton interpreter) against their references.
 
-fp32 and fp16 only: bf16 ``tl.dot`` is wrong under the interpreter (NOTES.md); bf16 runs in
+fp32 and fp16 only: bf16 ``tl.dot`` is wrong under the interpreter (docs/kernels.md); bf16 runs in
 tests/gpu. Tolerances travel with the dtype: fp32 differs from the reference by summation
 order only; fp16 stores ``h`` and the per-pair outputs in fp16 (about 1e-3 relative).
 """

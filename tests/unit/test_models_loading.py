@@ -17,7 +17,7 @@ from moelora_dist.cli.main import main as cli_main
 from moelora_dist.errors import FileError
 from moelora_dist.config.model import ModelConfig, ModelConfigError
 from moelora_dist.engine.engine import Engine
-from moelora_dist.engine.sampling_params import SamplingParams
+from moelora_dist.engine.sampling import SamplingParams
 from moelora_dist.models.model import MoELoRAModel
 from moelora_dist.models.weights import CheckpointWeights
 from moelora_dist.parallel.groups import ParallelGroups

@@ -4,17 +4,23 @@ Imports triton only. One program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``h``
 expert block: ``gate`` and ``up`` tiles from the base weights, then the LoRA expand
 ``shrink B^T`` of the block's slots, added BEFORE the activation, then ``h = act(gate) * up``.
 The down projection's LoRA shrink ``h A_down^T`` runs after, from the stored ``h``
-(``kernel_shrink.py``).
+(``kernel_shrink.py``). ``W_FP8``: the base weights are e4m3 with block scales and ``x`` is
+quantized per token and 128 columns in the K loop; the LoRA expand is unchanged (its shrink
+read the unquantized ``x``).
 
-Isolation (one slot's factors never reach another slot's rows or a base row): the slot loop
-adds each slot's product through a select on that slot's rows; the run loop stacks several
-slots' factors in one dot, so it selects finite factor values (``_finite_or_zero``) and the
-zeros of the other rows' bands stay exact zeros.
+Isolation (one slot's factors never reach another slot's rows or a base row): a row's shrink
+values are loaded as exact zeros outside its own slot (its own run's band), and the factor
+tiles are selected finite (``_finite_or_zero``), so every product a row gets from another
+slot is ``0 * finite = 0``. Selecting on the factor tile ([BLOCK_R, BLOCK_N]) rather than on
+the dot's result keeps ``acc += dot`` accumulating in place: a select of the result needed a
+second [BLOCK_M, BLOCK_N] accumulator, which spilled at 128x128 tiles and doubled the time
+of a LoRA call at T = 4096 (H200, measured).
 """
 
 import triton
 import triton.language as tl
 
+from moelora_dist.kernels.block_fp8.kernel import _quant_act_tile
 from moelora_dist.kernels.moe_gemm.kernel_common import (
     NO_SLOT, _block_rows, _finite_or_zero, _gelu_tanh_mul, _next_slot, _row_runs, _row_slots,
     _silu_mul, _stacked_slots)
@@ -27,9 +33,10 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                     num_pairs, top_k, hidden, inter,
                     stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
                     stride_bs, stride_be, stride_bn, stride_br,
+                    ws_ptr, scale_bn, stride_se, stride_sn, stride_sk,
                     HAS_LORA: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                    RUN_LOOP: tl.constexpr, NUM_RUNS: tl.constexpr):
+                    RUN_LOOP: tl.constexpr, NUM_RUNS: tl.constexpr, W_FP8: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(inter, BLOCK_N)
     pid_m = pid // num_n
@@ -46,16 +53,36 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
     w_up = w_gate + inter * stride_wn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < hidden
-        x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        wg = tl.load(w_gate + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
-        wu = tl.load(w_up + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
-        acc_g += tl.dot(x, wg.to(x.dtype))
-        acc_u += tl.dot(x, wu.to(x.dtype))
+    if W_FP8:
+        # FP8 experts: BLOCK_K == 128, one activation group per step (kernels/block_fp8).
+        # The up rows of the rank follow its gate rows: scale row (inter + n) // scale_bn.
+        sg_row = ws_ptr + expert * stride_se + (offs_n // scale_bn) * stride_sn
+        su_row = ws_ptr + expert * stride_se + ((inter + offs_n) // scale_bn) * stride_sn
+        for k0 in range(0, hidden, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < hidden
+            x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            xq, xs = _quant_act_tile(x)
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            wg = tl.load(w_gate + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
+            wu = tl.load(w_up + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
+            kb = k0 // BLOCK_K
+            sg = tl.load(sg_row + kb * stride_sk, mask=n_mask, other=0.0)
+            su = tl.load(su_row + kb * stride_sk, mask=n_mask, other=0.0)
+            acc_g += tl.dot(xq, wg) * (xs[:, None] * sg[None, :])
+            acc_u += tl.dot(xq, wu) * (xs[:, None] * su[None, :])
+    else:
+        for k0 in range(0, hidden, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < hidden
+            x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            wg = tl.load(w_gate + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
+            wu = tl.load(w_up + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
+            acc_g += tl.dot(x, wg.to(x.dtype))
+            acc_u += tl.dot(x, wu.to(x.dtype))
 
     if HAS_LORA:
         slot_m = _row_slots(tok, row_mask, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr)
@@ -71,8 +98,10 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
             src = tl.where(shared_m, num_pairs + tok, rows)
             # A loop over the block's slot runs whose addresses depend on the run index only
             # (the slot loop below finds each next slot by a reduction over the block first);
-            # NUM_RUNS runs share one dot.
-            for first in range(0, num_runs, NUM_RUNS):
+            # NUM_RUNS runs share one dot. num_stages=1: software-pipelining this loop
+            # multi-buffers its tiles next to the main loop's (out of shared memory at 128x128
+            # tiles on H100, slower at rank 64 on H200).
+            for first in tl.range(0, num_runs, NUM_RUNS, num_stages=1):
                 slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
                 s_mask = ((run_m[:, None] == first + band_q[None, :])
                           & (r_q[None, :] < rank_m[:, None]))
@@ -107,10 +136,11 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                 b_base = b_ptr + slot64 * stride_bs + expert * stride_be
                 b_off = offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
                 b_mask = r_mask[:, None] & n_mask[None, :]
-                b_g = tl.load(b_base + b_off, mask=b_mask, other=0.0).to(tl.float32)
-                b_u = tl.load(b_base + inter * stride_bn + b_off, mask=b_mask, other=0.0)
-                acc_g += tl.where(sel[:, None], tl.dot(s_g, b_g), 0.0)
-                acc_u += tl.where(sel[:, None], tl.dot(s_u, b_u.to(tl.float32)), 0.0)
+                b_g = _finite_or_zero(tl.load(b_base + b_off, mask=b_mask, other=0.0))
+                b_u = _finite_or_zero(tl.load(b_base + inter * stride_bn + b_off, mask=b_mask,
+                                              other=0.0))
+                acc_g += tl.dot(s_g, b_g)
+                acc_u += tl.dot(s_u, b_u)
                 slot = _next_slot(slot_m, slot)
 
     if ACT == 0:

@@ -8,7 +8,10 @@ Pipeline of one layer (see :mod:`moelora_dist.kernels.moe_lora.ops`):
 4. ``down``         w_k * (h W_down^T + dshrink B_down^T)         -> out      [T*K, H]
 5. ``topk_sum``     sum over k of the valid pairs                 -> y        [T, H]
 
-Every launcher takes tensors with arbitrary strides where a weight may be shared (expert
+``gate_up`` and ``down`` also take FP8 base weights (a
+:class:`~moelora_dist.kernels.weights_fp8.BlockFP8Weight`): the kernels then quantize their
+input per token and 128 columns in the K loop (``block_k`` becomes 128); the LoRA stages are
+the same. Every launcher takes tensors with arbitrary strides where a weight may be shared (expert
 stride 0 for shared-outer factors comes from the pool's ``[S, 1, ...]`` buffers and the slot's
 flag, never from an ``expand``). No launcher syncs with the host.
 """
@@ -19,12 +22,23 @@ import torch
 import triton
 
 from moelora_dist.kernels.align.common import Alignment
-from moelora_dist.kernels.constants import block_r, check_activation
+from moelora_dist.kernels.constants import FP8_GROUP, block_r, check_activation
 from moelora_dist.kernels.moe_gemm.kernel_down import _down_kernel, _topk_sum_kernel
 from moelora_dist.kernels.moe_gemm.kernel_gate_up import _gate_up_kernel
 from moelora_dist.kernels.moe_gemm.kernel_shrink import (
     _down_shrink_kernel, _down_shrink_runs_kernel, _lora_shrink_kernel)
 from moelora_dist.kernels.weights import MoELoRAWeights
+from moelora_dist.kernels.weights_fp8 import is_fp8
+
+
+def _fp8_args(w, any_tensor: torch.Tensor, block_k: int):
+    """``(weight tensor, (scale ptr, block_n, 3 scale strides), block_k)`` of a base weight:
+    for a :class:`BlockFP8Weight` its e4m3 values and scales, with ``block_k`` set to the
+    128-column activation group; for a tensor, placeholders the kernel never reads."""
+    if not is_fp8(w):
+        return w, (any_tensor, 1, 0, 0, 0), block_k
+    s = w.scale_inv
+    return w.weight, (s, w.block_n, *s.stride()), FP8_GROUP
 
 
 def num_runs(lora_runs: int) -> int:
@@ -80,7 +94,7 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
     N = T * top_k
     h = torch.empty(N, inter, dtype=x_TH.dtype, device=x_TH.device)
     has_lora = lora is not None
-    w = w_gate_up_EXH
+    w, fp8_args, block_k = _fp8_args(w_gate_up_EXH, h, block_k)
     if has_lora:
         BR = block_r(lora.max_rank)
         b = lora.gate_up_b
@@ -95,9 +109,9 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
     _gate_up_kernel[grid](
         x_TH, w, h, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
         N, top_k, H, inter, x_TH.stride(0), x_TH.stride(1), w.stride(0), w.stride(1),
-        w.stride(2), *lora_strides, HAS_LORA=has_lora, ACT=act,
+        w.stride(2), *lora_strides, *fp8_args, HAS_LORA=has_lora, ACT=act,
         BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
-        RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs),
+        RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), W_FP8=is_fp8(w_gate_up_EXH),
         num_warps=num_warps, num_stages=num_stages)
     return h
 
@@ -150,7 +164,7 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
     tw = topk_weights_TK.contiguous()
     if tw.dtype != torch.float32:
         tw = tw.float()
-    w = w_down_EHI
+    w, fp8_args, block_k = _fp8_args(w_down_EHI, h, block_k)
     has_lora = lora is not None
     if has_lora:
         BR = block_r(lora.max_rank)
@@ -163,10 +177,10 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
     grid = (al.max_blocks * triton.cdiv(H, block_n),)
     _down_kernel[grid](
         h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
-        N, top_k, H, inter, w.stride(0), w.stride(1), w.stride(2), *b_strides,
+        N, top_k, H, inter, w.stride(0), w.stride(1), w.stride(2), *b_strides, *fp8_args,
         HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=BR, RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs),
-        num_warps=num_warps, num_stages=num_stages)
+        W_FP8=is_fp8(w_down_EHI), num_warps=num_warps, num_stages=num_stages)
     return out
 
 

@@ -5,6 +5,7 @@ Chosen once per batch (the layer asks with the batch's token count), never per k
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from moelora_dist.kernels.constants import block_r
@@ -41,8 +42,12 @@ class MoEConfig:
         return max(1, 64 // block_r(max_rank))
 
 
+@functools.lru_cache(maxsize=1024)
 def pick_config(num_tokens: int, top_k: int, num_experts: int, num_slots: int = 1) -> MoEConfig:
-    """Tiles by the average rows per expert: small blocks for decode, large for prefill."""
+    """Tiles by the average rows per expert: small blocks for decode, large for prefill.
+
+    Cached: every MoE layer of a forward asks with the same sizes, so the choice is made once
+    per batch shape, not once per layer."""
     per_expert = num_tokens * top_k / max(num_experts, 1)
     per_virtual = per_expert / max(num_slots, 1)
     # LoRA shrink blocks: H100, T=4096 (32 rows per slot and expert), 32 rows per block took

@@ -24,11 +24,11 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _find_sequence(seg_indptr_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
     """The last sequence whose first block number ``seg[b] // BLOCK_Q + b`` is <= ``pid``."""
-    lo = 0
-    hi = num_seqs
+    lo = tl.zeros([], dtype=tl.int32)  # tensors, not constants: num_seqs == 1 is specialized
+    hi = lo + num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
-        start = tl.load(seg_indptr_ptr + mid) // BLOCK_Q + mid
+        start = tl.load(seg_indptr_ptr + mid).to(tl.int32) // BLOCK_Q + mid
         if start <= pid:
             lo = mid + 1
         else:
@@ -53,12 +53,13 @@ def _paged_attention_kernel(q_ptr, k_pages_ptr, v_pages_ptr, out_ptr, block_tabl
     pid = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     b = _find_sequence(seg_indptr_ptr, pid, num_seqs, BLOCK_Q)
-    q_start = tl.load(seg_indptr_ptr + b)
-    q_len = tl.load(seg_indptr_ptr + b + 1) - q_start
+    # int32 positions whatever the metadata's dtype (the engine's plans carry int64)
+    q_start = tl.load(seg_indptr_ptr + b).to(tl.int32)
+    q_len = tl.load(seg_indptr_ptr + b + 1).to(tl.int32) - q_start
     blk = pid - (q_start // BLOCK_Q + b)
     if blk * BLOCK_Q >= q_len:
         return
-    kv_len = tl.load(kv_lens_ptr + b)
+    kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
     ctx = kv_len - q_len  # keys cached before this step's tokens of the sequence
 
     offs_m = tl.arange(0, BLOCK_Q * BLOCK_G)
@@ -78,10 +79,8 @@ def _paged_attention_kernel(q_ptr, k_pages_ptr, v_pages_ptr, out_ptr, block_tabl
     acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], dtype=tl.float32)
     # Keys this block can see: up to its last query position; from its first query's window.
     hi = tl.minimum(kv_len, ctx + tl.minimum(q_len, (blk + 1) * BLOCK_Q))
-    lo = 0
-    if window > 0:
-        lo = tl.maximum(0, ctx + blk * BLOCK_Q - window + 1)
-        lo = (lo // BLOCK_N) * BLOCK_N
+    first = tl.maximum(ctx + blk * BLOCK_Q - window + 1, 0)
+    lo = tl.where(window > 0, (first // BLOCK_N) * BLOCK_N, 0)
     bt = block_tables_ptr + b.to(tl.int64) * stride_bt
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
