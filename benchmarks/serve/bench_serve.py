@@ -8,7 +8,7 @@ Model: random bf16 weights of Qwen3-30B-A3B's shape at full depth (48 layers; ``
 8 random adapters of rank 16 on q/k/v/o and every expert (``--random-weights qwen3-30b-a3b
 --random-adapters 8``). For each concurrency C (``--concurrency``, default 1,16,64) and mode
 ("base": no adapter; "lora8": request i uses adapter i % 8), ``--requests`` requests (default
-max(4, 2C)) of ``--prompt-len`` random ids (512) each generate ``--output-len`` tokens (128,
+max(4, C): one wave; ~3 minutes of device time in all) of ``--prompt-len`` random ids (512) each generate ``--output-len`` tokens (128,
 greedy, EOS ignored), closed loop at C (a finished request starts the next); with ``--rate
 R`` also an open-loop case at R requests/s (HTTP only). Two sides, one after the other (one
 model on the GPU at a time):
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 48)")
     p.add_argument("--concurrency", default=None, help="comma-separated (default 1,16,64)")
     p.add_argument("--requests", type=int, default=None,
-                   help="requests per case (default max(4, 2 * concurrency))")
+                   help="requests per case (default max(4, concurrency))")
     p.add_argument("--rate", type=float, default=None,
                    help="also an open-loop case at this many requests/s (HTTP only)")
     p.add_argument("--prompt-len", type=int, default=None, help="default 512 (tiny 16)")
@@ -103,7 +103,7 @@ def plan(args) -> dict:
     for c in args.concurrency:
         for mode in ("base", "lora8"):
             cases.append(dict(mode=mode, concurrency=c, num_requests=args.requests or
-                              max(4, 2 * c), prompt_len=args.prompt_len,
+                              max(4, c), prompt_len=args.prompt_len,
                               output_len=args.output_len, seed=c))
     check = [dict(mode=m, concurrency=1, num_requests=1, prompt_len=args.prompt_len,
                   output_len=16, seed=7) for m in ("base", "lora8")]
