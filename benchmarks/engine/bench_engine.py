@@ -154,6 +154,13 @@ def run_case(engine, prompts, names, n) -> dict:
                 decode_step_ms=round(1e3 * sorted(late)[len(late) // 2], 3) if late else 0.0)
 
 
+def meta(args, engine, roof) -> dict:
+    return dict(**env_columns(), **roof, model="tiny" if args.tiny else "qwen3-30b-a3b-shape",
+                layers=engine.cfg.num_layers,
+                dtype=str(engine.model.dtype).removeprefix("torch."), adapters=args.num_adapters,
+                rank=args.rank, pages=engine.pages.num_pages, page_size=engine.config.page_size)
+
+
 def run(args) -> list[dict]:
     engine = build(args)
     cuda = engine.model.device.type == "cuda"
@@ -162,6 +169,7 @@ def run(args) -> list[dict]:
     log.info("check: first-token top-5 logprobs, Triton vs reference: max abs %.3g (%s)", err,
              "ok" if ok else "FAIL")
     roof = measure_roofline() if cuda else {}
+    m = meta(args, engine, roof)
     g = torch.Generator().manual_seed(0)
     rows = []
     for B in args.concurrency:
@@ -192,17 +200,14 @@ def run(args) -> list[dict]:
         for k in ("out_tok_s", "prefill_tok_s", "decode_tok_s", "ttft_ms", "tpot_ms"):
             if base[k]:
                 lora8[f"{k}_ratio"] = round(lora8[k] / base[k], 4)
-    return rows, engine, roof
+        write_outputs(rows, m, args.out_dir)  # after each concurrency: a cut run keeps its rows
+    return rows, engine, m
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows, engine, roof = run(args)
-    m = dict(**env_columns(), **roof, model="tiny" if args.tiny else "qwen3-30b-a3b-shape",
-             layers=engine.cfg.num_layers, dtype=str(engine.model.dtype).removeprefix("torch."),
-             adapters=args.num_adapters, rank=args.rank, pages=engine.pages.num_pages,
-             page_size=engine.config.page_size)
+    rows, engine, m = run(args)
     path = write_outputs(rows, m, args.out_dir)
     for r in rows:
         if r["mode"] == "lora8":

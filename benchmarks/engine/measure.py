@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from moelora_dist.engine.sampling import SamplingBatch, SamplingParams
+from moelora_dist.engine.graphs import sampling_variant
 from moelora_dist.engine.plan import build_plan
 from moelora_dist.engine.sequence import Sequence
 from moelora_dist.moe.block import MoEBlock
@@ -139,11 +140,12 @@ def graph_replay_ms(engine, seqs, lora, reps: int = 20) -> tuple[float, dict]:
     cfg, graphs, dev = engine.config, engine.worker.graphs, engine.model.device
     P = graphs.bucket_for(len(seqs))
     tables = [engine.pages.table(s.request_id) for s in seqs]
-    plan = build_plan(seqs, [1] * len(seqs), tables, lora, cfg.page_size, dev, P)
     pad = SamplingParams(max_tokens=1, temperature=0.0)
     sampling = SamplingBatch.from_params([pad] * P, [0] * P, [0] * P, dev)
+    plan = build_plan(seqs, [1] * len(seqs), tables, lora, cfg.page_size, dev, P,
+                      graph_sampling=sampling_variant(sampling))
     engine.worker.execute(plan, sampling, list(range(len(seqs))))  # captures if needed
-    key = (P, plan.num_lora_tokens > 0, True, 0)
+    key = (P, plan.num_lora_tokens > 0, True, 0, plan.graph_sampling)
     graph = graphs._graphs[key][0]
     routing: list = []
     with recorded_routing(routing):
