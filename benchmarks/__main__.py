@@ -9,6 +9,7 @@
     python -m benchmarks dispatch --nproc 2 --device cpu --dry-run --out /tmp/dispatch.csv
     python -m benchmarks layer --nproc 2 --out-prefix benchmarks/results/current/dist_layer
     python -m benchmarks pool --out benchmarks/results/current
+    python -m benchmarks serve --out-dir benchmarks/results/current
     python -m benchmarks sampling --out benchmarks/results/current [--quick]
 
 A suite is a module with ``main(argv)``; a distributed one (``NPROC`` suites) is started
@@ -41,6 +42,8 @@ SUITES = {
                  "kernels and host ms per layer of an eager decode step, this tree vs another",
                  None),
     "pool": ("benchmarks.pool.bench_pool_load", "adapter load time into the slot pool", None),
+    "serve": ("benchmarks.serve.bench_serve",
+              "the HTTP server under load vs the offline engine: throughput, TTFT, TPOT", None),
     "sampling": ("benchmarks.sampling.bench_sampling",
                  "per-request sampling at V=151936, eager and in a graph, vs the PyTorch way",
                  None),

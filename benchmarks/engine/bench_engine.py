@@ -14,7 +14,8 @@ clamped SwiGLU, I 2880, vocab 201088; bf16 experts, not MXFP4), written to
 ``engine_<device>_gpt-oss-20b.csv``. For each
 concurrency B in ``--concurrency`` (default 1, 16, 64, 256) and mode ("base": no adapter;
 "lora8": request b uses adapter b % 8), B requests of ``--prompt-len`` random tokens arrive
-at once and each generates ``--output-len`` tokens (greedy, EOS ignored). Columns:
+at once and each generates ``--output-len`` tokens (greedy, EOS ignored), after an untimed
+warm-up run of the same prompts with 3 output tokens (compilation, graph capture). Columns:
 ``out_tok_s`` (output tokens over the whole run), ``prefill_tok_s`` (prompt tokens until the
 last request's first token), ``decode_tok_s`` (tokens after it, over the time after it),
 ``ttft_ms`` / ``tpot_ms`` (means over requests), their ``*_ratio`` lora8 / base; for the graph
@@ -22,8 +23,7 @@ decode step of that B (at the final context length): ``graph_step_ms`` (GPU time
 replayed graph), ``step_bytes`` (what it reads: :mod:`.measure`) and ``roofline`` (bytes over
 the HBM bandwidth measured in this run, over the step time), ``host_over_gpu`` (the engine's
 decode step wall time over the graph's GPU time); ``eager_host_ms_per_layer`` (host time of
-an eager decode step per layer) and ``eager_step_ms``. A warm-up run per (B, mode) captures
-the graphs first (untimed).
+an eager decode step per layer) and ``eager_step_ms``.
 
 Before timing, a check compares a mixed batch's first-token log-probabilities of the Triton
 engine (graphs on) against the PyTorch reference path (``check_err``, max abs); a case over
@@ -184,7 +184,9 @@ def run(args) -> list[dict]:
                                  generator=g).tolist() for _ in range(B)]
         for mode in ("base", "lora8"):
             names = [f"a{b % args.num_adapters}" if mode == "lora8" else None for b in range(B)]
-            run_case(engine, [p[:16] for p in prompts], names, 3)  # warm-up: graphs captured
+            # Warm-up, untimed: the same prefill shapes (Triton compiles per shape class) and
+            # the decode graphs of this concurrency are captured before the timed run.
+            run_case(engine, prompts, names, 3)
             row = dict(concurrency=B, mode=mode, prompt_len=args.prompt_len,
                        output_len=args.output_len, **run_case(engine, prompts, names,
                                                               args.output_len))

@@ -2,11 +2,13 @@
 an older one, so the fusions (q/k/v in one GEMM, rotary and the per-head q/k norm in the page
 write, residual adds in the norms, one paged-attention kernel) are counted before and after.
 
-    python -m benchmarks launches --out benchmarks/results/current --label new
-    PYTHONPATH=OLD_TREE:$PWD python -m benchmarks.engine.launches --out DIR --label before
+    python -m benchmarks launches --out benchmarks/results/current --label after
+    (cd OLD && python -m benchmarks.engine.launches --out DIR --label before)
 
-``OLD_TREE`` holds an older ``moelora_dist`` (the contiguous-KV-cache model before the engine);
-the script detects which API it imports. Model: Qwen3-30B-A3B's layer shape with ``--layers``
+``OLD`` holds an older ``moelora_dist`` (e.g. ``git archive <commit> moelora_dist``: the
+contiguous-KV-cache model before the engine) beside a copy of ``benchmarks/__init__.py`` and
+``benchmarks/engine/{__init__,launches,shapes}.py`` (``python -m`` puts the current directory
+first on the path, before ``PYTHONPATH``); the script detects which API it imports. Model: Qwen3-30B-A3B's layer shape with ``--layers``
 layers (default 4: per-layer figures do not depend on depth), random bf16 weights, 8 adapters
 of rank 16 resident. For B in {1, 64} and no adapter / every token an adapter: kernels per
 layer (CUDA kernel events of ``torch.profiler`` over one forward + LM head, over the layer

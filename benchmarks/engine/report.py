@@ -49,9 +49,10 @@ def write_outputs(rows: list[dict], m: dict, out_dir: str) -> str:
         pts = [(b, find(b, mode).get("roofline")) for b in Bs]
         pts = [(b, v) for b, v in pts if v not in (None, "")]
         if pts:
-            ax2.plot([str(b) for b, _ in pts], [100 * v for _, v in pts], marker=marker,
-                     label=mode)
+            ax2.plot([Bs.index(b) for b, _ in pts], [100 * float(v) for _, v in pts],
+                     marker=marker, label=mode)
             plotted = True
+    ax2.set_xticks(range(len(Bs)), [str(b) for b in Bs])
     ax2.set_ylabel("graph decode step, % of HBM roofline")
     ax2.set_xlabel("sequences")
     if plotted:

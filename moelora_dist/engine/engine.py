@@ -38,7 +38,7 @@ from moelora_dist.engine.text import StopMatcher, TextCodec, TextError
 from moelora_dist.engine.memory import plan_pages
 from moelora_dist.engine.outputs import AdapterCounts, Completion, EngineMetrics
 from moelora_dist.engine.pages import PageAllocator
-from moelora_dist.engine.plan import recv_plan, send_stop
+from moelora_dist.engine.plan import recv_plan, send_idle, send_stop
 from moelora_dist.engine.prompts import RequestError, check_request, prompt_ids
 from moelora_dist.engine.scheduler import Scheduler
 from moelora_dist.engine.sequence import Sequence
@@ -241,6 +241,12 @@ class Engine:
         """On the leader: end the followers' :meth:`follow` loop."""
         if self.is_leader and self.followers:
             send_stop(self.groups.tp_group, self.src, self.groups.device)
+
+    def keepalive(self) -> None:
+        """On an idle leader (a server between requests): tell the followers it is alive,
+        so their wait for the next plan never reaches the job's collective timeout."""
+        if self.is_leader and self.followers:
+            send_idle(self.groups.tp_group, self.src, self.groups.device)
 
     def send_adapter_tensors(self, ops, outgoing) -> None:
         for op in ops:

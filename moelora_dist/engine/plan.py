@@ -14,7 +14,9 @@ where ``T' = B' = P`` for a step replayed from a graph (padded: padding tokens s
 and padding sequences have no keys) and ``T' = T, B' = B`` otherwise. After the payload, a
 plan with adapter operations carries them as UTF-8 JSON bytes (names, slots, paths: never
 pickled), and the tensors of an adapter given in memory follow (:mod:`.adapter_ops`).
-A header of kind :data:`STOP` ends the followers' loop.
+A header of kind :data:`STOP` ends the followers' loop; one of kind :data:`IDLE` carries nothing
+(a leader with no work sends it every few seconds, so that the followers' wait never reaches
+the collective timeout of the job).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-STEP, STOP = 1, 2
+STEP, STOP, IDLE = 1, 2, 3
 HEADER = 10  # kind, T', B', M, lora tokens, decode only, graph P, logprobs, sampling, op bytes
 
 
@@ -155,17 +157,25 @@ def send_plan(plan: StepPlan, group, src: int, device) -> None:
         dist.broadcast(data.to(device), src=src, group=group)
 
 
-def send_stop(group, src: int, device) -> None:
+def send_stop(group, src: int, device, kind: int = STOP) -> None:
     header = torch.zeros(HEADER, dtype=torch.int64)
-    header[0] = STOP
+    header[0] = kind
     dist.broadcast(header.to(device), src=src, group=group)
+
+
+def send_idle(group, src: int, device) -> None:
+    """Tell the followers the leader is alive with nothing to run (module docstring)."""
+    send_stop(group, src, device, IDLE)
 
 
 def recv_plan(group, src: int, device) -> StepPlan | None:
     """The next plan from the leader ``src``; None when it says stop."""
     header = torch.empty(HEADER, dtype=torch.int64, device=device)
-    dist.broadcast(header, src=src, group=group)
-    kind, T, B, M, num_lora, decode_only, P, graph_lp, graph_sampling, nbytes = header.tolist()
+    kind = IDLE
+    while kind == IDLE:
+        dist.broadcast(header, src=src, group=group)
+        kind, T, B, M, num_lora, decode_only, P, graph_lp, graph_sampling, nbytes = \
+            header.tolist()
     if kind == STOP:
         return None
     assert kind == STEP, f"unknown plan kind {kind}"

@@ -13,8 +13,9 @@
 - ``ref_all_reduce`` / ``ref_all_to_all`` (:mod:`.reference`): plain ``all_gather``
   references of the two, to test the fast paths against.
 - ``auto`` (the default): ``all_reduce`` when ``ep <= AUTO_ALL_REDUCE_MAX_EP`` (2) or
-  ``T < AUTO_ALL_TO_ALL_MIN_TOKENS`` (512), else ``all_to_all``. Measured on two H200s
-  (``benchmarks/results/current/dist_layer_prefill.csv``): at EP = 2 the all-reduce path was
+  ``T < AUTO_ALL_TO_ALL_MIN_TOKENS`` (512), else ``all_to_all``. Measured on two H200s on
+  2026-11-23 (``benchmarks/results/archive/2026-11-23/final_before_reorg/``,
+  ``dist_layer_prefill.csv``): at EP = 2 the all-reduce path was
   the fastest at every T up to 16384 (1.27x one GPU eager at 16384, vs 0.96x all-to-all),
   because the all-to-all's fixed cost (split exchange, host sync, ~40 launches, ~1 ms)
   outweighs what it saves when half the tokens stay local anyway. Wider EP is unmeasured.
