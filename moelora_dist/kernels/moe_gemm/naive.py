@@ -37,7 +37,7 @@ def _eff_slots(tok, token_slot_T, slot_enabled_S, slot_rank_S):
 def lora_shrink(x_TH, lora: MoELoRAWeights, al: Alignment, top_k: int, **_tiles):
     """Reference of :func:`ops.lora_shrink`."""
     T, _ = x_TH.shape
-    R, BR, E = lora.max_rank, block_r(lora.max_rank), lora.num_local_experts
+    R, BR, E = lora.a_half_rows, block_r(lora.max_rank), lora.num_local_experts
     out = torch.full((T * top_k + T, 2 * BR), float("nan"), device=x_TH.device)
     for bucket, items in _blocks(al):
         slot, e = divmod(bucket, E)
