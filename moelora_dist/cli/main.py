@@ -5,6 +5,7 @@
     moelora-dist sweep [--simulate]
     moelora-dist logits --model DIR --adapter NAME=DIR --requests R.jsonl --out O.safetensors
     moelora-dist generate --model DIR --adapter NAME=DIR --requests R.jsonl --out O.jsonl
+    moelora-dist tune-kernels --shape qwen3-30b-a3b --lora --out tuned.json
 
 Each subcommand lives in ``moelora_dist/cli/<name>.py`` and defines ``add_arguments(parser)``
 and ``main(args) -> int``; a module is imported only when its command runs (start-up time).
@@ -27,6 +28,7 @@ COMMANDS = {
     "sweep": ("sweep", "EP/TP correctness sweep against the single-process reference"),
     "logits": ("logits", "prompt logits of a batch of requests with mixed adapters"),
     "generate": ("generate", "greedy generation of a batch of requests with mixed adapters"),
+    "tune-kernels": ("tune_kernels", "measure the MoE LoRA kernels' tile configs on this GPU"),
 }
 
 
