@@ -2,10 +2,12 @@
 
     python -m benchmarks --list
     python -m benchmarks kernels --out benchmarks/results/current [--quick] [--stages]
+    python -m benchmarks fp8 --out benchmarks/results/current [--quick]
     python -m benchmarks decode --out-dir benchmarks/results/current
     python -m benchmarks dispatch --nproc 2 --out-prefix benchmarks/results/current/dist
     python -m benchmarks layer --nproc 2 --out-prefix benchmarks/results/current/dist_layer
     python -m benchmarks pool --out benchmarks/results/current
+    python -m benchmarks sampling --out benchmarks/results/current [--quick]
 
 A suite is a module with ``main(argv)``; a distributed one (``NPROC`` suites) is started
 under torchrun with ``--nproc N`` processes, in the launcher's environment (NVLink multicast
@@ -25,11 +27,17 @@ SUITES = {
     "kernels": ("benchmarks.kernels.bench_moe_lora",
                 "the MoE layer's local experts with multi-LoRA vs base, reference, transformers",
                 None),
+    "fp8": ("benchmarks.kernels.bench_fp8",
+            "FP8 experts vs bf16, FP8 + multi-LoRA vs FP8 (Qwen3, Mixtral, DeepSeek-V3 routed)",
+            None),
     "overhead": ("benchmarks.kernels.bench_overhead",
                  "eager vs graph time, host time and per-kernel GPU time of the MoE layer", None),
     "decode": ("benchmarks.e2e.bench_decode",
                "whole-model decode steps, graphs vs eager, adapters vs none", None),
     "pool": ("benchmarks.pool.bench_pool_load", "adapter load time into the slot pool", None),
+    "sampling": ("benchmarks.sampling.bench_sampling",
+                 "per-request sampling at V=151936, eager and in a graph, vs the PyTorch way",
+                 None),
     "dispatch": ("benchmarks.dist.bench_dispatch",
                  "dispatch + combine vs raw NCCL all_to_all_single", "nproc"),
     "layer": ("benchmarks.dist.bench_layer", "the MoE layer on EP vs one GPU", "nproc"),

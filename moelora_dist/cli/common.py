@@ -42,7 +42,12 @@ def add_model_arguments(p: argparse.ArgumentParser, generate: bool = False) -> N
     p.add_argument("--ep", type=int, default=1,
                    help="expert-parallel degree inside the TP group; divides tp (default 1)")
     p.add_argument("--dtype", choices=MODEL_DTYPES, default="float32",
-                   help="compute and weight dtype (default float32)")
+                   help="activation, LoRA and unquantized-weight dtype (default float32); an FP8 "
+                        "checkpoint (detected from its quantization_config) keeps its FP8 "
+                        "weights")
+    p.add_argument("--dequantize-fp8", action="store_true",
+                   help="FP8 checkpoint: dequantize its weights to --dtype at load (debugging: "
+                        "no activation quantization, more memory)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--max-loras", type=int, default=None,
@@ -91,11 +96,13 @@ def check_inputs(args, *, need_max_new_tokens: bool):
     """
     from moelora_dist.adapters.loader import read_adapter_config
     from moelora_dist.config.model import ModelConfig
+    from moelora_dist.models.fp8_layout import check_fp8_layout
     from moelora_dist.models.requests import read_requests, validate_requests
 
     check_positive(args, "tp", "ep", "max_loras", "max_rank", "max_batch_tokens", "max_batch")
     check_launched(args)
-    cfg = ModelConfig.from_dir(args.model)
+    cfg = apply_fp8_options(ModelConfig.from_dir(args.model), args)
+    check_fp8_layout(cfg, args.tp, args.ep)  # before any process group
     paths = parse_adapter_args(args.adapter)
     for path in paths.values():
         read_adapter_config(path)
@@ -104,6 +111,19 @@ def check_inputs(args, *, need_max_new_tokens: bool):
                       max_len=cfg.max_positions)
     check_writable(args.out, "--out")
     return cfg, paths, requests
+
+
+def apply_fp8_options(cfg, args):
+    """The config with ``--dequantize-fp8`` applied (OptionError on a checkpoint that is not
+    FP8)."""
+    import dataclasses
+
+    if not getattr(args, "dequantize_fp8", False):
+        return cfg
+    if cfg.fp8 is None:
+        raise OptionError(f"--dequantize-fp8: {args.model} is not an FP8 checkpoint (its "
+                          "config.json has no fine-grained FP8 quantization_config)")
+    return dataclasses.replace(cfg, fp8=dataclasses.replace(cfg.fp8, dequantize=True))
 
 
 def check_launched(args) -> None:

@@ -8,7 +8,8 @@ the buffers of :class:`moelora_dist.kernels.weights.MoELoRAWeights` with one slo
 ``2R*H*Ea + 2I*R*E + R*I*E + H*R*Eb`` elements (``Ea = Eb = E``, or 1 in a pool built for
 shared-outer adapters), for every MoE layer of the model (the pool allocates them whether the
 adapter targets a layer or not), plus ``R*(in + out)`` per dense module the adapter targets.
-``R`` is ``--max-rank`` (the pool's) or else the adapter's largest rank.
+``R`` is ``--max-rank`` (the pool's) or else the adapter's largest rank. With a full
+``--model-config`` it also says whether the base is FP8 and what its weights and KV cache take.
 """
 
 from __future__ import annotations
@@ -118,7 +119,29 @@ def describe(adapter: CanonicalAdapter, model_config: dict | None, max_rank: int
                      f"{_fmt_bytes(shared)} ({shared} bytes)")
     lines.append(f"  dense modules ({len(adapter.dense)}):                  "
                  f"{_fmt_bytes(dense)} ({dense} bytes)")
+    if model_config:
+        lines += base_lines(model_config, elem)
     return "\n".join(lines)
+
+
+def base_lines(model_config: dict, elem: int) -> list[str]:
+    """The base model's precision and memory on one process (weights, KV bytes per token),
+    when ``--model-config`` is a full config the runner accepts."""
+    from moelora_dist.config.model import ModelConfig
+    from moelora_dist.config.weight_bytes import weight_bytes
+    from moelora_dist.errors import MoeloraError
+
+    try:
+        cfg = ModelConfig.from_dict(model_config)
+    except MoeloraError as exc:
+        return [f"base model: not sized ({exc})"]
+    b = weight_bytes(cfg, elem)
+    kind = f"FP8 ({cfg.fp8.describe()})" if cfg.fp8 is not None else "unquantized"
+    return [f"base model: {cfg.arch}, {kind}",
+            f"  weights on one process: {_fmt_bytes(b['fp8'] + b['other'])} (FP8 modules with "
+            f"scales {_fmt_bytes(b['fp8'])}, other {_fmt_bytes(b['other'])}; divide the "
+            "experts by ep and the rest by tp)",
+            f"  KV cache: {_fmt_bytes(b['kv_per_token'])} per token (pages come with the engine)"]
 
 
 def main(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass, field
 
 from moelora_dist.errors import MoeloraError
+from moelora_dist.config.quant import FP8Config, QuantConfigError, parse_quantization_config
 from moelora_dist.files.paths import kind_of, read_json_object
 
 SUPPORTED_ARCHS = ("qwen3_moe", "mixtral", "olmoe")
@@ -103,6 +104,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     checkpoint_dtype: str | None = None
     max_positions: int | None = None
+    fp8: FP8Config | None = None  # set for a fine-grained FP8 checkpoint (config/quant.py)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -150,12 +152,10 @@ class ModelConfig:
         if arch not in SUPPORTED_ARCHS:
             raise ModelConfigError(
                 f"model_type {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
-        quant = raw.get("quantization_config")
-        if quant:
-            method = quant.get("quant_method") if isinstance(quant, dict) else quant
-            raise ModelConfigError(
-                f"quantization_config (quant_method {method!r}) is not supported: its weights "
-                "would be read without their scales; use a bf16/fp16/fp32 checkpoint")
+        try:  # the fine-grained FP8 layout is served; every other quantization is refused
+            fp8 = parse_quantization_config(raw)
+        except QuantConfigError as exc:
+            raise ModelConfigError(str(exc)) from None
         hidden = _req(raw, "hidden_size")
         _req(raw, "num_attention_heads")
         heads, kv_heads, head_dim = attention_dims(raw)
@@ -197,7 +197,7 @@ class ModelConfig:
             attention_bias=bool(raw.get("attention_bias", False)), sliding_window=window,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), activation=act,
             eos_token_ids=eos_ids, checkpoint_dtype=raw.get("dtype") or raw.get("torch_dtype"),
-            max_positions=raw.get("max_position_embeddings"),
+            max_positions=raw.get("max_position_embeddings"), fp8=fp8,
             raw=raw,
         )
 

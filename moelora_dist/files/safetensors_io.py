@@ -30,6 +30,10 @@ from moelora_dist.files.paths import describe_os_error, fail, kind_of, read_json
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # dtypes a weight may be stored in; anything else (FP8, integers, ...) is refused, never cast
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# what :meth:`SafetensorsReader.get_raw` also hands over as stored, for the FP8 loader to check:
+# e4m3 / e5m2 weights (e5m2 is refused there, by name) and ue8m0 scales stored as bytes
+RAW_DTYPES = WEIGHT_DTYPES + tuple(getattr(torch, n) for n in (
+    "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu", "uint8") if hasattr(torch, n))
 
 
 def pickled_files(directory: Path) -> list[str]:
@@ -165,10 +169,31 @@ class SafetensorsReader:
             raise _safetensor_error(f"{self.what} shard", f, exc) from None
         if t.dtype not in WEIGHT_DTYPES:
             raise fail(self.what, f, f"tensor {key!r} is stored as {t.dtype}, which this loader "
-                       "does not read (quantized weights are not supported); use a "
-                       "bf16/fp16/fp32 checkpoint")
+                       "does not read here (a quantized tensor where the model config expects "
+                       "an unquantized one: no fine-grained FP8 quantization_config, or a "
+                       "module it does not convert); use a bf16/fp16/fp32 checkpoint or fix "
+                       "its quantization_config")
         self.read_keys.add(key)
         return t.to(dtype) if dtype is not None else t
+
+    def get_raw(self, key: str, *index) -> torch.Tensor:
+        """``tensor[index]`` in its stored dtype, one of :data:`RAW_DTYPES` (the FP8 loader
+        checks which it accepts and names the others)."""
+        self.require(key)
+        f = self.key_to_file[key]
+        try:
+            h = self._handle_of(f)
+            t = h.get_slice(key)[index] if index else h.get_tensor(key)
+        except SafetensorError as exc:
+            raise _safetensor_error(f"{self.what} shard", f, exc) from None
+        except TypeError as exc:  # a safetensors dtype torch has no type for
+            raise fail(self.what, f, f"tensor {key!r} has a dtype torch cannot read ({exc})") \
+                from None
+        if t.dtype not in RAW_DTYPES:
+            raise fail(self.what, f, f"tensor {key!r} is stored as {t.dtype}, which this loader "
+                       "does not read")
+        self.read_keys.add(key)
+        return t
 
     def rows(self, key: str, start: int, end: int, **kw) -> torch.Tensor:
         """``tensor[start:end]``: the output rows of a column-parallel weight."""

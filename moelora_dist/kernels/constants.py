@@ -34,3 +34,10 @@ def check_activation(name: str) -> int:
     if name not in ACTIVATION_IDS:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATION_IDS)}")
     return ACTIVATION_IDS[name]
+
+# Block-FP8: columns per weight scale and per activation scale (one group of a token's
+# activations is quantized with one scale); e4m3's largest finite value; the floor of a
+# group's amax (an all-zero group gets this scale instead of dividing by zero).
+FP8_GROUP = 128
+FP8_MAX = 448.0
+FP8_AMAX_FLOOR = 1e-10

@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moelora_dist.models.batch import ForwardBatch, KVCache
 from moelora_dist.config.model import ModelConfig, ModelConfigError
+from moelora_dist.models.fp8_weights import read_linear
 from moelora_dist.models.lora_linear import DenseLoRA, linear_with_lora
 from moelora_dist.models.ops import apply_rope, rms_norm, rms_norm_sharded
 
@@ -162,15 +163,12 @@ def load_attention_weights(reader, cfg: ModelConfig, layer: int, split: HeadSpli
     p = f"model.layers.{layer}.self_attn"
     q_rows = (split.q_start * D, (split.q_start + split.num_q) * D)
     kv_rows = (split.kv_start * D, (split.kv_start + split.num_kv) * D)
-    w = {
-        "q_proj": reader.rows(f"{p}.q_proj.weight", *q_rows, dtype=dtype,
-                              expect_shape=(cfg.num_heads * D, H)),
-        "k_proj": reader.rows(f"{p}.k_proj.weight", *kv_rows, dtype=dtype,
-                              expect_shape=(cfg.num_kv_heads * D, H)),
-        "v_proj": reader.rows(f"{p}.v_proj.weight", *kv_rows, dtype=dtype,
-                              expect_shape=(cfg.num_kv_heads * D, H)),
-        "o_proj": reader.cols(f"{p}.o_proj.weight", *q_rows, dtype=dtype,
-                              expect_shape=(H, cfg.num_heads * D)),
+    proj = lambda name, **kw: read_linear(reader, cfg, f"{p}.{name}", dtype=dtype, **kw)  # noqa: E731
+    w = {  # a tensor, or a BlockFP8Weight for an FP8 checkpoint's projections
+        "q_proj": proj("q_proj", rows=q_rows, expect_shape=(cfg.num_heads * D, H)),
+        "k_proj": proj("k_proj", rows=kv_rows, expect_shape=(cfg.num_kv_heads * D, H)),
+        "v_proj": proj("v_proj", rows=kv_rows, expect_shape=(cfg.num_kv_heads * D, H)),
+        "o_proj": proj("o_proj", cols=q_rows, expect_shape=(H, cfg.num_heads * D)),
     }
     if cfg.attention_bias:
         w["q_proj.bias"] = reader.rows(f"{p}.q_proj.bias", *q_rows, dtype=dtype)

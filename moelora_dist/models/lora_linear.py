@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from moelora_dist.kernels.block_fp8 import naive as fp8_naive
 from moelora_dist.kernels.dense_lora import naive as dense_naive
+from moelora_dist.kernels.weights_fp8 import BlockFP8Weight
 from moelora_dist.lora.batch_info import BatchInfo
 
 
@@ -86,7 +88,8 @@ def linear_with_lora(x_TI: torch.Tensor, w_OI: torch.Tensor, bias_O: torch.Tenso
     """``x @ w^T (+ bias) + LoRA delta`` in ``x``'s dtype.
 
     Args:
-        x_TI: ``[T, I]``; w_OI: ``[O, I]`` rank-local base weight; bias_O: ``[O]`` or None.
+        x_TI: ``[T, I]``; w_OI: ``[O, I]`` rank-local base weight (a tensor in x's dtype, or a
+            :class:`~moelora_dist.kernels.weights_fp8.BlockFP8Weight`); bias_O: ``[O]`` or None.
         lora: this forward's :class:`DenseLoRA`, or None when no token uses an adapter.
         path: module path in the pool (``layers.3.self_attn.q_proj``).
         out_rows: rows of the pool's ``b`` to use when the pool keeps the module replicated but
@@ -94,7 +97,20 @@ def linear_with_lora(x_TI: torch.Tensor, w_OI: torch.Tensor, bias_O: torch.Tenso
     Returns:
         ``[T, O]`` in ``x_TI.dtype``.
     """
-    y_TO = torch.nn.functional.linear(x_TI, w_OI, bias_O)
+    y_TO = base_linear(x_TI, w_OI, bias_O)
     if lora is None:
         return y_TO
     return lora.apply(y_TO, x_TI, path, out_rows)
+
+
+def base_linear(x_TI: torch.Tensor, w_OI, bias_O: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w^T (+ bias)`` of a base weight: ``F.linear`` for a tensor; for a block-FP8 weight
+    the Triton kernel on CUDA, the reference elsewhere (both quantize ``x`` per token and 128
+    columns; the LoRA delta added after reads the unquantized ``x``)."""
+    if not isinstance(w_OI, BlockFP8Weight):
+        return torch.nn.functional.linear(x_TI, w_OI, bias_O)
+    if x_TI.is_cuda:
+        from moelora_dist.kernels.block_fp8 import ops  # Triton: optional off x86-64 Linux
+
+        return ops.block_fp8_linear(x_TI, w_OI, bias_O)
+    return fp8_naive.block_fp8_linear(x_TI, w_OI, bias_O)

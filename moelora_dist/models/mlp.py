@@ -14,8 +14,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moelora_dist.config.model import ModelConfig, ModelConfigError
-from moelora_dist.models.lora_linear import DenseLoRA, linear_with_lora
+from moelora_dist.models.lora_linear import DenseLoRA, base_linear, linear_with_lora
+from moelora_dist.models.fp8_weights import read_linear
 from moelora_dist.models.moe_weights import load_moe_weights
+from moelora_dist.models.moe_weights_fp8 import experts_stored_fp8, load_moe_weights_fp8
 
 
 class DenseMLP:
@@ -29,8 +31,8 @@ class DenseMLP:
         """``[T, H]`` -> ``[T, H]``, summed over TP ranks. ``lora``: this forward's
         :class:`.lora_linear.DenseLoRA`, or None when no token uses an adapter."""
         p = self.prefix
-        gate = F.linear(x_TH, self.w["gate_proj"])
-        up = F.linear(x_TH, self.w["up_proj"])
+        gate = base_linear(x_TH, self.w["gate_proj"])
+        up = base_linear(x_TH, self.w["up_proj"])
         if lora is not None:  # gate and up read the same x: one shrink GEMM
             gate, up = lora.apply_group(x_TH, [(gate, f"{p}.gate_proj", None),
                                                (up, f"{p}.up_proj", None)])
@@ -57,13 +59,11 @@ def load_dense_mlp_weights(reader, cfg: ModelConfig, layer: int, tp: int, tp_ran
     start, end = dense_mlp_slice(cfg, tp, tp_rank)
     p = f"model.layers.{layer}.mlp"
     H, F_ = cfg.hidden_size, cfg.dense_intermediate
-    return {
-        "gate_proj": reader.rows(f"{p}.gate_proj.weight", start, end, dtype=dtype,
-                                 expect_shape=(F_, H)),
-        "up_proj": reader.rows(f"{p}.up_proj.weight", start, end, dtype=dtype,
-                               expect_shape=(F_, H)),
-        "down_proj": reader.cols(f"{p}.down_proj.weight", start, end, dtype=dtype,
-                                 expect_shape=(H, F_)),
+    proj = lambda name, **kw: read_linear(reader, cfg, f"{p}.{name}", dtype=dtype, **kw)  # noqa: E731
+    return {  # tensors, or BlockFP8Weight for an FP8 checkpoint's projections
+        "gate_proj": proj("gate_proj", rows=(start, end), expect_shape=(F_, H)),
+        "up_proj": proj("up_proj", rows=(start, end), expect_shape=(F_, H)),
+        "down_proj": proj("down_proj", cols=(start, end), expect_shape=(H, F_)),
     }
 
 
@@ -86,5 +86,8 @@ def load_expert_weights(reader, cfg: ModelConfig, layer: int, shard, dtype: torc
     if prefix is None:
         raise ModelConfigError(f"config.json makes layer {layer} a MoE layer but the checkpoint "
                                f"has no router weight {prefixes[0]}.gate.weight")
-    w = load_moe_weights(reader, prefix, shard, hidden=cfg.hidden_size, dtype=dtype)
+    if experts_stored_fp8(reader, cfg, prefix):
+        w = load_moe_weights_fp8(reader, cfg, prefix, shard, hidden=cfg.hidden_size, dtype=dtype)
+    else:
+        w = load_moe_weights(reader, prefix, shard, hidden=cfg.hidden_size, dtype=dtype)
     return w.router_EH, w.w_gate_up, w.w_down

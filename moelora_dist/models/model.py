@@ -22,7 +22,9 @@ from moelora_dist.lora.batch_info import BatchInfo
 from moelora_dist.lora.pool import DenseModuleSpec, LoRAPool, MoELayerSpec, PoolConfig
 from moelora_dist.models.attention import HeadSplit, TPAttention
 from moelora_dist.models.batch import ForwardBatch, KVCache
-from moelora_dist.models.lora_linear import DenseLoRA
+from moelora_dist.models.fp8_layout import check_fp8_layout
+from moelora_dist.models.lora_linear import DenseLoRA, base_linear
+from moelora_dist.models.memory import describe_memory, place_weight
 from moelora_dist.models.mlp import DenseMLP
 from moelora_dist.models.ops import rms_norm, rope_cos_sin, rope_inv_freq
 from moelora_dist.moe.block import MoEBlock
@@ -102,6 +104,7 @@ class MoELoRAModel:
         """
         rl, dev = groups.rank_layout, groups.device
         groups.layout.check_model(cfg.num_experts, cfg.moe_intermediate)
+        check_fp8_layout(cfg, groups.tp_size, groups.layout.ep)
         split = HeadSplit.for_rank(cfg, groups.tp_size, rl.tp_rank)
         pool = LoRAPool(
             PoolConfig(max_loras=max_loras, max_rank=max_rank, dtype=dtype, device=dev), rl,
@@ -110,24 +113,25 @@ class MoELoRAModel:
             dense_modules=dense_module_specs(cfg, split))
         self = cls(cfg, groups, pool, dtype, backend)
         to = dict(device=dev, dtype=dtype)
+        place = lambda t: place_weight(t, dev, dtype)  # noqa: E731  (FP8 weights keep their dtype)
         self.embed_VH = source.embed().to(**to)
         # Tied embeddings share one tensor (a [V, H] copy is ~0.6 GB at a 150k vocabulary).
         self.lm_head_VH = (self.embed_VH if cfg.tie_word_embeddings
-                           else source.lm_head().to(**to))
+                           else place(source.lm_head()))
         self.final_norm_H = source.norm("model.norm").to(**to)
         shard = rl.moe_shard(cfg.num_experts, cfg.moe_intermediate)
         try:
             bar = tqdm(range(cfg.num_layers), desc="loading layers", unit="layer",
                        disable=not (progress and groups.is_rank0))
             for i in bar:
-                attn_w = {k: v.to(**to) for k, v in source.attention(i, split).items()}
+                attn_w = {k: place(v) for k, v in source.attention(i, split).items()}
                 layer = {
                     "ln1": source.norm(f"model.layers.{i}.input_layernorm").to(**to),
                     "ln2": source.norm(f"model.layers.{i}.post_attention_layernorm").to(**to),
                     "attn": TPAttention(cfg, i, split, attn_w, groups.tp_group),
                 }
                 if cfg.is_moe_layer(i):
-                    router, gate_up, down = (t.to(**to) for t in source.experts(i, shard))
+                    router, gate_up, down = (place(t) for t in source.experts(i, shard))
                     base = MoEBlock(router, gate_up, down, top_k=cfg.top_k,
                                     renormalize=cfg.renormalize, shard=shard,
                                     activation=cfg.activation)
@@ -135,7 +139,7 @@ class MoELoRAModel:
                                            backend=self.backend)
                 else:
                     mlp_w = source.dense_mlp(i, groups.tp_size, rl.tp_rank)
-                    layer["mlp"] = DenseMLP(i, {k: v.to(**to) for k, v in mlp_w.items()},
+                    layer["mlp"] = DenseMLP(i, {k: place(v) for k, v in mlp_w.items()},
                                             groups.tp_group)
                 self.layers.append(layer)
             source.check_all_placed()
@@ -145,6 +149,7 @@ class MoELoRAModel:
             log.info("%s: %d layers (%d MoE), %s, LoRA pool %d slots x rank %d = %.1f MiB per rank",
                      cfg.arch, cfg.num_layers, len(cfg.moe_layers), groups.layout, max_loras,
                      max_rank, pool.nbytes() / 2**20)
+            log.info("%s", describe_memory(self))
         return self
 
     def new_cache(self, num_rows: int, max_len: int) -> KVCache:
@@ -181,4 +186,4 @@ class MoELoRAModel:
 
     def logits(self, hidden_NH: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` -> ``[N, V]`` float32 logits (the GEMM runs in the model dtype, as HF)."""
-        return torch.nn.functional.linear(hidden_NH, self.lm_head_VH).float()
+        return base_linear(hidden_NH, self.lm_head_VH).float()

@@ -18,6 +18,7 @@ from moelora_dist.config.model import ModelConfig, ModelConfigError
 from moelora_dist.files.paths import kind_of
 from moelora_dist.files.safetensors_io import SafetensorsReader
 from moelora_dist.models.attention import HeadSplit, load_attention_weights
+from moelora_dist.models.fp8_weights import read_linear
 from moelora_dist.models.mlp import dense_mlp_slice, load_dense_mlp_weights, load_expert_weights
 from moelora_dist.parallel.sharding import cut_gate_up
 
@@ -64,8 +65,8 @@ class CheckpointWeights:
                 raise ValueError("checkpoint has no lm_head.weight and tie_word_embeddings is "
                                  "false in config.json")
             return self.embed()
-        return self.reader.get("lm_head.weight", dtype=self.dtype,
-                               expect_shape=(self.cfg.vocab_size, self.cfg.hidden_size))
+        return read_linear(self.reader, self.cfg, "lm_head", dtype=self.dtype,
+                           expect_shape=(self.cfg.vocab_size, self.cfg.hidden_size))
 
     def norm(self, name: str) -> torch.Tensor:
         """``[H]`` RMSNorm weight: ``model.norm`` or ``model.layers.{l}.<ln name>``."""

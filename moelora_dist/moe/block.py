@@ -15,17 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelora_dist.kernels.constants import check_activation
+from moelora_dist.kernels.weights_fp8 import is_fp8
 from moelora_dist.moe.experts import pick_backend, run_experts
 from moelora_dist.moe.router import localize_topk_ids, route
 from moelora_dist.parallel.layout import MoEShard
 from moelora_dist.parallel.sharding import cut_gate_up
 
 
-
 class MoEBlock(nn.Module):
     """Base MoE layer holding one rank's slice of the expert weights (no LoRA, no collectives).
 
-    ``router_EH [E, H]``, ``w_gate_up [E_l, 2*I_l, H]``, ``w_down [E_l, H, I_l]``.
+    ``router_EH [E, H]``, ``w_gate_up [E_l, 2*I_l, H]``, ``w_down [E_l, H, I_l]``: tensors, or
+    :class:`~moelora_dist.kernels.weights_fp8.BlockFP8Weight` for FP8 experts.
     """
 
     def __init__(self, router_EH: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
@@ -43,8 +44,10 @@ class MoEBlock(nn.Module):
         if not 0 < top_k <= E:
             raise ValueError(f"top_k={top_k} must be in [1, {E}]")
         self.router = nn.Parameter(router_EH, requires_grad=False)
-        self.w_gate_up = nn.Parameter(w_gate_up, requires_grad=False)
-        self.w_down = nn.Parameter(w_down, requires_grad=False)
+        # FP8 experts (a BlockFP8Weight: e4m3 values + block scales) are kept as they are.
+        self.w_gate_up = w_gate_up if is_fp8(w_gate_up) else nn.Parameter(w_gate_up,
+                                                                           requires_grad=False)
+        self.w_down = w_down if is_fp8(w_down) else nn.Parameter(w_down, requires_grad=False)
         self.top_k = top_k
         self.renormalize = renormalize
         self.activation = activation

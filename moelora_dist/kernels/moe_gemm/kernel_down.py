@@ -11,6 +11,7 @@ finite.
 import triton
 import triton.language as tl
 
+from moelora_dist.kernels.block_fp8.kernel import _quant_act_tile
 from moelora_dist.kernels.moe_gemm.kernel_common import (
     NO_SLOT, _block_rows, _finite_or_zero, _load_parts, _next_slot, _row_runs, _row_slots,
     _stacked_slots)
@@ -22,9 +23,10 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                  b_shared_ptr, dshrink_ptr, b_ptr,
                  num_pairs, top_k, hidden, inter, num_dparts, dpart_stride,
                  stride_we, stride_wh, stride_wi, stride_bs, stride_be, stride_bh, stride_br,
+                 ws_ptr, scale_bn, stride_se, stride_sn, stride_sk,
                  HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RUN_LOOP: tl.constexpr,
-                 NUM_RUNS: tl.constexpr):
+                 NUM_RUNS: tl.constexpr, W_FP8: tl.constexpr):
     """out[pair, n-tile] = topk_w[pair] * (h W_down^T + dshrink B_down^T)."""
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(hidden, BLOCK_N)
@@ -39,14 +41,28 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
     n_mask = offs_n < hidden
     w_base = w_ptr + expert * stride_we + offs_n[None, :] * stride_wh
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < inter
-        h = tl.load(h_ptr + rows[:, None] * inter + offs_k[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_base + offs_k[:, None] * stride_wi,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc += tl.dot(h, w.to(h.dtype))
+    if W_FP8:
+        # FP8 experts: h quantized per pair and 128 columns (BLOCK_K == 128), as for gate_up.
+        s_row = ws_ptr + expert * stride_se + (offs_n // scale_bn) * stride_sn
+        for k0 in range(0, inter, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < inter
+            h = tl.load(h_ptr + rows[:, None] * inter + offs_k[None, :],
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            hq, hs = _quant_act_tile(h)
+            w = tl.load(w_base + offs_k[:, None] * stride_wi,
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            ws = tl.load(s_row + (k0 // BLOCK_K) * stride_sk, mask=n_mask, other=0.0)
+            acc += tl.dot(hq, w) * (hs[:, None] * ws[None, :])
+    else:
+        for k0 in range(0, inter, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < inter
+            h = tl.load(h_ptr + rows[:, None] * inter + offs_k[None, :],
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_base + offs_k[:, None] * stride_wi,
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc += tl.dot(h, w.to(h.dtype))
 
     if HAS_LORA:
         slot_m = _row_slots(rows // top_k, row_mask, token_slot_ptr, slot_enabled_ptr,

@@ -6,7 +6,9 @@ expert block: ``gate`` and ``up`` tiles from the base weights, then the LoRA exp
 The down projection's LoRA shrink ``h A_down^T`` runs after, from the stored ``h``
 (``kernel_shrink.py``), or, with ``FUSE_DOWN_SHRINK``, here on the ``h`` tile in registers: one
 fp32 partial per n-tile, summed by the down expand. The gate_up shrink may come in
-``num_sparts`` partial buffers (an H-split shrink); the expand adds them in order.
+``num_sparts`` partial buffers (an H-split shrink); the expand adds them in order. ``W_FP8``:
+the base weights are e4m3 with block scales and ``x`` is quantized per token and 128 columns
+in the K loop; the LoRA expand is unchanged (its shrink read the unquantized ``x``).
 
 Isolation (one slot's factors never reach another slot's rows or a base row): a row's shrink
 values are loaded as exact zeros outside its own slot (its own run's band), and the factor
@@ -20,6 +22,7 @@ of a LoRA call at T = 4096 (H200, measured).
 import triton
 import triton.language as tl
 
+from moelora_dist.kernels.block_fp8.kernel import _quant_act_tile
 from moelora_dist.kernels.moe_gemm.kernel_common import (
     NO_SLOT, _block_rows, _down_shrink_epilogue, _finite_or_zero, _gelu_tanh_mul, _load_parts,
     _next_slot, _row_runs, _row_slots, _silu_mul, _stacked_slots)
@@ -33,10 +36,12 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                     stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
                     stride_bs, stride_be, stride_bn, stride_br,
                     stride_das, stride_dae, stride_dar, stride_dai,
+                    ws_ptr, scale_bn, stride_se, stride_sn, stride_sk,
                     HAS_LORA: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     RUN_LOOP: tl.constexpr, NUM_RUNS: tl.constexpr,
-                    FUSE_DOWN_SHRINK: tl.constexpr, DS_RUNS: tl.constexpr):
+                    FUSE_DOWN_SHRINK: tl.constexpr, DS_RUNS: tl.constexpr,
+                    W_FP8: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(inter, BLOCK_N)
     pid_m = pid // num_n
@@ -53,16 +58,36 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
     w_up = w_gate + inter * stride_wn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < hidden
-        x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        wg = tl.load(w_gate + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
-        wu = tl.load(w_up + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
-        acc_g += tl.dot(x, wg.to(x.dtype))
-        acc_u += tl.dot(x, wu.to(x.dtype))
+    if W_FP8:
+        # FP8 experts: BLOCK_K == 128, one activation group per step (kernels/block_fp8).
+        # The up rows of the rank follow its gate rows: scale row (inter + n) // scale_bn.
+        sg_row = ws_ptr + expert * stride_se + (offs_n // scale_bn) * stride_sn
+        su_row = ws_ptr + expert * stride_se + ((inter + offs_n) // scale_bn) * stride_sn
+        for k0 in range(0, hidden, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < hidden
+            x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            xq, xs = _quant_act_tile(x)
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            wg = tl.load(w_gate + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
+            wu = tl.load(w_up + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
+            kb = k0 // BLOCK_K
+            sg = tl.load(sg_row + kb * stride_sk, mask=n_mask, other=0.0)
+            su = tl.load(su_row + kb * stride_sk, mask=n_mask, other=0.0)
+            acc_g += tl.dot(xq, wg) * (xs[:, None] * sg[None, :])
+            acc_u += tl.dot(xq, wu) * (xs[:, None] * su[None, :])
+    else:
+        for k0 in range(0, hidden, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < hidden
+            x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            wg = tl.load(w_gate + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
+            wu = tl.load(w_up + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
+            acc_g += tl.dot(x, wg.to(x.dtype))
+            acc_u += tl.dot(x, wu.to(x.dtype))
 
     if HAS_LORA:
         slot_m = _row_slots(tok, row_mask, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr)

@@ -13,7 +13,10 @@ shrink split over H into ``P`` partial buffers that the gate_up expand adds; the
 the gate_up epilogue (``fuse_down_shrink``: one partial per gate_up n-tile, ``[P_d, T*K, BR]``,
 added by the down expand); the gate_up shrink inside the gate_up K loop (``fuse_shrink``).
 
-Every launcher takes tensors with arbitrary strides where a weight may be shared (expert
+``gate_up`` and ``down`` also take FP8 base weights (a
+:class:`~moelora_dist.kernels.weights_fp8.BlockFP8Weight`): the kernels then quantize their
+input per token and 128 columns in the K loop (``block_k`` becomes 128); the LoRA stages are
+the same. Every launcher takes tensors with arbitrary strides where a weight may be shared (expert
 stride 0 for shared-outer factors comes from the pool's ``[S, 1, ...]`` buffers and the slot's
 flag, never from an ``expand``). No launcher syncs with the host.
 """
@@ -24,12 +27,23 @@ import torch
 import triton
 
 from moelora_dist.kernels.align.common import Alignment
-from moelora_dist.kernels.constants import block_r, check_activation
+from moelora_dist.kernels.constants import FP8_GROUP, block_r, check_activation
 from moelora_dist.kernels.moe_gemm.kernel_down import _down_kernel, _topk_sum_kernel
 from moelora_dist.kernels.moe_gemm.kernel_gate_up import _gate_up_kernel
 from moelora_dist.kernels.moe_gemm.kernel_shrink import (
     _down_shrink_kernel, _down_shrink_runs_kernel, _lora_shrink_kernel)
 from moelora_dist.kernels.weights import MoELoRAWeights
+from moelora_dist.kernels.weights_fp8 import is_fp8
+
+
+def _fp8_args(w, any_tensor: torch.Tensor, block_k: int):
+    """``(weight tensor, (scale ptr, block_n, 3 scale strides), block_k)`` of a base weight:
+    for a :class:`BlockFP8Weight` its e4m3 values and scales, with ``block_k`` set to the
+    128-column activation group; for a tensor, placeholders the kernel never reads."""
+    if not is_fp8(w):
+        return w, (any_tensor, 1, 0, 0, 0), block_k
+    s = w.scale_inv
+    return w.weight, (s, w.block_n, *s.stride()), FP8_GROUP
 
 
 def num_runs(lora_runs: int) -> int:
@@ -114,7 +128,7 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
     h = torch.empty(N, inter, dtype=x_TH.dtype, device=x_TH.device)
     has_lora = lora is not None
     fuse_down_shrink = fuse_down_shrink and has_lora
-    w = w_gate_up_EXH
+    w, fp8_args, block_k = _fp8_args(w_gate_up_EXH, h, block_k)
     dparts = None
     if has_lora:
         BR = block_r(lora.max_rank)
@@ -134,10 +148,11 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         x_TH, w, h, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
         N, top_k, H, inter, sparts, spart_stride, dparts[0].numel() if dparts is not None else 0,
         x_TH.stride(0), x_TH.stride(1), w.stride(0), w.stride(1),
-        w.stride(2), *lora_strides, HAS_LORA=has_lora, ACT=act,
+        w.stride(2), *lora_strides, *fp8_args, HAS_LORA=has_lora, ACT=act,
         BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
         RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), FUSE_DOWN_SHRINK=fuse_down_shrink,
-        DS_RUNS=num_runs(down_shrink_runs), num_warps=num_warps, num_stages=num_stages)
+        DS_RUNS=num_runs(down_shrink_runs), W_FP8=is_fp8(w_gate_up_EXH),
+        num_warps=num_warps, num_stages=num_stages)
     return (h, dparts) if fuse_down_shrink else h
 
 
@@ -190,7 +205,7 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
     tw = topk_weights_TK.contiguous()
     if tw.dtype != torch.float32:
         tw = tw.float()
-    w = w_down_EHI
+    w, fp8_args, block_k = _fp8_args(w_down_EHI, h, block_k)
     has_lora = lora is not None
     if has_lora:
         BR = block_r(lora.max_rank)
@@ -204,10 +219,11 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
     dparts, dpart_stride = _parts(dshrink if has_lora else None)
     _down_kernel[grid](
         h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
-        N, top_k, H, inter, dparts, dpart_stride, w.stride(0), w.stride(1), w.stride(2), *b_strides,
+        N, top_k, H, inter, dparts, dpart_stride, w.stride(0), w.stride(1), w.stride(2),
+        *b_strides, *fp8_args,
         HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=BR, RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs),
-        num_warps=num_warps, num_stages=num_stages)
+        W_FP8=is_fp8(w_down_EHI), num_warps=num_warps, num_stages=num_stages)
     return out
 
 

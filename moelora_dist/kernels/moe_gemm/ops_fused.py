@@ -15,6 +15,7 @@ from moelora_dist.kernels.constants import block_r, check_activation
 from moelora_dist.kernels.moe_gemm.kernel_gate_up_lora import _gate_up_lora_kernel
 from moelora_dist.kernels.moe_gemm.ops import empty_down_shrink_parts, num_runs
 from moelora_dist.kernels.weights import MoELoRAWeights
+from moelora_dist.kernels.weights_fp8 import is_fp8
 
 
 def gate_up_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, al: Alignment, top_k: int,
@@ -39,6 +40,9 @@ def gate_up_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, al: Alignment,
         ``fuse_down_shrink`` (as :func:`moelora_dist.kernels.moe_gemm.ops.gate_up`).
     """
     act = check_activation(activation)
+    if is_fp8(w_gate_up_EXH):
+        raise ValueError("gate_up_lora reads bf16/fp16/fp32 expert weights; FP8 experts take "
+                         "the separate shrink (fused_moe_lora does so for fuse_shrink)")
     T, H = x_TH.shape
     E, two_i, _ = w_gate_up_EXH.shape
     inter = two_i // 2

@@ -10,6 +10,13 @@ Sentinels: ``topk_ids == -1`` (expert not on this rank, or padding) contributes 
 ``token_slot == -1`` (base model only) gets no LoRA delta. Neither is ever used as an index.
 Isolation: a slot's factors only ever multiply the rows of that slot (rows are selected, never
 masked by a multiplication), so no slot's values can reach another slot's or a base row.
+
+FP8 experts (``w_gate_up`` / ``w_down`` given as
+:class:`~moelora_dist.kernels.weights_fp8.BlockFP8Weight`): the base products use the
+dequantized weights and the activations as the kernels quantize them (per token and 128
+columns, e4m3: :func:`moelora_dist.kernels.block_fp8.naive.fake_quant_act`; ``h`` rounded to
+``x``'s dtype first, as the kernels store it); the LoRA shrinks read the unquantized ``x`` and
+``h``. The LoRA path is the same as for bf16 experts.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from __future__ import annotations
 import torch
 
 from moelora_dist.kernels.activations import ACTIVATIONS
+from moelora_dist.kernels.block_fp8.naive import dequantize, fake_quant_act
 from moelora_dist.kernels.constants import check_activation
 from moelora_dist.kernels.weights import MoELoRAWeights
+from moelora_dist.kernels.weights_fp8 import is_fp8
 
 
 def _rowwise(x_nK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
@@ -60,7 +69,8 @@ def experts_reference(
 
     Args:
         x_TH: ``[T, H]`` tokens.
-        w_gate_up_EXH: ``[E_l, 2*I_l, H]`` base gate rows then up rows.
+        w_gate_up_EXH: ``[E_l, 2*I_l, H]`` base gate rows then up rows (a tensor, or a
+            ``BlockFP8Weight`` for FP8 experts; then ``w_down_EHI`` is one too).
         w_down_EHI: ``[E_l, H, I_l]`` base down projection.
         topk_weights_TK: ``[T, K]`` fp32 routing weights.
         topk_ids_TK: ``[T, K]`` int32 local expert ids, ``-1`` = skip.
@@ -76,6 +86,14 @@ def experts_reference(
     num_local, two_i, _ = w_gate_up_EXH.shape
     i_local = two_i // 2
     x = x_TH.to(compute)
+    fp8 = is_fp8(w_gate_up_EXH)
+    assert fp8 == is_fp8(w_down_EHI), "gate_up and down are both FP8 or neither"
+    if fp8:  # base products: quantized activations x dequantized weights
+        w_gate_up_EXH, w_down_EHI = dequantize(w_gate_up_EXH, compute), dequantize(w_down_EHI,
+                                                                                   compute)
+        x_base = fake_quant_act(x_TH, compute)
+    else:
+        x_base = x
     y_TH = torch.zeros(T, H, dtype=compute, device=x_TH.device)
     if token_slot_T is None:
         token_slot_T = torch.full((T,), -1, dtype=torch.int32, device=x_TH.device)
@@ -87,7 +105,7 @@ def experts_reference(
             continue
         weight_t = torch.where(hit_TK, topk_weights_TK.to(compute), 0).sum(dim=1)[tokens]
         xe = x[tokens]  # [n, H]
-        gate_up = _rowwise(xe, w_gate_up_EXH[e].to(compute))  # [n, 2I_l]
+        gate_up = _rowwise(x_base[tokens], w_gate_up_EXH[e].to(compute))  # [n, 2I_l]
         slots = token_slot_T[tokens]
         slot_rows = {s: (slots == s).nonzero().flatten() for s in torch.unique(slots).tolist()
                      if s >= 0} if lora is not None else {}
@@ -97,7 +115,8 @@ def experts_reference(
             gate_up[rows] += torch.cat([_rowwise(shrink[:, :R], b_gu[:i_local]),
                                         _rowwise(shrink[:, R:], b_gu[i_local:])], dim=1)
         h = act(gate_up[:, :i_local]) * gate_up[:, i_local:]  # [n, I_l]
-        out = _rowwise(h, w_down_EHI[e].to(compute))  # [n, H]
+        h_base = fake_quant_act(h.to(x_TH.dtype), compute) if fp8 else h
+        out = _rowwise(h_base, w_down_EHI[e].to(compute))  # [n, H]
         for s, rows in slot_rows.items():
             _, _, a_d, b_d = _lora_slot_view(lora, s, e, compute)
             out[rows] += _rowwise(_rowwise(h[rows], a_d), b_d)

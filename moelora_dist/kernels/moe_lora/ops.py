@@ -34,6 +34,7 @@ from moelora_dist.kernels.moe_gemm import ops
 from moelora_dist.kernels.moe_gemm.ops_fused import gate_up_lora
 from moelora_dist.kernels.moe_lora.configs import MoEConfig, pick_config
 from moelora_dist.kernels.weights import MoELoRAWeights
+from moelora_dist.kernels.weights_fp8 import is_fp8
 
 
 def _capturing(x_TH: torch.Tensor) -> bool:
@@ -60,11 +61,12 @@ def config_for(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, top_k: int,
     kernels: a :meth:`~MoELoRAWeights.rank_view` when the batch's rank is known)."""
     T, H = x_TH.shape
     E, two_i, _ = w_gate_up_EXH.shape
+    # FP8 experts have tiles of their own (block_k is the 128-column scale group): their own key.
+    dtype = str(x_TH.dtype).replace("torch.", "") + ("+fp8" if is_fp8(w_gate_up_EXH) else "")
     return pick_config(T, top_k, E, lora.num_slots if lora is not None else 1, hidden=H,
                        inter=two_i // 2,
                        lora_rank=block_r(lora.max_rank) if lora is not None else None,
-                       dtype=str(x_TH.dtype).replace("torch.", ""),
-                       device_name=device_name(x_TH.device))
+                       dtype=dtype, device_name=device_name(x_TH.device))
 
 
 def _check(x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK, topk_ids_TK, token_slot_T, lora):
@@ -158,7 +160,7 @@ def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights
     tiles = dict(block_n=cfg.block_n, block_k=cfg.block_k, num_warps=cfg.num_warps,
                  num_stages=cfg.num_stages, lora_runs=cfg.lora_runs,
                  fuse_down_shrink=cfg.fuse_down_shrink, down_shrink_runs=ds_runs or 1)
-    if cfg.fuse_shrink:
+    if cfg.fuse_shrink and not is_fp8(w_gate_up_EXH):  # the fused kernel reads bf16/fp16 W
         base = align_items(topk_ids_TK, token_slot_T, slot_enabled_S, lora.slot_rank, None,
                            num_experts=E, block_m=cfg.block_m, mode="base", sort_by_slot=True)
         res = gate_up_lora(x_TH, w_gate_up_EXH, base, K, *slots, lora, activation, **tiles)

@@ -1,0 +1,56 @@
+"""Triton kernels of block-FP8 GEMMs (imports triton only).
+
+``_quant_act_tile`` quantizes a ``[BLOCK_M, 128]`` activation tile in registers, one scale per
+row (per token and 128-column group, dynamic), and is shared with the MoE GEMMs
+(``moe_gemm/kernel_gate_up.py``, ``kernel_down.py``). ``_block_fp8_linear_kernel`` is the
+dense/attention projection: ``y = x W^T (+ bias)`` with ``W`` e4m3 ``[N, K]`` and fp32 block
+scales ``[ceil(N / block_n), ceil(K / 128)]``; per 128-column step, ``dot(q_x, q_w)`` (fp32
+accumulation) times the token's activation scale and the weight block's scale.
+"""
+
+import triton
+import triton.language as tl
+
+from moelora_dist.kernels import constants
+
+FP8_MAX = tl.constexpr(constants.FP8_MAX)
+AMAX_FLOOR = tl.constexpr(constants.FP8_AMAX_FLOOR)
+
+
+@triton.jit
+def _quant_act_tile(x):
+    """``(q, s)``: e4m3 values of the tile and each row's fp32 scale (row amax / 448)."""
+    xf = x.to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(xf), axis=1), AMAX_FLOOR) / FP8_MAX
+    q = tl.clamp(xf / s[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+    return q, s
+
+
+@triton.jit
+def _block_fp8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, num_rows, n_out, k_in,
+                             scale_bn, stride_xt, stride_xk, stride_wn, stride_wk,
+                             stride_sn, stride_sk, stride_yt,
+                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < num_rows
+    n_mask = offs_n < n_out
+    s_row = s_ptr + (offs_n // scale_bn) * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_in, BLOCK_K):  # BLOCK_K == 128: one activation group per step
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_in
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        xq, xs = _quant_act_tile(x)
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        ws = tl.load(s_row + (k0 // BLOCK_K) * stride_sk, mask=n_mask, other=0.0)
+        acc += tl.dot(xq, w) * (xs[:, None] * ws[None, :])
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_yt + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])

@@ -1,0 +1,69 @@
+"""Where a rank's weights live and how much memory they take (the start-up log's lines).
+
+A weight is a tensor in the model dtype or, from an FP8 checkpoint, a
+:class:`~moelora_dist.kernels.weights_fp8.BlockFP8Weight` (e4m3 values + fp32 block scales) that
+keeps its dtype when it is moved to the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moelora_dist.kernels.weights_fp8 import BlockFP8Weight
+from moelora_dist.lora.pool_report import human_bytes
+
+
+def place_weight(t, device, dtype: torch.dtype):
+    """``t`` on ``device``: a tensor cast to ``dtype``, an FP8 weight moved as it is."""
+    if isinstance(t, BlockFP8Weight):
+        return t.to_device(device)
+    return t.to(device=device, dtype=dtype)
+
+
+def _weights(model):
+    yield model.embed_VH
+    if model.lm_head_VH is not model.embed_VH:
+        yield model.lm_head_VH
+    yield model.final_norm_H
+    for layer in model.layers:
+        yield layer["ln1"]
+        yield layer["ln2"]
+        yield from layer["attn"].w.values()
+        if "moe" in layer:
+            base = layer["moe"].base
+            yield from (base.router, base.w_gate_up, base.w_down)
+        else:
+            yield from layer["mlp"].w.values()
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """``(bytes of FP8 weights incl. their scales, bytes of the other weights)`` on this rank."""
+    fp8 = other = 0
+    for w in _weights(model):
+        if isinstance(w, BlockFP8Weight):
+            fp8 += w.nbytes()
+        else:
+            other += w.numel() * w.element_size()
+    return fp8, other
+
+
+def describe_memory(model) -> str:
+    """One line: the base's precision and the bytes of weights, LoRA pool and KV cache."""
+    fp8, other = weight_bytes(model)
+    cfg = model.cfg
+    if fp8:
+        base = f"base FP8 ({cfg.fp8.describe()})"
+    elif cfg.fp8 is not None:
+        base = "base FP8 checkpoint dequantized at load to " + str(model.dtype).replace("torch.", "")
+    else:
+        base = "base " + str(model.dtype).replace("torch.", "")
+    return (f"{base}: weights {human_bytes(fp8 + other)} per rank (FP8 values + scales "
+            f"{human_bytes(fp8)}, other {human_bytes(other)}); LoRA pool "
+            f"{human_bytes(model.pool.nbytes())}; KV cache allocated per batch (contiguous, "
+            f"{human_bytes(kv_bytes_per_token(model))} per token)")
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of K and V one token occupies on this rank over all layers."""
+    elem = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * model.cfg.num_layers * model.split.num_kv * model.cfg.head_dim * elem

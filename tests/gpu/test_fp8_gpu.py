@@ -1,0 +1,105 @@
+"""FP8 kernels and an FP8 model on a CUDA GPU (bf16 activations, the hardware e4m3 cast).
+
+Run with the device tool: ``PYTHONPATH=$PWD python3 -m pytest tests/gpu/test_fp8_gpu.py -q``.
+
+Tolerance: the kernels and the reference (``experts_reference`` with FP8 weights: dequantized
+weights, simulated activation quantization) compute the same quantized products; they differ
+by bf16 storage of ``h`` and the outputs and by rare e4m3 rounding flips of an activation,
+so the absolute bound is 2e-2 of the output's largest magnitude (as the bf16 kernel tests).
+"""
+
+import pytest
+import torch
+
+from tests.conftest import effective_slots
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+RTOL = 2e-2
+# (H, E_local, K, I, R): the benchmark shapes (Qwen3-30B-A3B at EP 4, Mixtral-8x7B, DeepSeek-V3
+# routed at EP 8 with 32 local experts), ranks R, R/2, 0 and R mixed in the kernel cases.
+SHAPES = {"qwen3": (2048, 32, 8, 768, 64), "mixtral": (4096, 8, 2, 14336, 16),
+          "deepseek": (7168, 32, 8, 2048, 16)}
+
+
+def _close(got, want):
+    assert not torch.isnan(got).any()
+    scale = want.float().abs().max().item() + 1e-6
+    torch.testing.assert_close(got.float(), want.float(), atol=RTOL * scale, rtol=RTOL)
+
+
+@pytest.mark.parametrize("T", [5, 64, 700], ids=["T5", "T64", "T700"])
+@pytest.mark.parametrize("case", ["mixed", "one_expert", "no_lora_tokens", "all_invalid",
+                                  "many_slots"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fused_moe_lora_fp8_matches_reference(shape, case, T):
+    from moelora_dist.kernels.block_fp8.naive import quantize_weight
+    from moelora_dist.kernels.moe_lora.naive import experts_reference
+    from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
+    from moelora_dist.testing.kernel_cases import make_case
+
+    H, E, K, I, R = SHAPES[shape]
+    c = make_case(case, T=T, H=H, E=E, I=I, K=K, R=R, dtype=torch.bfloat16, device="cuda",
+                  seed=2)
+    w_gu, w_d = quantize_weight(c["w_gate_up_EXH"]), quantize_weight(c["w_down_EHI"])
+    args = (c["x_TH"], w_gu, w_d, c["topk_weights_TK"], c["topk_ids_TK"])
+    got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], slot_enabled_S=c["slot_enabled_S"])
+    _close(got, experts_reference(*args, effective_slots(c), c["lora"]))
+
+
+@pytest.mark.parametrize("T,N,K", [(1, 4096, 2048), (64, 576, 7168), (1000, 2048, 4096),
+                                   (7, 1000, 200)], ids=str)
+def test_block_fp8_linear_matches_reference(T, N, K):
+    from moelora_dist.kernels.block_fp8 import naive, ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = naive.quantize_weight(torch.randn(N, K, generator=g, device="cuda") * K ** -0.5)
+    x = torch.randn(T, K, generator=g, device="cuda").to(torch.bfloat16)
+    b = torch.randn(N, generator=g, device="cuda").to(torch.bfloat16)
+    _close(ops.block_fp8_linear(x, w, b), naive.block_fp8_linear(x, w, b))
+
+
+def test_fp8_model_greedy_tokens_vs_dequantized_twin(tmp_path):
+    """The tiny FP8 model on the GPU (bf16, CUDA-graph decode) against its dequantized bf16
+    twin (``--dequantize-fp8``): the only difference is the activation quantization, so every
+    FP8 greedy token must be a near-best token of the twin on the same prefix (within 3x the
+    largest FP8-vs-twin logit difference measured on the prompts), and most are its best."""
+    import dataclasses
+
+    from moelora_dist.config.model import ModelConfig
+    from moelora_dist.models.requests import Request
+    from moelora_dist.models.runner import ModelRunner
+    from moelora_dist.parallel.groups import ParallelGroups
+    from tests.e2e_cases import GEN_REQUESTS
+    from tests.fp8_factory import build_fp8_case
+
+    case = build_fp8_case("qwen3_moe", tmp_path, references=False)
+    groups = ParallelGroups.single(torch.device("cuda", torch.cuda.current_device()))
+    cfg = ModelConfig.from_dir(str(case.model_dir))
+    runners = {}
+    for deq in (False, True):
+        c = dataclasses.replace(cfg, fp8=dataclasses.replace(cfg.fp8, dequantize=deq))
+        r = ModelRunner.from_pretrained(str(case.model_dir), groups, dtype=torch.bfloat16,
+                                        max_loras=2, max_rank=8, progress=False, config=c)
+        for name, path in case.adapter_dirs.items():
+            r.add_adapter(name, str(path))
+        runners[deq] = r
+    reqs = [Request(ids, a, max_new_tokens=n) for ids, a, n in GEN_REQUESTS]
+    prompts = [Request(ids, a) for ids, a, _ in GEN_REQUESTS]
+    diff = max((a - b).abs().max().item() for a, b in zip(runners[False].prompt_logits(prompts),
+                                                          runners[True].prompt_logits(prompts)))
+    assert 0 < diff < 2.0
+    outs = runners[False].generate(reqs)
+    best = total = 0
+    for g, (ids, a, _) in zip(outs, GEN_REQUESTS):
+        seq = list(ids)
+        for tok in g.output_ids:
+            twin = runners[True].prompt_logits([Request(seq, a)])[0][-1]
+            assert twin.max() - twin[tok] <= 3 * diff, (seq, tok)
+            best += int(twin.argmax()) == tok
+            total += 1
+            seq.append(tok)
+    assert best >= 0.75 * total
