@@ -173,23 +173,34 @@ def pick_config(num_tokens: int, top_k: int, num_experts: int, num_slots: int = 
 
     Cached: every MoE layer of a forward asks with the same sizes, so the choice is made once
     per batch shape, not once per layer."""
+    return config_and_source(num_tokens, top_k, num_experts, num_slots, hidden=hidden,
+                             inter=inter, lora_rank=lora_rank, dtype=dtype,
+                             device_name=device_name)[0]
+
+
+def config_and_source(num_tokens: int, top_k: int, num_experts: int, num_slots: int = 1, *,
+                      hidden=None, inter=None, lora_rank=None, dtype=None,
+                      device_name=None) -> tuple[MoEConfig, str]:
+    """:func:`pick_config`'s answer and where it comes from: ``"tuned"``, ``"tuned base +
+    heuristic LoRA"`` or ``"heuristic"`` (benchmarks report it)."""
     from moelora_dist.kernels.moe_lora import tuned
 
     fallback = heuristic_config(num_tokens, top_k, num_experts, num_slots)
     if device_name is None or hidden is None or inter is None or dtype is None:
-        return fallback
+        return fallback, "heuristic"
     key = tuned.ShapeKey(hidden, num_experts, top_k, inter)
     mode = "base" if lora_rank is None else tuned.lora_mode(lora_rank)
     hit = tuned.lookup(device_name, key, dtype, mode, num_tokens)
     if hit is not None:
-        return hit
+        return hit, "tuned"
     if lora_rank is None:
-        return fallback
+        return fallback, "heuristic"
     base = tuned.lookup(device_name, key, dtype, "base", num_tokens)
     if base is None:
-        return fallback
+        return fallback, "heuristic"
     lora_fields = {f: getattr(fallback, f) for f in LORA_FIELDS}
-    return dataclasses.replace(base, **lora_fields).check("tuned base + heuristic LoRA")
+    return (dataclasses.replace(base, **lora_fields).check("tuned base + heuristic LoRA"),
+            "tuned base + heuristic LoRA")
 
 
 # The fields that only a LoRA call reads.

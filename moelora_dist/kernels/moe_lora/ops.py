@@ -32,7 +32,7 @@ from moelora_dist.kernels.align.ops import align_base_and_lora, align_items
 from moelora_dist.kernels.constants import block_r
 from moelora_dist.kernels.moe_gemm import ops
 from moelora_dist.kernels.moe_gemm.ops_fused import gate_up_lora
-from moelora_dist.kernels.moe_lora.configs import MoEConfig, pick_config
+from moelora_dist.kernels.moe_lora.configs import MoEConfig, config_and_source, pick_config
 from moelora_dist.kernels.weights import MoELoRAWeights
 from moelora_dist.kernels.weights_fp8 import is_fp8
 
@@ -55,18 +55,28 @@ def device_name(device: torch.device) -> str | None:
                            else torch.cuda.current_device())
 
 
-def config_for(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, top_k: int,
-               lora: MoELoRAWeights | None) -> MoEConfig:
-    """What :func:`fused_moe_lora` runs when given no config (``lora`` as it passes it to the
-    kernels: a :meth:`~MoELoRAWeights.rank_view` when the batch's rank is known)."""
+def _pick_args(x_TH, w_gate_up_EXH, top_k, lora):
     T, H = x_TH.shape
     E, two_i, _ = w_gate_up_EXH.shape
     # FP8 experts have tiles of their own (block_k is the 128-column scale group): their own key.
     dtype = str(x_TH.dtype).replace("torch.", "") + ("+fp8" if is_fp8(w_gate_up_EXH) else "")
-    return pick_config(T, top_k, E, lora.num_slots if lora is not None else 1, hidden=H,
-                       inter=two_i // 2,
-                       lora_rank=block_r(lora.max_rank) if lora is not None else None,
-                       dtype=dtype, device_name=device_name(x_TH.device))
+    return (T, top_k, E, lora.num_slots if lora is not None else 1), dict(
+        hidden=H, inter=two_i // 2, dtype=dtype, device_name=device_name(x_TH.device),
+        lora_rank=block_r(lora.max_rank) if lora is not None else None)
+
+
+def config_for(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, top_k: int,
+               lora: MoELoRAWeights | None) -> MoEConfig:
+    """What :func:`fused_moe_lora` runs when given no config (``lora`` as it passes it to the
+    kernels: a :meth:`~MoELoRAWeights.rank_view` when the batch's rank is known)."""
+    args, kw = _pick_args(x_TH, w_gate_up_EXH, top_k, lora)
+    return pick_config(*args, **kw)
+
+
+def config_source(x_TH, w_gate_up_EXH, top_k: int, lora) -> str:
+    """Where :func:`config_for`'s answer comes from (``configs.config_and_source``)."""
+    args, kw = _pick_args(x_TH, w_gate_up_EXH, top_k, lora)
+    return config_and_source(*args, **kw)[1]
 
 
 def _check(x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK, topk_ids_TK, token_slot_T, lora):
