@@ -3,11 +3,13 @@
 Triton compiles a kernel variant the first time it is launched, about a second each; a tuning
 run meets a few hundred variants (tiles x switches x the specializations of the token counts),
 which one process would compile one after the other for most of the time budget. Each worker
-(a spawned process on the same GPU) runs a candidate once on inputs of its problem's shapes
-(weights left uninitialized: only shapes, strides and alignment decide what is compiled) and
-reports whether it ran; the binaries land in Triton's on-disk cache, where the main process
-finds them when it checks and times the candidate. A candidate that fails to compile or launch
-(e.g. out of shared memory) is reported with its error and never timed.
+(a spawned process on the same GPU) issues a candidate's launches once on inputs of its
+problem's shapes (weights left uninitialized: only shapes, strides and alignment decide what is
+compiled) in compile-only mode: every Triton launch compiles and loads its kernel but runs
+nothing (:func:`_compile_only`), so the workers take no GPU time from the timings running in
+the main process at the same moment. The binaries land in Triton's on-disk cache, where the main
+process finds them when it checks and times the candidate. A candidate that fails to compile
+or to load (e.g. out of shared memory) is reported with its error and never timed.
 
 A worker whose CUDA context breaks exits; the pool is restarted and the unfinished tasks are
 submitted again (a task that takes a second worker down is reported as failed).
@@ -25,11 +27,31 @@ _INPUTS: dict = {}
 PENDING = "not compiled within the time left"
 
 
+def _compile_only() -> None:
+    """Make every ``kernel[grid](...)`` of this process compile and load the kernel (Triton's
+    own ``warmup`` path, then the binary's load, which checks shared memory and threads) but
+    launch nothing. Triton 3.x: ``KernelInterface.run(..., grid, warmup)``; the interpreter has
+    its own launcher and is left alone."""
+    from triton.runtime.jit import KernelInterface
+
+    def getitem(self, grid):
+        def launch(*args, **kwargs):
+            kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
+            init = getattr(kernel, "_init_handles", None)
+            if init is not None:
+                init()
+            return kernel
+        return launch
+
+    KernelInterface.__getitem__ = getitem
+
+
 def _init(device: str) -> None:
     import torch
 
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
+        _compile_only()
 
 
 def _compile(problem, cfg, device: str) -> str | None:

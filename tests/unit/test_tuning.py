@@ -212,3 +212,30 @@ def test_inputs_route_like_a_serving_batch():
                              inp["topk_weights_TK"][r], ids[r], inp["token_slot_T"][r],
                              inp["lora"])
     torch.testing.assert_close(ref.want, want)
+
+
+def test_compile_only_mode_launches_nothing():
+    """In a compile worker every Triton launch compiles (on a GPU: and loads) its kernel but
+    runs nothing, so the workers take no GPU time from the timings. Checked in a fresh process
+    (the switch is for the whole process) on the interpreter's launcher: the output of a launch
+    stays as it was."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from moelora_dist.kernels.moe_gemm import ops
+from moelora_dist.tuning.compile_pool import _compile_only
+out = torch.ones(3, 2, 8)
+ids = torch.zeros(3, 2, dtype=torch.int32)
+ran = ops.topk_sum(out.view(6, 8), ids, 4).clone()
+_compile_only()
+y = torch.full((3, 8), -7.0)
+from moelora_dist.kernels.moe_gemm.kernel_down import _topk_sum_kernel
+_topk_sum_kernel[(3, 1)](out.view(6, 8), ids, y, 8, 2, 4, y.stride(0), BLOCK_H=8)
+assert torch.equal(ran, torch.full((3, 8), 2.0)) and torch.equal(y, torch.full((3, 8), -7.0))
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
