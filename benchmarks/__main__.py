@@ -4,7 +4,8 @@
     python -m benchmarks kernels --out benchmarks/results/current [--quick] [--stages]
     python -m benchmarks fp8 --out benchmarks/results/current [--quick]
     python -m benchmarks decode --out-dir benchmarks/results/current
-    python -m benchmarks dispatch --nproc 2 --out-prefix benchmarks/results/current/dist
+    python -m benchmarks dispatch --nproc 2 --out benchmarks/results/current/dist_dispatch.csv
+    python -m benchmarks dispatch --nproc 2 --device cpu --dry-run --out /tmp/dispatch.csv
     python -m benchmarks layer --nproc 2 --out-prefix benchmarks/results/current/dist_layer
     python -m benchmarks pool --out benchmarks/results/current
     python -m benchmarks sampling --out benchmarks/results/current [--quick]
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         from moelora_dist.parallel import launch_env
 
         env = dict(os.environ)
-        launch_env.prepare_worker_env(int(nproc), "nccl", 120.0, environ=env)
+        cpu = any(a == "--device=cpu" or (a == "--device" and rest[i + 1:i + 2] == ["cpu"])
+                  for i, a in enumerate(rest))  # a dry run on gloo CPU processes
+        launch_env.prepare_worker_env(int(nproc), "gloo" if cpu else "nccl", 120.0, environ=env)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", nproc, "--max-restarts", "0", "-m", module, *rest]
         return subprocess.run(cmd, env=env).returncode

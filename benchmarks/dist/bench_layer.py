@@ -92,7 +92,7 @@ def main() -> None:
     single = ParallelGroups.single(groups.device)
     layer1, pool1 = build(single, weights, registry, "all_reduce")
     layers = {d: build(groups, weights, registry, d)
-              for d in ("all_to_all", "all_to_all_static", "all_reduce")}
+              for d in ("all_to_all", "all_to_all_static", "all_to_all_fixed", "all_reduce")}
     prefill, decode = [], []
     try:
         with torch.no_grad():

@@ -9,6 +9,7 @@ its slowest participant).
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 import torch.distributed as dist
@@ -16,12 +17,16 @@ import torch.distributed as dist
 from benchmarks.common import env_columns, write_csv
 
 
-def bench(fn, *, warmup: int = 5, iters: int = 20, group=None, local: bool = False) -> float:
+def bench(fn, *, warmup: int = 5, iters: int = 20, group=None, local: bool = False,
+          device: str = "cuda") -> float:
     """Median seconds of ``fn()`` over ``iters``, max over the ranks of ``group`` (or world).
 
     ``local=True`` times this rank alone (no barrier, no reduction): for one-GPU baselines.
+    ``device="cpu"``: wall-clock time on gloo CPU processes (dry runs of a GPU benchmark).
     """
     distributed = dist.is_initialized() and not local
+    if device != "cuda":
+        return _bench_cpu(fn, warmup, iters, group, distributed)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -37,6 +42,22 @@ def bench(fn, *, warmup: int = 5, iters: int = 20, group=None, local: bool = Fal
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     med = torch.tensor([statistics.median(times)], device="cuda", dtype=torch.float64)
+    if distributed:
+        dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)
+    return float(med.item())
+
+
+def _bench_cpu(fn, warmup: int, iters: int, group, distributed: bool) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if distributed:
+            dist.barrier(group=group)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    med = torch.tensor([statistics.median(times)], dtype=torch.float64)
     if distributed:
         dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)
     return float(med.item())

@@ -21,30 +21,37 @@ def read(path: Path) -> list[dict]:
 
 
 def plot_dispatch(rows: list[dict], out: Path) -> None:
+    """Time against the bytes per rank, and the ratio to raw NCCL with the issue's targets
+    (rows of ``benchmarks/dist/bench_dispatch.py``: ``scenario`` uniform only)."""
+    rows = [r for r in rows if r.get("scenario", "uniform") == "uniform"]
+    if not rows or "fixed_us" not in rows[0]:
+        print(f"{out}: no rows of the current dispatch benchmark format; not plotted")
+        return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for H in sorted({r["hidden"] for r in rows}, key=int):
-        sub = [r for r in rows if r["hidden"] == H]
-        mb = [float(r["dispatch_MB_per_rank"]) for r in sub]
-        axes[0].loglog(mb, [float(r["raw_us"]) for r in sub], "o--", label=f"raw NCCL, H={H}")
-        axes[0].loglog(mb, [float(r["ours_us"]) for r in sub], "o-", label=f"dispatch+combine, H={H}")
-        axes[1].semilogx(mb, [float(r["ours_us"]) / float(r["raw_us"]) for r in sub], "o-",
-                         label=f"H={H}, uneven splits, eager")
-        graphed = [(m, float(r["static_graph_us"]) / float(r["raw_us"]))
-                   for m, r in zip(mb, sub) if r.get("static_graph_us")]
-        if graphed:
-            axes[0].loglog([g[0] for g in graphed],
-                           [g[1] * float(r["raw_us"]) for g, r in zip(graphed, sub)], "s-",
-                           label=f"static, CUDA graph, H={H}")
-            axes[1].semilogx(*zip(*graphed), "s-", label=f"H={H}, static in a CUDA graph")
-        if sub and sub[0].get("static_us"):
-            axes[1].semilogx(mb, [float(r["static_us"]) / float(r["raw_us"]) for r in sub],
-                             "x:", label=f"H={H}, static, eager")
-    axes[0].set(xlabel="dispatch bytes per rank (MB)", ylabel="time (us)",
-                title="all-to-all dispatch + combine, 2 x H200")
-    axes[1].axhline(1.3, color="grey", lw=0.8)
-    axes[1].axvline(8, color="grey", lw=0.8, ls=":")
+    mb = [float(r["dispatch_MB_per_rank"]) for r in rows]
+    series = [("raw_us", "raw NCCL, eager", "k--"), ("raw_graph_us", "raw NCCL, graph", "k:"),
+              ("fixed_us", "fixed, eager", "o-"), ("fixed_graph_us", "fixed, graph", "s-"),
+              ("fixed_nobypass_us", "fixed no bypass, eager", "o:"),
+              ("static_us", "static, eager", "x:"), ("static_graph_us", "static, graph", "x-"),
+              ("uneven_us", "uneven, eager", "v:")]
+    for key, label, style in series:
+        pts = [(m, float(r[key])) for m, r in zip(mb, rows) if r.get(key)]
+        if pts:
+            axes[0].loglog(*zip(*pts), style, label=label)
+    for key, base, label, style in (("fixed_us", "raw_us", "fixed, eager", "o-"),
+                                    ("fixed_graph_us", "raw_graph_us", "fixed, graph", "s-"),
+                                    ("static_graph_us", "raw_graph_us", "static, graph", "x-")):
+        pts = [(m, float(r[key]) / float(r[base])) for m, r in zip(mb, rows)
+               if r.get(key) and r.get(base) and r.get("correct") == "True"]
+        if pts:
+            axes[1].semilogx(*zip(*pts), style, label=label)
+    axes[1].plot([8, 64, 64, max(mb + [256])], [1.3, 1.3, 1.1, 1.1], color="grey", lw=0.8,
+                 label="target")
+    ep, dev = rows[0].get("ep", "2"), rows[0].get("device", "")
+    axes[0].set(xlabel="dispatch bytes per rank (MB)", ylabel="dispatch + combine (us)",
+                title=f"all-to-all dispatch + combine, EP {ep}, {dev}")
     axes[1].set(xlabel="dispatch bytes per rank (MB)", ylabel="time / raw NCCL",
-                title="time / raw NCCL (target <= 1.3 at >= 8 MB)")
+                title="time / raw NCCL of the same bytes")
     for ax in axes:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)

@@ -15,13 +15,13 @@ if [ "${FULL:-0}" = 1 ]; then
     -p no:cacheprovider -x >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 fi
 step "dispatch benchmark"
-timeout 100 $TR -m benchmarks.dist.bench_dispatch --profile --out "$OUT/dist_dispatch.csv" >>"$LOG" 2>&1
+timeout 150 $TR -m benchmarks.dist.bench_dispatch --out "$OUT/dist_dispatch.csv" >>"$LOG" 2>&1
 echo "rc=$?" | tee -a "$LOG"
 step "layer benchmark"
 timeout 150 $TR -m benchmarks.dist.bench_layer --out-prefix "$OUT/dist_layer" >>"$LOG" 2>&1
 echo "rc=$?" | tee -a "$LOG"
 step "sweep on CUDA"
 timeout 80 python3 -m moelora_dist.cli sweep --device cuda --max-world 2 \
-  --dispatchers all_reduce,all_to_all,all_to_all_static --json "$OUT/sweep_cuda.json" \
+  --dispatchers all_reduce,all_to_all,all_to_all_static,all_to_all_fixed --json "$OUT/sweep_cuda.json" \
   >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 step done

@@ -11,7 +11,7 @@ MOELORA_DIST_BACKEND=nccl timeout 240 $TR -m pytest tests/multi_gpu -q -p no:cac
   >"$OUT/multi_gpu.log" 2>&1; echo "rc=$?" | tee -a "$LOG"; grep -E "passed|failed" "$OUT/multi_gpu.log" | tee -a "$LOG"
 step "sweep on CUDA"
 timeout 80 python3 -m moelora_dist.cli sweep --device cuda --max-world ${NPROC:-2} \
-  --dispatchers all_reduce,all_to_all,all_to_all_static --json "$OUT/sweep_cuda.json" \
+  --dispatchers all_reduce,all_to_all,all_to_all_static,all_to_all_fixed --json "$OUT/sweep_cuda.json" \
   >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 step "layer benchmark"
 timeout 150 $TR -m benchmarks.dist.bench_layer --out-prefix "$OUT/dist_layer" >>"$LOG" 2>&1

@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list of WORLDxTPxEP to run, e.g. 4x4x2,2x2x1 (default: all)")
     g.add_argument("--dispatchers", default="all_reduce,all_to_all",
                    help="comma list from all_reduce, all_to_all, all_to_all_static, "
-                        "ref_all_reduce, ref_all_to_all, auto (default all_reduce,all_to_all)")
+                        "all_to_all_fixed, ref_all_reduce, ref_all_to_all, auto (default "
+                        "all_reduce,all_to_all)")
     g.add_argument("--adapters", default=None,
                    help="comma list of built-in adapters (default: all of per_expert_r4, "
                         "shared_outer_r8, gate_up_shared_a_r2, down_only_r6)")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from moelora_dist.cli.sweep_worker import default_tol, lora_effect_floor
 from moelora_dist.testing import tiny
 from moelora_dist.errors import OptionError
+from moelora_dist.moe.dispatch import DISPATCHERS
 from moelora_dist.parallel import launch_env
 from moelora_dist.parallel.layout import valid_layouts
 
@@ -102,6 +103,10 @@ def run_processes(args) -> int:
     if cfg.top_k > cfg.num_experts:
         raise OptionError(f"--top-k {cfg.top_k} exceeds --experts {cfg.num_experts}")
     chosen = parse_world_layouts(args.layouts)
+    unknown = [d for d in args.dispatchers.split(",") if d not in DISPATCHERS]
+    if unknown:  # before any process starts, not as a failure inside every worker
+        raise OptionError(f"--dispatchers {unknown} are unknown; pick from "
+                          f"{', '.join(DISPATCHERS)}")
     if args.device == "cuda":
         import torch
 

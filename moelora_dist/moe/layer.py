@@ -31,14 +31,22 @@ class LoRAMoE(nn.Module):
         base: this rank's :class:`~moelora_dist.moe.block.MoEBlock`.
         pool: a :class:`~moelora_dist.lora.pool.LoRAPool` (anything with
             ``moe_buffers(layer_idx) -> MoELoRAWeights``), or None for base only.
-        dispatcher: one of :data:`~moelora_dist.moe.dispatch.DISPATCHERS`.
+        dispatcher: one of :data:`~moelora_dist.moe.dispatch.DISPATCHERS`, or a
+            :class:`~moelora_dist.moe.dispatch.Dispatcher` built for this rank's shard (one
+            with its own settings, e.g. the fixed capacity of ``all_to_all_fixed``).
         backend: ``"torch"`` or ``"triton"`` for the experts; None: by the weights' device.
     Attributes it does not define are read from ``base`` (config, sizes, ...).
     """
 
     def __init__(self, base: MoEBlock, pool, layer_idx: int, groups: ParallelGroups,
-                 dispatcher: str = "auto", backend: str | None = None):
+                 dispatcher: str | Dispatcher = "auto", backend: str | None = None):
         super().__init__()
+        built = dispatcher if isinstance(dispatcher, Dispatcher) else None
+        if built is not None:
+            if built.shard != base.shard or built.groups != groups:
+                raise ValueError(f"dispatcher {built.name!r} was built for another shard or "
+                                 "layout; build it with this layer's groups and shard")
+            dispatcher = built.name
         if dispatcher not in DISPATCHERS:
             raise ValueError(f"unknown dispatcher {dispatcher!r}; pick one of {DISPATCHERS}")
         want = groups.rank_layout.moe_shard(base.shard.num_experts, base.shard.intermediate)
@@ -53,7 +61,7 @@ class LoRAMoE(nn.Module):
         self.backend = pick_backend(base.w_gate_up.device, backend)
         names = (["all_reduce", "all_to_all"] if dispatcher == "auto" else [dispatcher])
         self._dispatchers: dict[str, Dispatcher] = {
-            n: make_dispatcher(n, groups, base.shard) for n in names}
+            n: built or make_dispatcher(n, groups, base.shard) for n in names}
 
     def __getattr__(self, name: str):
         try:

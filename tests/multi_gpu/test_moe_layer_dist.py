@@ -31,11 +31,11 @@ ADAPTERS = {a.name: a for a in tiny.make_adapters(CFG)}
 MIXED = ["per_expert_r4", None, "shared_outer_r8", "gate_up_shared_a_r2", None, "down_only_r6",
          "per_expert_r4"]
 LAYOUTS = valid_layouts(WORLD, CFG.num_experts, CFG.intermediate) if WORLD else []
-ALL_DISPATCHERS = ("all_reduce", "all_to_all", "all_to_all_static", "ref_all_reduce",
-                   "ref_all_to_all", "auto")
-FAST = ("all_reduce", "all_to_all", "all_to_all_static")
+ALL_DISPATCHERS = ("all_reduce", "all_to_all", "all_to_all_static", "all_to_all_fixed",
+                   "ref_all_reduce", "ref_all_to_all", "auto")
+FAST = ("all_reduce", "all_to_all", "all_to_all_static", "all_to_all_fixed")
 REFERENCE_OF = {"all_reduce": "ref_all_reduce", "all_to_all": "ref_all_to_all",
-                "all_to_all_static": "ref_all_to_all"}
+                "all_to_all_static": "ref_all_to_all", "all_to_all_fixed": "ref_all_to_all"}
 
 
 def _id(layout):

@@ -105,8 +105,8 @@ def test_wrapper_serves_base_attributes():
 def test_single_process_dispatchers_agree():
     x = torch.randn(9, CFG.hidden, dtype=torch.float64)
     outs = [_single_layer(dispatcher=d)(x) for d in
-            ("all_reduce", "all_to_all", "all_to_all_static", "ref_all_reduce",
-             "ref_all_to_all")]
+            ("all_reduce", "all_to_all", "all_to_all_static", "all_to_all_fixed",
+             "ref_all_reduce", "ref_all_to_all")]
     for y in outs[1:]:
         torch.testing.assert_close(y, outs[0], rtol=1e-12, atol=1e-12)
 

@@ -6,6 +6,10 @@
   ``all_to_all_single`` (prefill, large ``T``).
 - ``all_to_all_static`` (:mod:`.all_to_all_static`): the same shares, sent with even splits of
   fixed capacity (padding rows route nowhere): no split exchange, no host sync, graph safe.
+- ``all_to_all_fixed`` (:mod:`.all_to_all_fixed`): the same shares, only the tokens each
+  destination needs, up to a fixed capacity per destination (:mod:`.capacity`), packed and
+  unpacked in place by the ``kernels/dispatch`` family; no split exchange, graph safe; an exact
+  second exchange (counted in ``stats``, logged) when a destination needs more rows.
 - ``ref_all_reduce`` / ``ref_all_to_all`` (:mod:`.reference`): plain ``all_gather``
   references of the two, to test the fast paths against.
 - ``auto`` (the default): ``all_reduce`` when ``ep <= AUTO_ALL_REDUCE_MAX_EP`` (2) or
@@ -14,12 +18,15 @@
   the fastest at every T up to 16384 (1.27x one GPU eager at 16384, vs 0.96x all-to-all),
   because the all-to-all's fixed cost (split exchange, host sync, ~40 launches, ~1 ms)
   outweighs what it saves when half the tokens stay local anyway. Wider EP is unmeasured.
+  ``all_to_all_fixed`` is not in ``auto`` yet: it was built on CPU-only machines, and its GPU
+  numbers (``python -m benchmarks dispatch``) decide whether it replaces ``all_to_all``.
 """
 
 from __future__ import annotations
 
 from moelora_dist.moe.dispatch.all_reduce import AllReduceDispatcher
 from moelora_dist.moe.dispatch.all_to_all import AllToAllDispatcher
+from moelora_dist.moe.dispatch.all_to_all_fixed import AllToAllFixedDispatcher
 from moelora_dist.moe.dispatch.all_to_all_static import AllToAllStaticDispatcher
 from moelora_dist.moe.dispatch.base import Dispatcher, Routed
 from moelora_dist.moe.dispatch.reference import ReferenceAllReduce, ReferenceAllToAll
@@ -28,7 +35,7 @@ AUTO_ALL_TO_ALL_MIN_TOKENS = 512
 AUTO_ALL_REDUCE_MAX_EP = 2
 REGISTRY: dict[str, type[Dispatcher]] = {
     cls.name: cls for cls in (AllReduceDispatcher, AllToAllDispatcher, AllToAllStaticDispatcher,
-                              ReferenceAllReduce, ReferenceAllToAll)}
+                              AllToAllFixedDispatcher, ReferenceAllReduce, ReferenceAllToAll)}
 DISPATCHERS = ("auto", *REGISTRY)
 
 __all__ = ["AUTO_ALL_REDUCE_MAX_EP", "AUTO_ALL_TO_ALL_MIN_TOKENS", "DISPATCHERS", "REGISTRY",

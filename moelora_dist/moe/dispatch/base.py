@@ -11,7 +11,9 @@ Every dispatcher is used the same way by the layer (``moe/layer.py``), top to bo
 ``topk_ids_TK`` holds *global* expert ids on the way in; ``routed.topk_ids_NK`` holds *local*
 ids, ``-1`` where the expert lives on another rank (or for padding rows). Every rank of a TP
 group holds all ``T`` tokens before and the full combined ``y_TH`` after. ``dispatch`` hands
-the experts contiguous tensors.
+the experts contiguous weights, ids and slots; ``x_NH`` has contiguous rows but may have a row
+stride larger than ``H`` (``all_to_all_fixed`` hands a view of its receive buffer, read in
+place), so expert code reads it through its strides.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from moelora_dist.parallel.layout import MoEShard
 class Routed:
     """What this rank computes after dispatch, and the dispatcher's state for combine.
 
-    ``x_NH`` ``[N, H]``, ``topk_weights_NK`` fp32 ``[N, K]``, ``topk_ids_NK`` int32 local ids
+    ``x_NH`` ``[N, H]`` (``stride(1) == 1``), ``topk_weights_NK`` fp32 ``[N, K]``, ``topk_ids_NK`` int32 local ids
     ``[N, K]`` (``-1``: skip), ``token_slot_N`` int32 ``[N]`` or None (no adapter in the
     batch); ``state``: private to the dispatcher that made it.
     """
