@@ -3,11 +3,13 @@
     python -m benchmarks --list
     python -m benchmarks kernels --out benchmarks/results/current [--quick] [--stages]
     python -m benchmarks fp8 --out benchmarks/results/current [--quick]
-    python -m benchmarks decode --out-dir benchmarks/results/current
+    python -m benchmarks engine --out-dir benchmarks/results/current [--quick]
+    python -m benchmarks launches --out benchmarks/results/current [--label new]
     python -m benchmarks dispatch --nproc 2 --out benchmarks/results/current/dist_dispatch.csv
     python -m benchmarks dispatch --nproc 2 --device cpu --dry-run --out /tmp/dispatch.csv
     python -m benchmarks layer --nproc 2 --out-prefix benchmarks/results/current/dist_layer
     python -m benchmarks pool --out benchmarks/results/current
+    python -m benchmarks serve --out-dir benchmarks/results/current
     python -m benchmarks sampling --out benchmarks/results/current [--quick]
 
 A suite is a module with ``main(argv)``; a distributed one (``NPROC`` suites) is started
@@ -33,9 +35,15 @@ SUITES = {
             None),
     "overhead": ("benchmarks.kernels.bench_overhead",
                  "eager vs graph time, host time and per-kernel GPU time of the MoE layer", None),
-    "decode": ("benchmarks.e2e.bench_decode",
-               "whole-model decode steps, graphs vs eager, adapters vs none", None),
+    "engine": ("benchmarks.engine.bench_engine",
+               "offline throughput of the engine, 8 adapters vs none; TTFT, TPOT, roofline",
+               None),
+    "launches": ("benchmarks.engine.launches",
+                 "kernels and host ms per layer of an eager decode step, this tree vs another",
+                 None),
     "pool": ("benchmarks.pool.bench_pool_load", "adapter load time into the slot pool", None),
+    "serve": ("benchmarks.serve.bench_serve",
+              "the HTTP server under load vs the offline engine: throughput, TTFT, TPOT", None),
     "sampling": ("benchmarks.sampling.bench_sampling",
                  "per-request sampling at V=151936, eager and in a graph, vs the PyTorch way",
                  None),

@@ -1,11 +1,13 @@
-"""What the ``logits`` and ``generate`` commands share: options, checks, groups, the runner.
+"""What the ``logits`` and ``generate`` commands share: options, checks, groups, the engine.
 
-Both commands run on one process or under ``python -m launch --nproc-per-node N`` /
-``torchrun``; every rank builds its part of the model and runs the same requests, and rank 0
-writes the output file. Everything a user can get wrong is checked first, in this order and
-before any weight is read: option values, the model's ``config.json``, each adapter's config,
-the request file (against the config and the adapter names), and that ``--out`` can be
-written. A mistake is one line on stderr and exit code 2 (:mod:`moelora_dist.errors`).
+Both commands run on the engine (:mod:`moelora_dist.engine`), on one process or under
+``python -m launch --nproc-per-node N`` / ``torchrun``: every rank builds its part of the
+model, each replica's leader schedules its share of the requests, and rank 0 writes the
+output file. Everything a user can get wrong is checked first, in this order and before any
+weight is read: option values, the model's ``config.json``, each adapter's config, the
+request file (prompts, sampling options and adapter names, against the config and the
+tokenizer), and that ``--out`` can be written. A mistake is one line on stderr and exit code 2
+(:mod:`moelora_dist.errors`).
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ log = logging.getLogger(__name__)
 
 def add_model_arguments(p: argparse.ArgumentParser, generate: bool = False) -> None:
     p.add_argument("--model", required=True, metavar="DIR",
-                   help="Hugging Face model directory: config.json + *.safetensors")
+                   help="Hugging Face model directory: config.json + *.safetensors (+ a "
+                        "tokenizer for text prompts)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="PEFT adapter directory served under NAME (repeatable)")
     p.add_argument("--requests", required=True, metavar="FILE.jsonl",
-                   help='one JSON object per line: {"input_ids": [...], "adapter": NAME|null'
-                        + (', "max_new_tokens": N} (optional "ignore_eos": true)' if generate
+                   help='one JSON object per line: {"input_ids": [...] | "prompt": "..." | '
+                        '"messages": [...], "adapter": NAME|null'
+                        + (', "max_new_tokens": N} plus optional sampling keys (temperature, '
+                           'top_p, top_k, min_p, seed, stop, stop_token_ids, ignore_eos, '
+                           'logprobs, prompt_logprobs; greedy by default)' if generate
                            else "}"))
     p.add_argument("--out", required=True, metavar="FILE", help="output file (rank 0 writes it)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
@@ -55,10 +61,29 @@ def add_model_arguments(p: argparse.ArgumentParser, generate: bool = False) -> N
     p.add_argument("--max-rank", type=int, default=None,
                    help="largest LoRA rank the pool holds (default: largest rank given)")
     p.add_argument("--dispatcher", default="auto",
-                   choices=("auto", "all_reduce", "all_to_all", "ref_all_reduce", "ref_all_to_all"),
-                   help="MoE dispatcher (default auto: all_reduce for small batches or ep=1)")
-    p.add_argument("--max-batch-tokens", type=int, default=8192,
-                   help="token budget of one forward (default 8192)")
+                   choices=("auto", "all_reduce", "all_to_all", "all_to_all_static",
+                            "ref_all_reduce", "ref_all_to_all"),
+                   help="MoE dispatcher (default auto: all_reduce for small batches or ep<=2)")
+    p.add_argument("--max-batch-tokens", "--max-num-batched-tokens", dest="max_batch_tokens",
+                   type=int, default=8192,
+                   help="token budget of one forward; longer prompts are prefilled in chunks "
+                        "(default 8192)")
+    p.add_argument("--max-batch", "--max-num-seqs", dest="max_batch", type=int, default=256,
+                   help="sequences running at once (default 256)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV pages in the pool (default: sized from free device memory, on a "
+                        "CPU 65536 tokens' worth)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of the GPU's memory to fill with weights, pool and KV pages "
+                        "(default 0.9)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's "
+                        "max_position_embeddings)")
+    p.add_argument("--enforce-eager", "--no-cuda-graphs", dest="enforce_eager",
+                   action="store_true",
+                   help="never replay CUDA graphs (by default decode and small mixed steps "
+                        "replay them on CUDA, on every layout)")
 
 
 def check_positive(args, *names: str) -> None:
@@ -92,25 +117,49 @@ def close_progress_bars() -> None:
 def check_inputs(args, *, need_max_new_tokens: bool):
     """Every cheap check, before any process group or weight (module docstring).
 
-    Returns ``(model config, {adapter name: dir}, requests)``.
+    Returns ``(model config, {adapter name: dir}, request specs, text codec or None)``; the
+    specs' prompts are token ids afterwards.
     """
     from moelora_dist.adapters.loader import read_adapter_config
     from moelora_dist.config.model import ModelConfig
+    from moelora_dist.engine.engine import load_codec
+    from moelora_dist.engine.prompts import RequestError, prompt_ids
+    from moelora_dist.engine.requests import read_requests
     from moelora_dist.models.fp8_layout import check_fp8_layout
-    from moelora_dist.models.requests import read_requests, validate_requests
 
-    check_positive(args, "tp", "ep", "max_loras", "max_rank", "max_batch_tokens", "max_batch")
+    check_positive(args, "tp", "ep", "max_loras", "max_rank", "max_batch_tokens", "max_batch",
+                   "page_size", "num_pages", "max_model_len")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise OptionError(f"--gpu-memory-utilization {args.gpu_memory_utilization}: must lie "
+                          "in (0, 1]")
     check_launched(args)
     cfg = apply_fp8_options(ModelConfig.from_dir(args.model), args)
     check_fp8_layout(cfg, args.tp, args.ep)  # before any process group
     paths = parse_adapter_args(args.adapter)
     for path in paths.values():
         read_adapter_config(path)
-    requests = read_requests(args.requests, need_max_new_tokens=need_max_new_tokens)
-    validate_requests(requests, vocab_size=cfg.vocab_size, adapters=paths,
-                      max_len=cfg.max_positions)
+    specs = read_requests(args.requests, need_max_new_tokens=need_max_new_tokens)
+    codec, codec_error = load_codec(args.model)
+    max_len = args.max_model_len or cfg.max_positions
+    for s in specs:
+        where = f"{args.requests}: request line {s.line}"
+        try:
+            s.prompt = prompt_ids(s.prompt, codec, cfg.vocab_size, codec_error)
+            s.sampling.validate(cfg.vocab_size)
+            if s.sampling.stop and codec is None:
+                raise RequestError("stop strings need the model's tokenizer; use "
+                                   "stop_token_ids")
+        except MoeloraError as exc:
+            raise RequestError(f"{where}: {exc}") from None
+        if s.adapter is not None and s.adapter not in paths:
+            raise RequestError(f"{where}: unknown adapter {s.adapter!r}; registered: "
+                               f"{sorted(paths) or 'none'} (add it with --adapter NAME=DIR)")
+        total = len(s.prompt) + s.max_new_tokens
+        if max_len is not None and total > max_len:
+            raise RequestError(f"{where}: {len(s.prompt)} prompt + {s.max_new_tokens} new "
+                               f"tokens exceed the model's {max_len} positions")
     check_writable(args.out, "--out")
-    return cfg, paths, requests
+    return cfg, paths, specs, codec
 
 
 def apply_fp8_options(cfg, args):
@@ -151,26 +200,41 @@ def make_groups(args):
     return init_parallel(args.tp, args.ep, backend="gloo" if device == "cpu" else "nccl")
 
 
-def build_runner(args, groups, cfg, paths: dict[str, str]):
-    """Read the adapters (host memory), size the pool to them, load the model, register them."""
+def build_engine(args, groups, cfg, paths: dict[str, str], codec=None):
+    """Read the adapters (host memory), size the pool to them, load the model, build the
+    engine (its KV pages sized as the options say), register the adapters."""
     from moelora_dist.adapters import load_adapter
-    from moelora_dist.models.runner import ModelRunner
+    from moelora_dist.engine.config import EngineConfig
+    from moelora_dist.engine.engine import Engine
+    from moelora_dist.models.model import MoELoRAModel
+    from moelora_dist.models.weights import CheckpointWeights
 
     adapters = {n: load_adapter(p, model_config=cfg.raw, max_rank=args.max_rank, name=n)
                 for n, p in tqdm(paths.items(), desc="reading adapters", unit="adapter",
                                  disable=not (groups.is_rank0 and paths))}
     max_rank = args.max_rank or max([a.max_rank for a in adapters.values()] + [1])
     max_loras = args.max_loras or max(len(adapters), 1)
-    runner = ModelRunner.from_pretrained(
-        args.model, groups, dtype=dtype_of(args.dtype, MODEL_DTYPES), max_loras=max_loras,
-        max_rank=max_rank, dispatcher=args.dispatcher, progress=groups.is_rank0, config=cfg)
-    for name, adapter in adapters.items():
-        runner.add_adapter(name, adapter)
-    return runner
+    config = EngineConfig(max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_batch_tokens,
+                          page_size=args.page_size, num_pages=args.num_pages,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          max_model_len=args.max_model_len, max_loras=max_loras,
+                          max_rank=max_rank, enforce_eager=args.enforce_eager,
+                          dispatcher=args.dispatcher)
+    config.validate()
+    dtype = dtype_of(args.dtype, MODEL_DTYPES)
+    model = MoELoRAModel.build(cfg, groups, CheckpointWeights(args.model, cfg, dtype),
+                               dtype=dtype, max_loras=max_loras, max_rank=max_rank,
+                               dispatcher=args.dispatcher, progress=groups.is_rank0,
+                               max_positions=args.max_model_len)
+    engine = Engine(model, config, codec)
+    for name, adapter in adapters.items():  # every rank: the engine is built collectively
+        engine.adapters.add(name, adapter)
+    engine.adapters.take_ops()
+    return engine
 
 
 def main_job(args, command: str, run, *, need_max_new_tokens: bool = False) -> int:
-    """The ``main`` of a model job: checks, groups, runner, then ``run(runner, groups, args,
+    """The ``main`` of a model job: checks, groups, engine, then ``run(engine, groups, args,
     requests) -> int``; a user mistake prints one line and returns 2, with no progress bar
     left drawn over it."""
     from moelora_dist.parallel.groups import destroy_parallel
@@ -178,11 +242,12 @@ def main_job(args, command: str, run, *, need_max_new_tokens: bool = False) -> i
     args.command = command
     groups = None
     try:
-        cfg, paths, requests = check_inputs(args, need_max_new_tokens=need_max_new_tokens)
+        cfg, paths, requests, codec = check_inputs(args,
+                                                   need_max_new_tokens=need_max_new_tokens)
         groups = make_groups(args)
         setup_logging()
-        runner = build_runner(args, groups, cfg, paths)
-        return run(runner, groups, args, requests)
+        engine = build_engine(args, groups, cfg, paths, codec)
+        return run(engine, groups, args, requests)
     except MoeloraError as exc:
         close_progress_bars()
         return report_user_error(f"moelora-dist {command}", exc)

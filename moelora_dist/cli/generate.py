@@ -1,15 +1,22 @@
-"""``moelora-dist generate``: greedy generation for a batch of requests that mix adapters.
+"""``moelora-dist generate``: generation for a batch of requests that mix adapters, on the engine.
 
-    moelora-dist generate --model DIR --adapter a=LORA1 --requests req.jsonl --out out.jsonl \
+    moelora-dist generate --model DIR --adapter a=LORA1 --requests req.jsonl --out out.jsonl \\
         [--tp N --ep M] [--dtype float32|bfloat16] [--device cpu|cuda]
     python -m launch --nproc-per-node 2 generate --model DIR ... --tp 2
     torchrun --nproc-per-node 2 -m moelora_dist.cli.generate --model DIR ... --tp 2
 
-Each request line is ``{"input_ids": [...], "adapter": "NAME" | null, "max_new_tokens": N}``
-(optional ``"ignore_eos": true``). Output: one JSON line per request, in request order:
-``{"request": i, "output_ids": [...], "finish_reason": "length" | "eos"}`` where
+Each request line is ``{"input_ids": [...] | "prompt": "..." | "messages": [...], "adapter":
+"NAME" | null, "max_new_tokens": N}`` with optional sampling keys (``temperature`` -- 0, greedy,
+by default --, ``top_p``, ``top_k``, ``min_p``, ``seed``, ``stop``, ``stop_token_ids``,
+``ignore_eos``, ``logprobs``, ``prompt_logprobs``; :mod:`moelora_dist.engine.requests`).
+Output: one JSON line per request, in request order:
+``{"request": i, "output_ids": [...], "finish_reason": "length" | "eos" | "stop"}`` where
 ``output_ids`` are the new tokens only (an EOS token that stopped generation is included, as
-Hugging Face ``generate`` does). Rank 0 writes it.
+Hugging Face ``generate`` does), plus ``"text"`` when the model has a tokenizer,
+``"logprobs"`` / ``"prompt_logprobs"`` when asked (``{"token_id", "logprob", "top": [[id,
+logprob], ...]}`` per token). Rank 0 writes it. Requests are served by continuous batching:
+``--max-batch`` sequences at once, ``--max-batch-tokens`` tokens per forward (longer prompts
+in chunks), KV pages as ``--num-pages`` / ``--gpu-memory-utilization`` say.
 """
 
 from __future__ import annotations
@@ -26,24 +33,35 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, generate=True)
-    p.add_argument("--max-batch", type=int, default=64,
-                   help="requests decoded together (default 64)")
-    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="decode eagerly; by default decode steps replay CUDA graphs on one GPU "
-                        "(one process, waves of at most 256 requests)")
 
 
-def run(runner, groups, args: argparse.Namespace, requests) -> int:
-    """The job on a built runner and checked requests (callable from a driver that keeps its
+def _logprobs(items):
+    return [None if x is None else {"token_id": x.token_id, "logprob": x.logprob,
+                                    "top": [list(t) for t in x.top]} for x in items]
+
+
+def run(engine, groups, args: argparse.Namespace, requests) -> int:
+    """The job on a built engine and checked requests (callable from a driver that keeps its
     process groups)."""
-    results = runner.generate(requests, max_batch=args.max_batch,
-                              max_batch_tokens=args.max_batch_tokens, progress=groups.is_rank0,
-                              cuda_graphs=args.cuda_graphs)
+    from moelora_dist.engine.outputs import Completion
+
+    todo = [r for r in requests if r.max_new_tokens > 0]  # a line asking for 0 tokens: none
+    got = iter(engine.generate([r.prompt for r in todo], [r.sampling for r in todo],
+                               [r.adapter for r in todo], progress=groups.is_rank0))
+    results = [next(got) if r.max_new_tokens > 0 else Completion(str(r.line), r.prompt, [],
+                                                                  "length") for r in requests]
     if groups.is_rank0:
         with open_for_write(args.out, "--out") as f:
-            for r, g in zip(requests, results):
-                f.write(json.dumps({"request": r.line, "output_ids": g.output_ids,
-                                    "finish_reason": g.finish_reason}) + "\n")
+            for r, c in zip(requests, results):
+                row = {"request": r.line, "output_ids": c.output_ids,
+                       "finish_reason": c.finish_reason}
+                if c.text is not None:
+                    row["text"] = c.text
+                if c.logprobs is not None:
+                    row["logprobs"] = _logprobs(c.logprobs)
+                if c.prompt_logprobs is not None:
+                    row["prompt_logprobs"] = _logprobs(c.prompt_logprobs)
+                f.write(json.dumps(row) + "\n")
         log.info("wrote %d generations to %s", len(requests), args.out)
     return 0
 

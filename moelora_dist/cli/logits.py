@@ -5,9 +5,11 @@
     python -m launch --nproc-per-node 4 logits --model DIR ... --tp 4 --ep 2
     torchrun --nproc-per-node 4 -m moelora_dist.cli.logits --model DIR ... --tp 4 --ep 2
 
-Each request line is ``{"input_ids": [...], "adapter": "NAME" | null}``. The output holds one
-float32 tensor per request, key ``request_<i>`` (``i`` = 0-based line of the request file),
-shape ``[len(input_ids), vocab]``: the logits of every prompt position. Rank 0 writes it.
+Each request line is ``{"input_ids": [...] | "prompt": "..." | "messages": [...], "adapter":
+"NAME" | null}``. The output holds one float32 tensor per request, key ``request_<i>`` (``i`` =
+0-based line of the request file), shape ``[prompt length, vocab]``: the logits of every prompt
+position. Rank 0 writes it. The prompts run through the engine like any request (batched by
+``--max-batch-tokens``, long ones in chunks), generating nothing.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
 
 
-def run(runner, groups, args: argparse.Namespace, requests) -> int:
-    """The job on a built runner and checked requests (callable from a driver that keeps its
+def run(engine, groups, args: argparse.Namespace, requests) -> int:
+    """The job on a built engine and checked requests (callable from a driver that keeps its
     process groups)."""
     from safetensors.torch import save_file
 
-    logits = runner.prompt_logits(requests, max_batch_tokens=args.max_batch_tokens,
+    logits = engine.prompt_logits([r.prompt for r in requests], [r.adapter for r in requests],
                                   progress=groups.is_rank0)
     if groups.is_rank0:
         try:

@@ -113,21 +113,30 @@ class LoRAPool:
             )
         return min(candidates, key=lambda s: self._last_use[s])
 
-    def load(self, adapter: CanonicalAdapter) -> int:
+    def load(self, adapter: CanonicalAdapter, slot: int | None = None) -> int:
         """Load ``adapter`` (full, canonical) into a slot and return the slot.
 
         Returns the existing slot when an adapter of that name is already loaded (to replace
         one, ``unload`` it first). Validates everything before writing anything; evicts the
-        least-recently-used unpinned slot when full. Raises :class:`PoolError`.
+        least-recently-used unpinned slot when full. ``slot``: load into exactly this slot
+        (evicting its tenant unless pinned): a rank that follows another rank's decisions
+        mirrors its slots this way. Raises :class:`PoolError`.
         """
         if isinstance(adapter, CanonicalAdapter) and adapter.name in self._slot_by_name:
-            slot = self._slot_by_name[adapter.name]
-            self._touch(slot)
-            return slot
+            current = self._slot_by_name[adapter.name]
+            if slot is None or slot == current:
+                self._touch(current)
+                return current
+            self.unload(adapter.name)
         cfg = self.config
+        if slot is not None and not 0 <= slot < cfg.max_loras:
+            raise PoolError(f"slot {slot} does not exist; the pool has {cfg.max_loras} slots")
+        if slot is not None and slot in self._pinned:
+            raise PoolError(f"slot {slot} is pinned by the running batch")
         staged = stage_adapter(adapter, self.rank_layout, cfg.max_rank, cfg.outer_shared_only,
                                self.moe_specs, self._shards, self.dense_specs, cfg.dtype)
-        slot = self._pick_slot(staged.name)
+        if slot is None:
+            slot = self._pick_slot(staged.name)
         old = self._names[slot]
         if old is not None:
             if self.rank_layout.rank == 0:  # every rank evicts alike; one line is enough
@@ -142,6 +151,12 @@ class LoRAPool:
         self._slot_by_name[staged.name] = slot
         self._touch(slot)
         return slot
+
+    def check(self, adapter: CanonicalAdapter) -> None:
+        """Everything :meth:`load` checks, writing nothing (PoolError on a mismatch)."""
+        cfg = self.config
+        stage_adapter(adapter, self.rank_layout, cfg.max_rank, cfg.outer_shared_only,
+                      self.moe_specs, self._shards, self.dense_specs, cfg.dtype)
 
     def unload(self, name: str) -> None:
         """Free the slot of ``name`` and zero it. Refuses a slot pinned by the running batch."""

@@ -1,13 +1,17 @@
 """Self-attention split over tensor-parallel ranks by heads, with multi-LoRA on q/k/v/o.
 
-Legend: T tokens, H hidden, N_q / N_kv query / kv heads on this rank, D head dim, B requests,
-Q padded new tokens per request, L keys per request.
+Legend: T tokens, H hidden, N_q / N_kv query / kv heads on this rank, D head dim.
 
 Split (Megatron style): q/k/v are column parallel (each rank computes its heads), o is row
 parallel (each rank holds the matching input columns) and its partial output is summed with one
 all-reduce over the TP group. With fewer kv heads than TP ranks each kv head is replicated on
 ``tp / num_kv_heads`` consecutive ranks, which is exactly the set of ranks whose query heads use
 it. LoRA deltas follow the same split (see :mod:`.lora_linear`).
+
+A forward is four GEMM-sized steps: one q/k/v GEMM (weights concatenated at load; their LoRA
+shares one shrink), the write of the new keys and values into their pages with the per-head
+q/k norm and the rotary embedding fused in (``rope_write`` of the paged-attention kernel
+family), paged attention over each sequence's pages (decode and prefill chunks alike), and o.
 """
 
 from __future__ import annotations
@@ -17,19 +21,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moelora_dist.models.batch import ForwardBatch, KVCache
 from moelora_dist.config.model import ModelConfig, ModelConfigError
+from moelora_dist.kernels.paged_attention import naive as pa_naive
+from moelora_dist.models.batch import ForwardBatch, PagedKVCache
 from moelora_dist.models.fp8_weights import read_linear
-from moelora_dist.models.lora_linear import DenseLoRA, linear_with_lora
-from moelora_dist.models.ops import apply_rope, rms_norm, rms_norm_sharded
-
-
-# cuDNN attention compiles an execution plan per shape, and decode grows the kv length every
-# step: on an H100 (torch 2.11) the first decode step at each new length took 70-110 ms for four
-# layers against 12 ms with the memory-efficient kernel. Every other backend takes any shape.
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+from moelora_dist.models.lora_linear import DenseLoRA, base_linear, linear_with_lora
+from moelora_dist.models.ops import rms_norm_sharded
 
 
 @dataclass(frozen=True)
@@ -71,36 +69,60 @@ class HeadSplit:
 class TPAttention:
     """Weights of one attention layer on one rank, and its forward.
 
-    ``w_q [N_q*D, H]``, ``w_k``/``w_v [N_kv*D, H]``, ``w_o [H, N_q*D]`` (rank-local), optional
-    biases, q/k norm weights (``[D]`` per head for Qwen3, this rank's slice of the whole
-    projection for OLMoE).
+    ``w_qkv [(N_q + 2 N_kv) * D, H]``: q, k and v rows of this rank concatenated at load so
+    that one GEMM computes all three (``w["q_proj"]``, ``w["k_proj"]``, ``w["v_proj"]`` are
+    views of it; block-FP8 projections stay three, each with its scales); ``w_o [H, N_q*D]``
+    (rank-local), optional biases, q/k norm weights (``[D]`` per head for Qwen3, this rank's
+    slice of the whole projection for OLMoE).
+    ``backend``: ``"torch"`` (the references) or ``"triton"`` for the paged-attention kernels.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int, split: HeadSplit, weights: dict,
-                 tp_group=None):
+                 tp_group=None, backend: str = "torch"):
         self.cfg, self.layer, self.split, self.tp_group = cfg, layer, split, tp_group
-        self.w = weights
+        self.backend = backend
         self.prefix = f"layers.{layer}.self_attn"
         D = cfg.head_dim
+        self.sizes = [split.num_q * D, split.num_kv * D, split.num_kv * D]
+        w = dict(weights)
+        names = ("q_proj", "k_proj", "v_proj")
+        # Block-FP8 projections keep their own scales per projection: not fused.
+        self.fused = all(isinstance(w[n], torch.Tensor) for n in names)
+        if self.fused:
+            w["qkv_proj"] = torch.cat([w.pop(n) for n in names]).contiguous()
+            for n, part in zip(names, w["qkv_proj"].split(self.sizes)):
+                w[n] = part
+            if "q_proj.bias" in w:
+                w["qkv_proj.bias"] = torch.cat([w.pop(f"{n}.bias") for n in names]).contiguous()
+        self.w = w
         # Rows of the pool's replicated k/v LoRA B that belong to this rank's kv head.
         self.kv_rows = None if split.kv_sharded else slice(
             split.kv_start * D, (split.kv_start + split.num_kv) * D)
 
-    def _proj(self, name: str, x_TH, lora, out_rows=None, bias=True):
-        b = self.w.get(f"{name}.bias") if bias else None
-        return linear_with_lora(x_TH, self.w[name], b, lora, f"{self.prefix}.{name}", out_rows)
+    def _kernels(self):
+        if self.backend == "triton":
+            from moelora_dist.kernels.paged_attention import ops  # Triton: optional off x86
 
-    def forward(self, x_TH: torch.Tensor, batch: ForwardBatch, cache: KVCache,
-                cos_TD: torch.Tensor, sin_TD: torch.Tensor,
+            return ops
+        return pa_naive
+
+    def forward(self, x_TH: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache,
+                rope: tuple[torch.Tensor, torch.Tensor],
                 lora: DenseLoRA | None = None) -> torch.Tensor:
         """``[T, H]`` -> ``[T, H]`` (full sum over TP ranks on every rank).
 
-        ``lora``: this forward's dense LoRA (:class:`.lora_linear.DenseLoRA`), or None when no
-        token of the batch uses an adapter. ``cos_TD``/``sin_TD``: ``[T, D]`` RoPE tables.
+        ``rope``: the model's ``cos, sin`` tables ``[max_positions, D/2]`` fp32. ``lora``: this
+        forward's dense LoRA (:class:`.lora_linear.DenseLoRA`), or None when no token of the
+        batch uses an adapter. This layer's new keys and values are written into ``cache``.
         """
         cfg, sp, D = self.cfg, self.split, self.cfg.head_dim
         T = x_TH.shape[0]
-        q, k, v = (self._proj(n, x_TH, None) for n in ("q_proj", "k_proj", "v_proj"))
+        if self.fused:
+            qkv = F.linear(x_TH, self.w["qkv_proj"], self.w.get("qkv_proj.bias"))
+            q, k, v = qkv.split(self.sizes, dim=1)
+        else:
+            q, k, v = (base_linear(x_TH, self.w[n], self.w.get(f"{n}.bias"))
+                       for n in ("q_proj", "k_proj", "v_proj"))
         if lora is not None:  # one shrink GEMM for q, k and v: they read the same x
             p = self.prefix
             q, k, v = lora.apply_group(x_TH, [(q, f"{p}.q_proj", None),
@@ -113,47 +135,26 @@ class TPAttention:
                                  self.tp_group, sp.kv_replication)
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        q = q.view(T, sp.num_q, D)
-        k = k.view(T, sp.num_kv, D)
-        v = v.view(T, sp.num_kv, D)
-        if cfg.qk_norm == "head":
-            q = rms_norm(q, self.w["q_norm"], cfg.rms_norm_eps)
-            k = rms_norm(k, self.w["k_norm"], cfg.rms_norm_eps)
-        q = apply_rope(q, cos_TD, sin_TD)
-        k = apply_rope(k, cos_TD, sin_TD)
-        k_BNLD, v_BNLD = cache.write_and_read(self.layer, batch, k, v)
-        out_TND = self._attend(q, k_BNLD, v_BNLD, batch)
+        head = cfg.qk_norm == "head"
+        kern = self._kernels()
+        k_pages, v_pages = cache.k[self.layer], cache.v[self.layer]
+        q_TND = kern.rope_write(q.view(T, sp.num_q, D), k.view(T, sp.num_kv, D),
+                                v.view(T, sp.num_kv, D), batch.positions_T, rope[0], rope[1],
+                                batch.slot_mapping_T, k_pages, v_pages,
+                                self.w["q_norm"] if head else None,
+                                self.w["k_norm"] if head else None, cfg.rms_norm_eps)
+        out_TND = kern.paged_attention(q_TND, k_pages, v_pages, batch.block_tables_BM,
+                                       batch.kv_lens_B, batch.seg_indptr_B1, scale=D ** -0.5,
+                                       sliding_window=cfg.sliding_window,
+                                       decode_only=batch.decode_only)
         # o is row parallel: its bias is added once, after the sum over ranks, not per rank.
-        o = self._proj("o_proj", out_TND.reshape(T, sp.num_q * D), lora, bias=False)
+        o = linear_with_lora(out_TND.reshape(T, sp.num_q * D), self.w["o_proj"], None, lora,
+                             f"{self.prefix}.o_proj")
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(o, group=self.tp_group)
         if "o_proj.bias" in self.w:
             o = o + self.w["o_proj.bias"]
         return o
-
-    def _attend(self, q_TND, k_BNLD, v_BNLD, batch: ForwardBatch) -> torch.Tensor:
-        """Scatter queries to ``[B, Q]``, attend, gather back to ``[T, N_q, D]``.
-
-        Grouped-query attention without copying kv heads: the ``g`` query heads that share a kv
-        head are stacked along the query axis (``[B, N_kv, g*Q, D]``), so the kv tensors are
-        read as they are and the mask is tiled ``g`` times.
-        """
-        sp, D = self.split, self.cfg.head_dim
-        B, Q = batch.num_requests, batch.max_q
-        g = sp.num_q // sp.num_kv
-        if Q == 1:  # decode: one token per request, already in [B, Q] order; no scatter
-            q_BQND = q_TND[:, None]
-        else:
-            q_BQND = q_TND.new_zeros(B, Q, sp.num_q, D)
-            q_BQND[batch.req_T, batch.j_T] = q_TND
-        q_grp = q_BQND.view(B, Q, sp.num_kv, g, D).permute(0, 2, 3, 1, 4).reshape(
-            B, sp.num_kv, g * Q, D)
-        with sdpa_kernel(SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(q_grp, k_BNLD, v_BNLD,
-                                                 attn_mask=batch.grouped_mask(g), scale=D ** -0.5)
-        out_BQND = out.view(B, sp.num_kv, g, Q, D).permute(0, 3, 1, 2, 4).reshape(
-            B, Q, sp.num_q, D)
-        return out_BQND[:, 0] if Q == 1 else out_BQND[batch.req_T, batch.j_T]
 
 
 def load_attention_weights(reader, cfg: ModelConfig, layer: int, split: HeadSplit,

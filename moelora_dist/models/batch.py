@@ -1,15 +1,15 @@
-"""One forward's token layout and the KV cache.
+"""One forward's token layout over a paged KV cache, and the cache's pages.
 
-Legend: B requests in this forward, T new tokens (all requests, concatenated), Q the longest
-new-token run of a request, L the longest key run (cached + new), C cache rows, N kv heads
-(rank-local), D head dim.
+Legend: B sequences in this forward, T new tokens (all sequences, concatenated), M block-table
+width, P pages, S page size (tokens per page), N kv heads (rank-local), D head dim.
 
-Tokens are packed request after request (request ``b`` owns ``[seg_indptr[b], seg_indptr[b+1])``)
-so that the dense and MoE layers see one ``[T, H]`` matrix. Attention needs them per request:
-:class:`ForwardBatch` carries the index maps (``req_T``, ``j_T``) that scatter the packed tokens
-into a padded ``[B, Q]`` grid and back, and the boolean mask ``[B, 1, Q, L]`` (causal on absolute
-positions, optional sliding window). It is built once per forward and shared by every layer.
-Prefill (many new tokens) and decode (one per request) are the same code path.
+Tokens are packed sequence after sequence (sequence ``b`` owns ``[seg_indptr[b],
+seg_indptr[b+1])``) so that the dense and MoE layers see one ``[T, H]`` matrix. A sequence's
+new tokens are the last ones of its ``kv_lens[b]`` keys: the cache holds the ones before
+(chunked prefill and decode are one case). Its keys live in the pages of its block-table row;
+token ``j`` of the sequence is slot ``block_tables[b, j // S] * S + j % S``. Which pages a
+sequence holds is decided by the engine's page allocator (:mod:`moelora_dist.engine.pages`);
+here they are only read and written.
 """
 
 from __future__ import annotations
@@ -21,36 +21,24 @@ import torch
 
 @dataclass
 class ForwardBatch:
-    """Everything a layer needs to know about the tokens of one forward pass.
+    """Everything a layer needs to know about the tokens of one forward.
 
     ``positions_T`` ``[T]`` int64 absolute positions; ``seg_indptr_B1`` ``[B+1]`` int32;
-    ``req_T`` / ``j_T`` ``[T]`` int64 request and offset-in-request of each token;
-    ``cache_rows_B`` ``[B]`` int64 KV-cache row of each request (None: rows ``0..B-1``);
-    ``kv_lens_B`` ``[B]`` int64 keys each request attends to after this forward;
-    ``attn_mask_B1QL`` ``[B, 1, Q, L]`` bool, True = may attend.
+    ``kv_lens_B`` ``[B]`` int32 keys of each sequence after this forward (0: a padding row);
+    ``block_tables_BM`` ``[B, M]`` int32 page ids; ``slot_mapping_T`` ``[T]`` int64 the slot
+    each new token's key and value go to (``-1``: not stored, padding); ``decode_only``
+    (host): every sequence adds exactly one token (picks the attention kernel's tiles).
     """
 
     positions_T: torch.Tensor
     seg_indptr_B1: torch.Tensor
-    req_T: torch.Tensor
-    j_T: torch.Tensor
-    cache_rows_B: torch.Tensor | None
     kv_lens_B: torch.Tensor
-    attn_mask_B1QL: torch.Tensor
-    max_q: int
-    max_kv: int
-
-    def grouped_mask(self, g: int) -> torch.Tensor:
-        """The mask tiled ``g`` times along queries, ``[B, 1, g*Q, L]``, for attention that
-        stacks the ``g`` query heads of one kv head along the query axis (made once per
-        forward, shared by every layer)."""
-        cache = self.__dict__.setdefault("_grouped", {})
-        if g not in cache:
-            cache[g] = self.attn_mask_B1QL.repeat(1, 1, g, 1)
-        return cache[g]
+    block_tables_BM: torch.Tensor
+    slot_mapping_T: torch.Tensor
+    decode_only: bool = False
 
     @property
-    def num_requests(self) -> int:
+    def num_seqs(self) -> int:
         return int(self.kv_lens_B.shape[0])
 
     @property
@@ -59,104 +47,63 @@ class ForwardBatch:
 
     @property
     def last_token_index_B(self) -> torch.Tensor:
-        """``[B]`` int64 index into the packed tokens of each request's last new token."""
-        return self.seg_indptr_B1[1:].long() - 1
+        """``[B]`` int64 index into the packed tokens of each sequence's last new token."""
+        return (self.seg_indptr_B1[1:].long() - 1).clamp(min=0)
 
     @classmethod
-    def build(cls, new_lens: list[int], prefix_lens: list[int], device,
-              cache_rows: list[int] | None = None,
-              sliding_window: int | None = None) -> "ForwardBatch":
-        """Index maps and mask for requests that add ``new_lens[b]`` tokens after
-        ``prefix_lens[b]`` cached ones. ``cache_rows=None`` means request ``b`` uses row ``b``."""
-        if len(new_lens) != len(prefix_lens) or not new_lens:
-            raise ValueError("need one new length and one prefix length per request, B >= 1")
+    def build(cls, new_lens: list[int], prefix_lens: list[int], block_tables: list[list[int]],
+              page_size: int, device) -> "ForwardBatch":
+        """The layout of sequences that add ``new_lens[b]`` tokens after ``prefix_lens[b]``
+        cached ones, in the pages ``block_tables[b]`` (enough for all their tokens)."""
+        if not (len(new_lens) == len(prefix_lens) == len(block_tables)) or not new_lens:
+            raise ValueError("need one new length, prefix length and block table per sequence")
         if min(new_lens) < 1:
-            raise ValueError("every request in a forward must add at least one token")
-        B = len(new_lens)
-        new = torch.tensor(new_lens, dtype=torch.int64)
-        prefix = torch.tensor(prefix_lens, dtype=torch.int64)
-        seg = torch.zeros(B + 1, dtype=torch.int64)
-        seg[1:] = torch.cumsum(new, 0)
-        req_T = torch.repeat_interleave(torch.arange(B), new)
-        j_T = torch.arange(int(seg[-1])) - seg[req_T]
-        positions_T = prefix[req_T] + j_T
-        kv_lens = prefix + new
-        max_q, max_kv = int(new.max()), int(kv_lens.max())
-        q_pos_BQ = prefix[:, None] + torch.arange(max_q)[None, :]  # absolute query positions
-        k_pos_L = torch.arange(max_kv)
-        mask = k_pos_L[None, None, :] <= q_pos_BQ[:, :, None]
-        if sliding_window is not None:
-            mask &= k_pos_L[None, None, :] > q_pos_BQ[:, :, None] - sliding_window
-        # Padded query slots (j >= new_len) see key 0 only, so their softmax has no empty row
-        # (which would be NaN); their outputs are never read.
-        pad_BQ = torch.arange(max_q)[None, :] >= new[:, None]
-        mask[pad_BQ] = k_pos_L[None, :] == 0
-        rows = None if cache_rows is None or cache_rows == list(range(B)) else torch.tensor(
-            cache_rows, dtype=torch.int64, device=device)
-        return cls(
-            positions_T=positions_T.to(device), seg_indptr_B1=seg.to(torch.int32).to(device),
-            req_T=req_T.to(device), j_T=j_T.to(device), cache_rows_B=rows,
-            kv_lens_B=kv_lens.to(device), attn_mask_B1QL=mask[:, None].to(device),
-            max_q=max_q, max_kv=max_kv)
-
-    @classmethod
-    def static_decode(cls, positions_B: torch.Tensor, max_len: int,
-                      sliding_window: int | None = None) -> "ForwardBatch":
-        """One new token per request, request ``b`` in KV-cache row ``b``, attending over all
-        ``max_len`` cached keys with the mask doing the rest: every shape is fixed by
-        ``(B, max_len)`` and every index is computed on the device from ``positions_B``, so
-        the forward can be captured in a CUDA graph and replayed with new positions.
-
-        ``positions_B``: ``[B]`` int64 position of each new token (a padding row uses 0, so
-        it sees exactly one key and nothing is NaN).
-        """
-        B, dev = int(positions_B.shape[0]), positions_B.device
-        k_pos_L = torch.arange(max_len, device=dev)
-        mask_BL = k_pos_L[None, :] <= positions_B[:, None]
-        if sliding_window is not None:
-            mask_BL &= k_pos_L[None, :] > positions_B[:, None] - sliding_window
-        req_T = torch.arange(B, device=dev)
-        return cls(positions_T=positions_B, seg_indptr_B1=torch.arange(
-                       B + 1, dtype=torch.int32, device=dev),
-                   req_T=req_T, j_T=torch.zeros_like(req_T), cache_rows_B=None,
-                   kv_lens_B=positions_B + 1, attn_mask_B1QL=mask_BL[:, None, None, :],
-                   max_q=1, max_kv=max_len)
+            raise ValueError("every sequence in a forward must add at least one token")
+        positions, slots, seg = [], [], [0]
+        for n, p, pages in zip(new_lens, prefix_lens, block_tables):
+            if len(pages) * page_size < n + p:
+                raise ValueError(f"a sequence of {n + p} tokens needs more than its "
+                                 f"{len(pages)} pages of {page_size}")
+            positions += range(p, p + n)
+            slots += [pages[j // page_size] * page_size + j % page_size for j in range(p, p + n)]
+            seg.append(seg[-1] + n)
+        width = max(len(b) for b in block_tables)
+        table = torch.zeros(len(block_tables), width, dtype=torch.int32)
+        for b, pages in enumerate(block_tables):
+            table[b, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        i32 = dict(dtype=torch.int32, device=device)
+        return cls(positions_T=torch.tensor(positions, dtype=torch.int64, device=device),
+                   seg_indptr_B1=torch.tensor(seg, **i32),
+                   kv_lens_B=torch.tensor([n + p for n, p in zip(new_lens, prefix_lens)], **i32),
+                   block_tables_BM=table.to(device),
+                   slot_mapping_T=torch.tensor(slots, dtype=torch.int64, device=device),
+                   decode_only=max(new_lens) == 1)
 
 
-class KVCache:
-    """Per-layer key/value buffers ``[C, L_max, N, D]``: one row per live request.
+class PagedKVCache:
+    """Per-layer key and value pages ``[P, S, N, D]`` of one rank (its kv heads).
 
-    Row-major by request so that one request's keys are contiguous and a decode step of
-    requests ``0..B-1`` reads a plain slice ``k[:B, :L]`` with no gather.
+    The pages are allocated once and never move: captured CUDA graphs hold their addresses,
+    and a page freed by one sequence is simply overwritten by the next owner (a sequence never
+    reads past its own length, so stale values are never seen).
     """
 
-    def __init__(self, num_layers: int, num_rows: int, max_len: int, num_kv_heads: int,
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device):
-        shape = (num_rows, max_len, num_kv_heads, head_dim)
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"a KV cache needs at least one page of at least one token; got "
+                             f"{num_pages} pages of {page_size}")
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_len = max_len
-        self.num_rows = num_rows
+        self.num_pages, self.page_size = num_pages, page_size
 
-    def check(self, batch: ForwardBatch) -> None:
-        if batch.max_kv > self.max_len:
-            raise ValueError(f"sequence of {batch.max_kv} tokens exceeds the KV cache length "
-                             f"{self.max_len}")
-        if batch.cache_rows_B is None and batch.num_requests > self.num_rows:
-            raise ValueError(f"{batch.num_requests} requests but the KV cache has "
-                             f"{self.num_rows} rows")
+    @staticmethod
+    def page_bytes(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,
+                   dtype: torch.dtype) -> int:
+        """Bytes of one page over every layer (keys and values) on one rank."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * page_size * num_kv_heads * head_dim * itemsize
 
-    def write_and_read(self, layer: int, batch: ForwardBatch, k_TND: torch.Tensor,
-                       v_TND: torch.Tensor):
-        """Store the new keys/values, return every request's keys/values ``[B, N, L, D]``."""
-        rows = batch.cache_rows_B
-        row_T = batch.req_T if rows is None else rows[batch.req_T]
-        k_cache, v_cache = self.k[layer], self.v[layer]
-        k_cache[row_T, batch.positions_T] = k_TND.to(k_cache.dtype)
-        v_cache[row_T, batch.positions_T] = v_TND.to(v_cache.dtype)
-        L = batch.max_kv
-        if rows is None:
-            k, v = k_cache[: batch.num_requests, :L], v_cache[: batch.num_requests, :L]
-        else:
-            k, v = k_cache[rows, :L], v_cache[rows, :L]
-        return k.transpose(1, 2), v.transpose(1, 2)
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -28,7 +28,10 @@ def _weights(model):
     for layer in model.layers:
         yield layer["ln1"]
         yield layer["ln2"]
-        yield from layer["attn"].w.values()
+        w = layer["attn"].w
+        fused = "qkv_proj" in w  # q/k/v_proj are then views of it
+        yield from (t for k, t in w.items() if not (fused and k in ("q_proj", "k_proj",
+                                                                   "v_proj")))
         if "moe" in layer:
             base = layer["moe"].base
             yield from (base.router, base.w_gate_up, base.w_down)
@@ -59,8 +62,8 @@ def describe_memory(model) -> str:
         base = "base " + str(model.dtype).replace("torch.", "")
     return (f"{base}: weights {human_bytes(fp8 + other)} per rank (FP8 values + scales "
             f"{human_bytes(fp8)}, other {human_bytes(other)}); LoRA pool "
-            f"{human_bytes(model.pool.nbytes())}; KV cache allocated per batch (contiguous, "
-            f"{human_bytes(kv_bytes_per_token(model))} per token)")
+            f"{human_bytes(model.pool.nbytes())}; KV cache in pages sized by the engine "
+            f"({human_bytes(kv_bytes_per_token(model))} per token)")
 
 
 def kv_bytes_per_token(model) -> int:

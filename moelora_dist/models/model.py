@@ -21,18 +21,20 @@ from moelora_dist.config.model import ModelConfig
 from moelora_dist.lora.batch_info import BatchInfo
 from moelora_dist.lora.pool import DenseModuleSpec, LoRAPool, MoELayerSpec, PoolConfig
 from moelora_dist.models.attention import HeadSplit, TPAttention
-from moelora_dist.models.batch import ForwardBatch, KVCache
+from moelora_dist.kernels.norm import naive as norm_naive
+from moelora_dist.kernels.paged_attention.naive import rope_tables
+from moelora_dist.models.batch import ForwardBatch, PagedKVCache
 from moelora_dist.models.fp8_layout import check_fp8_layout
 from moelora_dist.models.lora_linear import DenseLoRA, base_linear
 from moelora_dist.models.memory import describe_memory, place_weight
 from moelora_dist.models.mlp import DenseMLP
-from moelora_dist.models.ops import rms_norm, rope_cos_sin, rope_inv_freq
 from moelora_dist.moe.block import MoEBlock
 from moelora_dist.moe.experts import pick_backend
 from moelora_dist.moe.layer import LoRAMoE
 from moelora_dist.parallel.groups import ParallelGroups
 
 log = logging.getLogger(__name__)
+DEFAULT_MAX_POSITIONS = 8192  # rotary table length when config.json does not say
 
 
 def dense_module_specs(cfg: ModelConfig, split: HeadSplit) -> dict[str, DenseModuleSpec]:
@@ -65,13 +67,16 @@ class MoELoRAModel:
     """
 
     def __init__(self, cfg: ModelConfig, groups: ParallelGroups, pool: LoRAPool,
-                 dtype: torch.dtype, backend: str | None = None):
+                 dtype: torch.dtype, backend: str | None = None,
+                 max_positions: int | None = None):
         self.cfg, self.groups, self.pool, self.dtype = cfg, groups, pool, dtype
         self.device = groups.device
-        # The kernels of the LoRA paths (MoE and dense): Triton on CUDA, references on CPU.
+        # The kernels of every fused path (LoRA, attention, norms): Triton on CUDA,
+        # references on CPU.
         self.backend = pick_backend(self.device, backend)
         self.split = HeadSplit.for_rank(cfg, groups.tp_size, groups.rank_layout.tp_rank)
-        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, self.device)
+        self.max_positions = max_positions or cfg.max_positions or DEFAULT_MAX_POSITIONS
+        self.rope = rope_tables(cfg.head_dim, cfg.rope_theta, self.max_positions, self.device)
         self.embed_VH: torch.Tensor | None = None
         self.lm_head_VH: torch.Tensor | None = None
         self.final_norm_H: torch.Tensor | None = None
@@ -81,23 +86,27 @@ class MoELoRAModel:
     def backend_as(self, backend: str):
         """Run the LoRA paths on ``backend`` inside the block (e.g. the PyTorch references on
         a GPU, to check the kernels against them); the previous backend after."""
-        layers = [layer["moe"] for layer in self.layers if "moe" in layer]
+        parts = [layer[k] for layer in self.layers for k in ("moe", "attn") if k in layer]
         before = self.backend
         self.backend = pick_backend(self.device, backend)
-        for moe in layers:
-            moe.backend = self.backend
+        for part in parts:
+            part.backend = self.backend
         try:
             yield
         finally:
             self.backend = before
-            for moe in layers:
-                moe.backend = before
+            for part in parts:
+                part.backend = before
 
     @classmethod
     def build(cls, cfg: ModelConfig, groups: ParallelGroups, source, *, dtype: torch.dtype,
               max_loras: int = 8, max_rank: int = 64, dispatcher: str = "auto",
-              progress: bool = True, backend: str | None = None) -> "MoELoRAModel":
+              progress: bool = True, backend: str | None = None,
+              max_positions: int | None = None) -> "MoELoRAModel":
         """Read this rank's weights from ``source`` (:mod:`.weights`) and make the pool.
+
+        ``max_positions``: the rotary tables' length (default: the config's
+        ``max_position_embeddings``, else 8192).
 
         Raises :class:`~.config.ModelConfigError` / ``LayoutError`` when the layout cannot
         split this model (heads, kv heads, experts or intermediate not divisible).
@@ -111,7 +120,7 @@ class MoELoRAModel:
             moe_layers={i: MoELayerSpec(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate)
                         for i in cfg.moe_layers},
             dense_modules=dense_module_specs(cfg, split))
-        self = cls(cfg, groups, pool, dtype, backend)
+        self = cls(cfg, groups, pool, dtype, backend, max_positions)
         to = dict(device=dev, dtype=dtype)
         place = lambda t: place_weight(t, dev, dtype)  # noqa: E731  (FP8 weights keep their dtype)
         self.embed_VH = source.embed().to(**to)
@@ -128,7 +137,7 @@ class MoELoRAModel:
                 layer = {
                     "ln1": source.norm(f"model.layers.{i}.input_layernorm").to(**to),
                     "ln2": source.norm(f"model.layers.{i}.post_attention_layernorm").to(**to),
-                    "attn": TPAttention(cfg, i, split, attn_w, groups.tp_group),
+                    "attn": TPAttention(cfg, i, split, attn_w, groups.tp_group, self.backend),
                 }
                 if cfg.is_moe_layer(i):
                     router, gate_up, down = (place(t) for t in source.experts(i, shard))
@@ -152,37 +161,51 @@ class MoELoRAModel:
             log.info("%s", describe_memory(self))
         return self
 
-    def new_cache(self, num_rows: int, max_len: int) -> KVCache:
-        """A KV cache for ``num_rows`` concurrent requests of up to ``max_len`` tokens."""
-        return KVCache(self.cfg.num_layers, num_rows, max_len, self.split.num_kv,
-                       self.cfg.head_dim, self.dtype, self.device)
+    def new_cache(self, num_pages: int, page_size: int) -> PagedKVCache:
+        """A paged KV cache of ``num_pages`` pages of ``page_size`` tokens (this rank's kv
+        heads, every layer)."""
+        return PagedKVCache(self.cfg.num_layers, num_pages, page_size, self.split.num_kv,
+                            self.cfg.head_dim, self.dtype, self.device)
+
+    def page_bytes(self, page_size: int) -> int:
+        """Device bytes of one KV page (every layer, keys and values) on this rank."""
+        return PagedKVCache.page_bytes(self.cfg.num_layers, page_size, self.split.num_kv,
+                                       self.cfg.head_dim, self.dtype)
+
+    def _add_norm(self, h_TH, delta_TH, weight_H):
+        if self.backend == "triton":
+            from moelora_dist.kernels.norm import ops  # Triton: optional off x86-64 Linux
+
+            return ops.add_rms_norm(h_TH, delta_TH, weight_H, self.cfg.rms_norm_eps)
+        return norm_naive.add_rms_norm(h_TH, delta_TH, weight_H, self.cfg.rms_norm_eps)
 
     @torch.no_grad()
-    def forward(self, input_ids_T: torch.Tensor, batch: ForwardBatch, cache: KVCache,
+    def forward(self, input_ids_T: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache,
                 batch_info: BatchInfo) -> torch.Tensor:
         """Hidden states after the final norm.
 
+        Each residual add is fused with the norm that follows it (one kernel on the GPU):
+        ``h += attn(x); x = norm2(h); h += mlp(x); x = norm1_next(h)``, the last norm being
+        the final one.
+
         Args:
-            input_ids_T: ``[T]`` int64 new tokens of every request, packed.
-            batch: their layout (:class:`ForwardBatch`); cache: the KV cache it indexes.
-            batch_info: per-token adapter slots from ``compute_batch_info``.
+            input_ids_T: ``[T]`` int64 new tokens of every sequence, packed.
+            batch: their layout (:class:`ForwardBatch`); cache: the pages it indexes (this
+                forward's keys and values are written into them).
+            batch_info: per-token adapter slots from ``build_batch_info``.
         Returns:
             ``[T, H]`` in the model dtype, identical on every TP rank.
         """
-        cache.check(batch)
         lora = DenseLoRA(self.pool, batch_info, self.backend) if batch_info.any_lora() else None
         h = self.embed_VH[input_ids_T]
-        cos, sin = rope_cos_sin(batch.positions_T, self.inv_freq, h.dtype)
-        eps = self.cfg.rms_norm_eps
-        for layer in self.layers:
-            x = rms_norm(h, layer["ln1"], eps)
-            h = h + layer["attn"].forward(x, batch, cache, cos, sin, lora)
-            x = rms_norm(h, layer["ln2"], eps)
-            if "moe" in layer:
-                h = h + layer["moe"](x, batch_info)
-            else:
-                h = h + layer["mlp"].forward(x, lora)
-        return rms_norm(h, self.final_norm_H, eps)
+        x = self._add_norm(h, None, self.layers[0]["ln1"])
+        for i, layer in enumerate(self.layers):
+            x = self._add_norm(h, layer["attn"].forward(x, batch, cache, self.rope, lora),
+                               layer["ln2"])
+            y = layer["moe"](x, batch_info) if "moe" in layer else layer["mlp"].forward(x, lora)
+            nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_norm_H
+            x = self._add_norm(h, y, nxt)
+        return x
 
     def logits(self, hidden_NH: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` -> ``[N, V]`` float32 logits (the GEMM runs in the model dtype, as HF)."""

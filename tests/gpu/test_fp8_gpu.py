@@ -63,15 +63,15 @@ def test_block_fp8_linear_matches_reference(T, N, K):
 
 
 def test_fp8_model_greedy_tokens_vs_dequantized_twin(tmp_path):
-    """The tiny FP8 model on the GPU (bf16, CUDA-graph decode) against its dequantized bf16
+    """The tiny FP8 model on the GPU (bf16, the engine's graph decode) against its dequantized bf16
     twin (``--dequantize-fp8``): the only difference is the activation quantization, so every
     FP8 greedy token must be a near-best token of the twin on the same prefix (within 3x the
     largest FP8-vs-twin logit difference measured on the prompts), and most are its best."""
     import dataclasses
 
     from moelora_dist.config.model import ModelConfig
-    from moelora_dist.models.requests import Request
-    from moelora_dist.models.runner import ModelRunner
+    from moelora_dist.engine.engine import Engine
+    from moelora_dist.engine.sampling import SamplingParams
     from moelora_dist.parallel.groups import ParallelGroups
     from tests.e2e_cases import GEN_REQUESTS
     from tests.fp8_factory import build_fp8_case
@@ -82,22 +82,23 @@ def test_fp8_model_greedy_tokens_vs_dequantized_twin(tmp_path):
     runners = {}
     for deq in (False, True):
         c = dataclasses.replace(cfg, fp8=dataclasses.replace(cfg.fp8, dequantize=deq))
-        r = ModelRunner.from_pretrained(str(case.model_dir), groups, dtype=torch.bfloat16,
-                                        max_loras=2, max_rank=8, progress=False, config=c)
+        r = Engine.from_pretrained(str(case.model_dir), groups=groups, dtype=torch.bfloat16,
+                                   max_loras=2, max_rank=8, progress=False, model_config=c,
+                                   num_pages=256)
         for name, path in case.adapter_dirs.items():
             r.add_adapter(name, str(path))
         runners[deq] = r
-    reqs = [Request(ids, a, max_new_tokens=n) for ids, a, n in GEN_REQUESTS]
-    prompts = [Request(ids, a) for ids, a, _ in GEN_REQUESTS]
-    diff = max((a - b).abs().max().item() for a, b in zip(runners[False].prompt_logits(prompts),
-                                                          runners[True].prompt_logits(prompts)))
+    ids_, names = [r[0] for r in GEN_REQUESTS], [r[1] for r in GEN_REQUESTS]
+    diff = max((a - b).abs().max().item() for a, b in zip(
+        runners[False].prompt_logits(ids_, names), runners[True].prompt_logits(ids_, names)))
     assert 0 < diff < 2.0
-    outs = runners[False].generate(reqs)
+    outs = runners[False].generate(ids_, [SamplingParams(max_tokens=n, temperature=0.0)
+                                          for _, _, n in GEN_REQUESTS], names)
     best = total = 0
     for g, (ids, a, _) in zip(outs, GEN_REQUESTS):
         seq = list(ids)
         for tok in g.output_ids:
-            twin = runners[True].prompt_logits([Request(seq, a)])[0][-1]
+            twin = runners[True].prompt_logits([seq], a)[0][-1]
             assert twin.max() - twin[tok] <= 3 * diff, (seq, tok)
             best += int(twin.argmax()) == tok
             total += 1

@@ -1,11 +1,14 @@
 """End to end under the launcher (gloo CPU processes): logits and greedy tokens on every
-``(tp, ep)`` in {(2,1), (2,2), (4,2), (4,4)} equal transformers+PEFT run one request at a time.
+``(tp, ep)`` in {(2,1), (2,2), (4,2), (4,4)} equal transformers+PEFT run one request at a time,
+and so does the engine serving a stream of arrivals (requests added while others decode,
+mixed adapters and base, a prompt longer than a prefill chunk, a page pool small enough to
+force preemption) with its followers executing the leader's plans.
 
 One launch per layout runs every architecture (Qwen3-MoE, hybrid Qwen3-MoE with a dense MLP
 layer, Mixtral, OLMoE): the launched processes run this file as a module (``driver`` below),
 which builds the process groups once and then, per architecture, does exactly what
 ``moelora-dist logits`` and ``moelora-dist generate`` do (same argument parser, same
-``build_runner``, same ``run``). ``test_real_cli_*`` then runs the commands themselves under
+``build_engine``, same ``run``), then the stream of arrivals on a second engine. ``test_real_cli_*`` then runs the commands themselves under
 ``python -m launch`` and ``torchrun`` once, on 4 processes with tp=2 (two data-parallel
 replicas that split the requests; rank 0 collects and writes). The tiny models have 2 kv heads, so tp=4 exercises
 kv heads replicated over ranks; OLMoE's q/k norm spans all heads (an all-reduce under TP).
@@ -55,12 +58,21 @@ def cases(tmp_path_factory):
         case = build_case(arch, root / name, hybrid=hybrid)
         write_requests(root / name / "req.jsonl", REQUESTS)
         write_requests(root / name / "gen.jsonl", GEN_REQUESTS)
-        out[name] = (case, hf_logits(case), hf_generate(case))
+        out[name] = (case, hf_logits(case), hf_generate(case),
+                     hf_generate(case, [(ids, a, n) for ids, a, n, _ in ARRIVALS]))
     return root, out
 
 
+# (prompt, adapter, max new tokens, step it arrives at); 9 pages of 4 tokens, 6 tokens a step
+ARRIVALS = [(list(range(3, 16)), "a1", 6, 0), ([9, 10], None, 5, 0),
+            (list(range(11, 20)), "a2", 4, 1), ([20, 21, 22], "a1", 6, 3), ([30], "a2", 3, 3),
+            ([40, 41, 42, 43], None, 5, 6)]
+
+
 def _check(root: Path, out_dir: Path, cases: dict) -> None:
-    for name, (case, ref_logits, ref_tokens) in cases.items():
+    for name, (case, ref_logits, ref_tokens, ref_arrivals) in cases.items():
+        got = json.loads((out_dir / f"{name}_arrivals.json").read_text())
+        assert got["tokens"] == ref_arrivals and got["preemptions"] > 0, name
         got = load_file(str(out_dir / f"{name}.safetensors"))
         assert len(got) == len(ref_logits)
         for i, ref in enumerate(ref_logits):
@@ -83,7 +95,7 @@ def test_every_arch_matches_hf_peft_under_launch(cases, tp, ep, dispatcher, tmp_
 
 def test_real_cli_under_launch_and_torchrun(cases, tmp_path):
     root, refs = cases
-    case, ref_logits, ref_tokens = refs["qwen3_hybrid"]
+    case, ref_logits, ref_tokens, _ = refs["qwen3_hybrid"]
     common = ["--model", str(case.model_dir), *case.adapter_args(), "--device", "cpu"]
     # 4 processes with tp=2: two data-parallel replicas split the requests, rank 0 collects.
     _launch([sys.executable, "-m", "launch", "--nproc-per-node", "4", "--device", "cpu",
@@ -116,7 +128,7 @@ def test_tp_without_launcher_says_how_to_launch(cases, tmp_path, capsys):
 def driver(argv: list[str] | None = None) -> int:
     """Run in each launched process: every case of ``--root`` on one layout, like the CLI."""
     from moelora_dist.cli import generate, logits
-    from moelora_dist.cli.common import build_runner, check_inputs, make_groups
+    from moelora_dist.cli.common import build_engine, check_inputs, make_groups
     from moelora_dist.parallel.groups import destroy_parallel
 
     p = argparse.ArgumentParser()
@@ -139,19 +151,41 @@ def driver(argv: list[str] | None = None) -> int:
             largs = parser.parse_args(common + ["--requests", str(d / "req.jsonl"),
                                                 "--out", str(ns.out / f"{name}.safetensors")])
             largs.command = "logits"
-            cfg, paths, requests = check_inputs(largs, need_max_new_tokens=False)
+            cfg, paths, requests, codec = check_inputs(largs, need_max_new_tokens=False)
             groups = groups or make_groups(largs)
-            runner = build_runner(largs, groups, cfg, paths)
-            logits.run(runner, groups, largs, requests)
+            engine = build_engine(largs, groups, cfg, paths, codec)
+            logits.run(engine, groups, largs, requests)
             parser = argparse.ArgumentParser()
             generate.add_arguments(parser)
             gargs = parser.parse_args(common + ["--requests", str(d / "gen.jsonl"),
                                                 "--out", str(ns.out / f"{name}.jsonl")])
-            _, _, requests = check_inputs(gargs, need_max_new_tokens=True)
-            generate.run(runner, groups, gargs, requests)  # same runner: adapters registered
+            _, _, requests, _ = check_inputs(gargs, need_max_new_tokens=True)
+            generate.run(engine, groups, gargs, requests)  # same engine: adapters registered
+            sargs = parser.parse_args(common + ["--requests", str(d / "gen.jsonl"), "--out",
+                                                str(ns.out / "unused"), "--num-pages", "9",
+                                                "--page-size", "4", "--max-batch-tokens", "6"])
+            arrivals(build_engine(sargs, groups, cfg, paths, codec),
+                     ns.out / f"{name}_arrivals.json")
     finally:
         destroy_parallel()
     return 0
+
+
+def arrivals(engine, out: Path) -> None:
+    """The leader serves :data:`ARRIVALS` step by step; the other ranks follow its plans."""
+    from moelora_dist.engine.sampling import SamplingParams
+    from tests.engine_cases import drive
+
+    if not engine.is_leader:
+        engine.follow()
+        return
+    done = drive(engine, [r[0] for r in ARRIVALS], [r[1] for r in ARRIVALS],
+                 [SamplingParams(max_tokens=r[2], temperature=0.0) for r in ARRIVALS],
+                 [r[3] for r in ARRIVALS])
+    engine.shutdown()
+    if engine.groups.is_rank0:
+        out.write_text(json.dumps({"tokens": [done[i][0] for i in range(len(ARRIVALS))],
+                                   "preemptions": engine.scheduler.num_preemptions}))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def test_fp8_every_arch_under_launch(cases, tp, ep, dispatcher, tmp_path):
 def driver(argv: list[str] | None = None) -> int:
     """Run in each launched process: every case of ``root`` on one layout, like the CLI."""
     from moelora_dist.cli import generate, logits
-    from moelora_dist.cli.common import build_runner, check_inputs, make_groups
+    from moelora_dist.cli.common import build_engine, check_inputs, make_groups
     from moelora_dist.parallel.groups import destroy_parallel
 
     p = argparse.ArgumentParser()
@@ -98,16 +98,16 @@ def driver(argv: list[str] | None = None) -> int:
                     "--requests", str(d / "req.jsonl"),
                     "--out", str(ns.out / f"{name}{suffix}.safetensors")])
                 largs.command = "logits"
-                cfg, paths, requests = check_inputs(largs, need_max_new_tokens=False)
+                cfg, paths, requests, codec = check_inputs(largs, need_max_new_tokens=False)
                 groups = groups or make_groups(largs)
-                runner = build_runner(largs, groups, cfg, paths)
+                runner = build_engine(largs, groups, cfg, paths, codec)
                 logits.run(runner, groups, largs, requests)
             parser = argparse.ArgumentParser()
             generate.add_arguments(parser)
             gargs = parser.parse_args(common + ["--requests", str(d / "gen.jsonl"),
                                                 "--out", str(ns.out / f"{name}.jsonl")])
-            _, _, requests = check_inputs(gargs, need_max_new_tokens=True)
-            generate.run(runner, groups, gargs, requests)  # the FP8 runner of the last pass
+            _, _, requests, _ = check_inputs(gargs, need_max_new_tokens=True)
+            generate.run(runner, groups, gargs, requests)  # the FP8 engine of the last pass
     finally:
         destroy_parallel()
     return 0

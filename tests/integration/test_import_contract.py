@@ -37,7 +37,10 @@ def test_contract_holds_on_the_tree():
     ("moelora_dist/models/model.py", "import moelora_dist.testing.tiny"),
     ("moelora_dist/parallel/layout.py", "import moelora_dist.adapters.canonical"),
     ("moelora_dist/cli/main.py", "import launch.runner"),
-], ids=["kernels->lora", "runtime->testing", "parallel->adapters", "library->launch"])
+    ("moelora_dist/models/attention.py", "import moelora_dist.engine.scheduler"),
+    ("moelora_dist/engine/worker.py", "import moelora_dist.testing.tiny"),
+], ids=["kernels->lora", "runtime->testing", "parallel->adapters", "library->launch",
+        "models->engine", "engine->testing"])
 def test_a_planted_wrong_way_import_breaks_it(tmp_path, file, line):
     tree = _copy(tmp_path)
     target = tree / file

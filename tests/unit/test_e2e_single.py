@@ -1,5 +1,6 @@
-"""End to end on one process: ``moelora-dist logits`` / ``generate`` on a batch that mixes two
-PEFT adapters and base-only requests equals transformers+PEFT run one request at a time.
+"""End to end on one process: ``moelora-dist logits`` / ``generate`` (both on the engine) on a
+batch that mixes two PEFT adapters and base-only requests equals transformers+PEFT run one
+request at a time.
 
 Tolerance (fp32 on CPU): both sides do the same products in fp32 in a different order (fused
 vs unfused attention, LoRA applied as a delta vs inside PEFT's parametrization), so logits of
@@ -17,8 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from moelora_dist.cli.main import main as cli_main
-from moelora_dist.models.requests import Request
-from moelora_dist.models.runner import ModelRunner
+from moelora_dist.engine.engine import Engine
 from tests.e2e_cases import (GEN_REQUESTS, REQUESTS, build_case, hf_generate, hf_logits,
                              write_requests)
 from tests.hf_factory import ARCHS
@@ -74,51 +74,53 @@ def test_bfloat16_logits_stay_close_to_fp32(case, tmp_path):
         assert (o - r).abs().max() < 0.15 * r.abs().max()
 
 
-def test_hybrid_dense_mlp_layers_with_lora(tmp_path, monkeypatch):
-    import moelora_dist.models.runner as runner_mod
+def _engine(case, max_loras, **kw):
+    return Engine.from_pretrained(str(case.model_dir), max_loras=max_loras, max_rank=8,
+                                  progress=False, num_pages=256, page_size=4, **kw)
 
-    monkeypatch.setattr(runner_mod, "LOGITS_SLICE", 5)  # logits slices cross request borders
+
+def test_hybrid_dense_mlp_layers_with_lora(tmp_path, monkeypatch):
+    import moelora_dist.engine.worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "LOGITS_SLICE", 5)  # logits slices cross request borders
     case = build_case("qwen3_moe", tmp_path, hybrid=True)
-    runner = ModelRunner.from_pretrained(str(case.model_dir), max_loras=2, max_rank=8,
-                                         progress=False)
-    assert runner.model.pool.dense_buffers("layers.1.mlp.gate_proj") is not None
+    engine = _engine(case, 2)
+    assert engine.model.pool.dense_buffers("layers.1.mlp.gate_proj") is not None
     for name, path in case.adapter_dirs.items():
-        runner.add_adapter(name, str(path))
-    assert "layers.1.mlp.up_proj" in runner.registry["a2"].dense  # the dense MLP is targeted
-    assert 1 not in runner.registry["a2"].moe
-    ours = runner.prompt_logits([Request(ids, a) for ids, a in REQUESTS])
+        engine.add_adapter(name, str(path))
+    assert "layers.1.mlp.up_proj" in engine.adapters.registry["a2"].dense  # dense MLP targeted
+    assert 1 not in engine.adapters.registry["a2"].moe
+    ours = engine.prompt_logits([ids for ids, _ in REQUESTS], [a for _, a in REQUESTS])
     for o, r in zip(ours, hf_logits(case)):
         torch.testing.assert_close(o, r, atol=ATOL, rtol=0)
 
 
-def test_adapters_load_and_unload_while_runner_lives(tmp_path):
-    """One slot, two adapters: the pool swaps them between batches, and removing one makes
+def test_adapters_load_and_unload_while_engine_lives(tmp_path):
+    """One slot, two adapters: the pool swaps them between steps, and removing one makes
     its requests fail with a clear error while the other still matches HF."""
     case = build_case("mixtral", tmp_path)
-    runner = ModelRunner.from_pretrained(str(case.model_dir), max_loras=1, max_rank=8,
-                                         progress=False)
-    runner.add_adapter("a1", str(case.adapter_dirs["a1"]))
-    runner.add_adapter("a2", str(case.adapter_dirs["a2"]))  # registered, not resident yet
+    engine = _engine(case, 1)
+    engine.add_adapter("a1", str(case.adapter_dirs["a1"]))
+    engine.add_adapter("a2", str(case.adapter_dirs["a2"]))  # registered, not resident yet
     ref = hf_logits(case)
-    for ids, adapter in REQUESTS[:3] * 2:  # alternate: every batch forces a swap
-        got = runner.prompt_logits([Request(ids, adapter)])[0]
+    for ids, adapter in REQUESTS[:3] * 2:  # alternate: every request forces a swap
+        got = engine.prompt_logits([ids], adapter)[0]
         want = ref[[r[0] for r in REQUESTS].index(ids)]
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    runner.remove_adapter("a1")
+    engine.remove_adapter("a1")
     with pytest.raises(ValueError, match="unknown adapter 'a1'"):
-        runner.prompt_logits([Request([1, 2], "a1")])
-    runner.add_adapter("a1", str(case.adapter_dirs["a1"]))  # and back again
-    torch.testing.assert_close(runner.prompt_logits([Request(*REQUESTS[0])])[0], ref[0],
+        engine.prompt_logits([[1, 2]], "a1")
+    engine.add_adapter("a1", str(case.adapter_dirs["a1"]))  # and back again
+    torch.testing.assert_close(engine.prompt_logits([REQUESTS[0][0]], "a1")[0], ref[0],
                                atol=ATOL, rtol=0)
 
 
 def test_two_adapters_in_one_forward_need_two_slots(tmp_path):
     case = build_case("olmoe", tmp_path)
-    runner = ModelRunner.from_pretrained(str(case.model_dir), max_loras=1, max_rank=8,
-                                         progress=False)
+    engine = _engine(case, 1)
     for name, path in case.adapter_dirs.items():
-        runner.add_adapter(name, str(path))
-    # The runner splits the batch so each forward uses at most max_loras adapters.
-    ours = runner.prompt_logits([Request(ids, a) for ids, a in REQUESTS])
+        engine.add_adapter(name, str(path))
+    # The scheduler runs at most max_loras distinct adapters per forward.
+    ours = engine.prompt_logits([ids for ids, _ in REQUESTS], [a for _, a in REQUESTS])
     for o, r in zip(ours, hf_logits(case)):
         torch.testing.assert_close(o, r, atol=ATOL, rtol=0)

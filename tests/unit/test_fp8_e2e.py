@@ -21,8 +21,8 @@ import torch
 
 from moelora_dist.config.model import ModelConfig
 from moelora_dist.kernels.weights_fp8 import BlockFP8Weight
-from moelora_dist.models.requests import Request
-from moelora_dist.models.runner import ModelRunner
+from moelora_dist.engine.engine import Engine
+from moelora_dist.engine.sampling import SamplingParams
 from tests.e2e_cases import GEN_REQUESTS, REQUESTS, hf_logits
 from tests.fp8_checks import assert_fp8_close, fp8_mismatch, greedy_matches_up_to_ties
 from tests.fp8_factory import build_fp8_case
@@ -47,20 +47,20 @@ def case(request, tmp_path_factory):
     return build_fp8_case(arch, tmp_path_factory.mktemp(request.param), **opts)
 
 
-def _runner(case, dequantize: bool = False) -> ModelRunner:
+def _runner(case, dequantize: bool = False) -> Engine:
     cfg = ModelConfig.from_dir(str(case.model_dir))
     assert cfg.fp8 is not None
     if dequantize:
         cfg = dataclasses.replace(cfg, fp8=dataclasses.replace(cfg.fp8, dequantize=True))
-    runner = ModelRunner.from_pretrained(str(case.model_dir), max_loras=2, max_rank=8,
-                                         progress=False, config=cfg)
+    runner = Engine.from_pretrained(str(case.model_dir), max_loras=2, max_rank=8,
+                                    progress=False, model_config=cfg, num_pages=128)
     for name, path in case.adapter_dirs.items():
         runner.add_adapter(name, str(path))
     return runner
 
 
 def _logits(runner):
-    return runner.prompt_logits([Request(ids, a) for ids, a in REQUESTS])
+    return runner.prompt_logits([ids for ids, _ in REQUESTS], [a for _, a in REQUESTS])
 
 
 def test_fp8_weights_stay_fp8(case):
@@ -94,7 +94,9 @@ def test_fp8_logits_match_reference_with_quantized_activations(case):
 
 
 def test_fp8_greedy_tokens_match_reference(case):
-    outs = _runner(case).generate([Request(ids, a, max_new_tokens=n) for ids, a, n in GEN_REQUESTS])
+    outs = _runner(case).generate([ids for ids, _, _ in GEN_REQUESTS],
+                                  [SamplingParams(max_tokens=n, temperature=0.0)
+                                   for _, _, n in GEN_REQUESTS], [a for _, a, _ in GEN_REQUESTS])
     problem = greedy_matches_up_to_ties([g.output_ids for g in outs], case.hf, GEN_REQUESTS)
     assert problem is None, problem
 

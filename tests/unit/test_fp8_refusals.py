@@ -16,7 +16,7 @@ from moelora_dist.cli.main import main as cli_main
 from moelora_dist.config.model import ModelConfig
 from moelora_dist.config.quant import QuantConfigError, parse_quantization_config
 from moelora_dist.errors import MoeloraError
-from moelora_dist.models.runner import ModelRunner
+from moelora_dist.engine.engine import Engine
 from tests.fp8_factory import SIZES, quantize_checkpoint
 from tests.hf_factory import make_model, save_model
 
@@ -97,7 +97,7 @@ E = "model.layers.1.mlp.experts.2.down_proj"
 def test_unsupported_tensors_are_refused(fp8_dir, edit, match):
     _edit(fp8_dir, edit)
     with pytest.raises(MoeloraError, match=match):
-        ModelRunner.from_pretrained(str(fp8_dir), progress=False)
+        Engine.from_pretrained(str(fp8_dir), progress=False, num_pages=64)
 
 
 def test_ue8m0_scales_must_be_powers_of_two(fp8_dir):
@@ -105,7 +105,7 @@ def test_ue8m0_scales_must_be_powers_of_two(fp8_dir):
     cfg["quantization_config"]["scale_fmt"] = "ue8m0"
     (fp8_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MoeloraError, match="not powers of two"):
-        ModelRunner.from_pretrained(str(fp8_dir), progress=False)
+        Engine.from_pretrained(str(fp8_dir), progress=False, num_pages=64)
 
 
 def test_fp8_tensor_in_a_module_not_converted_is_refused(fp8_dir):
@@ -113,7 +113,7 @@ def test_fp8_tensor_in_a_module_not_converted_is_refused(fp8_dir):
     cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head", "self_attn.q_proj"]
     (fp8_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MoeloraError, match="modules_to_not_convert excludes .*q_proj"):
-        ModelRunner.from_pretrained(str(fp8_dir), progress=False)
+        Engine.from_pretrained(str(fp8_dir), progress=False, num_pages=64)
 
 
 def test_fp8_layout_cut_inside_a_block_is_refused_before_any_group(fp8_dir, tmp_path,

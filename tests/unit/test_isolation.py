@@ -15,13 +15,12 @@ import dataclasses
 import pytest
 import torch
 
+from moelora_dist.engine.engine import Engine
 from moelora_dist.kernels.dense_lora import naive as dense_naive
 from moelora_dist.kernels.dense_lora import ops as dense_ops
 from moelora_dist.kernels.moe_lora.configs import MoEConfig
 from moelora_dist.kernels.moe_lora.naive import experts_reference
 from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
-from moelora_dist.models.requests import Request
-from moelora_dist.models.runner import ModelRunner
 from moelora_dist.testing.kernel_cases import make_case
 from tests.e2e_cases import REQUESTS, build_case
 
@@ -131,20 +130,20 @@ def test_dense_lora_keeps_a_nan_slot_to_itself(impl):
 @pytest.fixture(scope="module")
 def olmoe(tmp_path_factory):
     case = build_case("olmoe", tmp_path_factory.mktemp("olmoe"))
-    runner = ModelRunner.from_pretrained(str(case.model_dir), max_loras=2, max_rank=8,
-                                         progress=False)
+    engine = Engine.from_pretrained(str(case.model_dir), max_loras=2, max_rank=8,
+                                    progress=False, num_pages=64, page_size=4)
     for name, path in case.adapter_dirs.items():
-        runner.add_adapter(name, str(path))
-    return runner
+        engine.add_adapter(name, str(path))
+    return engine
 
 
 def test_model_logits_of_other_requests_are_bit_identical(olmoe):
     """The whole model on CPU (dense LoRA on q/k/v/o and the experts): a2's slot is poisoned
     in every buffer of the pool; a1's and the base requests' logits do not move by one bit."""
-    runner = olmoe
-    requests = [Request(ids, adapter) for ids, adapter in REQUESTS]
-    good = runner.prompt_logits(requests)
-    pool = runner.model.pool
+    engine = olmoe
+    prompts, adapters = [ids for ids, _ in REQUESTS], [a for _, a in REQUESTS]
+    good = engine.prompt_logits(prompts, adapters)
+    pool = engine.model.pool
     slot = pool.slot_of("a2")
     saved = {k: t[slot].clone() for k, t in pool._all_tensors().items()
              if t.is_floating_point()}
@@ -152,7 +151,7 @@ def test_model_logits_of_other_requests_are_bit_identical(olmoe):
         for k, t in pool._all_tensors().items():
             if t.is_floating_point():
                 _poison(t[slot])
-        bad = runner.prompt_logits(requests)
+        bad = engine.prompt_logits(prompts, adapters)
     finally:
         for k, t in pool._all_tensors().items():
             if k in saved:

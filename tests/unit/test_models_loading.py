@@ -16,8 +16,10 @@ from safetensors.torch import load_file, save_file
 from moelora_dist.cli.main import main as cli_main
 from moelora_dist.errors import FileError
 from moelora_dist.config.model import ModelConfig, ModelConfigError
-from moelora_dist.models.requests import Request
-from moelora_dist.models.runner import ModelRunner
+from moelora_dist.engine.engine import Engine
+from moelora_dist.engine.sampling import SamplingParams
+from moelora_dist.models.model import MoELoRAModel
+from moelora_dist.models.weights import CheckpointWeights
 from moelora_dist.parallel.groups import ParallelGroups
 from moelora_dist.parallel.layout import Layout, RankLayout
 from tests.hf_factory import make_model, save_model
@@ -31,9 +33,13 @@ def _hf(model, ids):
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
+def _engine(model_dir):
+    return Engine.from_pretrained(str(model_dir), progress=False, num_pages=64)
+
+
 def _ours(model_dir, **kw):
-    runner = ModelRunner.from_pretrained(str(model_dir), progress=False, **kw)
-    return runner.prompt_logits([Request(ids) for ids in IDS])
+    engine = Engine.from_pretrained(str(model_dir), progress=False, num_pages=64, **kw)
+    return engine.prompt_logits(IDS)
 
 
 @pytest.mark.parametrize("arch,facts", [
@@ -129,10 +135,12 @@ def test_each_rank_holds_only_its_slices(tp, ep, rank, tmp_path):
     save_model(model, tmp_path)
     rl = RankLayout(Layout(tp, tp, ep), rank)
     groups = ParallelGroups(rl.layout, rl, torch.device("cpu"), "none")
-    runner = ModelRunner.from_pretrained(str(tmp_path), groups, progress=False)
+    cfg = ModelConfig.from_dir(str(tmp_path))
+    model = MoELoRAModel.build(cfg, groups, CheckpointWeights(str(tmp_path), cfg, torch.float32),
+                               dtype=torch.float32, progress=False)
     full = load_file(str(tmp_path / "model.safetensors"))
     D, q_heads = 8, 4 // tp
-    attn = runner.model.layers[0]["attn"]
+    attn = model.layers[0]["attn"]
     q0 = rank * q_heads * D
     torch.testing.assert_close(attn.w["q_proj"],
                                full["model.layers.0.self_attn.q_proj.weight"][q0:q0 + q_heads * D])
@@ -141,14 +149,14 @@ def test_each_rank_holds_only_its_slices(tp, ep, rank, tmp_path):
     kv = attn.split.kv_start * D
     torch.testing.assert_close(attn.w["k_proj"],
                                full["model.layers.0.self_attn.k_proj.weight"][kv:kv + D * attn.split.num_kv])
-    moe = runner.model.layers[2]["moe"].base
+    moe = model.layers[2]["moe"].base
     shard = rl.moe_shard(4, 24)
     assert moe.w_gate_up.shape == (shard.num_local_experts, 2 * shard.i_local, 32)
     e, i0 = shard.expert_start, shard.i_start
     torch.testing.assert_close(moe.w_down[0], full[f"model.layers.2.mlp.experts.{e}.down_proj.weight"][
         :, i0:i0 + shard.i_local])
     f0 = rank * 40 // tp
-    torch.testing.assert_close(runner.model.layers[1]["mlp"].w["gate_proj"],
+    torch.testing.assert_close(model.layers[1]["mlp"].w["gate_proj"],
                                full["model.layers.1.mlp.gate_proj.weight"][f0:f0 + 40 // tp])
 
 
@@ -192,25 +200,24 @@ def test_adapter_on_unserved_module_is_refused(tmp_path):
     model_dir = save_model(make_model("mixtral"), tmp_path / "m")
     make_peft_adapter(make_model("mixtral"), tmp_path / "a", r=4,
                       target_modules=["lm_head", "q_proj"])
-    runner = ModelRunner.from_pretrained(str(model_dir), max_loras=1, max_rank=4,
+    engine = Engine.from_pretrained(str(model_dir), max_loras=1, max_rank=4, num_pages=64,
                                          progress=False)
     with pytest.warns(UserWarning):  # the loader skips PEFT's saved lm_head base weight
         with pytest.raises(ValueError, match=r"does not serve: \['lm_head'\]"):
-            runner.add_adapter("x", str(tmp_path / "a"), strict=False)
-    assert runner.adapter_names == [] and runner.model.pool.loaded() == {}
+            engine.add_adapter("x", str(tmp_path / "a"), strict=False)
+    assert engine.adapter_names == [] and engine.model.pool.loaded() == {}
 
 
 def test_generate_stops_at_eos_like_hf(tmp_path):
     model = make_model("olmoe")
     model_dir = save_model(model, tmp_path)
     prompt = [5, 6, 7]
-    free = ModelRunner.from_pretrained(str(model_dir), progress=False).generate(
-        [Request(prompt, max_new_tokens=4, ignore_eos=True)])[0].output_ids
+    free = _engine(model_dir).generate(
+        [prompt], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0].output_ids
     gen_cfg = json.loads((model_dir / "generation_config.json").read_text())
     gen_cfg["eos_token_id"] = free[1]  # make the second generated token the EOS
     (model_dir / "generation_config.json").write_text(json.dumps(gen_cfg))
-    g = ModelRunner.from_pretrained(str(model_dir), progress=False).generate(
-        [Request(prompt, max_new_tokens=4)])[0]
+    g = _engine(model_dir).generate([prompt], SamplingParams(max_tokens=4, temperature=0))[0]
     hf = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=4, do_sample=False,
                         eos_token_id=free[1])[0, 3:].tolist()
     assert g.output_ids == free[:2] == hf and g.finish_reason == "eos"
@@ -220,8 +227,8 @@ def test_sliding_window_generate_matches_hf(tmp_path):
     model = make_model("mixtral", sliding_window=3)
     model_dir = save_model(model, tmp_path)
     prompt = [5, 6, 7, 8, 9]
-    ours = ModelRunner.from_pretrained(str(model_dir), progress=False).generate(
-        [Request(prompt, max_new_tokens=6, ignore_eos=True)])[0].output_ids
+    ours = _engine(model_dir).generate(
+        [prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0].output_ids
     hf = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
                         min_new_tokens=6)[0, 5:].tolist()
     assert ours == hf

@@ -1,4 +1,4 @@
-"""The model runner's parts on one process: dense multi-LoRA, batch layout and masks, KV cache,
+"""The model's parts on one process: dense multi-LoRA, the paged batch layout, the KV pages,
 head split, and each rank's weight slices (mocked ranks, no process group)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from moelora_dist.config.model import ModelConfig, ModelConfigError
 from moelora_dist.lora.batch_info import BatchInfo
 from moelora_dist.lora.pool_types import DenseLoRABuffers, PoolConfig
 from moelora_dist.models.attention import HeadSplit
-from moelora_dist.models.batch import ForwardBatch, KVCache
+from moelora_dist.models.batch import ForwardBatch, PagedKVCache
 from moelora_dist.models.lora_linear import DenseLoRA
 from moelora_dist.testing.references import dense_lora_token_loop as lora_delta_reference
 
@@ -73,36 +73,46 @@ def test_dense_lora_out_rows_and_rewritten_slot(backend):
     torch.testing.assert_close(got2, 2 * want, atol=1e-5, rtol=1e-5)
 
 
-def test_forward_batch_layout_and_mask():
-    # request 0: 3 new tokens after 2 cached; request 1: 1 new token (decode) after 4 cached
-    b = ForwardBatch.build([3, 1], [2, 4], "cpu")
+def test_forward_batch_layout_and_slots():
+    # sequence 0: 3 new tokens after 2 cached, in pages [7, 2] of 4 tokens; sequence 1: one
+    # new token (decode) after 4 cached, in pages [5, 0]
+    b = ForwardBatch.build([3, 1], [2, 4], [[7, 2], [5, 0]], 4, "cpu")
     assert b.positions_T.tolist() == [2, 3, 4, 4]
-    assert b.req_T.tolist() == [0, 0, 0, 1] and b.j_T.tolist() == [0, 1, 2, 0]
-    assert b.kv_lens_B.tolist() == [5, 5] and (b.max_q, b.max_kv) == (3, 5)
-    m = b.attn_mask_B1QL[:, 0]
-    assert m[0].int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
-    assert m[1, 0].int().tolist() == [1, 1, 1, 1, 1]
-    assert m[1, 1:].int().tolist() == [[1, 0, 0, 0, 0]] * 2  # padding rows see key 0 only
-    assert b.last_token_index_B.tolist() == [2, 3]
-    w = ForwardBatch.build([4], [0], "cpu", sliding_window=2).attn_mask_B1QL[0, 0]
-    assert w.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    assert b.seg_indptr_B1.tolist() == [0, 3, 4] and b.kv_lens_B.tolist() == [5, 5]
+    assert b.slot_mapping_T.tolist() == [7 * 4 + 2, 7 * 4 + 3, 2 * 4 + 0, 0 * 4 + 0]
+    assert b.block_tables_BM.tolist() == [[7, 2], [5, 0]]
+    assert b.last_token_index_B.tolist() == [2, 3] and not b.decode_only
+    assert ForwardBatch.build([1, 1], [0, 3], [[1], [4]], 4, "cpu").decode_only
 
 
-def test_forward_batch_refuses_empty_requests():
+def test_forward_batch_refuses_empty_requests_and_short_tables():
     with pytest.raises(ValueError, match="at least one token"):
-        ForwardBatch.build([2, 0], [0, 0], "cpu")
+        ForwardBatch.build([2, 0], [0, 0], [[0], [1]], 4, "cpu")
+    with pytest.raises(ValueError, match="needs more than its 1 pages"):
+        ForwardBatch.build([3], [2], [[0]], 4, "cpu")
 
 
-def test_kv_cache_rows_subset():
-    cache = KVCache(1, num_rows=3, max_len=4, num_kv_heads=1, head_dim=2,
-                    dtype=torch.float32, device="cpu")
-    b = ForwardBatch.build([1, 1], [0, 2], "cpu", cache_rows=[2, 0])
-    k = torch.tensor([[[1.0, 1.0]], [[2.0, 2.0]]])
-    keys, _ = cache.write_and_read(0, b, k, k)
-    assert cache.k[0][2, 0].tolist() == [[1.0, 1.0]] and cache.k[0][0, 2].tolist() == [[2, 2]]
-    assert keys.shape == (2, 1, 3, 2) and keys[1, 0, 2].tolist() == [2.0, 2.0]
-    with pytest.raises(ValueError, match="exceeds the KV cache"):
-        cache.check(ForwardBatch.build([5], [0], "cpu"))
+def test_paged_cache_write_and_read_through_block_tables():
+    """Keys land in the slot the block table says; attention of a sequence reads its own
+    pages only (another sequence's page holds NaN and changes nothing)."""
+    from moelora_dist.kernels.paged_attention import naive
+
+    cache = PagedKVCache(1, num_pages=4, page_size=2, num_kv_heads=1, head_dim=2,
+                         dtype=torch.float32, device="cpu")
+    assert cache.nbytes() == 2 * 4 * 2 * 1 * 2 * 4
+    assert PagedKVCache.page_bytes(1, 2, 1, 2, torch.float32) == 2 * 2 * 2 * 4
+    b = ForwardBatch.build([3], [0], [[3, 1]], 2, "cpu")
+    k = torch.arange(6.0).view(3, 1, 2)
+    cos, sin = naive.rope_tables(2, 1e4, 8)
+    cache.k[0][0].fill_(float("nan"))  # page 0 belongs to nobody here
+    cache.v[0][0].fill_(float("nan"))
+    q = naive.rope_write(k, k, k, b.positions_T, torch.ones_like(cos), torch.zeros_like(sin),
+                         b.slot_mapping_T, cache.k[0], cache.v[0])
+    assert cache.k[0][3].flatten().tolist() == [0, 1, 2, 3]
+    assert cache.k[0][1, 0].flatten().tolist() == [4, 5]
+    out = naive.paged_attention(q, cache.k[0], cache.v[0], b.block_tables_BM, b.kv_lens_B,
+                                b.seg_indptr_B1, scale=1.0)
+    assert torch.isfinite(out).all()
 
 
 def _cfg(heads=8, kv=2):
@@ -130,41 +140,27 @@ def test_head_split_refusals():
         HeadSplit.for_rank(_cfg(heads=12, kv=3), 4, 0)
 
 
-def test_attention_never_uses_cudnn_and_matches_math(monkeypatch):
-    """Decode changes the kv length every step; cuDNN attention would build a plan for each
-    (70-110 ms per step on an H100), so ``_attend`` must run with cuDNN off. The grouped-query
-    stacking must still equal plain per-head attention."""
-    import torch.nn.functional as F
+def test_paged_attention_reference_matches_per_head_math():
+    """The reference's grouped-query stacking equals plain per-head causal softmax attention
+    (decode rows and a prefill chunk after cached keys, pages out of order)."""
+    from moelora_dist.kernels.paged_attention import naive
 
-    from moelora_dist.models import attention as attn_mod
-
-    seen = []
-    real = F.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(attn_mod.F, "scaled_dot_product_attention", spy)
-    cfg = ModelConfig.from_dict(dict(model_type="qwen3_moe", vocab_size=16, hidden_size=16,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                     num_experts=4, num_experts_per_tok=2,
-                                     moe_intermediate_size=8, num_hidden_layers=1))
-    layer = attn_mod.TPAttention.__new__(attn_mod.TPAttention)
-    layer.cfg, layer.split = cfg, HeadSplit.for_rank(cfg, 1, 0)
     g = torch.Generator().manual_seed(0)
-    for new, prefix in (([1, 1], [3, 6]), ([3, 1], [2, 4])):  # decode, then mixed prefill
-        b = ForwardBatch.build(new, prefix, "cpu")
-        T, L = sum(new), b.max_kv
-        q = torch.randn(T, 4, 8, generator=g)
-        k, v = torch.randn(2, 2, L, 8, generator=g), torch.randn(2, 2, L, 8, generator=g)
-        got = layer._attend(q, k, v, b)
-        for t in range(T):
-            r, j = int(b.req_T[t]), int(b.j_T[t])
-            mask = b.attn_mask_B1QL[r, 0, j]
-            for h in range(4):
+    S, Nk, Nq, D = 2, 2, 4, 8
+    kp, vp = torch.randn(6, S, Nk, D, generator=g), torch.randn(6, S, Nk, D, generator=g)
+    tables = [[4, 1], [2, 5, 0]]  # sequence 0: 4 keys; sequence 1: 5 keys
+    for new, prefix in (([1, 1], [3, 4]), ([3, 1], [1, 4])):
+        b = ForwardBatch.build(new, prefix, tables, S, "cpu")
+        q = torch.randn(sum(new), Nq, D, generator=g)
+        got = naive.paged_attention(q, kp, vp, b.block_tables_BM, b.kv_lens_B,
+                                    b.seg_indptr_B1, scale=D ** -0.5)
+        for t in range(sum(new)):
+            r = 0 if t < new[0] else 1
+            pos = int(b.positions_T[t])
+            keys = [(tables[r][j // S], j % S) for j in range(pos + 1)]
+            for h in range(Nq):
                 kh = h // 2  # two query heads per kv head
-                s = (k[r, kh] @ q[t, h]) * 8 ** -0.5
-                p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=0)
-                torch.testing.assert_close(got[t, h], p @ v[r, kh], atol=1e-5, rtol=1e-5)
-    assert seen and not any(seen)
+                k = torch.stack([kp[p, o, kh] for p, o in keys])
+                v = torch.stack([vp[p, o, kh] for p, o in keys])
+                p_ = torch.softmax((k @ q[t, h]) * D ** -0.5, dim=0)
+                torch.testing.assert_close(got[t, h], p_ @ v, atol=1e-5, rtol=1e-5)

@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import moelora_dist.models.runner as runner_mod
+import moelora_dist.models.model as model_mod
+from moelora_dist.engine.engine import Engine
 from moelora_dist.adapters import AdapterError, load_adapter
 from moelora_dist.cli.main import main as cli_main
 from moelora_dist.errors import FileError, MoeloraError
@@ -62,7 +63,7 @@ def no_model_load(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(runner_mod.ModelRunner, "from_pretrained", refuse)
+    monkeypatch.setattr(model_mod.MoELoRAModel, "build", refuse)
 
 
 def _job(tmp_path, model_dir, lines, *extra, command="logits", adapters=(), out=None):
@@ -276,11 +277,11 @@ def test_unplaced_and_unknown_dtype_tensors_are_refused(tmp_path):
     save_file(extra, str(m / "model.safetensors"))
     with pytest.raises(MoeloraError, match=r"1 tensor\(s\) this model does not place: "
                                            r"\['model.layers.0.self_attn.q_proj.weight_scale_inv'"):
-        runner_mod.ModelRunner.from_pretrained(str(m), progress=False)
+        Engine.from_pretrained(str(m), progress=False)
     fp8 = dict(full, **{key: full[key].to(torch.float8_e4m3fn)})
     save_file(fp8, str(m / "model.safetensors"))
     with pytest.raises(FileError, match=r"q_proj.weight' is stored as torch.float8_e4m3fn"):
-        runner_mod.ModelRunner.from_pretrained(str(m), progress=False)
+        Engine.from_pretrained(str(m), progress=False)
 
 
 # -- exit codes and what is left on the screen ----------------------------------------------------

@@ -1,0 +1,224 @@
+"""Offline throughput of the whole engine, with 8 LoRA adapters mixed over the requests vs none.
+
+    python -m benchmarks engine --out-dir benchmarks/results/current          # ~5 min, one H200
+    python -m benchmarks engine --quick                                       # ~3 min
+    python -m benchmarks engine --tiny --device cpu --out-dir /tmp/e          # CPU smoke run
+
+Model: random bf16 weights of Qwen3-30B-A3B's shape at full depth (48 layers; H 2048, 32 q / 4
+kv heads of 128, 128 experts top-8 renormalized, I 768, vocab 151936), one process. Adapters: 8
+of rank 16 on q/k/v/o and every expert's gate/up/down, in a pool of 8 slots. For each
+concurrency B in ``--concurrency`` (default 1, 16, 64, 256) and mode ("base": no adapter;
+"lora8": request b uses adapter b % 8), B requests of ``--prompt-len`` random tokens arrive
+at once and each generates ``--output-len`` tokens (greedy, EOS ignored), after an untimed
+warm-up run of the same prompts with 3 output tokens (compilation, graph capture). Columns:
+``out_tok_s`` (output tokens over the whole run), ``prefill_tok_s`` (prompt tokens until the
+last request's first token), ``decode_tok_s`` (tokens after it, over the time after it),
+``ttft_ms`` / ``tpot_ms`` (means over requests), their ``*_ratio`` lora8 / base; for the graph
+decode step of that B (at the final context length): ``graph_step_ms`` (GPU time of the
+replayed graph), ``step_bytes`` (what it reads: :mod:`.measure`) and ``roofline`` (bytes over
+the HBM bandwidth measured in this run, over the step time), ``host_over_gpu`` (the engine's
+decode step wall time over the graph's GPU time); ``eager_host_ms_per_layer`` (host time of
+an eager decode step per layer) and ``eager_step_ms``.
+
+Before timing, a check compares a mixed batch's first-token log-probabilities of the Triton
+engine (graphs on) against the PyTorch reference path (``check_err``, max abs); a case over
+``CHECK_TOL`` is written with ``ok=False`` and the run exits 1.
+Results: ``engine_<device>.csv`` and ``.png`` in ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.common import env_columns, measure_roofline
+from benchmarks.engine import measure
+from benchmarks.engine.report import write_outputs
+from benchmarks.engine.shapes import QWEN3_30B_A3B, TINY, random_adapter
+from moelora_dist.config.model import ModelConfig
+from moelora_dist.engine.config import EngineConfig
+from moelora_dist.engine.engine import Engine
+from moelora_dist.engine.sampling import SamplingParams
+from moelora_dist.models.model import MoELoRAModel
+from moelora_dist.models.weights import RandomWeights
+from moelora_dist.parallel.groups import ParallelGroups
+
+log = logging.getLogger("bench_engine")
+CHECK_TOL = 5e-2
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help="concurrency 1,16,64 and 64 output tokens (about 3 minutes)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 48)")
+    p.add_argument("--concurrency", default=None,
+                   help="comma-separated sequences at once (default 1,16,64,256; tiny 1,3)")
+    p.add_argument("--prompt-len", type=int, default=None, help="default 512 (tiny 8)")
+    p.add_argument("--output-len", type=int, default=None, help="default 128 (tiny 4)")
+    p.add_argument("--num-adapters", type=int, default=8)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "..",
+                                                     "results", "current"))
+    args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.concurrency = [int(b) for b in (args.concurrency or (
+        "1,3" if args.tiny else "1,16,64" if args.quick else "1,16,64,256")).split(",")]
+    args.prompt_len = args.prompt_len or (8 if args.tiny else 512)
+    args.output_len = args.output_len or (4 if args.tiny else 64 if args.quick else 128)
+    return args
+
+
+def build(args):
+    raw = dict(TINY if args.tiny else QWEN3_30B_A3B)
+    if args.layers:
+        raw["num_hidden_layers"] = args.layers
+    cfg = ModelConfig.from_dict(raw)
+    dev = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = MoELoRAModel.build(cfg, ParallelGroups.single(dev), RandomWeights(cfg, dtype, dev),
+                               dtype=dtype, max_loras=args.num_adapters, max_rank=args.rank)
+    # The adapters live on the host, as loaded PEFT checkpoints do (drawn on the device, then
+    # moved): the page pool is sized after them with the whole device free but weights + pool.
+    adapters = [random_adapter(f"a{i}", cfg, args.rank, dev, 100 + i, host=True)
+                for i in tqdm(range(args.num_adapters), desc="drawing adapters")]
+    top = max(args.concurrency)
+    config = EngineConfig(max_num_seqs=max(top, 8),
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_loras=args.num_adapters, max_rank=args.rank,
+                          max_model_len=args.prompt_len + args.output_len + 16,
+                          num_pages=None if dev.type == "cuda" else 4096)
+    engine = Engine(model, config)
+    for a in tqdm(adapters, desc="loading adapters"):
+        engine.add_adapter(a.name, a)
+    return engine
+
+
+def check(engine, args) -> float:
+    """Max abs difference of first-token log-probabilities (top 5): Triton engine vs the
+    PyTorch reference path, on a batch mixing adapters and base."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, engine.cfg.vocab_size, (n,), generator=g).tolist()
+               for n in (args.prompt_len, 7, 19)]
+    names = ["a0", None, "a1"]
+    p = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5, ignore_eos=True)
+    fast = engine.generate(prompts, p, names)
+    with engine.model.backend_as("torch"):
+        engine.worker.graphs, graphs = None, engine.worker.graphs
+        try:
+            ref = engine.generate(prompts, p, names)
+        finally:
+            engine.worker.graphs = graphs
+    err = 0.0
+    for a, b in zip(fast, ref):
+        ra = {t: v for t, v in a.logprobs[0].top}
+        for t, v in b.logprobs[0].top:
+            err = max(err, abs(ra.get(t, float("-inf")) - v))
+    return err
+
+
+def run_case(engine, prompts, names, n) -> dict:
+    """All requests at once; per-request first / last token times on the host clock."""
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i, (p, a) in enumerate(zip(prompts, names)):
+        engine.add_request(f"q{i}", p, params, a)
+    first, last, count, steps = {}, {}, {}, []
+    while engine.has_unfinished():
+        s0 = time.perf_counter()
+        outs = engine.step()
+        now = time.perf_counter()
+        steps.append((s0, now, len(outs)))
+        for o in outs:
+            if o.new_token_ids:
+                first.setdefault(o.request_id, now)
+                last[o.request_id] = now
+                count[o.request_id] = count.get(o.request_id, 0) + len(o.new_token_ids)
+    t_end = time.perf_counter()
+    t_first = max(first.values())
+    B = len(prompts)
+    after = sum(c - 1 for c in count.values())  # tokens after each request's first
+    late = [(b - a) for a, b, k in steps if a >= t_first]
+    return dict(out_tok_s=round(B * n / (t_end - t0), 2),
+                prefill_tok_s=round(sum(map(len, prompts)) / (t_first - t0), 1),
+                decode_tok_s=round(after / max(t_end - t_first, 1e-9), 2) if n > 1 else 0.0,
+                ttft_ms=round(1e3 * sum(first[k] - t0 for k in first) / B, 2),
+                tpot_ms=round(1e3 * sum((last[k] - first[k]) / max(count[k] - 1, 1)
+                                        for k in first) / B, 3),
+                decode_step_ms=round(1e3 * sorted(late)[len(late) // 2], 3) if late else 0.0)
+
+
+def meta(args, engine, roof) -> dict:
+    return dict(**env_columns(), **roof, model="tiny" if args.tiny else "qwen3-30b-a3b-shape",
+                layers=engine.cfg.num_layers,
+                dtype=str(engine.model.dtype).removeprefix("torch."), adapters=args.num_adapters,
+                rank=args.rank, pages=engine.pages.num_pages, page_size=engine.config.page_size)
+
+
+def run(args) -> list[dict]:
+    engine = build(args)
+    cuda = engine.model.device.type == "cuda"
+    err = check(engine, args)
+    ok = err < CHECK_TOL
+    log.info("check: first-token top-5 logprobs, Triton vs reference: max abs %.3g (%s)", err,
+             "ok" if ok else "FAIL")
+    roof = measure_roofline() if cuda else {}
+    m = meta(args, engine, roof)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for B in args.concurrency:
+        prompts = [torch.randint(0, engine.cfg.vocab_size, (args.prompt_len,),
+                                 generator=g).tolist() for _ in range(B)]
+        for mode in ("base", "lora8"):
+            names = [f"a{b % args.num_adapters}" if mode == "lora8" else None for b in range(B)]
+            # Warm-up, untimed: the same prefill shapes (Triton compiles per shape class) and
+            # the decode graphs of this concurrency are captured before the timed run.
+            run_case(engine, prompts, names, 3)
+            row = dict(concurrency=B, mode=mode, prompt_len=args.prompt_len,
+                       output_len=args.output_len, **run_case(engine, prompts, names,
+                                                              args.output_len))
+            seqs, lora = measure.fake_decode(engine, B, args.prompt_len + args.output_len - 1,
+                                             names)
+            try:
+                row.update(measure.eager_host_ms(engine, seqs, lora) if cuda else {})
+                if cuda and engine.worker.graphs is not None:
+                    ms, nbytes = measure.graph_replay_ms(engine, seqs, lora)
+                    row.update(graph_step_ms=round(ms, 4), step_bytes=nbytes["total_bytes"],
+                               roofline=round(nbytes["total_bytes"] / roof["hbm_bytes_per_s"]
+                                              / (ms * 1e-3), 4),
+                               host_over_gpu=round(row["decode_step_ms"] / ms, 3))
+                    row.update({k: v for k, v in nbytes.items() if k != "total_bytes"})
+            finally:
+                measure.release(engine, seqs)
+            rows.append(dict(row, check_err=round(err, 5), ok=ok))
+            log.info("%s", rows[-1])
+        base, lora8 = rows[-2], rows[-1]
+        for k in ("out_tok_s", "prefill_tok_s", "decode_tok_s", "ttft_ms", "tpot_ms"):
+            if base[k]:
+                lora8[f"{k}_ratio"] = round(lora8[k] / base[k], 4)
+        write_outputs(rows, m, args.out_dir)  # after each concurrency: a cut run keeps its rows
+    return rows, engine, m
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rows, engine, m = run(args)
+    path = write_outputs(rows, m, args.out_dir)
+    for r in rows:
+        if r["mode"] == "lora8":
+            log.info("B=%-4d lora8/base: out %.3f decode %.3f prefill %.3f; roofline %s",
+                     r["concurrency"], r.get("out_tok_s_ratio", 0), r.get("decode_tok_s_ratio", 0),
+                     r.get("prefill_tok_s_ratio", 0), r.get("roofline", "-"))
+    log.info("wrote %s.csv", path)
+    return 0 if rows and rows[0]["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""Kernels launched and host time spent per layer by one eager decode step, on this tree or on
+an older one, so the fusions (q/k/v in one GEMM, rotary and the per-head q/k norm in the page
+write, residual adds in the norms, one paged-attention kernel) are counted before and after.
+
+    python -m benchmarks launches --out benchmarks/results/current --label after
+    (cd OLD && python -m benchmarks.engine.launches --out DIR --label before)
+
+``OLD`` holds an older ``moelora_dist`` (e.g. ``git archive <commit> moelora_dist``: the
+contiguous-KV-cache model before the engine) beside a copy of ``benchmarks/__init__.py`` and
+``benchmarks/engine/{__init__,launches,shapes}.py`` (``python -m`` puts the current directory
+first on the path, before ``PYTHONPATH``); the script detects which API it imports. Model: Qwen3-30B-A3B's layer shape with ``--layers``
+layers (default 4: per-layer figures do not depend on depth), random bf16 weights, 8 adapters
+of rank 16 resident. For B in {1, 64} and no adapter / every token an adapter: kernels per
+layer (CUDA kernel events of ``torch.profiler`` over one forward + LM head, over the layer
+count) and host ms per layer (best of 5 forwards issued with no sync inside). One JSON line
+per case in ``--out``/``launches.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+CTX = 512
+
+
+def _model(layers: int):
+    from benchmarks.engine.shapes import QWEN3_30B_A3B, random_adapter
+    from moelora_dist.config.model import ModelConfig
+    from moelora_dist.models.model import MoELoRAModel
+    from moelora_dist.models.weights import RandomWeights
+    from moelora_dist.parallel.groups import ParallelGroups
+
+    cfg = ModelConfig.from_dict(dict(QWEN3_30B_A3B, num_hidden_layers=layers))
+    dev = torch.device("cuda", 0)
+    model = MoELoRAModel.build(cfg, ParallelGroups.single(dev), RandomWeights(
+        cfg, torch.bfloat16, dev), dtype=torch.bfloat16, max_loras=8, max_rank=16,
+        progress=False)
+    for i in range(8):
+        model.pool.load(random_adapter(f"a{i}", cfg, 16, dev, 100 + i))
+    return cfg, model
+
+
+def _decode_inputs(model, B: int):
+    """``(batch, cache)`` of B sequences of CTX cached tokens adding one each, in whichever
+    API this tree has."""
+    from moelora_dist.models import batch as batch_mod
+
+    dev = model.device
+    if hasattr(batch_mod, "PagedKVCache"):  # this tree: pages through block tables
+        S = 16
+        n = -(-(CTX + 1) // S)
+        cache = model.new_cache(B * n, S)
+        tables = [list(range(b * n, (b + 1) * n)) for b in range(B)]
+        return batch_mod.ForwardBatch.build([1] * B, [CTX] * B, tables, S, dev), cache
+    cache = model.new_cache(B, CTX + 1)  # before: one contiguous row per request
+    return batch_mod.ForwardBatch.build([1] * B, [CTX] * B, dev,
+                                        cache_rows=list(range(B))), cache
+
+
+def measure(model, cfg, B: int, lora: bool) -> dict:
+    from moelora_dist.lora.batch_info import build_batch_info
+
+    dev = model.device
+    batch, cache = _decode_inputs(model, B)
+    slots = torch.tensor([b % 8 if lora else -1 for b in range(B)], dtype=torch.int32,
+                         device=dev)
+    ids = torch.randint(0, cfg.vocab_size, (B,), device=dev)
+
+    def step():
+        info = build_batch_info(batch.seg_indptr_B1, slots, model.pool.slot_rank_S)
+        return model.logits(model.forward(ids, batch, cache, info)[-B:])
+
+    with torch.no_grad():
+        for _ in range(3):
+            step()  # compile, warm caches
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - t0)
+            torch.cuda.synchronize()
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    L = cfg.num_layers
+    return dict(B=B, lora=lora, kernels_per_step=kernels,
+                kernels_per_layer=round(kernels / L, 1),
+                host_ms_per_layer=round(1e3 * best / L, 4))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=".", help="folder of launches.jsonl")
+    ap.add_argument("--label", default="new")
+    ap.add_argument("--layers", type=int, default=4)
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    cfg, model = _model(args.layers)
+    with open(os.path.join(args.out, "launches.jsonl"), "a") as f:
+        for B in (1, 64):
+            for lora in (False, True):
+                row = dict(label=args.label, layers=args.layers, **measure(model, cfg, B, lora))
+                print(json.dumps(row), flush=True)
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""The model shapes and random adapters of the engine benchmarks (no engine import, so the
+launch counter also runs on older trees)."""
+
+from __future__ import annotations
+
+import torch
+
+QWEN3_30B_A3B = dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                     num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                     intermediate_size=6144, norm_topk_prob=True, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                     max_position_embeddings=40960, num_hidden_layers=48)
+TINY = dict(QWEN3_30B_A3B, vocab_size=256, hidden_size=64, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+            moe_intermediate_size=32, intermediate_size=96, num_hidden_layers=2,
+            max_position_embeddings=4096)
+
+
+def random_adapter(name, cfg, rank, device, seed, host: bool = False):
+    """Rank-``rank`` LoRA on q/k/v/o and on every expert projection of every layer (bf16),
+    drawn on ``device`` (``host``: then kept in host memory)."""
+    from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    to = "cpu" if host else device
+
+    def rn(*shape):
+        return (torch.randn(*shape, generator=g, device=device) * 0.02).to(torch.bfloat16).to(to)
+
+    E, H, I, D = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate, cfg.head_dim
+    f = lambda o, i, e=1: LoRAFactors(rn(e, rank, i), rn(e, o, rank), 2.0)  # noqa: E731
+    dense, moe = {}, {}
+    for layer in range(cfg.num_layers):
+        p = f"layers.{layer}.self_attn"
+        dense[f"{p}.q_proj"] = f(cfg.num_heads * D, H)
+        dense[f"{p}.k_proj"] = f(cfg.num_kv_heads * D, H)
+        dense[f"{p}.v_proj"] = f(cfg.num_kv_heads * D, H)
+        dense[f"{p}.o_proj"] = f(H, cfg.num_heads * D)
+        moe[layer] = MoELayerLoRA(E, f(I, H, E), f(I, H, E), f(H, I, E))
+    return CanonicalAdapter(name, moe=moe, dense=dense, format="random")

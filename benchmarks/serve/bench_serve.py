@@ -1,0 +1,219 @@
+"""Serving benchmark: ``moelora-dist serve`` under load over HTTP against the same engine run
+offline, with 8 adapters mixed over the requests vs none.
+
+    python -m benchmarks serve --out-dir benchmarks/results/current       # one H200, ~3 min
+    python -m benchmarks serve --tiny --device cpu --out-dir /tmp/s        # CPU smoke run
+
+Model: random bf16 weights of Qwen3-30B-A3B's shape at full depth (48 layers; ``--layers``),
+8 random adapters of rank 16 on q/k/v/o and every expert (``--random-weights qwen3-30b-a3b
+--random-adapters 8``). For each concurrency C (``--concurrency``, default 1,16,64) and mode
+("base": no adapter; "lora8": request i uses adapter i % 8), ``--requests`` requests (default
+max(4, C): one wave; ~3 minutes of device time in all) of ``--prompt-len`` random ids (512) each generate ``--output-len`` tokens (128,
+greedy, EOS ignored), closed loop at C (a finished request starts the next); with ``--rate
+R`` also an open-loop case at R requests/s (HTTP only). Two sides, one after the other (one
+model on the GPU at a time):
+
+- ``offline``: the engine built with the server's own options, driven in-process
+  (``benchmarks/serve/offline.py``), no HTTP;
+- ``http``: the server as a subprocess on 127.0.0.1, the stdlib load generator
+  (``benchmarks/serve/loadgen.py``) streaming every request.
+
+Both first run untimed warm-up requests that capture every decode graph up to C. Columns: the
+statistics of :func:`~benchmarks.serve.cases.summarize` (``out_tok_s``, TTFT and TPOT p50/p99)
+and, on http rows, ``http_overhead`` = 1 - http / offline output tokens/s (target <= 0.05 at 64
+streams). ``check_ok``: one base and one adapter request alone give the same greedy tokens over
+HTTP as offline (no figure of a side whose check fails is trustworthy; the run exits 1).
+Results: ``serve_<device>.csv`` in ``--out-dir``.
+
+On the GPU machine (no fastapi/uvicorn there), carry these wheels (Python 3.12): fastapi,
+starlette, pydantic, pydantic-core (cp312 manylinux), annotated-types, typing-inspection,
+uvicorn (docs/serve.md lists the versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+from benchmarks.common import device_tag, env_columns, write_csv
+from benchmarks.serve.cases import completion_body, make_requests, summarize, warmup_cases
+from benchmarks.serve.loadgen import run_load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BASE = "base"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 48)")
+    p.add_argument("--concurrency", default=None, help="comma-separated (default 1,16,64)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests per case (default max(4, concurrency))")
+    p.add_argument("--rate", type=float, default=None,
+                   help="also an open-loop case at this many requests/s (HTTP only)")
+    p.add_argument("--prompt-len", type=int, default=None, help="default 512 (tiny 16)")
+    p.add_argument("--output-len", type=int, default=None, help="default 128 (tiny 8)")
+    p.add_argument("--num-adapters", type=int, default=8)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p.add_argument("--startup-timeout", type=float, default=900)
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "current"))
+    args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if _has_cuda() else "cpu")
+    args.concurrency = [int(c) for c in (args.concurrency or ("1,4" if args.tiny
+                                                              else "1,16,64")).split(",")]
+    args.prompt_len = args.prompt_len or (16 if args.tiny else 512)
+    args.output_len = args.output_len or (8 if args.tiny else 128)
+    return args
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def serve_options(args) -> list[str]:
+    """The server's options; the offline side builds its engine from the same ones."""
+    opts = ["--random-weights", "tiny" if args.tiny else "qwen3-30b-a3b",
+            "--random-adapters", str(args.num_adapters), "--random-adapter-rank", str(args.rank),
+            "--served-model-name", BASE, "--device", args.device,
+            "--dtype", "bfloat16" if args.device == "cuda" else "float32",
+            "--max-model-len", str(args.prompt_len + args.output_len + 16),
+            "--max-batch", str(max(max(args.concurrency), 8)), "--max-waiting", "100000"]
+    if args.layers:
+        opts += ["--num-layers", str(args.layers)]
+    if args.device == "cpu":
+        opts += ["--num-pages", "2048"]
+    return opts
+
+
+def plan(args) -> dict:
+    cases = []
+    for c in args.concurrency:
+        for mode in ("base", "lora8"):
+            cases.append(dict(mode=mode, concurrency=c, num_requests=args.requests or
+                              max(4, c), prompt_len=args.prompt_len,
+                              output_len=args.output_len, seed=c))
+    check = [dict(mode=m, concurrency=1, num_requests=1, prompt_len=args.prompt_len,
+                  output_len=16, seed=7) for m in ("base", "lora8")]
+    return dict(cases=cases, check=check, num_adapters=args.num_adapters,
+                warmup=warmup_cases(max(args.concurrency), ("base", "lora8")))
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                PYTHONUNBUFFERED="1")
+
+
+def run_offline(args, spec: dict, work: str) -> dict:
+    with open(os.path.join(work, "cases.json"), "w") as f:
+        json.dump(spec, f)
+    out = os.path.join(work, "offline.json")
+    cmd = [sys.executable, "-m", "benchmarks.serve.offline", "--cases", f.name, "--out", out,
+           "--", *serve_options(args)]
+    subprocess.run(cmd, cwd=ROOT, env=_env(), check=True, timeout=args.startup_timeout + 900)
+    return json.load(open(out))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def run_http(args, spec: dict, work: str) -> tuple[list[dict], list[list[int]]]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "moelora_dist.cli.main", "serve", *serve_options(args),
+           "--port", str(port)]
+    log = open(os.path.join(work, "server.log"), "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + args.startup_timeout
+        while not _healthy(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start; see {log.name}")
+            time.sleep(0.5)
+        vocab = 256 if args.tiny else 151936
+
+        def load(case, **kw):
+            bodies = [completion_body(p, a, case["output_len"], BASE)
+                      for p, a in make_requests(case, vocab, spec["num_adapters"])]
+            return asyncio.run(run_load("127.0.0.1", port, bodies, **kw))
+
+        for case in spec["warmup"]:
+            load(case, concurrency=case["concurrency"])
+        check = []
+        for case in spec["check"]:
+            stats, _ = load(case, concurrency=1)
+            check.append(stats)
+        rows = []
+        for case in spec["cases"]:
+            stats, wall = load(case, concurrency=case["concurrency"])
+            rows.append(summarize(stats, wall))
+            print(json.dumps({**case, **rows[-1]}), file=sys.stderr, flush=True)
+        if args.rate:
+            case = dict(spec["cases"][-1], mode="lora8", concurrency=0, rate=args.rate)
+            stats, wall = load(case, rate=args.rate)
+            rows.append(dict(summarize(stats, wall), rate=args.rate))
+            spec["cases"].append(case)
+        return rows, check
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    spec = plan(args)
+    work = tempfile.mkdtemp(prefix="bench_serve_")
+    offline = run_offline(args, spec, work)
+    http_rows, http_check = run_http(args, spec, work)
+    check_ok = all(s[0].error is None and s[0].token_ids == ids[0]
+                   for ids, s in zip(offline["check"], http_check))
+    env = env_columns()
+    rows = []
+    for case, off, http in zip(spec["cases"], offline["cases"] + [None] * 8, http_rows):
+        base = {k: v for k, v in case.items() if k != "seed"}
+        if off is not None:
+            rows.append(dict(base, side="offline", **off, check_ok=check_ok))
+        over = round(1 - http["out_tok_s"] / off["out_tok_s"], 4) if off and \
+            off["out_tok_s"] else ""
+        rows.append(dict(base, side="http", **http, http_overhead=over, check_ok=check_ok))
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"serve_{device_tag(env)}.csv")
+    write_csv(path, rows, env)
+    for r in rows:
+        print(f"{r['side']:>7} {r['mode']:>5} C={r['concurrency']:<3} {r['out_tok_s']:>10} tok/s "
+              f"TTFT p50/p99 {r['ttft_p50_ms']}/{r['ttft_p99_ms']} ms  TPOT p50/p99 "
+              f"{r['tpot_p50_ms']}/{r['tpot_p99_ms']} ms  overhead {r.get('http_overhead', '')}"
+              f"  errors {r['errors']}")
+    print(f"wrote {path}")
+    return 0 if check_ok and not any(r["errors"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

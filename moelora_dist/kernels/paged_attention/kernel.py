@@ -1,0 +1,172 @@
+"""Triton kernels of the paged-attention family (imports triton only; host glue in ``ops.py``).
+
+``_paged_attention_kernel``: one program per (block of ``BLOCK_Q`` new tokens of one sequence,
+kv head). The ``g`` query heads that share the kv head are stacked with the tokens into the
+rows of one tile (``BLOCK_Q * BLOCK_G`` rows), so every key tile is loaded once for all of them.
+Programs are numbered over the whole step: sequence ``b``'s blocks start at
+``seg_indptr[b] // BLOCK_Q + b`` (an upper bound of the blocks before it), so the grid
+``T // BLOCK_Q + B`` depends on the step's sizes only and a CUDA graph can capture it; each
+program finds its sequence by binary search and spare programs return at once. Keys are read
+in tiles of ``BLOCK_N`` positions, each position through the block table (any page size, pages
+anywhere), with an online softmax in fp32; positions at or past the sequence's length are
+masked on load, so a reused page's stale values are never read.
+
+``_rope_write_kernel``: one program per token: per-head RMSNorm of q and k (Qwen3), rotary
+embedding from the fp32 tables, q stored to a new tensor, k and v stored into their page slot.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_sequence(seg_indptr_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
+    """The last sequence whose first block number ``seg[b] // BLOCK_Q + b`` is <= ``pid``."""
+    lo = tl.zeros([], dtype=tl.int32)  # tensors, not constants: num_seqs == 1 is specialized
+    hi = lo + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(seg_indptr_ptr + mid).to(tl.int32) // BLOCK_Q + mid
+        if start <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _paged_attention_kernel(q_ptr, k_pages_ptr, v_pages_ptr, out_ptr, block_tables_ptr,
+                            kv_lens_ptr, seg_indptr_ptr, num_seqs, qk_scale, window,
+                            stride_qt, stride_qh, stride_ot, stride_oh,
+                            stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                            stride_bt,
+                            PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr,
+                            BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
+                            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    """out[t, h] = softmax(q[t, h] K^T * scale + causal/window mask) V for one tile of rows.
+
+    ``qk_scale`` is ``scale * log2(e)`` (exp2 below); ``window`` 0 means no sliding window.
+    """
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1).to(tl.int64)
+    b = _find_sequence(seg_indptr_ptr, pid, num_seqs, BLOCK_Q)
+    # int32 positions whatever the metadata's dtype (the engine's plans carry int64)
+    q_start = tl.load(seg_indptr_ptr + b).to(tl.int32)
+    q_len = tl.load(seg_indptr_ptr + b + 1).to(tl.int32) - q_start
+    blk = pid - (q_start // BLOCK_Q + b)
+    if blk * BLOCK_Q >= q_len:
+        return
+    kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
+    ctx = kv_len - q_len  # keys cached before this step's tokens of the sequence
+
+    offs_m = tl.arange(0, BLOCK_Q * BLOCK_G)
+    tok = blk * BLOCK_Q + offs_m // BLOCK_G
+    head = offs_m % BLOCK_G
+    row_ok = (tok < q_len) & (head < GROUP)
+    q_pos = ctx + tok
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    t_idx = (q_start + tok).to(tl.int64)
+    h_idx = kvh * GROUP + head
+    q = tl.load(q_ptr + t_idx[:, None] * stride_qt + h_idx[:, None] * stride_qh
+                + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], dtype=tl.float32)
+    # Keys this block can see: up to its last query position; from its first query's window.
+    hi = tl.minimum(kv_len, ctx + tl.minimum(q_len, (blk + 1) * BLOCK_Q))
+    first = tl.maximum(ctx + blk * BLOCK_Q - window + 1, 0)
+    lo = tl.where(window > 0, (first // BLOCK_N) * BLOCK_N, 0)
+    bt = block_tables_ptr + b.to(tl.int64) * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        page = tl.load(bt + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+        within = (offs_n % PAGE_SIZE).to(tl.int64)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_pages_ptr + page[:, None] * stride_kp + within[:, None] * stride_ks
+                    + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        see = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if window > 0:
+            see = see & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(see, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_pages_ptr + page[:, None] * stride_vp + within[:, None] * stride_vs
+                    + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + t_idx[:, None] * stride_ot + h_idx[:, None] * stride_oh
+             + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _norm_rope(x_ptr, w_ptr, cos, sin, heads, offs_h, offs_d, eps,
+               NUM_HEADS: tl.constexpr, HALF: tl.constexpr, HEAD_NORM: tl.constexpr):
+    """Rows ``offs_h`` of one token's ``[N, D]`` projection at ``x_ptr`` (head stride
+    ``heads``): optional per-head RMSNorm (transformers' rounding: normalized in fp32, cast,
+    scaled in the input dtype), then the rotary embedding, in fp32."""
+    h_ok = offs_h < NUM_HEADS
+    d_ok = offs_d < HALF
+    m = h_ok[:, None] & d_ok[None, :]
+    ptr = x_ptr + offs_h[:, None] * heads + offs_d[None, :]
+    x1 = tl.load(ptr, mask=m, other=0.0)
+    x2 = tl.load(ptr + HALF, mask=m, other=0.0)
+    dt = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    if HEAD_NORM:
+        var = (tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF)
+        r = tl.rsqrt(var + eps)[:, None]
+        w1 = tl.load(w_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + HALF + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        x1 = (w1 * (x1 * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        x2 = (w2 * (x2 * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    c = cos[None, :]
+    s = sin[None, :]
+    return x1 * c - x2 * s, x2 * c + x1 * s, m
+
+
+@triton.jit
+def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
+                       k_pages_ptr, v_pages_ptr, q_norm_ptr, k_norm_ptr, eps,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                       stride_ot, stride_oh, stride_cos, stride_slot, stride_ph,
+                       NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                       HEAD_NORM: tl.constexpr):
+    """Token ``t``: norm + rotate q into ``q_out``; norm + rotate k and copy v into the slot
+    ``slot_mapping[t]`` of the pages (``stride_slot``: one token of a page, pages contiguous);
+    a slot ``-1`` stores nothing."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_ok = offs_d < HALF
+    cos = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=d_ok, other=0.0)
+    sin = tl.load(sin_ptr + pos * stride_cos + offs_d, mask=d_ok, other=0.0)
+    q1, q2, qm = _norm_rope(q_ptr + t * stride_qt, q_norm_ptr, cos, sin, stride_qh, offs_h,
+                            offs_d, eps, NUM_Q, HALF, HEAD_NORM)
+    o = q_out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o, q1.to(q_out_ptr.dtype.element_ty), mask=qm)
+    tl.store(o + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=qm)
+    slot = tl.load(slot_ptr + t)
+    if slot >= 0:
+        k1, k2, km = _norm_rope(k_ptr + t * stride_kt, k_norm_ptr, cos, sin, stride_kh, offs_h,
+                                offs_d, eps, NUM_KV, HALF, HEAD_NORM)
+        dst = slot.to(tl.int64) * stride_slot + offs_h[:, None] * stride_ph + offs_d[None, :]
+        tl.store(k_pages_ptr + dst, k1.to(k_pages_ptr.dtype.element_ty), mask=km)
+        tl.store(k_pages_ptr + dst + HALF, k2.to(k_pages_ptr.dtype.element_ty), mask=km)
+        src = v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
+        tl.store(v_pages_ptr + dst, tl.load(src, mask=km, other=0.0), mask=km)
+        tl.store(v_pages_ptr + dst + HALF, tl.load(src + HALF, mask=km, other=0.0), mask=km)

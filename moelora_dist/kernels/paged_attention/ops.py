@@ -1,0 +1,87 @@
+"""Host glue of the paged-attention family: the Triton paths of :mod:`.naive`, same signatures.
+
+A step's attention is two launches per layer: :func:`rope_write` (q/k norm, rotary, the store
+of k and v into their page slots) and :func:`paged_attention` (every sequence's new tokens
+against its paged keys, decode and prefill chunks alike). Neither reads anything back to the
+host and both grids depend only on ``T`` and ``B``, so a CUDA graph captures them; the block
+tables, lengths and positions are read from device memory on every replay.
+
+Tiles: a program holds ``BLOCK_Q`` tokens x the ``g`` query heads of one kv head as its rows.
+Decode (one token per sequence) takes the fewest rows ``tl.dot`` allows (16); prefill chunks
+take 64 rows. Keys are read ``BLOCK_N = 64`` positions at a time whatever the page size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moelora_dist.kernels.constants import next_power_of_2
+from moelora_dist.kernels.paged_attention.kernel import (LOG2E, _paged_attention_kernel,
+                                                         _rope_write_kernel)
+
+DECODE_ROWS = 16
+PREFILL_ROWS = 64
+BLOCK_N = 64
+
+
+def _check_pages(k_pages: torch.Tensor, v_pages: torch.Tensor) -> None:
+    if k_pages.shape != v_pages.shape or not (k_pages.is_contiguous() and v_pages.is_contiguous()):
+        raise ValueError(f"k and v pages must be contiguous [P, S, N_kv, D] of one shape; got "
+                         f"{tuple(k_pages.shape)} and {tuple(v_pages.shape)}")
+
+
+def rope_write(q_TND, k_TND, v_TND, positions_T, cos_PH, sin_PH, slot_mapping_T, k_pages,
+               v_pages, q_norm_D=None, k_norm_D=None, eps: float = 1e-6) -> torch.Tensor:
+    """See :func:`moelora_dist.kernels.paged_attention.naive.rope_write`. q/k/v may be views
+    of one fused projection (any token and head strides, unit stride in D)."""
+    _check_pages(k_pages, v_pages)
+    T, Nq, D = q_TND.shape
+    Nk = k_TND.shape[1]
+    if D % 2 or any(t.stride(2) != 1 for t in (q_TND, k_TND, v_TND)):
+        raise ValueError("rope_write needs an even head dim with unit stride")
+    q_out = torch.empty(T, Nq, D, dtype=q_TND.dtype, device=q_TND.device)
+    if T == 0:
+        return q_out
+    norm = q_norm_D is not None
+    qn = q_norm_D if norm else q_TND
+    kn = k_norm_D if norm else q_TND
+    _rope_write_kernel[(T,)](
+        q_TND, k_TND, v_TND, q_out, positions_T, cos_PH, sin_PH, slot_mapping_T, k_pages,
+        v_pages, qn, kn, eps, q_TND.stride(0), q_TND.stride(1), k_TND.stride(0),
+        k_TND.stride(1), v_TND.stride(0), v_TND.stride(1), q_out.stride(0), q_out.stride(1),
+        cos_PH.stride(0), k_pages.stride(1), k_pages.stride(2),
+        NUM_Q=Nq, NUM_KV=Nk, HALF=D // 2, BLOCK_H=next_power_of_2(max(Nq, Nk)),
+        BLOCK_HALF=next_power_of_2(D // 2), HEAD_NORM=norm)
+    return q_out
+
+
+def paged_attention(q_TND, k_pages, v_pages, block_tables_BM, kv_lens_B, seg_indptr_B1, *,
+                    scale: float, sliding_window: int | None = None,
+                    decode_only: bool = False) -> torch.Tensor:
+    """See :func:`moelora_dist.kernels.paged_attention.naive.paged_attention`.
+
+    ``decode_only``: every sequence adds one token (picks the decode tile); a wrong True is
+    still correct, only slower for long chunks. Integer inputs are int32 (block tables,
+    lengths, offsets); ``q`` has unit stride in D.
+    """
+    _check_pages(k_pages, v_pages)
+    T, Nq, D = q_TND.shape
+    B = int(kv_lens_B.shape[0])
+    Nk = k_pages.shape[2]
+    if Nq % Nk:
+        raise ValueError(f"{Nq} query heads do not group over {Nk} kv heads")
+    out = torch.empty_like(q_TND)
+    if T == 0 or B == 0:
+        return out
+    group = Nq // Nk
+    block_g = next_power_of_2(group)
+    rows = DECODE_ROWS if decode_only else PREFILL_ROWS
+    block_q = max(1, rows // block_g)
+    grid = (T // block_q + B, Nk)
+    _paged_attention_kernel[grid](
+        q_TND, k_pages, v_pages, out, block_tables_BM, kv_lens_B, seg_indptr_B1, B,
+        scale * LOG2E, int(sliding_window or 0), q_TND.stride(0), q_TND.stride(1),
+        out.stride(0), out.stride(1), *k_pages.stride()[:3], *v_pages.stride()[:3],
+        block_tables_BM.stride(0), PAGE_SIZE=k_pages.shape[1], GROUP=group, BLOCK_G=block_g,
+        BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=D, BLOCK_D=next_power_of_2(D))
+    return out

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server on the engine (``moelora-dist serve``, docs/serve.md)."""

@@ -1,0 +1,256 @@
+"""The engine's own thread: every engine call of the server runs here, in order, between steps.
+
+    loop = EngineLoop(engine, max_waiting=256)
+    loop.start()
+    sink = Sink(asyncio_loop, queue)                     # where one request's outputs go
+    await asyncio.wrap_future(loop.add("r1", ids, params, "math", sink))  # raises if refused
+    ... queue.get() -> RequestOutput (or an exception) ...
+    loop.abort("r1")                                     # client gone: pages freed at once
+    await asyncio.wrap_future(loop.call(lambda e: e.add_adapter("x", path)))
+    loop.stop(deadline_s=30)                             # finish or cancel, then end followers
+
+Why a thread and not the event loop: a step holds the CPU for milliseconds (host work) and
+then waits for the device; on the event loop that would stall every connection. Why one
+thread: the engine is not thread-safe, and one owner makes every decision (admission, abort,
+adapter load and unload) happen between two steps, never inside one. The HTTP side never
+touches the engine: it queues commands (:meth:`call`) and receives outputs through a
+:class:`Sink`, which hands them to the event loop in one batch per step.
+
+Admission is bounded: :meth:`add` refuses a request with :class:`Overloaded` when
+``max_waiting`` requests already wait (those queued here but not yet admitted included), so
+neither this queue nor the scheduler's grows without bound. A leader with followers (TP > 1)
+sends them a keep-alive every ``heartbeat_s`` seconds while idle (:meth:`Engine.keepalive`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from moelora_dist.errors import MoeloraError
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(MoeloraError):
+    """Too many requests wait already; the client should retry later (HTTP 429)."""
+
+
+class ShuttingDown(MoeloraError):
+    """The server is stopping and takes no new request (HTTP 503)."""
+
+
+class ModelNotFound(MoeloraError):
+    """A ``model`` that is neither the base model nor a loaded adapter (HTTP 404)."""
+
+
+class Sink:
+    """Delivers one request's outputs to an asyncio queue from the engine thread."""
+
+    def __init__(self, aio_loop, aio_queue):
+        self.aio_loop, self.aio_queue = aio_loop, aio_queue
+
+
+@dataclass
+class Snapshot:
+    """What the HTTP side may read without asking the engine thread (refreshed each step)."""
+
+    metrics: object
+    adapters: tuple[str, ...]
+    waiting: int
+
+
+class EngineLoop:
+    """Owns ``engine`` on one thread (module docstring)."""
+
+    def __init__(self, engine, max_waiting: int = 256, heartbeat_s: float = 5.0):
+        self.engine, self.max_waiting, self.heartbeat_s = engine, max_waiting, heartbeat_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._pending = 0  # adds queued but not yet run (guarded by _lock)
+        self._lock = threading.Lock()
+        self._stop_at: float | None = None
+        self._accepting = True
+        self.error: BaseException | None = None
+        self.on_fatal = None  # called (from the engine thread) after a failure
+        self.snapshot = self._snap()
+        self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    # -- called from any thread -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def call(self, fn) -> concurrent.futures.Future:
+        """Run ``fn(engine)`` on the engine thread between two steps; its result or exception
+        comes back through the future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self.error is not None or not self.thread.is_alive() and self.thread.ident:
+            fut.set_exception(ShuttingDown("the engine has stopped"))
+            return fut
+        self._commands.put((fn, fut))
+        return fut
+
+    def add(self, request_id: str, prompt_ids: list[int], params, adapter: str | None,
+            sink: Sink) -> concurrent.futures.Future:
+        """Queue a request (checked on the engine thread: adapter, lengths, sampling)."""
+        with self._lock:
+            if not self._accepting:
+                fut = concurrent.futures.Future()
+                fut.set_exception(ShuttingDown("the server is shutting down; no new requests"))
+                return fut
+            if self._pending + self.snapshot.waiting >= self.max_waiting:
+                fut = concurrent.futures.Future()
+                fut.set_exception(Overloaded(
+                    f"{self.max_waiting} requests are waiting already (--max-waiting); retry "
+                    "later"))
+                return fut
+            self._pending += 1
+        return self.call(lambda engine: self._admit(engine, request_id, prompt_ids, params,
+                                                    adapter, sink))
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (a client that went away): its pages are free after this call
+        runs, before the next step."""
+        self.call(lambda engine: self._abort(engine, request_id))
+
+    def refuse_new(self) -> None:
+        """From now on :meth:`add` answers :class:`ShuttingDown` (a signal arrived)."""
+        with self._lock:
+            self._accepting = False
+
+    def stop(self, deadline_s: float) -> None:
+        """Refuse new requests; let running ones finish for ``deadline_s`` seconds, then
+        cancel the rest (their clients get ``finish_reason: "abort"``); end the followers'
+        loop and this thread. Blocks until the thread ended."""
+        with self._lock:
+            self._accepting = False
+        self._stop_at = time.monotonic() + deadline_s
+        self._commands.put((None, None))  # wake an idle loop
+        if self.thread.ident is not None:
+            self.thread.join()
+
+    # -- the engine thread ----------------------------------------------------------------------
+
+    def _snap(self) -> Snapshot:
+        e = self.engine
+        return Snapshot(e.metrics(), tuple(e.adapter_names), len(e.scheduler.waiting))
+
+    def _admit(self, engine, request_id, prompt_ids, params, adapter, sink) -> None:
+        with self._lock:
+            self._pending -= 1
+        if adapter is not None and not engine.adapters.servable(adapter):
+            raise ModelNotFound(f"the model {adapter!r} does not exist (being unloaded or never "
+                                f"loaded); loaded: {sorted(engine.adapter_names)}")
+        if len(engine.scheduler.waiting) >= self.max_waiting:
+            raise Overloaded(f"{self.max_waiting} requests are waiting already (--max-waiting); "
+                             "retry later")
+        engine.add_request(request_id, prompt_ids, params, adapter)
+        self._sinks[request_id] = sink
+
+    def _abort(self, engine, request_id) -> None:
+        if self._sinks.pop(request_id, None) is not None:
+            engine.abort(request_id)
+
+    def _drain(self, timeout: float | None) -> bool:
+        """Run the queued commands; wait up to ``timeout`` for the first (None: don't wait),
+        then refresh the snapshot. False when a stop was asked."""
+        try:
+            item = self._commands.get(timeout=timeout) if timeout else \
+                self._commands.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            fn, fut = item
+            if fn is None:
+                return False
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self.engine))
+                except BaseException as exc:  # the caller turns it into an HTTP error
+                    fut.set_exception(exc)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                self.snapshot = self._snap()
+                return True
+
+    def _deliver(self, outputs) -> None:
+        """Hand each output to its request's queue: one event-loop callback per loop."""
+        batches: dict[object, list] = {}
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is None:
+                continue
+            if out.finished:
+                del self._sinks[out.request_id]
+            batches.setdefault(sink.aio_loop, []).append((sink.aio_queue, out))
+        for aio_loop, items in batches.items():
+            aio_loop.call_soon_threadsafe(_put_all, items)
+
+    def _run(self) -> None:
+        engine = self.engine
+        idle_since = time.monotonic()
+        stopping = False
+        try:
+            while True:
+                busy = engine.has_unfinished()
+                if not self._drain(None if busy else (0.05 if stopping else self.heartbeat_s)):
+                    stopping = True
+                if stopping and (not engine.has_unfinished()
+                                 or time.monotonic() >= self._stop_at):
+                    self._cancel_all(engine)
+                    break
+                if engine.has_unfinished():
+                    outputs = engine.step()
+                    self.snapshot = self._snap()  # before a client can see the outputs
+                    self._deliver(outputs)
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= self.heartbeat_s:
+                    engine.keepalive()
+                    idle_since = time.monotonic()
+        except BaseException as exc:  # a bug: fail every request, and let the server exit
+            log.exception("the engine loop failed; the server stops")
+            self.error = exc
+            self._fail_all(exc)
+            if self.on_fatal is not None:
+                self.on_fatal()
+        finally:
+            self._drain_refused()
+            engine.shutdown()
+
+    def _cancel_all(self, engine) -> None:
+        from moelora_dist.engine.outputs import RequestOutput
+
+        outs = []
+        for rid in list(self._sinks):
+            engine.abort(rid)
+            outs.append(RequestOutput(rid, [], finished=True, finish_reason="abort"))
+        self._deliver(outs)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        batches: dict[object, list] = {}
+        for sink in self._sinks.values():
+            batches.setdefault(sink.aio_loop, []).append((sink.aio_queue, exc))
+        self._sinks.clear()
+        for aio_loop, items in batches.items():
+            aio_loop.call_soon_threadsafe(_put_all, items)
+
+    def _drain_refused(self) -> None:
+        """Commands that arrive after the end get an error, never silence."""
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if fut is not None and fut.set_running_or_notify_cancel():
+                fut.set_exception(ShuttingDown("the server is shutting down"))
+
+
+def _put_all(items) -> None:
+    for q, out in items:
+        q.put_nowait(out)

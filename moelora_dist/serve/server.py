@@ -1,0 +1,105 @@
+"""Run a built engine as the HTTP server (the leader rank) or as a follower (every other rank).
+
+    code = serve(engine, ServeConfig(host="127.0.0.1", port=8000), served_name="base", ...)
+
+The leader (TP rank 0) starts the engine loop thread (:mod:`.loop`) and uvicorn on the main
+thread; the other ranks of the TP group run :meth:`Engine.follow` until the leader's stop.
+
+Shutdown on SIGTERM or SIGINT (uvicorn's handlers, on the main thread): the listening socket
+closes (no new connection), new requests on open connections get 503, requests in flight
+keep streaming until they finish or ``shutdown_timeout`` seconds have passed, then the rest
+are cancelled (``finish_reason: "abort"``); the loop sends the followers their stop, and the
+process exits 0. Followers ignore the two signals themselves (the launcher sends them to every
+rank): they end when the leader's stop arrives, so no rank leaves a collective half done. A
+rank that dies ends the whole job non-zero (the launcher's guarantee).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    """The server's own settings (the engine's are :class:`~moelora_dist.engine.config.EngineConfig`).
+
+    host/port: where to listen (127.0.0.1 unless told: not reachable from other machines).
+    api_key: required as ``Authorization: Bearer`` on every route but /health (None: open).
+    max_waiting: requests that may wait for admission before new ones get 429.
+    enable_lora_loading / adapter_root: run-time adapter loads, only from under the root.
+    shutdown_timeout: seconds requests in flight may take to finish after SIGTERM/SIGINT.
+    heartbeat_s: keep-alive period of an idle leader towards its followers.
+    log_level: uvicorn's access and error log level.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_waiting: int = 256
+    enable_lora_loading: bool = False
+    adapter_root: str | None = None
+    shutdown_timeout: float = 20.0
+    heartbeat_s: float = 5.0
+    log_level: str = "warning"
+
+
+def serve(engine, config: ServeConfig, *, served_name: str, model_root: str,
+          adapter_sources: dict[str, str]) -> int:
+    """Serve until a signal (leader) or the leader's stop (followers); returns the exit code."""
+    if not engine.is_leader:
+        _ignore_signals()
+        engine.follow()
+        return 0
+    from moelora_dist.serve.app import ServerState, create_app
+    from moelora_dist.serve.loop import EngineLoop
+
+    loop = EngineLoop(engine, config.max_waiting, config.heartbeat_s)
+    state = ServerState(loop, engine.codec, served_name, model_root, engine.cfg.vocab_size,
+                        engine.max_model_len, dict(adapter_sources), config.api_key,
+                        config.enable_lora_loading, config.adapter_root)
+    app = create_app(state)
+    server = _Server(uvicorn.Config(app, host=config.host, port=config.port,
+                                    log_level=config.log_level,
+                                    timeout_graceful_shutdown=config.shutdown_timeout,
+                                    lifespan="off"), loop)
+    loop.on_fatal = lambda: setattr(server, "should_exit", True)
+    # uvicorn catches SIGTERM/SIGINT while it runs and raises them again on its way out to
+    # whatever handler was there before: make that one a no-op, so the drain below runs and
+    # the exit code is ours (0), not the signal's.
+    _ignore_signals()
+    loop.start()
+    try:
+        server.run()
+    finally:
+        # uvicorn has drained or cancelled every connection; what is left in the engine has
+        # no client any more.
+        loop.stop(deadline_s=0.0)
+        state.tokenizer_pool.shutdown(wait=False)
+    if loop.error is not None:
+        log.error("the engine loop failed: %s", loop.error)
+        return 1
+    log.warning("server stopped")
+    return 0
+
+
+def _ignore_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server that also stops admission the moment a signal arrives."""
+
+    def __init__(self, config, loop):
+        super().__init__(config)
+        self.engine_loop = loop
+
+    def handle_exit(self, sig, frame):
+        self.engine_loop.refuse_new()
+        super().handle_exit(sig, frame)

@@ -1,0 +1,26 @@
+"""The serving benchmark's CPU smoke run (``python -m benchmarks serve --tiny``): both sides
+run (the offline engine and the HTTP server under the stdlib load generator), every request
+streams all its tokens, the check requests agree token for token, and the CSV has one
+offline and one http row per case with the HTTP overhead column. Figures on a shared CPU mean
+nothing; the GPU run is the measurement (docs/serve.md). About 40 s."""
+
+import csv
+import subprocess
+import sys
+
+from tests.integration.launching import ROOT, job_env
+
+
+def test_serve_benchmark_smoke_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "serve", "--tiny", "--device",
+                           "cpu", "--concurrency", "2", "--requests", "3", "--output-len", "5",
+                           "--out-dir", str(tmp_path)], cwd=ROOT, env=job_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "serve_cpu.csv")))
+    assert [(r["side"], r["mode"]) for r in rows] == [
+        ("offline", "base"), ("http", "base"), ("offline", "lora8"), ("http", "lora8")]
+    for r in rows:
+        assert r["errors"] == "0" and r["output_tokens"] == str(3 * 5) and r["check_ok"] == "True"
+        assert float(r["out_tok_s"]) > 0 and float(r["ttft_p50_ms"]) > 0
+    assert all(r["http_overhead"] != "" for r in rows if r["side"] == "http")

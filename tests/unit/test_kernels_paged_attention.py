@@ -1,0 +1,128 @@
+"""The paged-attention family and the fused residual-add + RMSNorm (Triton interpreter)
+against their references.
+
+fp32 and fp16 (bf16 dots are wrong under the interpreter; bf16 runs in tests/gpu). Each
+attention case lays the sequences' pages out in a random order over a pool larger than they
+need and fills every page no sequence owns -- and the stale tail of each last page -- with NaN:
+a kernel that read outside a sequence's keys would return NaN. Tolerances: fp32 differs by
+summation order (online vs one softmax), 1e-5; fp16 by the kernel's fp16 probabilities in the
+P.V product, 2e-3 on outputs of size O(1).
+"""
+
+import pytest
+import torch
+
+from moelora_dist.kernels.norm import naive as norm_naive
+from moelora_dist.kernels.norm import ops as norm_ops
+from moelora_dist.kernels.paged_attention import naive, ops
+
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+# name -> (seqs as (new tokens, keys after the step), q heads, kv heads, head dim, page size,
+#          sliding window)
+CASES = {
+    "decode_ragged": ([(1, 1), (1, 7), (1, 33), (1, 16)], 4, 2, 16, 4, None),
+    "prefill_chunks": ([(5, 5), (3, 11), (17, 40), (1, 9)], 4, 2, 16, 8, None),
+    "padding_rows": ([(2, 2), (1, 0), (0, 0), (3, 9)], 4, 2, 16, 4, None),
+    "gqa_4_odd_page": ([(4, 13), (1, 6)], 8, 2, 16, 3, None),
+    "mha_dim_24": ([(3, 10), (2, 2)], 2, 2, 24, 4, None),
+    "group_3": ([(2, 12), (1, 5)], 6, 2, 16, 4, None),
+    "kv_replicated_one_head": ([(6, 6), (1, 20)], 4, 1, 16, 16, None),
+    "sliding_window": ([(6, 14), (1, 30), (9, 9)], 4, 2, 16, 4, 5),
+}
+
+
+def _case(seqs, Nq, Nk, D, S, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-L // S) for _, L in seqs]
+    P = sum(need) + 3
+    kp = torch.full((P, S, Nk, D), float("nan"), dtype=dtype)
+    vp = kp.clone()
+    order = torch.randperm(P, generator=g).tolist()
+    M = max(max(need), 1)
+    tables = torch.zeros(len(seqs), M, dtype=torch.int32)
+    used = 0
+    for b, (_, L) in enumerate(seqs):
+        pages = order[used:used + need[b]]
+        used += need[b]
+        tables[b, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        for j in range(L):  # only a sequence's own keys are finite
+            kp[pages[j // S], j % S] = torch.randn(Nk, D, generator=g).to(dtype)
+            vp[pages[j // S], j % S] = torch.randn(Nk, D, generator=g).to(dtype)
+    seg = [0]
+    for q, _ in seqs:
+        seg.append(seg[-1] + q)
+    q = torch.randn(seg[-1], Nq, D, generator=g).to(dtype)
+    return q, kp, vp, tables, torch.tensor([L for _, L in seqs], dtype=torch.int32), \
+        torch.tensor(seg, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_paged_attention_matches_reference(name, dtype):
+    seqs, Nq, Nk, D, S, window = CASES[name]
+    q, kp, vp, tables, kv, seg = _case(seqs, Nq, Nk, D, S, dtype)
+    decode = all(n == 1 for n, _ in seqs)
+    want = naive.paged_attention(q, kp, vp, tables, kv, seg, scale=D ** -0.5,
+                                 sliding_window=window)
+    for decode_only in sorted({decode, False}):
+        got = ops.paged_attention(q, kp, vp, tables, kv, seg, scale=D ** -0.5,
+                                  sliding_window=window, decode_only=decode_only)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=0)
+    for b, (n, L) in enumerate(seqs):
+        if L == 0:  # padding sequences: zero rows, written (the allocation was NaN)
+            assert (got[int(seg[b]):int(seg[b + 1])] == 0).all()
+
+
+def test_paged_attention_int64_tables_and_attention_sink_free():
+    """int64 metadata (what the engine's plans carry) gives the same result as int32."""
+    seqs, Nq, Nk, D, S, _ = CASES["prefill_chunks"]
+    q, kp, vp, tables, kv, seg = _case(seqs, Nq, Nk, D, S, torch.float32)
+    a = ops.paged_attention(q, kp, vp, tables, kv, seg, scale=0.25)
+    b = ops.paged_attention(q, kp, vp, tables.long(), kv.long(), seg.long(), scale=0.25)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("head_norm", [False, True], ids=["no_norm", "head_norm"])
+def test_rope_write_matches_reference(dtype, head_norm):
+    g = torch.Generator().manual_seed(1)
+    T, Nq, Nk, D, P, S = 6, 4, 2, 16, 5, 4
+    qkv = torch.randn(T, (Nq + 2 * Nk) * D, generator=g).to(dtype)  # one fused projection
+    q = qkv[:, :Nq * D].view(T, Nq, D)
+    k = qkv[:, Nq * D:(Nq + Nk) * D].view(T, Nk, D)
+    v = qkv[:, (Nq + Nk) * D:].view(T, Nk, D)
+    pos = torch.tensor([0, 3, 7, 2, 9, 30])
+    slots = torch.tensor([0, 5, -1, 13, 19, 7])  # -1: a padding token stores nothing
+    cos, sin = naive.rope_tables(D, 1e4, 32)
+    w = [(1 + 0.1 * torch.randn(D, generator=g)).to(dtype) for _ in range(2)] if head_norm \
+        else [None, None]
+    pages = [torch.full((P, S, Nk, D), 7.0, dtype=dtype) for _ in range(4)]
+    want = naive.rope_write(q, k, v, pos, cos, sin, slots, pages[0], pages[1], *w)
+    got = ops.rope_write(q, k, v, pos, cos, sin, slots, pages[2], pages[3], *w)
+    tol = TOL[dtype] * (1 if dtype == torch.float32 else 2)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+    torch.testing.assert_close(pages[2].float(), pages[0].float(), atol=tol, rtol=0)
+    assert torch.equal(pages[3], pages[1])  # v is copied
+    untouched = torch.ones(P * S, dtype=torch.bool)
+    untouched[slots[slots >= 0]] = False
+    assert (pages[2].view(P * S, Nk, D)[untouched] == 7).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("H", [48, 64], ids=["H48", "H64"])
+def test_add_rms_norm_matches_reference(dtype, H):
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(5, H, generator=g).to(dtype)
+    d = torch.randn(5, H, generator=g).to(dtype)
+    w = torch.randn(H, generator=g).to(dtype)
+    h1, h2 = h.clone(), h.clone()
+    x1 = norm_naive.add_rms_norm(h1, d, w, 1e-6)
+    x2 = norm_ops.add_rms_norm(h2, d, w, 1e-6)
+    assert torch.equal(h1, h2)  # the residual sum is rounded once, as transformers does
+    torch.testing.assert_close(x2, x1, atol=TOL[dtype], rtol=0)
+    torch.testing.assert_close(norm_ops.add_rms_norm(h2, None, w, 1e-6),
+                               norm_naive.add_rms_norm(h1, None, w, 1e-6), atol=TOL[dtype],
+                               rtol=0)

@@ -1,0 +1,85 @@
+"""The server's guards and request parsing, in process (no HTTP): where run-time adapter loads
+may read (``..``, absolute paths, symlinks out of the root, a root that is itself a symlink),
+the bearer check, unknown and non-neutral fields, and the mapping of sampling errors to the
+field a client sent."""
+
+import os
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the 'serve' extra is not installed")
+
+from moelora_dist.serve.protocol import (ChatRequest, CompletionRequest, RequestInvalid,  # noqa: E402
+                                         check_neutral, choice_seed, parse_body,
+                                         sampling_params)
+from moelora_dist.serve.security import (Forbidden, Unauthorized, check_bearer,  # noqa: E402
+                                         resolve_adapter_path)
+
+
+@pytest.fixture
+def root(tmp_path):
+    (tmp_path / "root" / "ok").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    os.symlink(tmp_path / "outside", tmp_path / "root" / "out_link")
+    os.symlink(tmp_path / "root" / "ok", tmp_path / "root" / "in_link")
+    os.symlink(tmp_path / "root", tmp_path / "root_link")
+    return tmp_path
+
+
+def test_adapter_paths_stay_under_the_root(root):
+    r = str(root / "root")
+    assert resolve_adapter_path("ok", r, True) == str(root / "root" / "ok")
+    assert resolve_adapter_path(str(root / "root" / "ok"), r, True) == str(root / "root" / "ok")
+    assert resolve_adapter_path("in_link", r, True) == str(root / "root" / "ok")
+    # a root given through a symlink: paths are compared after resolving both
+    assert resolve_adapter_path("ok", str(root / "root_link"), True) == str(root / "root" / "ok")
+    for bad in ("../outside", "ok/../../outside", "out_link", str(root / "outside"), "/etc"):
+        with pytest.raises(Forbidden, match="outside --adapter-root"):
+            resolve_adapter_path(bad, r, True)
+    with pytest.raises(Forbidden, match="--enable-lora-loading"):
+        resolve_adapter_path("ok", r, False)
+
+
+def test_bearer_check():
+    check_bearer("Bearer k1", "k1")
+    check_bearer("bearer k1", "k1")
+    for header, why in ((None, "needs an API key"), ("", "needs an API key"),
+                        ("Basic k1", "needs an API key"), ("Bearer k2", "not valid"),
+                        ("Bearer k", "not valid")):
+        with pytest.raises(Unauthorized, match=why):
+            check_bearer(header, "k1")
+
+
+@pytest.mark.parametrize("body,field,fragment", [
+    ({"model": "m", "prompt": [1], "what": 1}, "what", "unknown field 'what'"),
+    ({"prompt": [1]}, "model", "field 'model'"),
+    ({"model": "m", "prompt": [1], "n": 0}, "n", "field 'n'"),
+    ({"model": "m", "prompt": {"x": 1}}, "prompt", "field 'prompt"),
+    ({"model": "m", "prompt": [1], "stream_options": {"include_usage": True}},
+     "stream_options", "needs stream"),
+    ({"model": "m", "prompt": [1], "best_of": 3}, "best_of", "best_of"),
+    ({"model": "m", "prompt": [1], "presence_penalty": 1.0}, "presence_penalty", "only 0"),
+], ids=["unknown", "missing", "n0", "prompt_type", "stream_options", "best_of", "penalty"])
+def test_completion_bodies_name_the_field(body, field, fragment):
+    with pytest.raises(RequestInvalid, match=fragment) as exc:
+        check_neutral(parse_body(CompletionRequest, body))
+    assert exc.value.param == field
+
+
+def test_sampling_errors_name_the_client_field():
+    req = parse_body(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                   "logprobs": True, "top_logprobs": 40})
+    with pytest.raises(RequestInvalid) as exc:
+        sampling_params(req, max_tokens=4, logprobs=40, seed=None)
+    assert exc.value.param == "top_logprobs"
+    req = parse_body(CompletionRequest, {"model": "m", "prompt": "x", "min_p": 2})
+    with pytest.raises(RequestInvalid) as exc:
+        sampling_params(req, max_tokens=4, logprobs=None, seed=None)
+    assert exc.value.param == "min_p"
+
+
+def test_choice_seeds_differ_and_repeat():
+    assert choice_seed(None, 3) is None
+    seeds = [choice_seed(7, i) for i in range(4)]
+    assert seeds[0] == 7 and len(set(seeds)) == 4 and seeds == [choice_seed(7, i)
+                                                               for i in range(4)]
