@@ -62,7 +62,7 @@ def _rows(c):
 VARIANTS = {
     "run_loop_1": dict(lora_runs=1), "run_loop_2": dict(lora_runs=2),
     "run_loop_8": dict(lora_runs=8), "slot_loop": dict(run_loop=False, lora_runs=1),
-    # the MoEConfig switches the tuner measures (tests/unit/test_kernels_moe_variants.py)
+    # the MoEConfig switches the tuner measures (tests/unit/test_kernels_lora_switches.py)
     "split_shrink": dict(shrink_split_k=2),
     "fused_down_shrink": dict(fuse_down_shrink=True),
     "fused_shrink": dict(fuse_shrink=True, lora_runs=2),
