@@ -27,10 +27,12 @@ def run_experts(backend: str, x_NH: torch.Tensor, w_gate_up_EXH: torch.Tensor,
                 topk_ids_NK: torch.Tensor, token_slot_N: torch.Tensor | None,
                 lora: MoELoRAWeights | None, activation: str,
                 slot_enabled_S: torch.Tensor | None,
-                num_lora_tokens: int | None) -> torch.Tensor:
+                num_lora_tokens: int | None, *,
+                max_lora_rank: int | None = None) -> torch.Tensor:
     """``[N, H]`` weighted expert outputs of the routed rows (shapes as in
     :func:`~moelora_dist.kernels.moe_lora.naive.experts_reference`); ``lora=None`` or
-    ``token_slot_N=None`` runs the base path only."""
+    ``token_slot_N=None`` runs the base path only. ``max_lora_rank``: the batch's largest
+    adapter rank when known on the host (the Triton path's rank tiles follow it)."""
     if x_NH.shape[0] == 0:
         return x_NH.new_zeros(0, x_NH.shape[1])
     if token_slot_N is None:
@@ -42,4 +44,4 @@ def run_experts(backend: str, x_NH: torch.Tensor, w_gate_up_EXH: torch.Tensor,
 
     return fused_moe_lora(x_NH, w_gate_up_EXH, w_down_EHI, topk_weights_NK, topk_ids_NK,
                           token_slot_N, lora, activation, slot_enabled_S,
-                          num_lora_tokens=num_lora_tokens)
+                          num_lora_tokens=num_lora_tokens, max_lora_rank=max_lora_rank)
