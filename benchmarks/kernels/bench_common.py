@@ -7,21 +7,25 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.kernels import roofline
 from moelora_dist.kernels.constants import Activation
 from moelora_dist.testing.kernel_cases import make_lora
 from moelora_dist.moe.router import (localize_topk_ids, route, route_sigmoid_grouped,
                                      route_topk_softmax)
 
-MODELS = {  # H, E (local), K, I of the public model configurations
-    "qwen3-30b-a3b": (2048, 128, 8, 768),
-    "mixtral-8x7b": (4096, 8, 2, 14336),
-    # --families: DeepSeek-V3's routed experts on one rank of EP 8 (tokens route top-8 over
-    # 256 experts with its grouped sigmoid router; the 7 other ranks' experts are -1 here)
-    # and gpt-oss-120b (biased experts, clamped SwiGLU, top-4 of 128).
-    "deepseek-v3-routed-ep8": (7168, 32, 8, 2048),
-    "gpt-oss-120b": (2880, 128, 4, 2880),
+MODELS = {  # H, E, K, I of the public model configurations, and EP (E / EP local experts)
+    "qwen3-30b-a3b": (2048, 128, 8, 768, 1),
+    "mixtral-8x7b": (4096, 8, 2, 14336, 1),
+    "olmoe": (2048, 64, 8, 1024, 1),
+    # DeepSeek-V3 / Kimi-K2 routed experts at EP 8: 32 local experts (the all-reduce
+    # dispatcher's view: the other ranks' experts are -1)
+    "deepseek-v3-routed": (7168, 256, 8, 2048, 8),
+    # --families: the same shape routed by DeepSeek-V3's own router (sigmoid, correction
+    # bias, 4 of 8 groups: rank 0's 32 experts are one group, so a token routes to them in
+    # about half the batch), and gpt-oss-120b (biased experts, clamped SwiGLU, top-4 of 128).
+    "deepseek-v3-grouped": (7168, 256, 8, 2048, 8),
+    "gpt-oss-120b": (2880, 128, 4, 2880, 1),
 }
-ROUTED_EXPERTS = {"deepseek-v3-routed-ep8": 256}  # experts a token routes over (all ranks)
 GPT_OSS_SWIGLU = Activation("swiglu_oai", 1.702, 7.0)
 NUM_SLOTS = 8
 _WEIGHTS: dict = {}
@@ -44,7 +48,8 @@ class Case:
 
 def make_inputs(case: Case, device="cuda", seed=0):
     """bf16 layer inputs; adapters are contiguous requests, as a serving batch has them."""
-    H, E, K, I = MODELS[case.model]
+    H, E_all, K, I, ep = MODELS[case.model]
+    E = E_all // ep
     g = torch.Generator(device=device).manual_seed(seed)
     dev = dict(device=device, dtype=torch.bfloat16)
     x = torch.randn(case.T, H, generator=g, device=device).to(**dev)
@@ -54,16 +59,15 @@ def make_inputs(case: Case, device="cuda", seed=0):
             (torch.randn(E, 2 * I, H, generator=g, device=device) * H ** -0.5).to(**dev),
             (torch.randn(E, H, I, generator=g, device=device) * I ** -0.5).to(**dev))
     w_gu, w_d = _WEIGHTS[case.model]
-    E_all = ROUTED_EXPERTS.get(case.model, E)
     logits = torch.randn(case.T, E_all, generator=g, device=device)
-    if case.model.startswith("deepseek"):
+    if case.model == "deepseek-v3-grouped":
         bias = torch.randn(E_all, generator=g, device=device) * 0.1
         tw, ids = route_sigmoid_grouped(logits, bias, K, 8, 4, True, 2.5)
-        ids = localize_topk_ids(ids, 0, E)
     elif case.model.startswith("gpt-oss"):
         tw, ids = route_topk_softmax(logits, K)
     else:
         tw, ids = route(logits, K, renormalize=True)
+    ids = localize_topk_ids(ids, 0, E)
     inp = dict(x_TH=x, w_gate_up_EXH=w_gu, w_down_EHI=w_d, topk_weights_TK=tw, topk_ids_TK=ids,
                token_slot_T=None, lora=None, slot_enabled_S=None)
     if case.model.startswith("gpt-oss"):
@@ -89,16 +93,12 @@ def make_inputs(case: Case, device="cuda", seed=0):
 
 def touched_weight_bytes(inp) -> int:
     """Bytes of the base expert weights a call must read (experts with >= 1 pair)."""
-    E, two_i, H = inp["w_gate_up_EXH"].shape
-    n = int(inp["topk_ids_TK"][inp["topk_ids_TK"] >= 0].unique().numel())
-    return n * 3 * (two_i // 2) * H * inp["w_gate_up_EXH"].element_size()
+    return roofline.base_weight_bytes(inp)
 
 
 def flops(inp) -> float:
-    """Base FLOPs of the pairs this rank computes (ids of other ranks' experts are -1)."""
-    pairs = int((inp["topk_ids_TK"] >= 0).sum())
-    E, two_i, H = inp["w_gate_up_EXH"].shape
-    return 2.0 * pairs * 3 * H * (two_i // 2)
+    """Base FLOPs of the valid pairs (``roofline.py`` adds the adapters')."""
+    return roofline.base_flops(inp)
 
 
 def variant_kwargs(inp) -> dict:
@@ -133,28 +133,44 @@ def make_peer(inp, rank: int | None):
     return lambda: block(x)
 
 
+def _ms(r):
+    """A row's graph-replay time where measured (the peers' table is graph time), else eager."""
+    return r["ms_graph"] if r.get("ms_graph") not in (None, "") else r.get("ms")
+
+
 def plot(path, rows, meta):
-    """Time vs T per configuration, one panel per model, log-log, with the peer dashed."""
+    """Per model: time vs T per configuration (log-log; reference rows of issue 16's table
+    dashed) over the share of each case's own roofline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 9), squeeze=False,
+                             gridspec_kw=dict(height_ratios=[2, 1]))
+    for col, model in enumerate(models):
+        ax, ax2 = axes[0][col], axes[1][col]
         mine = [r for r in rows if r["model"] == model and r["ok"]]
         for cfg in sorted({r["config"] for r in mine}):
-            pts = sorted((r["T"], r["ms"]) for r in mine if r["config"] == cfg)
-            style = "--" if cfg.startswith("peer") else "-"
-            ax.plot(*zip(*pts), style, marker="o", label=cfg)
+            pts = sorted((r["T"], _ms(r)) for r in mine if r["config"] == cfg)
+            ref = cfg.startswith(("peer", "before"))
+            ax.plot(*zip(*pts), "--" if ref else "-", marker="x" if ref else "o", label=cfg,
+                    alpha=0.6 if ref else 1.0)
+            share = sorted((r["T"], r["roofline_pct"]) for r in mine if r["config"] == cfg
+                           and r.get("roofline_pct") not in (None, ""))
+            if share:
+                ax2.plot(*zip(*share), marker="o", label=cfg)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("tokens T")
-        ax.set_ylabel("time per MoE layer (ms, median)")
-        ax.set_title(model)
+        ax.set_ylabel("time per MoE layer (ms, median, graph replay)")
+        ax.set_title(f"{model} (dashed: issue 16's table, for reference)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
+        ax2.set_xscale("log", base=2)
+        ax2.set_xlabel("tokens T")
+        ax2.set_ylabel("% of own roofline")
+        ax2.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"moelora_dist fused MoE + multi-LoRA, {meta['device']}, {meta['utc']} UTC, "
                  f"commit {meta['commit']}")
     fig.tight_layout()

@@ -20,8 +20,7 @@ import torch
 
 from benchmarks.kernels.bench_common import Case, bench, bench_graph, make_inputs
 
-from moelora_dist.kernels.moe_lora.configs import pick_config
-from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
+from moelora_dist.kernels.moe_lora.ops import config_for, fused_moe_lora
 
 
 def _host_us(fn, calls: int = 20) -> float:
@@ -68,7 +67,7 @@ def main():
             inp = make_inputs(case)
             cfgs = {"default": None}
             if case.adapters:
-                base_cfg = pick_config(T, 8, 128, 8)
+                base_cfg = config_for(inp["x_TH"], inp["w_gate_up_EXH"], 8, inp["lora"])
                 for v in args.variants:
                     cfgs[v] = dataclasses.replace(base_cfg, **dict(
                         (kv.split(":")[0], int(kv.split(":")[1])) for kv in v.split(",")))

@@ -6,6 +6,7 @@
     moelora-dist logits --model DIR --adapter NAME=DIR --requests R.jsonl --out O.safetensors
     moelora-dist generate --model DIR --adapter NAME=DIR --requests R.jsonl --out O.jsonl
     moelora-dist serve --model DIR --adapter NAME=DIR [--host 127.0.0.1 --port 8000]
+    moelora-dist tune-kernels --shape qwen3-30b-a3b --lora --out tuned.json
 
 Each subcommand lives in ``moelora_dist/cli/<name>.py`` and defines ``add_arguments(parser)``
 and ``main(args) -> int``; a module is imported only when its command runs (start-up time).
@@ -29,6 +30,7 @@ COMMANDS = {
     "logits": ("logits", "prompt logits of a batch of requests with mixed adapters"),
     "generate": ("generate", "generation (greedy unless asked) of requests with mixed adapters"),
     "serve": ("serve", "OpenAI-compatible HTTP server; each adapter is a model"),
+    "tune-kernels": ("tune_kernels", "measure the MoE LoRA kernels' tile configs on this GPU"),
 }
 
 

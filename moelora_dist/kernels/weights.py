@@ -39,7 +39,13 @@ class MoELoRAWeights(NamedTuple):
 
     @property
     def max_rank(self) -> int:
+        """Ranks the kernels read (the pool's max rank, or less in a :meth:`rank_view`)."""
         return int(self.down_a.shape[2])
+
+    @property
+    def a_half_rows(self) -> int:
+        """Row of ``gate_up_a`` where A_up starts: the pool's max rank, also in a view."""
+        return int(self.gate_up_a.shape[2]) // 2
 
     @property
     def num_local_experts(self) -> int:
@@ -70,6 +76,19 @@ class MoELoRAWeights(NamedTuple):
             down_b_shared=torch.full((S,), outer_shared_only, dtype=torch.bool, device=device),
             slot_rank=torch.zeros(S, dtype=torch.int32, device=device),
         )
+
+    def rank_view(self, max_rank: int) -> "MoELoRAWeights":
+        """The same buffers seen with ranks ``< max_rank`` only (views, no copy): the kernels
+        size their rank tiles from :attr:`max_rank`, so a batch whose adapters have rank 16 in
+        a pool of rank 64 runs 16-wide tiles. Every slot the batch enables must have a rank
+        ``<= max_rank`` (the caller's promise; ``BatchInfo.max_rank`` is computed so)."""
+        r = int(max_rank)
+        if r >= self.max_rank:
+            return self
+        if r < 1:
+            raise ValueError(f"max_rank must be >= 1, got {r}")
+        return self._replace(gate_up_b=self.gate_up_b[..., :r], down_a=self.down_a[:, :, :r],
+                             down_b=self.down_b[..., :r])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self)

@@ -32,12 +32,16 @@ class BatchInfo:
     a build without ``sync``); 0 lets the layers leave the LoRA path out entirely.
     ``num_lora_tokens_dev``: ``[1]`` int32 on the device, the same count (always set by the
     builder; None for a hand-made info).
+    ``max_rank``: host int, the largest rank of the slots the requests name, or None when not
+    known on the host; the MoE kernels size their rank tiles from it (a batch of rank-16
+    adapters in a rank-64 pool runs 16-wide tiles). Never below a used slot's rank.
     """
 
     token_slot_T: torch.Tensor
     slot_enabled_S: torch.Tensor
     num_lora_tokens: int | None = None
     num_lora_tokens_dev: torch.Tensor | None = None
+    max_rank: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -53,7 +57,8 @@ class BatchInfo:
 def build_batch_info(seg_indptr_B1: torch.Tensor, req_to_slot_B: torch.Tensor,
                      slot_rank_S: torch.Tensor, *, backend: str | None = None,
                      validate: bool = True, num_tokens: int | None = None,
-                     num_lora_tokens: int | None = None) -> BatchInfo:
+                     num_lora_tokens: int | None = None,
+                     max_rank: int | None = None) -> BatchInfo:
     """Expand per-request slots to per-token slots and mark the slots in use.
 
     Args:
@@ -65,6 +70,9 @@ def build_batch_info(seg_indptr_B1: torch.Tensor, req_to_slot_B: torch.Tensor,
         num_lora_tokens: the host count when the caller knows it (a CUDA-graph step knows
             it from its request slots); otherwise it is read back only when ``validate``
             (which syncs anyway), else left None.
+        max_rank: the largest rank of the slots in ``req_to_slot_B`` when the caller knows it;
+            otherwise computed only when ``validate``, else left None (the kernels then size
+            their rank tiles for the pool's max rank).
     """
     backend = backend or ("triton" if seg_indptr_B1.is_cuda else "torch")
     if backend not in BACKENDS:
@@ -81,4 +89,7 @@ def build_batch_info(seg_indptr_B1: torch.Tensor, req_to_slot_B: torch.Tensor,
             seg_indptr_B1, req_to_slot_B, slot_rank_S, num_tokens)
     if num_lora_tokens is None and validate:
         num_lora_tokens = int(count)
-    return BatchInfo(token_slot_T, slot_enabled_S, num_lora_tokens, count)
+    if max_rank is None and validate:
+        used = req_to_slot_B[req_to_slot_B >= 0].long().to(slot_rank_S.device)
+        max_rank = int(slot_rank_S[used].max()) if used.numel() else 0
+    return BatchInfo(token_slot_T, slot_enabled_S, num_lora_tokens, count, max_rank)

@@ -28,11 +28,14 @@ def run_experts(backend: str, x_NH: torch.Tensor, w_gate_up_EXH: torch.Tensor,
                 lora: MoELoRAWeights | None, activation,
                 slot_enabled_S: torch.Tensor | None,
                 num_lora_tokens: int | None, b_gate_up_EX: torch.Tensor | None = None,
-                b_down_EH: torch.Tensor | None = None) -> torch.Tensor:
+                b_down_EH: torch.Tensor | None = None, *,
+                max_lora_rank: int | None = None) -> torch.Tensor:
     """``[N, H]`` weighted expert outputs of the routed rows (shapes as in
     :func:`~moelora_dist.kernels.moe_lora.naive.experts_reference`); ``lora=None`` or
     ``token_slot_N=None`` runs the base path only. ``activation``: a name or an
-    ``Activation``; the biases: gpt-oss's (``b_down_EH`` on one MoE-TP rank only)."""
+    ``Activation``; the biases: gpt-oss's (``b_down_EH`` on one MoE-TP rank only).
+    ``max_lora_rank``: the batch's largest adapter rank when known on the host (the Triton
+    path's rank tiles follow it)."""
     if x_NH.shape[0] == 0:
         return x_NH.new_zeros(0, x_NH.shape[1])
     if token_slot_N is None:
@@ -45,5 +48,5 @@ def run_experts(backend: str, x_NH: torch.Tensor, w_gate_up_EXH: torch.Tensor,
 
     return fused_moe_lora(x_NH, w_gate_up_EXH, w_down_EHI, topk_weights_NK, topk_ids_NK,
                           token_slot_N, lora, activation, slot_enabled_S,
-                          num_lora_tokens=num_lora_tokens, b_gate_up_EX=b_gate_up_EX,
-                          b_down_EH=b_down_EH)
+                          num_lora_tokens=num_lora_tokens, max_lora_rank=max_lora_rank,
+                          b_gate_up_EX=b_gate_up_EX, b_down_EH=b_down_EH)

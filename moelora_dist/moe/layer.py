@@ -90,7 +90,7 @@ class LoRAMoE(nn.Module):
         """
         if x_TH.dim() != 2 or x_TH.shape[1] != self.base.hidden_size:
             raise ValueError(f"x must be [T, {self.base.hidden_size}], got {tuple(x_TH.shape)}")
-        lora = token_slot_T = slot_enabled_S = num_lora_tokens = None
+        lora = token_slot_T = slot_enabled_S = num_lora_tokens = max_rank = None
         if batch_info is not None and self.pool is not None and batch_info.any_lora():
             if batch_info.num_tokens != x_TH.shape[0]:
                 raise ValueError(f"batch_info describes {batch_info.num_tokens} tokens but x "
@@ -100,6 +100,7 @@ class LoRAMoE(nn.Module):
             slot_enabled_S = batch_info.slot_enabled_S
             # Known on the host (or None): no per-layer sync to find out whether LoRA runs.
             num_lora_tokens = batch_info.num_lora_tokens
+            max_rank = batch_info.max_rank or None  # rank tiles for the adapters in use
         base = self.base
         topk_weights_TK, topk_ids_TK = base.route(x_TH, router_logits_TE)
         dispatcher = self.get_dispatcher(x_TH.shape[0])
@@ -107,5 +108,5 @@ class LoRAMoE(nn.Module):
         y_NH = run_experts(self.backend, routed.x_NH, base.w_gate_up, base.w_down,
                            routed.topk_weights_NK, routed.topk_ids_NK, routed.token_slot_N,
                            lora, base.activation, slot_enabled_S, num_lora_tokens,
-                           *base.expert_biases())
+                           *base.expert_biases(), max_lora_rank=max_rank)
         return dispatcher.combine(y_NH, routed)

@@ -73,3 +73,16 @@ def test_bad_input_is_refused(seg, req, rank, needle):
 def test_bad_dims_are_refused():
     with pytest.raises(ValueError, match="must be 1-D"):
         build_batch_info(i32(0, 2).view(1, 2), i32(0), i32(4))
+
+
+def test_max_rank_is_the_largest_rank_the_requests_use():
+    """The rank tiles of the MoE kernels follow it: the largest rank of the slots named by a
+    request (an empty request's slot too: never below a slot that can run), 0 with none; not
+    known without ``validate`` unless given."""
+    rank = i32(16, 64, 0, 8)
+    assert build_batch_info(i32(0, 2, 3, 5), i32(0, -1, 3), rank).max_rank == 16
+    assert build_batch_info(i32(0, 2, 2), i32(3, 1), rank).max_rank == 64
+    assert build_batch_info(i32(0, 2), i32(-1), rank).max_rank == 0
+    assert build_batch_info(i32(0, 2), i32(0), rank, validate=False).max_rank is None
+    assert build_batch_info(i32(0, 2), i32(0), rank, validate=False, max_rank=16).max_rank == 16
+

@@ -59,14 +59,27 @@ def _rows(c):
     return others
 
 
-@pytest.mark.parametrize("variant", ["run_loop_1", "run_loop_2", "run_loop_8", "slot_loop"])
+VARIANTS = {
+    "run_loop_1": dict(lora_runs=1), "run_loop_2": dict(lora_runs=2),
+    "run_loop_8": dict(lora_runs=8), "slot_loop": dict(run_loop=False, lora_runs=1),
+    # the MoEConfig switches the tuner measures (tests/unit/test_kernels_lora_switches.py)
+    "split_shrink": dict(shrink_split_k=2),
+    "fused_down_shrink": dict(fuse_down_shrink=True),
+    "fused_shrink": dict(fuse_shrink=True, lora_runs=2),
+    "fused_both_slot_ds": dict(fuse_shrink=True, fuse_down_shrink=True, lora_runs=8,
+                               down_shrink_runs=0),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_moe_kernels_keep_a_nan_slot_to_itself(variant, dtype):
     """Both LoRA expand loops of the Triton MoE kernels, with 1, 2 and 8 slot runs stacked in
-    one dot (the stacked dot multiplies every row's zeros by the other bands' factors)."""
+    one dot (the stacked dot multiplies every row's zeros by the other bands' factors), and
+    the fused variants (stacked shrinks: every row meets every band's factors, and keeps its
+    own band by a select)."""
     c = _moe_case(dtype)
-    runs = {"run_loop_1": 1, "run_loop_2": 2, "run_loop_8": 8, "slot_loop": 1}[variant]
-    cfg = dataclasses.replace(SMALL, run_loop=variant != "slot_loop", lora_runs=runs)
+    cfg = dataclasses.replace(SMALL, **VARIANTS[variant]).check()
     args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
             c["topk_ids_TK"], c["token_slot_T"])
     good = fused_moe_lora(*args, c["lora"], "silu", c["slot_enabled_S"], config=cfg)

@@ -16,6 +16,8 @@ order (fp32); a last-bit difference in an activation's scaled value can flip one
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -122,3 +124,21 @@ def test_fused_moe_lora_fp8_matches_reference(case, reblocked):
     torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
     if case == "all_invalid":
         assert torch.equal(got, torch.zeros_like(got))
+
+
+@pytest.mark.usefixtures("poisoned_allocations")
+@pytest.mark.parametrize("switches", [
+    dict(shrink_split_k=2), dict(fuse_down_shrink=True),
+    dict(fuse_shrink=True, fuse_down_shrink=True),  # FP8 takes the separate shrink
+], ids=["split_shrink", "fused_down_shrink", "fused_both"])
+def test_lora_variants_on_fp8_experts(switches):
+    """The MoEConfig switches the tuner measures keep the LoRA path bf16/fp32 on FP8 experts."""
+    c = make_case("many_slots", T=20, H=160, I=24, E=4, K=2, R=16)
+    w_gu, w_d = _fp8_experts(c, False)
+    args = (c["x_TH"], w_gu, w_d, c["topk_weights_TK"], c["topk_ids_TK"])
+    cfg = dataclasses.replace(SMALL, **switches).check()
+    got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], slot_enabled_S=c["slot_enabled_S"],
+                         config=cfg)
+    want = experts_reference(*args, effective_slots(c), c["lora"])
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)

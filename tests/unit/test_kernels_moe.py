@@ -52,7 +52,8 @@ def test_stages_match_reference(case):
     sh = ops.lora_shrink(x, lora, la, K, **tiles)
     sh_ref = naive.lora_shrink(x, lora, la, K)
     written = ~torch.isnan(sh_ref[:, 0])
-    torch.testing.assert_close(sh[written], sh_ref[written], atol=1e-4, rtol=1e-4)
+    # lora_shrink returns its partial sums ([P, N, 2BR]; P = 1 unless split over H)
+    torch.testing.assert_close(sh.sum(0)[written], sh_ref[written], atol=1e-4, rtol=1e-4)
 
     gtiles = dict(block_n=16, block_k=16, num_stages=1)
     h = ops.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh, **gtiles)

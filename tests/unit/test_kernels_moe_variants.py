@@ -163,3 +163,34 @@ def test_deinterleave_gate_up():
     assert deinterleave_gate_up(t, 1).tolist() == [[0, 2, 4, 1, 3, 5], [6, 8, 10, 7, 9, 11]]
     with pytest.raises(ValueError, match="even size"):
         deinterleave_gate_up(torch.zeros(3, 5), 1)
+
+
+@pytest.mark.parametrize("variant", ["split_shrink", "fused_down_shrink", "fused_shrink_1run",
+                                     "fused_both", "slot_loop_fused_ds_split"])
+@pytest.mark.parametrize("case", ["mixed", "many_slots"])
+def test_biases_and_clamp_under_every_lora_switch(case, variant):
+    """Every ``MoEConfig`` switch the tuner may pick keeps gpt-oss's biases and clamp: the
+    H-split shrink and the down shrink in the gate_up epilogue run them; a fused-shrink
+    config takes the separate shrink for these experts (that kernel has no such variant)."""
+    from tests.unit.test_kernels_lora_switches import VARIANTS
+
+    c = make_case(case, T=20, E=4, K=2, R=16)
+    b_gu, b_d = _biases(c)
+    args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
+            c["topk_ids_TK"])
+    got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], SWIGLU, c["slot_enabled_S"],
+                         config=VARIANTS[variant].check(), b_gate_up_EX=b_gu, b_down_EH=b_d)
+    want = experts_reference(*args, effective_slots(c), c["lora"], SWIGLU, b_gu, b_d)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.float(), want.float(), **TOL[torch.float32])
+
+
+def test_fused_shrink_kernel_refuses_the_clamped_swiglu():
+    from moelora_dist.kernels.moe_gemm.ops_fused import gate_up_lora
+
+    c = make_case("mixed", T=8, E=4, K=2, R=16)
+    base = align_items(c["topk_ids_TK"], None, None, None, None, num_experts=4, block_m=16,
+                       mode="base")
+    with pytest.raises(ValueError, match="clamped-SwiGLU"):
+        gate_up_lora(c["x_TH"], c["w_gate_up_EXH"], base, 2, c["token_slot_T"],
+                     c["slot_enabled_S"], c["lora"], SWIGLU)

@@ -139,3 +139,21 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="top_k=9"):
         MoEBlock.from_full(router, gu, down, top_k=9, renormalize=True,
                            shard=g.rank_layout.moe_shard(8, 12))
+
+
+def test_batch_max_rank_reaches_the_expert_computation(monkeypatch):
+    """``BatchInfo.max_rank`` (the largest rank the batch's adapters use) is what the layer
+    hands the expert kernels, which size their rank tiles from it."""
+    from moelora_dist.moe import layer as layer_mod
+
+    adapters = {a.name: a for a in tiny.make_adapters(CFG)}
+    names = ["per_expert_r4", None, "down_only_r6"]
+    pool = tiny.make_pool(CFG, ParallelGroups.single().rank_layout, dtype=torch.float64)
+    x, seg = tiny.make_requests(CFG, 12, names, 3, dtype=torch.float64)
+    info = tiny.batch_info_for(pool, names, adapters, seg)
+    seen = []
+    run = layer_mod.run_experts
+    monkeypatch.setattr(layer_mod, "run_experts",
+                        lambda *a, **k: seen.append(k.get("max_lora_rank")) or run(*a, **k))
+    _single_layer(pool)(x, info)
+    assert info.max_rank == 6 and seen == [6]

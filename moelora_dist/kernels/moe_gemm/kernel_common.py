@@ -103,3 +103,47 @@ def _stacked_slots(run_m, slot_m, first_run, NUM_RUNS: tl.constexpr, BLOCK_R: tl
                         (NUM_RUNS * BLOCK_R,))
     offs_q = tl.arange(0, NUM_RUNS * BLOCK_R)
     return slot_q, offs_q // BLOCK_R, offs_q % BLOCK_R
+
+
+@triton.jit
+def _load_parts(ptrs, mask, num_parts, part_stride):
+    """Sum of ``num_parts`` fp32 partial buffers read at the same offsets (``part_stride``
+    elements apart), in a fixed order: a split shrink stays deterministic, so a graph replay
+    equals the eager call bit for bit."""
+    acc = tl.load(ptrs, mask=mask, other=0.0)
+    for _ in range(1, num_parts):
+        ptrs += part_stride  # pointer arithmetic is 64-bit: no int32 overflow of p * stride
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    return acc
+
+
+@triton.jit
+def _down_shrink_epilogue(h, rows, slot_m, run_m, num_runs, expert, offs_n, n_mask, pid_n,
+                          da_ptr, slot_rank_ptr, dpart_ptr, dpart_stride,
+                          stride_das, stride_dae, stride_dar, stride_dai,
+                          BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                          NUM_RUNS: tl.constexpr):
+    """This n-tile's share of the down LoRA shrink, from the ``h`` tile still in registers:
+    ``dpart[pid_n, row, :BR] = h[row, tile] A_down[slot(row), expert][:, tile]^T``.
+
+    ``h``: ``[BLOCK_M, BLOCK_N]`` in the dtype ``h`` is stored in (the down shrink kernel reads
+    the stored ``h``; the same rounding keeps the two paths equal up to summation order).
+    ``NUM_RUNS`` slot runs share one dot; each row keeps its own run's band by a select (the
+    other bands hold products with other slots' factors and are dropped, never multiplied).
+    Rows without a slot are not written; the down expand never reads them.
+    """
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_j = tl.arange(0, NUM_RUNS)
+    for first in tl.range(0, num_runs, NUM_RUNS, num_stages=1):
+        slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
+        rank_q = tl.load(slot_rank_ptr + slot_q, mask=slot_q >= 0, other=0)
+        a = tl.load(da_ptr + slot_q[None, :].to(tl.int64) * stride_das + expert * stride_dae
+                    + r_q[None, :] * stride_dar + offs_n[:, None] * stride_dai,
+                    mask=n_mask[:, None] & (r_q < rank_q)[None, :], other=0.0)
+        acc = tl.dot(h, a.to(h.dtype))
+        acc3 = tl.reshape(acc, (BLOCK_M, NUM_RUNS, BLOCK_R))
+        own = (run_m - first)[:, None, None] == offs_j[None, :, None]
+        part = tl.sum(tl.where(own, acc3, 0.0), axis=1)
+        in_chunk = (run_m >= first) & (run_m < first + NUM_RUNS)
+        tl.store(dpart_ptr + pid_n * dpart_stride + rows[:, None] * BLOCK_R + offs_r[None, :],
+                 part, mask=in_chunk[:, None])

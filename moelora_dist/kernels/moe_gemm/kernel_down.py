@@ -1,7 +1,9 @@
 """Triton kernels: grouped down GEMM + LoRA expand + top-k weight, and the top-k sum.
 
 Imports triton only. The LoRA delta of down is added to the accumulator BEFORE the top-k
-weight multiplies it, so the weight is applied once to base + delta. Isolation as in
+weight multiplies it, so the weight is applied once to base + delta. The down shrink comes in
+``num_dparts`` fp32 partial buffers (1 from the down shrink kernel, one per gate_up n-tile when
+the gate_up epilogue computed it), added in a fixed order. Isolation as in
 ``kernel_gate_up.py``: shrink values of other slots are exact zeros, factor tiles are selected
 finite.
 """
@@ -11,14 +13,15 @@ import triton.language as tl
 
 from moelora_dist.kernels.block_fp8.kernel import _quant_act_tile
 from moelora_dist.kernels.moe_gemm.kernel_common import (
-    NO_SLOT, _block_rows, _finite_or_zero, _next_slot, _row_runs, _row_slots, _stacked_slots)
+    NO_SLOT, _block_rows, _finite_or_zero, _load_parts, _next_slot, _row_runs, _row_slots,
+    _stacked_slots)
 
 
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket_ptr,
                  num_post_pad_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
                  b_shared_ptr, dshrink_ptr, b_ptr, bias_ptr,
-                 num_pairs, top_k, hidden, inter,
+                 num_pairs, top_k, hidden, inter, num_dparts, dpart_stride,
                  stride_we, stride_wh, stride_wi, stride_bs, stride_be, stride_bh, stride_br,
                  ws_ptr, scale_bn, stride_se, stride_sn, stride_sk, stride_bias_e,
                  HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -76,8 +79,8 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                 slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
                 d_mask = ((run_m[:, None] == first + band_q[None, :])
                           & (r_q[None, :] < rank_m[:, None]))
-                d = tl.load(dshrink_ptr + rows[:, None] * BLOCK_R + r_q[None, :], mask=d_mask,
-                            other=0.0)
+                d = _load_parts(dshrink_ptr + rows[:, None] * BLOCK_R + r_q[None, :], d_mask,
+                                num_dparts, dpart_stride)
                 has_q = slot_q >= 0
                 rank_q = tl.load(slot_rank_ptr + slot_q, mask=has_q, other=0)
                 # A shared B_down sits at expert 0: expert stride 0, no copy.
@@ -97,8 +100,8 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                 slot64 = slot.to(tl.int64)
                 r_mask = offs_r < tl.load(slot_rank_ptr + slot64)
                 eb = tl.where(tl.load(b_shared_ptr + slot64) != 0, 0, expert)
-                d = tl.load(dshrink_ptr + rows[:, None] * BLOCK_R + offs_r[None, :],
-                            mask=sel[:, None] & r_mask[None, :], other=0.0)
+                d = _load_parts(dshrink_ptr + rows[:, None] * BLOCK_R + offs_r[None, :],
+                                sel[:, None] & r_mask[None, :], num_dparts, dpart_stride)
                 b = tl.load(b_ptr + slot64 * stride_bs + eb * stride_be
                             + offs_n[None, :] * stride_bh + offs_r[:, None] * stride_br,
                             mask=r_mask[:, None] & n_mask[None, :], other=0.0)

@@ -4,12 +4,14 @@ Imports triton only. One program computes a ``[BLOCK_M, BLOCK_N]`` tile of ``h``
 expert block: ``gate`` and ``up`` tiles from the base weights, then the LoRA expand
 ``shrink B^T`` of the block's slots, added BEFORE the activation, then ``h = act(gate) * up``.
 The down projection's LoRA shrink ``h A_down^T`` runs after, from the stored ``h``
-(``kernel_shrink.py``). ``W_FP8``: the base weights are e4m3 with block scales and ``x`` is
-quantized per token and 128 columns in the K loop; the LoRA expand is unchanged (its shrink
-read the unquantized ``x``). Expert variants as constexpr flags: ``HAS_BIAS`` adds a
-per-expert bias before the activation (gpt-oss), ``ACT == 2`` is gpt-oss's clamped SwiGLU
-(``act_alpha``, ``act_limit``); the LoRA delta is in the accumulators by then, so the clamp
-sees the adapted product.
+(``kernel_shrink.py``), or, with ``FUSE_DOWN_SHRINK``, here on the ``h`` tile in registers: one
+fp32 partial per n-tile, summed by the down expand. The gate_up shrink may come in
+``num_sparts`` partial buffers (an H-split shrink); the expand adds them in order. ``W_FP8``:
+the base weights are e4m3 with block scales and ``x`` is quantized per token and 128 columns
+in the K loop; the LoRA expand is unchanged (its shrink read the unquantized ``x``). Expert
+variants as constexpr flags: ``HAS_BIAS`` adds a per-expert bias before the activation
+(gpt-oss), ``ACT == 2`` is gpt-oss's clamped SwiGLU (``act_alpha``, ``act_limit``); the LoRA
+delta is in the accumulators by then, so the clamp sees the adapted product.
 
 Isolation (one slot's factors never reach another slot's rows or a base row): a row's shrink
 values are loaded as exact zeros outside its own slot (its own run's band), and the factor
@@ -25,23 +27,25 @@ import triton.language as tl
 
 from moelora_dist.kernels.block_fp8.kernel import _quant_act_tile
 from moelora_dist.kernels.moe_gemm.kernel_common import (
-    NO_SLOT, _block_rows, _finite_or_zero, _gelu_tanh_mul, _next_slot, _row_runs, _row_slots,
-    _silu_mul, _stacked_slots, _swiglu_oai_mul)
+    NO_SLOT, _block_rows, _down_shrink_epilogue, _finite_or_zero, _gelu_tanh_mul, _load_parts,
+    _next_slot, _row_runs, _row_slots, _silu_mul, _stacked_slots, _swiglu_oai_mul)
 
 
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                     token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, a_shared_ptr,
-                    shrink_ptr, b_ptr, bias_ptr,
-                    num_pairs, top_k, hidden, inter,
+                    shrink_ptr, b_ptr, da_ptr, dpart_ptr, bias_ptr,
+                    num_pairs, top_k, hidden, inter, num_sparts, spart_stride, dpart_stride,
                     stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
                     stride_bs, stride_be, stride_bn, stride_br,
+                    stride_das, stride_dae, stride_dar, stride_dai,
                     ws_ptr, scale_bn, stride_se, stride_sn, stride_sk, stride_bias_e, act_alpha,
                     act_limit,
                     HAS_LORA: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                    RUN_LOOP: tl.constexpr, NUM_RUNS: tl.constexpr, W_FP8: tl.constexpr,
-                    HAS_BIAS: tl.constexpr):
+                    RUN_LOOP: tl.constexpr, NUM_RUNS: tl.constexpr,
+                    FUSE_DOWN_SHRINK: tl.constexpr, DS_RUNS: tl.constexpr,
+                    W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(inter, BLOCK_N)
     pid_m = pid // num_n
@@ -111,8 +115,8 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                 s_mask = ((run_m[:, None] == first + band_q[None, :])
                           & (r_q[None, :] < rank_m[:, None]))
                 s_ptr = shrink_ptr + src[:, None] * (2 * BLOCK_R) + r_q[None, :]
-                s_g = tl.load(s_ptr, mask=s_mask, other=0.0)
-                s_u = tl.load(s_ptr + BLOCK_R, mask=s_mask, other=0.0)
+                s_g = _load_parts(s_ptr, s_mask, num_sparts, spart_stride)
+                s_u = _load_parts(s_ptr + BLOCK_R, s_mask, num_sparts, spart_stride)
                 rank_q = tl.load(slot_rank_ptr + slot_q, mask=slot_q >= 0, other=0)
                 b_mask = (r_q < rank_q)[:, None] & n_mask[None, :]
                 b_g_ptr = (b_ptr + slot_q[:, None].to(tl.int64) * stride_bs
@@ -136,8 +140,8 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                 src = tl.where(shared, num_pairs + tok, rows)
                 s_ptr = shrink_ptr + src[:, None] * (2 * BLOCK_R) + offs_r[None, :]
                 s_mask = sel[:, None] & r_mask[None, :]
-                s_g = tl.load(s_ptr, mask=s_mask, other=0.0)
-                s_u = tl.load(s_ptr + BLOCK_R, mask=s_mask, other=0.0)
+                s_g = _load_parts(s_ptr, s_mask, num_sparts, spart_stride)
+                s_u = _load_parts(s_ptr + BLOCK_R, s_mask, num_sparts, spart_stride)
                 b_base = b_ptr + slot64 * stride_bs + expert * stride_be
                 b_off = offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
                 b_mask = r_mask[:, None] & n_mask[None, :]
@@ -158,6 +162,15 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
         h = _gelu_tanh_mul(acc_g, acc_u)
     else:
         h = _swiglu_oai_mul(acc_g, acc_u, act_alpha, act_limit)
+    h = h.to(h_ptr.dtype.element_ty)
+    if HAS_LORA:
+        if FUSE_DOWN_SHRINK:
+            ds_slot = _row_slots(tok, row_mask, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr)
+            ds_run, ds_num = _row_runs(sorted_ids_ptr, pid_m, ds_slot, num_pairs, top_k,
+                                       token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, BLOCK_M)
+            _down_shrink_epilogue(h, rows, ds_slot, ds_run, ds_num, expert, offs_n, n_mask,
+                                  pid_n, da_ptr, slot_rank_ptr, dpart_ptr, dpart_stride,
+                                  stride_das, stride_dae, stride_dar, stride_dai,
+                                  BLOCK_M, BLOCK_R, DS_RUNS)
     out_mask = row_mask[:, None] & n_mask[None, :]
-    tl.store(h_ptr + rows[:, None] * inter + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
-             mask=out_mask)
+    tl.store(h_ptr + rows[:, None] * inter + offs_n[None, :], h, mask=out_mask)

@@ -2,7 +2,10 @@
 
 Imports triton only. Items are (token, k) pairs of slots whose A is per expert, and whole
 tokens of slots whose A is shared by all experts (computed once per token, read at expert 0
-with an expert stride of 0 -- the bucket of such a token is ``slot * E + 0``).
+with an expert stride of 0 -- the bucket of such a token is ``slot * E + 0``). The H axis may
+be split over the grid's second axis: program ``(block, s)`` sums H columns
+``[s * k_per_split, (s + 1) * k_per_split)`` into partial buffer ``s``; the gate_up expand
+adds the partials in a fixed order (deterministic, no atomics).
 """
 
 import triton
@@ -16,11 +19,14 @@ from moelora_dist.kernels.moe_gemm.kernel_common import (
 def _lora_shrink_kernel(x_ptr, a_ptr, a_shared_ptr, slot_rank_ptr, sorted_ids_ptr,
                         block_bucket_ptr, num_post_pad_ptr, out_ptr,
                         num_items, num_pairs, top_k, num_experts, hidden, half_rows,
+                        k_per_split, part_stride,
                         stride_xt, stride_xh, stride_as, stride_ae, stride_ar, stride_ah,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out[item, :BLOCK_R] = x A_gate^T, out[item, BLOCK_R:] = x A_up^T (fp32; columns past the
-    slot's rank are written as zeros and never read as data)."""
+    """out[s, item, :BLOCK_R] = x A_gate^T, out[s, item, BLOCK_R:] = x A_up^T over the H
+    columns of split ``s`` (fp32; columns past the slot's rank are written as zeros and never
+    read as data)."""
     pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
     bucket, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                                          pid_m, num_items, BLOCK_M)
     if bucket < 0:
@@ -36,7 +42,10 @@ def _lora_shrink_kernel(x_ptr, a_ptr, a_shared_ptr, slot_rank_ptr, sorted_ids_pt
     a_base = a_ptr + slot * stride_as + ea * stride_ae
     acc_g = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
+    # k_per_split is a multiple of BLOCK_K: a split's last tile ends at the next split's start
+    # or is masked at H.
+    k_lo = pid_s * k_per_split
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, hidden), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < hidden
         x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh,
@@ -47,7 +56,7 @@ def _lora_shrink_kernel(x_ptr, a_ptr, a_shared_ptr, slot_rank_ptr, sorted_ids_pt
         a_u = tl.load(a_base + half_rows * stride_ar + a_off, mask=ab_mask, other=0.0)
         acc_g += tl.dot(x, a_g)
         acc_u += tl.dot(x, a_u.to(x.dtype))
-    out = out_ptr + rows[:, None] * (2 * BLOCK_R) + offs_r[None, :]
+    out = out_ptr + pid_s * part_stride + rows[:, None] * (2 * BLOCK_R) + offs_r[None, :]
     tl.store(out, acc_g, mask=row_mask[:, None])
     tl.store(out + BLOCK_R, acc_u, mask=row_mask[:, None])
 

@@ -37,7 +37,7 @@ def _eff_slots(tok, token_slot_T, slot_enabled_S, slot_rank_S):
 def lora_shrink(x_TH, lora: MoELoRAWeights, al: Alignment, top_k: int, **_tiles):
     """Reference of :func:`ops.lora_shrink`."""
     T, _ = x_TH.shape
-    R, BR, E = lora.max_rank, block_r(lora.max_rank), lora.num_local_experts
+    R, BR, E = lora.a_half_rows, block_r(lora.max_rank), lora.num_local_experts
     out = torch.full((T * top_k + T, 2 * BR), float("nan"), device=x_TH.device)
     for bucket, items in _blocks(al):
         slot, e = divmod(bucket, E)
@@ -56,8 +56,11 @@ def lora_shrink(x_TH, lora: MoELoRAWeights, al: Alignment, top_k: int, **_tiles)
 def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             slot_enabled_S=None, lora: MoELoRAWeights | None = None, shrink=None,
             activation="silu", bias_EX=None, **_tiles):
-    """Reference of :func:`ops.gate_up` (``bias_EX``: ``[E_l, 2*I_l]`` or None)."""
+    """Reference of :func:`ops.gate_up` (``bias_EX``: ``[E_l, 2*I_l]`` or None; ``shrink`` may
+    be ``[P, N', 2BR]`` partials)."""
     check_activation(activation)
+    if shrink is not None and shrink.dim() == 3:
+        shrink = shrink.sum(0)
     T, _ = x_TH.shape
     inter = w_gate_up_EXH.shape[1] // 2
     N = T * top_k
@@ -105,7 +108,10 @@ def down_shrink(h, lora: MoELoRAWeights, al: Alignment, top_k: int, token_slot_T
 def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T=None,
          slot_enabled_S=None, lora: MoELoRAWeights | None = None, dshrink=None, bias_EH=None,
          **_tiles):
-    """Reference of :func:`ops.down` (``bias_EH``: ``[E_l, H]`` or None)."""
+    """Reference of :func:`ops.down` (``bias_EH``: ``[E_l, H]`` or None; ``dshrink`` may be
+    ``[P, N, BR]`` partials)."""
+    if dshrink is not None and dshrink.dim() == 3:
+        dshrink = dshrink.sum(0)
     N, _ = h.shape
     H = w_down_EHI.shape[1]
     out = torch.full((N, H), float("nan"), dtype=h.dtype, device=h.device)

@@ -2,11 +2,16 @@
 
 Pipeline of one layer (see :mod:`moelora_dist.kernels.moe_lora.ops`):
 
-1. ``lora_shrink``  x A_gate/A_up^T per (slot, expert) block    -> shrink   [T*K + T, 2*BR] fp32
+1. ``lora_shrink``  x A_gate/A_up^T per (slot, expert) block    -> shrink   [P, T*K + T, 2*BR] fp32
 2. ``gate_up``      x W^T + shrink B^T, act(gate) * up            -> h        [T*K, I_l]
 3. ``down_shrink``  h A_down^T per slot run of an expert block    -> dshrink  [T*K, BR] fp32
 4. ``down``         w_k * (h W_down^T + dshrink B_down^T)         -> out      [T*K, H]
 5. ``topk_sum``     sum over k of the valid pairs                 -> y        [T, H]
+
+Fused variants (``MoEConfig`` switches; ``ops_fused.py`` holds the fused-shrink launcher): the
+shrink split over H into ``P`` partial buffers that the gate_up expand adds; the down shrink in
+the gate_up epilogue (``fuse_down_shrink``: one partial per gate_up n-tile, ``[P_d, T*K, BR]``,
+added by the down expand); the gate_up shrink inside the gate_up K loop (``fuse_shrink``).
 
 ``gate_up`` and ``down`` also take FP8 base weights (a
 :class:`~moelora_dist.kernels.weights_fp8.BlockFP8Weight`): the kernels then quantize their
@@ -48,46 +53,75 @@ def num_runs(lora_runs: int) -> int:
     return lora_runs
 
 
+def _parts(t: torch.Tensor | None) -> tuple[int, int]:
+    """(number of partial buffers, elements between two) of a 2-D buffer or a 3-D stack."""
+    if t is None:
+        return 1, 0
+    return (int(t.shape[0]), int(t[0].numel())) if t.dim() == 3 else (1, 0)
+
+
 def lora_shrink(x_TH: torch.Tensor, lora: MoELoRAWeights, al: Alignment, top_k: int,
-                *, block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
+                *, block_k: int = 64, num_warps: int = 4, split_k: int = 1) -> torch.Tensor:
     """Gate/up LoRA shrink for the items of a ``mode="lora"`` alignment.
 
     Args:
         x_TH: ``[T, H]`` fp16/bf16/fp32 tokens.
         al: alignment of ``T*K`` pairs then ``T`` tokens by ``slot * E_l + expert``.
+        split_k: programs per block along H, each writing its own partial buffer (at most
+            ``ceil(H / block_k)`` of them).
     Returns:
-        ``[T*K + T, 2*BR]`` fp32; row ``t*K+k`` (per-expert A) or ``T*K + t`` (shared A) holds
-        ``[x A_gate^T | x A_up^T]`` for the items the alignment placed; other rows are unset.
+        ``[P, T*K + T, 2*BR]`` fp32 partial sums (``P <= split_k``; their sum is the shrink);
+        row ``t*K+k`` (per-expert A) or ``T*K + t`` (shared A) holds ``[x A_gate^T | x A_up^T]``
+        for the items the alignment placed; other rows are unset.
     """
     T, H = x_TH.shape
     BR = block_r(lora.max_rank)
-    out = torch.empty(T * top_k + T, 2 * BR, dtype=torch.float32, device=x_TH.device)
+    if split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    k_per_split = triton.cdiv(triton.cdiv(H, split_k), block_k) * block_k
+    parts = triton.cdiv(H, k_per_split)
+    out = torch.empty(parts, T * top_k + T, 2 * BR, dtype=torch.float32, device=x_TH.device)
     a = lora.gate_up_a
-    _lora_shrink_kernel[(al.max_blocks,)](
+    _lora_shrink_kernel[(al.max_blocks, parts)](
         x_TH, a, lora.gate_up_a_shared, lora.slot_rank, al.sorted_ids, al.block_bucket,
         al.num_post_pad, out, al.num_items, T * top_k, top_k, lora.num_local_experts, H,
-        lora.max_rank, x_TH.stride(0), x_TH.stride(1), a.stride(0), a.stride(1), a.stride(2),
-        a.stride(3), BLOCK_M=al.block_m, BLOCK_K=block_k, BLOCK_R=BR, num_warps=num_warps)
+        lora.a_half_rows, k_per_split, out[0].numel(), x_TH.stride(0), x_TH.stride(1),
+        a.stride(0), a.stride(1), a.stride(2), a.stride(3), BLOCK_M=al.block_m,
+        BLOCK_K=block_k, BLOCK_R=BR, num_warps=num_warps)
     return out
+
+
+def empty_down_shrink_parts(num_pairs: int, inter: int, block_n: int, max_rank: int,
+                            device) -> torch.Tensor:
+    """``[ceil(I_l / block_n), T*K, BR]`` fp32: the down shrink as gate_up's epilogue writes it
+    (one partial per n-tile)."""
+    return torch.empty(triton.cdiv(inter, block_n), num_pairs, block_r(max_rank),
+                       dtype=torch.float32, device=device)
 
 
 def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             slot_enabled_S=None, lora: MoELoRAWeights | None = None, shrink=None,
             activation="silu", bias_EX: torch.Tensor | None = None, *, block_n: int = 64,
             block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
-            run_loop: bool = True, lora_runs: int = 1) -> torch.Tensor:
+            run_loop: bool = True, lora_runs: int = 1, fuse_down_shrink: bool = False,
+            down_shrink_runs: int = 1):
     """Base gate_up + LoRA expand + activation for a base alignment.
 
     Args:
         x_TH: ``[T, H]``; w_gate_up_EXH: ``[E_l, 2*I_l, H]`` (gate rows then up rows).
         al: base alignment of the ``T*K`` pairs by expert (rows ordered by slot).
-        shrink: output of :func:`lora_shrink` when ``lora`` is given.
+        shrink: output of :func:`lora_shrink` when ``lora`` is given (``[P, N', 2*BR]``
+            partials, or one ``[N', 2*BR]`` buffer).
         run_loop: expand loop over the block's slot runs (else one slot at a time, each
             found by a reduction); lora_runs: slot runs per expand dot (:func:`num_runs`).
         activation: a name or an ``Activation`` (gpt-oss's clamped SwiGLU reads its
             alpha and limit); bias_EX: ``[E_l, 2*I_l]`` gate then up bias, or None.
+        fuse_down_shrink: also compute the down shrink ``h A_down^T`` in the epilogue,
+            ``down_shrink_runs`` slot runs per dot.
     Returns:
-        ``h`` ``[T*K, I_l]`` in ``x_TH.dtype`` (rows of invalid pairs unset).
+        ``h`` ``[T*K, I_l]`` in ``x_TH.dtype`` (rows of invalid pairs unset); with
+        ``fuse_down_shrink``, ``(h, dshrink_parts)`` (:func:`empty_down_shrink_parts`, rows of
+        pairs with an enabled slot set), the ``dshrink`` that :func:`down` takes.
     """
     act_spec = as_activation(activation)
     act = check_activation(act_spec)
@@ -97,29 +131,36 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
     N = T * top_k
     h = torch.empty(N, inter, dtype=x_TH.dtype, device=x_TH.device)
     has_lora = lora is not None
+    fuse_down_shrink = fuse_down_shrink and has_lora
     w, fp8_args, block_k = _fp8_args(w_gate_up_EXH, h, block_k)
+    dparts = None
     if has_lora:
         BR = block_r(lora.max_rank)
-        b = lora.gate_up_b
+        b, da = lora.gate_up_b, lora.down_a
+        if fuse_down_shrink:
+            dparts = empty_down_shrink_parts(N, inter, block_n, lora.max_rank, x_TH.device)
         lora_args = (token_slot_T, slot_enabled_S, lora.slot_rank, lora.gate_up_a_shared,
-                     shrink, b)
-        lora_strides = b.stride()
+                     shrink, b, da, dparts if dparts is not None else h)
+        lora_strides = (*b.stride(), *da.stride())
     else:
         BR = 16
-        lora_args = (h,) * 6  # never read: HAS_LORA=False removes every access
-        lora_strides = (0,) * 4
+        lora_args = (h,) * 8  # never read: HAS_LORA=False removes every access
+        lora_strides = (0,) * 8
     bias = bias_EX.contiguous() if bias_EX is not None else h  # h: never read without bias
+    sparts, spart_stride = _parts(shrink)
     grid = (al.max_blocks * triton.cdiv(inter, block_n),)
     _gate_up_kernel[grid](
         x_TH, w, h, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args, bias,
-        N, top_k, H, inter, x_TH.stride(0), x_TH.stride(1), w.stride(0), w.stride(1),
+        N, top_k, H, inter, sparts, spart_stride, dparts[0].numel() if dparts is not None else 0,
+        x_TH.stride(0), x_TH.stride(1), w.stride(0), w.stride(1),
         w.stride(2), *lora_strides, *fp8_args, bias.stride(0) if bias_EX is not None else 0,
         float(act_spec.alpha), float(act_spec.limit), HAS_LORA=has_lora, ACT=act,
         BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
-        RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), W_FP8=is_fp8(w_gate_up_EXH),
+        RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), FUSE_DOWN_SHRINK=fuse_down_shrink,
+        DS_RUNS=num_runs(down_shrink_runs), W_FP8=is_fp8(w_gate_up_EXH),
         HAS_BIAS=bias_EX is not None,
         num_warps=num_warps, num_stages=num_stages)
-    return h
+    return (h, dparts) if fuse_down_shrink else h
 
 
 def down_shrink(h, lora: MoELoRAWeights, al: Alignment, top_k: int, token_slot_T,
@@ -159,7 +200,8 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
 
     Args:
         h: ``[T*K, I_l]``; w_down_EHI: ``[E_l, H, I_l]``; topk_weights_TK: ``[T, K]`` fp32.
-        dshrink: ``[T*K, BR]`` fp32 from :func:`down_shrink` when ``lora`` is given.
+        dshrink: ``[T*K, BR]`` fp32 from :func:`down_shrink` when ``lora`` is given, or the
+            ``[P, T*K, BR]`` partials of a fused down shrink (summed here, in order).
         run_loop, lora_runs: the expand loop, as in :func:`gate_up`.
         bias_EH: ``[E_l, H]`` down bias added before the top-k weight, or None.
     Returns:
@@ -183,10 +225,11 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         BR, lora_args, b_strides = 16, (h,) * 6, (0,) * 4
     bias = bias_EH.contiguous() if bias_EH is not None else out  # never read without bias
     grid = (al.max_blocks * triton.cdiv(H, block_n),)
+    dparts, dpart_stride = _parts(dshrink if has_lora else None)
     _down_kernel[grid](
         h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args, bias,
-        N, top_k, H, inter, w.stride(0), w.stride(1), w.stride(2), *b_strides, *fp8_args,
-        bias.stride(0) if bias_EH is not None else 0,
+        N, top_k, H, inter, dparts, dpart_stride, w.stride(0), w.stride(1), w.stride(2),
+        *b_strides, *fp8_args, bias.stride(0) if bias_EH is not None else 0,
         HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=BR, RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs),
         W_FP8=is_fp8(w_down_EHI), HAS_BIAS=bias_EH is not None, num_warps=num_warps,

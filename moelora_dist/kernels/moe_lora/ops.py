@@ -5,11 +5,16 @@ then up rows), K top-k, S slots, R max rank, BR padded rank (power of two >= 16)
 
     align(base, by expert, rows ordered by slot)      4 small launches (a fill + 3 kernels)
     [LoRA] align(lora, by slot*E_l + expert)          in the same 4 launches
-    [LoRA] lora_shrink  x A^T                         -> [T*K + T, 2BR] fp32
+    [LoRA] lora_shrink  x A^T                         -> [P, T*K + T, 2BR] fp32 partials
     gate_up (+ expand, act)                           -> h [T*K, I_l]
     [LoRA] down_shrink  h A_down^T                    -> [T*K, BR] fp32
     down (+ expand, x top-k weight)                   -> [T*K, H]
     topk_sum                                          -> y [T, H]
+
+``MoEConfig.fuse_shrink`` moves the shrink into the gate_up launch (no LoRA alignment, no
+shrink launch); ``fuse_down_shrink`` moves the down shrink into the gate_up epilogue. With both,
+a LoRA call has the launches of the base layer. The rank tile BR follows ``max_lora_rank`` (the
+largest rank of the batch's adapters) when the caller knows it, else the pool's max rank.
 
 Shapes of every buffer depend on T only (worst-case sizing), and nothing syncs with the host
 unless ``slot_enabled_S`` must be checked for "no adapter in this batch" outside a CUDA-graph
@@ -21,14 +26,57 @@ from __future__ import annotations
 
 import torch
 
+import functools
+
 from moelora_dist.kernels.align.ops import align_base_and_lora, align_items
+from moelora_dist.kernels.constants import as_activation, block_r, check_activation
 from moelora_dist.kernels.moe_gemm import ops
-from moelora_dist.kernels.moe_lora.configs import MoEConfig, pick_config
+from moelora_dist.kernels.moe_gemm.ops_fused import gate_up_lora
+from moelora_dist.kernels.moe_lora.configs import MoEConfig, config_and_source, pick_config
 from moelora_dist.kernels.weights import MoELoRAWeights
+from moelora_dist.kernels.weights_fp8 import is_fp8
 
 
 def _capturing(x_TH: torch.Tensor) -> bool:
     return x_TH.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+@functools.lru_cache(maxsize=64)
+def _device_name_of(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(device: torch.device) -> str | None:
+    """The name tuned files are keyed by (``torch.cuda.get_device_name``); None off CUDA (the
+    interpreter runs the heuristic's tiles)."""
+    if device.type != "cuda":
+        return None
+    return _device_name_of(device.index if device.index is not None
+                           else torch.cuda.current_device())
+
+
+def _pick_args(x_TH, w_gate_up_EXH, top_k, lora):
+    T, H = x_TH.shape
+    E, two_i, _ = w_gate_up_EXH.shape
+    # FP8 experts have tiles of their own (block_k is the 128-column scale group): their own key.
+    dtype = str(x_TH.dtype).replace("torch.", "") + ("+fp8" if is_fp8(w_gate_up_EXH) else "")
+    return (T, top_k, E, lora.num_slots if lora is not None else 1), dict(
+        hidden=H, inter=two_i // 2, dtype=dtype, device_name=device_name(x_TH.device),
+        lora_rank=block_r(lora.max_rank) if lora is not None else None)
+
+
+def config_for(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, top_k: int,
+               lora: MoELoRAWeights | None) -> MoEConfig:
+    """What :func:`fused_moe_lora` runs when given no config (``lora`` as it passes it to the
+    kernels: a :meth:`~MoELoRAWeights.rank_view` when the batch's rank is known)."""
+    args, kw = _pick_args(x_TH, w_gate_up_EXH, top_k, lora)
+    return pick_config(*args, **kw)
+
+
+def config_source(x_TH, w_gate_up_EXH, top_k: int, lora) -> str:
+    """Where :func:`config_for`'s answer comes from (``configs.config_and_source``)."""
+    args, kw = _pick_args(x_TH, w_gate_up_EXH, top_k, lora)
+    return config_and_source(*args, **kw)[1]
 
 
 def _check(x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK, topk_ids_TK, token_slot_T, lora):
@@ -61,6 +109,7 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
                    activation="silu", slot_enabled_S: torch.Tensor | None = None,
                    config: MoEConfig | None = None,
                    num_lora_tokens: int | None = None,
+                   max_lora_rank: int | None = None,
                    b_gate_up_EX: torch.Tensor | None = None,
                    b_down_EH: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of :func:`moelora_dist.kernels.moe_lora.naive.experts_reference`.
@@ -77,6 +126,9 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
         num_lora_tokens: host-side count from ``BatchInfo``; ``0`` skips the LoRA path with no
             sync. When None, a non-capturing call checks ``slot_enabled_S.any()`` on the host
             (a sync that costs the CPU/GPU overlap: ~0.1-0.2 ms at decode sizes, measured).
+        max_lora_rank: host-side largest rank of the slots this batch enables
+            (``BatchInfo.max_rank``); the rank tiles follow it (``MoELoRAWeights.rank_view``).
+            It must not be below any enabled slot's rank. None: the pool's max rank.
         activation: a name or an ``Activation`` (gpt-oss's clamped SwiGLU).
         b_gate_up_EX: ``[E_l, 2*I_l]``, b_down_EH: ``[E_l, H]`` expert biases, or None (the
             down bias on one rank of a MoE-TP group only).
@@ -94,28 +146,58 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
             slot_enabled_S = lora.slot_rank > 0
         elif num_lora_tokens is None and not _capturing(x_TH) and not bool(slot_enabled_S.any()):
             lora = None  # no adapter in this batch: skip the LoRA path, do not run it on zeros
-    cfg = config or pick_config(T, K, E, lora.num_slots if lora is not None else 1)
-    has_lora = lora is not None
-    shrink = None
-    if has_lora:
+    if lora is not None and max_lora_rank is not None:
+        if not 1 <= int(max_lora_rank) <= lora.max_rank:
+            raise ValueError(f"max_lora_rank={max_lora_rank} must be in [1, {lora.max_rank}] "
+                             "(the pool's max rank)")
+        lora = lora.rank_view(block_r(max_lora_rank))
+    cfg = config or config_for(x_TH, w_gate_up_EXH, K, lora)
+    if lora is None:
+        base = align_items(topk_ids_TK, None, None, None, None, num_experts=E,
+                           block_m=cfg.block_m, mode="base")
+        h = ops.gate_up(x_TH, w_gate_up_EXH, base, K, activation=activation,
+                        bias_EX=b_gate_up_EX, block_n=cfg.block_n, block_k=cfg.block_k,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, bias_EH=b_down_EH,
+                       **cfg.down_tiles())
+        return ops.topk_sum(out, topk_ids_TK, E)
+    return _lora_pipeline(cfg, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK, topk_ids_TK,
+                          token_slot_T, lora, activation, slot_enabled_S, b_gate_up_EX,
+                          b_down_EH)
+
+
+def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK,
+                   topk_ids_TK, token_slot_T, lora: MoELoRAWeights, activation,
+                   slot_enabled_S, b_gate_up_EX=None, b_down_EH=None) -> torch.Tensor:
+    """The launches of a LoRA call under ``cfg``'s switches (shapes as in fused_moe_lora).
+    The fused-shrink gate_up has no bias or clamped-SwiGLU variant: gpt-oss's experts (and FP8
+    ones) take the separate shrink whatever ``cfg.fuse_shrink`` says."""
+    E = w_gate_up_EXH.shape[0]
+    K = topk_ids_TK.shape[1]
+    slots = (token_slot_T, slot_enabled_S)
+    ds_runs = cfg.down_shrink_runs_for(lora.max_rank)
+    tiles = dict(block_n=cfg.block_n, block_k=cfg.block_k, num_warps=cfg.num_warps,
+                 num_stages=cfg.num_stages, lora_runs=cfg.lora_runs,
+                 fuse_down_shrink=cfg.fuse_down_shrink, down_shrink_runs=ds_runs or 1)
+    plain = b_gate_up_EX is None and check_activation(as_activation(activation)) < 2
+    if cfg.fuse_shrink and plain and not is_fp8(w_gate_up_EXH):  # it reads bf16/fp16 W
+        base = align_items(topk_ids_TK, token_slot_T, slot_enabled_S, lora.slot_rank, None,
+                           num_experts=E, block_m=cfg.block_m, mode="base", sort_by_slot=True)
+        res = gate_up_lora(x_TH, w_gate_up_EXH, base, K, *slots, lora, activation, **tiles)
+    else:
         base, la = align_base_and_lora(topk_ids_TK, token_slot_T, slot_enabled_S,
                                        lora.slot_rank, lora.gate_up_a_shared, num_experts=E,
                                        block_m=cfg.block_m, lora_block_m=cfg.lora_block_m)
-        shrink = ops.lora_shrink(x_TH, lora, la, K, block_k=cfg.shrink_block_k)
+        shrink = ops.lora_shrink(x_TH, lora, la, K, block_k=cfg.shrink_block_k,
+                                 num_warps=cfg.shrink_num_warps, split_k=cfg.shrink_split_k)
+        res = ops.gate_up(x_TH, w_gate_up_EXH, base, K, *slots, lora, shrink, activation,
+                          b_gate_up_EX, run_loop=cfg.run_loop, **tiles)
+    if cfg.fuse_down_shrink:
+        h, dshrink = res
     else:
-        base = align_items(topk_ids_TK, None, None, None, None, num_experts=E,
-                           block_m=cfg.block_m, mode="base")
-    h = ops.gate_up(x_TH, w_gate_up_EXH, base, K, token_slot_T, slot_enabled_S, lora, shrink,
-                    activation, b_gate_up_EX, block_n=cfg.block_n, block_k=cfg.block_k,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, run_loop=cfg.run_loop,
-                    lora_runs=cfg.lora_runs)
-    dshrink = None
-    if has_lora:
-        dshrink = ops.down_shrink(
-            h, lora, base, K, token_slot_T, slot_enabled_S, block_k=cfg.shrink_block_k,
-            lora_runs=cfg.down_shrink_runs_for(lora.max_rank))
-    out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, token_slot_T, slot_enabled_S, lora,
-                   dshrink, b_down_EH, block_n=cfg.down_block_n, block_k=cfg.block_k,
-                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, run_loop=cfg.run_loop,
-                   lora_runs=cfg.lora_runs)
+        h = res
+        dshrink = ops.down_shrink(h, lora, base, K, *slots, block_k=cfg.shrink_block_k,
+                                  lora_runs=ds_runs)
+    out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, *slots, lora, dshrink, b_down_EH,
+                   run_loop=cfg.run_loop, lora_runs=cfg.lora_runs, **cfg.down_tiles())
     return ops.topk_sum(out, topk_ids_TK, E)
