@@ -3,10 +3,15 @@
     python -m benchmarks engine --out-dir benchmarks/results/current          # ~5 min, one H200
     python -m benchmarks engine --quick                                       # ~3 min
     python -m benchmarks engine --tiny --device cpu --out-dir /tmp/e          # CPU smoke run
+    python -m benchmarks engine --model gpt-oss-20b --quick --concurrency 1,64  # ~1.5 min
 
 Model: random bf16 weights of Qwen3-30B-A3B's shape at full depth (48 layers; H 2048, 32 q / 4
 kv heads of 128, 128 experts top-8 renormalized, I 768, vocab 151936), one process. Adapters: 8
-of rank 16 on q/k/v/o and every expert's gate/up/down, in a pool of 8 slots. For each
+of rank 16 on q/k/v/o and every expert's gate/up/down, in a pool of 8 slots. ``--model
+gpt-oss-20b``: its shape instead (24 layers alternating sliding-128 / full attention with
+sinks and biases, H 2880, 64 q / 8 kv heads of 64, 32 experts top-4 with biases and the
+clamped SwiGLU, I 2880, vocab 201088; bf16 experts, not MXFP4), written to
+``engine_<device>_gpt-oss-20b.csv``. For each
 concurrency B in ``--concurrency`` (default 1, 16, 64, 256) and mode ("base": no adapter;
 "lora8": request b uses adapter b % 8), B requests of ``--prompt-len`` random tokens arrive
 at once and each generates ``--output-len`` tokens (greedy, EOS ignored), after an untimed
@@ -39,7 +44,7 @@ from tqdm import tqdm
 from benchmarks.common import env_columns, measure_roofline
 from benchmarks.engine import measure
 from benchmarks.engine.report import write_outputs
-from benchmarks.engine.shapes import QWEN3_30B_A3B, TINY, random_adapter
+from benchmarks.engine.shapes import MODELS, random_adapter
 from moelora_dist.config.model import ModelConfig
 from moelora_dist.engine.config import EngineConfig
 from moelora_dist.engine.engine import Engine
@@ -52,6 +57,8 @@ log = logging.getLogger("bench_engine")
 CHECK_TOL = 5e-2
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=list(MODELS), default="qwen3-30b-a3b",
+                   help="the model shape (default qwen3-30b-a3b)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
     p.add_argument("--quick", action="store_true",
                    help="concurrency 1,16,64 and 64 output tokens (about 3 minutes)")
@@ -76,7 +83,7 @@ def parse_args(argv=None):
 
 
 def build(args):
-    raw = dict(TINY if args.tiny else QWEN3_30B_A3B)
+    raw = dict(MODELS[args.model][1 if args.tiny else 0][0])
     if args.layers:
         raw["num_hidden_layers"] = args.layers
     cfg = ModelConfig.from_dict(raw)
@@ -155,7 +162,7 @@ def run_case(engine, prompts, names, n) -> dict:
 
 
 def meta(args, engine, roof) -> dict:
-    return dict(**env_columns(), **roof, model="tiny" if args.tiny else "qwen3-30b-a3b-shape",
+    return dict(**env_columns(), **roof, model=MODELS[args.model][1 if args.tiny else 0][1],
                 layers=engine.cfg.num_layers,
                 dtype=str(engine.model.dtype).removeprefix("torch."), adapters=args.num_adapters,
                 rank=args.rank, pages=engine.pages.num_pages, page_size=engine.config.page_size)

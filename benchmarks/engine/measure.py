@@ -9,7 +9,8 @@ and router weights and norms; the experts the step's tokens route to (found by r
 step once with the routing recorded), 3 x H x I weights each; for each (adapter slot, expert)
 pair some token of that slot routes to, that expert's LoRA factors (A and B of gate, up, down
 at the slot's rank); each used slot's q/k/v/o factors; the LM head; and every sequence's KV
-pages (keys and values of every cached token, every layer).
+pages (keys and values of every cached token, every layer; only the window's on a sliding-window
+layer). Biases and sinks (gpt-oss) count with their weights.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def recorded_routing(out: list):
     """Record every MoE layer's ``(topk_ids_TK)`` while the block is active."""
     real = MoEBlock.route
 
-    def route(self, x_TH):
-        w, ids = real(self, x_TH)
+    def route(self, x_TH, *router_logits):
+        w, ids = real(self, x_TH, *router_logits)
         out.append(ids)
         return w, ids
 
@@ -59,7 +60,9 @@ def decode_step_bytes(model, routing: list[torch.Tensor], token_slot_T: torch.Te
     for layer, ids in zip(moe_layers, routing):
         base = layer["moe"].base
         weights += _nbytes(base.router)
-        per_expert = (_nbytes(base.w_gate_up) + _nbytes(base.w_down)) // base.w_gate_up.shape[0]
+        per_expert = sum(_nbytes(t) for t in (base.w_gate_up, base.w_down, base.b_gate_up,
+                                              base.b_down) if t is not None) \
+            // base.w_gate_up.shape[0]  # biases (gpt-oss) with their expert
         experts += per_expert * int(torch.unique(ids[ids >= 0]).numel())
         buf = pool.moe_buffers(layer["moe"].layer_idx)
         item = buf.gate_up_a.element_size()
@@ -71,13 +74,17 @@ def decode_step_bytes(model, routing: list[torch.Tensor], token_slot_T: torch.Te
     for layer in model.layers:
         attn = layer["attn"]
         weights += _nbytes(attn.w["qkv_proj"]) + _nbytes(attn.w["o_proj"])
+        weights += sum(_nbytes(attn.w[k]) for k in ("qkv_proj.bias", "o_proj.bias", "sinks")
+                       if k in attn.w)
         weights += _nbytes(layer["ln1"]) + _nbytes(layer["ln2"])
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             buf = pool.dense_buffers(f"{attn.prefix}.{name}")
             per_rank_row = (buf.a.shape[2] + buf.b.shape[1]) * buf.a.element_size()
             lora += sum(rank_of[s] * per_rank_row for s in slots)
-    kv_token = 2 * cfg.num_layers * model.split.num_kv * cfg.head_dim * model.dtype.itemsize
-    kv = kv_token * sum(kv_lens)
+    # a sliding-window layer (gpt-oss) reads only its window's keys
+    kv_layer_token = 2 * model.split.num_kv * cfg.head_dim * model.dtype.itemsize
+    kv = kv_layer_token * sum(min(n, cfg.window_of(i) or n) for i in range(cfg.num_layers)
+                              for n in kv_lens)
     return dict(weight_bytes=weights, expert_bytes=experts, lora_bytes=lora, kv_bytes=kv,
                 total_bytes=weights + experts + lora + kv)
 

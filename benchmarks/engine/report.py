@@ -10,12 +10,13 @@ import os
 from benchmarks.common import device_tag, write_csv
 
 log = logging.getLogger("bench_engine")
+# the ``model`` column -> file name suffix (the Qwen3 shape has none)
+SUFFIX = {"tiny": "_tiny", "tiny-gpt-oss": "_tiny_gpt-oss", "gpt-oss-20b-shape": "_gpt-oss-20b"}
 
 
 def write_outputs(rows: list[dict], m: dict, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"engine_{device_tag(m)}" + ("_tiny" if m["model"] == "tiny"
-                                                              else ""))
+    path = os.path.join(out_dir, f"engine_{device_tag(m)}" + SUFFIX.get(m["model"], ""))
     write_csv(path + ".csv", rows, m)
     try:
         import matplotlib

@@ -16,6 +16,27 @@ TINY = dict(QWEN3_30B_A3B, vocab_size=256, hidden_size=64, num_attention_heads=4
             moe_intermediate_size=32, intermediate_size=96, num_hidden_layers=2,
             max_position_embeddings=4096)
 
+# gpt-oss-20b's config.json (24 layers alternating sliding-128 / full attention, sinks,
+# biases, 32 experts top-4 with the clamped SwiGLU, YaRN x32), bf16 experts (no MXFP4).
+GPT_OSS_20B = dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880,
+                   intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+                   num_key_value_heads=8, head_dim=64, num_local_experts=32,
+                   num_experts_per_tok=4, sliding_window=128,
+                   layer_types=["sliding_attention", "full_attention"] * 12,
+                   attention_bias=True, swiglu_limit=7.0, rms_norm_eps=1e-5,
+                   rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                    "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                    "original_max_position_embeddings": 4096},
+                   max_position_embeddings=131072, eos_token_id=None)
+TINY_GPT_OSS = dict(GPT_OSS_20B, vocab_size=256, hidden_size=64, intermediate_size=32,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention"],
+                    max_position_embeddings=4096)
+# --model name -> (full shape, tiny shape, the ``model`` column of each)
+MODELS = {"qwen3-30b-a3b": ((QWEN3_30B_A3B, "qwen3-30b-a3b-shape"), (TINY, "tiny")),
+          "gpt-oss-20b": ((GPT_OSS_20B, "gpt-oss-20b-shape"), (TINY_GPT_OSS, "tiny-gpt-oss"))}
+
 
 def random_adapter(name, cfg, rank, device, seed, host: bool = False):
     """Rank-``rank`` LoRA on q/k/v/o and on every expert projection of every layer (bf16),

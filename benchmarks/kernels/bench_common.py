@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.kernels import roofline
+from moelora_dist.kernels.constants import Activation
 from moelora_dist.testing.kernel_cases import make_lora
-from moelora_dist.moe.router import localize_topk_ids, route
+from moelora_dist.moe.router import (localize_topk_ids, route, route_sigmoid_grouped,
+                                     route_topk_softmax)
 
 MODELS = {  # H, E, K, I of the public model configurations, and EP (E / EP local experts)
     "qwen3-30b-a3b": (2048, 128, 8, 768, 1),
@@ -18,7 +20,13 @@ MODELS = {  # H, E, K, I of the public model configurations, and EP (E / EP loca
     # DeepSeek-V3 / Kimi-K2 routed experts at EP 8: 32 local experts (the all-reduce
     # dispatcher's view: the other ranks' experts are -1)
     "deepseek-v3-routed": (7168, 256, 8, 2048, 8),
+    # --families: the same shape routed by DeepSeek-V3's own router (sigmoid, correction
+    # bias, 4 of 8 groups: rank 0's 32 experts are one group, so a token routes to them in
+    # about half the batch), and gpt-oss-120b (biased experts, clamped SwiGLU, top-4 of 128).
+    "deepseek-v3-grouped": (7168, 256, 8, 2048, 8),
+    "gpt-oss-120b": (2880, 128, 4, 2880, 1),
 }
+GPT_OSS_SWIGLU = Activation("swiglu_oai", 1.702, 7.0)
 NUM_SLOTS = 8
 _WEIGHTS: dict = {}
 
@@ -51,10 +59,21 @@ def make_inputs(case: Case, device="cuda", seed=0):
             (torch.randn(E, 2 * I, H, generator=g, device=device) * H ** -0.5).to(**dev),
             (torch.randn(E, H, I, generator=g, device=device) * I ** -0.5).to(**dev))
     w_gu, w_d = _WEIGHTS[case.model]
-    tw, ids = route(torch.randn(case.T, E_all, generator=g, device=device), K, renormalize=True)
+    logits = torch.randn(case.T, E_all, generator=g, device=device)
+    if case.model == "deepseek-v3-grouped":
+        bias = torch.randn(E_all, generator=g, device=device) * 0.1
+        tw, ids = route_sigmoid_grouped(logits, bias, K, 8, 4, True, 2.5)
+    elif case.model.startswith("gpt-oss"):
+        tw, ids = route_topk_softmax(logits, K)
+    else:
+        tw, ids = route(logits, K, renormalize=True)
     ids = localize_topk_ids(ids, 0, E)
     inp = dict(x_TH=x, w_gate_up_EXH=w_gu, w_down_EHI=w_d, topk_weights_TK=tw, topk_ids_TK=ids,
                token_slot_T=None, lora=None, slot_enabled_S=None)
+    if case.model.startswith("gpt-oss"):
+        inp.update(activation=GPT_OSS_SWIGLU, b_gate_up_EX=(
+            torch.randn(E, 2 * I, generator=g, device=device) * 0.1).to(**dev),
+            b_down_EH=(torch.randn(E, H, generator=g, device=device) * 0.1).to(**dev))
     if case.adapters == 0:
         return inp
     lora = make_lora(NUM_SLOTS, E, case.rank, H, I, torch.bfloat16, device, g,
@@ -80,6 +99,11 @@ def touched_weight_bytes(inp) -> int:
 def flops(inp) -> float:
     """Base FLOPs of the valid pairs (``roofline.py`` adds the adapters')."""
     return roofline.base_flops(inp)
+
+
+def variant_kwargs(inp) -> dict:
+    """The expert variant of a case (gpt-oss: activation and biases), as reference kwargs."""
+    return {k: inp[k] for k in ("activation", "b_gate_up_EX", "b_down_EH") if k in inp}
 
 
 def make_peer(inp, rank: int | None):

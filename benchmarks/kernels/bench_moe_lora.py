@@ -14,6 +14,11 @@ own roofline (base weights touched + adapter factors touched over the measured H
 FLOPs over the measured bf16 peak; ``roofline.py``) and its share of it; for LoRA cases the
 extra time over the base layer against the adapters' own floor; ``config_source`` says whether
 the tiles came from a tuned file; ``target``/``target_met`` judge issue 16's targets.
+
+``--families`` adds (and ``--families-only`` runs only) DeepSeek-V3's routed shape on one rank
+of EP 8 routed by its own grouped sigmoid router (H 7168, I 2048, 32 of 256 experts, top-8 in
+4 of 8 groups) and gpt-oss-120b (H 2880, I 2880, 128 experts, top-4, biases and the clamped
+SwiGLU), base and 8 adapters r16 on every token, T in 1..4096.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from tqdm import tqdm
 from benchmarks.common import device_tag, env_columns, measure_roofline, write_csv
 from benchmarks.kernels import peers, roofline, targets
 from benchmarks.kernels.bench_common import (Case, bench, bench_graph, flops, make_inputs,
-                                             make_peer, plot, touched_weight_bytes)
+                                             make_peer, plot, touched_weight_bytes,
+                                             variant_kwargs)
 from benchmarks.kernels.bench_stages import stage_times, variant_times
 from moelora_dist.kernels.moe_lora.naive import experts_reference
 from moelora_dist.kernels.moe_lora.ops import config_source, fused_moe_lora
@@ -39,6 +45,17 @@ log = logging.getLogger("bench_moe_lora")
 T_ALL = (1, 16, 64, 256, 1024, 4096, 16384)  # the table's T, and 16384 for the peak target
 DECODE_MAX_T = 512  # up to here the roofline is HBM bytes; above it bf16 FLOPs
 TOLERANCE = 4e-2  # of max |reference|: bf16 h and pair outputs, tf32 expand
+
+
+FAMILY_T = (1, 16, 64, 256, 1024, 4096)
+
+
+def family_registry(quick: bool) -> list[Case]:
+    """DeepSeek-V3 routed by its grouped router (EP 8) and gpt-oss-120b: base and 8 adapters
+    r16 on every token (the base case of a (model, T) first)."""
+    Ts = (16, 64, 4096) if quick else FAMILY_T
+    return [Case(m, T, a, r, s) for m in ("deepseek-v3-grouped", "gpt-oss-120b")
+            for T in Ts for a, r, s in ((0, 0, 0.0), (8, 16, 1.0))]
 
 
 def registry(quick: bool) -> list[Case]:
@@ -80,6 +97,7 @@ def run_case(case: Case, time_reference: bool, roof: dict) -> dict:
         ts = torch.where((ts >= 0) & en, ts, torch.full_like(ts, -1))
     ref_args = (inp["x_TH"], inp["w_gate_up_EXH"], inp["w_down_EHI"], inp["topk_weights_TK"],
                 inp["topk_ids_TK"], ts, inp["lora"])
+    vkw = variant_kwargs(inp)  # gpt-oss: activation and biases (reference_rows reads them)
     ref = reference_rows(inp)
     why = check(y, ref, tolerance=TOLERANCE)
     ok = why is None
@@ -94,7 +112,7 @@ def run_case(case: Case, time_reference: bool, roof: dict) -> dict:
     # Graphs at every T: the table's numbers are graph replays, and the eager LoRA call issues
     # more launches than the base one (the graph time shows how much of a gap is host time).
     row["ms_graph"] = bench_graph(ours) if ok else ""
-    row["ref_ms"] = bench(lambda: experts_reference(*ref_args)) if time_reference else ""
+    row["ref_ms"] = bench(lambda: experts_reference(*ref_args, **vkw)) if time_reference else ""
     t = row["ms"] * 1e-3
     row["hbm_pct"] = 100 * touched_weight_bytes(inp) / t / roof["hbm_bytes_per_s"]
     row["bf16_peak_pct"] = 100 * flops(inp) / t / roof["bf16_flops"]
@@ -122,6 +140,10 @@ def main(argv=None):
     ap.add_argument("--stages", action="store_true", help="also time each kernel stage")
     ap.add_argument("--reference-t", type=int, nargs="*", default=[64, 4096],
                     help="T at which experts_reference is timed (it is slow)")
+    ap.add_argument("--families", action="store_true",
+                    help="add DeepSeek-V3 routed (EP 8) and gpt-oss-120b cases")
+    ap.add_argument("--families-only", action="store_true",
+                    help="run only the --families cases")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
@@ -132,7 +154,10 @@ def main(argv=None):
     log.info("roofline measured in this run: HBM copy %.2f TB/s, bf16 GEMM %.0f TFLOP/s",
              roof["hbm_bytes_per_s"] / 1e12, roof["bf16_flops"] / 1e12)
     rows, base_ms, stage_rows = peers.rows(), {}, []
-    for case in tqdm(registry(args.quick), desc="cases"):
+    cases = [] if args.families_only else registry(args.quick)
+    if args.families or args.families_only:
+        cases += family_registry(args.quick)
+    for case in tqdm(cases, desc="cases"):
         timed_ref = case.model.startswith("qwen3") and case.T in args.reference_t and (
             case.adapters in (0, 8) and case.share in (0.0, 1.0) and case.rank == 16
             or case.adapters == 0)

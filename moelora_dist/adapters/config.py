@@ -16,14 +16,13 @@ import re
 from dataclasses import dataclass, field
 
 from moelora_dist.adapters.errors import AdapterError
-from moelora_dist.config.model import (attention_dims, moe_intermediate_of, moe_layer_indices,
-                                       num_experts_of, text_config)
+from moelora_dist.config.families import (INTERLEAVED_EXPERTS, attention_dims, family_of,
+                                          layer_linear_shapes, moe_intermediate_of,
+                                          moe_layer_indices, num_experts_of)
+from moelora_dist.config.model import text_config
 
 # PEFT options that change the math in ways the canonical form (plain B @ A) cannot carry.
 _UNSUPPORTED_TRUE = ("use_dora", "fan_in_fan_out", "use_qalora", "use_bdlora")
-# Expert parameters [E, H, 2I] with gate/up columns interleaved: same PEFT key and shape pattern
-# as the supported layout but different math, so they are refused by model type.
-_INTERLEAVED_EXPERTS = ("gpt_oss",)
 
 
 @dataclass
@@ -143,7 +142,11 @@ def parse_version(text) -> tuple[int, ...] | None:
 
 @dataclass
 class ModelDims:
-    """The sizes of a model config an adapter is checked against (any field may be None)."""
+    """The sizes of a model config an adapter is checked against (any field may be None).
+
+    ``raw`` keeps the (text) config for :meth:`layer_shapes`; ``expert_layout`` is
+    ``"interleaved"`` for gpt-oss, whose gate_up LoRA ``B`` rows alternate gate and up.
+    """
 
     hidden: int | None = None
     moe_intermediate: int | None = None
@@ -153,34 +156,39 @@ class ModelDims:
     q_out: int | None = None
     kv_out: int | None = None
     moe_layers: frozenset[int] | None = None
+    expert_layout: str = "standard"
+    raw: dict | None = None
+
+    def layer_shapes(self, layer: int) -> dict[str, tuple[int | None, int | None]] | None:
+        """``{module: (in, out)}`` of the 2-D linears of ``layer`` (None: no config)."""
+        return None if self.raw is None else layer_linear_shapes(self.raw, layer)
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "ModelDims":
-        """Read a HF ``config.json`` dict (Qwen3-MoE, Mixtral, OLMoE field names)."""
+        """Read a HF ``config.json`` dict (every supported family's field names)."""
         if cfg is None:
             return cls()
         if not isinstance(cfg, dict):
             raise AdapterError(f"model_config must be a dict parsed from config.json, got "
                                f"{type(cfg).__name__}")
         cfg = text_config(cfg)
-        if cfg.get("model_type") in _INTERLEAVED_EXPERTS:
-            raise AdapterError(f"model_type {cfg['model_type']!r} stores its experts transposed "
-                               "and with gate/up interleaved; its expert LoRA layout is not "
-                               "supported")
         hidden = cfg.get("hidden_size")
-        experts = num_experts_of(cfg)
-        moe_i = moe_intermediate_of(cfg)
         layers = cfg.get("num_hidden_layers")
         heads, kv, head_dim = attention_dims(cfg)
         moe_index = moe_layer_indices(cfg)
         moe_layers = frozenset(moe_index) if moe_index is not None else None
+        shapes = layer_linear_shapes(cfg, 0)
+        q = shapes.get("self_attn.q_proj") or shapes.get("self_attn.q_b_proj")
         return cls(
             hidden=hidden,
-            moe_intermediate=moe_i,
-            num_experts=experts,
+            moe_intermediate=moe_intermediate_of(cfg),
+            num_experts=num_experts_of(cfg),
             num_layers=layers,
             dense_intermediate=cfg.get("intermediate_size"),
-            q_out=heads * head_dim if heads and head_dim else None,
-            kv_out=kv * head_dim if kv and head_dim else None,
+            q_out=q[1] if q else None,
+            kv_out=kv * head_dim if kv and head_dim and family_of(cfg) != "deepseek_v3"
+            else None,
             moe_layers=moe_layers,
+            expert_layout="interleaved" if family_of(cfg) in INTERLEAVED_EXPERTS else "standard",
+            raw=cfg,
         )

@@ -192,7 +192,12 @@ def load_adapter(path: str | os.PathLike, *, model_config: dict | None = None,
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise ctx.fail(pa.layer, pa.key, f"dense LoRA needs lora_A [r, in] and lora_B [out, r] "
                            f"of one rank; found {tuple(A.shape)} and {tuple(B.shape)}")
-        scale = checked_scale(ctx, pa.layer, pa.key, pa.module, A.shape[0])
+        # A LoRA on a 2-D parameter (the router's ``gate.weight`` in target_parameters, as
+        # PEFT's all-linear writes it) takes its rank_pattern / alpha_pattern key from the
+        # parameter's name, like the experts' parameters.
+        module = (f"{pa.module}.weight" if cfg.targets_parameter(pa.module, "weight")
+                  else pa.module)
+        scale = checked_scale(ctx, pa.layer, pa.key, module, A.shape[0])
         dense_out[p] = LoRAFactors(a=A.unsqueeze(0), b=B.unsqueeze(0), scaling=scale)
         sources[(p, "A")], sources[(p, "B")] = pa.key, fac["B"][0].key
 
@@ -225,6 +230,11 @@ def _convert_projection_layer(ctx: Ctx, layer: int, projs: dict, E: int, sources
         formats.add(("mixtral w1/w3/w2 " if names & {"w1", "w2", "w3"} else "")
                     + "/".join(sorted(styles)))
         if p == "gate_up":
+            if ctx.dims.expert_layout == "interleaved":
+                raise ctx.fail(layer, entries[0][0].key, "a gate_up_proj LoRA in the expert-"
+                               "projection format on gpt-oss's interleaved experts: its row "
+                               "order is ambiguous; save the adapter with PEFT "
+                               "target_parameters, or as separate gate_proj / up_proj keys")
             if (layer, "gate") in projs or (layer, "up") in projs:
                 raise ctx.fail(layer, entries[0][0].key, "gate_up_proj keys together with "
                                "separate gate/up keys; keep one")

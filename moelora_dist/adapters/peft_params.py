@@ -17,6 +17,12 @@ parameter as ``[E, in, out]``: ``lora_A: [r*E, out]``, ``lora_B: [in, r*E]`` and
 ``delta[e] = (B_e @ A_e)^T`` — so canonical ``a_e = B_e^T`` and ``b_e = A_e^T``. The orientation
 is read from the shapes (model config, or the two parameters against each other); only when
 those cannot tell, ``peft_version`` decides (no version: current orientation, with a warning).
+
+gpt-oss stores its experts ``[E, in, out]`` (``x @ W``; PEFT marks them transposed) with the
+gate/up outputs interleaved: ``lora_A: [r*E, H]``, ``lora_B: [2I, r*E]`` as above, and the
+delta is transposed onto the weight, so ``lora_B``'s rows follow the interleaved order. They
+are de-interleaved here, exactly as the checkpoint's weights are at load. Every PEFT version
+writes that one orientation for them (the storage is already ``[E, in, out]``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from moelora_dist.adapters.canonical import LoRAFactors
 from moelora_dist.adapters.formats import Ctx, checked_scale, split_gate_up
 from moelora_dist.adapters.keys import ParsedKey
+from moelora_dist.parallel.sharding import deinterleave_gate_up
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # definition order in transformers-5 experts
 _LEGACY_BEFORE = (0, 19)
@@ -77,7 +84,8 @@ def convert_params(ctx: Ctx, layer: int, experts_module: str,
         swapped = {params[0]: fac[params[1]], params[1]: fac[params[0]]}
         if any(_fits(ctx, swapped)):
             fac = swapped
-    legacy = _orientation(ctx, layer, fac, any_key)
+    interleaved = ctx.dims.expert_layout == "interleaved"
+    legacy = False if interleaved else _orientation(ctx, layer, fac, any_key)
     out: dict[str, LoRAFactors] = {}
     keys: dict[str, dict[str, str]] = {}
     for p in params:
@@ -101,6 +109,8 @@ def convert_params(ctx: Ctx, layer: int, experts_module: str,
             a, b = b_oRE.permute(2, 1, 0), a_Eri.transpose(1, 2)
         else:
             a, b = a_Eri, b_oRE.permute(2, 0, 1)
+        if p == "gate_up_proj" and interleaved:  # gpt-oss: gate rows at 2i, up at 2i + 1
+            b = deinterleave_gate_up(b, dim=1)
         f = LoRAFactors(a=a.contiguous(), b=b.contiguous(), scaling=scale)
         if p == "gate_up_proj":
             out["gate"], out["up"] = split_block_diagonal(*split_gate_up(ctx, layer, pa.key, f))

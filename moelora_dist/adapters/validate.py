@@ -73,8 +73,20 @@ def check_values(adapter: CanonicalAdapter, file: str, sources: dict | None = No
     adapter.values_checked = True
 
 
-def _dense_expect(path: str, dims: ModelDims) -> tuple[int | None, int | None]:
-    """``(in, out)`` of known dense module names; ``(None, None)`` when not checkable."""
+def _dense_expect(path: str, dims: ModelDims, key: str,
+                  file: str) -> tuple[int | None, int | None]:
+    """``(in, out)`` of a dense module path; ``(None, None)`` when not checkable. With a
+    model config, a ``layers.{l}.`` path the layer does not have is refused (its LoRA could
+    not be placed, and nothing an adapter holds is dropped)."""
+    m = re.match(r"layers\.(\d+)\.(.+)$", path)
+    shapes = dims.layer_shapes(int(m[1])) if m else None
+    if shapes is not None:
+        if m[2] not in shapes:
+            raise AdapterError(
+                f"{file}: key {key!r}: layer {m[1]} of this model has no linear {m[2]!r} to "
+                f"put a LoRA on (its linears: {sorted(shapes)}); the adapter is for another "
+                "model or layout (dense vs MoE layer)")
+        return shapes[m[2]]
     H = dims.hidden
     name = path.rsplit(".", 1)[-1]
     if re.search(r"self_attn\.[qkvo]_proj$", path):
@@ -123,7 +135,7 @@ def validate(adapter: CanonicalAdapter, dims: ModelDims, max_rank: int | None,
                            max_rank, E)
     for path, f in sorted(adapter.dense.items()):
         keys = (sources.get((path, "A"), "?"), sources.get((path, "B"), "?"))
-        exp_in, exp_out = _dense_expect(path, dims)
+        exp_in, exp_out = _dense_expect(path, dims, keys[0], file)
         layer = int(m[1]) if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", path)) else None
         if layer is not None and dims.num_layers is not None and layer >= dims.num_layers:
             raise AdapterError(f"{file}: key {keys[0]!r}: layer {layer} but the model has only "

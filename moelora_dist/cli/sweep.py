@@ -7,7 +7,9 @@
     python -m moelora_dist.cli.sweep --simulate
 
 By default (multi-process, :func:`run_processes`): a built-in tiny MoE model
-(:mod:`moelora_dist.testing.tiny`, 3 layers) is written to safetensors in a temporary directory;
+(:mod:`moelora_dist.testing.tiny`, 4 layers: softmax routing, DeepSeek-V3 / GLM-4.5's grouped
+sigmoid routing with its correction bias, gpt-oss's router bias and biased clamped experts in
+its interleaved layout) is written to safetensors in a temporary directory;
 for each world size 1, 2, 4 (up to ``--max-world``) the launcher starts that many processes
 (gloo on CPU, NCCL with ``--device cuda``), and each runs
 :mod:`moelora_dist.cli.sweep_worker`: every valid ``(tp, ep)`` layout and every dispatcher,
@@ -56,12 +58,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest passing max-abs error relative to max |y| (default by dtype: "
                         "float32 1e-4 on cpu, 2e-3 on cuda (TF32 products), bfloat16 5e-2, "
                         "float64 1e-9; 1e-10 with --simulate)")
+    p.add_argument("--variant", choices=("families", "classic"), default="families",
+                   help="--simulate only: families (default: DeepSeek-V3 / GLM-4.5 grouped "
+                        "sigmoid routing with a correction bias, gpt-oss's biased clamped "
+                        "experts) or classic (softmax routing, SiLU experts)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the rows as JSON")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: gloo processes; cuda: NCCL, one GPU per process; with --simulate "
                         "the device of every simulated rank's compute (default cpu)")
     g = p.add_argument_group("multi-process sweep (ignored with --simulate)")
-    g.add_argument("--layers", type=int, default=3, help="MoE layers in the stack (default 3)")
+    g.add_argument("--layers", type=int, default=4,
+                   help="MoE layers in the stack (default 4: every key layout, and the grouped "
+                        "sigmoid router on layer 1 and gpt-oss's biased clamped experts on "
+                        "layer 3)")
     g.add_argument("--layouts", default=None,
                    help="comma list of WORLDxTPxEP to run, e.g. 4x4x2,2x2x1 (default: all)")
     g.add_argument("--dispatchers", default="all_reduce,all_to_all",
@@ -116,14 +125,16 @@ def run_simulate(args: argparse.Namespace) -> int:
     try:
         cfg = SimConfig(max_world=args.max_world, experts=args.experts, hidden=args.hidden,
                         intermediate=args.intermediate, top_k=args.top_k, tokens=args.tokens,
-                        seed=args.seed, tol=args.tol, device=args.device)
+                        seed=args.seed, tol=args.tol, device=args.device,
+                        variant=args.variant)
     except ValueError as exc:
         raise OptionError(str(exc)) from None
     t0 = time.perf_counter()
     case, rows = run_simulation(cfg, progress=True)
     seconds = time.perf_counter() - t0
-    print(f"simulated sweep: E={cfg.experts} H={cfg.hidden} I={cfg.intermediate} "
-          f"K={cfg.top_k} T={cfg.tokens} seed={cfg.seed}, fp64 on {cfg.device}, "
+    print(f"simulated sweep ({cfg.variant}): E={cfg.experts} H={cfg.hidden} "
+          f"I={cfg.intermediate} K={cfg.top_k} T={cfg.tokens} seed={cfg.seed}, fp64 on "
+          f"{cfg.device}, "
           f"{len(case.registry)} adapters "
           f"+ base-only requests; LoRA changes the output by {case.lora_effect:.2f} of max |y|")
     print(format_table(rows))

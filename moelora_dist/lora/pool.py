@@ -76,6 +76,7 @@ class LoRAPool:
             self._dense[path] = DenseLoRABuffers.zeros(S, R, in_l, out_l, **kw)
         self._slot_rank_S = torch.zeros(S, dtype=torch.int32, device=config.device)
         self._names: list[str | None] = [None] * S
+        self._slot_paths: list[frozenset[str]] = [frozenset()] * S  # dense paths per slot
         self._slot_by_name: dict[str, int] = {}
         self._last_use = [0] * S
         self._clock = 0
@@ -147,6 +148,7 @@ class LoRAPool:
         for path, buf in self._dense.items():
             write_dense_slot(buf, slot, staged.dense.get(path))
         self._slot_rank_S[slot] = staged.max_rank
+        self._slot_paths[slot] = frozenset(staged.dense)
         self._names[slot] = staged.name
         self._slot_by_name[staged.name] = slot
         self._touch(slot)
@@ -171,6 +173,7 @@ class LoRAPool:
         for buf in self._dense.values():
             clear_dense_slot(buf, slot)
         self._slot_rank_S[slot] = 0
+        self._slot_paths[slot] = frozenset()
         self._names[slot] = None
         del self._slot_by_name[name]
         self._last_use[slot] = 0
@@ -243,6 +246,11 @@ class LoRAPool:
         if path not in self._dense:
             raise PoolError(f"the pool has no dense module {path!r}; known: {sorted(self._dense)}")
         return self._dense[path]
+
+    def targets(self, path: str) -> bool:
+        """Whether a resident adapter has a LoRA on dense module ``path`` (host-side, no sync):
+        a model may leave out the LoRA of an optional module (the router) when none has."""
+        return any(path in paths for paths in self._slot_paths)
 
     @property
     def slot_rank_S(self) -> torch.Tensor:

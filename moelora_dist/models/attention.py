@@ -1,6 +1,14 @@
 """Self-attention split over tensor-parallel ranks by heads, with multi-LoRA on q/k/v/o.
 
-Legend: T tokens, H hidden, N_q / N_kv query / kv heads on this rank, D head dim.
+Legend: T tokens, H hidden, N_q / N_kv query / kv heads on this rank, D head dim, R rotated
+dims of a head.
+
+Grouped-query attention of every GQA family: q/k/v biases (``attention_bias``), an o bias
+(gpt-oss; never GLM-4.5), q/k RMSNorm per head (Qwen3, GLM ``use_qk_norm``) or over the whole
+projection (OLMoE), a sliding window per layer and attention sinks (gpt-oss; each rank holds
+its heads' sinks), YaRN through the model's rotary tables. Full rotate-half rotary is fused
+into the page write; a partial one (GLM-4.5: the first ``R = D * partial_rotary_factor``
+dims) is applied in PyTorch first (:func:`.paged_rope.rotate_then_write`). MLA is :mod:`.mla`.
 
 Split (Megatron style): q/k/v are column parallel (each rank computes its heads), o is row
 parallel (each rank holds the matching input columns) and its partial output is summed with one
@@ -27,7 +35,8 @@ from moelora_dist.kernels.paged_attention import naive as pa_naive
 from moelora_dist.models.batch import ForwardBatch, PagedKVCache
 from moelora_dist.models.fp8_weights import read_linear
 from moelora_dist.models.lora_linear import DenseLoRA, base_linear, linear_with_lora
-from moelora_dist.models.ops import rms_norm_sharded
+from moelora_dist.models.ops import rms_norm, rms_norm_sharded
+from moelora_dist.models.paged_rope import rotate_then_write
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,8 @@ class HeadSplit:
                 f"num_attention_heads={cfg.num_heads} is not divisible by tp={tp}; pick tp from "
                 f"{[d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0]}")
         num_q = cfg.num_heads // tp
+        if cfg.attention == "mla":  # keys and values are expanded per query head
+            return cls(tp_rank * num_q, num_q, tp_rank * num_q, num_q, 1)
         if cfg.num_kv_heads >= tp:
             if cfg.num_kv_heads % tp:
                 raise ModelConfigError(
@@ -82,6 +93,8 @@ class TPAttention:
         self.cfg, self.layer, self.split, self.tp_group = cfg, layer, split, tp_group
         self.backend = backend
         self.prefix = f"layers.{layer}.self_attn"
+        self.window = cfg.window_of(layer)  # per layer (gpt-oss) or model-wide (Mixtral)
+        self.partial = cfg.rope.rotary_dim < cfg.head_dim  # GLM-4.5: rotary in PyTorch
         D = cfg.head_dim
         self.sizes = [split.num_q * D, split.num_kv * D, split.num_kv * D]
         w = dict(weights)
@@ -138,15 +151,22 @@ class TPAttention:
         head = cfg.qk_norm == "head"
         kern = self._kernels()
         k_pages, v_pages = cache.k[self.layer], cache.v[self.layer]
-        q_TND = kern.rope_write(q.view(T, sp.num_q, D), k.view(T, sp.num_kv, D),
-                                v.view(T, sp.num_kv, D), batch.positions_T, rope[0], rope[1],
-                                batch.slot_mapping_T, k_pages, v_pages,
-                                self.w["q_norm"] if head else None,
-                                self.w["k_norm"] if head else None, cfg.rms_norm_eps)
+        q3, k3, v3 = q.view(T, sp.num_q, D), k.view(T, sp.num_kv, D), v.view(T, sp.num_kv, D)
+        if self.partial:  # GLM-4.5: per-head norm and partial rotary here, then the write
+            if head:
+                q3 = rms_norm(q3, self.w["q_norm"], cfg.rms_norm_eps)
+                k3 = rms_norm(k3, self.w["k_norm"], cfg.rms_norm_eps)
+            q_TND = rotate_then_write(kern, q3, k3, v3, batch, rope, k_pages, v_pages)
+        else:
+            q_TND = kern.rope_write(q3, k3, v3, batch.positions_T, rope[0], rope[1],
+                                    batch.slot_mapping_T, k_pages, v_pages,
+                                    self.w["q_norm"] if head else None,
+                                    self.w["k_norm"] if head else None, cfg.rms_norm_eps)
         out_TND = kern.paged_attention(q_TND, k_pages, v_pages, batch.block_tables_BM,
                                        batch.kv_lens_B, batch.seg_indptr_B1, scale=D ** -0.5,
-                                       sliding_window=cfg.sliding_window,
-                                       decode_only=batch.decode_only)
+                                       sliding_window=self.window,
+                                       decode_only=batch.decode_only,
+                                       sinks_N=self.w.get("sinks"))
         # o is row parallel: its bias is added once, after the sum over ranks, not per rank.
         o = linear_with_lora(out_TND.reshape(T, sp.num_q * D), self.w["o_proj"], None, lora,
                              f"{self.prefix}.o_proj")
@@ -175,8 +195,12 @@ def load_attention_weights(reader, cfg: ModelConfig, layer: int, split: HeadSpli
         w["q_proj.bias"] = reader.rows(f"{p}.q_proj.bias", *q_rows, dtype=dtype)
         w["k_proj.bias"] = reader.rows(f"{p}.k_proj.bias", *kv_rows, dtype=dtype)
         w["v_proj.bias"] = reader.rows(f"{p}.v_proj.bias", *kv_rows, dtype=dtype)
-        if reader.has(f"{p}.o_proj.bias"):
-            w["o_proj.bias"] = reader.get(f"{p}.o_proj.bias", dtype=dtype)
+        # o_bias None: the classic families have one when the checkpoint does
+        if cfg.o_bias or (cfg.o_bias is None and reader.has(f"{p}.o_proj.bias")):
+            w["o_proj.bias"] = reader.get(f"{p}.o_proj.bias", dtype=dtype, expect_shape=(H,))
+    if cfg.sinks:  # one logit per query head: each rank keeps its heads'
+        w["sinks"] = reader.rows(f"{p}.sinks", split.q_start, split.q_start + split.num_q,
+                                 dtype=dtype, expect_shape=(cfg.num_heads,))
     if cfg.qk_norm == "head":
         w["q_norm"] = reader.get(f"{p}.q_norm.weight", dtype=dtype, expect_shape=(D,))
         w["k_norm"] = reader.get(f"{p}.k_norm.weight", dtype=dtype, expect_shape=(D,))

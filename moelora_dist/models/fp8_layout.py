@@ -34,11 +34,16 @@ def fp8_cut_problems(cfg: ModelConfig, tp: int, ep: int) -> list[str]:
             and (cfg.moe_intermediate // moe_tp) % FP8_BLOCK):
         out.append(f"FP8 experts: I={cfg.moe_intermediate} over moe_tp = tp/ep = {tp}/{ep} = "
                    f"{moe_tp} gives shards of {cfg.moe_intermediate // moe_tp} columns of down")
-    inner = cfg.num_heads * cfg.head_dim
+    inner = cfg.attn_out  # heads x value dim (MLA: v_head_dim)
     if (tp > 1 and cfg.num_heads % tp == 0 and cfg.fp8.converts("model.layers.0.self_attn.o_proj")
             and (inner // tp) % FP8_BLOCK):
-        out.append(f"FP8 o_proj: {cfg.num_heads} heads x {cfg.head_dim} = {inner} columns over "
-                   f"tp={tp} gives shards of {inner // tp}")
+        out.append(f"FP8 o_proj: {cfg.num_heads} heads x {cfg.v_head_dim} = {inner} columns "
+                   f"over tp={tp} gives shards of {inner // tp}")
+    S_ = cfg.shared_intermediate
+    if (layer is not None and S_ and tp > 1 and S_ % tp == 0 and (S_ // tp) % FP8_BLOCK
+            and cfg.fp8.converts(f"model.layers.{layer}.mlp.shared_experts.down_proj")):
+        out.append(f"FP8 shared experts' down_proj: {S_} columns over tp={tp} gives shards of "
+                   f"{S_ // tp}")
     dense = cfg.dense_layers
     F_ = cfg.dense_intermediate
     if (dense and tp > 1 and F_ % tp == 0

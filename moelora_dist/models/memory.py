@@ -35,6 +35,10 @@ def _weights(model):
         if "moe" in layer:
             base = layer["moe"].base
             yield from (base.router, base.w_gate_up, base.w_down)
+            yield from (t for t in (base.router_bias, base.correction_bias, base.b_gate_up,
+                                    base.b_down) if t is not None)
+            if "shared" in layer:
+                yield from layer["shared"].w.values()
         else:
             yield from layer["mlp"].w.values()
 
@@ -69,4 +73,5 @@ def describe_memory(model) -> str:
 def kv_bytes_per_token(model) -> int:
     """Bytes of K and V one token occupies on this rank over all layers."""
     elem = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * model.cfg.num_layers * model.split.num_kv * model.cfg.head_dim * elem
+    cfg = model.cfg  # MLA caches values of v_head_dim next to keys of qk_head_dim
+    return cfg.num_layers * model.split.num_kv * (cfg.head_dim + cfg.v_head_dim) * elem

@@ -10,6 +10,22 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             weight_first: bool = False) -> torch.Tensor:
+    """HF ``RMSNorm``: normalize the last dim in fp32, cast back, then scale.
+
+    Args: x ``[..., H]`` any float dtype; weight ``[H]``. Returns ``[..., H]`` in x's dtype
+    (or the promoted dtype of weight and x, as HF does). ``weight_first``: gpt-oss's variant,
+    the weight multiplies the fp32 normalized value and the product is cast to x's dtype.
+    """
+    # F.rms_norm is one fused kernel on recent CUDA builds; the math is HF's (fp32, then cast).
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    if weight_first:
+        return (weight.float() * normed).to(x.dtype)
+    return weight * normed.to(x.dtype)
 
 
 def rms_norm_sharded(x: torch.Tensor, weight: torch.Tensor, eps: float, full_dim: int,

@@ -79,11 +79,14 @@ class LoRAMoE(nn.Module):
             name = auto_dispatcher_name(num_tokens, self.groups.ep_size)
         return self._dispatchers[name]
 
-    def forward(self, x_TH: torch.Tensor, batch_info: BatchInfo | None = None) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, batch_info: BatchInfo | None = None,
+                router_logits_TE: torch.Tensor | None = None) -> torch.Tensor:
         """``x_TH [T, H]`` (the same on every TP rank) -> ``y_TH [T, H]`` in ``x_TH.dtype``.
 
         ``batch_info.token_slot_T [T]`` int32 gives each token's adapter slot (``-1`` = base
         model only); with no LoRA token (or no pool) the LoRA path is left out entirely.
+        ``router_logits_TE``: ``[T, E]`` logits the caller computed (the model adds a router
+        LoRA to ``base.router_logits(x)``); None routes from ``x``.
         """
         if x_TH.dim() != 2 or x_TH.shape[1] != self.base.hidden_size:
             raise ValueError(f"x must be [T, {self.base.hidden_size}], got {tuple(x_TH.shape)}")
@@ -99,11 +102,11 @@ class LoRAMoE(nn.Module):
             num_lora_tokens = batch_info.num_lora_tokens
             max_rank = batch_info.max_rank or None  # rank tiles for the adapters in use
         base = self.base
-        topk_weights_TK, topk_ids_TK = base.route(x_TH)
+        topk_weights_TK, topk_ids_TK = base.route(x_TH, router_logits_TE)
         dispatcher = self.get_dispatcher(x_TH.shape[0])
         routed = dispatcher.dispatch(x_TH, topk_weights_TK, topk_ids_TK, token_slot_T)
         y_NH = run_experts(self.backend, routed.x_NH, base.w_gate_up, base.w_down,
                            routed.topk_weights_NK, routed.topk_ids_NK, routed.token_slot_N,
                            lora, base.activation, slot_enabled_S, num_lora_tokens,
-                           max_lora_rank=max_rank)
+                           *base.expert_biases(), max_lora_rank=max_rank)
         return dispatcher.combine(y_NH, routed)

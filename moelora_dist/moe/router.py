@@ -1,11 +1,48 @@
 """Routing: router logits -> top-k experts and weights, and global -> local expert ids.
 
-Legend: T tokens, E experts, K top-k.
+Legend: T tokens, E experts, K top-k, G expert groups.
+
+Three routers, each the exact op sequence of its transformers 5 module, so that ties at the
+top-k boundary are broken as transformers breaks them (``torch.topk``; a hand-written sort
+would pick other experts among equal scores):
+
+- ``softmax`` (Qwen3-MoE, Mixtral, OLMoE): softmax in fp32, top-k, optional renormalization;
+- ``sigmoid_grouped`` (DeepSeek-V3, Kimi-K2, GLM-4.5; ``*TopkRouter``): sigmoid scores in
+  fp32; the correction bias is added for the *choice* only; a group's score is the sum of its
+  two best choice values over ``E / G`` contiguous experts; the best ``topk_group`` groups
+  stay, and the top-k choice values inside them pick the experts; the weights are the
+  *unbiased* scores of the chosen experts, divided by their sum (+1e-20) when
+  ``renormalize``, then multiplied by ``routed_scaling_factor``;
+- ``topk_softmax`` (gpt-oss ``GptOssTopKRouter``): top-k of the logits (a bias is part of the
+  logits), then a softmax over the k chosen only.
+
+Every function runs on the device with fixed shapes and no host sync, so it can be captured in
+a CUDA graph. Plain-loop references of the same math: :mod:`.router_reference`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+ROUTERS = ("softmax", "sigmoid_grouped", "topk_softmax")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """Which router and its constants (:data:`ROUTERS`; see the module docstring)."""
+
+    top_k: int
+    kind: str = "softmax"
+    renormalize: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    scaling: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROUTERS:
+            raise ValueError(f"unknown router {self.kind!r}; pick one of {ROUTERS}")
 
 
 def route(router_logits_TE: torch.Tensor, top_k: int, renormalize: bool):
@@ -21,6 +58,54 @@ def route(router_logits_TE: torch.Tensor, top_k: int, renormalize: bool):
     if renormalize:
         topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(dim=-1, keepdim=True)
     return topk_weights_TK, topk_ids_TK.to(torch.int32)
+
+
+def route_sigmoid_grouped(router_logits_TE: torch.Tensor, correction_bias_E: torch.Tensor,
+                          top_k: int, n_group: int, topk_group: int, renormalize: bool,
+                          scaling: float):
+    """DeepSeek-V3 / GLM-4.5 routing (module docstring).
+
+    Args:
+        router_logits_TE: ``[T, E]`` logits (computed in fp32 by the caller, as HF does).
+        correction_bias_E: ``[E]`` fp32 ``e_score_correction_bias``: chooses, never weighs.
+    Returns:
+        ``topk_weights_TK`` fp32 and ``topk_ids_TK`` int32.
+    """
+    T, E = router_logits_TE.shape
+    scores_TE = router_logits_TE.float().sigmoid()
+    choice_TE = scores_TE + correction_bias_E.float()
+    group_scores_TG = choice_TE.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores_TG, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask_TG = torch.zeros_like(group_scores_TG).scatter_(1, group_idx, 1)
+    score_mask_TE = group_mask_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+    choice_TE = choice_TE.masked_fill(~score_mask_TE.bool(), float("-inf"))
+    topk_ids_TK = torch.topk(choice_TE, k=top_k, dim=-1, sorted=False)[1]
+    topk_weights_TK = scores_TE.gather(1, topk_ids_TK)
+    if renormalize:
+        topk_weights_TK = topk_weights_TK / (topk_weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    return topk_weights_TK * scaling, topk_ids_TK.to(torch.int32)
+
+
+def route_topk_softmax(router_logits_TE: torch.Tensor, top_k: int):
+    """gpt-oss routing: top-k of the logits, softmax over those k (in the logits' dtype, as
+    HF; returned as fp32). ``[T, E]`` -> ``topk_weights_TK`` fp32, ``topk_ids_TK`` int32."""
+    top_TK, topk_ids_TK = torch.topk(router_logits_TE, top_k, dim=-1)
+    weights_TK = torch.softmax(top_TK, dim=1, dtype=top_TK.dtype)
+    return weights_TK.float(), topk_ids_TK.to(torch.int32)
+
+
+def route_with(spec: RouterSpec, router_logits_TE: torch.Tensor,
+               correction_bias_E: torch.Tensor | None = None):
+    """Dispatch to the router of ``spec``; returns ``(topk_weights_TK fp32, topk_ids_TK
+    int32)``. ``correction_bias_E`` is required by ``sigmoid_grouped`` only."""
+    if spec.kind == "softmax":
+        return route(router_logits_TE, spec.top_k, spec.renormalize)
+    if spec.kind == "topk_softmax":
+        return route_topk_softmax(router_logits_TE, spec.top_k)
+    if correction_bias_E is None:
+        raise ValueError("the sigmoid_grouped router needs its correction bias")
+    return route_sigmoid_grouped(router_logits_TE, correction_bias_E, spec.top_k, spec.n_group,
+                                 spec.topk_group, spec.renormalize, spec.scaling)
 
 
 def localize_topk_ids(topk_ids: torch.Tensor, expert_start, num_local: int) -> torch.Tensor:

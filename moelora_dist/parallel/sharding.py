@@ -22,3 +22,16 @@ def cut_gate_up(t: torch.Tensor, shard: MoEShard, dim: int) -> torch.Tensor:
     g = t[tuple(index)]
     index[dim] = up
     return torch.cat([g, t[tuple(index)]], dim=dim)
+
+
+def deinterleave_gate_up(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """gpt-oss's interleaved gate/up dim (gate at even, up at odd positions) -> gate half
+    then up half, the layout every kernel reads. Applied once at load to the expert weights,
+    their biases and the rows of an adapter's gate_up ``lora_B``."""
+    if t.shape[dim] % 2:
+        raise ValueError(f"an interleaved gate_up dim needs an even size, got {t.shape[dim]}")
+    index = [slice(None)] * t.dim()
+    index[dim] = slice(0, None, 2)
+    gate = t[tuple(index)]
+    index[dim] = slice(1, None, 2)
+    return torch.cat([gate, t[tuple(index)]], dim=dim)

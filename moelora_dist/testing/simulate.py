@@ -12,6 +12,12 @@ the reference computed on one process from merged weights ``W + s B A`` (fp64). 
 covers slicing, the pool's writes (shared-outer and per-expert adapters side by side, a
 previous tenant evicted), batch info and sentinels; it launches no process.
 
+``SimConfig.variant``: ``"families"`` (default) routes like DeepSeek-V3 / GLM-4.5 (sigmoid
+scores, a correction bias that only chooses, expert groups, a scaling factor) and computes
+the experts like gpt-oss (gate_up and down biases, the clamped SwiGLU at ``limit = 1``): the
+down bias must be added by exactly one rank of each MoE-TP group for the sums to match.
+``"classic"``: softmax top-k, SiLU experts without biases.
+
 Entry point: ``moelora-dist sweep --simulate`` (:mod:`moelora_dist.cli.sweep`).
 """
 
@@ -24,9 +30,13 @@ import torch
 from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
 from moelora_dist.lora.batch_info import build_batch_info
 from moelora_dist.lora.pool import LoRAPool, MoELayerSpec, PoolConfig
+from moelora_dist.kernels.constants import Activation
 from moelora_dist.kernels.moe_lora.naive import experts_reference
-from moelora_dist.moe.router import localize_topk_ids, route
+from moelora_dist.moe.router import localize_topk_ids, route, route_sigmoid_grouped
 from moelora_dist.parallel.layout import Layout, LayoutError, RankLayout, divisors
+
+VARIANTS = ("families", "classic")
+SWIGLU = Activation("swiglu_oai", 1.702, 1.0)
 
 LAYER = 0  # the one MoE layer of the simulated model
 
@@ -69,8 +79,11 @@ class SimConfig:
     tol: float = 1e-10
     device: str = "cpu"  # where each rank's pool and computation run ("cuda" on a GPU)
     outer_shared_only: bool = False  # shared-outer adapters only, in outer_shared_only pools
+    variant: str = "families"  # see the module docstring
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         for k in ("max_world", "experts", "hidden", "intermediate", "top_k", "tokens"):
             v = getattr(self, k)
             if not isinstance(v, int) or v <= 0:
@@ -93,6 +106,8 @@ class SimCase:
     requests: list[str | None]
     registry: dict[str, CanonicalAdapter]
     decoy: CanonicalAdapter
+    b_gate_up_EX: torch.Tensor | None = None  # [E, 2I] (families variant)
+    b_down_EH: torch.Tensor | None = None  # [E, H]
     y_ref_TH: torch.Tensor | None = None  # [T, H] fp64, set by build_case
     lora_effect: float = 0.0  # max |y_ref - y_base| / max |y_ref|: the check is not vacuous
 
@@ -146,15 +161,33 @@ def build_case(cfg: SimConfig) -> SimCase:
     cuts = torch.randint(0, T + 1, (len(requests) - 1,), generator=g).sort().values
     cuts[2] = cuts[1]  # one empty request: its adapter must not break anything
     seg_indptr = torch.cat([torch.tensor([0]), cuts, torch.tensor([T])]).to(torch.int32)
-    topk_w, topk_ids = route(rn(T, E), cfg.top_k, renormalize=True)
+    logits = rn(T, E)
+    if cfg.variant == "families":
+        groups = 2 if E % 2 == 0 and E // 2 >= max(2, cfg.top_k) else 1
+        topk_w, topk_ids = route_sigmoid_grouped(logits, rn(E) * 0.1, cfg.top_k, groups, 1,
+                                                 True, 1.5)
+    else:
+        topk_w, topk_ids = route(logits, cfg.top_k, renormalize=True)
     case = SimCase(cfg, rn(T, H), rn(E, 2 * I, H) / H ** 0.5, rn(E, H, I) / I ** 0.5,
                    topk_w.to(torch.float64), topk_ids, seg_indptr, requests, registry, decoy)
+    if cfg.variant == "families":
+        case.b_gate_up_EX, case.b_down_EH = rn(E, 2 * I) * 0.3, rn(E, H) * 0.3
     case.y_ref_TH = merged_reference(case)
     base = experts_reference(case.x_TH, case.w_gate_up_EXH, case.w_down_EHI,
-                             case.topk_weights_TK, case.topk_ids_TK)
+                             case.topk_weights_TK, case.topk_ids_TK, **_variant_args(case))
     scale = float(case.y_ref_TH.abs().max())
     case.lora_effect = float((case.y_ref_TH - base).abs().max()) / scale
     return case
+
+
+def _variant_args(case: SimCase, experts=slice(None), rows=slice(None),
+                  with_down_bias: bool = True) -> dict:
+    """``experts_reference`` keywords of the case's variant: activation and biases (the
+    rank's experts and gate/up rows; the down bias only where ``with_down_bias``)."""
+    if case.cfg.variant == "classic":
+        return {}
+    return dict(activation=SWIGLU, b_gate_up_EX=case.b_gate_up_EX[experts][:, rows],
+                b_down_EH=case.b_down_EH[experts] if with_down_bias else None)
 
 
 def _delta(f: LoRAFactors | None, e: int, shape) -> torch.Tensor:
@@ -179,7 +212,7 @@ def merged_reference(case: SimCase) -> torch.Tensor:
                                                   _delta(layer.up, e, (I, H))]) for e in range(E)])
             w_d = w_d + torch.stack([_delta(layer.down, e, (H, I)) for e in range(E)])
         y[rows] = experts_reference(case.x_TH[rows], w_gu, w_d, case.topk_weights_TK[rows],
-                                    case.topk_ids_TK[rows])
+                                    case.topk_ids_TK[rows], **_variant_args(case))
     return y
 
 
@@ -207,9 +240,13 @@ def rank_output(case: SimCase, rank_layout: RankLayout) -> torch.Tensor:
     info = build_batch_info(case.seg_indptr_B1.to(dev), req_to_slot, pool.slot_rank_S)
     local_ids = localize_topk_ids(case.topk_ids_TK.to(dev), shard.expert_start,
                                   shard.num_local_experts)
+    gu_rows = torch.cat([torch.arange(i0, i1), torch.arange(I + i0, I + i1)])
+    # The down bias rides on the MoE-TP partial sums: the rank with the first I slice adds it.
+    kw = {k: v.to(dev) if torch.is_tensor(v) else v
+          for k, v in _variant_args(case, es, gu_rows, with_down_bias=i0 == 0).items()}
     y = experts_reference(case.x_TH.to(dev), w_gu_local.to(dev), w_d_local.to(dev),
                           case.topk_weights_TK.to(dev), local_ids, info.token_slot_T,
-                          pool.moe_buffers(LAYER))
+                          pool.moe_buffers(LAYER), **kw)
     pool.release_batch()
     return y.cpu()
 

@@ -3,8 +3,10 @@
 Legend: T tokens, H hidden, E experts, I intermediate, r LoRA rank.
 
 The checkpoint is written to safetensors with a different key layout per layer (fused 3-D,
-Qwen-style per expert, Mixtral ``w1/w3/w2``) so that every layout the weight loader accepts
-is read back, sliced per rank, on every run. The stack is ``x <- x + moe(rms_norm(x))`` per
+Qwen-style per expert, Mixtral ``w1/w3/w2``, gpt-oss's interleaved experts) so that every
+layout the weight loader accepts is read back, sliced per rank, on every run; the layers also
+differ in router and expert variant (:mod:`.tiny_variants`: DeepSeek-V3's grouped sigmoid
+router on layer 1, gpt-oss's biased, clamped experts on layer 3). The stack is ``x <- x + moe(rms_norm(x))`` per
 layer: enough to carry one layer's error into the next. The adapters mix the forms the pool
 must serve: per-expert, shared-outer, gate/up sharing one ``A``, different ranks, and layers
 an adapter does not target. Everything is generated from a seed, so every rank builds the
@@ -29,6 +31,7 @@ from moelora_dist.models.moe_weights import load_moe_weights
 from moelora_dist.moe.block import MoEBlock
 from moelora_dist.moe.layer import LoRAMoE
 from moelora_dist.parallel.groups import ParallelGroups
+from moelora_dist.testing import tiny_variants as variants
 
 KEY_STYLES = ("fused", "per_expert", "mixtral")
 
@@ -43,6 +46,7 @@ class TinyMoEConfig:
     renormalize: bool = True
     activation: str = "silu"
     seed: int = 0
+    variants: bool = True  # the family variants of :mod:`.tiny_variants` by layer
 
     def prefix(self, layer: int) -> str:
         return f"model.layers.{layer}.mlp"
@@ -54,7 +58,8 @@ def _gen(seed: int) -> torch.Generator:
 
 def make_checkpoint(cfg: TinyMoEConfig) -> dict[str, torch.Tensor]:
     """Full fp32 weights keyed as a Hugging Face checkpoint; layer ``l`` uses
-    ``KEY_STYLES[l % 3]``. Scales keep activations O(1) through the stack."""
+    ``KEY_STYLES[l % 3]`` (gpt-oss's layout for an ``oss`` variant layer). Scales keep
+    activations O(1) through the stack."""
     g = _gen(cfg.seed)
     E, H, I = cfg.num_experts, cfg.hidden, cfg.intermediate
     out = {}
@@ -63,7 +68,13 @@ def make_checkpoint(cfg: TinyMoEConfig) -> dict[str, torch.Tensor]:
         out[f"{p}.gate.weight"] = torch.randn(E, H, generator=g)
         gu = torch.randn(E, 2 * I, H, generator=g) / H ** 0.5
         down = torch.randn(E, H, I, generator=g) / I ** 0.5
+        extras = variants.draw_extras(cfg, layer, g)
         style = KEY_STYLES[layer % len(KEY_STYLES)]
+        if variants.variant_of(cfg, layer) == "oss":
+            out.update(variants.oss_keys(p, out.pop(f"{p}.gate.weight"), gu, down, extras))
+            continue
+        if "correction_bias" in extras:
+            out[f"{p}.gate.e_score_correction_bias"] = extras["correction_bias"]
         if style == "fused":
             out[f"{p}.experts.gate_up_proj"] = gu
             out[f"{p}.experts.down_proj"] = down
@@ -79,7 +90,8 @@ def make_checkpoint(cfg: TinyMoEConfig) -> dict[str, torch.Tensor]:
 
 def full_weights(cfg: TinyMoEConfig, layer: int) -> tuple[torch.Tensor, torch.Tensor,
                                                          torch.Tensor]:
-    """Unsliced ``router [E, H]``, ``gate_up [E, 2I, H]``, ``down [E, H, I]`` of one layer."""
+    """Unsliced ``router [E, H]``, ``gate_up [E, 2I, H]``, ``down [E, H, I]`` of one layer
+    (a classic or grouped one: the layouts this reads back)."""
     ckpt = make_checkpoint(cfg)
     p, I = cfg.prefix(layer), cfg.intermediate
     if f"{p}.experts.gate_up_proj" in ckpt:
@@ -161,10 +173,19 @@ def load_stack(cfg: TinyMoEConfig, checkpoint: str | Path, groups: ParallelGroup
     layers = []
     with SafetensorsReader(checkpoint) as reader:
         for layer in range(cfg.num_layers):
+            v = variants.variant_of(cfg, layer)
+            fp32 = v == "grouped"  # DeepSeek-V3 / GLM-4.5 keep the router in fp32
             w = load_moe_weights(reader, cfg.prefix(layer), shard, hidden=cfg.hidden,
-                                 dtype=dtype, device=groups.device)
+                                 dtype=dtype, device=groups.device,
+                                 layout="interleaved" if v == "oss" else "standard",
+                                 correction_bias=v == "grouped",
+                                 router_dtype=torch.float32 if fp32 else None)
             base = MoEBlock(w.router_EH, w.w_gate_up, w.w_down, top_k=cfg.top_k,
-                            renormalize=cfg.renormalize, shard=shard, activation=cfg.activation)
+                            renormalize=cfg.renormalize, shard=shard,
+                            activation=variants.activation(cfg, layer),
+                            router=variants.router_spec(cfg, layer),
+                            router_bias_E=w.router_bias_E, correction_bias_E=w.correction_bias_E,
+                            b_gate_up=w.b_gate_up, b_down=w.b_down, router_fp32=fp32)
             layers.append(LoRAMoE(base, pool, layer, groups, dispatcher))
     return TinyMoEStack(layers)
 

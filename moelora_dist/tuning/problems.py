@@ -183,7 +183,9 @@ def reference_rows(inp: dict, *, sample: int = SAMPLE_TOKENS, seed: int = 0) -> 
     if ts is not None:  # what the batch info hands the reference: disabled slots -> -1
         ok = (ts >= 0) & inp["slot_enabled_S"][ts.clamp(min=0).long()]
         ts = torch.where(ok, ts, torch.full_like(ts, -1))[rows]
+    # an expert variant's activation and biases (gpt-oss), when the inputs have them
+    variant = {k: inp[k] for k in ("activation", "b_gate_up_EX", "b_down_EH") if k in inp}
     want = experts_reference(inp["x_TH"][rows], inp["w_gate_up_EXH"], inp["w_down_EHI"],
                              inp["topk_weights_TK"][rows], inp["topk_ids_TK"][rows], ts,
-                             inp["lora"])
+                             inp["lora"], **variant)
     return Reference(rows, want, max(1.0, float(want.float().abs().max())))

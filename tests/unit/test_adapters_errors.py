@@ -166,8 +166,16 @@ def test_unsupported_peft_options_and_models(tmp_path):
     _write(tmp_path / "dora", _stacked(), use_dora=True)
     with pytest.raises(AdapterError, match=r"use_dora=true is not supported"):
         load_adapter(tmp_path / "dora")
-    _write(tmp_path / "ok", _stacked())
-    with pytest.raises(AdapterError, match=r"model_type 'gpt_oss' .* interleaved"):
+    # gpt-oss's interleaved experts are served now (tests/unit/test_adapters_families.py);
+    # what stays refused there is the one layout whose row order is ambiguous.
+    t = _stacked()
+    g, u = f"{P}.0.mlp.experts.gate_proj", f"{P}.0.mlp.experts.up_proj"
+    t[f"{P}.0.mlp.experts.gate_up_proj.lora_A.weight"] = t.pop(f"{g}.lora_A.weight")
+    del t[f"{u}.lora_A.weight"]  # one A for gate and up, B rows [gate | up]
+    t[f"{P}.0.mlp.experts.gate_up_proj.lora_B.weight"] = torch.cat(
+        [t.pop(f"{g}.lora_B.weight"), t.pop(f"{u}.lora_B.weight")], dim=1)
+    _write(tmp_path / "ok", t)
+    with pytest.raises(AdapterError, match=r"gate_up_proj LoRA .* gpt-oss's interleaved experts"):
         load_adapter(tmp_path / "ok", model_config={**MODEL_CONFIG, "model_type": "gpt_oss"})
 
 

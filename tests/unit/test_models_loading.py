@@ -67,8 +67,12 @@ def test_config_variants():
     cfg = ModelConfig.from_dict(dict(base, rope_parameters={"rope_type": "default",
                                                             "rope_theta": 1e6}))
     assert cfg.rope_theta == 1e6
-    with pytest.raises(ModelConfigError, match="rope_type 'yarn' is not supported"):
-        ModelConfig.from_dict(dict(base, rope_parameters={"rope_type": "yarn", "factor": 4}))
+    # YaRN is implemented now (moelora_dist/config/rope.py); other scaled RoPEs are refused.
+    with pytest.raises(ModelConfigError, match="rope_type 'llama3' is not supported"):
+        ModelConfig.from_dict(dict(base, rope_parameters={"rope_type": "llama3", "factor": 4}))
+    yarn = ModelConfig.from_dict(dict(base, rope_parameters={
+        "rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 4096}))
+    assert yarn.rope.kind == "yarn" and yarn.rope.factor == 4
     with pytest.raises(ModelConfigError, match="model_type 'llama' is not supported"):
         ModelConfig.from_dict(dict(base, model_type="llama"))
     with pytest.raises(ModelConfigError, match="neither num_experts nor num_local_experts"):

@@ -104,3 +104,28 @@ def test_cli_exit_code_1_when_a_layout_fails(monkeypatch, capsys):
 def test_cli_refuses_bad_config(capsys):
     assert cli.main(["sweep", "--simulate", "--experts", "4", "--top-k", "9"]) == 2
     assert "top_k=9 exceeds experts=4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["families", "classic"])
+def test_both_variants_pass_every_layout(variant):
+    cfg = dataclasses.replace(SMALL, max_world=4, variant=variant)
+    case, rows = run_simulation(cfg, progress=False)
+    assert case.lora_effect > 0.05
+    checked = [r for r in rows if r.skipped is None]
+    assert len(checked) == 12 and all(r.passed for r in checked), checked
+    assert (case.b_down_EH is not None) == (variant == "families")
+
+
+def test_families_down_bias_counted_once_over_moe_tp(monkeypatch):
+    """Every rank adding the down bias (instead of the first I slice only) fails exactly the
+    layouts with moe_tp > 1: the simulated sweep sees the bias rule."""
+    from moelora_dist.testing import simulate
+
+    real = simulate._variant_args
+    monkeypatch.setattr(simulate, "_variant_args",
+                        lambda case, *a, with_down_bias=True: real(case, *a))
+    case = build_case(dataclasses.replace(SMALL, max_world=4))
+    for layout in (Layout(2, 2, 1), Layout(4, 4, 2)):  # moe_tp 2
+        row = simulate_layout(case, layout)
+        assert not row.passed and row.max_rel_err > 1e-3, row
+    assert simulate_layout(case, Layout(2, 2, 2)).passed  # moe_tp 1: one rank per group

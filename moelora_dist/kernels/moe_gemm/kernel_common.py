@@ -56,6 +56,15 @@ def _silu_mul(gate, up):
 
 
 @triton.jit
+def _swiglu_oai_mul(gate, up, alpha, limit):
+    """gpt-oss: ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``, ``g = min(gate,
+    limit)`` (transformers' ``GptOssExperts._apply_gate``)."""
+    g = tl.minimum(gate, limit)
+    u = tl.minimum(tl.maximum(up, -limit), limit)
+    return (u + 1.0) * (g / (1.0 + tl.exp(-alpha * g)))
+
+
+@triton.jit
 def _gelu_tanh_mul(gate, up):
     inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
     th = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0

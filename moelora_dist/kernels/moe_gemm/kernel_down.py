@@ -20,14 +20,15 @@ from moelora_dist.kernels.moe_gemm.kernel_common import (
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket_ptr,
                  num_post_pad_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
-                 b_shared_ptr, dshrink_ptr, b_ptr,
+                 b_shared_ptr, dshrink_ptr, b_ptr, bias_ptr,
                  num_pairs, top_k, hidden, inter, num_dparts, dpart_stride,
                  stride_we, stride_wh, stride_wi, stride_bs, stride_be, stride_bh, stride_br,
-                 ws_ptr, scale_bn, stride_se, stride_sn, stride_sk,
+                 ws_ptr, scale_bn, stride_se, stride_sn, stride_sk, stride_bias_e,
                  HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RUN_LOOP: tl.constexpr,
-                 NUM_RUNS: tl.constexpr, W_FP8: tl.constexpr):
-    """out[pair, n-tile] = topk_w[pair] * (h W_down^T + dshrink B_down^T)."""
+                 NUM_RUNS: tl.constexpr, W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out[pair, n-tile] = topk_w[pair] * (h W_down^T + dshrink B_down^T [+ bias]); the bias
+    (``HAS_BIAS``, gpt-oss) is given to one rank of a MoE-TP group only."""
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(hidden, BLOCK_N)
     pid_m = pid // num_n
@@ -107,6 +108,9 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                 acc += tl.dot(d, _finite_or_zero(b))
                 slot = _next_slot(slot_m, slot)
 
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * stride_bias_e + offs_n, mask=n_mask,
+                       other=0.0).to(tl.float32)[None, :]
     weight = tl.load(topk_w_ptr + rows, mask=row_mask, other=0.0)
     acc = acc * weight[:, None]
     tl.store(out_ptr + rows[:, None] * hidden + offs_n[None, :],

@@ -8,7 +8,10 @@ The down projection's LoRA shrink ``h A_down^T`` runs after, from the stored ``h
 fp32 partial per n-tile, summed by the down expand. The gate_up shrink may come in
 ``num_sparts`` partial buffers (an H-split shrink); the expand adds them in order. ``W_FP8``:
 the base weights are e4m3 with block scales and ``x`` is quantized per token and 128 columns
-in the K loop; the LoRA expand is unchanged (its shrink read the unquantized ``x``).
+in the K loop; the LoRA expand is unchanged (its shrink read the unquantized ``x``). Expert
+variants as constexpr flags: ``HAS_BIAS`` adds a per-expert bias before the activation
+(gpt-oss), ``ACT == 2`` is gpt-oss's clamped SwiGLU (``act_alpha``, ``act_limit``); the LoRA
+delta is in the accumulators by then, so the clamp sees the adapted product.
 
 Isolation (one slot's factors never reach another slot's rows or a base row): a row's shrink
 values are loaded as exact zeros outside its own slot (its own run's band), and the factor
@@ -25,23 +28,24 @@ import triton.language as tl
 from moelora_dist.kernels.block_fp8.kernel import _quant_act_tile
 from moelora_dist.kernels.moe_gemm.kernel_common import (
     NO_SLOT, _block_rows, _down_shrink_epilogue, _finite_or_zero, _gelu_tanh_mul, _load_parts,
-    _next_slot, _row_runs, _row_slots, _silu_mul, _stacked_slots)
+    _next_slot, _row_runs, _row_slots, _silu_mul, _stacked_slots, _swiglu_oai_mul)
 
 
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                     token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, a_shared_ptr,
-                    shrink_ptr, b_ptr, da_ptr, dpart_ptr,
+                    shrink_ptr, b_ptr, da_ptr, dpart_ptr, bias_ptr,
                     num_pairs, top_k, hidden, inter, num_sparts, spart_stride, dpart_stride,
                     stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
                     stride_bs, stride_be, stride_bn, stride_br,
                     stride_das, stride_dae, stride_dar, stride_dai,
-                    ws_ptr, scale_bn, stride_se, stride_sn, stride_sk,
+                    ws_ptr, scale_bn, stride_se, stride_sn, stride_sk, stride_bias_e, act_alpha,
+                    act_limit,
                     HAS_LORA: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     RUN_LOOP: tl.constexpr, NUM_RUNS: tl.constexpr,
                     FUSE_DOWN_SHRINK: tl.constexpr, DS_RUNS: tl.constexpr,
-                    W_FP8: tl.constexpr):
+                    W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(inter, BLOCK_N)
     pid_m = pid // num_n
@@ -148,10 +152,16 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                 acc_u += tl.dot(s_u, b_u)
                 slot = _next_slot(slot_m, slot)
 
+    if HAS_BIAS:  # gpt-oss: [E_l, 2 I_l] bias rows, gate then up (unit stride)
+        bias_row = bias_ptr + expert * stride_bias_e + offs_n
+        acc_g += tl.load(bias_row, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(bias_row + inter, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if ACT == 0:
         h = _silu_mul(acc_g, acc_u)
-    else:
+    elif ACT == 1:
         h = _gelu_tanh_mul(acc_g, acc_u)
+    else:
+        h = _swiglu_oai_mul(acc_g, acc_u, act_alpha, act_limit)
     h = h.to(h_ptr.dtype.element_ty)
     if HAS_LORA:
         if FUSE_DOWN_SHRINK:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from moelora_dist.kernels.activations import ACTIVATIONS
+from moelora_dist.kernels.activations import glu
 from moelora_dist.kernels.align.common import Alignment
 from moelora_dist.kernels.constants import block_r, check_activation
 from moelora_dist.kernels.weights import MoELoRAWeights
@@ -55,8 +55,9 @@ def lora_shrink(x_TH, lora: MoELoRAWeights, al: Alignment, top_k: int, **_tiles)
 
 def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             slot_enabled_S=None, lora: MoELoRAWeights | None = None, shrink=None,
-            activation: str = "silu", **_tiles):
-    """Reference of :func:`ops.gate_up` (``shrink`` may be ``[P, N', 2BR]`` partials)."""
+            activation="silu", bias_EX=None, **_tiles):
+    """Reference of :func:`ops.gate_up` (``bias_EX``: ``[E_l, 2*I_l]`` or None; ``shrink`` may
+    be ``[P, N', 2BR]`` partials)."""
     check_activation(activation)
     if shrink is not None and shrink.dim() == 3:
         shrink = shrink.sum(0)
@@ -68,6 +69,8 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
     for e, items in _blocks(al):
         tok = items // top_k
         gu = x_TH[tok].float() @ w_gate_up_EXH[e].float().T
+        if bias_EX is not None:
+            gu = gu + bias_EX[e].float()
         if lora is not None:
             slots = _eff_slots(tok, token_slot_T, slot_enabled_S, lora.slot_rank)
             for s in slots.unique().tolist():
@@ -80,7 +83,7 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
                 b = lora.gate_up_b[s, e].float()
                 gu[sel, :inter] += sh[:, :r] @ b[:inter, :r].T
                 gu[sel, inter:] += sh[:, BR:BR + r] @ b[inter:, :r].T
-        hh = ACTIVATIONS[activation](gu[:, :inter]) * gu[:, inter:]
+        hh = glu(activation, gu[:, :inter], gu[:, inter:])
         h[items] = hh.to(h.dtype)
     return h
 
@@ -103,8 +106,10 @@ def down_shrink(h, lora: MoELoRAWeights, al: Alignment, top_k: int, token_slot_T
 
 
 def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T=None,
-         slot_enabled_S=None, lora: MoELoRAWeights | None = None, dshrink=None, **_tiles):
-    """Reference of :func:`ops.down` (``dshrink`` may be ``[P, N, BR]`` partials)."""
+         slot_enabled_S=None, lora: MoELoRAWeights | None = None, dshrink=None, bias_EH=None,
+         **_tiles):
+    """Reference of :func:`ops.down` (``bias_EH``: ``[E_l, H]`` or None; ``dshrink`` may be
+    ``[P, N, BR]`` partials)."""
     if dshrink is not None and dshrink.dim() == 3:
         dshrink = dshrink.sum(0)
     N, _ = h.shape
@@ -113,6 +118,8 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
     tw = topk_weights_TK.reshape(-1).float()
     for e, items in _blocks(al):
         y = h[items].float() @ w_down_EHI[e].float().T
+        if bias_EH is not None:
+            y = y + bias_EH[e].float()
         if lora is not None:
             slots = _eff_slots(items // top_k, token_slot_T, slot_enabled_S, lora.slot_rank)
             for s in slots.unique().tolist():

@@ -27,7 +27,7 @@ import torch
 import triton
 
 from moelora_dist.kernels.align.common import Alignment
-from moelora_dist.kernels.constants import FP8_GROUP, block_r, check_activation
+from moelora_dist.kernels.constants import FP8_GROUP, as_activation, block_r, check_activation
 from moelora_dist.kernels.moe_gemm.kernel_down import _down_kernel, _topk_sum_kernel
 from moelora_dist.kernels.moe_gemm.kernel_gate_up import _gate_up_kernel
 from moelora_dist.kernels.moe_gemm.kernel_shrink import (
@@ -101,9 +101,10 @@ def empty_down_shrink_parts(num_pairs: int, inter: int, block_n: int, max_rank: 
 
 def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             slot_enabled_S=None, lora: MoELoRAWeights | None = None, shrink=None,
-            activation: str = "silu", *, block_n: int = 64, block_k: int = 64,
-            num_warps: int = 4, num_stages: int = 3, run_loop: bool = True,
-            lora_runs: int = 1, fuse_down_shrink: bool = False, down_shrink_runs: int = 1):
+            activation="silu", bias_EX: torch.Tensor | None = None, *, block_n: int = 64,
+            block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
+            run_loop: bool = True, lora_runs: int = 1, fuse_down_shrink: bool = False,
+            down_shrink_runs: int = 1):
     """Base gate_up + LoRA expand + activation for a base alignment.
 
     Args:
@@ -113,6 +114,8 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             partials, or one ``[N', 2*BR]`` buffer).
         run_loop: expand loop over the block's slot runs (else one slot at a time, each
             found by a reduction); lora_runs: slot runs per expand dot (:func:`num_runs`).
+        activation: a name or an ``Activation`` (gpt-oss's clamped SwiGLU reads its
+            alpha and limit); bias_EX: ``[E_l, 2*I_l]`` gate then up bias, or None.
         fuse_down_shrink: also compute the down shrink ``h A_down^T`` in the epilogue,
             ``down_shrink_runs`` slot runs per dot.
     Returns:
@@ -120,7 +123,8 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         ``fuse_down_shrink``, ``(h, dshrink_parts)`` (:func:`empty_down_shrink_parts`, rows of
         pairs with an enabled slot set), the ``dshrink`` that :func:`down` takes.
     """
-    act = check_activation(activation)
+    act_spec = as_activation(activation)
+    act = check_activation(act_spec)
     T, H = x_TH.shape
     E, two_i, _ = w_gate_up_EXH.shape
     inter = two_i // 2
@@ -142,16 +146,19 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         BR = 16
         lora_args = (h,) * 8  # never read: HAS_LORA=False removes every access
         lora_strides = (0,) * 8
+    bias = bias_EX.contiguous() if bias_EX is not None else h  # h: never read without bias
     sparts, spart_stride = _parts(shrink)
     grid = (al.max_blocks * triton.cdiv(inter, block_n),)
     _gate_up_kernel[grid](
-        x_TH, w, h, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
+        x_TH, w, h, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args, bias,
         N, top_k, H, inter, sparts, spart_stride, dparts[0].numel() if dparts is not None else 0,
         x_TH.stride(0), x_TH.stride(1), w.stride(0), w.stride(1),
-        w.stride(2), *lora_strides, *fp8_args, HAS_LORA=has_lora, ACT=act,
+        w.stride(2), *lora_strides, *fp8_args, bias.stride(0) if bias_EX is not None else 0,
+        float(act_spec.alpha), float(act_spec.limit), HAS_LORA=has_lora, ACT=act,
         BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
         RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), FUSE_DOWN_SHRINK=fuse_down_shrink,
         DS_RUNS=num_runs(down_shrink_runs), W_FP8=is_fp8(w_gate_up_EXH),
+        HAS_BIAS=bias_EX is not None,
         num_warps=num_warps, num_stages=num_stages)
     return (h, dparts) if fuse_down_shrink else h
 
@@ -186,9 +193,9 @@ def down_shrink(h, lora: MoELoRAWeights, al: Alignment, top_k: int, token_slot_T
 
 
 def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T=None,
-         slot_enabled_S=None, lora: MoELoRAWeights | None = None, dshrink=None, *,
-         block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
-         run_loop: bool = True, lora_runs: int = 1):
+         slot_enabled_S=None, lora: MoELoRAWeights | None = None, dshrink=None,
+         bias_EH: torch.Tensor | None = None, *, block_n: int = 64, block_k: int = 64,
+         num_warps: int = 4, num_stages: int = 3, run_loop: bool = True, lora_runs: int = 1):
     """Base down + LoRA expand, times the top-k weight, per pair.
 
     Args:
@@ -196,6 +203,7 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         dshrink: ``[T*K, BR]`` fp32 from :func:`down_shrink` when ``lora`` is given, or the
             ``[P, T*K, BR]`` partials of a fused down shrink (summed here, in order).
         run_loop, lora_runs: the expand loop, as in :func:`gate_up`.
+        bias_EH: ``[E_l, H]`` down bias added before the top-k weight, or None.
     Returns:
         ``[T*K, H]`` in ``h.dtype``; rows of pairs with an invalid expert are unset.
     """
@@ -215,15 +223,17 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         b_strides = b.stride()
     else:
         BR, lora_args, b_strides = 16, (h,) * 6, (0,) * 4
+    bias = bias_EH.contiguous() if bias_EH is not None else out  # never read without bias
     grid = (al.max_blocks * triton.cdiv(H, block_n),)
     dparts, dpart_stride = _parts(dshrink if has_lora else None)
     _down_kernel[grid](
-        h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args,
+        h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args, bias,
         N, top_k, H, inter, dparts, dpart_stride, w.stride(0), w.stride(1), w.stride(2),
-        *b_strides, *fp8_args,
+        *b_strides, *fp8_args, bias.stride(0) if bias_EH is not None else 0,
         HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=BR, RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs),
-        W_FP8=is_fp8(w_down_EHI), num_warps=num_warps, num_stages=num_stages)
+        W_FP8=is_fp8(w_down_EHI), HAS_BIAS=bias_EH is not None, num_warps=num_warps,
+        num_stages=num_stages)
     return out
 
 

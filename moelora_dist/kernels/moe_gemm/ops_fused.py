@@ -40,6 +40,9 @@ def gate_up_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, al: Alignment,
         ``fuse_down_shrink`` (as :func:`moelora_dist.kernels.moe_gemm.ops.gate_up`).
     """
     act = check_activation(activation)
+    if act > 1:  # its epilogue has SiLU and GELU only (no bias, no clamp)
+        raise ValueError("gate_up_lora has no clamped-SwiGLU (gpt-oss) variant; those experts "
+                         "take the separate shrink (fused_moe_lora does so for fuse_shrink)")
     if is_fp8(w_gate_up_EXH):
         raise ValueError("gate_up_lora reads bf16/fp16/fp32 expert weights; FP8 experts take "
                          "the separate shrink (fused_moe_lora does so for fuse_shrink)")

@@ -6,6 +6,12 @@ R max rank. This is the ground truth every fast path is tested against; it favou
 over speed (a loop over experts, the rows of one slot at a time, products row by row). It
 computes in float32, or float64 when ``x`` is float64, and returns ``x.dtype``.
 
+Expert variants: biases (gpt-oss) are added to ``gate_up`` before the activation and to
+``down`` before the top-k weight; under MoE-TP the caller passes ``b_down`` on one rank of the
+group only (it is added once to the partial sums, not once per shard). The activation may be
+gpt-oss's clamped SwiGLU (:func:`moelora_dist.kernels.activations.glu`); the LoRA deltas are
+added before it, so the clamp sees the adapted product, as PEFT's parametrization does.
+
 Sentinels: ``topk_ids == -1`` (expert not on this rank, or padding) contributes nothing;
 ``token_slot == -1`` (base model only) gets no LoRA delta. Neither is ever used as an index.
 Isolation: a slot's factors only ever multiply the rows of that slot (rows are selected, never
@@ -23,9 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from moelora_dist.kernels.activations import ACTIVATIONS
+from moelora_dist.kernels.activations import glu
 from moelora_dist.kernels.block_fp8.naive import dequantize, fake_quant_act
-from moelora_dist.kernels.constants import check_activation
+from moelora_dist.kernels.constants import Activation, check_activation
 from moelora_dist.kernels.weights import MoELoRAWeights
 from moelora_dist.kernels.weights_fp8 import is_fp8
 
@@ -63,7 +69,9 @@ def experts_reference(
     topk_ids_TK: torch.Tensor,
     token_slot_T: torch.Tensor | None = None,
     lora: MoELoRAWeights | None = None,
-    activation: str = "silu",
+    activation: "str | Activation" = "silu",
+    b_gate_up_EX: torch.Tensor | None = None,
+    b_down_EH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Local experts with per-token LoRA, weighted by top-k; partial over MoE-TP shards.
 
@@ -76,12 +84,15 @@ def experts_reference(
         topk_ids_TK: ``[T, K]`` int32 local expert ids, ``-1`` = skip.
         token_slot_T: ``[T]`` int32 adapter slot per token, ``-1`` = no adapter.
         lora: the layer's pool buffers (scaling folded into B), or None for base only.
+        activation: a name or an :class:`~moelora_dist.kernels.constants.Activation`.
+        b_gate_up_EX: ``[E_l, 2*I_l]`` gate then up bias rows, or None.
+        b_down_EH: ``[E_l, H]`` down bias, or None (None on all but one rank of a MoE-TP
+            group: the bias is added once).
     Returns:
         ``[T, H]`` in ``x_TH.dtype``: sum over k of weight * expert output (with LoRA delta).
     """
     check_activation(activation)
     compute = torch.float64 if x_TH.dtype == torch.float64 else torch.float32
-    act = ACTIVATIONS[activation]
     T, H = x_TH.shape
     num_local, two_i, _ = w_gate_up_EXH.shape
     i_local = two_i // 2
@@ -106,6 +117,8 @@ def experts_reference(
         weight_t = torch.where(hit_TK, topk_weights_TK.to(compute), 0).sum(dim=1)[tokens]
         xe = x[tokens]  # [n, H]
         gate_up = _rowwise(x_base[tokens], w_gate_up_EXH[e].to(compute))  # [n, 2I_l]
+        if b_gate_up_EX is not None:
+            gate_up = gate_up + b_gate_up_EX[e].to(compute)
         slots = token_slot_T[tokens]
         slot_rows = {s: (slots == s).nonzero().flatten() for s in torch.unique(slots).tolist()
                      if s >= 0} if lora is not None else {}
@@ -114,9 +127,11 @@ def experts_reference(
             shrink = _rowwise(xe[rows], a_gu)  # [m, 2R]
             gate_up[rows] += torch.cat([_rowwise(shrink[:, :R], b_gu[:i_local]),
                                         _rowwise(shrink[:, R:], b_gu[i_local:])], dim=1)
-        h = act(gate_up[:, :i_local]) * gate_up[:, i_local:]  # [n, I_l]
+        h = glu(activation, gate_up[:, :i_local], gate_up[:, i_local:])  # [n, I_l]
         h_base = fake_quant_act(h.to(x_TH.dtype), compute) if fp8 else h
         out = _rowwise(h_base, w_down_EHI[e].to(compute))  # [n, H]
+        if b_down_EH is not None:
+            out = out + b_down_EH[e].to(compute)
         for s, rows in slot_rows.items():
             _, _, a_d, b_d = _lora_slot_view(lora, s, e, compute)
             out[rows] += _rowwise(_rowwise(h[rows], a_d), b_d)

@@ -29,7 +29,7 @@ import torch
 import functools
 
 from moelora_dist.kernels.align.ops import align_base_and_lora, align_items
-from moelora_dist.kernels.constants import block_r
+from moelora_dist.kernels.constants import as_activation, block_r, check_activation
 from moelora_dist.kernels.moe_gemm import ops
 from moelora_dist.kernels.moe_gemm.ops_fused import gate_up_lora
 from moelora_dist.kernels.moe_lora.configs import MoEConfig, config_and_source, pick_config
@@ -106,10 +106,12 @@ def _check(x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK, topk_ids_TK, token_
 def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: torch.Tensor,
                    topk_weights_TK: torch.Tensor, topk_ids_TK: torch.Tensor,
                    token_slot_T: torch.Tensor | None = None, lora: MoELoRAWeights | None = None,
-                   activation: str = "silu", slot_enabled_S: torch.Tensor | None = None,
+                   activation="silu", slot_enabled_S: torch.Tensor | None = None,
                    config: MoEConfig | None = None,
                    num_lora_tokens: int | None = None,
-                   max_lora_rank: int | None = None) -> torch.Tensor:
+                   max_lora_rank: int | None = None,
+                   b_gate_up_EX: torch.Tensor | None = None,
+                   b_down_EH: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of :func:`moelora_dist.kernels.moe_lora.naive.experts_reference`.
 
     Args:
@@ -127,6 +129,9 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
         max_lora_rank: host-side largest rank of the slots this batch enables
             (``BatchInfo.max_rank``); the rank tiles follow it (``MoELoRAWeights.rank_view``).
             It must not be below any enabled slot's rank. None: the pool's max rank.
+        activation: a name or an ``Activation`` (gpt-oss's clamped SwiGLU).
+        b_gate_up_EX: ``[E_l, 2*I_l]``, b_down_EH: ``[E_l, H]`` expert biases, or None (the
+            down bias on one rank of a MoE-TP group only).
     Returns:
         ``[T, H]`` in ``x_TH.dtype``.
     """
@@ -151,18 +156,22 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
         base = align_items(topk_ids_TK, None, None, None, None, num_experts=E,
                            block_m=cfg.block_m, mode="base")
         h = ops.gate_up(x_TH, w_gate_up_EXH, base, K, activation=activation,
-                        block_n=cfg.block_n, block_k=cfg.block_k, num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages)
-        out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, **cfg.down_tiles())
+                        bias_EX=b_gate_up_EX, block_n=cfg.block_n, block_k=cfg.block_k,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, bias_EH=b_down_EH,
+                       **cfg.down_tiles())
         return ops.topk_sum(out, topk_ids_TK, E)
     return _lora_pipeline(cfg, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK, topk_ids_TK,
-                          token_slot_T, lora, activation, slot_enabled_S)
+                          token_slot_T, lora, activation, slot_enabled_S, b_gate_up_EX,
+                          b_down_EH)
 
 
 def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK,
                    topk_ids_TK, token_slot_T, lora: MoELoRAWeights, activation,
-                   slot_enabled_S) -> torch.Tensor:
-    """The launches of a LoRA call under ``cfg``'s switches (shapes as in fused_moe_lora)."""
+                   slot_enabled_S, b_gate_up_EX=None, b_down_EH=None) -> torch.Tensor:
+    """The launches of a LoRA call under ``cfg``'s switches (shapes as in fused_moe_lora).
+    The fused-shrink gate_up has no bias or clamped-SwiGLU variant: gpt-oss's experts (and FP8
+    ones) take the separate shrink whatever ``cfg.fuse_shrink`` says."""
     E = w_gate_up_EXH.shape[0]
     K = topk_ids_TK.shape[1]
     slots = (token_slot_T, slot_enabled_S)
@@ -170,7 +179,8 @@ def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights
     tiles = dict(block_n=cfg.block_n, block_k=cfg.block_k, num_warps=cfg.num_warps,
                  num_stages=cfg.num_stages, lora_runs=cfg.lora_runs,
                  fuse_down_shrink=cfg.fuse_down_shrink, down_shrink_runs=ds_runs or 1)
-    if cfg.fuse_shrink and not is_fp8(w_gate_up_EXH):  # the fused kernel reads bf16/fp16 W
+    plain = b_gate_up_EX is None and check_activation(as_activation(activation)) < 2
+    if cfg.fuse_shrink and plain and not is_fp8(w_gate_up_EXH):  # it reads bf16/fp16 W
         base = align_items(topk_ids_TK, token_slot_T, slot_enabled_S, lora.slot_rank, None,
                            num_experts=E, block_m=cfg.block_m, mode="base", sort_by_slot=True)
         res = gate_up_lora(x_TH, w_gate_up_EXH, base, K, *slots, lora, activation, **tiles)
@@ -181,13 +191,13 @@ def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights
         shrink = ops.lora_shrink(x_TH, lora, la, K, block_k=cfg.shrink_block_k,
                                  num_warps=cfg.shrink_num_warps, split_k=cfg.shrink_split_k)
         res = ops.gate_up(x_TH, w_gate_up_EXH, base, K, *slots, lora, shrink, activation,
-                          run_loop=cfg.run_loop, **tiles)
+                          b_gate_up_EX, run_loop=cfg.run_loop, **tiles)
     if cfg.fuse_down_shrink:
         h, dshrink = res
     else:
         h = res
         dshrink = ops.down_shrink(h, lora, base, K, *slots, block_k=cfg.shrink_block_k,
                                   lora_runs=ds_runs)
-    out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, *slots, lora, dshrink,
+    out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, *slots, lora, dshrink, b_down_EH,
                    run_loop=cfg.run_loop, lora_runs=cfg.lora_runs, **cfg.down_tiles())
     return ops.topk_sum(out, topk_ids_TK, E)

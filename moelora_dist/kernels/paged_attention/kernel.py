@@ -9,7 +9,9 @@ Programs are numbered over the whole step: sequence ``b``'s blocks start at
 program finds its sequence by binary search and spare programs return at once. Keys are read
 in tiles of ``BLOCK_N`` positions, each position through the block table (any page size, pages
 anywhere), with an online softmax in fp32; positions at or past the sequence's length are
-masked on load, so a reused page's stale values are never read.
+masked on load, so a reused page's stale values are never read. ``HAS_SINKS`` (gpt-oss): the
+online softmax starts from each row's sink logit with weight 1 (max = sink, sum = 1), so the
+sink joins the normalization and adds nothing to the output.
 
 ``_rope_write_kernel``: one program per token: per-head RMSNorm of q and k (Qwen3), rotary
 embedding from the fp32 tables, q stored to a new tensor, k and v stored into their page slot.
@@ -18,7 +20,8 @@ embedding from the fp32 tables, q stored to a new tensor, k and v stored into th
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # the host's scale factor (ops.py)
+_LOG2E = tl.constexpr(LOG2E)  # the same inside kernels (globals there must be constexpr)
 
 
 @triton.jit
@@ -38,14 +41,15 @@ def _find_sequence(seg_indptr_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _paged_attention_kernel(q_ptr, k_pages_ptr, v_pages_ptr, out_ptr, block_tables_ptr,
-                            kv_lens_ptr, seg_indptr_ptr, num_seqs, qk_scale, window,
+                            kv_lens_ptr, seg_indptr_ptr, sinks_ptr, num_seqs, qk_scale,
+                            window,
                             stride_qt, stride_qh, stride_ot, stride_oh,
                             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                             stride_bt,
                             PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr,
                             BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
                             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            BLOCK_D: tl.constexpr):
+                            BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr):
     """out[t, h] = softmax(q[t, h] K^T * scale + causal/window mask) V for one tile of rows.
 
     ``qk_scale`` is ``scale * log2(e)`` (exp2 below); ``window`` 0 means no sliding window.
@@ -74,8 +78,12 @@ def _paged_attention_kernel(q_ptr, k_pages_ptr, v_pages_ptr, out_ptr, block_tabl
     q = tl.load(q_ptr + t_idx[:, None] * stride_qt + h_idx[:, None] * stride_qh
                 + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
+    if HAS_SINKS:  # log2 units, as the scores: the sink is one more term of the softmax
+        m_i = tl.load(sinks_ptr + h_idx, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E
+        l_i = tl.full([BLOCK_Q * BLOCK_G], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], dtype=tl.float32)
     # Keys this block can see: up to its last query position; from its first query's window.
     hi = tl.minimum(kv_len, ctx + tl.minimum(q_len, (blk + 1) * BLOCK_Q))

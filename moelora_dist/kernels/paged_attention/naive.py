@@ -12,6 +12,10 @@ are one case). A sequence with ``kv_lens[b] == 0`` is padding: its outputs are z
 
 Isolation: a sequence reads exactly its first ``ceil(L / S)`` block-table entries and, of the
 last page, only the offsets below ``L``; a stale value in a reused page (even NaN) is never read.
+
+Attention sinks (gpt-oss): one learned logit per query head joins every row's softmax and is
+dropped after it (a row's weights then sum to less than 1), as transformers' eager attention
+appends it to the scores.
 """
 
 from __future__ import annotations
@@ -76,8 +80,8 @@ def rope_write(q_TND: torch.Tensor, k_TND: torch.Tensor, v_TND: torch.Tensor,
 def paged_attention(q_TND: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                     block_tables_BM: torch.Tensor, kv_lens_B: torch.Tensor,
                     seg_indptr_B1: torch.Tensor, *, scale: float,
-                    sliding_window: int | None = None, decode_only: bool = False
-                    ) -> torch.Tensor:
+                    sliding_window: int | None = None, decode_only: bool = False,
+                    sinks_N: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged keys (module docstring).
 
     Args:
@@ -87,7 +91,7 @@ def paged_attention(q_TND: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.T
         seg_indptr_B1: ``[B+1]`` int32 offsets of each sequence's new tokens in ``q``.
         scale: softmax scale (``D ** -0.5``); sliding_window: a key ``k`` is seen from query
             position ``p`` when ``p - window < k <= p``; decode_only: unused here (the kernel's
-            tile choice), kept for one signature.
+            tile choice), kept for one signature; sinks_N: ``[N_q]`` sink logits or None.
     Returns:
         ``[T, N_q, D]`` in q's dtype (fp32 softmax); rows of padding sequences are zero.
     """
@@ -112,7 +116,12 @@ def paged_attention(q_TND: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.T
             mask_QL &= k_pos[None, :] > q_pos[:, None] - sliding_window
         q_QNgD = q_TND[q0:q1].float().view(Q, Nk, g, D)
         s = torch.einsum("qngd,lnd->ngql", q_QNgD, k_LND) * scale
-        p = torch.softmax(s.masked_fill(~mask_QL, float("-inf")), dim=-1)
+        s = s.masked_fill(~mask_QL, float("-inf"))
+        if sinks_N is not None:  # one more column per head, dropped after the softmax
+            sink = sinks_N.float().view(Nk, g, 1, 1).expand(Nk, g, Q, 1)
+            p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :L]
+        else:
+            p = torch.softmax(s, dim=-1)
         o = torch.einsum("ngql,lnd->qngd", p, v_LND)
         out[q0:q1] = o.reshape(Q, Nq, D).to(out.dtype)
     return out

@@ -57,7 +57,8 @@ def rope_write(q_TND, k_TND, v_TND, positions_T, cos_PH, sin_PH, slot_mapping_T,
 
 def paged_attention(q_TND, k_pages, v_pages, block_tables_BM, kv_lens_B, seg_indptr_B1, *,
                     scale: float, sliding_window: int | None = None,
-                    decode_only: bool = False) -> torch.Tensor:
+                    decode_only: bool = False,
+                    sinks_N: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`moelora_dist.kernels.paged_attention.naive.paged_attention`.
 
     ``decode_only``: every sequence adds one token (picks the decode tile); a wrong True is
@@ -78,10 +79,12 @@ def paged_attention(q_TND, k_pages, v_pages, block_tables_BM, kv_lens_B, seg_ind
     rows = DECODE_ROWS if decode_only else PREFILL_ROWS
     block_q = max(1, rows // block_g)
     grid = (T // block_q + B, Nk)
+    sinks = sinks_N.contiguous() if sinks_N is not None else out  # never read without sinks
     _paged_attention_kernel[grid](
-        q_TND, k_pages, v_pages, out, block_tables_BM, kv_lens_B, seg_indptr_B1, B,
+        q_TND, k_pages, v_pages, out, block_tables_BM, kv_lens_B, seg_indptr_B1, sinks, B,
         scale * LOG2E, int(sliding_window or 0), q_TND.stride(0), q_TND.stride(1),
         out.stride(0), out.stride(1), *k_pages.stride()[:3], *v_pages.stride()[:3],
         block_tables_BM.stride(0), PAGE_SIZE=k_pages.shape[1], GROUP=group, BLOCK_G=block_g,
-        BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=D, BLOCK_D=next_power_of_2(D))
+        BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=D, BLOCK_D=next_power_of_2(D),
+        HAS_SINKS=sinks_N is not None)
     return out
