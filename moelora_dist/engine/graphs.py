@@ -23,12 +23,16 @@ What is static, and why it stays right:
   ``SamplingBatch`` filled with ``copy_into``; only the leader samples (the other ranks'
   graphs end at the final norm).
 
-Graphs are keyed by ``(P, any adapter, decode only, top log-probs, sampling variant)``: a
-step without adapters leaves the LoRA path out entirely, a decode step uses the decode
+Graphs are keyed by ``(P, any adapter, any router LoRA, decode only, top log-probs, sampling
+variant)``: a step without adapters leaves the LoRA path out entirely; a LoRA step runs the
+router LoRA of every MoE layer while any resident adapter has one (zero on the slots and layers
+without one, so later loads need no recapture) and none otherwise (adapters without a router
+LoRA, the common case, pay nothing for it); a decode step uses the decode
 attention tiles, a greedy-only step skips the samplers' thresholds and one without top-k /
 top-p skips the sort of the logits. Every rank
-of the TP group gets the key in the plan, so all capture (and warm up, which runs the
-collectives) at the same step; NCCL collectives are captured inside the graph.
+of the TP group gets the key from the plan and from its pool, whose residents every rank
+changes at the same step, so all capture (and warm up, which runs the collectives) at the
+same step; NCCL collectives are captured inside the graph.
 
 Not captured, and why: steps of more than ``max_graph_tokens`` tokens (prefill chunks; their
 GPU time dwarfs the host's), the data-dependent all-to-all dispatcher (``--dispatcher
@@ -138,8 +142,9 @@ class GraphRunner:
         tables[:, : plan.width].copy_(plan.block_tables_BM)
         if self.leader:
             sampling.copy_into(self.sampling_buffer(P, plan.graph_sampling))
-        key = (P, plan.num_lora_tokens > 0, plan.decode_only, plan.graph_logprobs,
-               plan.graph_sampling)
+        lora = plan.num_lora_tokens > 0
+        router = lora and self.model.pool.targets_any(self.model.router_paths())
+        key = (P, lora, router, plan.decode_only, plan.graph_logprobs, plan.graph_sampling)
         if not self.capture:
             return self._step(*key)
         # The model's GPU need not be the current device: streams, capture and replay on its.
@@ -150,7 +155,8 @@ class GraphRunner:
             entry[0].replay()
         return entry[1]
 
-    def _step(self, P: int, lora: bool, decode_only: bool, num_logprobs: int, variant: int):
+    def _step(self, P: int, lora: bool, router: bool, decode_only: bool, num_logprobs: int,
+              variant: int):
         """The static step: no host sync, every shape fixed by the key."""
         model = self.model
         one_d, tables = self._buffers(P)
@@ -158,7 +164,7 @@ class GraphRunner:
         batch = ForwardBatch(pos, seg, kv, tables, slot_map, decode_only)
         info = build_batch_info(seg, slots, model.pool.slot_rank_S, backend=model.backend,
                                 validate=False, num_tokens=P, num_lora_tokens=int(lora))
-        hidden_PH = model.forward(ids, batch, self.cache, info)
+        hidden_PH = model.forward(ids, batch, self.cache, info, router_lora=router)
         if not self.leader:
             return None
         logits_PV = model.logits(hidden_PH[(seg[1:] - 1).clamp(min=0)])
@@ -182,9 +188,10 @@ class GraphRunner:
         self._graphs[key] = (graph, out)
         if self.model.groups.is_rank0:
             log.info("graph captured: %d tokens, %s, %s, %d logprobs, %s sampling, %.0f ms; "
-                     "%d graphs, %.0f MiB reserved", key[0], "lora" if key[1] else "base",
-                     "decode" if key[2] else "mixed", key[3],
-                     ("greedy", "unfiltered", "filtered")[key[4]],
+                     "%d graphs, %.0f MiB reserved", key[0],
+                     ("base", "lora", "lora+router")[key[1] + key[2]],
+                     "decode" if key[3] else "mixed", key[4],
+                     ("greedy", "unfiltered", "filtered")[key[5]],
                      1e3 * (time.perf_counter() - t0),
                      len(self._graphs), torch.cuda.memory_reserved(self.model.device) / 2**20)
         return self._graphs[key]

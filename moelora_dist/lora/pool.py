@@ -252,6 +252,11 @@ class LoRAPool:
         a model may leave out the LoRA of an optional module (the router) when none has."""
         return any(path in paths for paths in self._slot_paths)
 
+    def targets_any(self, paths) -> bool:
+        """Whether a resident adapter has a LoRA on any of the dense modules ``paths``."""
+        wanted = frozenset(paths)
+        return any(not wanted.isdisjoint(slot) for slot in self._slot_paths)
+
     @property
     def slot_rank_S(self) -> torch.Tensor:
         """``[S]`` int32 on device: max rank of each slot's adapter over all layers, 0 = empty."""

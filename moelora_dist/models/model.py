@@ -271,7 +271,7 @@ class MoELoRAModel:
 
     @torch.no_grad()
     def forward(self, input_ids_T: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache,
-                batch_info: BatchInfo) -> torch.Tensor:
+                batch_info: BatchInfo, router_lora: bool | None = None) -> torch.Tensor:
         """Hidden states after the final norm.
 
         Each residual add is fused with the norm that follows it (one kernel on the GPU):
@@ -283,6 +283,9 @@ class MoELoRAModel:
             batch: their layout (:class:`ForwardBatch`); cache: the pages it indexes (this
                 forward's keys and values are written into them).
             batch_info: per-token adapter slots from ``build_batch_info``.
+            router_lora: run the router LoRA on every MoE layer (True: a static step, whose
+                graph must stay valid for adapters loaded later; zero for adapters without
+                one), on none (False), or where a resident adapter has one (None, eager).
         Returns:
             ``[T, H]`` in the model dtype, identical on every TP rank.
         """
@@ -292,26 +295,28 @@ class MoELoRAModel:
         for i, layer in enumerate(self.layers):
             x = self._add_norm(h, layer["attn"].forward(x, batch, cache, self.rope, lora),
                                layer["ln2"])
-            y = self._moe(layer, x, batch_info, lora) if "moe" in layer else \
+            y = self._moe(layer, x, batch_info, lora, router_lora) if "moe" in layer else \
                 layer["mlp"].forward(x, lora)
             nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final_norm_H
             x = self._add_norm(h, y, nxt)
         return x
 
     def _moe(self, layer: dict, x_TH: torch.Tensor, batch_info: BatchInfo,
-             lora: DenseLoRA | None) -> torch.Tensor:
-        """Routed experts (router LoRA on the logits when an adapter has one) plus the shared
-        experts, which take the same input and no gate. A step captured in a CUDA graph always
-        runs the router LoRA (zero for adapters without one), so the graph stays valid whatever
-        adapters load later."""
+             lora: DenseLoRA | None, router_lora: bool | None) -> torch.Tensor:
+        """Routed experts (router LoRA on the logits: see ``forward``'s ``router_lora``) plus
+        the shared experts, which take the same input and no gate."""
         moe, logits, path = layer["moe"], None, layer["router_path"]
-        capturing = x_TH.is_cuda and torch.cuda.is_current_stream_capturing()
-        if lora is not None and (capturing or self.pool.targets(path)):
+        run_router = self.pool.targets(path) if router_lora is None else router_lora
+        if lora is not None and run_router:
             logits = lora.apply(moe.base.router_logits(x_TH), x_TH, path)
         y = moe(x_TH, batch_info, logits)
         if "shared" in layer:
             y = y + layer["shared"].forward(x_TH, lora)
         return y
+
+    def router_paths(self) -> list[str]:
+        """The pool paths of every MoE layer's router LoRA."""
+        return [layer["router_path"] for layer in self.layers if "moe" in layer]
 
     def logits(self, hidden_NH: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` -> ``[N, V]`` float32 logits (the GEMM runs in the model dtype, as HF)."""

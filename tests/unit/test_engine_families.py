@@ -80,3 +80,71 @@ def test_preemption_through_a_small_pool_matches_a_roomy_one(model):
     for (g_ids, g_lp, _), (w_ids, w_lp, _) in zip(got, _run(_engine(model))):
         assert g_ids == w_ids
         torch.testing.assert_close(torch.tensor(g_lp), torch.tensor(w_lp), atol=ATOL, rtol=0)
+
+
+def test_static_steps_run_the_router_lora_only_while_an_adapter_has_one(model, monkeypatch):
+    """The static step's key carries whether any resident adapter has a router LoRA. With
+    adapters that have none, no static step computes a router LoRA (in a CUDA graph that is
+    two kernels per MoE layer saved); an adapter with one, loaded later into the same engine,
+    switches its steps to the variant that runs it on every MoE layer, with the eager steps'
+    tokens and log-probabilities."""
+    from moelora_dist.adapters.canonical import CanonicalAdapter
+    from moelora_dist.engine.graphs import GraphRunner
+    from moelora_dist.models.lora_linear import DenseLoRA
+
+    routers = set(model.router_paths())
+    assert routers, "every family here has MoE layers"
+    keys, calls, inside = [], [], []
+    step, apply = GraphRunner._step, DenseLoRA.apply
+
+    def spy_step(self, *key):
+        keys.append(key)
+        inside.append(True)
+        try:
+            return step(self, *key)
+        finally:
+            inside.pop()
+
+    def spy_apply(self, y, x, path, out_rows=None):
+        if inside and path in routers:
+            calls.append(path)
+        return apply(self, y, x, path, out_rows)
+
+    monkeypatch.setattr(GraphRunner, "_step", spy_step)
+    monkeypatch.setattr(DenseLoRA, "apply", spy_apply)
+
+    def no_router(name, rank, seed):
+        full = family_adapter(model.cfg, name, rank, seed)
+        return CanonicalAdapter(name, moe=full.moe,
+                                dense={p: f for p, f in full.dense.items() if p not in routers})
+
+    def phases(eager):
+        cfg = EngineConfig(max_loras=2, max_rank=8, page_size=4, max_graph_tokens=16,
+                           enforce_eager=eager, num_pages=48)
+        engine = Engine(model, cfg, capture=None if eager else False)
+        for name in ("a", "b", "c"):
+            if model.pool.slot_of(name) is not None:  # the previous engine's, on this model
+                model.pool.release_batch()
+                model.pool.unload(name)
+        engine.add_adapter("a", no_router("a", 5, 1))
+        engine.add_adapter("b", no_router("b", 8, 2))
+        first = _run(engine)
+        marks = len(keys), len(calls)
+        engine.add_adapter("c", family_adapter(model.cfg, "c", 8, 3))
+        second = _run(engine, names=["c", None, "a", "c", "b"])
+        return first, second, marks
+
+    eager_first, eager_second, _ = phases(eager=True)
+    assert keys == [] and calls == []
+    got_first, got_second, (n_keys, n_calls) = phases(eager=False)
+    before = [k for k in keys[:n_keys] if k[1]]  # (P, lora, router, ...), LoRA steps only
+    assert before and not any(k[2] for k in before)
+    assert n_calls == 0, "a static step ran a router LoRA while no adapter had one"
+    after = [k for k in keys[n_keys:] if k[1]]
+    assert after and all(k[2] for k in after)
+    assert len(calls) == len(after) * len(routers)  # every MoE layer, in every such step
+    for got, want in ((got_first, eager_first), (got_second, eager_second)):
+        for (g_ids, g_lp, _), (w_ids, w_lp, _) in zip(got, want):
+            assert g_ids == w_ids
+            torch.testing.assert_close(torch.tensor(g_lp), torch.tensor(w_lp), atol=ATOL,
+                                       rtol=0)
