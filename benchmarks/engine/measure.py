@@ -152,7 +152,7 @@ def graph_replay_ms(engine, seqs, lora, reps: int = 20) -> tuple[float, dict]:
     plan = build_plan(seqs, [1] * len(seqs), tables, lora, cfg.page_size, dev, P,
                       graph_sampling=sampling_variant(sampling))
     engine.worker.execute(plan, sampling, list(range(len(seqs))))  # captures if needed
-    key = (P, plan.num_lora_tokens > 0, True, 0, plan.graph_sampling)
+    key = graphs.key(plan)
     graph = graphs._graphs[key][0]
     routing: list = []
     with recorded_routing(routing):

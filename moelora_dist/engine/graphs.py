@@ -127,6 +127,14 @@ class GraphRunner:
             self._tables[P] = torch.zeros(P, self.width, dtype=torch.int64, device=dev)
         return self._one_d[P], self._tables[P]
 
+    def key(self, plan) -> tuple:
+        """The graph ``plan`` replays: ``(P, any adapter, any router LoRA, decode only, top
+        log-probs, sampling variant)`` (module docstring)."""
+        lora = plan.num_lora_tokens > 0
+        router = lora and self.model.pool.targets_any(self.model.router_paths())
+        return (plan.graph_bucket, lora, router, plan.decode_only, plan.graph_logprobs,
+                plan.graph_sampling)
+
     @torch.no_grad()
     def run(self, plan, sampling: SamplingBatch | None = None):
         """Execute ``plan`` (``plan.graph_bucket`` P > 0) from its graph.
@@ -142,9 +150,7 @@ class GraphRunner:
         tables[:, : plan.width].copy_(plan.block_tables_BM)
         if self.leader:
             sampling.copy_into(self.sampling_buffer(P, plan.graph_sampling))
-        lora = plan.num_lora_tokens > 0
-        router = lora and self.model.pool.targets_any(self.model.router_paths())
-        key = (P, lora, router, plan.decode_only, plan.graph_logprobs, plan.graph_sampling)
+        key = self.key(plan)
         if not self.capture:
             return self._step(*key)
         # The model's GPU need not be the current device: streams, capture and replay on its.

@@ -30,7 +30,17 @@ CASES = {
     "group_3": ([(2, 12), (1, 5)], 6, 2, 16, 4, None),
     "kv_replicated_one_head": ([(6, 6), (1, 20)], 4, 1, 16, 16, None),
     "sliding_window": ([(6, 14), (1, 30), (9, 9)], 4, 2, 16, 4, 5),
+    # narrower than tl.dot's K of 16 (the tiny family models' heads): zero-padded columns
+    "head_dim_8": ([(3, 9), (1, 5)], 4, 2, 8, 4, None),
 }
+
+
+def test_head_tile_pads_narrow_heads_to_the_dot_minimum():
+    """The GPU rejects a ``tl.dot`` of inner size below 16 (found on the H200 with the tiny
+    GLM-4.5 and gpt-oss models, head dim 8); the interpreter does not, so pin the tile here."""
+    from moelora_dist.kernels.paged_attention.ops import head_block
+
+    assert [head_block(d) for d in (8, 10, 16, 24, 64, 128)] == [16, 16, 16, 32, 64, 128]
 
 
 def _case(seqs, Nq, Nk, D, S, dtype, seed=0):

@@ -22,6 +22,13 @@ from moelora_dist.kernels.paged_attention.kernel import (LOG2E, _paged_attention
 DECODE_ROWS = 16
 PREFILL_ROWS = 64
 BLOCK_N = 64
+MIN_DOT_K = 16  # tl.dot's smallest inner dimension: heads narrower than this are zero-padded
+
+
+def head_block(head_dim: int) -> int:
+    """The kernel's head-dim tile: a power of two, at least ``tl.dot``'s minimum K (the q k^T
+    product's inner dimension); the padding columns are masked to zero."""
+    return max(MIN_DOT_K, next_power_of_2(head_dim))
 
 
 def _check_pages(k_pages: torch.Tensor, v_pages: torch.Tensor) -> None:
@@ -85,6 +92,6 @@ def paged_attention(q_TND, k_pages, v_pages, block_tables_BM, kv_lens_B, seg_ind
         scale * LOG2E, int(sliding_window or 0), q_TND.stride(0), q_TND.stride(1),
         out.stride(0), out.stride(1), *k_pages.stride()[:3], *v_pages.stride()[:3],
         block_tables_BM.stride(0), PAGE_SIZE=k_pages.shape[1], GROUP=group, BLOCK_G=block_g,
-        BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=D, BLOCK_D=next_power_of_2(D),
+        BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=D, BLOCK_D=head_block(D),
         HAS_SINKS=sinks_N is not None)
     return out

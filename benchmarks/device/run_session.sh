@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# One device call (nvidia-h200) of the GPU tests and benchmarks, by steps, each bounded by its
+# own timeout so that the call ends inside the tool's 10-minute limit:
+#   tests     tests/gpu except the tuned-config file, in 3 pytest processes at once (their
+#             Triton compiles run on separate cores; no test times anything)     ~3-4 min
+#   tests2    tests/gpu/test_fp8_gpu.py split by shape, and test_families_gpu.py (5 processes)
+#   tune      tune-kernels on the four benchmark shapes, base and LoRA r16, into
+#             moelora_dist/kernels/moe_lora/tuned/NVIDIA_H200.json (commit it)   ~3 min
+#   tuned     tests/gpu/test_tuned_configs_gpu.py (every tuned entry vs the reference)
+#   kernels   the kernel benchmark (--quick, no transformers peer)
+#   engine    the engine benchmark, 48 layers, 8 adapters r16 vs none
+#   fp8       the FP8 kernel benchmark (--quick)
+#   families  kernel benchmark --families-only --quick; engine on the gpt-oss-20b shape
+#   serve     the HTTP benchmark (wheels carried in .whl/serve, see docs/serve.md)
+#   enginefp8 the engine benchmark on an FP8 model
+#   bash benchmarks/device/run_session.sh STEP...
+# Logs and CSVs go to $RES; after every step they are packed into $OUT/results.tgz (the tool
+# brings back at most 8 files).
+set -uo pipefail
+OUT=${OUT:-/tmp/moelora-out}
+RES=${RES:-/tmp/moelora-res}
+mkdir -p "$OUT" "$RES"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+  NVSHMEM_DISABLE_NVLS=1
+export MOELORA_GIT_COMMIT=${MOELORA_GIT_COMMIT:-unknown}
+TUNED=moelora_dist/kernels/moe_lora/tuned/NVIDIA_H200.json
+LOG=$RES/run.log
+step() { echo "=== $1 ($(date -u +%H:%M:%S))" | tee -a "$LOG"; }
+pack() { tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; }
+rc() { echo "rc=$1" | tee -a "$LOG"; pack; }
+T=${T_SCALE:-1}  # scales every timeout
+t() { echo $(( $1 * T )); }
+step "env $*"
+{ nvidia-smi -L; nproc; python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } >>"$LOG" 2>&1
+for s in "$@"; do
+  case $s in
+  tests)
+    step "GPU tests (3 processes)"
+    g=tests/gpu
+    timeout "$(t 230)" python3 -m pytest -q -p no:cacheprovider -rf $g/test_fp8_gpu.py \
+      >"$RES/gpu_tests_fp8.log" 2>&1 &
+    timeout "$(t 230)" python3 -m pytest -q -p no:cacheprovider -rf $g/test_families_gpu.py \
+      $g/test_engine_gpu.py $g/test_paged_attention_gpu.py >"$RES/gpu_tests_engine.log" 2>&1 &
+    timeout "$(t 230)" python3 -m pytest -q -p no:cacheprovider -rf $g/test_isolation_gpu.py \
+      $g/test_kernels_gpu.py $g/test_sampling_gpu.py $g/test_dispatch_kernels_gpu.py \
+      >"$RES/gpu_tests_kernels.log" 2>&1 &
+    wait
+    for f in "$RES"/gpu_tests_*.log; do echo "$f: $(tail -1 "$f")" | tee -a "$LOG"; done; pack ;;
+  tests2)
+    step "FP8 GPU tests by shape + the families' GPU tests (5 processes)"
+    g=tests/gpu
+    for k in qwen3 mixtral deepseek "linear or greedy"; do
+      timeout "$(t 240)" python3 -m pytest -q -p no:cacheprovider -rf $g/test_fp8_gpu.py -k "$k" \
+        >"$RES/gpu_tests_fp8_${k%% *}.log" 2>&1 &
+    done
+    timeout "$(t 240)" python3 -m pytest -q -p no:cacheprovider -rf $g/test_families_gpu.py \
+      >"$RES/gpu_tests_families.log" 2>&1 &
+    wait
+    for f in "$RES"/gpu_tests_fp8_*.log "$RES"/gpu_tests_families.log; do
+      echo "$f: $(tail -1 "$f")" | tee -a "$LOG"; done; pack ;;
+  tune)
+    step "tune-kernels (budget ${TUNE_S:-150} s)"
+    timeout "$(t $(( ${TUNE_S:-150} + 45 )))" python3 -m moelora_dist.cli.main tune-kernels \
+      --shape qwen3-30b-a3b mixtral-8x7b olmoe deepseek-v3-routed \
+      --tokens 1,16,64,256,1024,4096,16384 --lora --ranks 16 --budget-s "${TUNE_S:-150}" \
+      --out "$TUNED" --quiet >"$RES/tune.log" 2>&1; rc $?
+    tail -3 "$RES/tune.log" | tee -a "$LOG"; cp "$TUNED" "$RES/" 2>/dev/null; pack ;;
+  tuned)
+    step "tuned-config GPU tests"
+    timeout "$(t 120)" python3 -m pytest -q -p no:cacheprovider -rf \
+      tests/gpu/test_tuned_configs_gpu.py >"$RES/gpu_tests_tuned.log" 2>&1; rc $?
+    tail -1 "$RES/gpu_tests_tuned.log" | tee -a "$LOG" ;;
+  kernels)
+    step "kernel benchmark (quick, no peer)"
+    timeout "$(t ${KERNELS_S:-150})" python3 -m benchmarks kernels --quick --no-peer --out "$RES" \
+      >>"$RES/kernels.log" 2>&1; rc $? ;;
+  engine)
+    step "engine benchmark (48 layers; ${ENGINE_ARGS:-default cases})"
+    timeout "$(t ${ENGINE_S:-200})" python3 -m benchmarks engine ${ENGINE_ARGS:-} --out-dir "$RES" \
+      >>"$RES/engine_run.log" 2>&1; rc $? ;;
+  fp8)
+    step "FP8 kernel benchmark (quick)"
+    timeout "$(t 120)" python3 -m benchmarks fp8 --quick --out "$RES" >>"$RES/fp8.log" 2>&1
+    rc $? ;;
+  families)
+    step "families: kernel benchmark --families-only --quick"
+    timeout "$(t 90)" python3 -m benchmarks kernels --families-only --quick --no-peer \
+      --out "$RES/families" >>"$RES/families.log" 2>&1; rc $?
+    step "families: engine on gpt-oss-20b"
+    timeout "$(t 110)" python3 -m benchmarks engine --model gpt-oss-20b --quick \
+      --concurrency 1,64 --prompt-len 256 --output-len 32 --out-dir "$RES/families" \
+      >>"$RES/families.log" 2>&1; rc $? ;;
+  serve)
+    step "serve benchmark"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/serve/*.whl >>"$RES/serve.log" 2>&1
+    PYTHONPATH=/tmp/site:$PWD timeout "$(t 200)" python3 -m benchmarks serve \
+      ${SERVE_ARGS:---concurrency 1,64} --out-dir "$RES" >>"$RES/serve.log" 2>&1; rc $? ;;
+  enginefp8)
+    step "engine benchmark, FP8 model"
+    timeout "$(t 150)" python3 -m benchmarks engine --fp8 ${ENGINE_FP8_ARGS:---quick \
+      --concurrency 1,64} --out-dir "$RES" >>"$RES/engine_fp8_run.log" 2>&1; rc $? ;;
+  *) echo "unknown step $s" | tee -a "$LOG" ;;
+  esac
+done
+step done; pack
