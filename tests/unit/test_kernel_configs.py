@@ -8,8 +8,8 @@ import pytest
 
 from moelora_dist.errors import FileError, OptionError
 from moelora_dist.kernels.moe_lora import tuned
-from moelora_dist.kernels.moe_lora.configs import (LORA_FIELDS, MoEConfig, heuristic_config,
-                                                   pick_config)
+from moelora_dist.kernels.moe_lora.configs import (LORA_FIELDS, MoEConfig, config_and_source,
+                                                   heuristic_config, pick_config)
 
 DEV = "Fake GPU 9000"
 QWEN = dict(hidden=2048, inter=768)  # E_l 128, K 8
@@ -56,14 +56,24 @@ def test_tuned_entry_of_the_nearest_token_count(tmp_path, use_files):
     assert pick(100000).num_warps == 8
 
 
-def test_lora_call_takes_the_nearest_tuned_rank_tile(tmp_path, use_files):
+def test_lora_call_takes_its_rank_tile_or_the_next_larger_one(tmp_path, use_files):
+    """Tiles tuned at one rank tile fit the smaller ones only: rank 64 on r16 tiles asked the
+    H200 for 288 KiB of shared memory (a crash of the kernel benchmark, 2026-12-02). Above
+    every tuned rank tile, the heuristic (rank-independent tiles, tested up to rank 128)."""
     use_files(_qwen_file(tmp_path))
     pick = lambda r: pick_config(64, 8, 128, 8, **QWEN, lora_rank=r, dtype="bfloat16",
                                  device_name=DEV)
     assert pick(16).fuse_shrink and pick(16).lora_runs == 4
     assert pick(64).shrink_split_k == 4
-    assert pick(32).shrink_split_k == 4  # tie between 16 and 64 -> the larger
-    assert pick(128).block_m == 64
+    assert pick(32).shrink_split_k == 4  # the next larger tuned tile, 64
+    assert pick(128) == heuristic_config(64, 8, 128, 8)  # none larger: never r64's tiles
+    assert config_and_source(64, 8, 128, 8, **QWEN, lora_rank=128, dtype="bfloat16",
+                             device_name=DEV)[1] == "heuristic"
+    only_r16 = _file(tmp_path, {"2048,128,8,768": {"bfloat16": {
+        "base": {"64": _entry(block_m=16, block_n=256)},
+        "lora_r16": {"64": _entry(block_m=32, fuse_shrink=True, lora_runs=4)}}}}, name="r16.json")
+    use_files(only_r16)
+    assert pick(64) == heuristic_config(64, 8, 128, 8)  # not r16's tiles, not r16's base
 
 
 def test_base_only_tuned_shape_keeps_tuned_tiles_with_heuristic_lora(tmp_path, use_files):

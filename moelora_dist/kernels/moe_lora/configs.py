@@ -167,9 +167,10 @@ def pick_config(num_tokens: int, top_k: int, num_experts: int, num_slots: int = 
     With ``device_name``, ``hidden``, ``inter`` and ``dtype`` (e.g. ``"NVIDIA H200"``, H,
     I_l, ``"bfloat16"``), a tuned file's entry for ``(H, E_l, K, I_l)`` at the nearest tuned
     token count is used: the ``lora_r<BR>`` entry for a LoRA call (``lora_rank``: the rank tile
-    BR; the nearest tuned rank), the ``base`` one otherwise; a LoRA call on a shape tuned for
-    the base layer only keeps the tuned base tiles with the heuristic's LoRA switches. Without
-    a match: :func:`heuristic_config`.
+    BR; else the smallest tuned rank tile above it, never a smaller one, whose tiles may not
+    fit BR's buffers), the ``base`` one otherwise; a LoRA call on a shape tuned for the base
+    layer only keeps the tuned base tiles with the heuristic's LoRA switches. Without a match
+    (a LoRA call above every tuned rank tile included): :func:`heuristic_config`.
 
     Cached: every MoE layer of a forward asks with the same sizes, so the choice is made once
     per batch shape, not once per layer."""
@@ -193,8 +194,8 @@ def config_and_source(num_tokens: int, top_k: int, num_experts: int, num_slots: 
     hit = tuned.lookup(device_name, key, dtype, mode, num_tokens)
     if hit is not None:
         return hit, "tuned"
-    if lora_rank is None:
-        return fallback, "heuristic"
+    if lora_rank is None or tuned.has_lora_entries(device_name, key, dtype):
+        return fallback, "heuristic"  # (tuned LoRA tiles, all of smaller rank tiles)
     base = tuned.lookup(device_name, key, dtype, "base", num_tokens)
     if base is None:
         return fallback, "heuristic"

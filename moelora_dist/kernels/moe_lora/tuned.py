@@ -155,16 +155,25 @@ def reload() -> None:
     pick_config.cache_clear()
 
 
+def has_lora_entries(device_name: str, shape: ShapeKey, dtype: str) -> bool:
+    """Whether any file has LoRA entries (of any rank tile) for this device, shape and dtype."""
+    return any((d, s, dt) == (device_name, shape, dtype) and m.startswith("lora_r")
+               for (d, s, dt, m) in table())
+
+
 def lookup(device_name: str, shape: ShapeKey, dtype: str, mode: str, num_tokens: int):
     """The tuned :class:`MoEConfig` for a call, or None when no file has the key."""
     known = table()
     entries = known.get((device_name, shape, dtype, mode))
     if entries is None and mode.startswith("lora_r"):
+        # Only a larger rank tile: tiles tuned at BR fit every smaller BR (the LoRA buffers
+        # in shared memory shrink with it), not a larger one (rank 64 on r16 tiles asked the
+        # H200 for 288 KiB of shared memory).
         ranks = [int(m[6:]) for (d, s, dt, m) in known
-                 if (d, s, dt) == (device_name, shape, dtype) and m.startswith("lora_r")]
+                 if (d, s, dt) == (device_name, shape, dtype) and m.startswith("lora_r")
+                 and int(m[6:]) >= int(mode[6:])]
         if ranks:
-            near = _log_nearest(int(mode[6:]), ranks)
-            entries = known[(device_name, shape, dtype, lora_mode(near))]
+            entries = known[(device_name, shape, dtype, lora_mode(min(ranks)))]
     if not entries:
         return None
     return entries[_log_nearest(num_tokens, list(entries))]
