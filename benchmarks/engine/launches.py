@@ -7,7 +7,8 @@ write, residual adds in the norms, one paged-attention kernel) are counted befor
 
 ``OLD`` holds an older ``moelora_dist`` (e.g. ``git archive <commit> moelora_dist``: the
 contiguous-KV-cache model before the engine) beside a copy of ``benchmarks/__init__.py`` and
-``benchmarks/engine/{__init__,launches,shapes}.py`` (``python -m`` puts the current directory
+``benchmarks/engine/{__init__,launches,shapes}.py``, with this tree's
+``moelora_dist/config/shapes.py`` copied into it (``python -m`` puts the current directory
 first on the path, before ``PYTHONPATH``); the script detects which API it imports. Model: Qwen3-30B-A3B's layer shape with ``--layers``
 layers (default 4: per-layer figures do not depend on depth), random bf16 weights, 8 adapters
 of rank 16 resident. For B in {1, 64} and no adapter / every token an adapter: kernels per

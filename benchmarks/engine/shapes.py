@@ -1,20 +1,13 @@
-"""The model shapes and random adapters of the engine benchmarks (no engine import, so the
-launch counter also runs on older trees)."""
+"""The model shapes and random adapters of the engine benchmarks. No engine import, so the
+launch counter also runs on older trees: Qwen3-30B-A3B's shape and its tiny twin come from
+:mod:`moelora_dist.config.shapes` (one file with no imports, which such a tree needs a copy
+of); gpt-oss-20b's shape lives here."""
 
 from __future__ import annotations
 
 import torch
 
-QWEN3_30B_A3B = dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
-                     num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                     num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
-                     intermediate_size=6144, norm_topk_prob=True, rms_norm_eps=1e-6,
-                     rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                     max_position_embeddings=40960, num_hidden_layers=48)
-TINY = dict(QWEN3_30B_A3B, vocab_size=256, hidden_size=64, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-            moe_intermediate_size=32, intermediate_size=96, num_hidden_layers=2,
-            max_position_embeddings=4096)
+from moelora_dist.config.shapes import QWEN3_30B_A3B, TINY
 
 # gpt-oss-20b's config.json (24 layers alternating sliding-128 / full attention, sinks,
 # biases, 32 experts top-4 with the clamped SwiGLU, YaRN x32), bf16 experts (no MXFP4).

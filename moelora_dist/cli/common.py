@@ -200,11 +200,25 @@ def make_groups(args):
     return init_parallel(args.tp, args.ep, backend="gloo" if device == "cpu" else "nccl")
 
 
+def engine_config(args, max_loras: int, max_rank: int):
+    """The validated ``EngineConfig`` of the batch, page, memory and dispatcher options, with
+    the pool sized to ``max_loras`` slots of rank ``max_rank``."""
+    from moelora_dist.engine.config import EngineConfig
+
+    config = EngineConfig(max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_batch_tokens,
+                          page_size=args.page_size, num_pages=args.num_pages,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          max_model_len=args.max_model_len, max_loras=max_loras,
+                          max_rank=max_rank, enforce_eager=args.enforce_eager,
+                          dispatcher=args.dispatcher)
+    config.validate()
+    return config
+
+
 def build_engine(args, groups, cfg, paths: dict[str, str], codec=None):
     """Read the adapters (host memory), size the pool to them, load the model, build the
     engine (its KV pages sized as the options say), register the adapters."""
     from moelora_dist.adapters import load_adapter
-    from moelora_dist.engine.config import EngineConfig
     from moelora_dist.engine.engine import Engine
     from moelora_dist.models.model import MoELoRAModel
     from moelora_dist.models.weights import CheckpointWeights
@@ -214,13 +228,7 @@ def build_engine(args, groups, cfg, paths: dict[str, str], codec=None):
                                  disable=not (groups.is_rank0 and paths))}
     max_rank = args.max_rank or max([a.max_rank for a in adapters.values()] + [1])
     max_loras = args.max_loras or max(len(adapters), 1)
-    config = EngineConfig(max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_batch_tokens,
-                          page_size=args.page_size, num_pages=args.num_pages,
-                          gpu_memory_utilization=args.gpu_memory_utilization,
-                          max_model_len=args.max_model_len, max_loras=max_loras,
-                          max_rank=max_rank, enforce_eager=args.enforce_eager,
-                          dispatcher=args.dispatcher)
-    config.validate()
+    config = engine_config(args, max_loras, max_rank)
     dtype = dtype_of(args.dtype, MODEL_DTYPES)
     model = MoELoRAModel.build(cfg, groups, CheckpointWeights(args.model, cfg, dtype),
                                dtype=dtype, max_loras=max_loras, max_rank=max_rank,

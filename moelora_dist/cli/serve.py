@@ -21,8 +21,8 @@ import argparse
 import logging
 import os
 
-from moelora_dist.cli.common import (MODEL_DTYPES, check_launched, check_positive, job_entry,
-                                     make_groups, parse_adapter_args)
+from moelora_dist.cli.common import (MODEL_DTYPES, check_launched, check_positive, engine_config,
+                                     job_entry, make_groups, parse_adapter_args)
 from moelora_dist.errors import MoeloraError, OptionError, report_user_error
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,6 @@ def build(args, groups, cfg, paths):
     """The engine of this rank: weights, adapters (given and random), KV pages."""
     from moelora_dist.adapters import load_adapter
     from moelora_dist.dtypes import dtype_of
-    from moelora_dist.engine.config import EngineConfig
     from moelora_dist.engine.engine import Engine
     from moelora_dist.engine.text import TextCodec
     from moelora_dist.models.model import MoELoRAModel
@@ -149,14 +148,7 @@ def build(args, groups, cfg, paths):
     max_rank = args.max_rank or max([a.max_rank for a in adapters.values()]
                                     + [64 if args.enable_lora_loading else 1])
     max_loras = args.max_loras or max(len(adapters) + extra, 1)
-    config = EngineConfig(max_num_seqs=args.max_batch,
-                          max_num_batched_tokens=args.max_batch_tokens,
-                          page_size=args.page_size, num_pages=args.num_pages,
-                          gpu_memory_utilization=args.gpu_memory_utilization,
-                          max_model_len=args.max_model_len, max_loras=max_loras,
-                          max_rank=max_rank, enforce_eager=args.enforce_eager,
-                          dispatcher=args.dispatcher)
-    config.validate()
+    config = engine_config(args, max_loras, max_rank)
     source = (RandomWeights(cfg, dtype, groups.device) if args.random_weights
               else CheckpointWeights(args.model, cfg, dtype))
     model = MoELoRAModel.build(cfg, groups, source, dtype=dtype, max_loras=max_loras,

@@ -15,24 +15,8 @@ from __future__ import annotations
 import torch
 
 from moelora_dist.adapters.canonical import CanonicalAdapter, LoRAFactors, MoELayerLoRA
+from moelora_dist.config.shapes import SHAPES
 from moelora_dist.errors import OptionError
-
-# Public model configurations (H hidden, heads, experts, top-k, expert intermediate, layers).
-SHAPES = {
-    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
-                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
-                          head_dim=128, num_experts=128, num_experts_per_tok=8,
-                          moe_intermediate_size=768, intermediate_size=6144,
-                          norm_topk_prob=True, rms_norm_eps=1e-6,
-                          rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                          max_position_embeddings=40960),
-    "tiny": dict(model_type="qwen3_moe", vocab_size=256, hidden_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-                 num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=96,
-                 norm_topk_prob=True, rms_norm_eps=1e-6,
-                 rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                 max_position_embeddings=4096),
-}
 
 
 def shape_config(name: str, num_layers: int | None = None) -> dict:

@@ -19,10 +19,7 @@ ranks reorder fp32 additions (~1e-6).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,21 +27,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.launch_driver import launch, launch_driver, run_layout
+
 ATOL = 1e-4
 # (tp, ep, dispatcher): "auto" picks all_reduce at these tiny token counts, so two layouts force
 # the all-to-all dispatcher to cover it end to end.
 LAYOUTS = [(2, 1, "auto"), (2, 2, "all_to_all"), (4, 2, "all_reduce"), (4, 4, "all_to_all")]
 CASES = {"qwen3_moe": ("qwen3_moe", False), "qwen3_hybrid": ("qwen3_moe", True),
          "mixtral": ("mixtral", False), "olmoe": ("olmoe", False)}
-
-
-def _launch(argv: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +76,7 @@ def _check(root: Path, out_dir: Path, cases: dict) -> None:
                          ids=[f"tp{t}-ep{e}-{d}" for t, e, d in LAYOUTS])
 def test_every_arch_matches_hf_peft_under_launch(cases, tp, ep, dispatcher, tmp_path):
     root, refs = cases
-    _launch([sys.executable, "-m", "launch", "--nproc-per-node", str(tp), "--device", "cpu",
-             "--timeout", "120", "-m", "tests.integration.test_e2e_launch", str(root),
-             "--out", str(tmp_path), "--tp", str(tp), "--ep", str(ep),
-             "--dispatcher", dispatcher])
+    launch_driver("tests.integration.test_e2e_launch", root, tmp_path, tp, ep, dispatcher)
     _check(root, tmp_path, refs)
 
 
@@ -98,17 +85,17 @@ def test_real_cli_under_launch_and_torchrun(cases, tmp_path):
     case, ref_logits, ref_tokens, _ = refs["qwen3_hybrid"]
     common = ["--model", str(case.model_dir), *case.adapter_args(), "--device", "cpu"]
     # 4 processes with tp=2: two data-parallel replicas split the requests, rank 0 collects.
-    _launch([sys.executable, "-m", "launch", "--nproc-per-node", "4", "--device", "cpu",
-             "logits", *common, "--requests", str(root / "qwen3_hybrid" / "req.jsonl"),
-             "--out", str(tmp_path / "l.safetensors"), "--tp", "2", "--ep", "2"])
+    launch([sys.executable, "-m", "launch", "--nproc-per-node", "4", "--device", "cpu",
+            "logits", *common, "--requests", str(root / "qwen3_hybrid" / "req.jsonl"),
+            "--out", str(tmp_path / "l.safetensors"), "--tp", "2", "--ep", "2"])
     got = load_file(str(tmp_path / "l.safetensors"))
     for i, ref in enumerate(ref_logits):
         torch.testing.assert_close(got[f"request_{i}"], ref, atol=ATOL, rtol=0)
     torchrun = Path(sys.executable).parent / "torchrun"
-    _launch([str(torchrun), "--standalone", "--nproc-per-node", "4", "-m",
-             "moelora_dist.cli.generate", *common,
-             "--requests", str(root / "qwen3_hybrid" / "gen.jsonl"),
-             "--out", str(tmp_path / "g.jsonl"), "--tp", "2"])
+    launch([str(torchrun), "--standalone", "--nproc-per-node", "4", "-m",
+            "moelora_dist.cli.generate", *common,
+            "--requests", str(root / "qwen3_hybrid" / "gen.jsonl"),
+            "--out", str(tmp_path / "g.jsonl"), "--tp", "2"])
     lines = [json.loads(x) for x in (tmp_path / "g.jsonl").read_text().splitlines()]
     assert [x["output_ids"] for x in lines] == ref_tokens
 
@@ -126,49 +113,9 @@ def test_tp_without_launcher_says_how_to_launch(cases, tmp_path, capsys):
 
 
 def driver(argv: list[str] | None = None) -> int:
-    """Run in each launched process: every case of ``--root`` on one layout, like the CLI."""
-    from moelora_dist.cli import generate, logits
-    from moelora_dist.cli.common import build_engine, check_inputs, make_groups
-    from moelora_dist.parallel.groups import destroy_parallel
-
-    p = argparse.ArgumentParser()
-    # Positional first: the launcher hands "-m MODULE" arguments over only after a positional.
-    p.add_argument("root", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tp", type=int, required=True)
-    p.add_argument("--ep", type=int, required=True)
-    p.add_argument("--dispatcher", default="auto")
-    ns = p.parse_args(argv)
-    groups = None
-    try:
-        for name in CASES:
-            d = ns.root / name
-            common = ["--model", str(d / "model"), "--adapter", f"a1={d / 'a1'}", "--adapter",
-                      f"a2={d / 'a2'}", "--tp", str(ns.tp), "--ep", str(ns.ep), "--device", "cpu",
-                      "--dispatcher", ns.dispatcher]
-            parser = argparse.ArgumentParser()
-            logits.add_arguments(parser)
-            largs = parser.parse_args(common + ["--requests", str(d / "req.jsonl"),
-                                                "--out", str(ns.out / f"{name}.safetensors")])
-            largs.command = "logits"
-            cfg, paths, requests, codec = check_inputs(largs, need_max_new_tokens=False)
-            groups = groups or make_groups(largs)
-            engine = build_engine(largs, groups, cfg, paths, codec)
-            logits.run(engine, groups, largs, requests)
-            parser = argparse.ArgumentParser()
-            generate.add_arguments(parser)
-            gargs = parser.parse_args(common + ["--requests", str(d / "gen.jsonl"),
-                                                "--out", str(ns.out / f"{name}.jsonl")])
-            _, _, requests, _ = check_inputs(gargs, need_max_new_tokens=True)
-            generate.run(engine, groups, gargs, requests)  # same engine: adapters registered
-            sargs = parser.parse_args(common + ["--requests", str(d / "gen.jsonl"), "--out",
-                                                str(ns.out / "unused"), "--num-pages", "9",
-                                                "--page-size", "4", "--max-batch-tokens", "6"])
-            arrivals(build_engine(sargs, groups, cfg, paths, codec),
-                     ns.out / f"{name}_arrivals.json")
-    finally:
-        destroy_parallel()
-    return 0
+    """Run in each launched process: every case of ``root`` on one layout, like the CLI, then
+    the stream of :data:`ARRIVALS`."""
+    return run_layout(argv, CASES, arrivals=arrivals)
 
 
 def arrivals(engine, out: Path) -> None:

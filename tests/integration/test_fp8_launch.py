@@ -11,16 +11,14 @@ transformers' own FP8 path to the fp32 tolerance (1e-4): the sliced scales are e
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.test_e2e_launch import _launch
+from tests.launch_driver import launch_driver, run_layout
 
 ATOL = 1e-4
 LAYOUTS = [(2, 2, "all_to_all"), (4, 2, "all_reduce")]
@@ -54,10 +52,7 @@ def test_fp8_every_arch_under_launch(cases, tp, ep, dispatcher, tmp_path):
     from tests.fp8_checks import assert_fp8_close, greedy_matches_up_to_ties
 
     root, refs = cases
-    _launch([sys.executable, "-m", "launch", "--nproc-per-node", str(tp), "--device", "cpu",
-             "--timeout", "120", "-m", "tests.integration.test_fp8_launch", str(root),
-             "--out", str(tmp_path), "--tp", str(tp), "--ep", str(ep),
-             "--dispatcher", dispatcher])
+    launch_driver("tests.integration.test_fp8_launch", root, tmp_path, tp, ep, dispatcher)
     for name, (case, plain, quant) in refs.items():
         got = load_file(str(tmp_path / f"{name}.dequant.safetensors"))
         for i, ref in enumerate(plain):
@@ -72,45 +67,9 @@ def test_fp8_every_arch_under_launch(cases, tp, ep, dispatcher, tmp_path):
 
 
 def driver(argv: list[str] | None = None) -> int:
-    """Run in each launched process: every case of ``root`` on one layout, like the CLI."""
-    from moelora_dist.cli import generate, logits
-    from moelora_dist.cli.common import build_engine, check_inputs, make_groups
-    from moelora_dist.parallel.groups import destroy_parallel
-
-    p = argparse.ArgumentParser()
-    p.add_argument("root", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tp", type=int, required=True)
-    p.add_argument("--ep", type=int, required=True)
-    p.add_argument("--dispatcher", default="auto")
-    ns = p.parse_args(argv)
-    groups = None
-    try:
-        for name in CASES:
-            d = ns.root / name
-            common = ["--model", str(d / "model"), "--adapter", f"a1={d / 'a1'}", "--adapter",
-                      f"a2={d / 'a2'}", "--tp", str(ns.tp), "--ep", str(ns.ep), "--device", "cpu",
-                      "--dispatcher", ns.dispatcher]
-            for extra, suffix in ((["--dequantize-fp8"], ".dequant"), ([], "")):
-                parser = argparse.ArgumentParser()
-                logits.add_arguments(parser)
-                largs = parser.parse_args(common + extra + [
-                    "--requests", str(d / "req.jsonl"),
-                    "--out", str(ns.out / f"{name}{suffix}.safetensors")])
-                largs.command = "logits"
-                cfg, paths, requests, codec = check_inputs(largs, need_max_new_tokens=False)
-                groups = groups or make_groups(largs)
-                runner = build_engine(largs, groups, cfg, paths, codec)
-                logits.run(runner, groups, largs, requests)
-            parser = argparse.ArgumentParser()
-            generate.add_arguments(parser)
-            gargs = parser.parse_args(common + ["--requests", str(d / "gen.jsonl"),
-                                                "--out", str(ns.out / f"{name}.jsonl")])
-            _, _, requests, _ = check_inputs(gargs, need_max_new_tokens=True)
-            generate.run(runner, groups, gargs, requests)  # the FP8 engine of the last pass
-    finally:
-        destroy_parallel()
-    return 0
+    """Run in each launched process: every case of ``root`` on one layout, like the CLI, with
+    ``--dequantize-fp8`` and without (``generate`` runs on the FP8 engine of the last pass)."""
+    return run_layout(argv, CASES, logits_variants=((["--dequantize-fp8"], ".dequant"), ([], "")))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from moelora_dist.testing import tiny
 from moelora_dist.parallel.layout import valid_layouts
 from tests.integration.launching import Nodes, alive, last_line, read_pids, wait_for
 from tests.integration.test_e2e_launch import LAYOUTS, _check, cases  # noqa: F401  (fixture)
+from tests.launch_driver import driver_args
 
 # Two launchers start 4 processes on 2 cores; the runs below take 10-30 s.
 RUN_LIMIT_S = 240
@@ -65,8 +66,7 @@ def test_e2e_parity_on_two_nodes(cases, tp, ep, dispatcher, tmp_path):  # noqa: 
     root, refs = cases
     out = tmp_path / "out"
     out.mkdir()
-    job = ["-m", "tests.integration.test_e2e_launch", str(root), "--out", str(out), "--tp", str(tp),
-           "--ep", str(ep), "--dispatcher", dispatcher]
+    job = driver_args("tests.integration.test_e2e_launch", root, out, tp, ep, dispatcher)
     with Nodes(2, 2, job, tmp_path, timeout_s=120) as nodes:
         assert nodes.wait(RUN_LIMIT_S) == [0, 0], nodes.logs()
         logs = nodes.log(0) + nodes.log(1)
