@@ -10,7 +10,8 @@ step once with the routing recorded), 3 x H x I weights each; for each (adapter 
 pair some token of that slot routes to, that expert's LoRA factors (A and B of gate, up, down
 at the slot's rank); each used slot's q/k/v/o factors; the LM head; and every sequence's KV
 pages (keys and values of every cached token, every layer; only the window's on a sliding-window
-layer). Biases and sinks (gpt-oss) count with their weights.
+layer). Biases and sinks (gpt-oss) count with their weights. A block-FP8 weight (experts and
+q/k/v/o of ``--fp8``) counts its e4m3 values and its fp32 block scales.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from moelora_dist.engine.sampling import SamplingBatch, SamplingParams
 from moelora_dist.engine.graphs import sampling_variant
 from moelora_dist.engine.plan import build_plan
 from moelora_dist.engine.sequence import Sequence
+from moelora_dist.kernels.weights_fp8 import BlockFP8Weight
 from moelora_dist.moe.block import MoEBlock
 
 
@@ -44,7 +46,10 @@ def recorded_routing(out: list):
         MoEBlock.route = real
 
 
-def _nbytes(t: torch.Tensor) -> int:
+def _nbytes(t) -> int:
+    """Bytes of a tensor, or of a block-FP8 weight's values and scales."""
+    if isinstance(t, BlockFP8Weight):
+        return t.nbytes()
     return t.numel() * t.element_size()
 
 
@@ -73,7 +78,9 @@ def decode_step_bytes(model, routing: list[torch.Tensor], token_slot_T: torch.Te
             lora += n * item * rank_of[s] * (3 * buf.hidden + 3 * buf.i_local)
     for layer in model.layers:
         attn = layer["attn"]
-        weights += _nbytes(attn.w["qkv_proj"]) + _nbytes(attn.w["o_proj"])
+        # q/k/v fused in one tensor, or three block-FP8 weights with their scales
+        qkv = ("qkv_proj",) if "qkv_proj" in attn.w else ("q_proj", "k_proj", "v_proj")
+        weights += sum(_nbytes(attn.w[k]) for k in qkv) + _nbytes(attn.w["o_proj"])
         weights += sum(_nbytes(attn.w[k]) for k in ("qkv_proj.bias", "o_proj.bias", "sinks")
                        if k in attn.w)
         weights += _nbytes(layer["ln1"]) + _nbytes(layer["ln2"])

@@ -1,6 +1,8 @@
 """CSV and plot of ``bench_engine.py``: one row per (concurrency, mode); bars of output tokens/s
 per concurrency with the lora8/base ratio over each LoRA bar, and the graph decode step's
-share of its HBM roofline beside them."""
+share of its HBM roofline beside them. Files: ``engine_<device><suffix>.csv/.png``, or
+``engine_fp8_<device><suffix>.*`` for FP8 weights (``weights`` column ``fp8``), so one run
+does not overwrite the other's."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ SUFFIX = {"tiny": "_tiny", "tiny-gpt-oss": "_tiny_gpt-oss", "gpt-oss-20b-shape":
 
 def write_outputs(rows: list[dict], m: dict, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"engine_{device_tag(m)}" + SUFFIX.get(m["model"], ""))
+    fp8 = "fp8_" if m.get("weights") == "fp8" else ""
+    path = os.path.join(out_dir, f"engine_{fp8}{device_tag(m)}" + SUFFIX.get(m["model"], ""))
     write_csv(path + ".csv", rows, m)
     try:
         import matplotlib
@@ -57,7 +60,8 @@ def write_outputs(rows: list[dict], m: dict, out_dir: str) -> str:
     ax2.set_xlabel("sequences")
     if plotted:
         ax2.legend(fontsize=8)
-    fig.suptitle(f"engine, {m['model']} {m['layers']} layers {m['dtype']}, prompt "
+    weights = "FP8 weights, " if fp8 else ""
+    fig.suptitle(f"engine, {m['model']} {m['layers']} layers {weights}{m['dtype']}, prompt "
                  f"{rows[0]['prompt_len']} / output {rows[0]['output_len']}\n{m['device']}, "
                  f"{m['utc']} UTC, commit {m['commit']}", fontsize=9)
     fig.tight_layout()

@@ -9,6 +9,13 @@ import torch
 
 from moelora_dist.config.shapes import QWEN3_30B_A3B, TINY
 
+# Qwen3-30B-A3B-FP8's quantization_config (the Hugging Face fine-grained FP8 layout): e4m3
+# weights with one fp32 scale per 128x128 block, activations quantized per token and 128
+# columns at run time; lm_head (and the routers, embeddings and norms, which are no FP8
+# modules here) stay bf16.
+FP8_QUANTIZATION = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                        weight_block_size=[128, 128], modules_to_not_convert=["lm_head"])
+
 # gpt-oss-20b's config.json (24 layers alternating sliding-128 / full attention, sinks,
 # biases, 32 experts top-4 with the clamped SwiGLU, YaRN x32), bf16 experts (no MXFP4).
 GPT_OSS_20B = dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880,

@@ -135,7 +135,7 @@ def read_block_fp8(reader, cfg: ModelConfig, pieces: list[tuple[str, int | None,
     """
     weights, scales, sizes = [], [], []
     for module_key, r0, r1 in pieces:
-        wkey, skey = _keys(module_key)
+        wkey, skey = stored_keys(module_key)
         N, K = check_fp8_pair(reader, wkey, skey, len(lead))
         if expect_shape is not None and (N, K) != tuple(expect_shape):
             raise FP8CheckpointError(f"{wkey} has rows x columns {N} x {K}, expected "
@@ -159,7 +159,7 @@ def read_block_fp8(reader, cfg: ModelConfig, pieces: list[tuple[str, int | None,
     return w
 
 
-def _keys(module_key: str) -> tuple[str, str]:
+def stored_keys(module_key: str) -> tuple[str, str]:
     """``(<m>.weight, <m>.weight_scale_inv)``; fused 3-D expert tensors are named without the
     ``.weight`` suffix (``experts.gate_up_proj`` and ``experts.gate_up_proj_scale_inv``)."""
     if module_key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
@@ -169,7 +169,7 @@ def _keys(module_key: str) -> tuple[str, str]:
 
 def stored_fp8(reader, cfg: ModelConfig, module_key: str) -> bool:
     """Whether ``{module_key}`` is stored as FP8 (and may be); refusals as in the module doc."""
-    wkey, skey = _keys(module_key)
+    wkey, skey = stored_keys(module_key)
     name = reader.dtype_name(wkey)
     if name in FLOAT_NAMES:
         # Without a quantization_config a stray scale is one more tensor no module places
@@ -193,7 +193,7 @@ def read_linear(reader, cfg: ModelConfig, module_key: str, *,
     """One linear weight ``[N, K]`` cut to ``rows`` / ``cols``: a tensor in ``dtype``, or a
     :class:`BlockFP8Weight` for an FP8 one (dequantized to ``dtype`` when
     ``cfg.fp8.dequantize``)."""
-    wkey, _ = _keys(module_key)
+    wkey, _ = stored_keys(module_key)
     if expect_shape is not None:
         reader.require(wkey)
         if tuple(reader.shape(wkey)) != tuple(expect_shape):

@@ -6,7 +6,8 @@ F_l local dense intermediate, D head dim.
 The model builder asks a *weight source* for one piece at a time, already cut to this rank:
 :class:`CheckpointWeights` reads those slices from safetensors (``get_slice``, nothing more);
 :class:`~.random_weights.RandomWeights` draws them from a seeded generator, for benchmarks at
-the shape of a model too big to download.
+the shape of a model too big to download (:class:`~.random_weights.RandomFP8Weights`: the same
+values as their FP8 checkpoint loads, through this loader's FP8 reads).
 
 Keys a checkpoint may hold that the model does not place: ``rotary_emb.inv_freq`` buffers,
 and the multi-token-prediction layers DeepSeek-V3 / GLM-4.5 publish after the last decoder
