@@ -84,21 +84,21 @@ for s in "$@"; do
     rc $? ;;
   families)
     step "families: kernel benchmark --families-only --quick"
-    timeout "$(t 90)" python3 -m benchmarks kernels --families-only --quick --no-peer \
+    timeout "$(t 60)" python3 -m benchmarks kernels --families-only --quick --no-peer \
       --out "$RES/families" >>"$RES/families.log" 2>&1; rc $?
     step "families: engine on gpt-oss-20b"
-    timeout "$(t 110)" python3 -m benchmarks engine --model gpt-oss-20b --quick \
+    timeout "$(t 100)" python3 -m benchmarks engine --model gpt-oss-20b --quick \
       --concurrency 1,64 --prompt-len 256 --output-len 32 --out-dir "$RES/families" \
       >>"$RES/families.log" 2>&1; rc $? ;;
   serve)
     step "serve benchmark"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/serve/*.whl >>"$RES/serve.log" 2>&1
-    PYTHONPATH=/tmp/site:$PWD timeout "$(t 200)" python3 -m benchmarks serve \
+    PYTHONPATH=/tmp/site:$PWD timeout "$(t 170)" python3 -m benchmarks serve \
       ${SERVE_ARGS:---concurrency 1,64} --out-dir "$RES" >>"$RES/serve.log" 2>&1; rc $? ;;
   enginefp8)
     step "engine benchmark, FP8 model"
-    timeout "$(t 150)" python3 -m benchmarks engine --fp8 ${ENGINE_FP8_ARGS:---quick \
+    timeout "$(t 140)" python3 -m benchmarks engine --fp8 ${ENGINE_FP8_ARGS:---quick \
       --concurrency 1,64} --out-dir "$RES" >>"$RES/engine_fp8_run.log" 2>&1; rc $? ;;
   *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
