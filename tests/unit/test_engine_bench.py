@@ -78,3 +78,17 @@ def test_bench_engine_fp8_model_and_its_step_bytes():
     # lm_head and final norm; per layer the router and the two norms (q/k norms not counted)
     rest = (cfg.vocab_size * H + H + cfg.num_layers * (cfg.num_experts * H + 2 * H)) * item
     assert got["weight_bytes"] == cfg.num_layers * attn_bytes + rest
+
+
+def test_check_counts_a_near_tie_at_the_cut_by_its_margin_only():
+    """The engine benchmark's Triton-vs-reference check: a top-5 set that differs by a token
+    tied with the 5th (gpt-oss-20b's random model on the H200 reported an infinite error
+    for that) counts the margin; a token far above the other run's 5th counts fully."""
+    err = bench_engine.top_logprob_err
+    ref = [(1, -1.0), (2, -2.0), (3, -3.0), (4, -4.0), (5, -5.0)]
+    same = [(1, -1.01), (2, -2.0), (3, -3.0), (4, -4.0), (5, -5.0)]
+    tie = [(1, -1.0), (2, -2.0), (3, -3.0), (4, -4.0), (6, -5.001)]
+    wrong = [(6, -0.5), (2, -2.0), (3, -3.0), (4, -4.0), (5, -5.0)]
+    assert abs(err([same], [ref]) - 0.01) < 1e-9
+    assert err([tie], [ref]) < 0.01
+    assert err([wrong], [ref]) >= 4.0  # token 1 at -1.0 is missing from a set cut at -5.0
