@@ -18,7 +18,8 @@ model on the GPU at a time):
 - ``http``: the server as a subprocess on 127.0.0.1, the stdlib load generator
   (``benchmarks/serve/loadgen.py``) streaming every request.
 
-Both first run untimed warm-up requests that capture every decode graph up to C. Columns: the
+Both first run untimed warm-up requests that capture every graph the timed cases reach (the
+decode graphs up to C, and each timed case once with 4 output tokens). Columns: the
 statistics of :func:`~benchmarks.serve.cases.summarize` (``out_tok_s``, TTFT and TPOT p50/p99)
 and, on http rows, ``http_overhead`` = 1 - http / offline output tokens/s (target <= 0.05 at 64
 streams). ``check_ok``: one base and one adapter request alone give the same greedy tokens over
@@ -108,7 +109,7 @@ def plan(args) -> dict:
     check = [dict(mode=m, concurrency=1, num_requests=1, prompt_len=args.prompt_len,
                   output_len=16, seed=7) for m in ("base", "lora8")]
     return dict(cases=cases, check=check, num_adapters=args.num_adapters,
-                warmup=warmup_cases(max(args.concurrency), ("base", "lora8")))
+                warmup=warmup_cases(max(args.concurrency), ("base", "lora8"), cases))
 
 
 def _env() -> dict:

@@ -83,3 +83,18 @@ def test_choice_seeds_differ_and_repeat():
     seeds = [choice_seed(7, i) for i in range(4)]
     assert seeds[0] == 7 and len(set(seeds)) == 4 and seeds == [choice_seed(7, i)
                                                                for i in range(4)]
+
+
+def test_serve_benchmark_warms_up_every_timed_case():
+    """The timed cases' own mixed prefill+decode steps are captured before timing: each timed
+    case runs once untimed (4 output tokens) after the decode-bucket warm-ups."""
+    from benchmarks.serve.cases import warmup_cases
+
+    timed = [dict(mode=m, concurrency=c, num_requests=c, prompt_len=512, output_len=128, seed=c)
+             for m in ("base", "lora8") for c in (1, 64)]
+    warm = warmup_cases(64, ("base", "lora8"), timed)
+    assert {(w["mode"], w["concurrency"]) for w in warm if w["prompt_len"] == 16} == {
+        (m, b) for m in ("base", "lora8") for b in (1, 2, 4, 8, 16, 32, 64)}
+    again = [w for w in warm if w["prompt_len"] == 512]
+    assert [(w["mode"], w["concurrency"], w["num_requests"], w["output_len"]) for w in again] \
+        == [(t["mode"], t["concurrency"], t["num_requests"], 4) for t in timed]
