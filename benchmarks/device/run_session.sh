@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # One device call (nvidia-h200) of the GPU tests and benchmarks, by steps, each bounded by its
 # own timeout so that the call ends inside the tool's 10-minute limit:
-#   tests     tests/gpu except the tuned-config file, in 3 pytest processes at once (their
+#   tests     tests/gpu except the tuned-config file, in 6 pytest processes at once (their
 #             Triton compiles run on separate cores; no test times anything)     ~3-4 min
-#   tests2    tests/gpu/test_fp8_gpu.py split by shape, and test_families_gpu.py (5 processes)
 #   tune      tune-kernels on the four benchmark shapes, base and LoRA r16, into
 #             moelora_dist/kernels/moe_lora/tuned/NVIDIA_H200.json (commit it)   ~3 min
 #   tuned     tests/gpu/test_tuned_configs_gpu.py (every tuned entry vs the reference)
@@ -35,29 +34,19 @@ step "env $*"
 for s in "$@"; do
   case $s in
   tests)
-    step "GPU tests (3 processes)"
+    step "GPU tests but the tuned-config file (6 processes)"
     g=tests/gpu
-    timeout "$(t 230)" python3 -m pytest -q -p no:cacheprovider -rf $g/test_fp8_gpu.py \
-      >"$RES/gpu_tests_fp8.log" 2>&1 &
-    timeout "$(t 230)" python3 -m pytest -q -p no:cacheprovider -rf $g/test_families_gpu.py \
-      $g/test_engine_gpu.py $g/test_paged_attention_gpu.py >"$RES/gpu_tests_engine.log" 2>&1 &
-    timeout "$(t 230)" python3 -m pytest -q -p no:cacheprovider -rf $g/test_isolation_gpu.py \
-      $g/test_kernels_gpu.py $g/test_sampling_gpu.py $g/test_dispatch_kernels_gpu.py \
-      >"$RES/gpu_tests_kernels.log" 2>&1 &
-    wait
-    for f in "$RES"/gpu_tests_*.log; do echo "$f: $(tail -1 "$f")" | tee -a "$LOG"; done; pack ;;
-  tests2)
-    step "FP8 GPU tests by shape + the families' GPU tests (5 processes)"
-    g=tests/gpu
-    for k in qwen3 mixtral deepseek "linear or greedy"; do
+    for k in qwen3 mixtral deepseek "linear or greedy"; do  # test_fp8_gpu.py by shape: ~3 min
       timeout "$(t 240)" python3 -m pytest -q -p no:cacheprovider -rf $g/test_fp8_gpu.py -k "$k" \
         >"$RES/gpu_tests_fp8_${k%% *}.log" 2>&1 &
     done
     timeout "$(t 240)" python3 -m pytest -q -p no:cacheprovider -rf $g/test_families_gpu.py \
-      >"$RES/gpu_tests_families.log" 2>&1 &
+      $g/test_engine_gpu.py $g/test_paged_attention_gpu.py >"$RES/gpu_tests_engine.log" 2>&1 &
+    timeout "$(t 240)" python3 -m pytest -q -p no:cacheprovider -rf $g/test_isolation_gpu.py \
+      $g/test_kernels_gpu.py $g/test_sampling_gpu.py $g/test_dispatch_kernels_gpu.py \
+      >"$RES/gpu_tests_kernels.log" 2>&1 &
     wait
-    for f in "$RES"/gpu_tests_fp8_*.log "$RES"/gpu_tests_families.log; do
-      echo "$f: $(tail -1 "$f")" | tee -a "$LOG"; done; pack ;;
+    for f in "$RES"/gpu_tests_*.log; do echo "$f: $(tail -1 "$f")" | tee -a "$LOG"; done; pack ;;
   tune)
     step "tune-kernels (budget ${TUNE_S:-150} s)"
     timeout "$(t $(( ${TUNE_S:-150} + 45 )))" python3 -m moelora_dist.cli.main tune-kernels \
