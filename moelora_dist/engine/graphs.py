@@ -105,6 +105,7 @@ class GraphRunner:
         self._tables: dict[int, torch.Tensor] = {}
         self._sampling: dict[tuple[int, int], SamplingBatch] = {}
         self._graphs: dict[tuple, tuple] = {}
+        self._router_paths = frozenset(model.router_paths())  # fixed: checked every step
         self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
 
     @property
@@ -131,7 +132,7 @@ class GraphRunner:
         """The graph ``plan`` replays: ``(P, any adapter, any router LoRA, decode only, top
         log-probs, sampling variant)`` (module docstring)."""
         lora = plan.num_lora_tokens > 0
-        router = lora and self.model.pool.targets_any(self.model.router_paths())
+        router = lora and self.model.pool.targets_any(self._router_paths)
         return (plan.graph_bucket, lora, router, plan.decode_only, plan.graph_logprobs,
                 plan.graph_sampling)
 

@@ -195,7 +195,8 @@ def config_and_source(num_tokens: int, top_k: int, num_experts: int, num_slots: 
     if hit is not None:
         return hit, "tuned"
     if lora_rank is None or tuned.has_lora_entries(device_name, key, dtype):
-        return fallback, "heuristic"  # (tuned LoRA tiles, all of smaller rank tiles)
+        # a LoRA call whose rank tile is above every tuned one: none of their tiles fit it
+        return fallback, "heuristic"
     base = tuned.lookup(device_name, key, dtype, "base", num_tokens)
     if base is None:
         return fallback, "heuristic"

@@ -155,10 +155,15 @@ def reload() -> None:
     pick_config.cache_clear()
 
 
+def _lora_tiles(device_name: str, shape: ShapeKey, dtype: str) -> list[int]:
+    """The rank tiles BR any file has LoRA entries for, for this device, shape and dtype."""
+    return [int(m[6:]) for (d, s, dt, m) in table()
+            if (d, s, dt) == (device_name, shape, dtype) and m.startswith("lora_r")]
+
+
 def has_lora_entries(device_name: str, shape: ShapeKey, dtype: str) -> bool:
     """Whether any file has LoRA entries (of any rank tile) for this device, shape and dtype."""
-    return any((d, s, dt) == (device_name, shape, dtype) and m.startswith("lora_r")
-               for (d, s, dt, m) in table())
+    return bool(_lora_tiles(device_name, shape, dtype))
 
 
 def lookup(device_name: str, shape: ShapeKey, dtype: str, mode: str, num_tokens: int):
@@ -169,9 +174,7 @@ def lookup(device_name: str, shape: ShapeKey, dtype: str, mode: str, num_tokens:
         # Only a larger rank tile: tiles tuned at BR fit every smaller BR (the LoRA buffers
         # in shared memory shrink with it), not a larger one (rank 64 on r16 tiles asked the
         # H200 for 288 KiB of shared memory).
-        ranks = [int(m[6:]) for (d, s, dt, m) in known
-                 if (d, s, dt) == (device_name, shape, dtype) and m.startswith("lora_r")
-                 and int(m[6:]) >= int(mode[6:])]
+        ranks = [r for r in _lora_tiles(device_name, shape, dtype) if r >= int(mode[6:])]
         if ranks:
             entries = known[(device_name, shape, dtype, lora_mode(min(ranks)))]
     if not entries:
