@@ -11,7 +11,9 @@ over all tokens. T in 1..16384 (``--quick``: 16, 256, 16384).
 Columns per row: ``ms`` (median of graph replays), ``base_bytes`` (expert weights the batch
 touches: e4m3 values + fp32 scales for FP8, bf16 otherwise) and ``hbm_share`` /
 ``flop_share`` against :func:`benchmarks.common.measure_roofline` of this run; for FP8 base rows
-``speedup_vs_bf16``; for LoRA rows ``lora_extra_ms`` (over the FP8 base), ``adapter_bytes``
+``speedup_vs_bf16`` and the config's ``source`` (tuned or heuristic); ``fp8_base_inloop`` is
+the same config with the activations quantized inside the GEMMs' K loops
+(``fp8_prequant=False``) instead of by their own kernel; for LoRA rows ``lora_extra_ms`` (over the FP8 base), ``adapter_bytes``
 (factors of the (slot, expert) pairs that have tokens), ``lora_floor_ms`` (those bytes at the
 measured bandwidth), ``extra_over_floor`` and ``lora_over_base``. A case is checked against
 ``experts_reference`` (FP8 simulated) before timing where T <= 1024 (``ok``); larger T are
@@ -21,6 +23,7 @@ timed unchecked (``ok`` empty) to keep the run inside its budget.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 
@@ -31,7 +34,7 @@ from benchmarks.common import device_tag, env_columns, measure_roofline, write_c
 from benchmarks.kernels.bench_common import bench_graph
 from moelora_dist.kernels.block_fp8.naive import quantize_weight
 from moelora_dist.kernels.moe_lora.naive import experts_reference
-from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
+from moelora_dist.kernels.moe_lora.ops import config_for, config_source, fused_moe_lora
 from moelora_dist.moe.router import localize_topk_ids, route
 from moelora_dist.testing.kernel_cases import make_lora
 
@@ -104,8 +107,12 @@ def run(shapes, Ts, roof) -> list[dict]:
             lora_kw, adapter_bytes = _lora(shape, T, ids, g)
             fl = 2.0 * int((ids >= 0).sum()) * 3 * H * I
             res = {}
-            for cfg, w, extra in (("bf16_base", bf16_w, {}), ("fp8_base", fp8_w, {}),
-                                  ("fp8_lora8r16", fp8_w, lora_kw)):
+            # the picked config without the pre-quantization: x and h quantized in the GEMMs'
+            # K loops instead (MoEConfig.fp8_prequant)
+            inloop = dict(config=dataclasses.replace(config_for(x, fp8_w[0], K, None),
+                                                     fp8_prequant=False))
+            for cfg, w, extra in (("bf16_base", bf16_w, {}), ("fp8_base_inloop", fp8_w, inloop),
+                                  ("fp8_base", fp8_w, {}), ("fp8_lora8r16", fp8_w, lora_kw)):
                 args = (x, *w, tw, ids)
                 fn = lambda: fused_moe_lora(*args, **extra)  # noqa: E731
                 ok = _ok(fn(), args, extra) if T <= CHECK_MAX_T else ""
@@ -116,8 +123,9 @@ def run(shapes, Ts, roof) -> list[dict]:
                            base_bytes=base_bytes,
                            hbm_share=round(base_bytes / (ms * 1e-3) / bw, 3),
                            flop_share=round(fl / (ms * 1e-3) / peak, 3))
-                if cfg == "fp8_base":
+                if cfg.startswith("fp8_base"):
                     row["speedup_vs_bf16"] = round(res["bf16_base"] / ms, 3)
+                    row["source"] = config_source(x, fp8_w[0], K, None)
                 if cfg == "fp8_lora8r16":
                     extra_ms = ms - res["fp8_base"]
                     floor = adapter_bytes / bw * 1e3

@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,7 +47,9 @@ import time
 import urllib.request
 
 from benchmarks.common import device_tag, env_columns, write_csv
-from benchmarks.serve.cases import completion_body, make_requests, summarize, warmup_cases
+from benchmarks.serve.cases import (
+    STEP_COUNTERS, completion_body, make_requests, parse_counters, step_columns, summarize,
+    warmup_cases)
 from benchmarks.serve.loadgen import run_load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -141,6 +144,11 @@ def _healthy(port: int) -> bool:
         return False
 
 
+def _counters(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return parse_counters(r.read().decode())
+
+
 def run_http(args, spec: dict, work: str) -> tuple[list[dict], list[list[int]]]:
     port = _free_port()
     cmd = [sys.executable, "-m", "moelora_dist.cli.main", "serve", *serve_options(args),
@@ -169,8 +177,11 @@ def run_http(args, spec: dict, work: str) -> tuple[list[dict], list[list[int]]]:
             check.append(stats)
         rows = []
         for case in spec["cases"]:
+            before = _counters(port)
             stats, wall = load(case, concurrency=case["concurrency"])
-            rows.append(summarize(stats, wall))
+            after = _counters(port)
+            rows.append(dict(summarize(stats, wall), **step_columns(
+                {k: after.get(k, 0) - before.get(k, 0) for k in STEP_COUNTERS}, wall)))
             print(json.dumps({**case, **rows[-1]}), file=sys.stderr, flush=True)
         if args.rate:
             case = dict(spec["cases"][-1], mode="lora8", concurrency=0, rate=args.rate)
@@ -192,7 +203,12 @@ def main(argv=None) -> int:
     spec = plan(args)
     work = tempfile.mkdtemp(prefix="bench_serve_")
     offline = run_offline(args, spec, work)
-    http_rows, http_check = run_http(args, spec, work)
+    try:
+        http_rows, http_check = run_http(args, spec, work)
+    finally:  # the server's own log (start-up, graph captures, errors) beside the results
+        os.makedirs(args.out_dir, exist_ok=True)
+        shutil.copy(os.path.join(work, "server.log"),
+                    os.path.join(args.out_dir, f"serve_server_{device_tag(env_columns())}.log"))
     check_ok = all(s[0].error is None and s[0].token_ids == ids[0]
                    for ids, s in zip(offline["check"], http_check))
     env = env_columns()
@@ -210,7 +226,10 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['side']:>7} {r['mode']:>5} C={r['concurrency']:<3} {r['out_tok_s']:>10} tok/s "
               f"TTFT p50/p99 {r['ttft_p50_ms']}/{r['ttft_p99_ms']} ms  TPOT p50/p99 "
-              f"{r['tpot_p50_ms']}/{r['tpot_p99_ms']} ms  overhead {r.get('http_overhead', '')}"
+              f"{r['tpot_p50_ms']}/{r['tpot_p99_ms']} ms  steps {r.get('steps')} "
+              f"(decode only {r.get('decode_steps')}, {r.get('ms_per_step')} ms apart, "
+              f"{r.get('step_ms')} ms in step)  "
+              f"overhead {r.get('http_overhead', '')}"
               f"  errors {r['errors']}")
     print(f"wrote {path}")
     return 0 if check_ok and not any(r["errors"] for r in rows) else 1

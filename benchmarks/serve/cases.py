@@ -70,3 +70,30 @@ def summarize(stats, wall: float) -> dict:
                 tpot_p50_ms=round(1e3 * _pct(tpot, 0.5), 3),
                 tpot_p99_ms=round(1e3 * _pct(tpot, 0.99), 3),
                 first_error=errors[0][:200] if errors else "")
+
+
+# Engine counters a case reports (offline: ``Engine.counters``; HTTP: the server's /metrics).
+STEP_COUNTERS = ("steps", "decode_steps", "step_seconds")
+
+
+def step_columns(deltas: dict, wall: float) -> dict:
+    """What the engine did during a case: its steps, how many decoded only (no prompt chunk in
+    the batch), the wall time per step (``ms_per_step``) and the time inside ``Engine.step``
+    per step (``step_ms``; the rest is the gap between steps). The two sides run the same engine; a side with more
+    steps, or fewer decode-only ones, scheduled the same requests differently (e.g. prompts
+    that arrived apart joined decode steps one by one)."""
+    steps = int(deltas.get("steps", 0))
+    return dict(steps=steps, decode_steps=int(deltas.get("decode_steps", 0)),
+                ms_per_step=round(1e3 * wall / steps, 3) if steps else 0.0,
+                step_ms=round(1e3 * deltas.get("step_seconds", 0.0) / steps, 3) if steps
+                else 0.0)
+
+
+def parse_counters(metrics_text: str, prefix: str = "moelora_") -> dict:
+    """The :data:`STEP_COUNTERS` from a Prometheus text exposition (the server's /metrics)."""
+    out = {}
+    for line in metrics_text.splitlines():
+        for name in STEP_COUNTERS:
+            if line.startswith(f"{prefix}{name}_total "):
+                out[name] = float(line.split()[1])
+    return out

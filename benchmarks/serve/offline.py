@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-from benchmarks.serve.cases import make_requests, summarize
+from benchmarks.serve.cases import STEP_COUNTERS, make_requests, step_columns, summarize
 from benchmarks.serve.loadgen import RequestStats
 
 
@@ -80,8 +80,10 @@ def main(argv=None) -> int:
         out["check"].append(run_closed_loop(engine, reqs, 1, case["output_len"])[2])
     for case in spec["cases"]:
         reqs = make_requests(case, cfg.vocab_size, spec["num_adapters"])
+        before = dict(engine.counters)
         stats, wall, _ = run_closed_loop(engine, reqs, case["concurrency"], case["output_len"])
-        out["cases"].append(summarize(stats, wall))
+        out["cases"].append(dict(summarize(stats, wall), **step_columns(
+            {k: engine.counters[k] - before[k] for k in STEP_COUNTERS}, wall)))
         print(json.dumps({**case, **out["cases"][-1]}), file=sys.stderr, flush=True)
     with open(ns.out, "w") as f:
         json.dump(out, f)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 
 import torch
 
@@ -91,7 +92,8 @@ class Engine:
         self.eos_ids = frozenset(eos)
         self._arrivals = itertools.count()
         self._ids = itertools.count()
-        self.counters = dict(prompt_tokens=0, output_tokens=0, steps=0, graph_steps=0)
+        self.counters = dict(prompt_tokens=0, output_tokens=0, steps=0, graph_steps=0,
+                             decode_steps=0, step_seconds=0.0)
         self.finished_by_adapter: dict[str, int] = {}
 
     @classmethod
@@ -220,8 +222,11 @@ class Engine:
         :class:`~moelora_dist.engine.outputs.RequestOutput` per request that changed."""
         self._leader_only("step")
         self.adapters.settle(self._adapters_in_use())
+        t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
-        return run_step(self, scheduled) if scheduled.entries else []
+        outputs = run_step(self, scheduled) if scheduled.entries else []
+        self.counters["step_seconds"] += time.perf_counter() - t0
+        return outputs
 
     def follow(self) -> None:
         """On a follower rank: execute the leader's plans until it stops (:meth:`shutdown`,
@@ -266,7 +271,8 @@ class Engine:
         return EngineMetrics(len(s.running), len(s.waiting), c["prompt_tokens"],
                              c["output_tokens"], self.pages.num_used, self.pages.num_pages,
                              self.config.page_size, len(pool.loaded()), pool.config.max_loras,
-                             s.num_preemptions, c["steps"], c["graph_steps"], per)
+                             s.num_preemptions, c["steps"], c["graph_steps"], per,
+                             decode_steps=c["decode_steps"], step_seconds=c["step_seconds"])
 
     # -- collective conveniences ------------------------------------------------------------------
 

@@ -92,3 +92,5 @@ class EngineMetrics:
     steps: int
     graph_steps: int
     adapters: dict[str, AdapterCounts] = field(default_factory=dict)
+    decode_steps: int = 0  # steps of decoding sequences only (no prompt chunk)
+    step_seconds: float = 0.0  # wall time inside Engine.step (scheduling, forward, outputs)

@@ -85,6 +85,7 @@ def run_step(engine, scheduled) -> list[RequestOutput]:
                          graph_lp or num_logprobs, ranges)
     engine.counters["steps"] += 1
     engine.counters["graph_steps"] += int(P > 0)
+    engine.counters["decode_steps"] += int(plan.decode_only)
     want_lp = any(seqs[b].params.logprobs is not None for b in sample_seqs)
     sampled = _read(res.sampled, num_logprobs, want_lp) if sample_seqs else []
     logits = iter(res.logits)

@@ -7,7 +7,7 @@ Names (prefix ``moelora_``; vLLM's ``vllm:`` names have the same meaning):
   ``kv_page_size_tokens``, ``lora_slots_used`` (slots holding an adapter), ``lora_slots_total``,
   ``adapter_requests{adapter, state="running"|"waiting"}``, ``adapters_loaded``;
 - counters from the engine: ``prompt_tokens_total`` (computed, recomputation after a
-  preemption included), ``generation_tokens_total``, ``preemptions_total``, ``steps_total``,
+  preemption included), ``generation_tokens_total``, ``preemptions_total``, ``steps_total``, ``decode_steps_total``, ``step_seconds_total``,
   ``adapter_requests_finished_total{adapter}``;
 - the server's: ``requests_total{model, status}`` of admitted requests (status ``ok``,
   ``abort`` for a client that went away or a shutdown, ``error`` when the engine failed
@@ -54,7 +54,11 @@ class _EngineCollector:
         counters = dict(prompt_tokens=(m.prompt_tokens, "prompt tokens computed"),
                         generation_tokens=(m.output_tokens, "tokens generated"),
                         preemptions=(m.preemptions, "sequences preempted (recomputed later)"),
-                        steps=(m.steps, "engine steps (forwards)"))
+                        steps=(m.steps, "engine steps (forwards)"),
+                        decode_steps=(m.decode_steps, "engine steps of decoding sequences "
+                                      "only (no prompt chunk in the batch)"),
+                        step_seconds=(m.step_seconds, "wall time of the engine's steps "
+                                      "(scheduling, forward, outputs)"))
         for name, (value, doc) in counters.items():
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
         per = GaugeMetricFamily(PREFIX + "adapter_requests",

@@ -107,3 +107,18 @@ def test_buckets_and_refusals(model):
     assert eager.worker.graphs is None
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         GraphRunner(model, static.cache, static.config, 64, True, capture=True)
+
+
+def test_step_counters_tell_decode_only_steps_from_prompt_steps(model):
+    """``decode_steps`` counts the steps with no prompt chunk, ``step_seconds`` grows with every
+    step (the serving benchmark compares both sides with them): one request of a 5-token
+    prompt making 4 tokens takes 1 prompt step + 3 decode steps; a second arrival at step 2
+    adds one mixed (prompt + decode) step."""
+    static, _ = engines(model)
+    run(static, [[1, 2, 3, 4, 5]], ["a0"], max_tokens=4)
+    c = dict(static.counters)
+    assert (c["steps"], c["decode_steps"]) == (4, 3) and c["step_seconds"] > 0
+    run(static, [[1, 2, 3], [4, 5]], [None, "a1"], arrivals=[0, 2], max_tokens=4)
+    m = static.metrics()
+    assert m.steps - c["steps"] == 6 and m.decode_steps - c["decode_steps"] == 4
+    assert m.step_seconds > c["step_seconds"]

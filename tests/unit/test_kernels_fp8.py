@@ -142,3 +142,47 @@ def test_lora_variants_on_fp8_experts(switches):
     want = experts_reference(*args, effective_slots(c), c["lora"])
     assert not torch.isnan(got).any()
     torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("T,K", [(1, 128), (37, 300), (70, 256)], ids=str)
+def test_quantize_act_kernel_equals_the_reference_bit_for_bit(T, K):
+    """The pre-quantizing kernel gives the reference's e4m3 values and scales exactly (the
+    GEMMs then read the same numbers whether they quantize in the K loop or not)."""
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, K, generator=g) * torch.logspace(-3, 2, K)  # groups of unequal scale
+    x[0, :128] = 0.0  # an all-zero group: the amax floor, not a division by zero
+    q, s = fp8_ops.quantize_act(x)
+    q_ref, s_ref = fp8_naive.quantize_act(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (T, -(-K // 128))
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(s, s_ref)
+
+
+@pytest.mark.usefixtures("poisoned_allocations")
+@pytest.mark.parametrize("prequant", [False, True], ids=["in_loop", "prequant"])
+@pytest.mark.parametrize("case", ["many_slots", "mixed", "empty_expert"])
+def test_fp8_activation_quantization_paths_agree(case, prequant):
+    """``fp8_prequant`` (x and h quantized by their own kernel) and the in-loop quantization
+    both match the reference, base and LoRA, at an H and I that are not multiples of 128."""
+    c = make_case(case, T=20, H=160, I=24, E=4, K=2, R=16)
+    w_gu, w_d = _fp8_experts(c, False)
+    args = (c["x_TH"], w_gu, w_d, c["topk_weights_TK"], c["topk_ids_TK"])
+    cfg = dataclasses.replace(SMALL, fp8_prequant=prequant).check()
+    for lora in (None, c["lora"]):
+        got = fused_moe_lora(*args, c["token_slot_T"], lora, slot_enabled_S=c["slot_enabled_S"],
+                             config=cfg)
+        want = experts_reference(*args, effective_slots(c) if lora is not None else None, lora)
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+def test_prequantized_input_without_fp8_weights_is_refused():
+    from moelora_dist.kernels.moe_gemm import ops as gemm_ops
+
+    c = make_case("many_slots", T=4, H=160, I=24, E=4, K=2, R=16)
+    q, s = fp8_ops.quantize_act(c["x_TH"])
+    with pytest.raises(ValueError, match="pre-quantized activations need FP8 weights"):
+        gemm_ops._check_prequant(q, s, c["w_gate_up_EXH"])
+    w_gu, _ = _fp8_experts(c, False)
+    with pytest.raises(ValueError, match=r"scales"):
+        gemm_ops._check_prequant(q, s[:, :1], w_gu)

@@ -98,3 +98,24 @@ def test_serve_benchmark_warms_up_every_timed_case():
     again = [w for w in warm if w["prompt_len"] == 512]
     assert [(w["mode"], w["concurrency"], w["num_requests"], w["output_len"]) for w in again] \
         == [(t["mode"], t["concurrency"], t["num_requests"], 4) for t in timed]
+
+
+def test_serve_benchmark_reads_the_step_counters_from_metrics():
+    """The HTTP side's step counts come from the server's own /metrics text (the collector the
+    server registers), the same counters the offline side reads from the engine."""
+    from prometheus_client import generate_latest
+
+    from benchmarks.serve.cases import parse_counters, step_columns
+    from moelora_dist.engine.outputs import EngineMetrics
+    from moelora_dist.serve.metrics import ServerMetrics
+
+    class Loop:
+        snapshot = type("S", (), dict(metrics=EngineMetrics(
+            1, 0, 10, 20, 3, 8, 16, 1, 4, 0, 130, 120, {}, decode_steps=126, step_seconds=3.25),
+            adapters=(), waiting=0))()
+
+    text = generate_latest(ServerMetrics(Loop()).registry).decode()
+    got = parse_counters(text)
+    assert got == {"steps": 130.0, "decode_steps": 126.0, "step_seconds": 3.25}
+    assert step_columns(got, 6.5) == dict(steps=130, decode_steps=126, ms_per_step=50.0,
+                                          step_ms=25.0)

@@ -2,7 +2,11 @@
 
 ``_quant_act_tile`` quantizes a ``[BLOCK_M, 128]`` activation tile in registers, one scale per
 row (per token and 128-column group, dynamic), and is shared with the MoE GEMMs
-(``moe_gemm/kernel_gate_up.py``, ``kernel_down.py``). ``_block_fp8_linear_kernel`` is the
+(``moe_gemm/kernel_gate_up.py``, ``kernel_down.py``) when they quantize in their K loop.
+``_quant_act_kernel`` writes the same values once to memory (e4m3 ``[T, K]`` + fp32 scales
+``[T, ceil(K / 128)]``), for GEMMs that read their activations pre-quantized: every N tile of a
+GEMM then loads one byte per value through its pipelined loads instead of re-quantizing two
+bytes per value in registers. ``_block_fp8_linear_kernel`` is the
 dense/attention projection: ``y = x W^T (+ bias)`` with ``W`` e4m3 ``[N, K]`` and fp32 block
 scales ``[ceil(N / block_n), ceil(K / 128)]``; per 128-column step, ``dot(q_x, q_w)`` (fp32
 accumulation) times the token's activation scale and the weight block's scale.
@@ -24,6 +28,24 @@ def _quant_act_tile(x):
     s = tl.maximum(tl.max(tl.abs(xf), axis=1), AMAX_FLOOR) / FP8_MAX
     q = tl.clamp(xf / s[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
     return q, s
+
+
+@triton.jit
+def _quant_act_kernel(x_ptr, q_ptr, s_ptr, num_rows, k_in, stride_xt, stride_xk, stride_qt,
+                      stride_st, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One ``[BLOCK_M, 128]`` group of rows: e4m3 values and one scale per row
+    (``BLOCK_K == 128``); columns past ``k_in`` are zeros (they never raise a scale)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_mask = offs_m < num_rows
+    mask = m_mask[:, None] & (offs_k < k_in)[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xt + offs_k[None, :] * stride_xk, mask=mask,
+                other=0.0)
+    q, s = _quant_act_tile(x)
+    tl.store(q_ptr + offs_m[:, None] * stride_qt + offs_k[None, :], q, mask=mask)
+    tl.store(s_ptr + offs_m * stride_st + kb, s, mask=m_mask)
 
 
 @triton.jit

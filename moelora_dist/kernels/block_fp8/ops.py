@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from moelora_dist.kernels.block_fp8.kernel import _block_fp8_linear_kernel
+from moelora_dist.kernels.block_fp8.kernel import _block_fp8_linear_kernel, _quant_act_kernel
 from moelora_dist.kernels.constants import FP8_GROUP
 from moelora_dist.kernels.weights_fp8 import BlockFP8Weight
 
@@ -42,3 +42,21 @@ def block_fp8_linear(x_TK: torch.Tensor, w: BlockFP8Weight, bias_N: torch.Tensor
         s.stride(0), s.stride(1), y.stride(0), HAS_BIAS=bias_N is not None, BLOCK_M=bm,
         BLOCK_N=block_n, BLOCK_K=FP8_GROUP, num_warps=num_warps, num_stages=num_stages)
     return y
+
+
+def quantize_act(x_TK: torch.Tensor, *, block_m: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`.naive.quantize_act`: ``x`` quantized per row and 128 columns.
+
+    Args: x_TK ``[T, K]`` bf16/fp16/fp32 (any strides).
+    Returns: ``q_TK`` float8_e4m3fn ``[T, K]`` and ``s_TKb`` fp32 ``[T, ceil(K / 128)]``, the
+    values and scales the in-loop quantization of the GEMMs computes (bit for bit).
+    """
+    T, K = x_TK.shape
+    Kb = triton.cdiv(K, FP8_GROUP)
+    q = torch.empty(T, K, dtype=torch.float8_e4m3fn, device=x_TK.device)
+    s = torch.empty(T, Kb, dtype=torch.float32, device=x_TK.device)
+    if T:
+        _quant_act_kernel[(triton.cdiv(T, block_m), Kb)](
+            x_TK, q, s, T, K, x_TK.stride(0), x_TK.stride(1), q.stride(0), s.stride(0),
+            BLOCK_M=block_m, BLOCK_K=FP8_GROUP, num_warps=4)
+    return q, s

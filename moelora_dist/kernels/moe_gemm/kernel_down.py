@@ -5,7 +5,8 @@ weight multiplies it, so the weight is applied once to base + delta. The down sh
 ``num_dparts`` fp32 partial buffers (1 from the down shrink kernel, one per gate_up n-tile when
 the gate_up epilogue computed it), added in a fixed order. Isolation as in
 ``kernel_gate_up.py``: shrink values of other slots are exact zeros, factor tiles are selected
-finite.
+finite. FP8 experts (``W_FP8``) quantize ``h`` per pair and 128 columns in the K loop, or read
+it quantized (``X_FP8``: e4m3 ``h`` and its ``[T*K, ceil(I_l / 128)]`` scales).
 """
 
 import triton
@@ -23,10 +24,12 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                  b_shared_ptr, dshrink_ptr, b_ptr, bias_ptr,
                  num_pairs, top_k, hidden, inter, num_dparts, dpart_stride,
                  stride_we, stride_wh, stride_wi, stride_bs, stride_be, stride_bh, stride_br,
-                 ws_ptr, scale_bn, stride_se, stride_sn, stride_sk, stride_bias_e,
+                 ws_ptr, scale_bn, stride_se, stride_sn, stride_sk, hs_ptr, stride_hst,
+                 stride_bias_e,
                  HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RUN_LOOP: tl.constexpr,
-                 NUM_RUNS: tl.constexpr, W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 NUM_RUNS: tl.constexpr, W_FP8: tl.constexpr, X_FP8: tl.constexpr,
+                 HAS_BIAS: tl.constexpr):
     """out[pair, n-tile] = topk_w[pair] * (h W_down^T + dshrink B_down^T [+ bias]); the bias
     (``HAS_BIAS``, gpt-oss) is given to one rank of a MoE-TP group only."""
     pid = tl.program_id(0).to(tl.int64)
@@ -50,7 +53,12 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
             k_mask = offs_k < inter
             h = tl.load(h_ptr + rows[:, None] * inter + offs_k[None, :],
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            hq, hs = _quant_act_tile(h)
+            if X_FP8:  # quantized before the launch (block_fp8.ops.quantize_act)
+                hq = h
+                hs = tl.load(hs_ptr + rows * stride_hst + k0 // BLOCK_K, mask=row_mask,
+                             other=0.0)
+            else:
+                hq, hs = _quant_act_tile(h)
             w = tl.load(w_base + offs_k[:, None] * stride_wi,
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             ws = tl.load(s_row + (k0 // BLOCK_K) * stride_sk, mask=n_mask, other=0.0)

@@ -8,7 +8,8 @@ The down projection's LoRA shrink ``h A_down^T`` runs after, from the stored ``h
 fp32 partial per n-tile, summed by the down expand. The gate_up shrink may come in
 ``num_sparts`` partial buffers (an H-split shrink); the expand adds them in order. ``W_FP8``:
 the base weights are e4m3 with block scales and ``x`` is quantized per token and 128 columns
-in the K loop; the LoRA expand is unchanged (its shrink read the unquantized ``x``). Expert
+in the K loop, or arrives quantized (``X_FP8``: e4m3 ``x`` and its ``[T, ceil(H / 128)]``
+scales); the LoRA expand is unchanged (its shrink read the unquantized ``x``). Expert
 variants as constexpr flags: ``HAS_BIAS`` adds a per-expert bias before the activation
 (gpt-oss), ``ACT == 2`` is gpt-oss's clamped SwiGLU (``act_alpha``, ``act_limit``); the LoRA
 delta is in the accumulators by then, so the clamp sees the adapted product.
@@ -39,13 +40,13 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                     stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
                     stride_bs, stride_be, stride_bn, stride_br,
                     stride_das, stride_dae, stride_dar, stride_dai,
-                    ws_ptr, scale_bn, stride_se, stride_sn, stride_sk, stride_bias_e, act_alpha,
-                    act_limit,
+                    ws_ptr, scale_bn, stride_se, stride_sn, stride_sk, xs_ptr, stride_xst,
+                    stride_bias_e, act_alpha, act_limit,
                     HAS_LORA: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     RUN_LOOP: tl.constexpr, NUM_RUNS: tl.constexpr,
                     FUSE_DOWN_SHRINK: tl.constexpr, DS_RUNS: tl.constexpr,
-                    W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr):
+                    W_FP8: tl.constexpr, X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(inter, BLOCK_N)
     pid_m = pid // num_n
@@ -72,11 +73,15 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
             k_mask = offs_k < hidden
             x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh,
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            xq, xs = _quant_act_tile(x)
+            kb = k0 // BLOCK_K
+            if X_FP8:  # quantized before the launch (block_fp8.ops.quantize_act)
+                xq = x
+                xs = tl.load(xs_ptr + tok * stride_xst + kb, mask=row_mask, other=0.0)
+            else:
+                xq, xs = _quant_act_tile(x)
             w_mask = k_mask[:, None] & n_mask[None, :]
             wg = tl.load(w_gate + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
             wu = tl.load(w_up + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
-            kb = k0 // BLOCK_K
             sg = tl.load(sg_row + kb * stride_sk, mask=n_mask, other=0.0)
             su = tl.load(su_row + kb * stride_sk, mask=n_mask, other=0.0)
             acc_g += tl.dot(xq, wg) * (xs[:, None] * sg[None, :])

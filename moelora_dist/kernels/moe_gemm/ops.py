@@ -15,8 +15,9 @@ added by the down expand); the gate_up shrink inside the gate_up K loop (``fuse_
 
 ``gate_up`` and ``down`` also take FP8 base weights (a
 :class:`~moelora_dist.kernels.weights_fp8.BlockFP8Weight`): the kernels then quantize their
-input per token and 128 columns in the K loop (``block_k`` becomes 128); the LoRA stages are
-the same. Every launcher takes tensors with arbitrary strides where a weight may be shared (expert
+input per token and 128 columns in the K loop (``block_k`` becomes 128), or take it quantized
+beforehand (``x_scale`` / ``h_scale``: e4m3 values and their scales, the same numbers); the
+LoRA stages are the same and read the unquantized activations. Every launcher takes tensors with arbitrary strides where a weight may be shared (expert
 stride 0 for shared-outer factors comes from the pool's ``[S, 1, ...]`` buffers and the slot's
 flag, never from an ``expand``). No launcher syncs with the host.
 """
@@ -44,6 +45,24 @@ def _fp8_args(w, any_tensor: torch.Tensor, block_k: int):
         return w, (any_tensor, 1, 0, 0, 0), block_k
     s = w.scale_inv
     return w.weight, (s, w.block_n, *s.stride()), FP8_GROUP
+
+
+def _check_prequant(a: torch.Tensor, scale: torch.Tensor | None, w) -> None:
+    """A pre-quantized activation comes with its scales, for FP8 weights only."""
+    if scale is None:
+        return
+    groups = triton.cdiv(a.shape[1], FP8_GROUP)
+    if not is_fp8(w) or a.dtype != torch.float8_e4m3fn or tuple(scale.shape) != (
+            a.shape[0], groups) or scale.dtype != torch.float32 or scale.stride(1) != 1:
+        raise ValueError(f"pre-quantized activations need FP8 weights, e4m3 values and fp32 "
+                         f"[{a.shape[0]}, {groups}] row-major scales; got weights "
+                         f"{'FP8' if is_fp8(w) else 'not FP8'}, {a.dtype}, scales "
+                         f"{scale.dtype} {tuple(scale.shape)}")
+
+
+def _scale_args(scale: torch.Tensor | None, any_tensor: torch.Tensor) -> tuple:
+    """(scale pointer, row stride) of a pre-quantized activation; placeholders otherwise."""
+    return (scale, scale.stride(0)) if scale is not None else (any_tensor, 0)
 
 
 def num_runs(lora_runs: int) -> int:
@@ -104,7 +123,8 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             activation="silu", bias_EX: torch.Tensor | None = None, *, block_n: int = 64,
             block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
             run_loop: bool = True, lora_runs: int = 1, fuse_down_shrink: bool = False,
-            down_shrink_runs: int = 1):
+            down_shrink_runs: int = 1, x_scale: torch.Tensor | None = None,
+            out_dtype: torch.dtype | None = None):
     """Base gate_up + LoRA expand + activation for a base alignment.
 
     Args:
@@ -118,8 +138,11 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             alpha and limit); bias_EX: ``[E_l, 2*I_l]`` gate then up bias, or None.
         fuse_down_shrink: also compute the down shrink ``h A_down^T`` in the epilogue,
             ``down_shrink_runs`` slot runs per dot.
+        x_scale: FP8 experts only: ``x_TH`` is already quantized (e4m3, from
+            :func:`~moelora_dist.kernels.block_fp8.ops.quantize_act`) and these are its
+            ``[T, ceil(H / 128)]`` scales; ``out_dtype`` is then the dtype of ``h``.
     Returns:
-        ``h`` ``[T*K, I_l]`` in ``x_TH.dtype`` (rows of invalid pairs unset); with
+        ``h`` ``[T*K, I_l]`` in ``out_dtype or x_TH.dtype`` (rows of invalid pairs unset); with
         ``fuse_down_shrink``, ``(h, dshrink_parts)`` (:func:`empty_down_shrink_parts`, rows of
         pairs with an enabled slot set), the ``dshrink`` that :func:`down` takes.
     """
@@ -129,7 +152,8 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
     E, two_i, _ = w_gate_up_EXH.shape
     inter = two_i // 2
     N = T * top_k
-    h = torch.empty(N, inter, dtype=x_TH.dtype, device=x_TH.device)
+    _check_prequant(x_TH, x_scale, w_gate_up_EXH)
+    h = torch.empty(N, inter, dtype=out_dtype or x_TH.dtype, device=x_TH.device)
     has_lora = lora is not None
     fuse_down_shrink = fuse_down_shrink and has_lora
     w, fp8_args, block_k = _fp8_args(w_gate_up_EXH, h, block_k)
@@ -153,12 +177,13 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         x_TH, w, h, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args, bias,
         N, top_k, H, inter, sparts, spart_stride, dparts[0].numel() if dparts is not None else 0,
         x_TH.stride(0), x_TH.stride(1), w.stride(0), w.stride(1),
-        w.stride(2), *lora_strides, *fp8_args, bias.stride(0) if bias_EX is not None else 0,
+        w.stride(2), *lora_strides, *fp8_args, *_scale_args(x_scale, h),
+        bias.stride(0) if bias_EX is not None else 0,
         float(act_spec.alpha), float(act_spec.limit), HAS_LORA=has_lora, ACT=act,
         BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
         RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), FUSE_DOWN_SHRINK=fuse_down_shrink,
         DS_RUNS=num_runs(down_shrink_runs), W_FP8=is_fp8(w_gate_up_EXH),
-        HAS_BIAS=bias_EX is not None,
+        X_FP8=x_scale is not None, HAS_BIAS=bias_EX is not None,
         num_warps=num_warps, num_stages=num_stages)
     return (h, dparts) if fuse_down_shrink else h
 
@@ -195,7 +220,8 @@ def down_shrink(h, lora: MoELoRAWeights, al: Alignment, top_k: int, token_slot_T
 def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T=None,
          slot_enabled_S=None, lora: MoELoRAWeights | None = None, dshrink=None,
          bias_EH: torch.Tensor | None = None, *, block_n: int = 64, block_k: int = 64,
-         num_warps: int = 4, num_stages: int = 3, run_loop: bool = True, lora_runs: int = 1):
+         num_warps: int = 4, num_stages: int = 3, run_loop: bool = True, lora_runs: int = 1,
+         h_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
     """Base down + LoRA expand, times the top-k weight, per pair.
 
     Args:
@@ -204,12 +230,16 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
             ``[P, T*K, BR]`` partials of a fused down shrink (summed here, in order).
         run_loop, lora_runs: the expand loop, as in :func:`gate_up`.
         bias_EH: ``[E_l, H]`` down bias added before the top-k weight, or None.
+        h_scale: FP8 experts only: ``h`` is already quantized (e4m3) and these are its
+            ``[T*K, ceil(I_l / 128)]`` scales; ``out_dtype`` is then the output's dtype.
     Returns:
-        ``[T*K, H]`` in ``h.dtype``; rows of pairs with an invalid expert are unset.
+        ``[T*K, H]`` in ``out_dtype or h.dtype``; rows of pairs with an invalid expert are
+        unset.
     """
     N, inter = h.shape
     E, H, _ = w_down_EHI.shape
-    out = torch.empty(N, H, dtype=h.dtype, device=h.device)
+    _check_prequant(h, h_scale, w_down_EHI)
+    out = torch.empty(N, H, dtype=out_dtype or h.dtype, device=h.device)
     tw = topk_weights_TK.contiguous()
     if tw.dtype != torch.float32:
         tw = tw.float()
@@ -229,10 +259,12 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
     _down_kernel[grid](
         h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args, bias,
         N, top_k, H, inter, dparts, dpart_stride, w.stride(0), w.stride(1), w.stride(2),
-        *b_strides, *fp8_args, bias.stride(0) if bias_EH is not None else 0,
+        *b_strides, *fp8_args, *_scale_args(h_scale, out),
+        bias.stride(0) if bias_EH is not None else 0,
         HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=BR, RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs),
-        W_FP8=is_fp8(w_down_EHI), HAS_BIAS=bias_EH is not None, num_warps=num_warps,
+        W_FP8=is_fp8(w_down_EHI), X_FP8=h_scale is not None, HAS_BIAS=bias_EH is not None,
+        num_warps=num_warps,
         num_stages=num_stages)
     return out
 

@@ -65,6 +65,10 @@ class MoEConfig:
     # one fp32 partial per n-tile summed by the down expand (no down_shrink launch).
     fuse_shrink: bool = False
     fuse_down_shrink: bool = False
+    # FP8 experts only: quantize x and h once, in a kernel of their own, before the GEMMs that
+    # read them (True), or in every n-tile program's K loop (False; no extra launch, but each
+    # program re-reads two bytes per value and re-quantizes them in registers).
+    fp8_prequant: bool = True
 
     def down_tiles(self) -> dict:
         """Tile arguments of the down GEMM launch."""

@@ -29,6 +29,7 @@ import torch
 import functools
 
 from moelora_dist.kernels.align.ops import align_base_and_lora, align_items
+from moelora_dist.kernels.block_fp8 import ops as fp8_ops
 from moelora_dist.kernels.constants import as_activation, block_r, check_activation
 from moelora_dist.kernels.moe_gemm import ops
 from moelora_dist.kernels.moe_gemm.ops_fused import gate_up_lora
@@ -155,15 +156,28 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
     if lora is None:
         base = align_items(topk_ids_TK, None, None, None, None, num_experts=E,
                            block_m=cfg.block_m, mode="base")
-        h = ops.gate_up(x_TH, w_gate_up_EXH, base, K, activation=activation,
+        xa, xkw = _gemm_input(cfg, x_TH, w_gate_up_EXH, "x_scale")
+        h = ops.gate_up(xa, w_gate_up_EXH, base, K, activation=activation,
                         bias_EX=b_gate_up_EX, block_n=cfg.block_n, block_k=cfg.block_k,
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, bias_EH=b_down_EH,
-                       **cfg.down_tiles())
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        out_dtype=x_TH.dtype, **xkw)
+        ha, hkw = _gemm_input(cfg, h, w_down_EHI, "h_scale")
+        out = ops.down(ha, w_down_EHI, topk_weights_TK, base, K, bias_EH=b_down_EH,
+                       out_dtype=h.dtype, **cfg.down_tiles(), **hkw)
         return ops.topk_sum(out, topk_ids_TK, E)
     return _lora_pipeline(cfg, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK, topk_ids_TK,
                           token_slot_T, lora, activation, slot_enabled_S, b_gate_up_EX,
                           b_down_EH)
+
+
+def _gemm_input(cfg: MoEConfig, a: torch.Tensor, w, scale_kw: str):
+    """What a base GEMM reads: ``(a, {})``, or with FP8 weights and ``cfg.fp8_prequant`` the
+    e4m3 values of ``a`` and ``{scale_kw: their scales}``, quantized once here instead of in
+    every n-tile program's K loop (the same numbers either way)."""
+    if not (is_fp8(w) and cfg.fp8_prequant):
+        return a, {}
+    q, s = fp8_ops.quantize_act(a)
+    return q, {scale_kw: s}
 
 
 def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK,
@@ -190,14 +204,18 @@ def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights
                                        block_m=cfg.block_m, lora_block_m=cfg.lora_block_m)
         shrink = ops.lora_shrink(x_TH, lora, la, K, block_k=cfg.shrink_block_k,
                                  num_warps=cfg.shrink_num_warps, split_k=cfg.shrink_split_k)
-        res = ops.gate_up(x_TH, w_gate_up_EXH, base, K, *slots, lora, shrink, activation,
-                          b_gate_up_EX, run_loop=cfg.run_loop, **tiles)
+        xa, xkw = _gemm_input(cfg, x_TH, w_gate_up_EXH, "x_scale")  # the shrink read bf16 x
+        res = ops.gate_up(xa, w_gate_up_EXH, base, K, *slots, lora, shrink, activation,
+                          b_gate_up_EX, run_loop=cfg.run_loop, out_dtype=x_TH.dtype,
+                          **tiles, **xkw)
     if cfg.fuse_down_shrink:
         h, dshrink = res
     else:
         h = res
         dshrink = ops.down_shrink(h, lora, base, K, *slots, block_k=cfg.shrink_block_k,
                                   lora_runs=ds_runs)
-    out = ops.down(h, w_down_EHI, topk_weights_TK, base, K, *slots, lora, dshrink, b_down_EH,
-                   run_loop=cfg.run_loop, lora_runs=cfg.lora_runs, **cfg.down_tiles())
+    ha, hkw = _gemm_input(cfg, h, w_down_EHI, "h_scale")  # the down shrink read bf16 h
+    out = ops.down(ha, w_down_EHI, topk_weights_TK, base, K, *slots, lora, dshrink, b_down_EH,
+                   run_loop=cfg.run_loop, lora_runs=cfg.lora_runs, out_dtype=h.dtype,
+                   **cfg.down_tiles(), **hkw)
     return ops.topk_sum(out, topk_ids_TK, E)
