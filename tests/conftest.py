@@ -12,6 +12,15 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture
+def e4m3_cast(monkeypatch):
+    """The interpreter's fp32/fp16 -> e4m3 cast rounded as on the GPU, for this test only
+    (``moelora_dist/testing/interpreter.py`` says what is wrong with it)."""
+    from moelora_dist.testing.interpreter import fix_e4m3_cast
+
+    fix_e4m3_cast(monkeypatch.setattr)
+
+
+@pytest.fixture
 def poisoned_allocations(monkeypatch):
     """Fresh torch.empty / empty_like memory is NaN (or a huge int) so that a kernel that
     leaves part of its output unwritten fails loudly instead of passing by luck."""

@@ -5,6 +5,10 @@ the tuned file that ``pick_config`` reads (``docs/tuning.md``).
         --tokens 1,16,64,256,1024,4096,16384 --lora --budget-s 180 \\
         --out moelora_dist/kernels/moe_lora/tuned/NVIDIA_H200.json
 
+FP8 experts (block-FP8 weights, bf16 activations) are tuned by a second run of the same command
+with ``--fp8`` into the same file: its entries go under the dtype key ``bfloat16+fp8`` beside
+the ``bfloat16`` ones.
+
 Every candidate is checked against the reference before it is timed (a CUDA-graph replay,
 ``triton.testing.do_bench``); a candidate that fails to compile, to launch or to match is skipped
 and recorded in the file's ``skipped`` list. The run stops within ``--budget-s`` seconds with
@@ -54,7 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters", type=int, default=8,
                    help="adapters in the LoRA batch, each on a run of the tokens (default 8)")
     p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
-                   help="dtype of activations and weights (default bfloat16)")
+                   help="dtype of the activations, and of the expert weights without --fp8 "
+                        "(default bfloat16)")
+    p.add_argument("--fp8", action="store_true",
+                   help="tune FP8 experts only (the weights block-quantized to e4m3 with "
+                        "128x128 fp32 scales): entries under '<dtype>+fp8'; run once without "
+                        "and once with it, into the same --out, for both")
     p.add_argument("--budget-s", type=float, default=180.0,
                    help="wall-clock seconds for the whole run, start-up included (default 180)")
     p.add_argument("--out", required=True, metavar="FILE.json",
@@ -89,6 +98,9 @@ def main(args: argparse.Namespace) -> int:
     shapes, tokens, ranks = check_options(args)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+        from moelora_dist.testing.interpreter import fix_e4m3_cast
+
+        fix_e4m3_cast()  # else the interpreter's e4m3 cast fails every FP8 candidate's check
     import torch
 
     from moelora_dist.logs import setup_logging
@@ -104,17 +116,17 @@ def main(args: argparse.Namespace) -> int:
                           "machine (--device cpu only exercises the tuner)")
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     previous = output.load_previous(args.out, name)
-    base = [Problem(s, T, dtype=args.dtype) for s in shapes for T in tokens]
-    lora = [Problem(s, T, r, args.adapters, args.dtype) for r in ranks for s in shapes
-            for T in tokens] if args.lora else []
+    base = [Problem(s, T, dtype=args.dtype, fp8=args.fp8) for s in shapes for T in tokens]
+    lora = [Problem(s, T, r, args.adapters, args.dtype, args.fp8) for r in ranks
+            for s in shapes for T in tokens] if args.lora else []
     jobs = args.jobs if args.jobs is not None else min(16, max(1, (os.cpu_count() or 2) - 2))
     if args.device == "cpu":
         jobs = 0  # the interpreter compiles nothing
     pool = CompilePool(jobs, f"cuda:{torch.cuda.current_device()}" if args.device == "cuda"
                        else "cpu")
     timer = GraphTimer() if args.device == "cuda" else WallTimer()
-    log.info("tuning %d problems on %s in %.0f s, %d compile workers", len(base) + len(lora),
-             name, args.budget_s, jobs)
+    log.info("tuning %d problems (%s) on %s in %.0f s, %d compile workers",
+             len(base) + len(lora), base[0].dtype_key, name, args.budget_s, jobs)
     tuner = Tuner(base, lora, device=args.device, timer=timer, pool=pool,
                   budget_s=args.budget_s - (time.monotonic() - t0) - 2.0,
                   progress=not args.quiet)
@@ -126,7 +138,8 @@ def main(args: argparse.Namespace) -> int:
                 if len(sys.argv) > 1 and sys.argv[1] == "tune-kernels" else "tune-kernels",
                 utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
                 torch=torch.__version__, triton=_triton_version(), commit=_commit(),
-                budget_s=args.budget_s, wall_s=round(time.monotonic() - t0, 1), jobs=jobs,
+                dtype=base[0].dtype_key, budget_s=args.budget_s,
+                wall_s=round(time.monotonic() - t0, 1), jobs=jobs,
                 problems=len(base) + len(lora), entries=len(outcomes), skipped=len(skipped))
     output.write(args.out, output.build(name, outcomes, skipped, meta, previous))
     gains = [o.default_ms / o.ms for o in outcomes if o.ms > 0 and o.default_ms < float("inf")]

@@ -2,8 +2,9 @@
 
 A run merges into an existing file of the same device: the entries it tuned replace the old
 ones, every other entry stays, and the run is appended to ``runs``; so shapes can be tuned in
-several runs into one file. The file is written to a temporary name and renamed: a run stopped
-while writing leaves the old file whole.
+several runs into one file, and so can the dtype keys of one shape (a bf16 run and an ``--fp8``
+run write ``"bfloat16"`` and ``"bfloat16+fp8"`` side by side). The file is written to a
+temporary name and renamed: a run stopped while writing leaves the old file whole.
 """
 
 from __future__ import annotations
@@ -40,16 +41,16 @@ def build(device_name: str, outcomes, skipped, run_meta: dict, previous: dict | 
         p = o.problem
         shape = data["shapes"].setdefault(str(p.shape.key), {})
         shape.setdefault("name", p.shape.name)
-        table = shape.setdefault(p.dtype, {}).setdefault(p.mode, {})
+        table = shape.setdefault(p.dtype_key, {}).setdefault(p.mode, {})
         table[str(p.tokens)] = {"config": o.config.to_dict(), "ms": round(o.ms, 5),
                                 "default_ms": round(o.default_ms, 5), "tried": o.tried,
                                 "failed": o.failed}
-        tuned_now.add((str(p.shape.key), p.dtype, p.mode, p.tokens))
+        tuned_now.add((str(p.shape.key), p.dtype_key, p.mode, p.tokens))
     kept = [s for s in data.get("skipped", [])
             if (s.get("shape"), s.get("dtype"), s.get("mode"), s.get("tokens")) not in tuned_now]
     data["skipped"] = kept + [
         {"shape": str(s.problem.shape.key), "name": s.problem.shape.name,
-         "dtype": s.problem.dtype, "mode": s.problem.mode, "tokens": s.problem.tokens,
+         "dtype": s.problem.dtype_key, "mode": s.problem.mode, "tokens": s.problem.tokens,
          "config": s.config.to_dict(), "reason": s.reason} for s in skipped]
     data["runs"] = data.get("runs", []) + [run_meta]
     return data

@@ -7,6 +7,12 @@ A problem's inputs are those of a serving batch: random bf16 weights scaled like
 softmax routing over all E experts localized to EP rank 0 (the other ranks' experts are the
 sentinel -1, as the all-reduce dispatcher hands them), and for LoRA ``adapters`` adapters of one
 rank in a pool of 8 slots, each on a contiguous run of the tokens (the issue's benchmark case).
+
+FP8 problems (``Problem.fp8``) take the same random weights block-quantized the way FP8
+checkpoints are (e4m3 values, one fp32 scale per 128x128 block:
+:func:`~moelora_dist.kernels.block_fp8.naive.quantize_weight`); their entries go under the
+dtype key ``"<dtype>+fp8"`` (:attr:`Problem.dtype_key`), the key the layer asks with for FP8
+experts (``kernels/moe_lora/ops.py::_pick_args``).
 """
 
 from __future__ import annotations
@@ -17,14 +23,33 @@ from dataclasses import dataclass
 import torch
 
 from moelora_dist.errors import OptionError
-from moelora_dist.kernels.constants import block_r
+from moelora_dist.kernels.block_fp8.naive import quantize_weight
+from moelora_dist.kernels.constants import FP8_GROUP, block_r
 from moelora_dist.kernels.moe_lora.naive import experts_reference
 from moelora_dist.kernels.moe_lora.tuned import ShapeKey, lora_mode
+from moelora_dist.kernels.weights_fp8 import BlockFP8Weight
 from moelora_dist.moe.router import localize_topk_ids, route
 from moelora_dist.testing.kernel_cases import make_lora
 
 NUM_SLOTS = 8
 SAMPLE_TOKENS = 64  # reference rows per check (every token when T is smaller)
+FP8_SUFFIX = "+fp8"  # of the dtype key of FP8 experts' entries
+DTYPES = ("bfloat16", "float16")
+
+
+def dtype_key(dtype: str, fp8: bool) -> str:
+    """The tuned file's dtype key: the activations' dtype, ``+fp8`` for FP8 experts."""
+    return dtype + (FP8_SUFFIX if fp8 else "")
+
+
+def parse_dtype_key(key: str) -> tuple[str, bool]:
+    """``(dtype, fp8)`` of a dtype key (``"bfloat16+fp8"`` -> ``("bfloat16", True)``);
+    ValueError for a key the tuner does not write."""
+    dtype, fp8 = (key[:-len(FP8_SUFFIX)], True) if key.endswith(FP8_SUFFIX) else (key, False)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype key {key!r}: expected one of {', '.join(DTYPES)}, "
+                         f"optionally with {FP8_SUFFIX!r}")
+    return dtype, fp8
 
 
 @dataclass(frozen=True)
@@ -83,50 +108,91 @@ def parse_shape(text: str) -> ShapeSpec:
 @dataclass(frozen=True)
 class Problem:
     """One entry of the tuned file: a shape at ``tokens`` tokens, base (``rank`` None) or with
-    ``adapters`` adapters of ``rank`` on every token."""
+    ``adapters`` adapters of ``rank`` on every token; activations in ``dtype``, expert weights
+    in ``dtype`` too or, with ``fp8``, block-FP8."""
 
     shape: ShapeSpec
     tokens: int
     rank: int | None = None
     adapters: int = NUM_SLOTS
     dtype: str = "bfloat16"
+    fp8: bool = False
 
     @property
     def mode(self) -> str:
         return "base" if self.rank is None else lora_mode(block_r(self.rank))
 
     @property
+    def dtype_key(self) -> str:
+        return dtype_key(self.dtype, self.fp8)
+
+    @property
     def name(self) -> str:
-        return f"{self.shape.name} T={self.tokens} {self.mode}"
+        return f"{self.shape.name} T={self.tokens} {self.mode}" + (" fp8" if self.fp8 else "")
+
+
+def entry_problem(shape: ShapeKey, key: str, mode: str, tokens: int) -> Problem:
+    """The problem a tuned file's entry was tuned on (its inputs as the tuner built them, FP8
+    experts for a ``+fp8`` key; the adapters at the entry's rank tile): for the tests that
+    re-check every entry (``key``: the dtype key). ValueError for a key or mode the tuner does
+    not write."""
+    dtype, fp8 = parse_dtype_key(key)
+    if mode == "base":
+        rank = None
+    elif mode.startswith("lora_r") and mode[6:].isdigit():
+        rank = int(mode[6:])
+    else:
+        raise ValueError(f"mode {mode!r}: expected base or lora_r<BR>")
+    spec = ShapeSpec(str(shape), shape.hidden, shape.num_experts, shape.top_k, shape.inter)
+    return Problem(spec, tokens, rank, dtype=dtype, fp8=fp8)
 
 
 _WEIGHTS: dict = {}
 
 
-def _weights(shape: ShapeSpec, dtype, device, fill: str):
-    key = (shape.key, dtype, str(device), fill)
+def _empty_fp8(size_ENK: tuple[int, int, int], device) -> BlockFP8Weight:
+    """An uninitialized block-FP8 weight of logical size ``[E, N, K]``: e4m3 values and fp32
+    scales ``[E, ceil(N / 128), ceil(K / 128)]``, what a checkpoint's weight gives."""
+    E, N, K = size_ENK
+    return BlockFP8Weight(
+        torch.empty(E, N, K, dtype=torch.float8_e4m3fn, device=device),
+        torch.empty(E, -(-N // FP8_GROUP), -(-K // FP8_GROUP), dtype=torch.float32,
+                    device=device), FP8_GROUP)
+
+
+def _weights(shape: ShapeSpec, dtype, device, fill: str, fp8: bool = False):
+    """``(w_gate_up [E_l, 2 I_l, H], w_down [E_l, H, I_l])`` in ``dtype``, or block-FP8
+    (:class:`BlockFP8Weight`) with ``fp8``."""
+    key = (shape.key, dtype, str(device), fill, fp8)
     if key not in _WEIGHTS:  # one copy per shape: problems of one shape share it
         _WEIGHTS.clear()
         E, H, I = shape.local_experts, shape.hidden, shape.local_inter
-        if fill == "empty":  # compile-only runs: addresses and shapes matter, values do not
-            _WEIGHTS[key] = (torch.empty(E, 2 * I, H, dtype=dtype, device=device),
-                             torch.empty(E, H, I, dtype=dtype, device=device))
+        sizes = ((E, 2 * I, H), (E, H, I))
+        if fill == "empty" and fp8:  # compile-only runs: addresses and shapes matter
+            _WEIGHTS[key] = tuple(_empty_fp8(s, device) for s in sizes)
+        elif fill == "empty":
+            _WEIGHTS[key] = tuple(torch.empty(*s, dtype=dtype, device=device) for s in sizes)
         else:
             g = torch.Generator(device=device).manual_seed(1)
-            _WEIGHTS[key] = tuple(
-                (torch.randn(*s, generator=g, device=device) * fan ** -0.5).to(dtype)
-                for s, fan in (((E, 2 * I, H), H), ((E, H, I), I)))
+            ws = []
+            for s, fan in zip(sizes, (H, I)):
+                w = (torch.randn(*s, generator=g, device=device) * fan ** -0.5).to(dtype)
+                # FP8: the bf16 problem's weights quantized, so the two tune the same layer.
+                ws.append(quantize_weight(w) if fp8 else w)
+                del w  # FP8: the bf16 copy (1.9 GB at DeepSeek-V3's size) freed before the next
+            _WEIGHTS[key] = tuple(ws)
     return _WEIGHTS[key]
 
 
 def make_inputs(problem: Problem, device, *, fill: str = "random", seed: int = 0) -> dict:
     """Keyword arguments of ``fused_moe_lora`` for ``problem`` (plus ``num_lora_tokens``).
 
-    ``fill="empty"``: weights left uninitialized (the compile workers only need the shapes)."""
+    ``fill="empty"``: weights left uninitialized (the compile workers only need the shapes).
+    With ``problem.fp8`` both weights are :class:`BlockFP8Weight`; the rest is the same."""
     s, T = problem.shape, problem.tokens
     dtype = getattr(torch, problem.dtype)
     g = torch.Generator(device=device).manual_seed(seed)
-    w_gu, w_d = _weights(s, dtype, device, fill)
+    w_gu, w_d = _weights(s, dtype, device, fill, problem.fp8)
     x = torch.randn(T, s.hidden, generator=g, device=device).to(dtype)
     tw, ids = route(torch.randn(T, s.num_experts, generator=g, device=device), s.top_k,
                     renormalize=True)

@@ -56,8 +56,10 @@ class Skip:
 
 
 def _heuristic(p: Problem, E_l: int) -> MoEConfig:
-    """What pick_config answers for this problem when no tuned file matches."""
-    return heuristic_config(p.tokens, p.shape.top_k, E_l, 1 if p.rank is None else NUM_SLOTS)
+    """What pick_config answers for this problem when no tuned file matches (for FP8 experts
+    with the block_k the kernels then run: ``space.for_fp8``)."""
+    cfg = heuristic_config(p.tokens, p.shape.top_k, E_l, 1 if p.rank is None else NUM_SLOTS)
+    return space.for_fp8(cfg) if p.fp8 else cfg
 
 
 def _down_key(cfg: MoEConfig, first: MoEConfig) -> MoEConfig:
@@ -152,8 +154,8 @@ class Tuner:
         heur = _heuristic(p, inp["w_gate_up_EXH"].shape[0])
         out = [heur]
         for bm in space.block_ms(rows_per_expert(inp), heur.block_m):
-            gus = space.gate_up_tiles(heur, bm)
-            out += gus + space.down_tiles(gus[0])
+            gus = space.gate_up_tiles(heur, bm, p.fp8)
+            out += gus + space.down_tiles(gus[0], p.fp8)
         return heur, out
 
     def _base_phase(self, end: float) -> None:
@@ -182,11 +184,11 @@ class Tuner:
             bm_until = self.clock() + max(0.0, until - self.clock()) / (len(bms) - j)
             half = self.clock() + max(0.0, bm_until - self.clock()) / 2
             stages = BaseStages(inp, bm)
-            gus = space.gate_up_tiles(heur, bm)
+            gus = space.gate_up_tiles(heur, bm, p.fp8)
             gu = self._best(p, inp, ref, default_y, gus, stages.gate_up, half)
             if gu is None:
                 continue
-            dns = space.down_tiles(gu)
+            dns = space.down_tiles(gu, p.fp8)
             keys = [_down_key(c, gus[0]) for c in dns]
             combo = self._best(p, inp, ref, default_y, dns, lambda c: stages.down(c, gu),
                                bm_until, keys) or gu
@@ -229,16 +231,18 @@ class Tuner:
         """(heuristic, start, round-one candidates) of a LoRA problem."""
         E_l = inp["w_gate_up_EXH"].shape[0]
         heur = _heuristic(p, E_l)
-        base_p = Problem(p.shape, p.tokens, None, dtype=p.dtype)
+        base_p = Problem(p.shape, p.tokens, None, dtype=p.dtype, fp8=p.fp8)
         base = self.outcomes[base_p].config if base_p in self.outcomes else _heuristic(
             base_p, E_l)
         cands = space.lora_candidates(base, heur, rows_per_expert=rows_per_expert(inp),
-                                      adapters=p.adapters, inter=p.shape.local_inter)
+                                      adapters=p.adapters, inter=p.shape.local_inter,
+                                      fp8=p.fp8)
         return heur, space.with_lora_fields(base, heur), cands
 
     def _submit_lora_of(self, base_p: Problem) -> None:
         for p in self.lora:
-            if (p.shape, p.tokens, p.dtype) == (base_p.shape, base_p.tokens, base_p.dtype):
+            if (p.shape, p.tokens, p.dtype_key) == (base_p.shape, base_p.tokens,
+                                                    base_p.dtype_key):
                 for cfg in self._lora_plan(p, make_inputs(p, self.device))[2]:
                     self.pool.submit(p, cfg)
 

@@ -6,7 +6,9 @@ tuner wrote its file: the entries of the shipped files and of ``$MOELORA_KERNEL_
 Tolerance as in ``test_kernels_gpu.py``: a few bf16 ulps of the output's magnitude. Each
 entry runs at its own shape and token count with the inputs the tuner times (random weights,
 softmax routing, 8 adapters on the tokens for a LoRA entry): its sampled reference rows (exact
-for any batch) and its whole output against the heuristic config's output.
+for any batch) and its whole output against the heuristic config's output. An entry of a
+``+fp8`` dtype key runs on FP8 experts (the same weights block-quantized, as the tuner built
+them); the tuner's tolerance covers them (``tuning/measure.py``).
 """
 
 import dataclasses
@@ -25,6 +27,8 @@ BF16_RTOL = 2e-2
 
 
 def _entries():
+    """Every (device, shape, dtype key, mode, T, config) of the tuned files, ``+fp8`` keys
+    included."""
     from moelora_dist.kernels.moe_lora import tuned
 
     out = []
@@ -50,14 +54,13 @@ def test_tuned_entry_matches_reference(device, shape, dtype, mode, T, cfg):
     from moelora_dist.kernels.moe_lora.configs import heuristic_config
     from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
     from moelora_dist.tuning.measure import check
-    from moelora_dist.tuning.problems import Problem, ShapeSpec, make_inputs, reference_rows
+    from moelora_dist.tuning.problems import entry_problem, make_inputs, reference_rows
 
     if device != torch.cuda.get_device_name():
         pytest.skip(f"an entry for {device}, not this GPU")
-    assert dtype in ("bfloat16", "float16"), f"no check written for dtype key {dtype!r}"
-    spec = ShapeSpec(str(shape), shape.hidden, shape.num_experts, shape.top_k, shape.inter)
-    rank = None if mode == "base" else int(mode[len("lora_r"):])
-    inp = make_inputs(Problem(spec, T, rank, dtype=dtype), "cuda", seed=T)
+    problem = entry_problem(shape, dtype, mode, T)  # FP8 experts for a "+fp8" key
+    rank = problem.rank
+    inp = make_inputs(problem, "cuda", seed=T)
     ref = reference_rows(inp)
     slots = 1 if rank is None else inp["lora"].num_slots
     default_y = fused_moe_lora(**inp, config=heuristic_config(T, shape.top_k,

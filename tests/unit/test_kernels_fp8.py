@@ -6,7 +6,8 @@ The Triton 3.9 interpreter loads, stores and multiplies e4m3 correctly, but its 
 cast is wrong: it rounds half up on the mantissa bits and drops the carry into the exponent
 (31.1 -> 16, where the GPU and torch give 32; ~2% of random values). The ``fp8_cast`` fixture
 replaces that one conversion in the interpreter with torch's (round to nearest even, as the
-GPU's ``cvt.rn.satfinite``); the kernels are unchanged. The GPU tests (tests/gpu) cover the
+GPU's ``cvt.rn.satfinite``: ``moelora_dist/testing/interpreter.py``); the kernels are
+unchanged. The GPU tests (tests/gpu) cover the
 hardware cast. fp32 / fp16 activations only (bf16 ``tl.dot`` is wrong in the interpreter).
 
 Tolerance: the kernels and the references compute the same quantized products in another
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
@@ -37,20 +37,8 @@ SMALL = MoEConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1,
 
 
 @pytest.fixture(autouse=True)
-def fp8_cast(monkeypatch):
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    real = interpreter._convert_float
-
-    def convert(data, src, dst, rounding_mode):
-        if dst == tl.float8e4nv and src in (tl.float32, tl.float16):
-            t = torch.from_numpy(np.ascontiguousarray(data).view(
-                np.float32 if src == tl.float32 else np.float16).copy())
-            return t.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(data.shape)
-        return real(data, src, dst, rounding_mode)
-
-    monkeypatch.setattr(interpreter, "_convert_float", convert)
+def fp8_cast(e4m3_cast):
+    """Every test here runs with the interpreter's e4m3 cast fixed (tests/conftest.py)."""
 
 
 def test_interpreter_cast_is_patched_to_round_to_nearest():

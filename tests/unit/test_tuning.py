@@ -1,7 +1,8 @@
 """The tuner on a CPU (kernels in the Triton interpreter, fp16: bf16 dots are wrong there):
 its candidates, its checks before timing, failures recorded, the budget, the file it writes
 and pick_config reading that file back. The GPU half (CUDA-graph timing, compile workers on
-the device) runs in tests/gpu/test_tuned_configs_gpu.py and the lead's tuning run."""
+the device) runs in tests/gpu/test_tuned_configs_gpu.py and the lead's tuning run; FP8
+experts in test_tuning_fp8.py."""
 
 import dataclasses
 import json
@@ -138,6 +139,7 @@ def test_budget_stops_the_search_with_the_default_measured(monkeypatch):
     assert late in tuner.pool.asked
 
 
+@pytest.mark.usefixtures("e4m3_cast")  # the CPU CLI fixes the interpreter's cast; undone here
 def test_written_file_is_read_back_by_pick_config(tmp_path, monkeypatch):
     """The CLI end to end on the interpreter: --device cpu writes a file for device "cpu";
     pick_config answers from it; a second run merges; a file of another device is refused."""

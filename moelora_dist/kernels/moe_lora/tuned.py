@@ -14,6 +14,7 @@ first time a tuned config is asked for, and checked whole (a broken file is one
        "2048,128,8,768": {                         # H, E_l, K, I_l
          "name": "qwen3-30b-a3b",
          "bfloat16": {                             # dtype of x and the weights
+                                                   # ("bfloat16+fp8": x's, FP8 experts)
            "base": {"64": {"config": {<MoEConfig fields>}, "ms": 0.29, "default_ms": 0.31,
                            "tried": 17}, ...},     # keyed by the tuned token count T
            "lora_r16": {...}}}},                   # LoRA calls whose rank tile BR is 16
