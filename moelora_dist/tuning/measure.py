@@ -16,9 +16,11 @@ import time
 import torch
 
 from moelora_dist.kernels.align.ops import align_items
+from moelora_dist.kernels.block_fp8 import ops as fp8_ops
 from moelora_dist.kernels.moe_gemm import ops
 from moelora_dist.kernels.moe_lora.configs import MoEConfig
 from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
+from moelora_dist.kernels.weights_fp8 import is_fp8
 from moelora_dist.tuning.problems import Reference
 
 # bf16 stores h and the per-pair outputs and the LoRA expand runs in tf32: a few bf16 ulps of
@@ -100,17 +102,32 @@ class BaseStages:
         self.al = align_items(ids, None, None, None, None, num_experts=self.E,
                               block_m=block_m, mode="base")
         self._h = None
+        self._q: dict = {}
+
+    def _input(self, cfg: MoEConfig, a: torch.Tensor, w, scale_kw: str):
+        """The GEMM's activation as ``fused_moe_lora`` hands it over under ``cfg``: with FP8
+        weights and ``fp8_prequant``, quantized (once per stage object: the quantize kernel
+        costs every tile candidate the same, so only the GEMM is timed)."""
+        if not (is_fp8(w) and cfg.fp8_prequant):
+            return a, {}
+        if scale_kw not in self._q:
+            q, s = fp8_ops.quantize_act(a)
+            self._q[scale_kw] = (q, {scale_kw: s})
+        return self._q[scale_kw]
 
     def gate_up(self, cfg: MoEConfig):
         inp = self.inp
-        return lambda: ops.gate_up(inp["x_TH"], inp["w_gate_up_EXH"], self.al, self.K,
+        x, kw = self._input(cfg, inp["x_TH"], inp["w_gate_up_EXH"], "x_scale")
+        return lambda: ops.gate_up(x, inp["w_gate_up_EXH"], self.al, self.K,
                                    activation="silu", block_n=cfg.block_n,
                                    block_k=cfg.block_k, num_warps=cfg.num_warps,
-                                   num_stages=cfg.num_stages)
+                                   num_stages=cfg.num_stages, out_dtype=inp["x_TH"].dtype,
+                                   **kw)
 
     def down(self, cfg: MoEConfig, h_from: MoEConfig):
         if self._h is None:  # down's input: any gate_up tiles give the same h
             self._h = self.gate_up(h_from)()
-        inp, h = self.inp, self._h
+        inp = self.inp
+        h, kw = self._input(cfg, self._h, inp["w_down_EHI"], "h_scale")
         return lambda: ops.down(h, inp["w_down_EHI"], inp["topk_weights_TK"], self.al,
-                                self.K, **cfg.down_tiles())
+                                self.K, out_dtype=self._h.dtype, **cfg.down_tiles(), **kw)

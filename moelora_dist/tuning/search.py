@@ -198,6 +198,12 @@ class Tuner:
                                 pool_key=False)
             if ms is not None and ms < best_ms:
                 best, best_ms = combo, ms
+        if p.fp8 and best.fp8_prequant:  # the winner's tiles with in-loop quantization
+            alt = dataclasses.replace(best, fp8_prequant=False)
+            ms = self._evaluate(p, inp, ref, default_y, alt, layer, best_ms, until,
+                                pool_key=False)
+            if ms is not None and ms < best_ms:
+                best, best_ms = alt, ms
         self._finish(p, best, best_ms, default_ms, self.timed - timed0,
                      len(self.skipped) - failed0)
 

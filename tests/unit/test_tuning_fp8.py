@@ -314,3 +314,37 @@ def test_compile_pool_compiles_fp8_candidates():
         assert "power of two" in pool.result(p, bad, timeout=120)
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("inloop_faster", [True, False])
+def test_fp8_base_tuning_measures_the_in_loop_quantization_too(small_space, monkeypatch,
+                                                               inloop_faster):
+    """After the tiles, the winner runs once more with ``fp8_prequant=False`` (x and h
+    quantized in the GEMMs' K loops) and the faster of the two is written."""
+    p_base = Problem(TINY, 6, dtype="float16", fp8=True)
+    run, cur, now = search.run_layer, [None], [0.0]
+
+    def run_layer(inp, cfg):
+        cur[0] = cfg
+        return run(inp, cfg)
+
+    def timer(fn, est):  # whole-layer timings rank by the quantization switch alone
+        fn()
+        now[0] += 0.01
+        cfg, cur[0] = cur[0], None
+        if cfg is None:  # a gate_up or down stage
+            return 1.0
+        return 1.0 if cfg.fp8_prequant == inloop_faster else 0.5
+
+    class Pool:
+        def submit(self, problem, cfg):
+            pass
+
+        def result(self, problem, cfg, timeout):
+            return None
+
+    monkeypatch.setattr(search, "run_layer", run_layer)
+    tuner = search.Tuner([p_base], [], device="cpu", pool=Pool(), timer=timer, budget_s=100,
+                         clock=lambda: now[0], progress=False)
+    outcomes, skipped = tuner.run()
+    assert not skipped and outcomes[0].config.fp8_prequant is (not inloop_faster)
