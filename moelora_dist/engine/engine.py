@@ -92,6 +92,10 @@ class Engine:
         self.eos_ids = frozenset(eos)
         self._arrivals = itertools.count()
         self._ids = itertools.count()
+        # Called on the leader once a step's forward is queued on the device, before the step
+        # waits for its sampled tokens (the server hands the previous step's outputs to its
+        # connections there, while the device works: serve/loop.py).
+        self.after_launch = None
         self.counters = dict(prompt_tokens=0, output_tokens=0, steps=0, graph_steps=0,
                              decode_steps=0, step_seconds=0.0)
         self.finished_by_adapter: dict[str, int] = {}

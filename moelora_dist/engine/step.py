@@ -86,6 +86,8 @@ def run_step(engine, scheduled) -> list[RequestOutput]:
     engine.counters["steps"] += 1
     engine.counters["graph_steps"] += int(P > 0)
     engine.counters["decode_steps"] += int(plan.decode_only)
+    if engine.after_launch is not None:  # the forward is queued: the host is free until the sync
+        engine.after_launch()
     want_lp = any(seqs[b].params.logprobs is not None for b in sample_seqs)
     sampled = _read(res.sampled, num_logprobs, want_lp) if sample_seqs else []
     logits = iter(res.logits)

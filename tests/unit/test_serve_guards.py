@@ -119,3 +119,78 @@ def test_serve_benchmark_reads_the_step_counters_from_metrics():
     assert got == {"steps": 130.0, "decode_steps": 126.0, "step_seconds": 3.25}
     assert step_columns(got, 6.5) == dict(steps=130, decode_steps=126, ms_per_step=50.0,
                                           step_ms=25.0)
+
+
+def test_engine_loop_hands_a_steps_outputs_over_during_the_next_forward():
+    """Outputs of step N go to the event loop once step N+1's forward is queued
+    (``after_launch``), not while the engine thread does step N+1's host work; the last
+    step's outputs, with no step after them, go at once. Fake engine: each step gives one
+    token (the step's number) to the request, which makes 3."""
+    import asyncio
+
+    from moelora_dist.engine.outputs import EngineMetrics, RequestOutput
+    from moelora_dist.serve.loop import EngineLoop, Sink
+
+    events = []
+
+    class Engine:
+        adapter_names = ()
+        adapters = type("A", (), dict(servable=lambda self, a: True))()
+        scheduler = type("S", (), dict(waiting=[]))()
+        after_launch = None
+
+        def __init__(self):
+            self.running, self.n = {}, 0
+
+        def has_unfinished(self):
+            return bool(self.running)
+
+        def add_request(self, rid, ids, params, adapter):
+            self.running[rid] = 0
+
+        def abort(self, rid):
+            self.running.pop(rid, None)
+
+        def step(self):
+            n, self.n = self.n, self.n + 1
+            events.append(f"host {n}")
+            self.after_launch()
+            events.append(f"launched {n}")
+            self.running["r"] += 1
+            done = self.running["r"] == 3
+            if done:
+                del self.running["r"]
+            return [RequestOutput("r", [n], finished=done,
+                                  finish_reason="length" if done else None)]
+
+        def metrics(self):
+            return EngineMetrics(0, 0, 0, 0, 0, 1, 16, 0, 1, 0, 0, 0, {})
+
+        def keepalive(self):
+            pass
+
+        def shutdown(self):
+            pass
+
+    async def main():
+        loop = EngineLoop(Engine(), 16, heartbeat_s=0.05)
+        deliver = loop._deliver
+
+        def recorded(outputs):  # on the engine thread, in order with its steps
+            events.extend(f"delivered {o.new_token_ids[0]}" for o in outputs)
+            deliver(outputs)
+
+        loop._deliver = recorded
+        q: asyncio.Queue = asyncio.Queue()
+        loop.start()
+        await asyncio.wrap_future(loop.add("r", [1, 2], None, None,
+                                           Sink(asyncio.get_running_loop(), q)))
+        got = [await asyncio.wait_for(q.get(), 10) for _ in range(3)]
+        loop.stop(deadline_s=1.0)
+        return got
+
+    got = asyncio.run(main())
+    assert [(o.new_token_ids, o.finished) for o in got] == [([0], False), ([1], False),
+                                                            ([2], True)]
+    assert events == ["host 0", "launched 0", "host 1", "delivered 0", "launched 1",
+                      "host 2", "delivered 1", "launched 2", "delivered 2"]
