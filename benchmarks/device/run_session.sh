@@ -14,7 +14,8 @@
 #   engine    the engine benchmark, 48 layers, 8 adapters r16 vs none
 #   fp8       the FP8 kernel benchmark (--quick)
 #   families  kernel benchmark --families-only --quick; engine on the gpt-oss-20b shape
-#   serve     the HTTP benchmark (wheels carried in .whl/serve, see docs/serve.md)
+#   serve     the HTTP benchmark (wheels carried in .whl/serve, see docs/serve.md; with
+#             SERVE_FAST=1 also .whl/serve-fast: httptools and uvloop, which uvicorn then picks)
 #   enginefp8 the engine benchmark on an FP8 model
 #   bash benchmarks/device/run_session.sh STEP...
 # Logs and CSVs go to $RES; after every step they are packed into $OUT/results.tgz (the tool
@@ -93,7 +94,8 @@ for s in "$@"; do
   serve)
     step "serve benchmark"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/serve/*.whl >>"$RES/serve.log" 2>&1
+      --target /tmp/site .whl/serve/*.whl ${SERVE_FAST:+.whl/serve-fast/*.whl} \
+      >>"$RES/serve.log" 2>&1
     PYTHONPATH=/tmp/site:$PWD timeout "$(t 170)" python3 -m benchmarks serve \
       ${SERVE_ARGS:---concurrency 1,64} --out-dir "$RES" >>"$RES/serve.log" 2>&1; rc $? ;;
   enginefp8)
