@@ -184,11 +184,14 @@ def test_bad_options_are_one_line_exit_2(tmp_path, capsys, argv, needle):
     assert code == 2 and needle in err and "\n" not in err and not (tmp_path / "x.json").exists()
 
 
-def test_compile_pool_workers_run_candidates_and_report_errors():
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_experts", "fp8_experts"])
+def test_compile_pool_workers_run_candidates_and_report_errors(fp8):
     """Spawned workers (here on the CPU, interpreter) run a candidate once and say whether it
-    ran; a launch error comes back as its one-line message."""
-    p = Problem(TINY, 4, 16, adapters=2, dtype="float16")
+    ran; a launch error comes back as its one-line message. FP8 problems: the worker builds
+    the inputs uninitialized (e4m3 values, fp32 scales) and runs the FP8 kernels."""
+    p = Problem(TINY, 4, 16, adapters=2, dtype="float16", fp8=fp8)
     good = heuristic_config(4, 2, 4, 8)
+    good = space.for_fp8(good) if fp8 else good
     bad = dataclasses.replace(good, lora_runs=3)  # refused by the launcher
     pool = CompilePool(1, "cpu")
     try:

@@ -19,7 +19,6 @@ from moelora_dist.kernels.moe_lora.configs import MoEConfig, heuristic_config
 from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
 from moelora_dist.kernels.weights_fp8 import BlockFP8Weight
 from moelora_dist.tuning import output, search, space
-from moelora_dist.tuning.compile_pool import CompilePool
 from moelora_dist.tuning.measure import TOLERANCE, WallTimer
 from moelora_dist.tuning.problems import (Problem, entry_problem, make_inputs, parse_dtype_key,
                                           parse_shape, reference_rows)
@@ -298,22 +297,6 @@ def test_gpu_entry_test_collects_fp8_entries(tmp_path, monkeypatch):
     assert [e.id for e in params] == ["cpu/32,4,2,24/bfloat16+fp8/base/T64"]
     device, shape, dtype, mode, T, cfg = params[0].values
     assert entry_problem(shape, dtype, mode, T).fp8 and cfg.block_k == 128
-
-
-def test_compile_pool_compiles_fp8_candidates():
-    """A compile worker builds an FP8 problem's inputs uninitialized (e4m3 values, fp32
-    scales) and runs a candidate once; a launch error still comes back as one line."""
-    p = Problem(TINY, 4, 16, adapters=2, dtype="float16", fp8=True)
-    good = space.for_fp8(heuristic_config(4, 2, 4, 8))
-    bad = dataclasses.replace(good, lora_runs=3)  # refused by the launcher
-    pool = CompilePool(1, "cpu")
-    try:
-        pool.submit(p, good)
-        pool.submit(p, bad)
-        assert pool.result(p, good, timeout=120) is None
-        assert "power of two" in pool.result(p, bad, timeout=120)
-    finally:
-        pool.close()
 
 
 @pytest.mark.parametrize("inloop_faster", [True, False])
