@@ -16,10 +16,9 @@ import time
 import torch
 
 from moelora_dist.kernels.align.ops import align_items
-from moelora_dist.kernels.block_fp8 import ops as fp8_ops
 from moelora_dist.kernels.moe_gemm import ops
 from moelora_dist.kernels.moe_lora.configs import MoEConfig
-from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
+from moelora_dist.kernels.moe_lora.ops import fused_moe_lora, gemm_input
 from moelora_dist.kernels.weights_fp8 import is_fp8
 from moelora_dist.tuning.problems import Reference
 
@@ -108,12 +107,10 @@ class BaseStages:
         """The GEMM's activation as ``fused_moe_lora`` hands it over under ``cfg``: with FP8
         weights and ``fp8_prequant``, quantized (once per stage object: the quantize kernel
         costs every tile candidate the same, so only the GEMM is timed)."""
-        if not (is_fp8(w) and cfg.fp8_prequant):
-            return a, {}
-        if scale_kw not in self._q:
-            q, s = fp8_ops.quantize_act(a)
-            self._q[scale_kw] = (q, {scale_kw: s})
-        return self._q[scale_kw]
+        key = (scale_kw, is_fp8(w) and cfg.fp8_prequant)
+        if key not in self._q:
+            self._q[key] = gemm_input(cfg, a, w, scale_kw)
+        return self._q[key]
 
     def gate_up(self, cfg: MoEConfig):
         inp = self.inp

@@ -26,20 +26,14 @@ from moelora_dist.errors import OptionError
 from moelora_dist.kernels.block_fp8.naive import quantize_weight
 from moelora_dist.kernels.constants import FP8_GROUP, block_r
 from moelora_dist.kernels.moe_lora.naive import experts_reference
-from moelora_dist.kernels.moe_lora.tuned import ShapeKey, lora_mode
+from moelora_dist.kernels.moe_lora.tuned import FP8_SUFFIX, ShapeKey, dtype_key, lora_mode
 from moelora_dist.kernels.weights_fp8 import BlockFP8Weight
 from moelora_dist.moe.router import localize_topk_ids, route
 from moelora_dist.testing.kernel_cases import make_lora
 
 NUM_SLOTS = 8
 SAMPLE_TOKENS = 64  # reference rows per check (every token when T is smaller)
-FP8_SUFFIX = "+fp8"  # of the dtype key of FP8 experts' entries
 DTYPES = ("bfloat16", "float16")
-
-
-def dtype_key(dtype: str, fp8: bool) -> str:
-    """The tuned file's dtype key: the activations' dtype, ``+fp8`` for FP8 experts."""
-    return dtype + (FP8_SUFFIX if fp8 else "")
 
 
 def parse_dtype_key(key: str) -> tuple[str, bool]:

@@ -33,6 +33,7 @@ from moelora_dist.kernels.block_fp8 import ops as fp8_ops
 from moelora_dist.kernels.constants import as_activation, block_r, check_activation
 from moelora_dist.kernels.moe_gemm import ops
 from moelora_dist.kernels.moe_gemm.ops_fused import gate_up_lora
+from moelora_dist.kernels.moe_lora import tuned
 from moelora_dist.kernels.moe_lora.configs import MoEConfig, config_and_source, pick_config
 from moelora_dist.kernels.weights import MoELoRAWeights
 from moelora_dist.kernels.weights_fp8 import is_fp8
@@ -59,8 +60,7 @@ def device_name(device: torch.device) -> str | None:
 def _pick_args(x_TH, w_gate_up_EXH, top_k, lora):
     T, H = x_TH.shape
     E, two_i, _ = w_gate_up_EXH.shape
-    # FP8 experts have tiles of their own (block_k is the 128-column scale group): their own key.
-    dtype = str(x_TH.dtype).replace("torch.", "") + ("+fp8" if is_fp8(w_gate_up_EXH) else "")
+    dtype = tuned.dtype_key(str(x_TH.dtype).replace("torch.", ""), is_fp8(w_gate_up_EXH))
     return (T, top_k, E, lora.num_slots if lora is not None else 1), dict(
         hidden=H, inter=two_i // 2, dtype=dtype, device_name=device_name(x_TH.device),
         lora_rank=block_r(lora.max_rank) if lora is not None else None)
@@ -156,12 +156,12 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
     if lora is None:
         base = align_items(topk_ids_TK, None, None, None, None, num_experts=E,
                            block_m=cfg.block_m, mode="base")
-        xa, xkw = _gemm_input(cfg, x_TH, w_gate_up_EXH, "x_scale")
+        xa, xkw = gemm_input(cfg, x_TH, w_gate_up_EXH, "x_scale")
         h = ops.gate_up(xa, w_gate_up_EXH, base, K, activation=activation,
                         bias_EX=b_gate_up_EX, block_n=cfg.block_n, block_k=cfg.block_k,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                         out_dtype=x_TH.dtype, **xkw)
-        ha, hkw = _gemm_input(cfg, h, w_down_EHI, "h_scale")
+        ha, hkw = gemm_input(cfg, h, w_down_EHI, "h_scale")
         out = ops.down(ha, w_down_EHI, topk_weights_TK, base, K, bias_EH=b_down_EH,
                        out_dtype=h.dtype, **cfg.down_tiles(), **hkw)
         return ops.topk_sum(out, topk_ids_TK, E)
@@ -170,7 +170,7 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
                           b_down_EH)
 
 
-def _gemm_input(cfg: MoEConfig, a: torch.Tensor, w, scale_kw: str):
+def gemm_input(cfg: MoEConfig, a: torch.Tensor, w, scale_kw: str):
     """What a base GEMM reads: ``(a, {})``, or with FP8 weights and ``cfg.fp8_prequant`` the
     e4m3 values of ``a`` and ``{scale_kw: their scales}``, quantized once here instead of in
     every n-tile program's K loop (the same numbers either way)."""
@@ -204,7 +204,7 @@ def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights
                                        block_m=cfg.block_m, lora_block_m=cfg.lora_block_m)
         shrink = ops.lora_shrink(x_TH, lora, la, K, block_k=cfg.shrink_block_k,
                                  num_warps=cfg.shrink_num_warps, split_k=cfg.shrink_split_k)
-        xa, xkw = _gemm_input(cfg, x_TH, w_gate_up_EXH, "x_scale")  # the shrink read bf16 x
+        xa, xkw = gemm_input(cfg, x_TH, w_gate_up_EXH, "x_scale")  # the shrink read bf16 x
         res = ops.gate_up(xa, w_gate_up_EXH, base, K, *slots, lora, shrink, activation,
                           b_gate_up_EX, run_loop=cfg.run_loop, out_dtype=x_TH.dtype,
                           **tiles, **xkw)
@@ -214,7 +214,7 @@ def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights
         h = res
         dshrink = ops.down_shrink(h, lora, base, K, *slots, block_k=cfg.shrink_block_k,
                                   lora_runs=ds_runs)
-    ha, hkw = _gemm_input(cfg, h, w_down_EHI, "h_scale")  # the down shrink read bf16 h
+    ha, hkw = gemm_input(cfg, h, w_down_EHI, "h_scale")  # the down shrink read bf16 h
     out = ops.down(ha, w_down_EHI, topk_weights_TK, base, K, *slots, lora, dshrink, b_down_EH,
                    run_loop=cfg.run_loop, lora_runs=cfg.lora_runs, out_dtype=h.dtype,
                    **cfg.down_tiles(), **hkw)

@@ -62,6 +62,15 @@ def lora_mode(rank_tile: int) -> str:
     return f"lora_r{int(rank_tile)}"
 
 
+FP8_SUFFIX = "+fp8"  # of the dtype key of FP8 experts' entries
+
+
+def dtype_key(dtype: str, fp8: bool) -> str:
+    """A file's dtype key: the activations' dtype (``"bfloat16"``), ``+fp8`` for FP8 experts
+    (their tiles differ: block_k is the 128-column scale group)."""
+    return dtype + (FP8_SUFFIX if fp8 else "")
+
+
 def file_name(device_name: str) -> str:
     """The file name of a device's tuned configs: ``NVIDIA H200`` -> ``NVIDIA_H200.json``."""
     return "".join(c if c.isalnum() or c in "-." else "_" for c in device_name) + ".json"
