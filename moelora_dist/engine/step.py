@@ -110,13 +110,7 @@ def run_step(engine, scheduled) -> list[RequestOutput]:
 
 
 def _read(sampled, num_logprobs: int, want_lp: bool) -> list[tuple[int, tuple | None]]:
-    """The one host sync of the step: sampled ids, and their log-probabilities when asked.
-
-    The wait for the device is a stream synchronize, which lets go of the GIL; ``tolist`` on
-    a CUDA tensor waits inside its copy holding the GIL, so a server's event loop thread
-    could not run during the forward at all (serve/loop.py hands outputs over then)."""
-    if sampled.token_ids_B.is_cuda:
-        torch.cuda.current_stream(sampled.token_ids_B.device).synchronize()
+    """The one host sync of the step: sampled ids, and their log-probabilities when asked."""
     ids = sampled.token_ids_B.tolist()
     if not want_lp:
         return [(t, None) for t in ids]
