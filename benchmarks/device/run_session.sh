@@ -17,6 +17,8 @@
 #   serve     the HTTP benchmark (wheels carried in .whl/serve, see docs/serve.md; with
 #             SERVE_FAST=1 also .whl/serve-fast: httptools and uvloop, which uvicorn then picks)
 #   enginefp8 the engine benchmark on an FP8 model
+#   launches  kernels, their GPU us and host ms per layer of an eager decode step (4 layers)
+#   dense     the dense-LoRA and isolation GPU tests only (a quick check of a dense change)
 #   bash benchmarks/device/run_session.sh STEP...
 # Logs and CSVs go to $RES; after every step they are packed into $OUT/results.tgz (the tool
 # brings back at most 8 files).
@@ -102,6 +104,15 @@ for s in "$@"; do
     step "engine benchmark, FP8 model"
     timeout "$(t 140)" python3 -m benchmarks engine --fp8 ${ENGINE_FP8_ARGS:---quick \
       --concurrency 1,64} --out-dir "$RES" >>"$RES/engine_fp8_run.log" 2>&1; rc $? ;;
+  launches)
+    step "launches per layer (4 layers)"
+    timeout "$(t 120)" python3 -m benchmarks launches --out "$RES" --label "${LAUNCH_LABEL:-new}" \
+      >>"$RES/launches.log" 2>&1; rc $? ;;
+  dense)
+    step "dense-LoRA GPU tests"
+    timeout "$(t 120)" python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_kernels_gpu.py \
+      tests/gpu/test_isolation_gpu.py -k "dense" >"$RES/gpu_tests_dense.log" 2>&1; rc $?
+    tail -1 "$RES/gpu_tests_dense.log" | tee -a "$LOG" ;;
   *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
 done

@@ -13,7 +13,9 @@ first on the path, before ``PYTHONPATH``); the script detects which API it impor
 layers (default 4: per-layer figures do not depend on depth), random bf16 weights, 8 adapters
 of rank 16 resident. For B in {1, 64} and no adapter / every token an adapter: kernels per
 layer (CUDA kernel events of ``torch.profiler`` over one forward + LM head, over the layer
-count) and host ms per layer (best of 5 forwards issued with no sync inside). One JSON line
+count), their GPU µs per layer in all and for the most expensive kernels by name (the LM head
+and the step's once-per-forward kernels spread over the layers), and host ms per layer (best
+of 5 forwards issued with no sync inside). One JSON line
 per case in ``--out``/``launches.jsonl``.
 """
 
@@ -27,6 +29,7 @@ import time
 import torch
 
 CTX = 512
+TOP_KERNELS = 30  # kernels named in a row (by GPU time)
 
 
 def _model(layers: int):
@@ -91,11 +94,18 @@ def measure(model, cfg, B: int, lora: bool) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
-    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    cuda = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     L = cfg.num_layers
-    return dict(B=B, lora=lora, kernels_per_step=kernels,
-                kernels_per_layer=round(kernels / L, 1),
-                host_ms_per_layer=round(1e3 * best / L, 4))
+    by_name: dict[str, float] = {}
+    for e in cuda:
+        name = e.name[:70]
+        by_name[name] = by_name.get(name, 0.0) + e.time_range.elapsed_us()
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
+    return dict(B=B, lora=lora, kernels_per_step=len(cuda),
+                kernels_per_layer=round(len(cuda) / L, 1),
+                host_ms_per_layer=round(1e3 * best / L, 4),
+                kernel_us_per_layer=round(sum(by_name.values()) / L, 2),
+                top_kernels_us_per_layer={k: round(v / L, 2) for k, v in top})
 
 
 def main(argv=None) -> int:

@@ -62,3 +62,29 @@ def test_the_delta_is_really_added():
     ops.add_dense_lora([y], x, a[:1], b[:1], slot_T, rank)
     has = (slot_T >= 0) & (rank[slot_T.clamp(min=0).long()] > 0)
     assert has.any() and (y[has].abs().amax(dim=1) > 1e-3).all()
+
+
+@pytest.mark.parametrize("split_k", [None, 3, 7, 10], ids=["auto", "s3", "s7", "s10"])
+def test_split_shrink_matches_reference(split_k):
+    """The shrink's input features split over several programs per block (partials summed
+    by the expand, in order) give the unsplit result; 600 features are 10 K tiles, so 3 and 7
+    leave a short last chunk and 10 one tile each."""
+    slot_T, rank, x, a, b = _case(70, I=600, seed=3)
+    ys = [torch.randn(70, t.shape[1]) for t in b]
+    want = [y.clone() for y in ys]
+    got = [y.clone() for y in ys]
+    naive.add_dense_lora(want, x, a, b, slot_T, rank)
+    ops.add_dense_lora(got, x, a, b, slot_T, rank, split_k=split_k)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, atol=1e-4, rtol=1e-4)
+
+
+def test_shrink_split_fills_the_gpu_at_decode_only():
+    """Decode-sized plans (a few blocks) split K up to two programs per SM, keeping at least
+    four K tiles per program; prefill-sized plans (hundreds of blocks) do not split."""
+    assert ops.shrink_split(12, 2048, 132) == 8  # 32 K tiles, 4 per program
+    assert ops.shrink_split(12, 4096, 132) == 16
+    assert ops.shrink_split(9, 2048, 132) == 8
+    assert ops.shrink_split(264, 2048, 132) == 1
+    assert ops.shrink_split(40, 4096, 132) == 7
+    assert ops.shrink_split(12, 40, 132) == 1  # one K tile

@@ -3,6 +3,12 @@
 Tokens come sorted by slot in blocks of ``BLOCK_M`` (the align family, ``mode="lora_pairs"``
 with one "expert"): every block belongs to one slot, so a program reads that slot's factors
 and writes only that slot's rows; padding rows and sentinel blocks are never computed.
+
+The shrink splits the input features over ``SPLIT_K`` programs per block, each writing its own
+fp32 partial sum (no atomics: the result does not depend on which program ends first); the
+expand adds the partials in a fixed order. At decode sizes a block holds a handful of rows and
+a whole-K loop per block is all latency; split, the loop is ``SPLIT_K`` times shorter and the
+GPU has that many more programs in flight.
 """
 
 import triton
@@ -14,13 +20,15 @@ from moelora_dist.kernels.moe_gemm.kernel_common import _block_rows
 @triton.jit
 def _dense_shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, slot_rank_ptr, sorted_ids_ptr,
                          block_bucket_ptr, num_post_pad_ptr, out_ptr, num_tokens, in_dim,
-                         stride_xt, stride_xi, stride_as, stride_ar, stride_ai,
-                         stride_om, stride_ot,
+                         k_per_split, stride_xt, stride_xi, stride_as, stride_ar, stride_ai,
+                         stride_osp, stride_om, stride_ot,
                          NUM_MODULES: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out[j, t, :BLOCK_R] = x[t] a_j[slot]^T (fp32) for the tokens of one block, for up to
-    three modules that read the same x (q/k/v, gate/up): x is read once for all of them."""
+    """out[split, j, t, :BLOCK_R] = x[t, K chunk] a_j[slot, :, K chunk]^T (fp32) for the tokens
+    of one block and one chunk of ``k_per_split`` input features (a multiple of BLOCK_K), for
+    up to three modules that read the same x (q/k/v): x is read once for all of them."""
     pid_m = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     slot, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                                        pid_m, num_tokens, BLOCK_M)
     if slot < 0:
@@ -33,9 +41,11 @@ def _dense_shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, slot_rank_ptr, sorted_id
     acc1 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     a_off = slot * stride_as + offs_r[None, :] * stride_ar
-    for k0 in range(0, in_dim, BLOCK_K):
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, in_dim)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < in_dim
+        k_mask = offs_k < k_hi
         x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xi,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         ak = a_off + offs_k[:, None] * stride_ai
@@ -46,7 +56,7 @@ def _dense_shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, slot_rank_ptr, sorted_id
             acc1 += tl.dot(x, tl.load(a1_ptr + ak, mask=am, other=0.0).to(x.dtype))
         if NUM_MODULES > 2:
             acc2 += tl.dot(x, tl.load(a2_ptr + ak, mask=am, other=0.0).to(x.dtype))
-    out = out_ptr + rows[:, None] * stride_ot + offs_r[None, :]
+    out = out_ptr + split * stride_osp + rows[:, None] * stride_ot + offs_r[None, :]
     tl.store(out, acc0, mask=row_mask[:, None])
     if NUM_MODULES > 1:
         tl.store(out + stride_om, acc1, mask=row_mask[:, None])
@@ -55,28 +65,12 @@ def _dense_shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, slot_rank_ptr, sorted_id
 
 
 @triton.jit
-def _dense_expand_kernel(y_ptr, shrink_ptr, b_ptr, slot_rank_ptr, sorted_ids_ptr,
-                         block_bucket_ptr, num_post_pad_ptr, num_tokens, out_dim,
-                         stride_yt, stride_yo, stride_st, stride_bs, stride_bo, stride_br,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """y[t, n-tile] += shrink[t] b[slot, n-tile]^T for the tokens of one block (fp32 sum,
-    rounded once to y's dtype)."""
-    pid = tl.program_id(0).to(tl.int64)
-    num_n = tl.cdiv(out_dim, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    slot, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
-                                       pid_m, num_tokens, BLOCK_M)
-    if slot < 0:
-        return
-    slot = slot.to(tl.int64)
-    rank = tl.load(slot_rank_ptr + slot)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _expand_tile(y_ptr, b_ptr, s, slot, rows, row_mask, offs_r, r_mask, tile_n, out_dim,
+                 stride_yt, stride_yo, stride_bs, stride_bo, stride_br,
+                 BLOCK_N: tl.constexpr):
+    """y[rows, n-tile] += s b[slot, n-tile]^T (fp32 sum, rounded once to y's dtype)."""
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < out_dim
-    s = tl.load(shrink_ptr + rows[:, None] * stride_st + offs_r[None, :],
-                mask=row_mask[:, None] & r_mask[None, :], other=0.0)
     b = tl.load(b_ptr + slot * stride_bs + offs_n[None, :] * stride_bo
                 + offs_r[:, None] * stride_br, mask=r_mask[:, None] & n_mask[None, :],
                 other=0.0).to(tl.float32)
@@ -85,3 +79,47 @@ def _dense_expand_kernel(y_ptr, shrink_ptr, b_ptr, slot_rank_ptr, sorted_ids_ptr
     y_mask = row_mask[:, None] & n_mask[None, :]
     y = tl.load(y_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + y_off, (y + delta).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _dense_expand_kernel(y0_ptr, y1_ptr, y2_ptr, b0_ptr, b1_ptr, b2_ptr, shrink_ptr,
+                         slot_rank_ptr, sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
+                         num_tokens, out0, out1, out2, tiles0, tiles1,
+                         sy0t, sy0o, sy1t, sy1o, sy2t, sy2o,
+                         sb0s, sb0o, sb0r, sb1s, sb1o, sb1r, sb2s, sb2o, sb2r,
+                         stride_ssp, stride_sm, stride_st,
+                         NUM_MODULES: tl.constexpr, SPLIT_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
+    """The expand of up to three modules in one launch: program (block, n-tile) with n-tiles
+    numbered across the modules (``tiles0`` of module 0, then ``tiles1`` of module 1, then
+    module 2's); its module's shrink is the sum of the ``SPLIT_K`` partials, in order."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    slot, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
+                                       pid_m, num_tokens, BLOCK_M)
+    if slot < 0:
+        return
+    slot = slot.to(tl.int64)
+    rank = tl.load(slot_rank_ptr + slot)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    module = 0
+    if NUM_MODULES > 1:
+        module = tl.where(tile >= tiles0, 1, 0)
+    if NUM_MODULES > 2:
+        module = tl.where(tile >= tiles0 + tiles1, 2, module)
+    s_ptr = shrink_ptr + module * stride_sm + rows[:, None] * stride_st + offs_r[None, :]
+    s_mask = row_mask[:, None] & r_mask[None, :]
+    s = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for sp in tl.static_range(SPLIT_K):
+        s += tl.load(s_ptr + sp * stride_ssp, mask=s_mask, other=0.0)
+    if module == 0:
+        _expand_tile(y0_ptr, b0_ptr, s, slot, rows, row_mask, offs_r, r_mask, tile, out0,
+                     sy0t, sy0o, sb0s, sb0o, sb0r, BLOCK_N)
+    elif module == 1:
+        _expand_tile(y1_ptr, b1_ptr, s, slot, rows, row_mask, offs_r, r_mask, tile - tiles0,
+                     out1, sy1t, sy1o, sb1s, sb1o, sb1r, BLOCK_N)
+    else:
+        _expand_tile(y2_ptr, b2_ptr, s, slot, rows, row_mask, offs_r, r_mask,
+                     tile - tiles0 - tiles1, out2, sy2t, sy2o, sb2s, sb2o, sb2r, BLOCK_N)

@@ -2,9 +2,11 @@
 
 Pipeline of one forward: :func:`plan_tokens` sorts the tokens by slot once (4 small align
 launches, shared by every dense module of the forward), then per group of modules that read
-the same input one shrink launch (``x`` read once for all of them) and one expand launch per
-module, which adds the delta into the base output in place. No host sync; every shape depends
-on ``T`` and ``S`` only, so a CUDA graph captures it.
+the same input one shrink launch (``x`` read once for all of them; its input features split
+over several programs per token block at decode sizes, :func:`shrink_split`) and one expand
+launch for all of them, which adds each module's delta into its base output in place. No
+host sync; every shape depends on ``T``, ``S`` and the module shapes only, so a CUDA graph
+captures it.
 
 Precision: the shrink accumulates in fp32 and stays fp32 into the expand, whose ``tl.dot``
 runs in TF32 on GPUs (as the MoE LoRA kernels do); the delta is added to ``y`` in fp32 and
@@ -12,6 +14,8 @@ rounded once. No global PyTorch flag is touched.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -21,7 +25,11 @@ from moelora_dist.kernels.align.ops import align_items
 from moelora_dist.kernels.constants import block_r
 from moelora_dist.kernels.dense_lora.kernel import _dense_expand_kernel, _dense_shrink_kernel
 
-MAX_GROUP = 3  # modules per shrink launch (q/k/v)
+MAX_GROUP = 3  # modules per launch (q/k/v)
+BLOCK_K = 64  # the shrink's K tile
+MIN_K_TILES = 4  # K tiles a split shrink program loops over at least
+MAX_SPLIT_K = 16
+CPU_SMS = 16  # "SMs" assumed off CUDA (the interpreter), so CPU tests split too
 
 
 def _block_m(num_tokens: int, num_slots: int) -> int:
@@ -38,12 +46,30 @@ def plan_tokens(token_slot_T: torch.Tensor, slot_enabled_S: torch.Tensor,
                        block_m=_block_m(T, S), mode="lora_pairs")
 
 
+def shrink_split(max_blocks: int, in_dim: int, num_sms: int) -> int:
+    """Programs per shrink block: enough for about two per SM, each with at least
+    ``MIN_K_TILES`` K tiles, never a chunk with nothing to do."""
+    k_tiles = triton.cdiv(in_dim, BLOCK_K)
+    split = max(1, min(triton.cdiv(2 * num_sms, max(max_blocks, 1)), k_tiles // MIN_K_TILES,
+                       MAX_SPLIT_K))
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return CPU_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def add_dense_lora(ys: list[torch.Tensor], x_TI: torch.Tensor, a_list: list[torch.Tensor],
                    b_list: list[torch.Tensor], token_slot_T: torch.Tensor,
-                   slot_rank_S: torch.Tensor, plan: Alignment | None = None) -> None:
+                   slot_rank_S: torch.Tensor, plan: Alignment | None = None,
+                   split_k: int | None = None) -> None:
     """See :func:`moelora_dist.kernels.dense_lora.naive.add_dense_lora`; ``plan`` from
-    :func:`plan_tokens` (made here when None). ``ys`` must have unit stride in their last
-    dim; every ``a`` of the group must have the same shape and strides."""
+    :func:`plan_tokens` (made here when None); ``split_k``: the shrink's K chunks per block
+    (None: :func:`shrink_split`). ``ys`` must have unit stride in their last dim; every ``a``
+    of the group must have the same shape and strides."""
     T, I = x_TI.shape
     S, R, _ = a_list[0].shape
     if plan is None:
@@ -54,22 +80,31 @@ def add_dense_lora(ys: list[torch.Tensor], x_TI: torch.Tensor, a_list: list[torc
     if n > MAX_GROUP:
         for j in range(0, n, MAX_GROUP):
             add_dense_lora(ys[j:j + MAX_GROUP], x_TI, a_list[j:j + MAX_GROUP],
-                           b_list[j:j + MAX_GROUP], token_slot_T, slot_rank_S, plan)
+                           b_list[j:j + MAX_GROUP], token_slot_T, slot_rank_S, plan, split_k)
         return
     a0 = a_list[0]
     if any(a.shape != a0.shape or a.stride() != a0.stride() for a in a_list):
         raise ValueError("the modules of one dense LoRA group need A factors of one shape")
-    shrink = torch.empty(n, T, BR, dtype=torch.float32, device=x_TI.device)
-    pad = a_list + [a0] * (MAX_GROUP - n)
-    _dense_shrink_kernel[(plan.max_blocks,)](
-        x_TI, *pad, slot_rank_S, plan.sorted_ids, plan.block_bucket, plan.num_post_pad,
-        shrink, T, I, x_TI.stride(0), x_TI.stride(1), *a0.stride(), shrink.stride(0),
-        shrink.stride(1), NUM_MODULES=n, BLOCK_M=plan.block_m, BLOCK_K=64, BLOCK_R=BR)
-    for j, (y, b) in enumerate(zip(ys, b_list)):
-        O = y.shape[1]
-        block_n = 64 if O <= 2048 or T <= 64 else 128
-        grid = (plan.max_blocks * triton.cdiv(O, block_n),)
-        _dense_expand_kernel[grid](
-            y, shrink[j], b, slot_rank_S, plan.sorted_ids, plan.block_bucket,
-            plan.num_post_pad, T, O, y.stride(0), y.stride(1), shrink.stride(1),
-            *b.stride(), BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=BR)
+    blocks = plan.max_blocks
+    split = split_k or shrink_split(blocks, I, _num_sms(x_TI.device))
+    k_per_split = triton.cdiv(triton.cdiv(I, BLOCK_K), split) * BLOCK_K
+    split = triton.cdiv(I, k_per_split)  # no chunk past the end
+    shrink = torch.empty(split, n, T, BR, dtype=torch.float32, device=x_TI.device)
+    pad_a = a_list + [a0] * (MAX_GROUP - n)
+    _dense_shrink_kernel[(blocks, split)](
+        x_TI, *pad_a, slot_rank_S, plan.sorted_ids, plan.block_bucket, plan.num_post_pad,
+        shrink, T, I, k_per_split, x_TI.stride(0), x_TI.stride(1), *a0.stride(),
+        *shrink.stride()[:3], NUM_MODULES=n, BLOCK_M=plan.block_m, BLOCK_K=BLOCK_K,
+        BLOCK_R=BR)
+    outs = [y.shape[1] for y in ys]
+    block_n = 64 if max(outs) <= 2048 or T <= 64 else 128
+    tiles = [triton.cdiv(o, block_n) for o in outs]
+    pad = MAX_GROUP - n
+    ys_p, bs_p = ys + [ys[0]] * pad, b_list + [b_list[0]] * pad
+    outs_p, tiles_p = outs + [0] * pad, tiles + [0] * pad
+    _dense_expand_kernel[(blocks, sum(tiles))](
+        *ys_p, *bs_p, shrink, slot_rank_S, plan.sorted_ids, plan.block_bucket,
+        plan.num_post_pad, T, *outs_p, tiles_p[0], tiles_p[1],
+        *(st for y in ys_p for st in y.stride()), *(st for b in bs_p for st in b.stride()),
+        *shrink.stride()[:3], NUM_MODULES=n, SPLIT_K=split, BLOCK_M=plan.block_m,
+        BLOCK_N=block_n, BLOCK_R=BR)
