@@ -4,10 +4,10 @@ Tokens come sorted by slot in blocks of ``BLOCK_M`` (the align family, ``mode="l
 with one "expert"): every block belongs to one slot, so a program reads that slot's factors
 and writes only that slot's rows; padding rows and sentinel blocks are never computed.
 
-The shrink splits the input features over ``SPLIT_K`` programs per block, each writing its own
+The shrink splits the input features over several programs per block, each writing its own
 fp32 partial sum (no atomics: the result does not depend on which program ends first); the
 expand adds the partials in a fixed order. At decode sizes a block holds a handful of rows and
-a whole-K loop per block is all latency; split, the loop is ``SPLIT_K`` times shorter and the
+a whole-K loop per block is all latency; split, the loop is that many times shorter and the
 GPU has that many more programs in flight.
 """
 
@@ -87,13 +87,13 @@ def _dense_expand_kernel(y0_ptr, y1_ptr, y2_ptr, b0_ptr, b1_ptr, b2_ptr, shrink_
                          num_tokens, out0, out1, out2, tiles0, tiles1,
                          sy0t, sy0o, sy1t, sy1o, sy2t, sy2o,
                          sb0s, sb0o, sb0r, sb1s, sb1o, sb1r, sb2s, sb2o, sb2r,
-                         stride_ssp, stride_sm, stride_st,
-                         NUM_MODULES: tl.constexpr, SPLIT_K: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         num_splits, stride_ssp, stride_sm, stride_st,
+                         NUM_MODULES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_R: tl.constexpr):
     """The expand of up to three modules in one launch: program (block, n-tile) with n-tiles
     numbered across the modules (``tiles0`` of module 0, then ``tiles1`` of module 1, then
-    module 2's); its module's shrink is the sum of the ``SPLIT_K`` partials, in order."""
+    module 2's); its module's shrink is the sum of the ``num_splits`` partials, in order (a
+runtime loop: a split count that changes with the batch compiles no new variant)."""
     pid_m = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     slot, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
@@ -112,7 +112,7 @@ def _dense_expand_kernel(y0_ptr, y1_ptr, y2_ptr, b0_ptr, b1_ptr, b2_ptr, shrink_
     s_ptr = shrink_ptr + module * stride_sm + rows[:, None] * stride_st + offs_r[None, :]
     s_mask = row_mask[:, None] & r_mask[None, :]
     s = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for sp in tl.static_range(SPLIT_K):
+    for sp in range(num_splits):
         s += tl.load(s_ptr + sp * stride_ssp, mask=s_mask, other=0.0)
     if module == 0:
         _expand_tile(y0_ptr, b0_ptr, s, slot, rows, row_mask, offs_r, r_mask, tile, out0,

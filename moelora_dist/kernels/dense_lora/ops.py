@@ -106,5 +106,5 @@ def add_dense_lora(ys: list[torch.Tensor], x_TI: torch.Tensor, a_list: list[torc
         *ys_p, *bs_p, shrink, slot_rank_S, plan.sorted_ids, plan.block_bucket,
         plan.num_post_pad, T, *outs_p, tiles_p[0], tiles_p[1],
         *(st for y in ys_p for st in y.stride()), *(st for b in bs_p for st in b.stride()),
-        *shrink.stride()[:3], NUM_MODULES=n, SPLIT_K=split, BLOCK_M=plan.block_m,
+        split, *shrink.stride()[:3], NUM_MODULES=n, BLOCK_M=plan.block_m,
         BLOCK_N=block_n, BLOCK_R=BR)
