@@ -15,7 +15,12 @@
 #   fp8       the FP8 kernel benchmark (--quick)
 #   families  kernel benchmark --families-only --quick; engine on the gpt-oss-20b shape
 #   serve     the HTTP benchmark (wheels carried in .whl/serve, see docs/serve.md; with
-#             SERVE_FAST=1 also .whl/serve-fast: httptools and uvloop, which uvicorn then picks)
+#             SERVE_FAST=1 also .whl/serve-fast: httptools and uvloop, which uvicorn then picks
+#             in every variant: a baseline variant names --http-impl h11 --event-loop asyncio);
+#             options ${SERVE_ARGS:---concurrency 1,64}, shell words that quotes group, may
+#             hold --http-variant options (one HTTP side each, each adds its time: raise
+#             T_SCALE), e.g. SERVE_ARGS='--concurrency 64 --http-variant default=
+#             --http-variant "si=--switch-interval-ms 0.2"'
 #   enginefp8 the engine benchmark on an FP8 model
 #   launches  kernels, their GPU us and host ms per layer of an eager decode step (4 layers)
 #   dense     the dense-LoRA and isolation GPU tests only (a quick check of a dense change)
@@ -98,8 +103,9 @@ for s in "$@"; do
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/serve/*.whl ${SERVE_FAST:+.whl/serve-fast/*.whl} \
       >>"$RES/serve.log" 2>&1
+    eval "serve_args=(${SERVE_ARGS:---concurrency 1,64})"  # quotes in SERVE_ARGS group words
     PYTHONPATH=/tmp/site:$PWD timeout "$(t 170)" python3 -m benchmarks serve \
-      ${SERVE_ARGS:---concurrency 1,64} --out-dir "$RES" >>"$RES/serve.log" 2>&1; rc $? ;;
+      "${serve_args[@]}" --out-dir "$RES" >>"$RES/serve.log" 2>&1; rc $? ;;
   enginefp8)
     step "engine benchmark, FP8 model"
     timeout "$(t 140)" python3 -m benchmarks engine --fp8 ${ENGINE_FP8_ARGS:---quick \

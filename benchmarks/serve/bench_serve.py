@@ -16,19 +16,28 @@ model on the GPU at a time):
 - ``offline``: the engine built with the server's own options, driven in-process
   (``benchmarks/serve/offline.py``), no HTTP;
 - ``http``: the server as a subprocess on 127.0.0.1, the stdlib load generator
-  (``benchmarks/serve/loadgen.py``) streaming every request.
+  (``benchmarks/serve/loadgen.py``) streaming every request; once per ``--http-variant
+  NAME=ARGS`` (repeatable; ARGS: more server options, shell words, may be empty; default one
+  variant ``default=``), each a server of its own, against the one offline side:
+
+      python -m benchmarks serve --http-variant default= \
+          --http-variant "si=--switch-interval-ms 0.2" \
+          --http-variant "fast=--http-impl httptools --event-loop uvloop"
 
 Both first run untimed warm-up requests that capture every graph the timed cases reach (the
 decode graphs up to C, and each timed case once with 4 output tokens). Columns: the
 statistics of :func:`~benchmarks.serve.cases.summarize` (``out_tok_s``, TTFT and TPOT p50/p99)
-and, on http rows, ``http_overhead`` = 1 - http / offline output tokens/s (target <= 0.05 at 64
-streams). ``check_ok``: one base and one adapter request alone give the same greedy tokens over
-HTTP as offline (no figure of a side whose check fails is trustworthy; the run exits 1).
-Results: ``serve_<device>.csv`` in ``--out-dir``.
+and, on http rows, ``variant`` and ``http_overhead`` = 1 - http / offline output tokens/s
+(target <= 0.05 at 64 streams). ``check_ok``: one base and one adapter request alone give the
+same greedy tokens over HTTP as offline (each variant's own; on offline rows, every variant's;
+no figure of a side whose check fails is trustworthy; the run exits 1). Results:
+``serve_<device>.csv`` in ``--out-dir``, and each server's log beside it:
+``serve_server_<device>.log``, or ``serve_server_<device>_<variant>.log`` with several variants.
 
 On the GPU machine (no fastapi/uvicorn there), carry these wheels (Python 3.12): fastapi,
 starlette, pydantic, pydantic-core (cp312 manylinux), annotated-types, typing-inspection,
-uvicorn (docs/serve.md lists the versions).
+typing-extensions, opentelemetry-api, uvicorn, and for ``--http-impl httptools`` / ``--event-loop
+uvloop`` httptools and uvloop (docs/serve.md lists the versions).
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -72,13 +83,57 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
     p.add_argument("--startup-timeout", type=float, default=900)
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "current"))
+    p.add_argument("--http-variant", dest="variants", action="append", type=parse_variant,
+                   metavar="NAME=ARGS",
+                   help="an HTTP side with these extra server options (shell words, may be "
+                        "empty), e.g. 'si=--switch-interval-ms 0.2'; repeatable (default: "
+                        "one, 'default=')")
     args = p.parse_args(argv)
+    args.variants = args.variants or [("default", [])]
+    names = [name for name, _ in args.variants]
+    if len(set(names)) < len(names):
+        p.error(f"--http-variant: a name is given twice: {names}")
     args.device = args.device or ("cuda" if _has_cuda() else "cpu")
     args.concurrency = [int(c) for c in (args.concurrency or ("1,4" if args.tiny
                                                               else "1,16,64")).split(",")]
     args.prompt_len = args.prompt_len or (16 if args.tiny else 512)
     args.output_len = args.output_len or (8 if args.tiny else 128)
+    check_variants(p, args)
     return args
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """``"NAME=ARGS"`` -> ``(NAME, shlex-split ARGS)``; NAME names the variant's rows and log."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not re.fullmatch(r"[\w.-]+", name):
+        raise argparse.ArgumentTypeError(
+            f"{spec!r}: expected NAME=ARGS (NAME of letters, digits, '_', '.', '-'; ARGS: "
+            "server options, may be empty), e.g. 'si=--switch-interval-ms 0.2'")
+    try:
+        return name, shlex.split(rest)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{spec!r}: {exc}") from None
+
+
+def check_variants(p: argparse.ArgumentParser, args) -> None:
+    """Each variant's server options parsed and checked as its server will check them, so a
+    mistake in one fails here (``p.error``, exit 2) and not after the offline side has run."""
+    from moelora_dist.cli import serve as serve_cli
+    from moelora_dist.errors import MoeloraError
+    from moelora_dist.serve.server import uvicorn_choices
+
+    for name, extra in args.variants:
+        sp = argparse.ArgumentParser(exit_on_error=False)
+        serve_cli.add_arguments(sp)
+        try:
+            ns, unknown = sp.parse_known_args(serve_options(args) + extra)
+            if unknown:
+                raise argparse.ArgumentError(None, f"unknown server options {unknown}")
+            ns.command = "serve"
+            serve_cli.check_options(ns)
+            uvicorn_choices(serve_cli.serve_config(ns))
+        except (argparse.ArgumentError, MoeloraError) as exc:
+            p.error(f"--http-variant {name}: {exc}")
 
 
 def _has_cuda() -> bool:
@@ -149,11 +204,15 @@ def _counters(port: int) -> dict:
         return parse_counters(r.read().decode())
 
 
-def run_http(args, spec: dict, work: str) -> tuple[list[dict], list[list[int]]]:
+def run_http(args, spec: dict, variant: tuple[str, list[str]], log_path: str):
+    """One HTTP side: the server with the variant's options after the shared ones, its log at
+    ``log_path``; returns ([(case, row)] for the timed cases and the ``--rate`` one, check
+    stats)."""
+    name, extra = variant
     port = _free_port()
     cmd = [sys.executable, "-m", "moelora_dist.cli.main", "serve", *serve_options(args),
-           "--port", str(port)]
-    log = open(os.path.join(work, "server.log"), "w")
+           *extra, "--port", str(port)]
+    log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -180,14 +239,14 @@ def run_http(args, spec: dict, work: str) -> tuple[list[dict], list[list[int]]]:
             before = _counters(port)
             stats, wall = load(case, concurrency=case["concurrency"])
             after = _counters(port)
-            rows.append(dict(summarize(stats, wall), **step_columns(
-                {k: after.get(k, 0) - before.get(k, 0) for k in STEP_COUNTERS}, wall)))
-            print(json.dumps({**case, **rows[-1]}), file=sys.stderr, flush=True)
+            rows.append((case, dict(summarize(stats, wall), **step_columns(
+                {k: after.get(k, 0) - before.get(k, 0) for k in STEP_COUNTERS}, wall))))
+            print(json.dumps({**case, "variant": name, **rows[-1][1]}), file=sys.stderr,
+                  flush=True)
         if args.rate:
             case = dict(spec["cases"][-1], mode="lora8", concurrency=0, rate=args.rate)
             stats, wall = load(case, rate=args.rate)
-            rows.append(dict(summarize(stats, wall), rate=args.rate))
-            spec["cases"].append(case)
+            rows.append((case, dict(summarize(stats, wall), rate=args.rate)))
         return rows, check
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -203,36 +262,50 @@ def main(argv=None) -> int:
     spec = plan(args)
     work = tempfile.mkdtemp(prefix="bench_serve_")
     offline = run_offline(args, spec, work)
+    http = {}  # variant -> ([(case, row)], check_ok)
     try:
-        http_rows, http_check = run_http(args, spec, work)
-    finally:  # the server's own log (start-up, graph captures, errors) beside the results
+        for name, extra in args.variants:
+            cases, check = run_http(args, spec, (name, extra),
+                                    os.path.join(work, f"server_{name}.log"))
+            http[name] = cases, all(s[0].error is None and s[0].token_ids == ids[0]
+                                    for ids, s in zip(offline["check"], check))
+    finally:  # each server's own log (start-up, graph captures, errors) beside the results
+        env = env_columns()  # after the servers: it initializes CUDA in this process
         os.makedirs(args.out_dir, exist_ok=True)
-        shutil.copy(os.path.join(work, "server.log"),
-                    os.path.join(args.out_dir, f"serve_server_{device_tag(env_columns())}.log"))
-    check_ok = all(s[0].error is None and s[0].token_ids == ids[0]
-                   for ids, s in zip(offline["check"], http_check))
-    env = env_columns()
+        for name, _ in args.variants:
+            log = os.path.join(work, f"server_{name}.log")
+            if os.path.exists(log):  # not for the variants after one that failed
+                suffix = f"_{name}" if len(args.variants) > 1 else ""
+                shutil.copy(log, os.path.join(args.out_dir,
+                                              f"serve_server_{device_tag(env)}{suffix}.log"))
+    all_ok = all(ok for _, ok in http.values())
     rows = []
-    for case, off, http in zip(spec["cases"], offline["cases"] + [None] * 8, http_rows):
+    first, _ = next(iter(http.values()))  # every variant ran the same cases
+    for i, (case, _) in enumerate(first):
         base = {k: v for k, v in case.items() if k != "seed"}
+        off = offline["cases"][i] if i < len(offline["cases"]) else None
         if off is not None:
-            rows.append(dict(base, side="offline", **off, check_ok=check_ok))
-        over = round(1 - http["out_tok_s"] / off["out_tok_s"], 4) if off and \
-            off["out_tok_s"] else ""
-        rows.append(dict(base, side="http", **http, http_overhead=over, check_ok=check_ok))
-    os.makedirs(args.out_dir, exist_ok=True)
+            rows.append(dict(base, side="offline", variant="", **off, check_ok=all_ok))
+        for name, (cases, ok) in http.items():
+            row = cases[i][1]
+            over = round(1 - row["out_tok_s"] / off["out_tok_s"], 4) if off and \
+                off["out_tok_s"] else ""
+            rows.append(dict(base, side="http", variant=name, **row, http_overhead=over,
+                             check_ok=ok))
     path = os.path.join(args.out_dir, f"serve_{device_tag(env)}.csv")
     write_csv(path, rows, env)
-    for r in rows:
-        print(f"{r['side']:>7} {r['mode']:>5} C={r['concurrency']:<3} {r['out_tok_s']:>10} tok/s "
+    sides = [r["side"] if r["side"] == "offline" else f"http[{r['variant']}]" for r in rows]
+    width = max(map(len, sides))
+    for side, r in zip(sides, rows):
+        print(f"{side:>{width}} {r['mode']:>5} C={r['concurrency']:<3} {r['out_tok_s']:>10} tok/s "
               f"TTFT p50/p99 {r['ttft_p50_ms']}/{r['ttft_p99_ms']} ms  TPOT p50/p99 "
               f"{r['tpot_p50_ms']}/{r['tpot_p99_ms']} ms  steps {r.get('steps')} "
               f"(decode only {r.get('decode_steps')}, {r.get('ms_per_step')} ms apart, "
               f"{r.get('step_ms')} ms in step)  "
               f"overhead {r.get('http_overhead', '')}"
-              f"  errors {r['errors']}")
+              f"  errors {r['errors']}  check {'ok' if r['check_ok'] else 'FAILED'}")
     print(f"wrote {path}")
-    return 0 if check_ok and not any(r["errors"] for r in rows) else 1
+    return 0 if all_ok and not any(r["errors"] for r in rows) else 1
 
 
 if __name__ == "__main__":

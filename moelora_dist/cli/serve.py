@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 
 from moelora_dist.cli.common import (MODEL_DTYPES, check_launched, check_positive, engine_config,
@@ -93,6 +94,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "before they are cancelled (default 20)")
     s.add_argument("--log-level", default="warning",
                    choices=("critical", "error", "warning", "info", "debug"))
+    s.add_argument("--switch-interval-ms", type=float, default=None, metavar="MS",
+                   help="the interpreter's GIL switch interval: how long the engine thread may "
+                        "wait for the GIL while the HTTP thread holds it (default: Python's, "
+                        "5 ms)")
+    s.add_argument("--http-impl", default="auto", choices=("auto", "h11", "httptools"),
+                   help="uvicorn's HTTP implementation (default auto: httptools when "
+                        "installed, else h11)")
+    s.add_argument("--event-loop", default="auto", choices=("auto", "asyncio", "uvloop"),
+                   help="uvicorn's event loop (default auto: uvloop when installed, else "
+                        "asyncio)")
 
 
 def check_options(args):
@@ -109,6 +120,9 @@ def check_options(args):
         raise OptionError(f"--port {args.port}: must lie in 1..65535")
     if args.shutdown_timeout < 0:
         raise OptionError(f"--shutdown-timeout {args.shutdown_timeout}: must be >= 0")
+    if args.switch_interval_ms is not None and not 1e-3 <= args.switch_interval_ms < math.inf:
+        raise OptionError(f"--switch-interval-ms {args.switch_interval_ms}: must be a finite "
+                          "number of at least 0.001 (the interpreter counts whole microseconds)")
     if args.enable_lora_loading and not args.adapter_root:
         raise OptionError("--enable-lora-loading needs --adapter-root DIR (the only place "
                           "run-time loads may read from)")
@@ -162,6 +176,19 @@ def build(args, groups, cfg, paths):
     return engine
 
 
+def serve_config(args):
+    """The server's own settings from the options (checked by :func:`check_options`)."""
+    from moelora_dist.serve.server import ServeConfig
+
+    return ServeConfig(host=args.host, port=args.port, api_key=args.api_key,
+                       max_waiting=args.max_waiting, enable_lora_loading=args.enable_lora_loading,
+                       adapter_root=args.adapter_root, shutdown_timeout=args.shutdown_timeout,
+                       log_level=args.log_level,
+                       switch_interval_s=None if args.switch_interval_ms is None
+                       else args.switch_interval_ms / 1e3,
+                       http_impl=args.http_impl, event_loop=args.event_loop)
+
+
 def main(args: argparse.Namespace) -> int:
     from moelora_dist.logs import setup_logging
     from moelora_dist.parallel.groups import destroy_parallel
@@ -170,11 +197,13 @@ def main(args: argparse.Namespace) -> int:
     groups = None
     try:
         try:
-            from moelora_dist.serve.server import ServeConfig, serve
+            from moelora_dist.serve.server import serve, uvicorn_choices
         except ImportError as exc:
             raise OptionError(f"serve needs the 'serve' extra ({exc.name} is missing): pip "
                               "install 'moelora_dist[serve]'") from None
         cfg, paths = check_options(args)
+        config = serve_config(args)
+        uvicorn_choices(config)  # httptools or uvloop asked for but not installed: said now
         groups = make_groups(args)
         if groups.layout.dp > 1:
             raise OptionError(f"serve runs one replica: --tp {args.tp} must equal the number "
@@ -184,11 +213,6 @@ def main(args: argparse.Namespace) -> int:
         engine = build(args, groups, cfg, paths)
         name = args.served_model_name or (os.path.basename(os.path.normpath(args.model))
                                           if args.model else args.random_weights)
-        config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key,
-                             max_waiting=args.max_waiting,
-                             enable_lora_loading=args.enable_lora_loading,
-                             adapter_root=args.adapter_root,
-                             shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
         if groups.is_rank0:
             log.info("serving %r and adapters %s on http://%s:%d%s", name,
                         sorted(engine.adapter_names), args.host, args.port,

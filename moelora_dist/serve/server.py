@@ -3,7 +3,12 @@
     code = serve(engine, ServeConfig(host="127.0.0.1", port=8000), served_name="base", ...)
 
 The leader (TP rank 0) starts the engine loop thread (:mod:`.loop`) and uvicorn on the main
-thread; the other ranks of the TP group run :meth:`Engine.follow` until the leader's stop.
+thread; the other ranks of the TP group run :meth:`Engine.follow` until the leader's stop. The
+two threads of the leader share the GIL: ``switch_interval_s`` bounds how long the engine
+thread, back from a device wait, may wait for it while the event loop's thread holds it
+(Python's default: 5 ms), and ``http_impl`` / ``event_loop`` choose uvicorn's HTTP parser and
+event loop (the compiled httptools and uvloop, or the pure-Python h11 and asyncio's own loop:
+less or more of the event loop thread's time with the GIL per server-sent event).
 
 Shutdown on SIGTERM or SIGINT (uvicorn's handlers, on the main thread): the listening socket
 closes (no new connection), new requests on open connections get 503, requests in flight
@@ -16,11 +21,15 @@ rank that dies ends the whole job non-zero (the launcher's guarantee).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import signal
+import sys
 from dataclasses import dataclass
 
 import uvicorn
+
+from moelora_dist.errors import OptionError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,9 @@ class ServeConfig:
     shutdown_timeout: seconds requests in flight may take to finish after SIGTERM/SIGINT.
     heartbeat_s: keep-alive period of an idle leader towards its followers.
     log_level: uvicorn's access and error log level.
+    switch_interval_s: the interpreter's GIL switch interval (None: Python's own, 5 ms).
+    http_impl / event_loop: uvicorn's HTTP implementation ("auto", "h11", "httptools") and
+    event loop ("auto", "asyncio", "uvloop"); "auto" takes httptools / uvloop when installed.
     """
 
     host: str = "127.0.0.1"
@@ -47,6 +59,59 @@ class ServeConfig:
     shutdown_timeout: float = 20.0
     heartbeat_s: float = 5.0
     log_level: str = "warning"
+    switch_interval_s: float | None = None
+    http_impl: str = "auto"
+    event_loop: str = "auto"
+
+
+# option -> (the fast choice and its package, the pure-Python fallback)
+_UVICORN_CHOICES = {"http_impl": ("httptools", "h11"), "event_loop": ("uvloop", "asyncio")}
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def uvicorn_choices(config: ServeConfig) -> dict[str, str]:
+    """The HTTP implementation and event loop uvicorn will run, ``{"http_impl", "event_loop"}``.
+
+    "auto" resolves as uvicorn resolves it (the fast package when it imports, else the
+    fallback), so the start-up log names what really runs; a fast one asked for by name that
+    does not import is an OptionError naming the package and the fix.
+    """
+    out = {}
+    for field, (fast, fallback) in _UVICORN_CHOICES.items():
+        choice = getattr(config, field)
+        if choice == "auto":
+            choice = fast if _importable(fast) else fallback
+        elif choice == fast and not _importable(fast):
+            raise OptionError(f"--{field.replace('_', '-')} {fast}: the {fast} package is not "
+                              f"installed; pip install {fast}")
+        out[field] = choice
+    return out
+
+
+def uvicorn_config(app, config: ServeConfig) -> uvicorn.Config:
+    """uvicorn's config for ``app`` under ``config``; logs the HTTP implementation and loop."""
+    choices = uvicorn_choices(config)
+    log.info("uvicorn: HTTP implementation %s, event loop %s", choices["http_impl"],
+             choices["event_loop"])
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                          timeout_graceful_shutdown=config.shutdown_timeout, lifespan="off",
+                          http=choices["http_impl"], loop=choices["event_loop"])
+
+
+def apply_switch_interval(config: ServeConfig) -> None:
+    """Set the GIL switch interval of ``config`` (None: leave the interpreter's), and log it."""
+    if config.switch_interval_s is None:
+        return
+    sys.setswitchinterval(config.switch_interval_s)
+    log.info("GIL switch interval %g ms (Python's default 5 ms)",
+             sys.getswitchinterval() * 1e3)
 
 
 def serve(engine, config: ServeConfig, *, served_name: str, model_root: str,
@@ -64,15 +129,13 @@ def serve(engine, config: ServeConfig, *, served_name: str, model_root: str,
                         engine.max_model_len, dict(adapter_sources), config.api_key,
                         config.enable_lora_loading, config.adapter_root)
     app = create_app(state)
-    server = _Server(uvicorn.Config(app, host=config.host, port=config.port,
-                                    log_level=config.log_level,
-                                    timeout_graceful_shutdown=config.shutdown_timeout,
-                                    lifespan="off"), loop)
+    server = _Server(uvicorn_config(app, config), loop)
     loop.on_fatal = lambda: setattr(server, "should_exit", True)
     # uvicorn catches SIGTERM/SIGINT while it runs and raises them again on its way out to
     # whatever handler was there before: make that one a no-op, so the drain below runs and
     # the exit code is ours (0), not the signal's.
     _ignore_signals()
+    apply_switch_interval(config)
     loop.start()
     try:
         server.run()

@@ -23,4 +23,6 @@ def test_serve_benchmark_smoke_run(tmp_path):
     for r in rows:
         assert r["errors"] == "0" and r["output_tokens"] == str(3 * 5) and r["check_ok"] == "True"
         assert float(r["out_tok_s"]) > 0 and float(r["ttft_p50_ms"]) > 0
-    assert all(r["http_overhead"] != "" for r in rows if r["side"] == "http")
+    assert all(r["http_overhead"] != "" and r["variant"] == "default"
+               for r in rows if r["side"] == "http")
+    assert (tmp_path / "serve_server_cpu.log").stat().st_size > 0  # one variant: the plain name
