@@ -136,3 +136,37 @@ def test_add_rms_norm_matches_reference(dtype, H):
     torch.testing.assert_close(norm_ops.add_rms_norm(h2, None, w, 1e-6),
                                norm_naive.add_rms_norm(h1, None, w, 1e-6), atol=TOL[dtype],
                                rtol=0)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 16], ids=["s2", "s3", "s16"])
+@pytest.mark.parametrize("name", ["decode_ragged", "prefill_chunks", "padding_rows",
+                                  "gqa_4_odd_page", "sliding_window", "head_dim_8"])
+def test_split_keys_match_reference(name, num_splits):
+    """Each tile's keys split over programs (fp32 partials merged by the combine launch) give
+    the unsplit result, prefill chunks, windows and empty splits (16 splits of a few dozen
+    keys) included."""
+    seqs, Nq, Nk, D, S, window = CASES[name]
+    q, kp, vp, tables, kv, seg = _case(seqs, Nq, Nk, D, S, torch.float32, seed=2)
+    want = naive.paged_attention(q, kp, vp, tables, kv, seg, scale=D ** -0.5,
+                                 sliding_window=window)
+    got = ops.paged_attention(q, kp, vp, tables, kv, seg, scale=D ** -0.5,
+                              sliding_window=window, decode_only=True, num_splits=num_splits)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_long_context_decode_splits():
+    """A decode over 300 keys: 5 key tiles, split 1, 2 and 4 ways (the default on the CPU
+    splits too), the same output each way."""
+    seqs = [(1, 300), (1, 77)]
+    q, kp, vp, tables, kv, seg = _case(seqs, 8, 2, 16, 16, torch.float32, seed=5)
+    want = naive.paged_attention(q, kp, vp, tables, kv, seg, scale=0.25)
+    for n in (None, 1, 2, 4):
+        got = ops.paged_attention(q, kp, vp, tables, kv, seg, scale=0.25, decode_only=True,
+                                  num_splits=n)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_decode_splits_fill_the_gpu_only_when_tiles_do_not():
+    assert ops.decode_splits(4, 132) == 16  # one sequence, 4 kv heads
+    assert ops.decode_splits(96 * 4, 132) == 2  # 64 sequences
+    assert ops.decode_splits(384 * 4, 132) == 1  # 256 sequences

@@ -87,3 +87,18 @@ def test_a_sink_takes_weight_from_every_row():
                                        sliding_window=window)
         assert (with_sink < 1).all() and (with_sink > 0).all()
         torch.testing.assert_close(without, torch.ones_like(without), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["decode_ragged", "sliding_window", "padding_rows"])
+def test_split_keys_with_sinks_match_reference(name):
+    """The combine of split keys starts from the sink (max = sink, sum = 1), as the unsplit
+    kernel does."""
+    seqs, Nq, Nk, D, S, window = CASES[name]
+    q, kp, vp, tables, kv, seg = _case(seqs, Nq, Nk, D, S, torch.float32)
+    sinks = _sinks(Nq)
+    want = naive.paged_attention(q, kp, vp, tables, kv, seg, scale=D ** -0.5,
+                                 sliding_window=window, sinks_N=sinks)
+    got = ops.paged_attention(q, kp, vp, tables, kv, seg, scale=D ** -0.5,
+                              sliding_window=window, decode_only=True, sinks_N=sinks,
+                              num_splits=3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -15,8 +15,6 @@ rounded once. No global PyTorch flag is touched.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 
@@ -24,12 +22,12 @@ from moelora_dist.kernels.align.common import Alignment
 from moelora_dist.kernels.align.ops import align_items
 from moelora_dist.kernels.constants import block_r
 from moelora_dist.kernels.dense_lora.kernel import _dense_expand_kernel, _dense_shrink_kernel
+from moelora_dist.kernels.device import num_sms
 
 MAX_GROUP = 3  # modules per launch (q/k/v)
 BLOCK_K = 64  # the shrink's K tile
 MIN_K_TILES = 4  # K tiles a split shrink program loops over at least
 MAX_SPLIT_K = 16
-CPU_SMS = 16  # "SMs" assumed off CUDA (the interpreter), so CPU tests split too
 
 
 def _block_m(num_tokens: int, num_slots: int) -> int:
@@ -46,20 +44,13 @@ def plan_tokens(token_slot_T: torch.Tensor, slot_enabled_S: torch.Tensor,
                        block_m=_block_m(T, S), mode="lora_pairs")
 
 
-def shrink_split(max_blocks: int, in_dim: int, num_sms: int) -> int:
+def shrink_split(max_blocks: int, in_dim: int, sms: int) -> int:
     """Programs per shrink block: enough for about two per SM, each with at least
     ``MIN_K_TILES`` K tiles, never a chunk with nothing to do."""
     k_tiles = triton.cdiv(in_dim, BLOCK_K)
-    split = max(1, min(triton.cdiv(2 * num_sms, max(max_blocks, 1)), k_tiles // MIN_K_TILES,
+    split = max(1, min(triton.cdiv(2 * sms, max(max_blocks, 1)), k_tiles // MIN_K_TILES,
                        MAX_SPLIT_K))
     return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return CPU_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def add_dense_lora(ys: list[torch.Tensor], x_TI: torch.Tensor, a_list: list[torch.Tensor],
@@ -86,7 +77,7 @@ def add_dense_lora(ys: list[torch.Tensor], x_TI: torch.Tensor, a_list: list[torc
     if any(a.shape != a0.shape or a.stride() != a0.stride() for a in a_list):
         raise ValueError("the modules of one dense LoRA group need A factors of one shape")
     blocks = plan.max_blocks
-    split = split_k or shrink_split(blocks, I, _num_sms(x_TI.device))
+    split = split_k or shrink_split(blocks, I, num_sms(x_TI.device))
     k_per_split = triton.cdiv(triton.cdiv(I, BLOCK_K), split) * BLOCK_K
     split = triton.cdiv(I, k_per_split)  # no chunk past the end
     shrink = torch.empty(split, n, T, BR, dtype=torch.float32, device=x_TI.device)

@@ -40,36 +40,50 @@ def _find_sequence(seg_indptr_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _tile(seg_indptr_ptr, kv_lens_ptr, num_seqs, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr,
+          GROUP: tl.constexpr):
+    """The rows of program ``program_id(0)``: its sequence ``b``, token block and lengths, and
+    per row the token, query head and validity; ``spare`` for a program with no rows."""
+    pid = tl.program_id(0)
+    b = _find_sequence(seg_indptr_ptr, pid, num_seqs, BLOCK_Q)
+    # int32 positions whatever the metadata's dtype (the engine's plans carry int64)
+    q_start = tl.load(seg_indptr_ptr + b).to(tl.int32)
+    q_len = tl.load(seg_indptr_ptr + b + 1).to(tl.int32) - q_start
+    blk = pid - (q_start // BLOCK_Q + b)
+    kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
+    ctx = kv_len - q_len  # keys cached before this step's tokens of the sequence
+    offs_m = tl.arange(0, BLOCK_Q * BLOCK_G)
+    tok = blk * BLOCK_Q + offs_m // BLOCK_G
+    head = offs_m % BLOCK_G
+    row_ok = (tok < q_len) & (head < GROUP)
+    return blk * BLOCK_Q >= q_len, b, blk, q_start, q_len, kv_len, ctx, tok, head, row_ok
+
+
+@triton.jit
 def _paged_attention_kernel(q_ptr, k_pages_ptr, v_pages_ptr, out_ptr, block_tables_ptr,
-                            kv_lens_ptr, seg_indptr_ptr, sinks_ptr, num_seqs, qk_scale,
-                            window,
+                            kv_lens_ptr, seg_indptr_ptr, sinks_ptr, part_ptr, part_ml_ptr,
+                            num_seqs, qk_scale, window, num_splits,
                             stride_qt, stride_qh, stride_ot, stride_oh,
                             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                             stride_bt,
                             PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr,
                             BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
                             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr):
+                            BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
+                            SPLIT: tl.constexpr):
     """out[t, h] = softmax(q[t, h] K^T * scale + causal/window mask) V for one tile of rows.
 
     ``qk_scale`` is ``scale * log2(e)`` (exp2 below); ``window`` 0 means no sliding window.
+    ``SPLIT``: program ``(block, kv head, s)`` reads only part ``s`` of ``num_splits`` of the
+    block's keys and writes its unnormalized sum and its softmax max and sum (log2 units) to the
+    partial buffers, for :func:`_paged_combine_kernel` (no sinks here: the combine adds them).
     """
     pid = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
-    b = _find_sequence(seg_indptr_ptr, pid, num_seqs, BLOCK_Q)
-    # int32 positions whatever the metadata's dtype (the engine's plans carry int64)
-    q_start = tl.load(seg_indptr_ptr + b).to(tl.int32)
-    q_len = tl.load(seg_indptr_ptr + b + 1).to(tl.int32) - q_start
-    blk = pid - (q_start // BLOCK_Q + b)
-    if blk * BLOCK_Q >= q_len:
+    spare, b, blk, q_start, q_len, kv_len, ctx, tok, head, row_ok = _tile(
+        seg_indptr_ptr, kv_lens_ptr, num_seqs, BLOCK_Q, BLOCK_G, GROUP)
+    if spare:
         return
-    kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
-    ctx = kv_len - q_len  # keys cached before this step's tokens of the sequence
-
-    offs_m = tl.arange(0, BLOCK_Q * BLOCK_G)
-    tok = blk * BLOCK_Q + offs_m // BLOCK_G
-    head = offs_m % BLOCK_G
-    row_ok = (tok < q_len) & (head < GROUP)
     q_pos = ctx + tok
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -89,6 +103,11 @@ def _paged_attention_kernel(q_ptr, k_pages_ptr, v_pages_ptr, out_ptr, block_tabl
     hi = tl.minimum(kv_len, ctx + tl.minimum(q_len, (blk + 1) * BLOCK_Q))
     first = tl.maximum(ctx + blk * BLOCK_Q - window + 1, 0)
     lo = tl.where(window > 0, (first // BLOCK_N) * BLOCK_N, 0)
+    if SPLIT:  # this program's share, whole key tiles (lo is a tile boundary)
+        split = tl.program_id(2)
+        chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), num_splits), BLOCK_N) * BLOCK_N
+        lo = lo + split * chunk
+        hi = tl.minimum(hi, lo + chunk)
     bt = block_tables_ptr + b.to(tl.int64) * stride_bt
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -112,10 +131,64 @@ def _paged_attention_kernel(q_ptr, k_pages_ptr, v_pages_ptr, out_ptr, block_tabl
                     + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if SPLIT:
+        rows = tl.arange(0, BLOCK_Q * BLOCK_G)
+        part = (pid * tl.num_programs(1) + kvh) * num_splits + tl.program_id(2)
+        tl.store(part_ptr + part * (BLOCK_Q * BLOCK_G * BLOCK_D) + rows[:, None] * BLOCK_D
+                 + offs_d[None, :], acc)
+        ml = part_ml_ptr + part * (2 * BLOCK_Q * BLOCK_G) + rows
+        tl.store(ml, m_i)
+        tl.store(ml + BLOCK_Q * BLOCK_G, l_i)
+        return
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + t_idx[:, None] * stride_ot + h_idx[:, None] * stride_oh
              + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _paged_combine_kernel(out_ptr, seg_indptr_ptr, kv_lens_ptr, sinks_ptr, part_ptr,
+                          part_ml_ptr, num_seqs, num_splits, stride_ot, stride_oh,
+                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          HAS_SINKS: tl.constexpr):
+    """out = the softmax-weighted merge of a tile's ``num_splits`` partials, in split order
+    (the sink, when there is one, first: max = sink, sum = 1, nothing added)."""
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1).to(tl.int64)
+    spare, b, blk, q_start, q_len, kv_len, ctx, tok, head, row_ok = _tile(
+        seg_indptr_ptr, kv_lens_ptr, num_seqs, BLOCK_Q, BLOCK_G, GROUP)
+    if spare:
+        return
+    rows = tl.arange(0, BLOCK_Q * BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_idx = kvh * GROUP + head
+    if HAS_SINKS:
+        m = tl.load(sinks_ptr + h_idx, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E
+        l = tl.full([BLOCK_Q * BLOCK_G], 1.0, dtype=tl.float32)
+    else:
+        m = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], dtype=tl.float32)
+    base = (pid * tl.num_programs(1) + kvh) * num_splits
+    for s in range(num_splits):
+        ml = part_ml_ptr + (base + s) * (2 * BLOCK_Q * BLOCK_G) + rows
+        m_s = tl.load(ml)
+        l_s = tl.load(ml + BLOCK_Q * BLOCK_G)
+        a_s = tl.load(part_ptr + (base + s) * (BLOCK_Q * BLOCK_G * BLOCK_D) + rows[:, None] * BLOCK_D
+                      + offs_d[None, :])
+        m_new = tl.maximum(m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        beta = tl.exp2(m_s - m_safe)
+        l = l * alpha + l_s * beta
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        m = m_new
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    t_idx = (q_start + tok).to(tl.int64)
+    tl.store(out_ptr + t_idx[:, None] * stride_ot + h_idx[:, None] * stride_oh
+             + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 @triton.jit

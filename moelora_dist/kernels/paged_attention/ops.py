@@ -8,7 +8,11 @@ tables, lengths and positions are read from device memory on every replay.
 
 Tiles: a program holds ``BLOCK_Q`` tokens x the ``g`` query heads of one kv head as its rows.
 Decode (one token per sequence) takes the fewest rows ``tl.dot`` allows (16); prefill chunks
-take 64 rows. Keys are read ``BLOCK_N = 64`` positions at a time whatever the page size.
+take 64 rows. Keys are read ``BLOCK_N = 64`` positions at a time whatever the page size. A
+decode step with few tiles (few sequences) splits each tile's keys over up to 16 programs
+that write fp32 partials (sum, max, normalizer), merged in split order by one more launch
+(flash-decoding's split-KV; deterministic, no atomics); the split count depends on ``T``,
+``B`` and the GPU only, so graphs capture it.
 """
 
 from __future__ import annotations
@@ -16,13 +20,23 @@ from __future__ import annotations
 import torch
 
 from moelora_dist.kernels.constants import next_power_of_2
+from moelora_dist.kernels.device import num_sms
 from moelora_dist.kernels.paged_attention.kernel import (LOG2E, _paged_attention_kernel,
+                                                         _paged_combine_kernel,
                                                          _rope_write_kernel)
 
 DECODE_ROWS = 16
 PREFILL_ROWS = 64
 BLOCK_N = 64
 MIN_DOT_K = 16  # tl.dot's smallest inner dimension: heads narrower than this are zero-padded
+MAX_SPLITS = 16  # key splits per decode tile
+
+
+def decode_splits(programs: int, sms: int) -> int:
+    """Key splits per decode tile: enough for about four programs per SM (a decode tile's
+    loop over its keys is all latency when there are few tiles: one sequence has one tile per
+    kv head), none when the tiles fill the GPU already."""
+    return max(1, min(-(-4 * sms // max(programs, 1)), MAX_SPLITS))
 
 
 def head_block(head_dim: int) -> int:
@@ -65,12 +79,15 @@ def rope_write(q_TND, k_TND, v_TND, positions_T, cos_PH, sin_PH, slot_mapping_T,
 def paged_attention(q_TND, k_pages, v_pages, block_tables_BM, kv_lens_B, seg_indptr_B1, *,
                     scale: float, sliding_window: int | None = None,
                     decode_only: bool = False,
-                    sinks_N: torch.Tensor | None = None) -> torch.Tensor:
+                    sinks_N: torch.Tensor | None = None,
+                    num_splits: int | None = None) -> torch.Tensor:
     """See :func:`moelora_dist.kernels.paged_attention.naive.paged_attention`.
 
-    ``decode_only``: every sequence adds one token (picks the decode tile); a wrong True is
-    still correct, only slower for long chunks. Integer inputs are int32 (block tables,
-    lengths, offsets); ``q`` has unit stride in D.
+    ``decode_only``: every sequence adds one token (picks the decode tile, and splits each
+    tile's keys over programs when the tiles alone leave the GPU idle: :func:`decode_splits`);
+    a wrong True is still correct, only slower for long chunks. ``num_splits``: that split
+    count instead (1: none). Integer inputs are int32 (block tables, lengths, offsets); ``q``
+    has unit stride in D.
     """
     _check_pages(k_pages, v_pages)
     T, Nq, D = q_TND.shape
@@ -85,13 +102,28 @@ def paged_attention(q_TND, k_pages, v_pages, block_tables_BM, kv_lens_B, seg_ind
     block_g = next_power_of_2(group)
     rows = DECODE_ROWS if decode_only else PREFILL_ROWS
     block_q = max(1, rows // block_g)
-    grid = (T // block_q + B, Nk)
+    blocks = T // block_q + B
+    if num_splits is None:
+        num_splits = decode_splits(blocks * Nk, num_sms(q_TND.device)) if decode_only else 1
     sinks = sinks_N.contiguous() if sinks_N is not None else out  # never read without sinks
-    _paged_attention_kernel[grid](
-        q_TND, k_pages, v_pages, out, block_tables_BM, kv_lens_B, seg_indptr_B1, sinks, B,
-        scale * LOG2E, int(sliding_window or 0), q_TND.stride(0), q_TND.stride(1),
-        out.stride(0), out.stride(1), *k_pages.stride()[:3], *v_pages.stride()[:3],
-        block_tables_BM.stride(0), PAGE_SIZE=k_pages.shape[1], GROUP=group, BLOCK_G=block_g,
-        BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=D, BLOCK_D=head_block(D),
-        HAS_SINKS=sinks_N is not None)
+    split = num_splits > 1
+    if split:  # per (block, kv head, split): the unnormalized sum, then max and sum per row
+        part = torch.empty(blocks * Nk * num_splits, block_q * block_g, head_block(D),
+                           dtype=torch.float32, device=q_TND.device)
+        part_ml = torch.empty(blocks * Nk * num_splits, 2, block_q * block_g,
+                              dtype=torch.float32, device=q_TND.device)
+    else:
+        part = part_ml = out  # never read
+    _paged_attention_kernel[(blocks, Nk, num_splits)](
+        q_TND, k_pages, v_pages, out, block_tables_BM, kv_lens_B, seg_indptr_B1, sinks, part,
+        part_ml, B, scale * LOG2E, int(sliding_window or 0), num_splits, q_TND.stride(0),
+        q_TND.stride(1), out.stride(0), out.stride(1), *k_pages.stride()[:3],
+        *v_pages.stride()[:3], block_tables_BM.stride(0), PAGE_SIZE=k_pages.shape[1],
+        GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=D,
+        BLOCK_D=head_block(D), HAS_SINKS=sinks_N is not None and not split, SPLIT=split)
+    if split:
+        _paged_combine_kernel[(blocks, Nk)](
+            out, seg_indptr_B1, kv_lens_B, sinks, part, part_ml, B, num_splits, out.stride(0),
+            out.stride(1), GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, HEAD_DIM=D,
+            BLOCK_D=head_block(D), HAS_SINKS=sinks_N is not None)
     return out
