@@ -11,7 +11,8 @@ in tiles of ``BLOCK_N`` positions, each position through the block table (any pa
 anywhere), with an online softmax in fp32; positions at or past the sequence's length are
 masked on load, so a reused page's stale values are never read. ``HAS_SINKS`` (gpt-oss): the
 online softmax starts from each row's sink logit with weight 1 (max = sink, sum = 1), so the
-sink joins the normalization and adds nothing to the output.
+sink joins the normalization and adds nothing to the output. ``SPLIT``: a third grid axis
+splits each tile's keys; the programs write fp32 partials that ``_paged_combine_kernel`` merges.
 
 ``_rope_write_kernel``: one program per token: per-head RMSNorm of q and k (Qwen3), rotary
 embedding from the fp32 tables, q stored to a new tensor, k and v stored into their page slot.
