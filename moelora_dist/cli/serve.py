@@ -91,6 +91,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--shutdown-timeout", type=float, default=20.0,
                    help="seconds requests in flight may take to finish after SIGTERM/SIGINT "
                         "before they are cancelled (default 20)")
+    s.add_argument("--frontend", choices=("process", "thread"), default="process",
+                   help="where HTTP runs: a process of its own fed through a socket (default; "
+                        "it never takes the GIL from the engine), or a thread of the engine's "
+                        "process (debugging, the benchmark's comparison)")
     s.add_argument("--log-level", default="warning",
                    choices=("critical", "error", "warning", "info", "debug"))
 
@@ -188,7 +192,8 @@ def main(args: argparse.Namespace) -> int:
                              max_waiting=args.max_waiting,
                              enable_lora_loading=args.enable_lora_loading,
                              adapter_root=args.adapter_root,
-                             shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+                             shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+                             frontend=args.frontend)
         if groups.is_rank0:
             log.info("serving %r and adapters %s on http://%s:%d%s", name,
                         sorted(engine.adapter_names), args.host, args.port,
@@ -196,7 +201,8 @@ def main(args: argparse.Namespace) -> int:
         sources = {n: os.path.realpath(p) for n, p in paths.items()}
         return serve(engine, config, served_name=name,
                      model_root=os.path.realpath(args.model) if args.model
-                     else f"random:{args.random_weights}", adapter_sources=sources)
+                     else f"random:{args.random_weights}", adapter_sources=sources,
+                     model_dir=args.model)
     except MoeloraError as exc:
         return report_user_error("moelora-dist serve", exc)
     finally:
