@@ -290,3 +290,37 @@ def test_frontend_child_dies_with_its_parent():
         os.close(settings_w)
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_an_engine_failure_fails_open_requests_and_kills_health():
+    """The engine loop fails mid-request: the request gets the error (a 500-class one), the
+    frontend's loop is no longer alive (``/health`` 503) and asks its server to exit."""
+    from moelora_dist.serve.bridge import EngineBridge
+    from moelora_dist.serve.loop import EngineLoop
+    from moelora_dist.serve.remote import RemoteLoop
+
+    class Broken(_Engine):
+        def step(self):
+            raise RuntimeError("device lost")
+
+    engine_loop = EngineLoop(Broken(), max_waiting=4, heartbeat_s=0.05)
+    ours, theirs = socket.socketpair()
+    bridge = EngineBridge(engine_loop, ours)
+    engine_loop.start()
+    bridge.start()
+    loop = RemoteLoop(theirs)
+
+    async def main():
+        fatal = asyncio.Event()
+        loop.on_fatal = fatal.set
+        loop.attach(asyncio.get_running_loop())
+        q: asyncio.Queue = asyncio.Queue()
+        await asyncio.wrap_future(loop.add("r1", [1], SamplingParams(), None, queue_sink(q)))
+        failed = await asyncio.wait_for(q.get(), 10)
+        assert isinstance(failed, RemoteError) and failed.kind == "RuntimeError"
+        await asyncio.wait_for(fatal.wait(), 10)
+
+    asyncio.run(main())
+    assert not loop.alive and not engine_loop.alive
+    ours.close()
+    theirs.close()
