@@ -9,8 +9,8 @@ Routes (docs/serve.md): ``POST /v1/completions``, ``POST /v1/chat/completions``,
 /v1/models``, ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``, ``GET
 /health``, ``GET /metrics``. A request names the base model (``--served-model-name``, default
 the model directory's name) or an adapter as its ``model``. Under the launcher every rank
-builds its part of the engine; TP rank 0 serves HTTP and runs the scheduler, the others follow
-its step plans. Every option and the model's and adapters' configs are checked before any
+builds its part of the engine; TP rank 0 runs the scheduler and serves HTTP (from a child
+process of its own unless ``--frontend thread``), the others follow its step plans. Every option and the model's and adapters' configs are checked before any
 weight is read (a mistake is one line, exit 2); the server needs the ``serve`` extra
 (``pip install 'moelora_dist[serve]'``).
 """
