@@ -173,9 +173,9 @@ class EngineLoop:
         return self._call(lambda engine: _remove_adapter(engine, name))
 
     def refuse_new(self) -> None:
-        """From now on :meth:`add` answers :class:`ShuttingDown` (a signal arrived)."""
-        with self._lock:
-            self._accepting = False
+        """From now on :meth:`add` answers :class:`ShuttingDown` (a signal arrived). Takes no
+        lock: it runs in signal handlers, which may interrupt :meth:`add` holding it."""
+        self._accepting = False
 
     def stop(self, deadline_s: float) -> None:
         """Refuse new requests; let running ones finish for ``deadline_s`` seconds, then

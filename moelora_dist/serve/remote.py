@@ -8,9 +8,10 @@ the socket to the engine process in place of the :class:`~.loop.EngineLoop`.
 Its settings come as JSON on stdin, the API key in ``$MOELORA_API_KEY``; it builds its own
 tokenizer from the model directory. The socket is read on uvicorn's event loop
 (``add_reader``), not by a thread: a frame's outputs reach their requests' queues where the
-handlers run, with no second thread taking turns with the event loop over the GIL. Writes are
-small frames on a blocking socket whose reader (the engine's bridge thread) never waits for
-anything but the socket. When the socket closes under it, or the engine reports its failure,
+handlers run, with no second thread taking turns with the event loop over the GIL. Every
+write is a small frame on a blocking socket whose reader (the engine's bridge thread) never
+waits for anything but the socket, made on the event loop's thread (a signal handler's
+``refuse_new`` is deferred to the loop: run inside another write, it would cut that frame). When the socket closes under it, or the engine reports its failure,
 every open request fails (500, or an error that ends its stream), ``/health`` answers 503, and
 the process exits 1; after a signal it drains as uvicorn does, tells the engine to stop, and
 exits 0.
@@ -26,7 +27,6 @@ import logging
 import os
 import socket
 import sys
-import threading
 
 from moelora_dist.engine.outputs import RequestOutput
 from moelora_dist.serve.loop import ShuttingDown
@@ -46,7 +46,6 @@ class RemoteLoop:
         self.on_fatal = None  # called (on the event loop) after a failure
         self.snapshot = None
         self._reader = FrameReader()
-        self._lock = threading.Lock()
         self._ids = itertools.count()
         self._sinks: dict[str, object] = {}
         self._replies: dict[int, tuple[concurrent.futures.Future, str | None]] = {}
@@ -88,7 +87,8 @@ class RemoteLoop:
         return self._ask({"op": "unload_adapter", "name": name})
 
     def refuse_new(self) -> None:
-        self._send({"op": "refuse_new"})
+        """From a signal handler: sent by the event loop, never inside another write."""
+        self._aio_loop.call_soon_threadsafe(self._send, {"op": "refuse_new"})
 
     def stop(self, deadline_s: float) -> None:
         self._send({"op": "stop", "deadline_s": deadline_s})
@@ -107,11 +107,10 @@ class RemoteLoop:
     def _send(self, msg: dict) -> None:
         if self.error is not None:
             return
-        with self._lock:
-            try:
-                self.sock.sendall(encode(msg))
-            except OSError as exc:  # the engine is gone; the reader sees it too
-                log.debug("the engine's socket is closed: %s", exc)
+        try:
+            self.sock.sendall(encode(msg))
+        except OSError as exc:  # the engine is gone; the reader sees it too
+            log.debug("the engine's socket is closed: %s", exc)
 
     def _readable(self) -> None:
         try:

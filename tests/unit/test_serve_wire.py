@@ -227,7 +227,8 @@ def test_bridge_and_remote_loop_serve_an_engine_over_a_socket_pair():
         assert loop.snapshot.adapters == ()
         with pytest.raises(ModelNotFound):
             await wait(loop.unload_adapter("a1"))
-        loop.refuse_new()
+        loop.refuse_new()  # (as from a signal handler: sent on the loop's next turn)
+        await asyncio.sleep(0)
         with pytest.raises(ShuttingDown):
             await wait(loop.add("r10", [1], SamplingParams(), None, queue_sink(queues[0])))
 
