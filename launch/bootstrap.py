@@ -4,7 +4,7 @@ then run the job and record how it failed.
     python -m launch.bootstrap <module> [args]      (started by the launcher, never by hand)
 
 1. :func:`die_with_launcher` first, before anything slow is imported: ``prctl(PR_SET_PDEATHSIG,
-   SIGKILL)`` (Linux) so that the kernel kills this process when the launcher dies, even by
+   SIGKILL)`` (Linux, :func:`moelora_dist.parallel.launch_env.die_with_parent`) so that the kernel kills this process when the launcher dies, even by
    SIGKILL, then a check that the parent is still the launcher (``$MOELORA_LAUNCH_PID``): a
    launcher that died before the call would never trigger the signal.
 2. A ``moelora_dist.cli.<name>`` module (it defines ``add_arguments`` and ``main``) is run
@@ -22,36 +22,21 @@ then run the job and record how it failed.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import json
 import os
 import runpy
-import signal
 import sys
 import time
 import traceback
 
-from moelora_dist.parallel.launch_env import LAUNCHER_PID_ENV
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
+from moelora_dist.parallel.launch_env import LAUNCHER_PID_ENV, die_with_parent
 
 def die_with_launcher() -> bool:
     """Have the kernel SIGKILL this process when its parent (the launcher) dies; returns
     whether it was armed (Linux, started by the launcher)."""
     expected = os.environ.get(LAUNCHER_PID_ENV)
-    if not expected or not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
-    # The signal fires on the parent's death *after* the call only: if the launcher is already
-    # gone we were re-parented, and nobody would ever stop us.
-    if os.getppid() != int(expected):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return True
+    return bool(expected) and die_with_parent(int(expected))
 
 
 def collective_of(exc: BaseException) -> dict | None:

@@ -81,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--num-adapters", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p.add_argument("--frontend", choices=("process", "thread"), default="process",
+                   help="the server's --frontend: HTTP in its own process (default) or on a "
+                        "thread of the engine's (the comparison)")
     p.add_argument("--startup-timeout", type=float, default=900)
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "current"))
     p.add_argument("--http-variant", dest="variants", action="append", type=parse_variant,
@@ -149,7 +152,8 @@ def serve_options(args) -> list[str]:
             "--served-model-name", BASE, "--device", args.device,
             "--dtype", "bfloat16" if args.device == "cuda" else "float32",
             "--max-model-len", str(args.prompt_len + args.output_len + 16),
-            "--max-batch", str(max(max(args.concurrency), 8)), "--max-waiting", "100000"]
+            "--max-batch", str(max(max(args.concurrency), 8)), "--max-waiting", "100000",
+            "--frontend", args.frontend]
     if args.layers:
         opts += ["--num-layers", str(args.layers)]
     if args.device == "cpu":

@@ -9,10 +9,11 @@ Routes (docs/serve.md): ``POST /v1/completions``, ``POST /v1/chat/completions``,
 /v1/models``, ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``, ``GET
 /health``, ``GET /metrics``. A request names the base model (``--served-model-name``, default
 the model directory's name) or an adapter as its ``model``. Under the launcher every rank
-builds its part of the engine; TP rank 0 serves HTTP and runs the scheduler, the others follow
-its step plans. Every option and the model's and adapters' configs are checked before any
-weight is read (a mistake is one line, exit 2); the server needs the ``serve`` extra
-(``pip install 'moelora_dist[serve]'``).
+builds its part of the engine; TP rank 0 runs the scheduler and serves HTTP (from a child
+process of its own unless ``--frontend thread``), the others follow its step plans. Every
+option and the model's and adapters' configs are checked before any weight is read (a mistake
+is one line, exit 2); the server needs the ``serve`` extra (``pip install
+'moelora_dist[serve]'``).
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--shutdown-timeout", type=float, default=20.0,
                    help="seconds requests in flight may take to finish after SIGTERM/SIGINT "
                         "before they are cancelled (default 20)")
+    s.add_argument("--frontend", choices=("process", "thread"), default="process",
+                   help="where HTTP runs: a process of its own fed through a socket (default; "
+                        "it never takes the GIL from the engine), or a thread of the engine's "
+                        "process (debugging, the benchmark's comparison)")
     s.add_argument("--log-level", default="warning",
                    choices=("critical", "error", "warning", "info", "debug"))
     s.add_argument("--switch-interval-ms", type=float, default=None, metavar="MS",
@@ -186,7 +191,8 @@ def serve_config(args):
                        log_level=args.log_level,
                        switch_interval_s=None if args.switch_interval_ms is None
                        else args.switch_interval_ms / 1e3,
-                       http_impl=args.http_impl, event_loop=args.event_loop)
+                       http_impl=args.http_impl, event_loop=args.event_loop,
+                       frontend=args.frontend)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -220,7 +226,8 @@ def main(args: argparse.Namespace) -> int:
         sources = {n: os.path.realpath(p) for n, p in paths.items()}
         return serve(engine, config, served_name=name,
                      model_root=os.path.realpath(args.model) if args.model
-                     else f"random:{args.random_weights}", adapter_sources=sources)
+                     else f"random:{args.random_weights}", adapter_sources=sources,
+                     model_dir=args.model)
     except MoeloraError as exc:
         return report_user_error("moelora-dist serve", exc)
     finally:

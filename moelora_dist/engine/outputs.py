@@ -1,5 +1,7 @@
 """What the engine hands back: incremental outputs per step, whole completions, and a metrics
-snapshot. Plain dataclasses (a server turns them into JSON or server-sent events).
+snapshot. Plain dataclasses (a server turns them into JSON or server-sent events); the
+``to_dict`` / ``from_dict`` pairs are their JSON form (what the server's frontend process
+receives, ``moelora_dist/serve/wire.py``).
 
 Finish reasons: ``"length"`` (``max_tokens`` reached), ``"eos"`` (an end-of-sequence token of
 the model; it is the last output token, as Hugging Face ``generate`` keeps it), ``"stop"``
@@ -8,7 +10,7 @@ the model; it is the last output token, as Hugging Face ``generate`` keeps it), 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -21,6 +23,22 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"token_id": self.token_id, "logprob": self.logprob, "top": self.top}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenLogprob":
+        return cls(d["token_id"], d["logprob"], [(t, lp) for t, lp in d["top"]])
+
+
+def _lps_to_dict(items):
+    return None if items is None else [None if it is None else it.to_dict() for it in items]
+
+
+def _lps_from_dict(items):
+    return None if items is None else [None if it is None else TokenLogprob.from_dict(it)
+                                       for it in items]
 
 
 @dataclass
@@ -42,6 +60,23 @@ class RequestOutput:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        """The fields as JSON values (written by hand, not ``asdict``: it runs for every
+        request of every step)."""
+        return {"request_id": self.request_id, "new_token_ids": self.new_token_ids,
+                "text_delta": self.text_delta, "logprobs": _lps_to_dict(self.logprobs),
+                "prompt_logprobs": _lps_to_dict(self.prompt_logprobs),
+                "finished": self.finished, "finish_reason": self.finish_reason,
+                "num_prompt_tokens": self.num_prompt_tokens,
+                "num_output_tokens": self.num_output_tokens}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RequestOutput":
+        return cls(d["request_id"], d["new_token_ids"], d["text_delta"],
+                   _lps_from_dict(d["logprobs"]), _lps_from_dict(d["prompt_logprobs"]),
+                   d["finished"], d["finish_reason"], d["num_prompt_tokens"],
+                   d["num_output_tokens"])
 
 
 @dataclass
@@ -94,3 +129,11 @@ class EngineMetrics:
     adapters: dict[str, AdapterCounts] = field(default_factory=dict)
     decode_steps: int = 0  # steps of decoding sequences only (no prompt chunk)
     step_seconds: float = 0.0  # wall time inside Engine.step (scheduling, forward, outputs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EngineMetrics":
+        return cls(**{**d, "adapters": {n: AdapterCounts(**c)
+                                        for n, c in d["adapters"].items()}})

@@ -14,7 +14,10 @@ it never imports :mod:`launch` (``launch`` imports ``moelora_dist``, never the r
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import MutableMapping
 
 from moelora_dist.errors import OptionError
@@ -27,6 +30,7 @@ DEFAULT_TIMEOUT_S = 120.0
 # moelora_dist.errors.report_user_error, which reads the same name, leaves the printing of a
 # user error to the launcher).
 LAUNCHER_PID_ENV = "MOELORA_LAUNCH_PID"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 # NVLink multicast (NCCL NVLS, symmetric-memory multicast, NVSHMEM NVLS) off: on the shared GPU
 # hosts this project runs on, a program that uses it can put the host's GPUs out of service for
@@ -113,3 +117,20 @@ def prepare_worker_env(nproc_per_node: int, backend: str, timeout: float,
     assert not any(is_network_var(k) for k in out)  # the pass-through promise
     env.update(out)
     return out
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Have the kernel SIGKILL this process when its parent dies, even by SIGKILL
+    (``prctl(PR_SET_PDEATHSIG)``); returns whether it was armed (Linux only). Used by the
+    launcher's workers and by the server's HTTP frontend, so neither outlives its parent."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
+    # The signal fires on the parent's death *after* the call only: if the parent is already
+    # gone we were re-parented, and nobody would ever stop us.
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True

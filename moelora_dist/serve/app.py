@@ -34,6 +34,7 @@ from moelora_dist.serve.protocol import (LoadAdapterRequest, RequestInvalid,
 from moelora_dist.serve.responses import TokenText, error_body
 from moelora_dist.serve.security import (Forbidden, Unauthorized, check_bearer,
                                          resolve_adapter_path)
+from moelora_dist.serve.wire import RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ STATUS = ((Unauthorized, 401, "authentication_error"), (Forbidden, 403, "permiss
 
 @dataclass
 class ServerState:
-    """What the routes share: the engine loop and the facts of the served model."""
+    """What the routes share: the engine loop (:class:`~.loop.EngineLoop` in this process, or
+    :class:`~.remote.RemoteLoop` to the engine's) and the facts of the served model."""
 
     loop: object
     codec: object
@@ -82,8 +84,9 @@ def error_response(exc: BaseException) -> JSONResponse:
             param = getattr(exc, "param", None)
             return JSONResponse(error_body(str(exc), name, status, param), status_code=status)
     log.error("internal error", exc_info=exc)
-    return JSONResponse(error_body(f"internal server error ({type(exc).__name__}); see the "
-                                   "server log", "internal_error", 500), status_code=500)
+    kind = exc.kind if isinstance(exc, RemoteError) else type(exc).__name__
+    return JSONResponse(error_body(f"internal server error ({kind}); see the server log",
+                                   "internal_error", 500), status_code=500)
 
 
 class AuthMiddleware:
@@ -135,7 +138,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if state.loop.error is not None or not state.loop.thread.is_alive():
+        if not state.loop.alive:
             return JSONResponse(error_body("the engine has stopped", "service_unavailable",
                                            503), status_code=503)
         return PlainTextResponse("ok")
@@ -182,7 +185,7 @@ def create_app(state: ServerState) -> FastAPI:
         name = body.lora_name
         if name == state.served_name:
             raise RequestInvalid(f"lora_name {name!r} is the base model's name", "lora_name")
-        await asyncio.wrap_future(state.loop.call(lambda e: _add(e, name, path)))
+        await asyncio.wrap_future(state.loop.load_adapter(name, path))
         state.adapter_sources[name] = path
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -192,19 +195,9 @@ def create_app(state: ServerState) -> FastAPI:
         if not state.enable_lora_loading:
             raise Forbidden("run-time adapter loading is off; start the server with "
                             "--enable-lora-loading --adapter-root DIR")
-        await asyncio.wrap_future(state.loop.call(lambda e: _remove(e, body.lora_name)))
+        await asyncio.wrap_future(state.loop.unload_adapter(body.lora_name))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed "
                                  "successfully.")
 
     return AuthMiddleware(app, state.api_key) if state.api_key else app
 
-
-def _add(engine, name: str, path: str) -> None:
-    engine.add_adapter(name, path)  # checked against every layer before it is registered
-
-
-def _remove(engine, name: str) -> None:
-    if name not in engine.adapter_names:
-        raise ModelNotFound(f"no adapter named {name!r} is loaded; loaded: "
-                            f"{engine.adapter_names}")
-    engine.remove_adapter(name)  # requests in flight on it finish first

@@ -22,7 +22,7 @@ import time
 from starlette.requests import Request
 
 from moelora_dist.engine.prompts import RequestError, prompt_ids
-from moelora_dist.serve.loop import Sink
+from moelora_dist.serve.loop import queue_sink
 from moelora_dist.serve.protocol import (ChatRequest, CompletionRequest, RequestInvalid,
                                          check_neutral, choice_seed, parse_body,
                                          sampling_params)
@@ -54,7 +54,7 @@ class Run:
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{next(_ids)}"
 
     async def start(self) -> None:
-        sink = Sink(asyncio.get_running_loop(), self.queue)
+        sink = queue_sink(self.queue)
         futs = [self.state.loop.add(c.request_id, c.prompt_ids, p, self.adapter, sink)
                 for c, p in zip(self.choices, self.params)]
         results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs),

@@ -2,19 +2,24 @@
 
     loop = EngineLoop(engine, max_waiting=256)
     loop.start()
-    sink = Sink(asyncio_loop, queue)                     # where one request's outputs go
+    sink = queue_sink(queue)                             # where one request's outputs go
     await asyncio.wrap_future(loop.add("r1", ids, params, "math", sink))  # raises if refused
     ... queue.get() -> RequestOutput (or an exception) ...
     loop.abort("r1")                                     # client gone: pages freed at once
-    await asyncio.wrap_future(loop.call(lambda e: e.add_adapter("x", path)))
+    await asyncio.wrap_future(loop.load_adapter("x", path))
     loop.stop(deadline_s=30)                             # finish or cancel, then end followers
 
 Why a thread and not the event loop: a step holds the CPU for milliseconds (host work) and
 then waits for the device; on the event loop that would stall every connection. Why one
 thread: the engine is not thread-safe, and one owner makes every decision (admission, abort,
 adapter load and unload) happen between two steps, never inside one. The HTTP side never
-touches the engine: it queues commands (:meth:`call`) and receives outputs through a
-:class:`Sink`, which hands them to the event loop in one batch per step.
+touches the engine: it queues commands (:meth:`add`, :meth:`abort`, :meth:`load_adapter`,
+...) and receives outputs through each request's :class:`Sink`. Sinks on one channel get a
+whole step's outputs in one ``channel.put_all`` call: for an event loop in this process
+(:class:`EventLoopChannel`, ``--frontend thread``) one ``call_soon_threadsafe``; for the
+HTTP frontend in its own process (``serve/bridge.py``, the default) one frame on its socket.
+Commands' futures are answered after the snapshot is refreshed, so a client that sees a
+load's answer also sees the adapter in ``/v1/models``.
 
 Outputs are handed over one step late, while the device works: the outputs of step N are
 held until step N+1's forward is queued (``Engine.after_launch``), then delivered while the
@@ -24,7 +29,8 @@ thread's host work for step N+1, and the two took turns with the GIL: on one H20
 the server's steps took 30.0 ms against the offline engine's 25.1 ms, 17% of the throughput
 (``benchmarks/serve``). Each token reaches its client later by the host time of one step (a
 few ms), never by a whole step; when no step follows (the engine ran out of work, or a step had
-nothing to run) the held outputs go at once.
+nothing to run) the held outputs go at once. (The handover alone took 1.1 ms of the 4.9 ms off;
+the HTTP side in a process of its own removes the sharing of the GIL altogether.)
 
 Admission is bounded: :meth:`add` refuses a request with :class:`Overloaded` when
 ``max_waiting`` requests already wait (those queued here but not yet admitted included), so
@@ -34,6 +40,7 @@ sends them a keep-alive every ``heartbeat_s`` seconds while idle (:meth:`Engine.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import queue
@@ -59,10 +66,30 @@ class ModelNotFound(MoeloraError):
 
 
 class Sink:
-    """Delivers one request's outputs to an asyncio queue from the engine thread."""
+    """Where one request's outputs (or the exception that ended it) go: ``target`` (an
+    asyncio queue, a request id) through ``channel``, which takes every item of a step that is
+    on it in one ``channel.put_all([(sink, item), ...])`` (module docstring)."""
 
-    def __init__(self, aio_loop, aio_queue):
-        self.aio_loop, self.aio_queue = aio_loop, aio_queue
+    __slots__ = ("channel", "target")
+
+    def __init__(self, channel, target):
+        self.channel, self.target = channel, target
+
+
+@dataclass(frozen=True)
+class EventLoopChannel:
+    """Puts items into asyncio queues of one event loop: one callback per step. Equal for equal
+    loops, so the sinks of every request on a loop share one batch."""
+
+    aio_loop: object
+
+    def put_all(self, items) -> None:
+        self.aio_loop.call_soon_threadsafe(_put_all, items)
+
+
+def queue_sink(aio_queue) -> Sink:
+    """A sink into ``aio_queue`` of the running event loop."""
+    return Sink(EventLoopChannel(asyncio.get_running_loop()), aio_queue)
 
 
 @dataclass
@@ -88,6 +115,7 @@ class EngineLoop:
         self._accepting = True
         self.error: BaseException | None = None
         self.on_fatal = None  # called (from the engine thread) after a failure
+        self.on_commands = None  # called (engine thread) after queued commands ran
         self.snapshot = self._snap()
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
@@ -96,7 +124,12 @@ class EngineLoop:
     def start(self) -> None:
         self.thread.start()
 
-    def call(self, fn) -> concurrent.futures.Future:
+    @property
+    def alive(self) -> bool:
+        """Whether the engine still serves (``/health``)."""
+        return self.error is None and self.thread.is_alive()
+
+    def _call(self, fn) -> concurrent.futures.Future:
         """Run ``fn(engine)`` on the engine thread between two steps; its result or exception
         comes back through the future."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -121,18 +154,28 @@ class EngineLoop:
                     "later"))
                 return fut
             self._pending += 1
-        return self.call(lambda engine: self._admit(engine, request_id, prompt_ids, params,
-                                                    adapter, sink))
+        return self._call(lambda engine: self._admit(engine, request_id, prompt_ids, params,
+                                                     adapter, sink))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (a client that went away): its pages are free after this call
         runs, before the next step."""
-        self.call(lambda engine: self._abort(engine, request_id))
+        self._call(lambda engine: self._abort(engine, request_id))
+
+    def load_adapter(self, name: str, path: str) -> concurrent.futures.Future:
+        """Load the adapter at ``path`` as model ``name`` (checked against every layer before
+        it is registered)."""
+        return self._call(lambda engine: engine.add_adapter(name, path))
+
+    def unload_adapter(self, name: str) -> concurrent.futures.Future:
+        """Unload adapter ``name``: new requests for it are refused at once, requests in
+        flight on it finish first."""
+        return self._call(lambda engine: _remove_adapter(engine, name))
 
     def refuse_new(self) -> None:
-        """From now on :meth:`add` answers :class:`ShuttingDown` (a signal arrived)."""
-        with self._lock:
-            self._accepting = False
+        """From now on :meth:`add` answers :class:`ShuttingDown` (a signal arrived). Takes no
+        lock: it runs in signal handlers, which may interrupt :meth:`add` holding it."""
+        self._accepting = False
 
     def stop(self, deadline_s: float) -> None:
         """Refuse new requests; let running ones finish for ``deadline_s`` seconds, then
@@ -169,29 +212,40 @@ class EngineLoop:
 
     def _drain(self, timeout: float | None) -> bool:
         """Run the queued commands; wait up to ``timeout`` for the first (None: don't wait),
-        then refresh the snapshot. False when a stop was asked."""
+        refresh the snapshot, then answer the commands' futures. False when a stop was asked."""
         try:
             item = self._commands.get(timeout=timeout) if timeout else \
                 self._commands.get_nowait()
         except queue.Empty:
             return True
+        answers = []
+        go_on = True
         while True:
             fn, fut = item
             if fn is None:
-                return False
+                go_on = False
+                break
             if fut.set_running_or_notify_cancel():
                 try:
-                    fut.set_result(fn(self.engine))
+                    answers.append((fut, fn(self.engine), None))
                 except BaseException as exc:  # the caller turns it into an HTTP error
-                    fut.set_exception(exc)
+                    answers.append((fut, None, exc))
             try:
                 item = self._commands.get_nowait()
             except queue.Empty:
-                self.snapshot = self._snap()
-                return True
+                break
+        self.snapshot = self._snap()
+        for fut, result, exc in answers:
+            if exc is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(exc)
+        if self.on_commands is not None:
+            self.on_commands()
+        return go_on
 
     def _deliver(self, outputs) -> None:
-        """Hand each output to its request's queue: one event-loop callback per loop."""
+        """Hand each output to its request's sink: one ``put_all`` per channel."""
         batches: dict[object, list] = {}
         for out in outputs:
             sink = self._sinks.get(out.request_id)
@@ -199,9 +253,9 @@ class EngineLoop:
                 continue
             if out.finished:
                 del self._sinks[out.request_id]
-            batches.setdefault(sink.aio_loop, []).append((sink.aio_queue, out))
-        for aio_loop, items in batches.items():
-            aio_loop.call_soon_threadsafe(_put_all, items)
+            batches.setdefault(sink.channel, []).append((sink, out))
+        for channel, items in batches.items():
+            channel.put_all(items)
 
     def _release(self) -> None:
         """Deliver the held outputs (``Engine.after_launch``: the next forward is queued)."""
@@ -259,10 +313,10 @@ class EngineLoop:
     def _fail_all(self, exc: BaseException) -> None:
         batches: dict[object, list] = {}
         for sink in self._sinks.values():
-            batches.setdefault(sink.aio_loop, []).append((sink.aio_queue, exc))
+            batches.setdefault(sink.channel, []).append((sink, exc))
         self._sinks.clear()
-        for aio_loop, items in batches.items():
-            aio_loop.call_soon_threadsafe(_put_all, items)
+        for channel, items in batches.items():
+            channel.put_all(items)
 
     def _drain_refused(self) -> None:
         """Commands that arrive after the end get an error, never silence."""
@@ -276,5 +330,12 @@ class EngineLoop:
 
 
 def _put_all(items) -> None:
-    for q, out in items:
-        q.put_nowait(out)
+    for sink, item in items:
+        sink.target.put_nowait(item)
+
+
+def _remove_adapter(engine, name: str) -> None:
+    if name not in engine.adapter_names:
+        raise ModelNotFound(f"no adapter named {name!r} is loaded; loaded: "
+                            f"{engine.adapter_names}")
+    engine.remove_adapter(name)  # requests in flight on it finish first

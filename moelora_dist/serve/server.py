@@ -2,21 +2,27 @@
 
     code = serve(engine, ServeConfig(host="127.0.0.1", port=8000), served_name="base", ...)
 
-The leader (TP rank 0) starts the engine loop thread (:mod:`.loop`) and uvicorn on the main
-thread; the other ranks of the TP group run :meth:`Engine.follow` until the leader's stop. The
-two threads of the leader share the GIL: ``switch_interval_s`` bounds how long the engine
-thread, back from a device wait, may wait for it while the event loop's thread holds it
-(Python's default: 5 ms), and ``http_impl`` / ``event_loop`` choose uvicorn's HTTP parser and
-event loop (the compiled httptools and uvloop, or the pure-Python h11 and asyncio's own loop:
-less or more of the event loop thread's time with the GIL per server-sent event).
+The leader (TP rank 0) runs the engine loop thread (:mod:`.loop`); the other ranks of the TP
+group run :meth:`Engine.follow` until the leader's stop. HTTP (uvicorn and the app) runs, with
+``frontend="process"`` (the default), in a child process of the leader
+(:mod:`.frontend`, fed through a socket by :mod:`.bridge`), so that its work per token never
+takes the GIL from the engine's; with ``frontend="thread"`` on the leader's main thread (for
+debugging, and the benchmark's comparison). The leader
+shares the GIL between the engine thread and, with ``frontend="thread"``, the event loop:
+``switch_interval_s`` bounds how long the engine thread, back from a device wait, may wait for
+it (Python's default: 5 ms); ``http_impl`` / ``event_loop`` choose uvicorn's HTTP parser and
+event loop (httptools and uvloop, or the pure-Python h11 and asyncio's loop).
 
-Shutdown on SIGTERM or SIGINT (uvicorn's handlers, on the main thread): the listening socket
-closes (no new connection), new requests on open connections get 503, requests in flight
-keep streaming until they finish or ``shutdown_timeout`` seconds have passed, then the rest
-are cancelled (``finish_reason: "abort"``); the loop sends the followers their stop, and the
-process exits 0. Followers ignore the two signals themselves (the launcher sends them to every
-rank): they end when the leader's stop arrives, so no rank leaves a collective half done. A
-rank that dies ends the whole job non-zero (the launcher's guarantee).
+Shutdown on SIGTERM or SIGINT: the leader forwards the signal to the frontend (and refuses new
+requests at once); uvicorn's handlers close the listening socket (no new connection), new
+requests on open connections get 503, requests in flight keep streaming until they finish or
+``shutdown_timeout`` seconds have passed, then the rest are cancelled (``finish_reason:
+"abort"``); the frontend exits 0, the loop sends the followers their stop, and the process
+exits 0. A frontend that dies ends the server with 1; an engine that fails tells the frontend
+(503 on /health, 500 to open requests), which exits, and the server exits 1. Followers ignore
+the two signals themselves (the launcher sends them to every rank): they end when the leader's
+stop arrives, so no rank leaves a collective half done. A rank that dies ends the whole job
+non-zero (the launcher's guarantee).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class ServeConfig:
     switch_interval_s: the interpreter's GIL switch interval (None: Python's own, 5 ms).
     http_impl / event_loop: uvicorn's HTTP implementation ("auto", "h11", "httptools") and
     event loop ("auto", "asyncio", "uvloop"); "auto" takes httptools / uvloop when installed.
+    frontend: "process" (HTTP in a child process) or "thread" (on the leader's main thread).
     """
 
     host: str = "127.0.0.1"
@@ -62,6 +69,10 @@ class ServeConfig:
     switch_interval_s: float | None = None
     http_impl: str = "auto"
     event_loop: str = "auto"
+    frontend: str = "process"
+
+
+READY_S = 120.0  # the frontend's start: imports, the tokenizer, binding the port
 
 
 # option -> (the fast choice and its package, the pure-Python fallback)
@@ -115,39 +126,100 @@ def apply_switch_interval(config: ServeConfig) -> None:
 
 
 def serve(engine, config: ServeConfig, *, served_name: str, model_root: str,
-          adapter_sources: dict[str, str]) -> int:
-    """Serve until a signal (leader) or the leader's stop (followers); returns the exit code."""
+          adapter_sources: dict[str, str], model_dir: str | None = None) -> int:
+    """Serve until a signal (leader) or the leader's stop (followers); returns the exit code.
+    ``model_dir``: where the frontend process reads the tokenizer from (None: no text)."""
     if not engine.is_leader:
         _ignore_signals()
         engine.follow()
         return 0
-    from moelora_dist.serve.app import ServerState, create_app
     from moelora_dist.serve.loop import EngineLoop
 
     loop = EngineLoop(engine, config.max_waiting, config.heartbeat_s)
-    state = ServerState(loop, engine.codec, served_name, model_root, engine.cfg.vocab_size,
-                        engine.max_model_len, dict(adapter_sources), config.api_key,
-                        config.enable_lora_loading, config.adapter_root)
-    app = create_app(state)
-    server = _Server(uvicorn_config(app, config), loop)
-    loop.on_fatal = lambda: setattr(server, "should_exit", True)
-    # uvicorn catches SIGTERM/SIGINT while it runs and raises them again on its way out to
-    # whatever handler was there before: make that one a no-op, so the drain below runs and
-    # the exit code is ours (0), not the signal's.
-    _ignore_signals()
     apply_switch_interval(config)
-    loop.start()
+    facts = dict(served_name=served_name, model_root=model_root,
+                 vocab_size=engine.cfg.vocab_size, max_model_len=engine.max_model_len,
+                 adapter_sources=dict(adapter_sources))
+    if config.frontend == "thread":
+        code = _serve_thread(loop, engine.codec, config, facts)
+    else:
+        code = _serve_process(loop, config, {**facts, "model_dir": model_dir})
+    if loop.error is not None:
+        log.error("the engine loop failed: %s", loop.error)
+        return 1
+    if code == 0:
+        log.warning("server stopped")
+    return code
+
+
+def run_http(state, config: ServeConfig, server_class=None) -> None:
+    """The app of ``state`` under uvicorn on this (the main) thread, until a signal or the
+    engine's failure has drained it."""
+    from moelora_dist.serve.app import create_app
+
+    server = (server_class or _Server)(uvicorn_config(create_app(state), config), state.loop)
+    state.loop.on_fatal = lambda: setattr(server, "should_exit", True)
+    # uvicorn catches SIGTERM/SIGINT while it runs and raises them again on its way out to
+    # whatever handler was there before: make that one a no-op, so the caller's drain runs
+    # and the exit code is ours (0), not the signal's.
+    _ignore_signals()
     try:
         server.run()
+    finally:
+        state.tokenizer_pool.shutdown(wait=False)
+
+
+def _serve_thread(loop, codec, config: ServeConfig, facts: dict) -> int:
+    from moelora_dist.serve.app import ServerState
+
+    state = ServerState(loop, codec, **facts, api_key=config.api_key,
+                        enable_lora_loading=config.enable_lora_loading,
+                        adapter_root=config.adapter_root)
+    loop.start()
+    try:
+        run_http(state, config)
     finally:
         # uvicorn has drained or cancelled every connection; what is left in the engine has
         # no client any more.
         loop.stop(deadline_s=0.0)
-        state.tokenizer_pool.shutdown(wait=False)
-    if loop.error is not None:
-        log.error("the engine loop failed: %s", loop.error)
+    return 0
+
+
+def _serve_process(loop, config: ServeConfig, facts: dict) -> int:
+    """The engine here, HTTP in the frontend child; its exit decides ours (module docstring)."""
+    from moelora_dist.serve.bridge import EngineBridge, spawn_frontend
+
+    proc, sock = spawn_frontend(config, facts)
+    bridge = EngineBridge(loop, sock)
+
+    def forward(sig, frame):
+        loop.refuse_new()
+        if proc.poll() is None:
+            proc.send_signal(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    loop.start()
+    bridge.start()
+    try:
+        if not bridge.wait_ready(proc, READY_S):
+            if proc.poll() is None:
+                log.error("the HTTP frontend did not listen on %s:%d within %.0f s",
+                          config.host, config.port, READY_S)
+            else:
+                log.error("the HTTP frontend exited with code %d before it listened on %s:%d "
+                          "(its error is above)", proc.returncode, config.host, config.port)
+            return 1
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        loop.stop(deadline_s=0.0)
+        sock.close()
+    if code != 0 and loop.error is None:
+        log.error("the HTTP frontend exited with code %d; the server stops", code)
         return 1
-    log.warning("server stopped")
     return 0
 
 

@@ -13,14 +13,19 @@ to start the server, ~60 s of tests on a 2-core machine.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import signal
+import socket
+import subprocess
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.integration.serving import Server, build_serve_case, greedy, offline_engine
+from tests.integration.launching import ROOT, job_env
+from tests.integration.serving import (STARTUP_S, Server, build_serve_case, greedy,
+                                       offline_engine)
 
 KEY = "test-key-123"
 MODELS = ("qwen-tiny", "a1", "a2")  # the base model's served name, then the adapters
@@ -363,6 +368,79 @@ def test_sigterm_finishes_running_requests_then_exits_0(env):
     assert server.proc.wait(timeout=30) == 0, server.log()
     with pytest.raises(httpx.TransportError):
         httpx.get(server.url + "/health", timeout=2)
+
+
+@pytest.mark.parametrize("frontend", ["process", "thread"])
+def test_both_frontends_stream_load_unload_and_drain_on_sigterm(built, frontend):
+    """``--frontend process`` (HTTP in a child process, fed through a socket) and ``thread``
+    (HTTP on the engine's process): a stream equals the offline engine's, a run-time load
+    serves and unloads, and SIGTERM lets a running stream finish, then exits 0."""
+    from moelora_dist.engine.sampling_params import SamplingParams
+
+    root, case, engine = built
+    with Server([*_serve_args(case), "--frontend", frontend], root / f"{frontend}.log",
+                api_key=KEY) as server:
+        client = server.client()
+        (ids, text), = greedy(engine, [PROMPTS[1]], ["a2"], [6])
+        chunks = list(client.completions.create(model="a2", prompt=PROMPTS[1], max_tokens=6,
+                                                temperature=0, stream=True,
+                                                extra_body={"return_token_ids": True}))
+        assert sum((c.choices[0].model_extra["token_ids"] for c in chunks), []) == ids
+        assert "".join(c.choices[0].text for c in chunks) == text
+        assert server.post("/v1/load_lora_adapter",
+                           {"lora_name": "a3", "lora_path": "a3"}).status_code == 200
+        assert "a3" in {m.id for m in client.models.list().data}
+        (a1_ids, _), = greedy(engine, [[7, 8, 9]], ["a1"], [6])
+        got = client.completions.create(model="a3", prompt=[7, 8, 9], max_tokens=6,
+                                        temperature=0, extra_body={"return_token_ids": True})
+        assert got.choices[0].model_extra["token_ids"] == a1_ids
+        assert server.post("/v1/unload_lora_adapter", {"lora_name": "a3"}).status_code == 200
+        assert "a3" not in {m.id for m in client.models.list().data}
+
+        want = engine.generate([[21, 22]], SamplingParams(max_tokens=200, temperature=0,
+                                                          ignore_eos=True), "a1")[0].output_ids
+        stream = iter(client.completions.create(
+            model="a1", prompt=[21, 22], max_tokens=200, temperature=0, stream=True,
+            extra_body={"return_token_ids": True, "ignore_eos": True}))
+        ids = next(stream).choices[0].model_extra["token_ids"]
+        server.proc.send_signal(signal.SIGTERM)
+        for chunk in stream:
+            ids += chunk.choices[0].model_extra["token_ids"]
+        assert ids == want
+        assert server.proc.wait(timeout=30) == 0, server.log()
+        assert "Traceback" not in server.log(), server.log()
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return [int(x) for x in fh.read().split()]
+
+
+def test_a_frontend_that_dies_ends_the_server_with_1(built):
+    """The HTTP frontend child killed (SIGKILL): the engine process stops and exits 1, at
+    once, not waiting for anything."""
+    root, case, _ = built
+    with Server(_serve_args(case), root / "killed.log") as server:
+        frontend, = _children(server.proc.pid)
+        os.kill(frontend, signal.SIGKILL)
+        assert server.proc.wait(timeout=30) == 1, server.log()
+        assert "the HTTP frontend exited with code -9" in server.log()
+
+
+def test_a_port_in_use_is_one_error_and_exit_1(built):
+    """Binding fails in the frontend child: the server exits 1 with uvicorn's one-line reason
+    and ours, instead of hanging."""
+    root, case, _ = built
+    server = Server(_serve_args(case), root / "bind.log")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", server.port))
+        taken.listen()
+        proc = subprocess.run(server.cmd, cwd=ROOT, env=job_env(), capture_output=True,
+                              text=True, timeout=STARTUP_S)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "address already in use" in out and "before it listened on 127.0.0.1" in out, out
+    assert "Traceback" not in out, out
 
 
 def test_under_the_launcher_tp2_ep2_gives_the_same_greedy_outputs(built):

@@ -129,7 +129,7 @@ def test_engine_loop_hands_a_steps_outputs_over_during_the_next_forward():
     import asyncio
 
     from moelora_dist.engine.outputs import EngineMetrics, RequestOutput
-    from moelora_dist.serve.loop import EngineLoop, Sink
+    from moelora_dist.serve.loop import EngineLoop, queue_sink
 
     events = []
 
@@ -183,8 +183,7 @@ def test_engine_loop_hands_a_steps_outputs_over_during_the_next_forward():
         loop._deliver = recorded
         q: asyncio.Queue = asyncio.Queue()
         loop.start()
-        await asyncio.wrap_future(loop.add("r", [1, 2], None, None,
-                                           Sink(asyncio.get_running_loop(), q)))
+        await asyncio.wrap_future(loop.add("r", [1, 2], None, None, queue_sink(q)))
         got = [await asyncio.wait_for(q.get(), 10) for _ in range(3)]
         loop.stop(deadline_s=1.0)
         return got
