@@ -167,6 +167,8 @@ def test_long_context_decode_splits():
 
 
 def test_decode_splits_fill_the_gpu_only_when_tiles_do_not():
-    assert ops.decode_splits(4, 132) == 16  # one sequence, 4 kv heads
-    assert ops.decode_splits(96 * 4, 132) == 2  # 64 sequences
+    assert ops.decode_splits(4, 132) == 8  # one sequence, 4 kv heads
+    assert ops.decode_splits(9 * 4, 132) == 8  # 16 sequences: 9 tile rows
+    assert ops.decode_splits(40, 132) == 7
+    assert ops.decode_splits(96 * 4, 132) == 1  # 64 sequences
     assert ops.decode_splits(384 * 4, 132) == 1  # 256 sequences
