@@ -4,9 +4,10 @@ then run the job and record how it failed.
     python -m launch.bootstrap <module> [args]      (started by the launcher, never by hand)
 
 1. :func:`die_with_launcher` first, before anything slow is imported: ``prctl(PR_SET_PDEATHSIG,
-   SIGKILL)`` (Linux, :func:`moelora_dist.parallel.launch_env.die_with_parent`) so that the kernel kills this process when the launcher dies, even by
-   SIGKILL, then a check that the parent is still the launcher (``$MOELORA_LAUNCH_PID``): a
-   launcher that died before the call would never trigger the signal.
+   SIGKILL)`` (Linux, :func:`moelora_dist.parallel.launch_env.die_with_parent`) so that the
+   kernel kills this process when the launcher dies, even by SIGKILL, then a check that the
+   parent is still the launcher (``$MOELORA_LAUNCH_PID``): a launcher that died before the call
+   would never trigger the signal.
 2. A ``moelora_dist.cli.<name>`` module (it defines ``add_arguments`` and ``main``) is run
    through its own parser; any other module runs as ``__main__``.
 3. Failures reach the launcher through torchelastic's per-rank error file
@@ -31,6 +32,7 @@ import time
 import traceback
 
 from moelora_dist.parallel.launch_env import LAUNCHER_PID_ENV, die_with_parent
+
 
 def die_with_launcher() -> bool:
     """Have the kernel SIGKILL this process when its parent (the launcher) dies; returns

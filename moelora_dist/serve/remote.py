@@ -11,10 +11,10 @@ tokenizer from the model directory. The socket is read on uvicorn's event loop
 handlers run, with no second thread taking turns with the event loop over the GIL. Every
 write is a small frame on a blocking socket whose reader (the engine's bridge thread) never
 waits for anything but the socket, made on the event loop's thread (a signal handler's
-``refuse_new`` is deferred to the loop: run inside another write, it would cut that frame). When the socket closes under it, or the engine reports its failure,
-every open request fails (500, or an error that ends its stream), ``/health`` answers 503, and
-the process exits 1; after a signal it drains as uvicorn does, tells the engine to stop, and
-exits 0.
+``refuse_new`` is deferred to the loop: run inside another write, it would cut that frame).
+When the socket closes under it, or the engine reports its failure, every open request fails
+(500, or an error that ends its stream), ``/health`` answers 503, and the process exits 1;
+after a signal it drains as uvicorn does, tells the engine to stop, and exits 0.
 """
 
 from __future__ import annotations

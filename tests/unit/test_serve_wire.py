@@ -193,19 +193,25 @@ class _Engine:
         pass
 
 
-def test_bridge_and_remote_loop_serve_an_engine_over_a_socket_pair():
-    """Streams, admission limits, adapter load / unload with the snapshot following, and an
-    engine-side bug as a 500-class error, through the engine's bridge and the frontend's loop."""
+def _serve_over_socket_pair(engine):
+    """``engine`` behind an EngineLoop and the engine's bridge on one end of a socket pair, a
+    RemoteLoop on the other: ``(engine loop, remote loop, bridge's socket, remote's socket)``."""
     from moelora_dist.serve.bridge import EngineBridge
     from moelora_dist.serve.loop import EngineLoop
     from moelora_dist.serve.remote import RemoteLoop
 
-    engine_loop = EngineLoop(_Engine(), max_waiting=4, heartbeat_s=0.05)
+    engine_loop = EngineLoop(engine, max_waiting=4, heartbeat_s=0.05)
     ours, theirs = socket.socketpair()
     bridge = EngineBridge(engine_loop, ours)
     engine_loop.start()
     bridge.start()
-    loop = RemoteLoop(theirs)
+    return engine_loop, RemoteLoop(theirs), ours, theirs
+
+
+def test_bridge_and_remote_loop_serve_an_engine_over_a_socket_pair():
+    """Streams, admission limits, adapter load / unload with the snapshot following, and an
+    engine-side bug as a 500-class error, through the engine's bridge and the frontend's loop."""
+    engine_loop, loop, ours, theirs = _serve_over_socket_pair(_Engine())
 
     async def main():
         loop.attach(asyncio.get_running_loop())
@@ -296,20 +302,11 @@ def test_frontend_child_dies_with_its_parent():
 def test_an_engine_failure_fails_open_requests_and_kills_health():
     """The engine loop fails mid-request: the request gets the error (a 500-class one), the
     frontend's loop is no longer alive (``/health`` 503) and asks its server to exit."""
-    from moelora_dist.serve.bridge import EngineBridge
-    from moelora_dist.serve.loop import EngineLoop
-    from moelora_dist.serve.remote import RemoteLoop
-
     class Broken(_Engine):
         def step(self):
             raise RuntimeError("device lost")
 
-    engine_loop = EngineLoop(Broken(), max_waiting=4, heartbeat_s=0.05)
-    ours, theirs = socket.socketpair()
-    bridge = EngineBridge(engine_loop, ours)
-    engine_loop.start()
-    bridge.start()
-    loop = RemoteLoop(theirs)
+    engine_loop, loop, ours, theirs = _serve_over_socket_pair(Broken())
 
     async def main():
         fatal = asyncio.Event()

@@ -18,6 +18,19 @@ from moelora_dist.kernels.moe_gemm.kernel_common import _block_rows
 
 
 @triton.jit
+def _slot_block(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr, slot_rank_ptr, pid_m,
+                num_tokens, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Slot (int64, -1: skip the block), rows and row mask of block ``pid_m``, and the rank
+    columns its slot uses."""
+    slot, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
+                                       pid_m, num_tokens, BLOCK_M)
+    slot = slot.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    rank = tl.load(slot_rank_ptr + tl.maximum(slot, 0))
+    return slot, rows, row_mask, offs_r, offs_r < rank
+
+
+@triton.jit
 def _dense_shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, slot_rank_ptr, sorted_ids_ptr,
                          block_bucket_ptr, num_post_pad_ptr, out_ptr, num_tokens, in_dim,
                          k_per_split, stride_xt, stride_xi, stride_as, stride_ar, stride_ai,
@@ -29,14 +42,11 @@ def _dense_shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, slot_rank_ptr, sorted_id
     up to three modules that read the same x (q/k/v): x is read once for all of them."""
     pid_m = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    slot, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
-                                       pid_m, num_tokens, BLOCK_M)
+    slot, rows, row_mask, offs_r, r_mask = _slot_block(
+        sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr, slot_rank_ptr, pid_m, num_tokens,
+        BLOCK_M, BLOCK_R)
     if slot < 0:
         return
-    slot = slot.to(tl.int64)
-    rank = tl.load(slot_rank_ptr + slot)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
     acc0 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
@@ -96,14 +106,11 @@ def _dense_expand_kernel(y0_ptr, y1_ptr, y2_ptr, b0_ptr, b1_ptr, b2_ptr, shrink_
 runtime loop: a split count that changes with the batch compiles no new variant)."""
     pid_m = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    slot, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
-                                       pid_m, num_tokens, BLOCK_M)
+    slot, rows, row_mask, offs_r, r_mask = _slot_block(
+        sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr, slot_rank_ptr, pid_m, num_tokens,
+        BLOCK_M, BLOCK_R)
     if slot < 0:
         return
-    slot = slot.to(tl.int64)
-    rank = tl.load(slot_rank_ptr + slot)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
     module = 0
     if NUM_MODULES > 1:
         module = tl.where(tile >= tiles0, 1, 0)

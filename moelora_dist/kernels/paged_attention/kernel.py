@@ -61,6 +61,20 @@ def _tile(seg_indptr_ptr, kv_lens_ptr, num_seqs, BLOCK_Q: tl.constexpr, BLOCK_G:
 
 
 @triton.jit
+def _softmax_start(sinks_ptr, h_idx, row_ok, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_SINKS: tl.constexpr):
+    """``(max, sum, acc)`` of an online softmax before any key: empty, or with ``HAS_SINKS``
+    the row's sink logit as one more term (log2 units, as the scores; max = sink, sum = 1)."""
+    if HAS_SINKS:
+        m = tl.load(sinks_ptr + h_idx, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E
+        l = tl.full([ROWS], 1.0, dtype=tl.float32)
+    else:
+        m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([ROWS], dtype=tl.float32)
+    return m, l, tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+
+
+@triton.jit
 def _paged_attention_kernel(q_ptr, k_pages_ptr, v_pages_ptr, out_ptr, block_tables_ptr,
                             kv_lens_ptr, seg_indptr_ptr, sinks_ptr, part_ptr, part_ml_ptr,
                             num_seqs, qk_scale, window, num_splits,
@@ -93,13 +107,8 @@ def _paged_attention_kernel(q_ptr, k_pages_ptr, v_pages_ptr, out_ptr, block_tabl
     q = tl.load(q_ptr + t_idx[:, None] * stride_qt + h_idx[:, None] * stride_qh
                 + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
-    if HAS_SINKS:  # log2 units, as the scores: the sink is one more term of the softmax
-        m_i = tl.load(sinks_ptr + h_idx, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E
-        l_i = tl.full([BLOCK_Q * BLOCK_G], 1.0, dtype=tl.float32)
-    else:
-        m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i, l_i, acc = _softmax_start(sinks_ptr, h_idx, row_ok, BLOCK_Q * BLOCK_G, BLOCK_D,
+                                   HAS_SINKS)
     # Keys this block can see: up to its last query position; from its first query's window.
     hi = tl.minimum(kv_len, ctx + tl.minimum(q_len, (blk + 1) * BLOCK_Q))
     first = tl.maximum(ctx + blk * BLOCK_Q - window + 1, 0)
@@ -164,20 +173,14 @@ def _paged_combine_kernel(out_ptr, seg_indptr_ptr, kv_lens_ptr, sinks_ptr, part_
     rows = tl.arange(0, BLOCK_Q * BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     h_idx = kvh * GROUP + head
-    if HAS_SINKS:
-        m = tl.load(sinks_ptr + h_idx, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E
-        l = tl.full([BLOCK_Q * BLOCK_G], 1.0, dtype=tl.float32)
-    else:
-        m = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), dtype=tl.float32)
-        l = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m, l, acc = _softmax_start(sinks_ptr, h_idx, row_ok, BLOCK_Q * BLOCK_G, BLOCK_D, HAS_SINKS)
     base = (pid * tl.num_programs(1) + kvh) * num_splits
     for s in range(num_splits):
         ml = part_ml_ptr + (base + s) * (2 * BLOCK_Q * BLOCK_G) + rows
         m_s = tl.load(ml)
         l_s = tl.load(ml + BLOCK_Q * BLOCK_G)
-        a_s = tl.load(part_ptr + (base + s) * (BLOCK_Q * BLOCK_G * BLOCK_D) + rows[:, None] * BLOCK_D
-                      + offs_d[None, :])
+        a_s = tl.load(part_ptr + (base + s) * (BLOCK_Q * BLOCK_G * BLOCK_D)
+                      + rows[:, None] * BLOCK_D + offs_d[None, :])
         m_new = tl.maximum(m, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_safe)
