@@ -24,6 +24,10 @@
 #   enginefp8 the engine benchmark on an FP8 model
 #   launches  kernels, their GPU us and host ms per layer of an eager decode step (4 layers)
 #   dense     the dense-LoRA and isolation GPU tests only (a quick check of a dense change)
+#   ab        launches once per variant of ${AB}: "name=FIELD=V,FIELD=V;name2=..." (MoEConfig
+#             fields set on the shipped lora_r16 entries up to T=256 by
+#             benchmarks/device/override_configs.py; "name=" runs the shipped file as is),
+#             labelled ab-<name>                                        ~15 s per variant
 #   bash benchmarks/device/run_session.sh STEP...
 # Logs and CSVs go to $RES; after every step they are packed into $OUT/results.tgz (the tool
 # brings back at most 8 files).
@@ -119,6 +123,18 @@ for s in "$@"; do
     timeout "$(t 120)" python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_kernels_gpu.py \
       tests/gpu/test_isolation_gpu.py -k "dense" >"$RES/gpu_tests_dense.log" 2>&1; rc $?
     tail -1 "$RES/gpu_tests_dense.log" | tee -a "$LOG" ;;
+  ab)
+    step "A/B of tuned-config overrides (launches): ${AB:-none}"
+    IFS=';' read -ra variants <<<"${AB:-}"
+    for v in "${variants[@]}"; do
+      name=${v%%=*}; sets=()
+      IFS=',' read -ra fields <<<"${v#*=}"
+      for f in "${fields[@]}"; do [ -n "$f" ] && sets+=(--set "$f"); done
+      python3 -m benchmarks.device.override_configs "${sets[@]}" --out "/tmp/ab_$name.json" \
+        >>"$RES/ab.log" 2>&1 || { echo "override $name failed" | tee -a "$LOG"; continue; }
+      MOELORA_KERNEL_CONFIGS=/tmp/ab_$name.json timeout "$(t 120)" python3 -m benchmarks \
+        launches --out "$RES" --label "ab-$name" >>"$RES/launches.log" 2>&1; rc $?
+    done ;;
   *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
 done

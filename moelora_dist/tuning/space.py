@@ -119,6 +119,10 @@ def lora_candidates(base: MoEConfig, heuristic: MoEConfig, *, rows_per_expert: f
     if rows_per_expert / max(adapters, 1) < 16:
         for v in (2, 4, 8):  # a shrink block holds few rows: its loop over H is all latency
             out.append(rep(start, shrink_split_k=v))
+        for v in (2, 3, 6):  # the down shrink's loop over I likewise
+            out.append(rep(start, down_shrink_split_k=v))
+    for v in (False, True):
+        out.append(rep(start, lora_prefetch=v))
     n_tiles = -(-inter // base.block_n)
     if n_tiles <= MAX_FUSED_PARTS:
         out.append(rep(start, fuse_down_shrink=True))
@@ -146,6 +150,8 @@ def merged(start: MoEConfig, timed: list[tuple[MoEConfig, float]]) -> MoEConfig 
     cfg = dataclasses.replace(start, **changes)
     if cfg.fuse_shrink:
         cfg = dataclasses.replace(cfg, run_loop=True, shrink_split_k=1)
+    if cfg.fuse_down_shrink:
+        cfg = dataclasses.replace(cfg, down_shrink_split_k=1)
     return cfg
 
 

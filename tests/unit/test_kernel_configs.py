@@ -139,6 +139,7 @@ def test_missing_path_in_the_variable_is_named(tmp_path, use_files):
     ("block_m", 8, "power of two >= 16"), ("num_warps", 3, "1, 2, 4, 8 or 16"),
     ("num_stages", 0, ">= 1"), ("lora_runs", 3, "power of two"),
     ("down_shrink_runs", 3, "-1"), ("shrink_split_k", 0, ">= 1"),
+    ("down_shrink_split_k", 0, ">= 1"), ("lora_prefetch", 1, "true, false or null"),
 ])
 def test_config_check_names_the_field(field, value, needle):
     with pytest.raises(OptionError, match=f"{field}={value}.*{needle}"):
@@ -150,6 +151,8 @@ def test_contradictory_switches_are_refused():
         MoEConfig(fuse_shrink=True, run_loop=False).check()
     with pytest.raises(OptionError, match="shrink_split_k"):
         MoEConfig(fuse_shrink=True, shrink_split_k=2).check()
+    with pytest.raises(OptionError, match="down_shrink_split_k"):
+        MoEConfig(fuse_down_shrink=True, down_shrink_split_k=2).check()
     assert MoEConfig.from_dict(MoEConfig().to_dict()) == MoEConfig()
 
 

@@ -2,7 +2,8 @@
 
 Every variant the tuner may pick computes the same function as the default pipeline: the
 H-split shrink (partials added by the gate_up expand), the down shrink in the gate_up epilogue
-(one partial per n-tile), the shrink inside the gate_up K loop (with a second pass over K for
+(one partial per n-tile), the down shrink split over I, the expands' first LoRA tiles loaded
+after the base K loop instead of before it, the shrink inside the gate_up K loop (with a second pass over K for
 blocks with more slot runs than one pass takes), both fused, and the slot loop with the fused
 down shrink. Each runs every case of the suite (sentinels, mixed ranks, an empty expert, one
 expert, T below the block, no LoRA token, all invalid, many slots with shared-outer factors
@@ -40,6 +41,11 @@ VARIANTS = {
                       down_shrink_runs=0),
     "slot_loop_fused_ds_split": rep(SMALL, run_loop=False, fuse_down_shrink=True,
                                     shrink_split_k=2),
+    # the down shrink split over I (partials summed by the down expand), with the expands'
+    # first LoRA tiles loaded after the base K loop (the default loads them before it)
+    "split_down_shrink_late_tiles": rep(SMALL, down_shrink_split_k=2, lora_prefetch=False),
+    "slot_loop_split_down_shrink": rep(SMALL, run_loop=False, down_shrink_split_k=2,
+                                       lora_runs=1),
 }
 
 

@@ -61,20 +61,41 @@ def test_stages_match_reference(case):
     rows = ~torch.isnan(h_ref[:, 0])
     assert int(rows.sum()) == int((c["topk_ids_TK"] >= 0).sum())
     torch.testing.assert_close(h[rows], h_ref[rows], atol=1e-4, rtol=1e-4)
-    h2 = ops.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh, **gtiles, run_loop=False)
-    torch.testing.assert_close(h2[rows], h[rows], atol=1e-5, rtol=1e-5)
-    # h A_down^T from the stored h, only for rows with a slot: one slot at a time, 4 runs.
+    # Both expand loops, with the first LoRA tiles loaded before the K loop (the launcher's
+    # choice at these tiles) and after it.
+    for run_loop in (True, False):
+        h2 = ops.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh, **gtiles,
+                         run_loop=run_loop, prefetch=False)
+        torch.testing.assert_close(h2[rows], h_ref[rows], atol=1e-4, rtol=1e-4)
+        h2 = ops.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh, **gtiles,
+                         run_loop=run_loop, prefetch=True)
+        torch.testing.assert_close(h2[rows], h_ref[rows], atol=1e-4, rtol=1e-4)
+    # h A_down^T from the stored h, only for rows with a slot: one slot at a time, 4 runs, and
+    # the I axis split (partials; their sum is the shrink): split_k=3 of I=24 in K tiles of 16
+    # gives 2 programs.
     dsh = ops.down_shrink(h, lora, base, K, ts, en, block_k=16)
     dsh_ref = naive.down_shrink(h, lora, base, K, ts, en)
     lora_rows = ~torch.isnan(dsh_ref[:, 0])
-    torch.testing.assert_close(dsh[lora_rows], dsh_ref[lora_rows], atol=1e-4, rtol=1e-4)
+    assert dsh.shape[0] == 1
+    torch.testing.assert_close(dsh[0][lora_rows], dsh_ref[lora_rows], atol=1e-4, rtol=1e-4)
     dsh4 = ops.down_shrink(h, lora, base, K, ts, en, block_k=16, lora_runs=4)
-    torch.testing.assert_close(dsh4[lora_rows], dsh_ref[lora_rows], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dsh4[0][lora_rows], dsh_ref[lora_rows], atol=1e-4, rtol=1e-4)
+    for runs in (None, 4):
+        split = ops.down_shrink(h, lora, base, K, ts, en, block_k=16, lora_runs=runs,
+                                split_k=3)
+        assert split.shape[0] == 2
+        torch.testing.assert_close(split.sum(0)[lora_rows], dsh_ref[lora_rows], atol=1e-4,
+                                   rtol=1e-4)
 
     out = ops.down(h, c["w_down_EHI"], c["topk_weights_TK"], base, K, ts, en, lora, dsh,
                    **gtiles)
     out_ref = naive.down(h, c["w_down_EHI"], c["topk_weights_TK"], base, K, ts, en, lora, dsh)
     torch.testing.assert_close(out[rows], out_ref[rows], atol=1e-4, rtol=1e-4)
+    for run_loop in (True, False):
+        for prefetch in (True, False):
+            o2 = ops.down(h, c["w_down_EHI"], c["topk_weights_TK"], base, K, ts, en, lora,
+                          split, **gtiles, run_loop=run_loop, prefetch=prefetch)
+            torch.testing.assert_close(o2[rows], out_ref[rows], atol=1e-4, rtol=1e-4)
 
     y = ops.topk_sum(out, c["topk_ids_TK"], 4)
     torch.testing.assert_close(y, naive.topk_sum(out, c["topk_ids_TK"], 4))
@@ -131,7 +152,7 @@ def test_expand_does_not_rely_on_rows_sorted_by_slot():
     dsh_ref = naive.down_shrink(h, lora, al, K, ts, en)
     lora_rows = ~torch.isnan(dsh_ref[:, 0])
     dsh2 = ops.down_shrink(h, lora, al, K, ts, en, block_k=16, lora_runs=2)
-    torch.testing.assert_close(dsh2[lora_rows], dsh_ref[lora_rows], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dsh2[0][lora_rows], dsh_ref[lora_rows], atol=1e-4, rtol=1e-4)
     out = ops.down(h, c["w_down_EHI"], c["topk_weights_TK"], al, K, ts, en, lora, dsh, **tiles)
     out_ref = naive.down(h, c["w_down_EHI"], c["topk_weights_TK"], al, K, ts, en, lora, dsh)
     torch.testing.assert_close(out[rows], out_ref[rows], atol=1e-4, rtol=1e-4)

@@ -19,6 +19,48 @@ from moelora_dist.kernels.moe_gemm.kernel_common import (
 
 
 @triton.jit
+def _runs_expand_tiles(first, run_m, slot_m, rank_m, rows, expert, offs_n, n_mask, dshrink_ptr,
+                       b_ptr, b_shared_ptr, slot_rank_ptr, num_dparts, dpart_stride,
+                       stride_bs, stride_be, stride_bh, stride_br, NUM_RUNS: tl.constexpr,
+                       BLOCK_R: tl.constexpr):
+    """Shrink ``[BLOCK_M, NUM_RUNS * BLOCK_R]`` and stacked ``B_down`` ``[NUM_RUNS * BLOCK_R,
+    BLOCK_N]`` tiles of the slot runs ``first .. first + NUM_RUNS - 1``; runs that do not
+    exist load as zeros (masked: no memory traffic)."""
+    slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
+    d_mask = (run_m[:, None] == first + band_q[None, :]) & (r_q[None, :] < rank_m[:, None])
+    d = _load_parts(dshrink_ptr + rows[:, None] * BLOCK_R + r_q[None, :], d_mask, num_dparts,
+                    dpart_stride)
+    has_q = slot_q >= 0
+    rank_q = tl.load(slot_rank_ptr + slot_q, mask=has_q, other=0)
+    # A shared B_down sits at expert 0: expert stride 0, no copy.
+    shared_q = tl.load(b_shared_ptr + slot_q, mask=has_q, other=0) != 0
+    eb_q = tl.where(shared_q, 0, expert)
+    b = tl.load(b_ptr + slot_q[:, None].to(tl.int64) * stride_bs + eb_q[:, None] * stride_be
+                + offs_n[None, :] * stride_bh + r_q[:, None] * stride_br,
+                mask=(r_q < rank_q)[:, None] & n_mask[None, :], other=0.0)
+    return d, b
+
+
+@triton.jit
+def _slot_expand_tiles(slot, slot_m, rows, expert, offs_n, n_mask, dshrink_ptr, b_ptr,
+                       b_shared_ptr, slot_rank_ptr, num_dparts, dpart_stride, stride_bs,
+                       stride_be, stride_bh, stride_br, BLOCK_R: tl.constexpr):
+    """Shrink ``[BLOCK_M, BLOCK_R]`` and ``B_down`` ``[BLOCK_R, BLOCK_N]`` tiles of one slot of
+    the block (zeros for ``NO_SLOT``: every load masked)."""
+    is_slot = slot != NO_SLOT
+    slot64 = tl.where(is_slot, slot, 0).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < tl.load(slot_rank_ptr + slot64, mask=is_slot, other=0)
+    eb = tl.where(tl.load(b_shared_ptr + slot64, mask=is_slot, other=0) != 0, 0, expert)
+    d = _load_parts(dshrink_ptr + rows[:, None] * BLOCK_R + offs_r[None, :],
+                    (slot_m == slot)[:, None] & r_mask[None, :], num_dparts, dpart_stride)
+    b = tl.load(b_ptr + slot64 * stride_bs + eb * stride_be + offs_n[None, :] * stride_bh
+                + offs_r[:, None] * stride_br, mask=r_mask[:, None] & n_mask[None, :],
+                other=0.0)
+    return d, b
+
+
+@triton.jit
 def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket_ptr,
                  num_post_pad_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
                  b_shared_ptr, dshrink_ptr, b_ptr, bias_ptr,
@@ -29,7 +71,7 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                  HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RUN_LOOP: tl.constexpr,
                  NUM_RUNS: tl.constexpr, W_FP8: tl.constexpr, X_FP8: tl.constexpr,
-                 HAS_BIAS: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr):
     """out[pair, n-tile] = topk_w[pair] * (h W_down^T + dshrink B_down^T [+ bias]); the bias
     (``HAS_BIAS``, gpt-oss) is given to one rank of a MoE-TP group only."""
     pid = tl.program_id(0).to(tl.int64)
@@ -43,6 +85,30 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
     expert = expert.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hidden
+    if HAS_LORA:
+        # PREFETCH: the expand's first factor and shrink tiles are loaded BEFORE the base K
+        # loop, so their latency (a dependent chain of slot, rank and partial-sum loads) hides
+        # behind it instead of following it (decode blocks hold rows of several slots); they
+        # stay live in registers through the loop, which large tiles may not afford.
+        slot_m = _row_slots(rows // top_k, row_mask, token_slot_ptr, slot_enabled_ptr,
+                            slot_rank_ptr)
+        if RUN_LOOP:
+            run_m, num_runs = _row_runs(sorted_ids_ptr, pid_m, slot_m, num_pairs, top_k,
+                                        token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                                        BLOCK_M)
+            rank_m = tl.load(slot_rank_ptr + slot_m, mask=slot_m >= 0, other=0)
+            if PREFETCH:
+                d, b = _runs_expand_tiles(0, run_m, slot_m, rank_m, rows, expert, offs_n, n_mask,
+                                          dshrink_ptr, b_ptr, b_shared_ptr, slot_rank_ptr,
+                                          num_dparts, dpart_stride, stride_bs, stride_be,
+                                          stride_bh, stride_br, NUM_RUNS, BLOCK_R)
+        else:
+            slot = _next_slot(slot_m, -1)
+            if PREFETCH:
+                d, b = _slot_expand_tiles(slot, slot_m, rows, expert, offs_n, n_mask, dshrink_ptr,
+                                          b_ptr, b_shared_ptr, slot_rank_ptr, num_dparts,
+                                          dpart_stride, stride_bs, stride_be, stride_bh,
+                                          stride_br, BLOCK_R)
     w_base = w_ptr + expert * stride_we + offs_n[None, :] * stride_wh
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if W_FP8:
@@ -74,47 +140,37 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
             acc += tl.dot(h, w.to(h.dtype))
 
     if HAS_LORA:
-        slot_m = _row_slots(rows // top_k, row_mask, token_slot_ptr, slot_enabled_ptr,
-                            slot_rank_ptr)
         if RUN_LOOP:
-            run_m, num_runs = _row_runs(sorted_ids_ptr, pid_m, slot_m, num_pairs, top_k,
-                                        token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
-                                        BLOCK_M)
-            rank_m = tl.load(slot_rank_ptr + slot_m, mask=slot_m >= 0, other=0)
-            # NUM_RUNS slot runs per dot (see kernel_gate_up.py).
+            # NUM_RUNS slot runs per dot (see kernel_gate_up.py); a block without LoRA rows
+            # adds one dot of zeros (every load of its tiles was masked).
+            if not PREFETCH:
+                d, b = _runs_expand_tiles(0, run_m, slot_m, rank_m, rows, expert, offs_n, n_mask,
+                                          dshrink_ptr, b_ptr, b_shared_ptr, slot_rank_ptr,
+                                          num_dparts, dpart_stride, stride_bs, stride_be,
+                                          stride_bh, stride_br, NUM_RUNS, BLOCK_R)
+            acc += tl.dot(d, _finite_or_zero(b))
             # num_stages=1: not software-pipelined (see kernel_gate_up.py)
-            for first in tl.range(0, num_runs, NUM_RUNS, num_stages=1):
-                slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
-                d_mask = ((run_m[:, None] == first + band_q[None, :])
-                          & (r_q[None, :] < rank_m[:, None]))
-                d = _load_parts(dshrink_ptr + rows[:, None] * BLOCK_R + r_q[None, :], d_mask,
-                                num_dparts, dpart_stride)
-                has_q = slot_q >= 0
-                rank_q = tl.load(slot_rank_ptr + slot_q, mask=has_q, other=0)
-                # A shared B_down sits at expert 0: expert stride 0, no copy.
-                shared_q = tl.load(b_shared_ptr + slot_q, mask=has_q, other=0) != 0
-                eb_q = tl.where(shared_q, 0, expert)
-                b = tl.load(b_ptr + slot_q[:, None].to(tl.int64) * stride_bs
-                            + eb_q[:, None] * stride_be + offs_n[None, :] * stride_bh
-                            + r_q[:, None] * stride_br,
-                            mask=(r_q < rank_q)[:, None] & n_mask[None, :], other=0.0)
+            for first in tl.range(NUM_RUNS, num_runs, NUM_RUNS, num_stages=1):
+                d, b = _runs_expand_tiles(first, run_m, slot_m, rank_m, rows, expert, offs_n,
+                                          n_mask, dshrink_ptr, b_ptr, b_shared_ptr,
+                                          slot_rank_ptr, num_dparts, dpart_stride, stride_bs,
+                                          stride_be, stride_bh, stride_br, NUM_RUNS, BLOCK_R)
                 acc += tl.dot(d, _finite_or_zero(b))
         else:
-            # One slot at a time (see kernel_gate_up.py for when each loop is used).
-            offs_r = tl.arange(0, BLOCK_R)
-            slot = _next_slot(slot_m, -1)
+            # One slot at a time (see kernel_gate_up.py for when each loop is used); the next
+            # slot's tiles load before this one's dot.
+            if not PREFETCH:
+                d, b = _slot_expand_tiles(slot, slot_m, rows, expert, offs_n, n_mask, dshrink_ptr,
+                                          b_ptr, b_shared_ptr, slot_rank_ptr, num_dparts,
+                                          dpart_stride, stride_bs, stride_be, stride_bh,
+                                          stride_br, BLOCK_R)
             while slot != NO_SLOT:
-                sel = slot_m == slot
-                slot64 = slot.to(tl.int64)
-                r_mask = offs_r < tl.load(slot_rank_ptr + slot64)
-                eb = tl.where(tl.load(b_shared_ptr + slot64) != 0, 0, expert)
-                d = _load_parts(dshrink_ptr + rows[:, None] * BLOCK_R + offs_r[None, :],
-                                sel[:, None] & r_mask[None, :], num_dparts, dpart_stride)
-                b = tl.load(b_ptr + slot64 * stride_bs + eb * stride_be
-                            + offs_n[None, :] * stride_bh + offs_r[:, None] * stride_br,
-                            mask=r_mask[:, None] & n_mask[None, :], other=0.0)
                 acc += tl.dot(d, _finite_or_zero(b))
                 slot = _next_slot(slot_m, slot)
+                d, b = _slot_expand_tiles(slot, slot_m, rows, expert, offs_n, n_mask,
+                                          dshrink_ptr, b_ptr, b_shared_ptr, slot_rank_ptr,
+                                          num_dparts, dpart_stride, stride_bs, stride_be,
+                                          stride_bh, stride_br, BLOCK_R)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * stride_bias_e + offs_n, mask=n_mask,

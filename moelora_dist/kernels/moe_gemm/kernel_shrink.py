@@ -5,7 +5,8 @@ tokens of slots whose A is shared by all experts (computed once per token, read 
 with an expert stride of 0 -- the bucket of such a token is ``slot * E + 0``). The H axis may
 be split over the grid's second axis: program ``(block, s)`` sums H columns
 ``[s * k_per_split, (s + 1) * k_per_split)`` into partial buffer ``s``; the gate_up expand
-adds the partials in a fixed order (deterministic, no atomics).
+adds the partials in a fixed order (deterministic, no atomics). The down shrink splits its
+I axis the same way (``num_dparts`` partials, summed by the down expand).
 """
 
 import triton
@@ -64,11 +65,17 @@ def _lora_shrink_kernel(x_ptr, a_ptr, a_shared_ptr, slot_rank_ptr, sorted_ids_pt
 @triton.jit
 def _down_shrink_kernel(h_ptr, a_ptr, sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                         token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, out_ptr,
-                        num_pairs, top_k, inter, stride_as, stride_ae, stride_ar, stride_ai,
+                        num_pairs, top_k, inter, k_per_split, part_stride,
+                        stride_as, stride_ae, stride_ar, stride_ai,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out[pair, :BLOCK_R] = h A_down^T for the pairs of one expert block, slot by slot (the
-    rows of a block are sorted by slot, so this reads the block's ``h`` once or twice)."""
+    """out[s, pair, :BLOCK_R] = h A_down^T over the I columns of split ``s`` for the pairs of
+    one expert block, slot by slot (the rows of a block are sorted by slot, so this reads the
+    block's ``h`` once or twice)."""
     pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, inter)
+    out_ptr += pid_s * part_stride
     expert, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                                          pid_m, num_pairs, BLOCK_M)
     if expert < 0:
@@ -84,7 +91,7 @@ def _down_shrink_kernel(h_ptr, a_ptr, sorted_ids_ptr, block_bucket_ptr, num_post
         r_mask = offs_r < tl.load(slot_rank_ptr + slot64)
         a_base = a_ptr + slot64 * stride_as + expert * stride_ae + offs_r[None, :] * stride_ar
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < inter
             h = tl.load(h_ptr + rows[:, None] * inter + offs_k[None, :],
@@ -99,13 +106,18 @@ def _down_shrink_kernel(h_ptr, a_ptr, sorted_ids_ptr, block_bucket_ptr, num_post
 @triton.jit
 def _down_shrink_runs_kernel(h_ptr, a_ptr, sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                              token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, out_ptr,
-                             num_pairs, top_k, inter, stride_as, stride_ae, stride_ar,
-                             stride_ai, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                             BLOCK_R: tl.constexpr, NUM_RUNS: tl.constexpr):
+                             num_pairs, top_k, inter, k_per_split, part_stride, stride_as,
+                             stride_ae, stride_ar, stride_ai, BLOCK_M: tl.constexpr,
+                             BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                             NUM_RUNS: tl.constexpr):
     """``_down_shrink_kernel`` with ``NUM_RUNS`` slot runs stacked on the N axis of one dot:
     the block's ``h`` is read once per ``NUM_RUNS`` runs (not once per slot), and each row
     keeps the band of its own run."""
     pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, inter)
+    out_ptr += pid_s * part_stride
     expert, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                                          pid_m, num_pairs, BLOCK_M)
     if expert < 0:
@@ -124,7 +136,7 @@ def _down_shrink_runs_kernel(h_ptr, a_ptr, sorted_ids_ptr, block_bucket_ptr, num
                   + r_q[None, :] * stride_ar)
         in_chunk = (run_m >= first) & (run_m < first + NUM_RUNS)
         acc = tl.zeros([BLOCK_M, NUM_RUNS * BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < inter
             h = tl.load(h_ptr + rows[:, None] * inter + offs_k[None, :],

@@ -4,7 +4,7 @@ Pipeline of one layer (see :mod:`moelora_dist.kernels.moe_lora.ops`):
 
 1. ``lora_shrink``  x A_gate/A_up^T per (slot, expert) block    -> shrink   [P, T*K + T, 2*BR] fp32
 2. ``gate_up``      x W^T + shrink B^T, act(gate) * up            -> h        [T*K, I_l]
-3. ``down_shrink``  h A_down^T per slot run of an expert block    -> dshrink  [T*K, BR] fp32
+3. ``down_shrink``  h A_down^T per slot run of an expert block    -> dshrink  [P, T*K, BR] fp32
 4. ``down``         w_k * (h W_down^T + dshrink B_down^T)         -> out      [T*K, H]
 5. ``topk_sum``     sum over k of the valid pairs                 -> y        [T, H]
 
@@ -79,6 +79,25 @@ def _parts(t: torch.Tensor | None) -> tuple[int, int]:
     return (int(t.shape[0]), int(t[0].numel())) if t.dim() == 3 else (1, 0)
 
 
+def _split(k: int, split_k: int, block_k: int) -> tuple[int, int]:
+    """(columns per split, a multiple of ``block_k``; number of splits) of a K axis of ``k``
+    cut into at most ``split_k`` programs."""
+    if split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    return k_per_split, triton.cdiv(k, k_per_split)
+
+
+# Largest expand tile (rows x columns) whose first LoRA tiles are loaded before the base K loop
+# when the caller leaves ``prefetch`` to the launcher: decode tiles (16 x 64 .. 64 x 64), where
+# the loads' latency is what the expand costs; larger tiles keep their registers for the loop.
+PREFETCH_MAX_TILE = 64 * 64
+
+
+def _prefetch(prefetch: bool | None, block_m: int, block_n: int) -> bool:
+    return block_m * block_n <= PREFETCH_MAX_TILE if prefetch is None else bool(prefetch)
+
+
 def lora_shrink(x_TH: torch.Tensor, lora: MoELoRAWeights, al: Alignment, top_k: int,
                 *, block_k: int = 64, num_warps: int = 4, split_k: int = 1) -> torch.Tensor:
     """Gate/up LoRA shrink for the items of a ``mode="lora"`` alignment.
@@ -95,10 +114,7 @@ def lora_shrink(x_TH: torch.Tensor, lora: MoELoRAWeights, al: Alignment, top_k: 
     """
     T, H = x_TH.shape
     BR = block_r(lora.max_rank)
-    if split_k < 1:
-        raise ValueError(f"split_k must be >= 1, got {split_k}")
-    k_per_split = triton.cdiv(triton.cdiv(H, split_k), block_k) * block_k
-    parts = triton.cdiv(H, k_per_split)
+    k_per_split, parts = _split(H, split_k, block_k)
     out = torch.empty(parts, T * top_k + T, 2 * BR, dtype=torch.float32, device=x_TH.device)
     a = lora.gate_up_a
     _lora_shrink_kernel[(al.max_blocks, parts)](
@@ -124,7 +140,7 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
             run_loop: bool = True, lora_runs: int = 1, fuse_down_shrink: bool = False,
             down_shrink_runs: int = 1, x_scale: torch.Tensor | None = None,
-            out_dtype: torch.dtype | None = None):
+            out_dtype: torch.dtype | None = None, prefetch: bool | None = None):
     """Base gate_up + LoRA expand + activation for a base alignment.
 
     Args:
@@ -138,6 +154,8 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             alpha and limit); bias_EX: ``[E_l, 2*I_l]`` gate then up bias, or None.
         fuse_down_shrink: also compute the down shrink ``h A_down^T`` in the epilogue,
             ``down_shrink_runs`` slot runs per dot.
+        prefetch: load the expand's first shrink and factor tiles before the base K loop
+            (None: for tiles of at most :data:`PREFETCH_MAX_TILE`).
         x_scale: FP8 experts only: ``x_TH`` is already quantized (e4m3, from
             :func:`~moelora_dist.kernels.block_fp8.ops.quantize_act`) and these are its
             ``[T, ceil(H / 128)]`` scales; ``out_dtype`` is then the dtype of ``h``.
@@ -184,34 +202,42 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), FUSE_DOWN_SHRINK=fuse_down_shrink,
         DS_RUNS=num_runs(down_shrink_runs), W_FP8=is_fp8(w_gate_up_EXH),
         X_FP8=x_scale is not None, HAS_BIAS=bias_EX is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        PREFETCH=_prefetch(prefetch, al.block_m, block_n), num_warps=num_warps,
+        num_stages=num_stages)
     return (h, dparts) if fuse_down_shrink else h
 
 
 def down_shrink(h, lora: MoELoRAWeights, al: Alignment, top_k: int, token_slot_T,
                 slot_enabled_S, *, block_k: int = 64, num_warps: int = 4,
-                lora_runs: int | None = None) -> torch.Tensor:
+                lora_runs: int | None = None, split_k: int = 1) -> torch.Tensor:
     """``h A_down^T`` per pair from the stored ``h``.
 
     Args:
         h: ``[T*K, I_l]``; al: the base alignment.
         lora_runs: None: one slot at a time (``h`` read once per slot of a block); else that
             many slot runs stacked per dot (``h`` read once per ``lora_runs`` runs).
+        split_k: programs per block along I, each writing its own partial buffer (at most
+            ``ceil(I_l / block_k)``): at decode sizes a block holds a few rows and its loop
+            over I is all latency.
     Returns:
-        ``[T*K, BR]`` fp32, set for the pairs with an enabled slot (other rows unset, never
-        read).
+        ``[P, T*K, BR]`` fp32 partial sums (``P <= split_k``; their sum, which :func:`down`
+        takes, is the shrink), set for the pairs with an enabled slot (other rows unset,
+        never read).
     """
     N, inter = h.shape
     BR = block_r(lora.max_rank)
-    out = torch.empty(N, BR, dtype=torch.float32, device=h.device)
+    k_per_split, parts = _split(inter, split_k, block_k)
+    out = torch.empty(parts, N, BR, dtype=torch.float32, device=h.device)
     a = lora.down_a
     args = (h, a, al.sorted_ids, al.block_bucket, al.num_post_pad, token_slot_T,
-            slot_enabled_S, lora.slot_rank, out, N, top_k, inter, *a.stride())
+            slot_enabled_S, lora.slot_rank, out, N, top_k, inter, k_per_split, out[0].numel(),
+            *a.stride())
+    grid = (al.max_blocks, parts)
     if lora_runs is None:
-        _down_shrink_kernel[(al.max_blocks,)](*args, BLOCK_M=al.block_m, BLOCK_K=block_k,
-                                              BLOCK_R=BR, num_warps=num_warps)
+        _down_shrink_kernel[grid](*args, BLOCK_M=al.block_m, BLOCK_K=block_k, BLOCK_R=BR,
+                                  num_warps=num_warps)
     else:
-        _down_shrink_runs_kernel[(al.max_blocks,)](
+        _down_shrink_runs_kernel[grid](
             *args, BLOCK_M=al.block_m, BLOCK_K=block_k, BLOCK_R=BR,
             NUM_RUNS=num_runs(lora_runs), num_warps=num_warps)
     return out
@@ -221,14 +247,15 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
          slot_enabled_S=None, lora: MoELoRAWeights | None = None, dshrink=None,
          bias_EH: torch.Tensor | None = None, *, block_n: int = 64, block_k: int = 64,
          num_warps: int = 4, num_stages: int = 3, run_loop: bool = True, lora_runs: int = 1,
-         h_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
+         h_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+         prefetch: bool | None = None):
     """Base down + LoRA expand, times the top-k weight, per pair.
 
     Args:
         h: ``[T*K, I_l]``; w_down_EHI: ``[E_l, H, I_l]``; topk_weights_TK: ``[T, K]`` fp32.
-        dshrink: ``[T*K, BR]`` fp32 from :func:`down_shrink` when ``lora`` is given, or the
-            ``[P, T*K, BR]`` partials of a fused down shrink (summed here, in order).
-        run_loop, lora_runs: the expand loop, as in :func:`gate_up`.
+        dshrink: ``[P, T*K, BR]`` fp32 partials from :func:`down_shrink` (or a fused down
+            shrink) when ``lora`` is given, summed here in order, or one ``[T*K, BR]`` buffer.
+        run_loop, lora_runs, prefetch: the expand, as in :func:`gate_up`.
         bias_EH: ``[E_l, H]`` down bias added before the top-k weight, or None.
         h_scale: FP8 experts only: ``h`` is already quantized (e4m3) and these are its
             ``[T*K, ceil(I_l / 128)]`` scales; ``out_dtype`` is then the output's dtype.
@@ -264,7 +291,7 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=BR, RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs),
         W_FP8=is_fp8(w_down_EHI), X_FP8=h_scale is not None, HAS_BIAS=bias_EH is not None,
-        num_warps=num_warps,
+        PREFETCH=_prefetch(prefetch, al.block_m, block_n), num_warps=num_warps,
         num_stages=num_stages)
     return out
 

@@ -65,6 +65,13 @@ class MoEConfig:
     # one fp32 partial per n-tile summed by the down expand (no down_shrink launch).
     fuse_shrink: bool = False
     fuse_down_shrink: bool = False
+    # The down shrink's I axis split over down_shrink_split_k programs per block (partials
+    # summed by the down expand), as shrink_split_k does for H; 1 with fuse_down_shrink.
+    down_shrink_split_k: int = 1
+    # lora_prefetch: the gate_up and down expands load their first shrink and factor tiles
+    # before the base K loop (their latency hides behind it; the tiles stay live in registers
+    # through the loop). None: for tiles of at most moe_gemm.ops.PREFETCH_MAX_TILE elements.
+    lora_prefetch: bool | None = None
     # FP8 experts only: quantize x and h once, in a kernel of their own, before the GEMMs that
     # read them (True), or in every n-tile program's K loop (False; no extra launch, but each
     # program re-reads two bytes per value and re-quantizes them in registers).
@@ -108,6 +115,13 @@ class MoEConfig:
             bad("down_shrink_runs", "must be -1 (auto), 0 (one slot at a time) or a power of two")
         if not isinstance(self.shrink_split_k, int) or self.shrink_split_k < 1:
             bad("shrink_split_k", "must be an integer >= 1")
+        if not isinstance(self.down_shrink_split_k, int) or self.down_shrink_split_k < 1:
+            bad("down_shrink_split_k", "must be an integer >= 1")
+        if self.fuse_down_shrink and self.down_shrink_split_k != 1:
+            bad("down_shrink_split_k", "must be 1 with fuse_down_shrink (its partials are the "
+                "gate_up n-tiles)")
+        if not (self.lora_prefetch is None or isinstance(self.lora_prefetch, bool)):
+            bad("lora_prefetch", "must be true, false or null (by tile size)")
         if self.fuse_shrink and not self.run_loop:
             bad("run_loop", "must be true with fuse_shrink (the fused kernel walks slot runs)")
         if self.fuse_shrink and self.shrink_split_k != 1:
@@ -211,4 +225,5 @@ def config_and_source(num_tokens: int, top_k: int, num_experts: int, num_slots: 
 
 # The fields that only a LoRA call reads.
 LORA_FIELDS = ("lora_block_m", "shrink_block_k", "shrink_split_k", "shrink_num_warps",
-               "run_loop", "lora_runs", "down_shrink_runs", "fuse_shrink", "fuse_down_shrink")
+               "run_loop", "lora_runs", "down_shrink_runs", "fuse_shrink", "fuse_down_shrink",
+               "down_shrink_split_k", "lora_prefetch")

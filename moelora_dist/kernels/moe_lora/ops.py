@@ -7,7 +7,7 @@ then up rows), K top-k, S slots, R max rank, BR padded rank (power of two >= 16)
     [LoRA] align(lora, by slot*E_l + expert)          in the same 4 launches
     [LoRA] lora_shrink  x A^T                         -> [P, T*K + T, 2BR] fp32 partials
     gate_up (+ expand, act)                           -> h [T*K, I_l]
-    [LoRA] down_shrink  h A_down^T                    -> [T*K, BR] fp32
+    [LoRA] down_shrink  h A_down^T                    -> [P, T*K, BR] fp32 partials
     down (+ expand, x top-k weight)                   -> [T*K, H]
     topk_sum                                          -> y [T, H]
 
@@ -207,15 +207,15 @@ def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights
         xa, xkw = gemm_input(cfg, x_TH, w_gate_up_EXH, "x_scale")  # the shrink read bf16 x
         res = ops.gate_up(xa, w_gate_up_EXH, base, K, *slots, lora, shrink, activation,
                           b_gate_up_EX, run_loop=cfg.run_loop, out_dtype=x_TH.dtype,
-                          **tiles, **xkw)
+                          prefetch=cfg.lora_prefetch, **tiles, **xkw)
     if cfg.fuse_down_shrink:
         h, dshrink = res
     else:
         h = res
         dshrink = ops.down_shrink(h, lora, base, K, *slots, block_k=cfg.shrink_block_k,
-                                  lora_runs=ds_runs)
+                                  lora_runs=ds_runs, split_k=cfg.down_shrink_split_k)
     ha, hkw = gemm_input(cfg, h, w_down_EHI, "h_scale")  # the down shrink read bf16 h
     out = ops.down(ha, w_down_EHI, topk_weights_TK, base, K, *slots, lora, dshrink, b_down_EH,
                    run_loop=cfg.run_loop, lora_runs=cfg.lora_runs, out_dtype=h.dtype,
-                   **cfg.down_tiles(), **hkw)
+                   prefetch=cfg.lora_prefetch, **cfg.down_tiles(), **hkw)
     return ops.topk_sum(out, topk_ids_TK, E)
