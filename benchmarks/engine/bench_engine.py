@@ -21,15 +21,29 @@ norms, router and lm_head bf16; activations and adapters bf16. Written to
 concurrency B in ``--concurrency`` (default 1, 16, 64, 256) and mode ("base": no adapter;
 "lora8": request b uses adapter b % 8), B requests of ``--prompt-len`` random tokens arrive
 at once and each generates ``--output-len`` tokens (greedy, EOS ignored), after an untimed
-warm-up run of the same prompts with 3 output tokens (compilation, graph capture). Columns:
+warm-up run of the same requests and length: the scheduler is deterministic, so the timed run
+repeats its steps, and every Triton shape and CUDA graph it needs is compiled and captured
+before (``captures`` shows it). ``--repeats N`` times the case N times after its warm-up and
+writes each metric's median (the lower middle one for an even N; default 1: every repeat costs
+one more run of every case, the whole timed part again). Columns:
 ``out_tok_s`` (output tokens over the whole run), ``prefill_tok_s`` (prompt tokens until the
-last request's first token), ``decode_tok_s`` (tokens after it, over the time after it),
-``ttft_ms`` / ``tpot_ms`` (means over requests), their ``*_ratio`` lora8 / base; for the graph
-decode step of that B (at the final context length): ``graph_step_ms`` (GPU time of the
-replayed graph), ``step_bytes`` (what it reads: :mod:`.measure`) and ``roofline`` (bytes over
-the HBM bandwidth measured in this run, over the step time), ``host_over_gpu`` (the engine's
-decode step wall time over the graph's GPU time); ``eager_host_ms_per_layer`` (host time of
-an eager decode step per layer) and ``eager_step_ms``.
+last request's first token: the prefill window), ``decode_tok_s`` (tokens after it, over the
+time after it), ``ttft_ms`` / ``tpot_ms`` (means over requests), ``decode_step_ms`` (median
+wall time of a step after the window), their ``*_ratio`` lora8 / base. What the window is made
+of: ``prefill_steps`` (steps that computed prompt tokens), ``mixed_steps`` (those of them that
+also decoded some request), ``prefill_ms`` (their summed wall time) and ``prefill_step_tok_s``
+(prompt tokens over it, with its ratio: the prefill rate without the time between steps);
+``window_decode_steps`` / ``window_decode_ms`` (steps in it that computed no prompt token,
+and their time), ``window_decode_tokens`` (tokens decoded in it, in mixed steps or not),
+``window_other_ms`` (host time outside any step: adding the requests, the benchmark's loop;
+the three times add up to the window); ``captures`` (CUDA graphs captured during the timed
+runs: 0 unless the warm-up missed one), ``preemptions`` (by the scheduler in the timed run),
+``repeats`` and ``prefill_spread`` ((max - min) / median of ``prefill_tok_s`` over them). For
+the graph decode step of that B (at the final context length): ``graph_step_ms`` (GPU time of
+the replayed graph), ``step_bytes`` (what it reads: :mod:`.measure`) and ``roofline`` (bytes
+over the HBM bandwidth measured in this run, over the step time), ``host_over_gpu`` (the
+engine's decode step wall time over the graph's GPU time); ``eager_host_ms_per_layer`` (host
+time of an eager decode step per layer) and ``eager_step_ms``.
 
 Before timing, a check compares a mixed batch's first-token log-probabilities of the Triton
 engine (graphs on) against the PyTorch reference path (``check_err``, max abs), and the
@@ -47,7 +61,9 @@ import argparse
 import contextlib
 import logging
 import os
+import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -93,9 +109,14 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs per case after its warm-up; each metric is their median "
+                        "(default 1; each more costs one more run of every case)")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "..",
                                                      "results", "current"))
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: must be >= 1")
     if args.fp8 and args.model != "qwen3-30b-a3b":
         p.error(f"--fp8 serves the qwen3-30b-a3b shape only ({args.model}'s experts have no FP8 "
                 "checkpoint path)")
@@ -200,35 +221,129 @@ def top_logprob_err(fast_tops, ref_tops) -> float:
     return err
 
 
-def run_case(engine, prompts, names, n) -> dict:
-    """All requests at once; per-request first / last token times on the host clock."""
+@dataclass
+class StepRecord:
+    """One engine step of a timed run, as the benchmark sees it from outside the engine: host
+    clock at its start and end, the prompt tokens it computed (the engine's counter), the
+    tokens it returned as a request's first or as a later one, the CUDA graphs it captured."""
+
+    start: float
+    end: float
+    prompt_tokens: int
+    first_tokens: int
+    later_tokens: int
+    captures: int = 0
+
+    @property
+    def wall(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
+class Trace:
+    """A timed run: its start and end, every step, per request the times of its first and
+    last token and its token count, and the preemptions the scheduler made meanwhile."""
+
+    t0: float
+    t_end: float
+    steps: list[StepRecord]
+    first: dict[str, float]
+    last: dict[str, float]
+    count: dict[str, int]
+    preemptions: int
+
+
+def _num_graphs(engine) -> int:
+    """CUDA graphs captured so far (none on a CPU or with ``enforce_eager``)."""
+    graphs = engine.worker.graphs
+    return len(graphs.captured) if graphs is not None else 0
+
+
+def _step(engine, first, last, count) -> StepRecord:
+    """Run one engine step and record it; ``first`` / ``last`` / ``count`` are updated."""
+    prompt0, graphs0 = engine.counters["prompt_tokens"], _num_graphs(engine)
+    s0 = time.perf_counter()
+    outs = engine.step()
+    now = time.perf_counter()
+    firsts = later = 0
+    for o in outs:
+        k = len(o.new_token_ids)
+        if not k:
+            continue
+        if o.request_id not in first:
+            first[o.request_id] = now
+            firsts, k = firsts + 1, k - 1
+        later += k
+        last[o.request_id] = now
+        count[o.request_id] = count.get(o.request_id, 0) + len(o.new_token_ids)
+    return StepRecord(s0, now, engine.counters["prompt_tokens"] - prompt0, firsts, later,
+                      _num_graphs(engine) - graphs0)
+
+
+def timed_run(engine, prompts, names, n) -> Trace:
+    """All requests at once, each generating ``n`` tokens; every step recorded."""
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    preempted = engine.scheduler.num_preemptions
     t0 = time.perf_counter()
     for i, (p, a) in enumerate(zip(prompts, names)):
         engine.add_request(f"q{i}", p, params, a)
     first, last, count, steps = {}, {}, {}, []
     while engine.has_unfinished():
-        s0 = time.perf_counter()
-        outs = engine.step()
-        now = time.perf_counter()
-        steps.append((s0, now, len(outs)))
-        for o in outs:
-            if o.new_token_ids:
-                first.setdefault(o.request_id, now)
-                last[o.request_id] = now
-                count[o.request_id] = count.get(o.request_id, 0) + len(o.new_token_ids)
-    t_end = time.perf_counter()
-    t_first = max(first.values())
-    B = len(prompts)
-    after = sum(c - 1 for c in count.values())  # tokens after each request's first
-    late = [(b - a) for a, b, k in steps if a >= t_first]
-    return dict(out_tok_s=round(B * n / (t_end - t0), 2),
-                prefill_tok_s=round(sum(map(len, prompts)) / (t_first - t0), 1),
-                decode_tok_s=round(after / max(t_end - t_first, 1e-9), 2) if n > 1 else 0.0,
-                ttft_ms=round(1e3 * sum(first[k] - t0 for k in first) / B, 2),
+        steps.append(_step(engine, first, last, count))
+    return Trace(t0, time.perf_counter(), steps, first, last, count,
+                 engine.scheduler.num_preemptions - preempted)
+
+
+def window_metrics(steps: list[StepRecord], t0: float, t_first: float,
+                   prompt_tokens: int) -> dict:
+    """What the time until the last first token (the prefill window) is made of: the steps
+    that computed prompt tokens (how many, how many of them also decoded, their summed wall
+    time and the prompt tokens over it), the steps in it that computed none (decode only),
+    the tokens decoded in it, and the host time outside any step (adding the requests, this
+    loop). ``prefill_ms + window_decode_ms + window_other_ms`` is the whole window."""
+    window = [s for s in steps if s.end <= t_first]
+    pre = [s for s in window if s.prompt_tokens]
+    dec = [s for s in window if not s.prompt_tokens]
+    pre_s, dec_s = sum(s.wall for s in pre), sum(s.wall for s in dec)
+    return dict(prefill_step_tok_s=round(prompt_tokens / max(pre_s, 1e-9), 1),
+                prefill_ms=round(1e3 * pre_s, 3), prefill_steps=len(pre),
+                mixed_steps=sum(1 for s in pre if s.later_tokens),
+                window_decode_steps=len(dec), window_decode_ms=round(1e3 * dec_s, 3),
+                window_decode_tokens=sum(s.later_tokens for s in window),
+                window_other_ms=round(1e3 * (t_first - t0 - pre_s - dec_s), 3))
+
+
+def case_metrics(tr: Trace, n: int, prompt_tokens: int) -> dict:
+    """The CSV columns of one timed run (module docstring) from its trace."""
+    B = len(tr.first)
+    t_first = max(tr.first.values())
+    after = sum(c - 1 for c in tr.count.values())  # tokens after each request's first
+    late = sorted(s.wall for s in tr.steps if s.start >= t_first)
+    first, last, count = tr.first, tr.last, tr.count
+    return dict(out_tok_s=round(B * n / (tr.t_end - tr.t0), 2),
+                prefill_tok_s=round(prompt_tokens / (t_first - tr.t0), 1),
+                decode_tok_s=round(after / max(tr.t_end - t_first, 1e-9), 2) if n > 1 else 0.0,
+                ttft_ms=round(1e3 * sum(first[k] - tr.t0 for k in first) / B, 2),
                 tpot_ms=round(1e3 * sum((last[k] - first[k]) / max(count[k] - 1, 1)
                                         for k in first) / B, 3),
-                decode_step_ms=round(1e3 * sorted(late)[len(late) // 2], 3) if late else 0.0)
+                decode_step_ms=round(1e3 * late[len(late) // 2], 3) if late else 0.0,
+                **window_metrics(tr.steps, tr.t0, t_first, prompt_tokens),
+                captures=sum(s.captures for s in tr.steps), preemptions=tr.preemptions)
+
+
+def run_case(engine, prompts, names, n) -> dict:
+    """All requests at once; the metrics of that run (:func:`case_metrics`)."""
+    return case_metrics(timed_run(engine, prompts, names, n), n, sum(map(len, prompts)))
+
+
+def median_row(runs: list[dict]) -> dict:
+    """Per metric, the median over the repeats: the lower middle one of an even count, so that
+    every figure was measured and counts stay integers (metrics of one row may come from
+    different repeats). ``prefill_spread``: (max - min) / median of ``prefill_tok_s``."""
+    row = {k: statistics.median_low([r[k] for r in runs]) for k in runs[0]}
+    p = [r["prefill_tok_s"] for r in runs]
+    row["prefill_spread"] = round((max(p) - min(p)) / row["prefill_tok_s"], 4)
+    return row
 
 
 def meta(args, engine, roof) -> dict:
@@ -257,12 +372,16 @@ def run(args) -> list[dict]:
                                  generator=g).tolist() for _ in range(B)]
         for mode in ("base", "lora8"):
             names = [f"a{b % args.num_adapters}" if mode == "lora8" else None for b in range(B)]
-            # Warm-up, untimed: the same prefill shapes (Triton compiles per shape class) and
-            # the decode graphs of this concurrency are captured before the timed run.
-            run_case(engine, prompts, names, 3)
+            # Warm-up, untimed, of the same length: the scheduler is deterministic, so the
+            # timed runs repeat its steps exactly, and every Triton shape and CUDA graph they
+            # use is compiled and captured here. A shorter warm-up finishes requests earlier,
+            # which moves the chunk boundaries: at 64 sequences its last prefill step was a
+            # 128-token graph, the timed run's a 256-token one, captured inside the timing.
+            run_case(engine, prompts, names, args.output_len)
+            runs = [run_case(engine, prompts, names, args.output_len)
+                    for _ in range(args.repeats)]
             row = dict(concurrency=B, mode=mode, prompt_len=args.prompt_len,
-                       output_len=args.output_len, **run_case(engine, prompts, names,
-                                                              args.output_len))
+                       output_len=args.output_len, repeats=args.repeats, **median_row(runs))
             seqs, lora = measure.fake_decode(engine, B, args.prompt_len + args.output_len - 1,
                                              names)
             try:
@@ -279,7 +398,8 @@ def run(args) -> list[dict]:
             rows.append(dict(row, check_err=round(err, 5), check_floor=round(floor, 5), ok=ok))
             log.info("%s", rows[-1])
         base, lora8 = rows[-2], rows[-1]
-        for k in ("out_tok_s", "prefill_tok_s", "decode_tok_s", "ttft_ms", "tpot_ms"):
+        for k in ("out_tok_s", "prefill_tok_s", "prefill_step_tok_s", "decode_tok_s",
+                  "ttft_ms", "tpot_ms"):
             if base[k]:
                 lora8[f"{k}_ratio"] = round(lora8[k] / base[k], 4)
         write_outputs(rows, m, args.out_dir)  # after each concurrency: a cut run keeps its rows
@@ -293,9 +413,10 @@ def main(argv=None) -> int:
     path = write_outputs(rows, m, args.out_dir)
     for r in rows:
         if r["mode"] == "lora8":
-            log.info("B=%-4d lora8/base: out %.3f decode %.3f prefill %.3f; roofline %s",
-                     r["concurrency"], r.get("out_tok_s_ratio", 0), r.get("decode_tok_s_ratio", 0),
-                     r.get("prefill_tok_s_ratio", 0), r.get("roofline", "-"))
+            log.info("B=%-4d lora8/base: out %.3f decode %.3f prefill %.3f (its steps %.3f); "
+                     "roofline %s", r["concurrency"], r.get("out_tok_s_ratio", 0),
+                     r.get("decode_tok_s_ratio", 0), r.get("prefill_tok_s_ratio", 0),
+                     r.get("prefill_step_tok_s_ratio", 0), r.get("roofline", "-"))
     log.info("wrote %s.csv", path)
     return 0 if rows and rows[0]["ok"] else 1
 
