@@ -174,3 +174,26 @@ def test_prequantized_input_without_fp8_weights_is_refused():
     w_gu, _ = _fp8_experts(c, False)
     with pytest.raises(ValueError, match=r"scales"):
         gemm_ops._check_prequant(q, s[:, :1], w_gu)
+
+
+@pytest.mark.usefixtures("poisoned_allocations")
+@pytest.mark.parametrize("prequant", [False, True], ids=["in_loop", "prequant"])
+def test_per_tile_weight_scales_equal_per_column_scales(prequant, monkeypatch):
+    """Where every n-tile lies inside one scale row (I = 144: tiles of 16, gate and up rows
+    across three 128-row scale blocks, H and I not multiples of 128), the kernels load one
+    scalar scale per K step; the output equals the per-column path's bit for bit, and the
+    reference."""
+    from moelora_dist.kernels.moe_gemm import ops as gemm_ops
+
+    c = make_case("many_slots", T=20, H=160, I=144, E=4, K=2, R=16)
+    w_gu, w_d = _fp8_experts(c, False)
+    assert gemm_ops._scale_per_tile(w_gu, 16, (0, 144)) and gemm_ops._scale_per_tile(w_d, 16, (0,))
+    args = (c["x_TH"], w_gu, w_d, c["topk_weights_TK"], c["topk_ids_TK"])
+    cfg = dataclasses.replace(SMALL, fp8_prequant=prequant).check()
+    run = lambda: fused_moe_lora(*args, c["token_slot_T"], c["lora"],  # noqa: E731
+                                 slot_enabled_S=c["slot_enabled_S"], config=cfg)
+    got = run()
+    monkeypatch.setattr(gemm_ops, "_scale_per_tile", lambda *a: False)
+    assert torch.equal(got, run())
+    want = experts_reference(*args, effective_slots(c), c["lora"])
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)

@@ -147,3 +147,31 @@ def _down_shrink_epilogue(h, rows, slot_m, run_m, num_runs, expert, offs_n, n_ma
         in_chunk = (run_m >= first) & (run_m < first + NUM_RUNS)
         tl.store(dpart_ptr + pid_n * dpart_stride + rows[:, None] * BLOCK_R + offs_r[None, :],
                  part, mask=in_chunk[:, None])
+
+
+@triton.jit
+def _w_scale_row(base, first_row, tile_start, offs_n, scale_bn, stride_sn,
+                 PER_TILE: tl.constexpr):
+    """Pointer(s) to the FP8 weight-scale row of an n-tile (columns ``offs_n``, the first at
+    ``tile_start``) of the weight rows that start at ``first_row``: one scalar pointer when the
+    tile's rows share one scale row (``PER_TILE``, the launcher's check), else one per column."""
+    if PER_TILE:
+        row = base + ((first_row + tile_start) // scale_bn) * stride_sn
+    else:
+        row = base + ((first_row + offs_n) // scale_bn) * stride_sn
+    return row
+
+
+@triton.jit
+def _fp8_step(acc, dot, xs, s_row, kb, stride_sk, n_mask, PER_TILE: tl.constexpr):
+    """``acc + dot * xs[row] * w_scale[col]`` for K step ``kb`` (the same fp32 products in both
+    forms). ``PER_TILE``: one scalar scale load per step and the scale folded per row; the
+    per-column form holds a [BLOCK_N] scale vector (one load per column, repeated in every
+    thread that holds the column) that took 254 registers against 176 at 64x128 tiles, 8 warps
+    (``python -m benchmarks.kernels.ir_report``)."""
+    if PER_TILE:
+        acc += dot * (xs * tl.load(s_row + kb * stride_sk))[:, None]
+    else:
+        ws = tl.load(s_row + kb * stride_sk, mask=n_mask, other=0.0)
+        acc += dot * (xs[:, None] * ws[None, :])
+    return acc

@@ -6,7 +6,8 @@ weight multiplies it, so the weight is applied once to base + delta. The down sh
 the gate_up epilogue computed it), added in a fixed order. Isolation as in
 ``kernel_gate_up.py``: shrink values of other slots are exact zeros, factor tiles are selected
 finite. FP8 experts (``W_FP8``) quantize ``h`` per pair and 128 columns in the K loop, or read
-it quantized (``X_FP8``: e4m3 ``h`` and its ``[T*K, ceil(I_l / 128)]`` scales).
+it quantized (``X_FP8``: e4m3 ``h`` and its ``[T*K, ceil(I_l / 128)]`` scales);
+``WS_PER_TILE`` as in ``kernel_gate_up.py``.
 """
 
 import triton
@@ -14,8 +15,8 @@ import triton.language as tl
 
 from moelora_dist.kernels.block_fp8.kernel import _quant_act_tile
 from moelora_dist.kernels.moe_gemm.kernel_common import (
-    NO_SLOT, _block_rows, _finite_or_zero, _load_parts, _next_slot, _row_runs, _row_slots,
-    _stacked_slots)
+    NO_SLOT, _block_rows, _finite_or_zero, _fp8_step, _load_parts, _next_slot, _row_runs,
+    _row_slots, _stacked_slots, _w_scale_row)
 
 
 @triton.jit
@@ -71,7 +72,8 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                  HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RUN_LOOP: tl.constexpr,
                  NUM_RUNS: tl.constexpr, W_FP8: tl.constexpr, X_FP8: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, WS_PER_TILE: tl.constexpr,
+                 PREFETCH: tl.constexpr):
     """out[pair, n-tile] = topk_w[pair] * (h W_down^T + dshrink B_down^T [+ bias]); the bias
     (``HAS_BIAS``, gpt-oss) is given to one rank of a MoE-TP group only."""
     pid = tl.program_id(0).to(tl.int64)
@@ -113,7 +115,8 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if W_FP8:
         # FP8 experts: h quantized per pair and 128 columns (BLOCK_K == 128), as for gate_up.
-        s_row = ws_ptr + expert * stride_se + (offs_n // scale_bn) * stride_sn
+        s_row = _w_scale_row(ws_ptr + expert * stride_se, 0, pid_n * BLOCK_N, offs_n, scale_bn,
+                             stride_sn, WS_PER_TILE)
         for k0 in range(0, inter, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < inter
@@ -127,8 +130,8 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
                 hq, hs = _quant_act_tile(h)
             w = tl.load(w_base + offs_k[:, None] * stride_wi,
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            ws = tl.load(s_row + (k0 // BLOCK_K) * stride_sk, mask=n_mask, other=0.0)
-            acc += tl.dot(hq, w) * (hs[:, None] * ws[None, :])
+            acc = _fp8_step(acc, tl.dot(hq, w), hs, s_row, k0 // BLOCK_K, stride_sk, n_mask,
+                            WS_PER_TILE)
     else:
         for k0 in range(0, inter, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)

@@ -9,7 +9,8 @@ fp32 partial per n-tile, summed by the down expand. The gate_up shrink may come 
 ``num_sparts`` partial buffers (an H-split shrink); the expand adds them in order. ``W_FP8``:
 the base weights are e4m3 with block scales and ``x`` is quantized per token and 128 columns
 in the K loop, or arrives quantized (``X_FP8``: e4m3 ``x`` and its ``[T, ceil(H / 128)]``
-scales); the LoRA expand is unchanged (its shrink read the unquantized ``x``). Expert
+scales); the LoRA expand is unchanged (its shrink read the unquantized ``x``);
+``WS_PER_TILE``: the tile's weight rows share one scale row, loaded as a scalar. Expert
 variants as constexpr flags: ``HAS_BIAS`` adds a per-expert bias before the activation
 (gpt-oss), ``ACT == 2`` is gpt-oss's clamped SwiGLU (``act_alpha``, ``act_limit``); the LoRA
 delta is in the accumulators by then, so the clamp sees the adapted product.
@@ -28,8 +29,9 @@ import triton.language as tl
 
 from moelora_dist.kernels.block_fp8.kernel import _quant_act_tile
 from moelora_dist.kernels.moe_gemm.kernel_common import (
-    NO_SLOT, _block_rows, _down_shrink_epilogue, _finite_or_zero, _gelu_tanh_mul, _load_parts,
-    _next_slot, _row_runs, _row_slots, _silu_mul, _stacked_slots, _swiglu_oai_mul)
+    NO_SLOT, _block_rows, _down_shrink_epilogue, _finite_or_zero, _fp8_step, _gelu_tanh_mul,
+    _load_parts, _next_slot, _row_runs, _row_slots, _silu_mul, _stacked_slots, _swiglu_oai_mul,
+    _w_scale_row)
 
 
 @triton.jit
@@ -95,7 +97,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                     RUN_LOOP: tl.constexpr, NUM_RUNS: tl.constexpr,
                     FUSE_DOWN_SHRINK: tl.constexpr, DS_RUNS: tl.constexpr,
                     W_FP8: tl.constexpr, X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    PREFETCH: tl.constexpr):
+                    WS_PER_TILE: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(inter, BLOCK_N)
     pid_m = pid // num_n
@@ -141,8 +143,11 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
     if W_FP8:
         # FP8 experts: BLOCK_K == 128, one activation group per step (kernels/block_fp8).
         # The up rows of the rank follow its gate rows: scale row (inter + n) // scale_bn.
-        sg_row = ws_ptr + expert * stride_se + (offs_n // scale_bn) * stride_sn
-        su_row = ws_ptr + expert * stride_se + ((inter + offs_n) // scale_bn) * stride_sn
+        s_base = ws_ptr + expert * stride_se
+        sg_row = _w_scale_row(s_base, 0, pid_n * BLOCK_N, offs_n, scale_bn, stride_sn,
+                              WS_PER_TILE)
+        su_row = _w_scale_row(s_base, inter, pid_n * BLOCK_N, offs_n, scale_bn, stride_sn,
+                              WS_PER_TILE)
         for k0 in range(0, hidden, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < hidden
@@ -157,10 +162,10 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
             w_mask = k_mask[:, None] & n_mask[None, :]
             wg = tl.load(w_gate + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
             wu = tl.load(w_up + offs_k[:, None] * stride_wh, mask=w_mask, other=0.0)
-            sg = tl.load(sg_row + kb * stride_sk, mask=n_mask, other=0.0)
-            su = tl.load(su_row + kb * stride_sk, mask=n_mask, other=0.0)
-            acc_g += tl.dot(xq, wg) * (xs[:, None] * sg[None, :])
-            acc_u += tl.dot(xq, wu) * (xs[:, None] * su[None, :])
+            acc_g = _fp8_step(acc_g, tl.dot(xq, wg), xs, sg_row, kb, stride_sk, n_mask,
+                              WS_PER_TILE)
+            acc_u = _fp8_step(acc_u, tl.dot(xq, wu), xs, su_row, kb, stride_sk, n_mask,
+                              WS_PER_TILE)
     else:
         for k0 in range(0, hidden, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)

@@ -47,6 +47,14 @@ def _fp8_args(w, any_tensor: torch.Tensor, block_k: int):
     return w.weight, (s, w.block_n, *s.stride()), FP8_GROUP
 
 
+def _scale_per_tile(w, block_n: int, first_rows: tuple[int, ...]) -> bool:
+    """Whether every ``block_n``-row tile of an FP8 weight, in each row range starting at
+    ``first_rows`` (gate at 0, up at ``I_l``), lies inside one scale row: the kernel then loads
+    one scalar scale per K step instead of a per-column vector (same products). True when
+    ``block_n`` divides the scale rows' ``block_n`` and every range starts on a tile."""
+    return is_fp8(w) and w.block_n % block_n == 0 and all(r % block_n == 0 for r in first_rows)
+
+
 def _check_prequant(a: torch.Tensor, scale: torch.Tensor | None, w) -> None:
     """A pre-quantized activation comes with its scales, for FP8 weights only."""
     if scale is None:
@@ -202,6 +210,7 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), FUSE_DOWN_SHRINK=fuse_down_shrink,
         DS_RUNS=num_runs(down_shrink_runs), W_FP8=is_fp8(w_gate_up_EXH),
         X_FP8=x_scale is not None, HAS_BIAS=bias_EX is not None,
+        WS_PER_TILE=_scale_per_tile(w_gate_up_EXH, block_n, (0, inter)),
         PREFETCH=_prefetch(prefetch, al.block_m, block_n), num_warps=num_warps,
         num_stages=num_stages)
     return (h, dparts) if fuse_down_shrink else h
@@ -291,6 +300,7 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=BR, RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs),
         W_FP8=is_fp8(w_down_EHI), X_FP8=h_scale is not None, HAS_BIAS=bias_EH is not None,
+        WS_PER_TILE=_scale_per_tile(w_down_EHI, block_n, (0,)),
         PREFETCH=_prefetch(prefetch, al.block_m, block_n), num_warps=num_warps,
         num_stages=num_stages)
     return out
