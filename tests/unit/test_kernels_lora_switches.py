@@ -2,7 +2,7 @@
 
 Every variant the tuner may pick computes the same function as the default pipeline: the
 H-split shrink (partials added by the gate_up expand), the down shrink in the gate_up epilogue
-(one partial per n-tile), the down shrink split over I, the expands' first LoRA tiles loaded
+(one partial per n-tile), the down shrink split over I, the down expand's first LoRA tiles loaded
 after the base K loop instead of before it, the shrink inside the gate_up K loop (with a second pass over K for
 blocks with more slot runs than one pass takes), both fused, and the slot loop with the fused
 down shrink. Each runs every case of the suite (sentinels, mixed ranks, an empty expert, one

@@ -61,15 +61,8 @@ def test_stages_match_reference(case):
     rows = ~torch.isnan(h_ref[:, 0])
     assert int(rows.sum()) == int((c["topk_ids_TK"] >= 0).sum())
     torch.testing.assert_close(h[rows], h_ref[rows], atol=1e-4, rtol=1e-4)
-    # Both expand loops, with the first LoRA tiles loaded before the K loop (the launcher's
-    # choice at these tiles) and after it.
-    for run_loop in (True, False):
-        h2 = ops.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh, **gtiles,
-                         run_loop=run_loop, prefetch=False)
-        torch.testing.assert_close(h2[rows], h_ref[rows], atol=1e-4, rtol=1e-4)
-        h2 = ops.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh, **gtiles,
-                         run_loop=run_loop, prefetch=True)
-        torch.testing.assert_close(h2[rows], h_ref[rows], atol=1e-4, rtol=1e-4)
+    h2 = ops.gate_up(x, c["w_gate_up_EXH"], base, K, ts, en, lora, sh, **gtiles, run_loop=False)
+    torch.testing.assert_close(h2[rows], h[rows], atol=1e-5, rtol=1e-5)
     # h A_down^T from the stored h, only for rows with a slot: one slot at a time, 4 runs, and
     # the I axis split (partials; their sum is the shrink): split_k=3 of I=24 in K tiles of 16
     # gives 2 programs.
@@ -91,6 +84,7 @@ def test_stages_match_reference(case):
                    **gtiles)
     out_ref = naive.down(h, c["w_down_EHI"], c["topk_weights_TK"], base, K, ts, en, lora, dsh)
     torch.testing.assert_close(out[rows], out_ref[rows], atol=1e-4, rtol=1e-4)
+    # Both down expand loops, the first LoRA tiles loaded before the K loop and after it.
     for run_loop in (True, False):
         for prefetch in (True, False):
             o2 = ops.down(h, c["w_down_EHI"], c["topk_weights_TK"], base, K, ts, en, lora,

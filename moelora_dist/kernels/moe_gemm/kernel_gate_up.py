@@ -35,54 +35,6 @@ from moelora_dist.kernels.moe_gemm.kernel_common import (
 
 
 @triton.jit
-def _gate_up_runs_tiles(first, run_m, slot_m, rank_m, src, expert, offs_n, n_mask, inter,
-                        shrink_ptr, b_ptr, slot_rank_ptr, num_sparts, spart_stride, stride_bs,
-                        stride_be, stride_bn, stride_br, NUM_RUNS: tl.constexpr,
-                        BLOCK_R: tl.constexpr):
-    """Gate and up shrink tiles ``[BLOCK_M, NUM_RUNS * BLOCK_R]`` and stacked factor tiles
-    ``[NUM_RUNS * BLOCK_R, BLOCK_N]`` of the slot runs ``first .. first + NUM_RUNS - 1``
-    (runs that do not exist load as zeros: masked, no memory traffic)."""
-    slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
-    s_mask = (run_m[:, None] == first + band_q[None, :]) & (r_q[None, :] < rank_m[:, None])
-    s_ptr = shrink_ptr + src[:, None] * (2 * BLOCK_R) + r_q[None, :]
-    s_g = _load_parts(s_ptr, s_mask, num_sparts, spart_stride)
-    s_u = _load_parts(s_ptr + BLOCK_R, s_mask, num_sparts, spart_stride)
-    rank_q = tl.load(slot_rank_ptr + slot_q, mask=slot_q >= 0, other=0)
-    b_mask = (r_q < rank_q)[:, None] & n_mask[None, :]
-    b_g_ptr = (b_ptr + slot_q[:, None].to(tl.int64) * stride_bs + expert * stride_be
-               + offs_n[None, :] * stride_bn + r_q[:, None] * stride_br)
-    b_g = tl.load(b_g_ptr, mask=b_mask, other=0.0)
-    b_u = tl.load(b_g_ptr + inter * stride_bn, mask=b_mask, other=0.0)
-    return s_g, s_u, b_g, b_u
-
-
-@triton.jit
-def _gate_up_slot_tiles(slot, slot_m, tok, rows, num_pairs, expert, offs_n, n_mask, inter,
-                        shrink_ptr, b_ptr, a_shared_ptr, slot_rank_ptr, num_sparts,
-                        spart_stride, stride_bs, stride_be, stride_bn, stride_br,
-                        BLOCK_R: tl.constexpr):
-    """Gate and up shrink ``[BLOCK_M, BLOCK_R]`` and factor ``[BLOCK_R, BLOCK_N]`` tiles of one
-    slot of the block (zeros for ``NO_SLOT``: every load masked)."""
-    is_slot = slot != NO_SLOT
-    slot64 = tl.where(is_slot, slot, 0).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < tl.load(slot_rank_ptr + slot64, mask=is_slot, other=0)
-    # Shared-A slots computed their shrink once per token, at row num_pairs + tok.
-    shared = tl.load(a_shared_ptr + slot64, mask=is_slot, other=0) != 0
-    src = tl.where(shared, num_pairs + tok, rows)
-    s_ptr = shrink_ptr + src[:, None] * (2 * BLOCK_R) + offs_r[None, :]
-    s_mask = (slot_m == slot)[:, None] & r_mask[None, :]
-    s_g = _load_parts(s_ptr, s_mask, num_sparts, spart_stride)
-    s_u = _load_parts(s_ptr + BLOCK_R, s_mask, num_sparts, spart_stride)
-    b_base = b_ptr + slot64 * stride_bs + expert * stride_be
-    b_off = offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
-    b_mask = r_mask[:, None] & n_mask[None, :]
-    b_g = tl.load(b_base + b_off, mask=b_mask, other=0.0)
-    b_u = tl.load(b_base + inter * stride_bn + b_off, mask=b_mask, other=0.0)
-    return s_g, s_u, b_g, b_u
-
-
-@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                     token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, a_shared_ptr,
                     shrink_ptr, b_ptr, da_ptr, dpart_ptr, bias_ptr,
@@ -97,7 +49,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                     RUN_LOOP: tl.constexpr, NUM_RUNS: tl.constexpr,
                     FUSE_DOWN_SHRINK: tl.constexpr, DS_RUNS: tl.constexpr,
                     W_FP8: tl.constexpr, X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    WS_PER_TILE: tl.constexpr, PREFETCH: tl.constexpr):
+                    WS_PER_TILE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(inter, BLOCK_N)
     pid_m = pid // num_n
@@ -110,32 +62,6 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
     tok = rows // top_k
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < inter
-    if HAS_LORA:
-        # PREFETCH: the expand's first shrink and factor tiles load BEFORE the base K loop, so
-        # their dependent chain of slot, rank and partial-sum loads hides behind it
-        # (kernel_down.py).
-        slot_m = _row_slots(tok, row_mask, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr)
-        if RUN_LOOP:
-            run_m, num_runs = _row_runs(sorted_ids_ptr, pid_m, slot_m, num_pairs, top_k,
-                                        token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
-                                        BLOCK_M)
-            has_m = slot_m >= 0
-            rank_m = tl.load(slot_rank_ptr + slot_m, mask=has_m, other=0)
-            # Shared-A slots computed their shrink once per token, at row num_pairs + token.
-            shared_m = tl.load(a_shared_ptr + slot_m, mask=has_m, other=0) != 0
-            src = tl.where(shared_m, num_pairs + tok, rows)
-            if PREFETCH:
-                s_g, s_u, b_g, b_u = _gate_up_runs_tiles(
-                    0, run_m, slot_m, rank_m, src, expert, offs_n, n_mask, inter, shrink_ptr,
-                    b_ptr, slot_rank_ptr, num_sparts, spart_stride, stride_bs, stride_be,
-                    stride_bn, stride_br, NUM_RUNS, BLOCK_R)
-        else:
-            slot = _next_slot(slot_m, -1)
-            if PREFETCH:
-                s_g, s_u, b_g, b_u = _gate_up_slot_tiles(
-                    slot, slot_m, tok, rows, num_pairs, expert, offs_n, n_mask, inter,
-                    shrink_ptr, b_ptr, a_shared_ptr, slot_rank_ptr, num_sparts, spart_stride,
-                    stride_bs, stride_be, stride_bn, stride_br, BLOCK_R)
     w_gate = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn
     w_up = w_gate + inter * stride_wn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -179,44 +105,63 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
             acc_u += tl.dot(x, wu.to(x.dtype))
 
     if HAS_LORA:
+        slot_m = _row_slots(tok, row_mask, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr)
+        offs_r = tl.arange(0, BLOCK_R)
         if RUN_LOOP:
+            run_m, num_runs = _row_runs(sorted_ids_ptr, pid_m, slot_m, num_pairs, top_k,
+                                        token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                                        BLOCK_M)
+            has_m = slot_m >= 0
+            rank_m = tl.load(slot_rank_ptr + slot_m, mask=has_m, other=0)
+            # Shared-A slots computed their shrink once per token, at row num_pairs + token.
+            shared_m = tl.load(a_shared_ptr + slot_m, mask=has_m, other=0) != 0
+            src = tl.where(shared_m, num_pairs + tok, rows)
             # A loop over the block's slot runs whose addresses depend on the run index only
             # (the slot loop below finds each next slot by a reduction over the block first);
-            # NUM_RUNS runs share one dot; a block without LoRA rows adds one dot of zeros
-            # (every load of its tiles was masked). num_stages=1: software-pipelining this
-            # loop multi-buffers its tiles next to the main loop's (out of shared memory at
-            # 128x128 tiles on H100, slower at rank 64 on H200).
-            if not PREFETCH:
-                s_g, s_u, b_g, b_u = _gate_up_runs_tiles(
-                    0, run_m, slot_m, rank_m, src, expert, offs_n, n_mask, inter, shrink_ptr,
-                    b_ptr, slot_rank_ptr, num_sparts, spart_stride, stride_bs, stride_be,
-                    stride_bn, stride_br, NUM_RUNS, BLOCK_R)
-            acc_g += tl.dot(s_g, _finite_or_zero(b_g))
-            acc_u += tl.dot(s_u, _finite_or_zero(b_u))
-            for first in tl.range(NUM_RUNS, num_runs, NUM_RUNS, num_stages=1):
-                s_g, s_u, b_g, b_u = _gate_up_runs_tiles(
-                    first, run_m, slot_m, rank_m, src, expert, offs_n, n_mask, inter,
-                    shrink_ptr, b_ptr, slot_rank_ptr, num_sparts, spart_stride, stride_bs,
-                    stride_be, stride_bn, stride_br, NUM_RUNS, BLOCK_R)
-                acc_g += tl.dot(s_g, _finite_or_zero(b_g))
-                acc_u += tl.dot(s_u, _finite_or_zero(b_u))
+            # NUM_RUNS runs share one dot. num_stages=1: software-pipelining this loop
+            # multi-buffers its tiles next to the main loop's (out of shared memory at 128x128
+            # tiles on H100, slower at rank 64 on H200).
+            for first in tl.range(0, num_runs, NUM_RUNS, num_stages=1):
+                slot_q, band_q, r_q = _stacked_slots(run_m, slot_m, first, NUM_RUNS, BLOCK_R)
+                s_mask = ((run_m[:, None] == first + band_q[None, :])
+                          & (r_q[None, :] < rank_m[:, None]))
+                s_ptr = shrink_ptr + src[:, None] * (2 * BLOCK_R) + r_q[None, :]
+                s_g = _load_parts(s_ptr, s_mask, num_sparts, spart_stride)
+                s_u = _load_parts(s_ptr + BLOCK_R, s_mask, num_sparts, spart_stride)
+                rank_q = tl.load(slot_rank_ptr + slot_q, mask=slot_q >= 0, other=0)
+                b_mask = (r_q < rank_q)[:, None] & n_mask[None, :]
+                b_g_ptr = (b_ptr + slot_q[:, None].to(tl.int64) * stride_bs
+                           + expert * stride_be + offs_n[None, :] * stride_bn
+                           + r_q[:, None] * stride_br)
+                b_g = _finite_or_zero(tl.load(b_g_ptr, mask=b_mask, other=0.0))
+                b_u = _finite_or_zero(tl.load(b_g_ptr + inter * stride_bn, mask=b_mask,
+                                              other=0.0))
+                acc_g += tl.dot(s_g, b_g)
+                acc_u += tl.dot(s_u, b_u)
         else:
             # One slot at a time, the next one found by a reduction over the block: measured
-            # faster than the run loop at 128x128 tiles, slower at 16x64 (docs/kernels.md);
-            # the next slot's tiles load before this one's dots.
-            if not PREFETCH:
-                s_g, s_u, b_g, b_u = _gate_up_slot_tiles(
-                    slot, slot_m, tok, rows, num_pairs, expert, offs_n, n_mask, inter,
-                    shrink_ptr, b_ptr, a_shared_ptr, slot_rank_ptr, num_sparts, spart_stride,
-                    stride_bs, stride_be, stride_bn, stride_br, BLOCK_R)
+            # faster than the run loop at 128x128 tiles, slower at 16x64 (docs/kernels.md).
+            slot = _next_slot(slot_m, -1)
             while slot != NO_SLOT:
-                acc_g += tl.dot(s_g, _finite_or_zero(b_g))
-                acc_u += tl.dot(s_u, _finite_or_zero(b_u))
+                sel = slot_m == slot
+                slot64 = slot.to(tl.int64)
+                r_mask = offs_r < tl.load(slot_rank_ptr + slot64)
+                # Shared-A slots computed their shrink once per token, at row num_pairs + tok.
+                shared = tl.load(a_shared_ptr + slot64) != 0
+                src = tl.where(shared, num_pairs + tok, rows)
+                s_ptr = shrink_ptr + src[:, None] * (2 * BLOCK_R) + offs_r[None, :]
+                s_mask = sel[:, None] & r_mask[None, :]
+                s_g = _load_parts(s_ptr, s_mask, num_sparts, spart_stride)
+                s_u = _load_parts(s_ptr + BLOCK_R, s_mask, num_sparts, spart_stride)
+                b_base = b_ptr + slot64 * stride_bs + expert * stride_be
+                b_off = offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
+                b_mask = r_mask[:, None] & n_mask[None, :]
+                b_g = _finite_or_zero(tl.load(b_base + b_off, mask=b_mask, other=0.0))
+                b_u = _finite_or_zero(tl.load(b_base + inter * stride_bn + b_off, mask=b_mask,
+                                              other=0.0))
+                acc_g += tl.dot(s_g, b_g)
+                acc_u += tl.dot(s_u, b_u)
                 slot = _next_slot(slot_m, slot)
-                s_g, s_u, b_g, b_u = _gate_up_slot_tiles(
-                    slot, slot_m, tok, rows, num_pairs, expert, offs_n, n_mask, inter,
-                    shrink_ptr, b_ptr, a_shared_ptr, slot_rank_ptr, num_sparts, spart_stride,
-                    stride_bs, stride_be, stride_bn, stride_br, BLOCK_R)
 
     if HAS_BIAS:  # gpt-oss: [E_l, 2 I_l] bias rows, gate then up (unit stride)
         bias_row = bias_ptr + expert * stride_bias_e + offs_n

@@ -96,9 +96,11 @@ def _split(k: int, split_k: int, block_k: int) -> tuple[int, int]:
     return k_per_split, triton.cdiv(k, k_per_split)
 
 
-# Largest expand tile (rows x columns) whose first LoRA tiles are loaded before the base K loop
-# when the caller leaves ``prefetch`` to the launcher: decode tiles (16 x 64 .. 64 x 64), where
-# the loads' latency is what the expand costs; larger tiles keep their registers for the loop.
+# Largest down tile (rows x columns) whose first LoRA expand tiles are loaded before the base K
+# loop when the caller leaves ``prefetch`` to the launcher: decode tiles (16 x 64 .. 64 x 64),
+# where the loads' latency is what the expand costs; larger tiles keep their registers for the
+# loop. gate_up has no such variant: Triton 3.6 fails to compile it (TritonGPURemoveLayout-
+# Conversions) at block_m 32 and 64 with the run loop, and it saved 1.9 us of 193 at T=64.
 PREFETCH_MAX_TILE = 64 * 64
 
 
@@ -148,7 +150,7 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
             run_loop: bool = True, lora_runs: int = 1, fuse_down_shrink: bool = False,
             down_shrink_runs: int = 1, x_scale: torch.Tensor | None = None,
-            out_dtype: torch.dtype | None = None, prefetch: bool | None = None):
+            out_dtype: torch.dtype | None = None):
     """Base gate_up + LoRA expand + activation for a base alignment.
 
     Args:
@@ -162,8 +164,6 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             alpha and limit); bias_EX: ``[E_l, 2*I_l]`` gate then up bias, or None.
         fuse_down_shrink: also compute the down shrink ``h A_down^T`` in the epilogue,
             ``down_shrink_runs`` slot runs per dot.
-        prefetch: load the expand's first shrink and factor tiles before the base K loop
-            (None: for tiles of at most :data:`PREFETCH_MAX_TILE`).
         x_scale: FP8 experts only: ``x_TH`` is already quantized (e4m3, from
             :func:`~moelora_dist.kernels.block_fp8.ops.quantize_act`) and these are its
             ``[T, ceil(H / 128)]`` scales; ``out_dtype`` is then the dtype of ``h``.
@@ -211,8 +211,7 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         DS_RUNS=num_runs(down_shrink_runs), W_FP8=is_fp8(w_gate_up_EXH),
         X_FP8=x_scale is not None, HAS_BIAS=bias_EX is not None,
         WS_PER_TILE=_scale_per_tile(w_gate_up_EXH, block_n, (0, inter)),
-        PREFETCH=_prefetch(prefetch, al.block_m, block_n), num_warps=num_warps,
-        num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
     return (h, dparts) if fuse_down_shrink else h
 
 
@@ -264,7 +263,9 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         h: ``[T*K, I_l]``; w_down_EHI: ``[E_l, H, I_l]``; topk_weights_TK: ``[T, K]`` fp32.
         dshrink: ``[P, T*K, BR]`` fp32 partials from :func:`down_shrink` (or a fused down
             shrink) when ``lora`` is given, summed here in order, or one ``[T*K, BR]`` buffer.
-        run_loop, lora_runs, prefetch: the expand, as in :func:`gate_up`.
+        run_loop, lora_runs: the expand, as in :func:`gate_up`.
+        prefetch: load the expand's first shrink and factor tiles before the base K loop
+            (None: for tiles of at most :data:`PREFETCH_MAX_TILE`).
         bias_EH: ``[E_l, H]`` down bias added before the top-k weight, or None.
         h_scale: FP8 experts only: ``h`` is already quantized (e4m3) and these are its
             ``[T*K, ceil(I_l / 128)]`` scales; ``out_dtype`` is then the output's dtype.

@@ -68,8 +68,8 @@ class MoEConfig:
     # The down shrink's I axis split over down_shrink_split_k programs per block (partials
     # summed by the down expand), as shrink_split_k does for H; 1 with fuse_down_shrink.
     down_shrink_split_k: int = 1
-    # lora_prefetch: the gate_up and down expands load their first shrink and factor tiles
-    # before the base K loop (their latency hides behind it; the tiles stay live in registers
+    # lora_prefetch: the down expand loads its first shrink and factor tiles before the base
+    # K loop (their latency hides behind it; the tiles stay live in registers
     # through the loop). None: for tiles of at most moe_gemm.ops.PREFETCH_MAX_TILE elements.
     lora_prefetch: bool | None = None
     # FP8 experts only: quantize x and h once, in a kernel of their own, before the GEMMs that

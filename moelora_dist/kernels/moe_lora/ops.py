@@ -207,7 +207,7 @@ def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights
         xa, xkw = gemm_input(cfg, x_TH, w_gate_up_EXH, "x_scale")  # the shrink read bf16 x
         res = ops.gate_up(xa, w_gate_up_EXH, base, K, *slots, lora, shrink, activation,
                           b_gate_up_EX, run_loop=cfg.run_loop, out_dtype=x_TH.dtype,
-                          prefetch=cfg.lora_prefetch, **tiles, **xkw)
+                          **tiles, **xkw)
     if cfg.fuse_down_shrink:
         h, dshrink = res
     else:
