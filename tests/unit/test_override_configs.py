@@ -1,0 +1,26 @@
+"""benchmarks/device/override_configs.py: shipped entries with fields set, checked like a
+shipped file; a contradictory setting is one line and exit 2."""
+
+import json
+
+from benchmarks.device.override_configs import main
+from moelora_dist.kernels.moe_lora import tuned
+
+
+def test_fields_are_set_on_the_chosen_entries_only(tmp_path):
+    out = tmp_path / "o.json"
+    assert main(["--set", "lora_prefetch=false", "--max-tokens", "64", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    entries = [(t, e["config"]) for s in data["shapes"].values() for dt, m in s.items()
+               if dt != "name" for mode, es in m.items() for t, e in es.items()]
+    assert entries and all(int(t) <= 64 and c["lora_prefetch"] is False for t, c in entries)
+    assert tuned.parse_file(out)
+
+
+def test_contradiction_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "o.json"
+    assert main(["--set", "fuse_down_shrink=true", "--set", "down_shrink_split_k=2",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "down_shrink_split_k=2" in err
+    assert main(["--set", "lora_prefetch", "--out", str(out)]) == 2
