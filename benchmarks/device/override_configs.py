@@ -7,8 +7,9 @@ kernel switch inside one device call, without re-tuning.
 
 Values are JSON (``false``, ``3``, ``null``). Every entry of the chosen modes up to
 ``--max-tokens`` gets them, on every shape and dtype of the package's file for ``--device``;
-the result is checked by the same parser as the shipped files (a contradictory combination is
-one line naming it, exit 2). Entries the file does not name keep the package's values
+entries the setting contradicts are left out (they keep the package's config), and the result
+is checked by the same parser as the shipped files (a setting that contradicts every entry, or
+a bad value, is one line, exit 2). Entries the file does not name keep the package's values
 (``$MOELORA_KERNEL_CONFIGS`` entries win per key).
 """
 
@@ -19,8 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-from moelora_dist.errors import FileError
+from moelora_dist.errors import FileError, OptionError
 from moelora_dist.kernels.moe_lora import tuned
+from moelora_dist.kernels.moe_lora.configs import MoEConfig
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -36,22 +38,38 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
-def overridden(data: dict, sets: dict, modes: set[str], max_tokens: int) -> dict:
+def _valid(config: dict) -> bool:
+    try:
+        MoEConfig.from_dict(config)
+    except OptionError:
+        return False
+    return True
+
+
+def overridden(data: dict, sets: dict, modes: set[str], max_tokens: int) -> tuple[dict, int]:
     """``data`` (a tuned file's JSON) reduced to the entries of ``modes`` up to ``max_tokens``,
-    each with ``sets`` applied to its config."""
-    shapes = {}
+    each with ``sets`` applied to its config, and the number of entries left out because the
+    setting contradicts them (e.g. ``down_shrink_split_k`` on a ``fuse_down_shrink`` entry:
+    those keep the package's config)."""
+    shapes, dropped = {}, 0
     for key, per_shape in data["shapes"].items():
         kept = {"name": per_shape.get("name", key)}
         for dtype, per_dtype in per_shape.items():
             if dtype == "name":
                 continue
-            kept[dtype] = {mode: {t: dict(e, config={**e["config"], **sets})
-                                  for t, e in entries.items() if int(t) <= max_tokens}
-                           for mode, entries in per_dtype.items() if mode in modes}
+            kept[dtype] = {}
+            for mode, entries in per_dtype.items():
+                if mode not in modes:
+                    continue
+                new = {t: dict(e, config={**e["config"], **sets}) for t, e in entries.items()
+                       if int(t) <= max_tokens}
+                ok = {t: e for t, e in new.items() if _valid(e["config"])}
+                dropped += len(new) - len(ok)
+                kept[dtype][mode] = ok
         shapes[key] = kept
     return dict(format=data["format"], device=data["device"],
                 runs=[dict(command="override_configs " + json.dumps(sets))], shapes=shapes,
-                skipped=[])
+                skipped=[]), dropped
 
 
 def main(argv=None) -> int:
@@ -68,15 +86,20 @@ def main(argv=None) -> int:
         sets = parse_sets(args.set)
         if not src.is_file():
             raise ValueError(f"no shipped tuned file for {args.device!r} ({src})")
-        data = overridden(json.loads(src.read_text()), sets, set(args.mode or ["lora_r16"]),
-                          args.max_tokens)
+        data, dropped = overridden(json.loads(src.read_text()), sets,
+                                   set(args.mode or ["lora_r16"]), args.max_tokens)
+        if not any(es for s in data["shapes"].values() for dt, m in s.items() if dt != "name"
+                   for es in m.values()):
+            raise ValueError(f"{json.dumps(sets)} contradicts every chosen entry; nothing to "
+                             "run (see MoEConfig.check)")
         args.out.write_text(json.dumps(data, indent=1))
         tuned.parse_file(args.out)  # the lookup's own checks, before any run uses it
     except (ValueError, FileError) as exc:
         print(f"override_configs: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {json.dumps(sets)} on {sorted(args.mode or ['lora_r16'])} "
-          f"entries up to T={args.max_tokens}")
+          f"entries up to T={args.max_tokens} ({dropped} left out: the setting contradicts "
+          "them)")
     return 0
 
 

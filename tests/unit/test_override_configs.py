@@ -22,5 +22,15 @@ def test_contradiction_is_one_line_exit_2(tmp_path, capsys):
     assert main(["--set", "fuse_down_shrink=true", "--set", "down_shrink_split_k=2",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "down_shrink_split_k=2" in err
+    assert "\n" not in err and "contradicts every chosen entry" in err
+
+
+def test_entries_the_setting_contradicts_are_left_out(tmp_path, capsys):
+    out = tmp_path / "o.json"
+    assert main(["--set", "down_shrink_split_k=3", "--out", str(out)]) == 0
+    assert "left out" in capsys.readouterr().out
+    for s in json.loads(out.read_text())["shapes"].values():
+        for dt, modes in s.items():
+            for es in (modes.values() if dt != "name" else ()):
+                assert all(not e["config"]["fuse_down_shrink"] for e in es.values())
     assert main(["--set", "lora_prefetch", "--out", str(out)]) == 2
