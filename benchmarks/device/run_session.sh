@@ -22,7 +22,8 @@
 #             T_SCALE), e.g. SERVE_ARGS='--concurrency 64 --http-variant default=
 #             --http-variant "si=--switch-interval-ms 0.2"'
 #   enginefp8 the engine benchmark on an FP8 model
-#   launches  kernels, their GPU us and host ms per layer of an eager decode step (4 layers)
+#   launches  kernels, their GPU us and host ms per layer of an eager decode step (4 layers);
+#             ${LAUNCH_ARGS} added (--host-profile: cProfile of each case's host time)
 #   dense     the dense-LoRA and isolation GPU tests only (a quick check of a dense change)
 #   ab        launches once per variant of ${AB}: "name=FIELD=V,FIELD=V;name2=..." (MoEConfig
 #             fields set on the shipped lora_r16 entries up to T=256 by
@@ -117,7 +118,7 @@ for s in "$@"; do
   launches)
     step "launches per layer (4 layers)"
     timeout "$(t 120)" python3 -m benchmarks launches --out "$RES" --label "${LAUNCH_LABEL:-new}" \
-      >>"$RES/launches.log" 2>&1; rc $? ;;
+      ${LAUNCH_ARGS:-} >>"$RES/launches.log" 2>&1; rc $? ;;
   dense)
     step "dense-LoRA GPU tests"
     timeout "$(t 120)" python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_kernels_gpu.py \

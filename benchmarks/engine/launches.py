@@ -16,14 +16,19 @@ layer (CUDA kernel events of ``torch.profiler`` over one forward + LM head, over
 count), their GPU µs per layer in all and for the most expensive kernels by name (the LM head
 and the step's once-per-forward kernels spread over the layers), and host ms per layer (best
 of 5 forwards issued with no sync inside). One JSON line
-per case in ``--out``/``launches.jsonl``.
+per case in ``--out``/``launches.jsonl``. ``--host-profile``: also where that host time goes,
+``cProfile`` over 5 forwards of each case, the functions by own time and by cumulative time, in
+``--out``/``launches_host_<label>.txt``.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import time
 
 import torch
@@ -66,7 +71,9 @@ def _decode_inputs(model, B: int):
                                         cache_rows=list(range(B))), cache
 
 
-def measure(model, cfg, B: int, lora: bool) -> dict:
+def measure(model, cfg, B: int, lora: bool, profile_title: str | None = None) -> dict:
+    """One case's row; with ``profile_title`` also its host profile (:func:`host_profile`)
+    under the key ``host_profile``."""
     from moelora_dist.lora.batch_info import build_batch_info
 
     dev = model.device
@@ -101,11 +108,29 @@ def measure(model, cfg, B: int, lora: bool) -> dict:
         name = e.name[:70]
         by_name[name] = by_name.get(name, 0.0) + e.time_range.elapsed_us()
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
-    return dict(B=B, lora=lora, kernels_per_step=len(cuda),
+    extra = {} if profile_title is None else dict(host_profile=host_profile(step, profile_title))
+    return dict(**extra, B=B, lora=lora, kernels_per_step=len(cuda),
                 kernels_per_layer=round(len(cuda) / L, 1),
                 host_ms_per_layer=round(1e3 * best / L, 4),
                 kernel_us_per_layer=round(sum(by_name.values()) / L, 2),
                 top_kernels_us_per_layer={k: round(v / L, 2) for k, v in top})
+
+
+def host_profile(step, title: str, lines: int = 45) -> str:
+    """cProfile of 5 forwards of ``step`` (already warm), issued with no sync inside."""
+    prof = cProfile.Profile()
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        prof.enable()
+        for _ in range(5):
+            step()
+        prof.disable()
+        torch.cuda.synchronize()
+    buf = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        buf.write(f"### {title}: 5 forwards, by {key}\n")
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(lines)
+    return buf.getvalue()
 
 
 def main(argv=None) -> int:
@@ -113,15 +138,24 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=".", help="folder of launches.jsonl")
     ap.add_argument("--label", default="new")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also cProfile each case's forwards into launches_host_<label>.txt")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     cfg, model = _model(args.layers)
     with open(os.path.join(args.out, "launches.jsonl"), "a") as f:
         for B in (1, 64):
             for lora in (False, True):
-                row = dict(label=args.label, layers=args.layers, **measure(model, cfg, B, lora))
+                title = f"{args.label} B={B} lora={lora}" if args.host_profile else None
+                row = dict(label=args.label, layers=args.layers,
+                           **measure(model, cfg, B, lora, title))
+                text = row.pop("host_profile", None)
                 print(json.dumps(row), flush=True)
                 f.write(json.dumps(row) + "\n")
+                if text:
+                    with open(os.path.join(args.out, f"launches_host_{args.label}.txt"),
+                              "a") as hp:
+                        hp.write(text)
     return 0
 
 
