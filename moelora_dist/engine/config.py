@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from moelora_dist.errors import OptionError
 
 CPU_DEFAULT_TOKENS = 1 << 16
-GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 @dataclass
@@ -34,7 +34,8 @@ class EngineConfig:
     max_rank: largest LoRA rank the slots hold.
     enforce_eager: never replay CUDA graphs.
     max_graph_tokens: largest step (tokens) replayed from a CUDA graph; larger steps run
-        eagerly. Graph sizes are the buckets of :data:`GRAPH_BUCKETS` up to it.
+        eagerly. Graph sizes are the buckets of :data:`GRAPH_BUCKETS` up to it; a graph of P
+        tokens holds :meth:`graph_seqs` ``(P)`` sequences.
     dispatcher: MoE dispatcher (``auto`` picks per step size).
     """
 
@@ -47,7 +48,7 @@ class EngineConfig:
     max_loras: int = 8
     max_rank: int = 64
     enforce_eager: bool = False
-    max_graph_tokens: int = 256
+    max_graph_tokens: int = 2048
     dispatcher: str = "auto"
 
     def validate(self) -> None:
@@ -75,6 +76,15 @@ class EngineConfig:
         if self.enforce_eager:
             return ()
         return tuple(b for b in GRAPH_BUCKETS if b <= self.max_graph_tokens)
+
+    def graph_seqs(self, P: int) -> int:
+        """Sequences in a graph of ``P`` tokens: ``P`` up to the bucket that holds
+        ``max_num_seqs`` (every decode step, padded, stays one token per sequence), and
+        ``max_num_seqs + 1`` in the larger graphs of prompt chunks (one more than can run, so
+        a padding sequence is left for the padding tokens): a 2048-token chunk's graph
+        samples a few rows, not 2048."""
+        top = next((b for b in GRAPH_BUCKETS if b >= self.max_num_seqs), GRAPH_BUCKETS[-1])
+        return P if P <= top else min(P, self.max_num_seqs + 1)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)

@@ -1,8 +1,9 @@
 """Steps replayed from CUDA graphs, on one GPU and on every TP/EP layout; and the same padded
 static step run uncaptured on any device, so that its logic is tested on a CPU.
 
-Legend: P the padded step size (a bucket of :data:`~.config.GRAPH_BUCKETS`: tokens, and the
-sequence cap of the step), M the block-table width of the longest allowed sequence, V vocab.
+Legend: P the padded step size in tokens (a bucket of :data:`~.config.GRAPH_BUCKETS`), Q its
+sequences (``EngineConfig.graph_seqs(P)``: P, or the bucket above ``max_num_seqs`` when that is
+smaller), M the block-table width of the longest allowed sequence, V vocab.
 
 Why: an eager step launches every kernel from Python (tens per layer); a graph replays the
 whole step (batch info, embedding, layers, final norm, LM head, sampling) in one launch.
@@ -10,14 +11,14 @@ whole step (batch info, embedding, layers, final norm, LM head, sampling) in one
 What is static, and why it stays right:
 
 - Inputs by address: one int64 buffer per bucket holds the step's token ids, positions, slot
-  mapping, sequence offsets, kv lengths and adapter slots (padded to P: padding tokens store
-  no key, padding sequences have no keys and no adapter, see :mod:`.plan`), and one
-  ``[P, M]`` buffer the block tables (only the plan's first columns are copied; a column a
+  mapping, sequence offsets, kv lengths and adapter slots (padded to P tokens and Q
+  sequences: padding tokens store no key, padding sequences have no keys and no adapter, see
+  :mod:`.plan`), and one ``[Q, M]`` buffer the block tables (only the plan's first columns are copied; a column a
   sequence does not reach is never read). Two device copies per step fill them.
 - The KV pages, the model weights and the LoRA pool's buffers are allocated once and written
   in place (pages by the step itself, slots by adapter loads): replays see the new contents,
   so adapters load, evict and replace with no recapture.
-- The paged-attention grid depends on (T, B) = (P, P) only; the loops over each sequence's
+- The paged-attention grid depends on (T, B) = (P, Q) only; the loops over each sequence's
   keys read the lengths from device memory.
 - Sampling reads its per-row parameters (temperature, seeds, steps, ...) from a static
   ``SamplingBatch`` filled with ``copy_into``; only the leader samples (the other ranks'
@@ -34,8 +35,12 @@ of the TP group gets the key from the plan and from its pool, whose residents ev
 changes at the same step, so all capture (and warm up, which runs the collectives) at the
 same step; NCCL collectives are captured inside the graph.
 
-Not captured, and why: steps of more than ``max_graph_tokens`` tokens (prefill chunks; their
-GPU time dwarfs the host's), the data-dependent all-to-all dispatcher (``--dispatcher
+Prompt chunks of up to ``max_graph_tokens`` (2048) tokens are captured too: an eager step
+issues every launch from Python, 1-2.6 ms of host time per layer on an H200 (``python -m
+benchmarks launches``), more than the GPU time of a 512-token step, so an eager prompt step was
+host-bound. The Q rows of such a graph (not P) go through the LM head and the sampler.
+
+Not captured, and why: steps of more than ``max_graph_tokens`` tokens, the data-dependent all-to-all dispatcher (``--dispatcher
 all_to_all`` or its reference; ``auto`` picks all-reduce at graph sizes), and CPU devices.
 """
 
@@ -95,7 +100,7 @@ class GraphRunner:
 
     def __init__(self, model, cache, config: EngineConfig, max_model_len: int, leader: bool,
                  capture: bool | None = None):
-        self.model, self.cache, self.leader = model, cache, leader
+        self.model, self.cache, self.leader, self.config = model, cache, leader, config
         self.capture = model.device.type == "cuda" if capture is None else capture
         if self.capture and model.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device; use capture=False on a CPU")
@@ -118,14 +123,19 @@ class GraphRunner:
 
     def sampling_buffer(self, P: int, variant: int) -> SamplingBatch:
         if (P, variant) not in self._sampling:
-            self._sampling[P, variant] = static_sampling(P, variant, self.model.device)
+            self._sampling[P, variant] = static_sampling(self.seqs_for(P), variant,
+                                                         self.model.device)
         return self._sampling[P, variant]
+
+    def seqs_for(self, P: int) -> int:
+        """Q, the sequences of the graph of ``P`` tokens."""
+        return self.config.graph_seqs(P)
 
     def _buffers(self, P: int) -> tuple[torch.Tensor, torch.Tensor]:
         if P not in self._one_d:
-            dev = self.model.device
-            self._one_d[P] = torch.zeros(6 * P + 1, dtype=torch.int64, device=dev)
-            self._tables[P] = torch.zeros(P, self.width, dtype=torch.int64, device=dev)
+            dev, Q = self.model.device, self.seqs_for(P)
+            self._one_d[P] = torch.zeros(3 * P + 3 * Q + 1, dtype=torch.int64, device=dev)
+            self._tables[P] = torch.zeros(Q, self.width, dtype=torch.int64, device=dev)
         return self._one_d[P], self._tables[P]
 
     def key(self, plan) -> tuple:
@@ -140,13 +150,14 @@ class GraphRunner:
     def run(self, plan, sampling: SamplingBatch | None = None):
         """Execute ``plan`` (``plan.graph_bucket`` P > 0) from its graph.
 
-        ``sampling``: the leader's P-row parameters (copied into the static ones).
-        Returns the leader's ``SampleOutput`` over the P rows (static buffers, valid until
+        ``sampling``: the leader's Q-row parameters (copied into the static ones).
+        Returns the leader's ``SampleOutput`` over the Q rows (static buffers, valid until
         the next replay of the same graph), None on the other ranks.
         """
         P = plan.graph_bucket
         one_d, tables = self._buffers(P)
-        assert plan.num_tokens == P and plan.width <= self.width, "plan does not fit the graph"
+        assert (plan.num_tokens, plan.num_seqs) == (P, self.seqs_for(P)) \
+            and plan.width <= self.width, "plan does not fit the graph"
         one_d.copy_(plan.one_d)
         tables[:, : plan.width].copy_(plan.block_tables_BM)
         if self.leader:
@@ -167,7 +178,8 @@ class GraphRunner:
         """The static step: no host sync, every shape fixed by the key."""
         model = self.model
         one_d, tables = self._buffers(P)
-        ids, pos, slot_map, seg, kv, slots = one_d.split([P, P, P, P + 1, P, P])
+        Q = self.seqs_for(P)
+        ids, pos, slot_map, seg, kv, slots = one_d.split([P, P, P, Q + 1, Q, Q])
         batch = ForwardBatch(pos, seg, kv, tables, slot_map, decode_only)
         info = build_batch_info(seg, slots, model.pool.slot_rank_S, backend=model.backend,
                                 validate=False, num_tokens=P, num_lora_tokens=int(lora))

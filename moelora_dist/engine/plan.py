@@ -10,8 +10,10 @@ plan is a fixed header ``[HEADER]`` int64 and one int64 payload laid out as::
     input ids [T'] | positions [T'] | slot mapping [T'] | seg_indptr [B'+1] | kv lens [B']
     | adapter slots [B'] | block tables [B' * M]
 
-where ``T' = B' = P`` for a step replayed from a graph (padded: padding tokens store nothing
-and padding sequences have no keys) and ``T' = T, B' = B`` otherwise. After the payload, a
+where ``T' = P, B' = Q`` for a step replayed from a graph of P tokens and Q sequences (Q = P,
+or fewer where the engine cannot run that many: ``EngineConfig.graph_seqs``; padded: padding
+tokens store nothing, padding sequences have no keys, the last one holds what is left of the
+padding tokens) and ``T' = T, B' = B`` otherwise. After the payload, a
 plan with adapter operations carries them as UTF-8 JSON bytes (names, slots, paths: never
 pickled), and the tensors of an adapter given in memory follow (:mod:`.adapter_ops`).
 A header of kind :data:`STOP` ends the followers' loop; one of kind :data:`IDLE` carries nothing
@@ -104,15 +106,20 @@ class StepPlan:
 
 def build_plan(seqs: list, counts: list[int], tables: list[list[int]], slots: list[int],
                page_size: int, device, graph_bucket: int = 0, graph_logprobs: int = 0,
-               graph_sampling: int = 0, ops=None) -> StepPlan:
+               graph_sampling: int = 0, ops=None, graph_seqs: int | None = None) -> StepPlan:
     """The plan of sequences ``seqs`` adding ``counts[b]`` tokens each after their computed
     ones, with pages ``tables[b]`` and adapter slots ``slots[b]`` (``-1``: none).
 
-    ``graph_bucket`` P pads every 1-D field to P (module docstring)."""
+    ``graph_bucket`` P pads the token fields to P and the sequence fields to ``graph_seqs``
+    (None: P), which must leave a padding sequence when there are padding tokens (module
+    docstring)."""
     B = len(seqs)
     T = sum(counts)
     P = graph_bucket
-    Tp, Bp = (P, P) if P else (T, B)
+    Tp, Bp = (P, P if graph_seqs is None else graph_seqs) if P else (T, B)
+    if P and (T > Tp or B + (T < Tp) > Bp):
+        raise ValueError(f"a step of {T} tokens and {B} sequences does not fit a graph of "
+                         f"{Tp} tokens and {Bp} sequences")
     ids, pos, slot_map, seg, kv, lora = [], [], [], [0], [], []
     num_lora = 0
     for seq, n, table, s in zip(seqs, counts, tables, slots):
@@ -130,11 +137,12 @@ def build_plan(seqs: list, counts: list[int], tables: list[list[int]], slots: li
         ids += [0] * (P - T)
         pos += [0] * (P - T)
         slot_map += [-1] * (P - T)
-        # Padding sequences take at most one padding token each (there are at least as many
-        # of them as padding tokens since B <= T): a padded decode step stays decode-only.
-        seg += [T + min(i + 1, P - T) for i in range(P - B)]
-        kv += [0] * (P - B)
-        lora += [-1] * (P - B)
+        # Padding sequences take one padding token each, the last one all that are left (a
+        # padded decode step, Bp = Tp, stays decode-only; a prompt chunk's graph has fewer
+        # sequences than tokens).
+        seg += [T + min(i + 1, Tp - T) for i in range(Bp - B - 1)] + [Tp] * (Bp > B)
+        kv += [0] * (Bp - B)
+        lora += [-1] * (Bp - B)
     M = max(1, max((len(t) for t in tables), default=1))
     bt = []
     for table in tables:
@@ -144,7 +152,8 @@ def build_plan(seqs: list, counts: list[int], tables: list[list[int]], slots: li
     # here (the previous step's sampled ids were just read back), so it costs ~10 us.
     payload = torch.tensor(ids + pos + slot_map + seg + kv + lora + bt,
                            dtype=torch.int64).to(device)
-    return StepPlan(payload, Tp, Bp, M, num_lora, max(counts) == 1, P, graph_logprobs,
+    return StepPlan(payload, Tp, Bp, M, num_lora, max(counts) == 1 and Bp == Tp, P,
+                    graph_logprobs,
                     graph_sampling, list(ops or []))
 
 

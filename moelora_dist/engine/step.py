@@ -61,9 +61,10 @@ def run_step(engine, scheduled) -> list[RequestOutput]:
     ranges = [(seg[b] + lo - s.num_computed, seg[b] + hi - s.num_computed)
               for b, (s, (lo, hi)) in enumerate(zip(seqs, want)) if hi > lo]
     P = 0 if ranges else worker.graph_bucket(seg[-1])
+    Q = worker.graphs.seqs_for(P) if P else 0
     if P:  # every row of the graph samples; rows that do not sample this step are greedy
-        params = [_PAD] * P
-        seeds, steps = [0] * P, [0] * P
+        params = [_PAD] * Q
+        seeds, steps = [0] * Q, [0] * Q
         for b in sample_seqs:
             params[b], seeds[b], steps[b] = seqs[b].params, seqs[b].seed, len(seqs[b].output_ids)
     else:
@@ -76,7 +77,8 @@ def run_step(engine, scheduled) -> list[RequestOutput]:
     ops, outgoing = engine.adapters.take_ops()
     plan = build_plan(seqs, counts, [pages.table(s.request_id) for s in seqs], lora,
                       cfg.page_size, engine.model.device, P, graph_lp,
-                      sampling_variant(sampling) if P else 0, ops if engine.followers else [])
+                      sampling_variant(sampling) if P else 0, ops if engine.followers else [],
+                      graph_seqs=Q or None)
     if engine.followers:
         g = engine.groups
         send_plan(plan, g.tp_group, engine.src, g.device)

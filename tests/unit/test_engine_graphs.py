@@ -30,8 +30,8 @@ def engines(model, **kw):
     """(static, eager) engines over one model (each its own pages), both adapters added."""
     out = []
     for eager in (False, True):
-        cfg = EngineConfig(max_loras=3, max_rank=8, page_size=4, num_pages=48,
-                           max_graph_tokens=16, enforce_eager=eager, **kw)
+        cfg = EngineConfig(**{**dict(max_loras=3, max_rank=8, page_size=4, num_pages=48,
+                                     max_graph_tokens=16, enforce_eager=eager), **kw})
         e = Engine(model, cfg, capture=False if not eager else None)
         for name, (rank, seed) in {"a0": (4, 1), "a1": (8, 2)}.items():
             if model.pool.slot_of(name) is not None:
@@ -122,3 +122,46 @@ def test_step_counters_tell_decode_only_steps_from_prompt_steps(model):
     m = static.metrics()
     assert m.steps - c["steps"] == 6 and m.decode_steps - c["decode_steps"] == 4
     assert m.step_seconds > c["step_seconds"]
+
+
+def test_prompt_chunk_graphs_hold_fewer_sequences_than_tokens(model):
+    """Graphs of prompt chunks: with ``max_num_seqs`` 2 a 32-token graph holds 3 sequences
+    (``EngineConfig.graph_seqs``), so a 20-token prompt pads to 32 tokens whose 12 padding
+    tokens sit in two padding sequences of 1 and 11 tokens (no keys, no adapter). Every step of these requests,
+    prompts of 20 and 27 tokens with adapters and without, replays a static step, and the
+    tokens and log-probabilities equal the eager engine's."""
+    static, eager = engines(model, max_num_seqs=2, max_graph_tokens=32)
+    g = static.worker.graphs
+    assert [g.seqs_for(P) for P in (1, 2, 4, 16, 32)] == [1, 2, 3, 3, 3]
+    prompts = [list(range(3, 23)), list(range(40, 67)), [5, 6, 7]]
+    names, arrivals = ["a1", None, "a0"], [0, 1, 3]
+    got, want = run(static, prompts, names, arrivals), run(eager, prompts, names, arrivals)
+    for (g_ids, g_lp), (w_ids, w_lp) in zip(got, want):
+        assert g_ids == w_ids
+        torch.testing.assert_close(torch.tensor(g_lp), torch.tensor(w_lp), atol=ATOL, rtol=0)
+    c = static.counters
+    assert c["graph_steps"] == c["steps"] and c["steps"] > c["decode_steps"]
+    assert static.pages.num_used == 0
+
+
+def test_plan_pads_a_prompt_chunk_into_one_padding_sequence():
+    """build_plan's padding of a graph of P tokens and Q < P sequences: the padding tokens go
+    one per padding sequence, the last takes the rest; a step that leaves no padding sequence
+    for its padding tokens is refused."""
+    from moelora_dist.engine.plan import build_plan
+    from moelora_dist.engine.sequence import Sequence
+
+    seqs = [Sequence("r0", 0, list(range(7)), SamplingParams(max_tokens=1), None, 0),
+            Sequence("r1", 1, list(range(5)), SamplingParams(max_tokens=1), None, 0)]
+    plan = build_plan(seqs, [7, 5], [[0, 1], [2, 3]], [1, -1], 4, "cpu", graph_bucket=16,
+                      graph_seqs=4)
+    assert (plan.num_tokens, plan.num_seqs) == (16, 4) and not plan.decode_only
+    assert plan.seg_indptr_B1.tolist() == [0, 7, 12, 13, 16]
+    assert plan.kv_lens_B.tolist() == [7, 5, 0, 0]
+    assert plan.lora_slot_B.tolist() == [1, -1, -1, -1]
+    assert plan.slot_mapping_T[12:].tolist() == [-1] * 4
+    assert build_plan(seqs, [7, 5], [[0, 1], [2, 3]], [1, -1], 4, "cpu", graph_bucket=16,
+                      graph_seqs=3).seg_indptr_B1.tolist() == [0, 7, 12, 16]
+    with pytest.raises(ValueError, match="does not fit a graph of 16 tokens and 2 sequences"):
+        build_plan(seqs, [7, 5], [[0, 1], [2, 3]], [1, -1], 4, "cpu", graph_bucket=16,
+                   graph_seqs=2)
