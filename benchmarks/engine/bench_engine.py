@@ -108,6 +108,9 @@ def parse_args(argv=None):
     p.add_argument("--num-adapters", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-graph-tokens", type=int, default=EngineConfig.max_graph_tokens,
+                   help="largest step replayed from a CUDA graph (default: the engine's, "
+                        "%(default)s; 256 was the default before prompt-chunk graphs)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
     p.add_argument("--repeats", type=int, default=1,
                    help="timed runs per case after its warm-up; each metric is their median "
@@ -147,6 +150,7 @@ def build(args):
     top = max(args.concurrency)
     config = EngineConfig(max_num_seqs=max(top, 8),
                           max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_graph_tokens=args.max_graph_tokens,
                           max_loras=args.num_adapters, max_rank=args.rank,
                           max_model_len=args.prompt_len + args.output_len + 16,
                           num_pages=None if dev.type == "cuda" else 4096)
@@ -351,7 +355,8 @@ def meta(args, engine, roof) -> dict:
     return dict(**env_columns(), **roof, model=MODELS[args.model][1 if args.tiny else 0][1],
                 layers=engine.cfg.num_layers, weights="fp8" if args.fp8 else dtype,
                 dtype=dtype, adapters=args.num_adapters,
-                rank=args.rank, pages=engine.pages.num_pages, page_size=engine.config.page_size)
+                rank=args.rank, pages=engine.pages.num_pages, page_size=engine.config.page_size,
+                max_graph_tokens=engine.config.max_graph_tokens)
 
 
 def run(args) -> list[dict]:
