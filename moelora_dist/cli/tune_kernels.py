@@ -68,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="wall-clock seconds for the whole run, start-up included (default 180)")
     p.add_argument("--out", required=True, metavar="FILE.json",
                    help="tuned file to write or merge into (one device per file)")
+    p.add_argument("--keep-faster", action="store_true",
+                   help="replace an entry of --out only where this run's time is lower than "
+                        "the one recorded (a short budget then cannot undo a longer run's "
+                        "finds; the recorded time may predate a kernel change)")
     p.add_argument("--jobs", type=int, default=None,
                    help="compile worker processes (default: CPU cores - 2, at most 16; 0: none)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
@@ -141,6 +145,11 @@ def main(args: argparse.Namespace) -> int:
                 dtype=base[0].dtype_key, budget_s=args.budget_s,
                 wall_s=round(time.monotonic() - t0, 1), jobs=jobs,
                 problems=len(base) + len(lora), entries=len(outcomes), skipped=len(skipped))
+    if args.keep_faster:
+        outcomes, kept = output.faster_only(outcomes, previous)
+        meta["kept_previous"] = kept
+        log.info("--keep-faster: %d entries kept from --out (their recorded time was lower)",
+                 kept)
     output.write(args.out, output.build(name, outcomes, skipped, meta, previous))
     gains = [o.default_ms / o.ms for o in outcomes if o.ms > 0 and o.default_ms < float("inf")]
     log.info("wrote %s: %d entries (%d of %d problems), %d candidates skipped, %.1f s; "

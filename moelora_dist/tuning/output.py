@@ -31,6 +31,25 @@ def load_previous(path: str | os.PathLike, device_name: str) -> dict | None:
     return data
 
 
+def _recorded(previous: dict | None, problem) -> dict | None:
+    if previous is None:
+        return None
+    p = problem
+    return previous["shapes"].get(str(p.shape.key), {}).get(p.dtype_key, {}).get(
+        p.mode, {}).get(str(p.tokens))
+
+
+def faster_only(outcomes, previous: dict | None) -> tuple[list, int]:
+    """``tune-kernels --keep-faster``: the outcomes whose time beats the entry ``previous``
+    records for their problem (or that it lacks), and how many were dropped."""
+    keep = []
+    for o in outcomes:
+        old = _recorded(previous, o.problem)
+        if old is None or o.ms < float(old.get("ms", float("inf"))):
+            keep.append(o)
+    return keep, len(outcomes) - len(keep)
+
+
 def build(device_name: str, outcomes, skipped, run_meta: dict, previous: dict | None) -> dict:
     """The file's object: ``previous`` with this run's entries, skips and run record."""
     data = previous or {"format": tuned.FORMAT, "device": device_name, "runs": [],

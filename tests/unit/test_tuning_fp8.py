@@ -331,3 +331,24 @@ def test_fp8_base_tuning_measures_the_in_loop_quantization_too(small_space, monk
                          clock=lambda: now[0], progress=False)
     outcomes, skipped = tuner.run()
     assert not skipped and outcomes[0].config.fp8_prequant is (not inloop_faster)
+
+
+def test_keep_faster_replaces_only_the_entries_this_run_beat(tmp_path):
+    """``tune-kernels --keep-faster``: of a run's outcomes only those faster than the entry the
+    file records (or new problems) replace it; a slower one leaves the recorded config."""
+    path = tmp_path / "cpu.json"
+    p64, p16, p256 = Problem(TINY, 64), Problem(TINY, 16), Problem(TINY, 256)
+    first = [search.Outcome(p64, MoEConfig(block_m=32).check(), 1.0, 2.0, 3, 0),
+             search.Outcome(p16, MoEConfig(block_m=16).check(), 1.0, 2.0, 3, 0)]
+    output.write(path, output.build("cpu", first, [], {"run": 0}, None))
+    second = [search.Outcome(p64, MoEConfig(block_m=64).check(), 1.5, 2.0, 3, 0),  # slower
+              search.Outcome(p16, MoEConfig(block_m=32).check(), 0.5, 2.0, 3, 0),  # faster
+              search.Outcome(p256, MoEConfig(block_m=64).check(), 9.0, 9.0, 3, 0)]  # new
+    previous = output.load_previous(path, "cpu")
+    kept, dropped = output.faster_only(second, previous)
+    assert [o.problem for o in kept] == [p16, p256] and dropped == 1
+    output.write(path, output.build("cpu", kept, [], {"run": 1}, previous))
+    table = json.loads(path.read_text())["shapes"]["32,4,2,24"]["bfloat16"]["base"]
+    assert {t: e["config"]["block_m"] for t, e in table.items()} == {"64": 32, "16": 32,
+                                                                      "256": 64}
+    assert table["64"]["ms"] == 1.0
