@@ -3,9 +3,9 @@
 # own timeout so that the call ends inside the tool's 10-minute limit:
 #   tests     tests/gpu except the tuned-config file, in 6 pytest processes at once (their
 #             Triton compiles run on separate cores; no test times anything)     ~3-4 min
-#   tune      tune-kernels on the four benchmark shapes, base and LoRA r16, into
+#   tune      tune-kernels --keep-faster on the four benchmark shapes, base and LoRA r16, into
 #             moelora_dist/kernels/moe_lora/tuned/NVIDIA_H200.json (commit it)   ~3 min
-#   tunefp8   tune-kernels --fp8 (FP8 experts, "bfloat16+fp8" entries) on Qwen3, Mixtral and
+#   tunefp8   tune-kernels --fp8 --keep-faster (FP8 experts, "bfloat16+fp8" entries) on Qwen3, Mixtral and
 #             DeepSeek-V3 routed, base and LoRA r16, into the same file          ~3 min
 #   tuned     tests/gpu/test_tuned_configs_gpu.py (every tuned entry vs the reference, the
 #             +fp8 ones on FP8 experts; 105 bf16 cases took 95 s, so up to ~200 s with the
@@ -69,14 +69,15 @@ for s in "$@"; do
     timeout "$(t $(( ${TUNE_S:-150} + 45 )))" python3 -m moelora_dist.cli.main tune-kernels \
       --shape qwen3-30b-a3b mixtral-8x7b olmoe deepseek-v3-routed \
       --tokens 1,16,64,256,1024,4096,16384 --lora --ranks 16 --budget-s "${TUNE_S:-150}" \
-      --out "$TUNED" --quiet >"$RES/tune.log" 2>&1; rc $?
+      --out "$TUNED" --keep-faster --quiet >"$RES/tune.log" 2>&1; rc $?
     tail -3 "$RES/tune.log" | tee -a "$LOG"; cp "$TUNED" "$RES/" 2>/dev/null; pack ;;
   tunefp8)
     step "tune-kernels --fp8 (budget ${TUNE_FP8_S:-150} s)"
     timeout "$(t $(( ${TUNE_FP8_S:-150} + 45 )))" python3 -m moelora_dist.cli.main tune-kernels \
       --shape qwen3-30b-a3b mixtral-8x7b deepseek-v3-routed \
       --tokens 1,16,64,256,1024,4096,16384 --lora --ranks 16 --fp8 \
-      --budget-s "${TUNE_FP8_S:-150}" --out "$TUNED" --quiet >"$RES/tune_fp8.log" 2>&1; rc $?
+      --budget-s "${TUNE_FP8_S:-150}" --out "$TUNED" --keep-faster --quiet >"$RES/tune_fp8.log" 2>&1
+      rc $?
     tail -3 "$RES/tune_fp8.log" | tee -a "$LOG"; cp "$TUNED" "$RES/" 2>/dev/null; pack ;;
   tuned)
     step "tuned-config GPU tests"
