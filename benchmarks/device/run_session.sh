@@ -5,8 +5,9 @@
 #             Triton compiles run on separate cores; no test times anything)     ~3-4 min
 #   tune      tune-kernels --keep-faster on the four benchmark shapes, base and LoRA r16, into
 #             moelora_dist/kernels/moe_lora/tuned/NVIDIA_H200.json (commit it)   ~3 min
-#   tunefp8   tune-kernels --fp8 --keep-faster (FP8 experts, "bfloat16+fp8" entries) on Qwen3, Mixtral and
-#             DeepSeek-V3 routed, base and LoRA r16, into the same file          ~3 min
+#   tunefp8   tune-kernels --fp8 --keep-faster (FP8 experts, "bfloat16+fp8" entries) on
+#             Qwen3, Mixtral and DeepSeek-V3 routed, base and LoRA r16, into the same file
+#                                                                                ~3 min
 #   tuned     tests/gpu/test_tuned_configs_gpu.py (every tuned entry vs the reference, the
 #             +fp8 ones on FP8 experts; 105 bf16 cases took 95 s, so up to ~200 s with the
 #             FP8 entries: ${TUNED_S:-240})
