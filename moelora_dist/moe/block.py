@@ -153,7 +153,8 @@ class MoEBlock(nn.Module):
         and no LoRA. On one process it is the layer's output; over ranks the partials sum to
         it."""
         w_TK, ids_TK = self.route(x_TH)
-        local_TK = localize_topk_ids(ids_TK, self.shard.expert_start, self.num_local_experts)
+        local_TK = localize_topk_ids(ids_TK, self.shard.expert_start, self.num_local_experts,
+                                     self.shard.num_experts)
         return run_experts(pick_backend(x_TH.device, backend), x_TH, self.w_gate_up,
                            self.w_down, w_TK, local_TK, None, None, self.activation, None, None,
                            *self.expert_biases())

@@ -108,14 +108,20 @@ def route_with(spec: RouterSpec, router_logits_TE: torch.Tensor,
                                  spec.topk_group, spec.renormalize, spec.scaling)
 
 
-def localize_topk_ids(topk_ids: torch.Tensor, expert_start, num_local: int) -> torch.Tensor:
+def localize_topk_ids(topk_ids: torch.Tensor, expert_start, num_local: int,
+                      num_experts: int | None = None) -> torch.Tensor:
     """Global expert ids -> local ids of the rank owning ``[expert_start, + num_local)``;
     experts owned elsewhere (and the sentinel ``-1``) become ``-1``.
 
     ``expert_start`` is an int, or a tensor that broadcasts against ``topk_ids`` (e.g.
     ``[P, 1, 1]`` start of every EP rank, to localize for all destinations at once).
-    Returns int32 of the broadcast shape.
+    ``num_experts``: E, when known; a rank that owns all of them gets int32 ``topk_ids``
+    back as they are (the map is the identity on ``[-1, E)``: no launch, which a decode step
+    of one GPU pays per layer otherwise). Returns int32 of the broadcast shape.
     """
-    local = topk_ids.long() - expert_start
-    owned = (topk_ids >= 0) & (local >= 0) & (local < num_local)
-    return torch.where(owned, local, torch.full_like(local, -1)).to(torch.int32)
+    if (num_experts is not None and isinstance(expert_start, int) and expert_start == 0
+            and num_local >= num_experts and topk_ids.dtype == torch.int32):
+        return topk_ids
+    local = topk_ids - expert_start  # -1 - start < 0: the sentinel stays unowned
+    owned = (local >= 0) & (local < num_local)
+    return torch.where(owned, local, -1).to(torch.int32)

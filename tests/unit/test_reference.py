@@ -60,3 +60,25 @@ def test_sentinel_experts_are_skipped_and_shards_sum():
         parts.append(experts_reference(x, w_gu[start:start + 2], w_d[start:start + 2],
                                        tw, local, slots, sub))
     torch.testing.assert_close(parts[0] + parts[1], full, rtol=1e-12, atol=1e-12)
+
+
+def test_localize_topk_ids_maps_owned_experts_and_is_the_identity_on_one_rank():
+    """Every id in [-1, E) against a plain loop, for int starts and a [P, 1, 1] tensor of
+    starts (the all-to-all's form); a rank owning all E experts gets the int32 ids themselves
+    (no copy, no launch), and without ``num_experts`` the same values by the general path."""
+    E, L = 8, 2
+    ids = torch.tensor([[-1, 0, 1, 2], [3, 4, 5, 6], [7, 7, -1, 0]], dtype=torch.int32)
+
+    def loop(start):
+        return [[i - start if i >= 0 and start <= i < start + L else -1 for i in row]
+                for row in ids.tolist()]
+
+    for start in range(0, E, L):
+        got = localize_topk_ids(ids, start, L, E)
+        assert got.dtype == torch.int32 and got.tolist() == loop(start)
+    starts = torch.arange(0, E, L).view(-1, 1, 1)
+    got = localize_topk_ids(ids.unsqueeze(0), starts, L)
+    assert got.dtype == torch.int32 and got.tolist() == [loop(s) for s in range(0, E, L)]
+    assert localize_topk_ids(ids, 0, E, E) is ids
+    assert localize_topk_ids(ids, 0, E).tolist() == ids.tolist()
+    assert localize_topk_ids(ids.long(), 0, E, E).dtype == torch.int32

@@ -20,7 +20,7 @@ class AllReduceDispatcher(Dispatcher):
 
     def dispatch(self, x_TH, topk_weights_TK, topk_ids_TK, token_slot_T) -> Routed:
         local_TK = localize_topk_ids(topk_ids_TK, self.shard.expert_start,
-                                     self.shard.num_local_experts)
+                                     self.shard.num_local_experts, self.shard.num_experts)
         return Routed(x_TH.contiguous(), topk_weights_TK.contiguous(), local_TK, token_slot_T)
 
     def combine(self, y_NH: torch.Tensor, routed: Routed) -> torch.Tensor:
