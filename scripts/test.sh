@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (CI runs exactly this, through .ci/run):
 #   1. the one-way import contract (import-linter, [tool.importlinter] in pyproject.toml);
-#   2. tests/unit: CPU only, in process, Triton kernels in the interpreter;
+#   2. tests/unit: CPU only, Triton kernels in the interpreter, over one pytest-xdist worker
+#      per core (MOELORA_TEST_WORKERS to change it; 0: in this process);
 #   3. tests/integration: subprocesses (the launcher, the CLI under torchrun, the sweep);
 #   4. tests/multi_gpu under torchrun on gloo CPU processes, worlds 2 and 4.
 set -euo pipefail
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TRITON_INTERPRET=1  # Triton kernels run in the interpreter on CPU
 .venv/bin/lint-imports --no-cache
-.venv/bin/python -m pytest tests/unit -q -m "not gpu" "$@"
+.venv/bin/python -m pytest tests/unit -q -m "not gpu" -n "${MOELORA_TEST_WORKERS:-auto}" "$@"
 .venv/bin/python -m pytest tests/integration -q "$@"
 # tests/multi_gpu: every process runs pytest under torchrun (gloo CPU processes, worlds 2 and 4;
 # world 8 is marked slow and left out). torchrun exits non-zero if any rank's pytest fails, and
