@@ -82,8 +82,19 @@ def add_model_arguments(p: argparse.ArgumentParser, generate: bool = False) -> N
                         "max_position_embeddings)")
     p.add_argument("--enforce-eager", "--no-cuda-graphs", dest="enforce_eager",
                    action="store_true",
-                   help="never replay CUDA graphs (by default decode and small mixed steps "
-                        "replay them on CUDA, on every layout)")
+                   help="never replay CUDA graphs (by default every step of at most "
+                        "--max-graph-tokens tokens replays one on CUDA, on every layout)")
+    p.add_argument("--max-graph-tokens", type=int, default=2048,
+                   help="largest step, in tokens, replayed from a CUDA graph (default 2048: "
+                        "decodes, mixed steps and prompt chunks up to it; 0: none)")
+
+
+def check_nonnegative(args, *names: str) -> None:
+    """Each ``--name`` given must be an integer >= 0."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise OptionError(f"--{name.replace('_', '-')} {value}: must be at least 0")
 
 
 def check_positive(args, *names: str) -> None:
@@ -129,6 +140,7 @@ def check_inputs(args, *, need_max_new_tokens: bool):
 
     check_positive(args, "tp", "ep", "max_loras", "max_rank", "max_batch_tokens", "max_batch",
                    "page_size", "num_pages", "max_model_len")
+    check_nonnegative(args, "max_graph_tokens")
     if not 0 < args.gpu_memory_utilization <= 1:
         raise OptionError(f"--gpu-memory-utilization {args.gpu_memory_utilization}: must lie "
                           "in (0, 1]")
@@ -210,7 +222,7 @@ def engine_config(args, max_loras: int, max_rank: int):
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           max_model_len=args.max_model_len, max_loras=max_loras,
                           max_rank=max_rank, enforce_eager=args.enforce_eager,
-                          dispatcher=args.dispatcher)
+                          max_graph_tokens=args.max_graph_tokens, dispatcher=args.dispatcher)
     config.validate()
     return config
 

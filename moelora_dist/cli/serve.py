@@ -23,8 +23,9 @@ import logging
 import math
 import os
 
-from moelora_dist.cli.common import (MODEL_DTYPES, check_launched, check_positive, engine_config,
-                                     job_entry, make_groups, parse_adapter_args)
+from moelora_dist.cli.common import (MODEL_DTYPES, check_launched, check_nonnegative,
+                                     check_positive, engine_config, job_entry, make_groups,
+                                     parse_adapter_args)
 from moelora_dist.errors import MoeloraError, OptionError, report_user_error
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest prompt + output (default: the model's positions)")
     e.add_argument("--enforce-eager", "--no-cuda-graphs", dest="enforce_eager",
                    action="store_true", help="never replay CUDA graphs")
+    e.add_argument("--max-graph-tokens", type=int, default=2048,
+                   help="largest step, in tokens, replayed from a CUDA graph (default 2048; "
+                        "0: none)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
@@ -121,6 +125,7 @@ def check_options(args):
     check_positive(args, "tp", "ep", "max_loras", "max_rank", "max_batch_tokens", "max_batch",
                    "page_size", "num_pages", "max_model_len", "max_waiting",
                    "random_adapter_rank")
+    check_nonnegative(args, "max_graph_tokens")
     if not 0 < args.port < 65536:
         raise OptionError(f"--port {args.port}: must lie in 1..65535")
     if args.shutdown_timeout < 0:

@@ -199,3 +199,11 @@ def test_each_variant_is_measured_against_the_same_offline_row(tmp_path, monkeyp
     assert [line.split()[:2] + line.split()[-2:] for line in lines] == [
         [side, mode, "check", ok] for mode in ("base", "lora8") for side, ok in
         (("offline", "FAILED"), ("http[a]", "ok"), ("http[b]", "FAILED"))]
+
+
+def test_a_negative_max_graph_tokens_is_one_line_and_the_flag_reaches_the_engine(capsys,
+                                                                                 no_engine):
+    assert cli_main([*TINY, "--max-graph-tokens", "-1"]) == 2
+    _one_line(capsys, "--max-graph-tokens -1: must be at least 0")
+    cfg = serve_cli.engine_config(_options("--max-graph-tokens", "512"), max_loras=1, max_rank=8)
+    assert cfg.max_graph_tokens == 512 and cfg.graph_buckets[-1] == 512

@@ -309,3 +309,25 @@ def test_no_progress_bar_is_left_open_over_an_error(tmp_path, capsys, model_dir,
     assert not list(getattr(tqdm, "_instances", []))
     err = capsys.readouterr().err.rstrip("\n").split("\n")
     assert "corrupt or truncated" in err[-1]
+
+
+def test_negative_max_graph_tokens_is_refused(tmp_path, capsys, model_dir, no_model_load):
+    assert _job(tmp_path, model_dir, ['{"input_ids": [5], "max_new_tokens": 2}'],
+                "--max-graph-tokens", "-1", command="generate") == 2
+    _one_line(capsys, "--max-graph-tokens -1: must be at least 0")
+
+
+def test_max_graph_tokens_reaches_the_engine_config():
+    """The CLI flag sets EngineConfig.max_graph_tokens (the graph buckets follow it)."""
+    import argparse
+
+    from moelora_dist.cli.common import add_model_arguments, engine_config
+
+    p = argparse.ArgumentParser()
+    add_model_arguments(p, generate=True)
+    req = ["--model", "m", "--requests", "r.jsonl", "--out", "o"]
+    for argv, want in (([], 2048), (["--max-graph-tokens", "256"], 256)):
+        cfg = engine_config(p.parse_args(req + argv), max_loras=2, max_rank=8)
+        assert cfg.max_graph_tokens == want and cfg.graph_buckets[-1] == want
+    cfg = engine_config(p.parse_args(req + ["--max-graph-tokens", "0"]), max_loras=2, max_rank=8)
+    assert cfg.graph_buckets == ()
