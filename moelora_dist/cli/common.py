@@ -89,21 +89,20 @@ def add_model_arguments(p: argparse.ArgumentParser, generate: bool = False) -> N
                         "decodes, mixed steps and prompt chunks up to it; 0: none)")
 
 
-def check_nonnegative(args, *names: str) -> None:
-    """Each ``--name`` given must be an integer >= 0."""
+def check_at_least(args, low: int, *names: str) -> None:
+    """Each ``--name`` given must be an integer >= ``low``."""
     for name in names:
         value = getattr(args, name, None)
-        if value is not None and value < 0:
-            raise OptionError(f"--{name.replace('_', '-')} {value}: must be at least 0")
+        if value is not None and value < low:
+            raise OptionError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
+
+
+def check_nonnegative(args, *names: str) -> None:
+    check_at_least(args, 0, *names)
 
 
 def check_positive(args, *names: str) -> None:
-    """Each ``--name`` given must be a positive integer."""
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            flag = "--" + name.replace("_", "-")
-            raise OptionError(f"{flag} {value}: must be at least 1")
+    check_at_least(args, 1, *names)
 
 
 def parse_adapter_args(specs: list[str]) -> dict[str, str]:

@@ -13,8 +13,9 @@ What is static, and why it stays right:
 - Inputs by address: one int64 buffer per bucket holds the step's token ids, positions, slot
   mapping, sequence offsets, kv lengths and adapter slots (padded to P tokens and Q
   sequences: padding tokens store no key, padding sequences have no keys and no adapter, see
-  :mod:`.plan`), and one ``[Q, M]`` buffer the block tables (only the plan's first columns are copied; a column a
-  sequence does not reach is never read). Two device copies per step fill them.
+  :mod:`.plan`), and one ``[Q, M]`` buffer the block tables (only the plan's first columns
+  are copied; a column a sequence does not reach is never read). Two device copies per step
+  fill them.
 - The KV pages, the model weights and the LoRA pool's buffers are allocated once and written
   in place (pages by the step itself, slots by adapter loads): replays see the new contents,
   so adapters load, evict and replace with no recapture.
@@ -40,8 +41,9 @@ issues every launch from Python, 1-2.6 ms of host time per layer on an H200 (``p
 benchmarks launches``), more than the GPU time of a 512-token step, so an eager prompt step was
 host-bound. The Q rows of such a graph (not P) go through the LM head and the sampler.
 
-Not captured, and why: steps of more than ``max_graph_tokens`` tokens, the data-dependent all-to-all dispatcher (``--dispatcher
-all_to_all`` or its reference; ``auto`` picks all-reduce at graph sizes), and CPU devices.
+Not captured, and why: steps of more than ``max_graph_tokens`` tokens, the data-dependent
+all-to-all dispatcher (``--dispatcher all_to_all`` or its reference; ``auto`` picks all-reduce
+at graph sizes), and CPU devices.
 """
 
 from __future__ import annotations

@@ -153,8 +153,7 @@ def build_plan(seqs: list, counts: list[int], tables: list[list[int]], slots: li
     payload = torch.tensor(ids + pos + slot_map + seg + kv + lora + bt,
                            dtype=torch.int64).to(device)
     return StepPlan(payload, Tp, Bp, M, num_lora, max(counts) == 1 and Bp == Tp, P,
-                    graph_logprobs,
-                    graph_sampling, list(ops or []))
+                    graph_logprobs, graph_sampling, list(ops or []))
 
 
 def send_plan(plan: StepPlan, group, src: int, device) -> None:

@@ -127,9 +127,9 @@ def test_step_counters_tell_decode_only_steps_from_prompt_steps(model):
 def test_prompt_chunk_graphs_hold_fewer_sequences_than_tokens(model):
     """Graphs of prompt chunks: with ``max_num_seqs`` 2 a 32-token graph holds 3 sequences
     (``EngineConfig.graph_seqs``), so a 20-token prompt pads to 32 tokens whose 12 padding
-    tokens sit in two padding sequences of 1 and 11 tokens (no keys, no adapter). Every step of these requests,
-    prompts of 20 and 27 tokens with adapters and without, replays a static step, and the
-    tokens and log-probabilities equal the eager engine's."""
+    tokens sit in two padding sequences of 1 and 11 tokens (no keys, no adapter). Every step
+    of these requests, prompts of 20 and 27 tokens with adapters and without, replays a
+    static step, and the tokens and log-probabilities equal the eager engine's."""
     static, eager = engines(model, max_num_seqs=2, max_graph_tokens=32)
     g = static.worker.graphs
     assert [g.seqs_for(P) for P in (1, 2, 4, 16, 32)] == [1, 2, 3, 3, 3]
