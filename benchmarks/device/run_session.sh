@@ -30,6 +30,10 @@
 #             fields set on the shipped lora_r16 entries up to T=256 by
 #             benchmarks/device/override_configs.py; "name=" runs the shipped file as is),
 #             labelled ab-<name>                                        ~15 s per variant
+#   consts    launches once per variant of ${CONSTS}: "name=MOD:NAME=V,MOD:NAME=V;name2=..."
+#             (module constants set by benchmarks/device/with_constants.py; "name=" runs
+#             the code as is), labelled c-<name>; with ENGINE_CONSTS=1 also the engine
+#             benchmark per variant (${ENGINE_ARGS}), its CSV engine_c-<name>.csv
 #   bash benchmarks/device/run_session.sh STEP...
 # Logs and CSVs go to $RES; after every step they are packed into $OUT/results.tgz (the tool
 # brings back at most 8 files).
@@ -137,6 +141,23 @@ for s in "$@"; do
         >>"$RES/ab.log" 2>&1 || { echo "override $name failed" | tee -a "$LOG"; continue; }
       MOELORA_KERNEL_CONFIGS=/tmp/ab_$name.json timeout "$(t 120)" python3 -m benchmarks \
         launches --out "$RES" --label "ab-$name" >>"$RES/launches.log" 2>&1; rc $?
+    done ;;
+  consts)
+    step "A/B of module constants: ${CONSTS:-none}"
+    IFS=';' read -ra variants <<<"${CONSTS:-}"
+    for v in "${variants[@]}"; do
+      name=${v%%=*}; sets=()
+      IFS=',' read -ra fields <<<"${v#*=}"
+      for f in "${fields[@]}"; do [ -n "$f" ] && sets+=(--set "$f"); done
+      timeout "$(t 120)" python3 -m benchmarks.device.with_constants "${sets[@]}" -- \
+        benchmarks launches --out "$RES" --label "c-$name" >>"$RES/launches.log" 2>&1; rc $?
+      if [ -n "${ENGINE_CONSTS:-}" ]; then
+        mkdir -p "$RES/engine_c-$name"
+        timeout "$(t ${ENGINE_S:-200})" python3 -m benchmarks.device.with_constants "${sets[@]}" \
+          -- benchmarks engine --out-dir "$RES/engine_c-$name" ${ENGINE_ARGS:-} \
+          >"$RES/engine_c-$name.log" 2>&1; rc $?
+        tail -6 "$RES/engine_c-$name.log" | tee -a "$LOG"
+      fi
     done ;;
   *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac

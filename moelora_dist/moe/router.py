@@ -2,9 +2,10 @@
 
 Legend: T tokens, E experts, K top-k, G expert groups.
 
-Three routers, each the exact op sequence of its transformers 5 module, so that ties at the
-top-k boundary are broken as transformers breaks them (``torch.topk``; a hand-written sort
-would pick other experts among equal scores):
+Three routers, each the exact op sequence of its transformers 5 module (on CUDA the first and
+the third are one Triton launch, :mod:`moelora_dist.kernels.router`; among equal scores it
+takes the lowest expert ids, the set ``torch.topk``'s CUDA gather takes, and a GPU test pins
+the two together):
 
 - ``softmax`` (Qwen3-MoE, Mixtral, OLMoE): softmax in fp32, top-k, optional renormalization;
 - ``sigmoid_grouped`` (DeepSeek-V3, Kimi-K2, GLM-4.5; ``*TopkRouter``): sigmoid scores in
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moelora_dist.kernels.router import naive as router_naive
+
 ROUTERS = ("softmax", "sigmoid_grouped", "topk_softmax")
 
 
@@ -45,19 +48,31 @@ class RouterSpec:
             raise ValueError(f"unknown router {self.kind!r}; pick one of {ROUTERS}")
 
 
+# False: the PyTorch op sequence on CUDA too (A/B runs: benchmarks/device/with_constants.py).
+TRITON_TOPK = True
+
+
+def _topk_kernels(router_logits_TE: torch.Tensor):
+    """The top-k router family for these logits: its one-launch Triton path on CUDA (the
+    rule of :func:`~moelora_dist.moe.experts.pick_backend`), the reference elsewhere."""
+    if router_logits_TE.is_cuda and TRITON_TOPK:
+        from moelora_dist.kernels.router import ops  # Triton: optional off x86 Linux
+
+        return ops
+    return router_naive
+
+
 def route(router_logits_TE: torch.Tensor, top_k: int, renormalize: bool):
     """Softmax in fp32, then top-k, as HF Qwen3-MoE / Mixtral / OLMoE do.
 
     Returns ``topk_weights_TK`` (fp32) and ``topk_ids_TK`` (int32, global expert ids).
     ``renormalize`` is Mixtral's behaviour and Qwen3-MoE's ``norm_topk_prob``.
+    On CUDA one Triton launch (:mod:`moelora_dist.kernels.router`; equal scores: the lowest
+    expert id first), else the op sequence of transformers.
     """
     if top_k > router_logits_TE.shape[-1]:
         raise ValueError(f"top_k={top_k} exceeds the number of experts {router_logits_TE.shape[-1]}")
-    probs_TE = torch.softmax(router_logits_TE.float(), dim=-1)
-    topk_weights_TK, topk_ids_TK = torch.topk(probs_TE, top_k, dim=-1)
-    if renormalize:
-        topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(dim=-1, keepdim=True)
-    return topk_weights_TK, topk_ids_TK.to(torch.int32)
+    return _topk_kernels(router_logits_TE).softmax_topk(router_logits_TE, top_k, renormalize)
 
 
 def route_sigmoid_grouped(router_logits_TE: torch.Tensor, correction_bias_E: torch.Tensor,
@@ -88,10 +103,11 @@ def route_sigmoid_grouped(router_logits_TE: torch.Tensor, correction_bias_E: tor
 
 def route_topk_softmax(router_logits_TE: torch.Tensor, top_k: int):
     """gpt-oss routing: top-k of the logits, softmax over those k (in the logits' dtype, as
-    HF; returned as fp32). ``[T, E]`` -> ``topk_weights_TK`` fp32, ``topk_ids_TK`` int32."""
-    top_TK, topk_ids_TK = torch.topk(router_logits_TE, top_k, dim=-1)
-    weights_TK = torch.softmax(top_TK, dim=1, dtype=top_TK.dtype)
-    return weights_TK.float(), topk_ids_TK.to(torch.int32)
+    HF; returned as fp32). ``[T, E]`` -> ``topk_weights_TK`` fp32, ``topk_ids_TK`` int32.
+    On CUDA one Triton launch, as :func:`route`."""
+    if top_k > router_logits_TE.shape[-1]:
+        raise ValueError(f"top_k={top_k} exceeds the number of experts {router_logits_TE.shape[-1]}")
+    return _topk_kernels(router_logits_TE).topk_softmax(router_logits_TE, top_k)
 
 
 def route_with(spec: RouterSpec, router_logits_TE: torch.Tensor,

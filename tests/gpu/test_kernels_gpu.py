@@ -49,13 +49,32 @@ def test_fused_moe_lora_bf16_matches_reference(case, T):
         assert (want.float() - base.float()).abs().amax() > 0.2
 
 
+@pytest.mark.parametrize("T", [1, 64, 256, 300], ids=["T1", "T64", "T256", "T300"])
 @pytest.mark.parametrize("case", ["mixed", "no_lora_tokens"])
-def test_align_and_batch_info_on_gpu(case):
+def test_align_and_batch_info_on_gpu(case, T):
+    """T <= 256 (top-8: up to 2048 pairs) takes the single-launch alignment, whose phases
+    share one launch through block barriers and L2 atomics: each size runs with three seeds,
+    so that a phase reading a stale counter would show."""
     from moelora_dist.kernels.align import naive as align_naive
+    from moelora_dist.kernels.align import ops as align_ops
     from moelora_dist.kernels.align.ops import align_base_and_lora, align_items
     from moelora_dist.lora.batch_info import build_batch_info
+    from moelora_dist.testing.kernel_cases import make_case
 
-    c = _case(case, 300)
+    assert (T * 8 <= align_ops.SINGLE_LAUNCH_MAX_ITEMS) == (T <= 256)
+    for seed in (1, 2, 3):
+        c = make_case(case, T=T, H=2048, E=32, I=768, K=8, R=64, dtype=torch.bfloat16,
+                      device="cuda", seed=seed)
+        _check_alignments(c, align_naive, align_items, align_base_and_lora)
+    seg = torch.tensor([0, 10, 10, 200, 300], dtype=torch.int32, device="cuda")
+    req = torch.tensor([1, -1, 0, 3], dtype=torch.int32, device="cuda")
+    got = build_batch_info(seg, req, c["lora"].slot_rank, backend="triton")
+    want = build_batch_info(seg, req, c["lora"].slot_rank, backend="torch")
+    assert torch.equal(got.token_slot_T, want.token_slot_T)
+    assert torch.equal(got.slot_enabled_S, want.slot_enabled_S)
+
+
+def _check_alignments(c, align_naive, align_items, align_base_and_lora):
     lora = c["lora"]
     a = (c["topk_ids_TK"], c["token_slot_T"], c["slot_enabled_S"], lora.slot_rank,
          lora.gate_up_a_shared)
@@ -73,12 +92,6 @@ def test_align_and_batch_info_on_gpu(case):
         assert int(got.num_post_pad) == int(want.num_post_pad)
         assert torch.equal(got.block_bucket, want.block_bucket)
         assert torch.equal(got.sorted_ids.sort().values, want.sorted_ids.sort().values)
-    seg = torch.tensor([0, 10, 10, 200, 300], dtype=torch.int32, device="cuda")
-    req = torch.tensor([1, -1, 0, 3], dtype=torch.int32, device="cuda")
-    got = build_batch_info(seg, req, lora.slot_rank, backend="triton")
-    want = build_batch_info(seg, req, lora.slot_rank, backend="torch")
-    assert torch.equal(got.token_slot_T, want.token_slot_T)
-    assert torch.equal(got.slot_enabled_S, want.slot_enabled_S)
 
 
 def test_decode_step_in_cuda_graph_matches_eager():
@@ -126,16 +139,19 @@ def test_decode_step_in_cuda_graph_matches_eager():
         assert torch.equal(y_static, eager), (y_static.float() - eager.float()).abs().max()
 
 
-def test_dense_lora_bf16_matches_token_loop():
+@pytest.mark.parametrize("T,fused", [(64, False), (64, True), (5, None)],
+                         ids=["T64_two_launches", "T64_fused", "T5_auto_fused"])
+def test_dense_lora_bf16_matches_token_loop(T, fused):
     """The dense-LoRA Triton kernels on CUDA in bf16 against the fp64 token loop on the same
-    bf16 factors, with q/k/v-like groups of three modules. Bounds: into an fp32 output only
+    bf16 factors, with q/k/v-like groups of three modules, on both paths (shrink + expand in
+    one launch; the split shrink, then the expand). Bounds: into an fp32 output only
     TF32 rounds in the expand (the fp32 shrink to 10 mantissa bits, ~5e-4 relative), so 2e-3
     of the largest delta; into a bf16 output one more rounding (2^-8), so 1e-2."""
     from moelora_dist.kernels.dense_lora import ops
     from moelora_dist.testing.references import dense_lora_token_loop
 
     g = torch.Generator(device="cuda").manual_seed(5)
-    S, R, I, T = 8, 16, 2048, 64
+    S, R, I = 8, 16, 2048
     outs = (512, 128, 128)
     a = [(torch.randn(S, R, I, generator=g, device="cuda") * 0.05).bfloat16() for _ in outs]
     b = [(torch.randn(S, o, R, generator=g, device="cuda") * 0.05).bfloat16() for o in outs]
@@ -146,7 +162,7 @@ def test_dense_lora_bf16_matches_token_loop():
     eff = torch.where((slot_T >= 0) & (rank[slot_T.clamp(min=0).long()] > 0), slot_T, -1)
     for dtype, bound in ((torch.float32, 2e-3), (torch.bfloat16, 1e-2)):
         ys = [torch.zeros(T, o, dtype=dtype, device="cuda") for o in outs]
-        ops.add_dense_lora(ys, x, a, b, slot_T, rank)
+        ops.add_dense_lora(ys, x, a, b, slot_T, rank, fused=fused)
         for y, aj, bj in zip(ys, a, b):
             masked_a = aj.clone()
             for s_, r in enumerate(rank.tolist()):
@@ -155,3 +171,34 @@ def test_dense_lora_bf16_matches_token_loop():
             err = (y.float() - want).abs().max().item()
             assert err <= bound * want.abs().max().item(), (dtype, err)
             assert (y[eff < 0] == 0).all()
+
+
+@pytest.mark.parametrize("E,K,renorm", [(128, 8, True), (8, 2, True), (64, 8, False),
+                                        (32, 4, False)])
+@pytest.mark.parametrize("T", [1, 64, 4096])
+def test_router_kernel_matches_torch_topk_on_cuda(E, K, renorm, T):
+    """bf16 logits tie often, at the boundary too: the kernel keeps the set CUDA
+    ``torch.topk`` keeps (the lowest ids among equal scores), each with its weight; and a CUDA
+    graph replay of the kernel equals its eager call."""
+    from moelora_dist.kernels.router import naive, ops
+
+    g = torch.Generator(device="cuda").manual_seed(E + T)
+    x = torch.randn(T, E, device="cuda", generator=g).to(torch.bfloat16)
+    x[:, E // 2] = x[:, 0]  # a guaranteed tie in every row
+    # the top-k-then-softmax weights are rounded to bf16 (as transformers): one ulp apart
+    for got, want, rtol in ((ops.softmax_topk(x, K, renorm), naive.softmax_topk(x, K, renorm),
+                             1e-5),
+                            (ops.topk_softmax(x, K), naive.topk_softmax(x, K), 8e-3)):
+        (w, ids), (w_ref, ids_ref) = got, want
+        assert torch.equal(ids.sort(1).values, ids_ref.sort(1).values)
+        by = lambda w_, i_: torch.zeros(T, E, device="cuda").scatter_(1, i_.long(), w_)  # noqa: E731
+        torch.testing.assert_close(by(w, ids), by(w_ref, ids_ref), rtol=rtol, atol=1e-7)
+    static = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    ops.softmax_topk(static, K, renorm)  # compile outside the capture
+    with torch.cuda.graph(graph):
+        out = ops.softmax_topk(static, K, renorm)
+    static.copy_(torch.randn(T, E, device="cuda", generator=g).to(torch.bfloat16))
+    graph.replay()
+    fresh = ops.softmax_topk(static, K, renorm)
+    assert torch.equal(out[0], fresh[0]) and torch.equal(out[1], fresh[1])

@@ -13,6 +13,19 @@ from moelora_dist.testing.kernel_cases import CASES, make_case
 pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
 
+@pytest.fixture(autouse=True, params=["one_launch", "four_launches"])
+def align_path(request, monkeypatch):
+    """Every test here runs on both paths of the alignment: the single-launch kernel of small
+    batches and the four launches of large ones (the size limit moved so that these small
+    cases take the other path)."""
+    if request.param == "four_launches":
+        monkeypatch.setattr(align, "SINGLE_LAUNCH_MAX_ITEMS", -1)
+    else:
+        monkeypatch.setattr(align, "SINGLE_LAUNCH_MAX_ITEMS", 1 << 30)
+        monkeypatch.setattr(align, "SINGLE_LAUNCH_MAX_FILL", 1 << 30)
+    return request.param
+
+
 def _keyed(al, bucket, sub):
     """Per row: -1 for padding, else the (bucket, sub) key of the item placed there."""
     ids = al.sorted_ids.long()

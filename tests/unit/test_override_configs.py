@@ -34,3 +34,26 @@ def test_entries_the_setting_contradicts_are_left_out(tmp_path, capsys):
             for es in (modes.values() if dt != "name" else ()):
                 assert all(not e["config"]["fuse_down_shrink"] for e in es.values())
     assert main(["--set", "lora_prefetch", "--out", str(out)]) == 2
+
+
+def test_with_constants_sets_them_then_runs_the_module(tmp_path, monkeypatch):
+    """benchmarks/device/with_constants.py: the constant is set before the module runs; a
+    missing name is one line, exit 2, and runs nothing."""
+    import pytest
+
+    from benchmarks.device import with_constants
+    from moelora_dist.kernels.dense_lora import ops
+
+    script = tmp_path / "probe_mod.py"
+    out = tmp_path / "seen.txt"
+    script.write_text("import sys\nfrom moelora_dist.kernels.dense_lora import ops\n"
+                      "open(sys.argv[1], 'w').write(str(ops.FUSED_MAX_TOKENS))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(ops, "FUSED_MAX_TOKENS", ops.FUSED_MAX_TOKENS)  # restored after
+    with_constants.main(["--set", "moelora_dist.kernels.dense_lora.ops:FUSED_MAX_TOKENS=3",
+                         "--", "probe_mod", str(out)])
+    assert out.read_text() == "3"
+    with pytest.raises(SystemExit) as e:
+        with_constants.main(["--set", "moelora_dist.kernels.dense_lora.ops:NO_SUCH=1", "--",
+                             "probe_mod", str(out)])
+    assert e.value.code == 2

@@ -101,22 +101,34 @@ def _align_count_kernel(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_ran
 
 @triton.jit
 def _scan_one(counts_ptr, num_post_pad_ptr, num_buckets, num_sub,
-              BLOCK_M: tl.constexpr, NB_P2: tl.constexpr, NS_P2: tl.constexpr):
+              BLOCK_M: tl.constexpr, NB_P2: tl.constexpr, NS_P2: tl.constexpr,
+              ATOMIC: tl.constexpr = False):
     """Padded bucket offsets and the start of every (bucket, sub) run, in place.
 
     ``counts`` holds ``(num_buckets + 1) * num_sub`` counters (the last bucket is the
-    sentinel); they are overwritten with the start offsets used by the scatter.
+    sentinel); they are overwritten with the start offsets used by the scatter. ``ATOMIC``:
+    the counters are read and written by atomics (the single-launch kernel, where the
+    histogram's atomics ran in the same launch: every access to them then goes to L2).
     """
     b = tl.arange(0, NB_P2)
     s = tl.arange(0, NS_P2)
     live = (b[:, None] <= num_buckets) & (s[None, :] < num_sub)
     offs = b[:, None] * num_sub + s[None, :]
-    cnt = tl.load(counts_ptr + offs, mask=live, other=0)
+    if ATOMIC:
+        cnt = tl.atomic_add(counts_ptr + offs, tl.zeros_like(offs).to(tl.int32), mask=live,
+                            sem="relaxed")
+        cnt = tl.where(live, cnt, 0)
+    else:
+        cnt = tl.load(counts_ptr + offs, mask=live, other=0)
     per_bucket = tl.sum(cnt, axis=1)
     padded = (per_bucket + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     start = tl.cumsum(padded, axis=0) - padded
     sub_start = tl.cumsum(cnt, axis=1) - cnt
-    tl.store(counts_ptr + offs, start[:, None] + sub_start, mask=live)
+    if ATOMIC:
+        tl.atomic_xchg(counts_ptr + offs, (start[:, None] + sub_start).to(tl.int32), mask=live,
+                       sem="relaxed")
+    else:
+        tl.store(counts_ptr + offs, start[:, None] + sub_start, mask=live)
     tl.store(num_post_pad_ptr, tl.sum(padded, axis=0))
 
 
@@ -166,3 +178,52 @@ def _align_scatter_kernel(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_r
         _scatter_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
                      shared_ptr, cursor_b_ptr, ids_b_ptr, labels_b_ptr, num_items_b,
                      num_pairs, top_k, num_experts, buckets_b, 1, MODE_B, False, BM_B)
+
+
+@triton.jit
+def _align_single_kernel(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                         shared_ptr, counts_a_ptr, ids_a_ptr, labels_a_ptr, npp_a_ptr,
+                         counts_b_ptr, ids_b_ptr, labels_b_ptr, npp_b_ptr, num_counts,
+                         num_fill, num_items_a, rows_a, blocks_a, buckets_a, sub_a,
+                         num_items_b, rows_b, blocks_b, buckets_b, num_pairs, top_k,
+                         num_experts,
+                         MODE_A: tl.constexpr, SUB_SLOT_A: tl.constexpr, BM_A: tl.constexpr,
+                         NB_A_P2: tl.constexpr, NS_A_P2: tl.constexpr, MODE_B: tl.constexpr,
+                         BM_B: tl.constexpr, NB_B_P2: tl.constexpr, TWO: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """The four launches of an alignment (zero, count, scan, scatter) in one program, for
+    batches small enough that one thread block does them faster than four launches start
+    (decode steps). Phases are separated by block barriers; every access to the counters is
+    an atomic (done in L2), so a phase sees the previous phase's counts whatever the L1
+    holds. ``counts_a_ptr`` starts the ``num_counts`` counters of both alignments."""
+    offs = tl.arange(0, BLOCK)
+    for c0 in range(0, num_counts, BLOCK):
+        tl.atomic_xchg(counts_a_ptr + c0 + offs, tl.zeros_like(offs).to(tl.int32),
+                       mask=c0 + offs < num_counts, sem="relaxed")
+    tl.debug_barrier()
+    for i0 in range(0, num_fill, BLOCK):
+        item = i0 + offs.to(tl.int64)
+        _count_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                   shared_ptr, counts_a_ptr, ids_a_ptr, labels_a_ptr, num_items_a, rows_a,
+                   blocks_a, num_pairs, top_k, num_experts, buckets_a, sub_a, MODE_A,
+                   SUB_SLOT_A)
+        if TWO:
+            _count_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                       shared_ptr, counts_b_ptr, ids_b_ptr, labels_b_ptr, num_items_b, rows_b,
+                       blocks_b, num_pairs, top_k, num_experts, buckets_b, 1, MODE_B, False)
+    tl.debug_barrier()
+    _scan_one(counts_a_ptr, npp_a_ptr, buckets_a, sub_a, BM_A, NB_A_P2, NS_A_P2, True)
+    if TWO:
+        _scan_one(counts_b_ptr, npp_b_ptr, buckets_b, 1, BM_B, NB_B_P2, 1, True)
+    tl.debug_barrier()
+    num_items = tl.maximum(num_items_a, num_items_b)
+    for i0 in range(0, num_items, BLOCK):
+        item = i0 + offs.to(tl.int64)
+        _scatter_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                     shared_ptr, counts_a_ptr, ids_a_ptr, labels_a_ptr, num_items_a,
+                     num_pairs, top_k, num_experts, buckets_a, sub_a, MODE_A, SUB_SLOT_A,
+                     BM_A)
+        if TWO:
+            _scatter_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                         shared_ptr, counts_b_ptr, ids_b_ptr, labels_b_ptr, num_items_b,
+                         num_pairs, top_k, num_experts, buckets_b, 1, MODE_B, False, BM_B)

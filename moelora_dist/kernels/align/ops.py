@@ -5,6 +5,8 @@ CUDA-graph safe for a fixed ``T``): one int32 workspace holds every output;
 ``zero_(counts)`` -> ``_align_count_kernel`` (fills the outputs, atomic histogram of
 (bucket, sub) keys) -> ``_align_scan_kernel`` (one program per alignment: run starts, rows
 in use) -> ``_align_scatter_kernel`` (items to their places; each item labels its block).
+Small batches (decode steps: up to :data:`SINGLE_LAUNCH_MAX_ITEMS` items) run the same four
+phases in one launch of one thread block (``_align_single_kernel``), the same outputs.
 A LoRA call aligns the pairs by expert (base) and by slot and expert (LoRA) in the same four
 launches (:func:`align_base_and_lora`).
 
@@ -29,9 +31,15 @@ import triton
 from moelora_dist.kernels.align.common import Alignment, max_rows
 from moelora_dist.kernels.constants import ALIGN_MODES
 from moelora_dist.kernels.align.kernel import (
-    _align_count_kernel, _align_scan_kernel, _align_scatter_kernel)
+    _align_count_kernel, _align_scan_kernel, _align_scatter_kernel, _align_single_kernel)
 
 _BLOCK = 256
+# One launch (``_align_single_kernel``: one thread block runs the four phases) up to these
+# sizes: items of the larger alignment and rows filled. Decode steps sit far below them
+# (64 sequences x top-8 = 512 pairs); prefill chunks take the four launches.
+SINGLE_LAUNCH_MAX_ITEMS = 2048
+SINGLE_LAUNCH_MAX_FILL = 32768
+_SINGLE_BLOCK = 1024
 
 
 @dataclass
@@ -71,7 +79,6 @@ def _align(ids, tslot, en, rk, sh, a: _Spec, b: _Spec | None, num_experts: int):
     n_counts = sum(s.num_counts for s in specs)
     sizes = [1 + s.rows + s.rows // s.block_m for s in specs]
     ws = torch.empty(n_counts + sum(sizes), dtype=torch.int32, device=ids.device)
-    ws[:n_counts].zero_()
     views, c0, o = [], 0, n_counts
     for s in specs:
         counts = ws[c0:c0 + s.num_counts]
@@ -86,6 +93,20 @@ def _align(ids, tslot, en, rk, sh, a: _Spec, b: _Spec | None, num_experts: int):
     (ca, na, ia, la), (cb, nb, ib, lb) = views[0], vb
     fill = max(max(s.rows, s.num_items) for s in specs)
     common = (T * K, K, num_experts)
+    items = max(s.num_items for s in specs)
+    if items <= SINGLE_LAUNCH_MAX_ITEMS and fill <= SINGLE_LAUNCH_MAX_FILL:
+        _align_single_kernel[(1,)](
+            ids, tslot, en, rk, sh, ca, ia, la, na, cb, ib, lb, nb, n_counts, fill,
+            a.num_items, a.rows, a.rows // a.block_m, a.num_buckets, a.num_sub,
+            sb.num_items, sb.rows, sb.rows // sb.block_m, sb.num_buckets, *common,
+            MODE_A=a.mode, SUB_SLOT_A=a.sort_by_slot, BM_A=a.block_m,
+            NB_A_P2=triton.next_power_of_2(a.num_buckets + 1),
+            NS_A_P2=triton.next_power_of_2(a.num_sub), MODE_B=sb.mode, BM_B=sb.block_m,
+            NB_B_P2=triton.next_power_of_2(sb.num_buckets + 1), TWO=b is not None,
+            BLOCK=_SINGLE_BLOCK, num_warps=8)
+        return [Alignment(v[2], v[3], v[1], s.block_m, s.num_items)
+                for s, v in zip(specs, views)]
+    ws[:n_counts].zero_()
     if fill:
         _align_count_kernel[(triton.cdiv(fill, _BLOCK),)](
             ids, tslot, en, rk, sh, ca, ia, la, cb, ib, lb,
@@ -98,7 +119,6 @@ def _align(ids, tslot, en, rk, sh, a: _Spec, b: _Spec | None, num_experts: int):
         BM_A=a.block_m, NB_A_P2=triton.next_power_of_2(a.num_buckets + 1),
         NS_A_P2=triton.next_power_of_2(a.num_sub), BM_B=sb.block_m,
         NB_B_P2=triton.next_power_of_2(sb.num_buckets + 1))
-    items = max(s.num_items for s in specs)
     if items:
         _align_scatter_kernel[(triton.cdiv(items, _BLOCK),)](
             ids, tslot, en, rk, sh, ca, ia, la, cb, ib, lb, a.num_items, a.num_buckets,

@@ -130,3 +130,66 @@ runtime loop: a split count that changes with the batch compiles no new variant)
     else:
         _expand_tile(y2_ptr, b2_ptr, s, slot, rows, row_mask, offs_r, r_mask,
                      tile - tiles0 - tiles1, out2, sy2t, sy2o, sb2s, sb2o, sb2r, BLOCK_N)
+
+
+@triton.jit
+def _shrink_rows(x_ptr, a_ptr, slot, rows, row_mask, offs_r, r_mask, in_dim, stride_xt,
+                 stride_xi, stride_as, stride_ar, stride_ai, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``x[rows] a[slot]^T`` over every input feature (fp32 ``[BLOCK_M, BLOCK_R]``)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    a_off = slot * stride_as + offs_r[None, :] * stride_ar
+    for k0 in range(0, in_dim, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < in_dim
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xi,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(a_ptr + a_off + offs_k[:, None] * stride_ai,
+                    mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc += tl.dot(x, a.to(x.dtype))
+    return acc
+
+
+@triton.jit
+def _dense_fused_kernel(y0_ptr, y1_ptr, y2_ptr, b0_ptr, b1_ptr, b2_ptr, x_ptr, a0_ptr, a1_ptr,
+                        a2_ptr, slot_rank_ptr, sorted_ids_ptr, block_bucket_ptr,
+                        num_post_pad_ptr, num_tokens, in_dim, out0, out1, out2, tiles0, tiles1,
+                        sy0t, sy0o, sy1t, sy1o, sy2t, sy2o,
+                        sb0s, sb0o, sb0r, sb1s, sb1o, sb1r, sb2s, sb2o, sb2r,
+                        stride_xt, stride_xi, stride_as, stride_ar, stride_ai,
+                        NUM_MODULES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Shrink and expand in one launch, for batches of a few blocks (decode): program (block,
+    n-tile) computes its block's shrink of its module itself (every n-tile of a module
+    recomputes the same ``x a^T``, reading ``a`` from L2), then adds its tile of the delta, as
+    ``_dense_expand_kernel`` does. One launch instead of two, and no fp32 partials."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    slot, rows, row_mask, offs_r, r_mask = _slot_block(
+        sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr, slot_rank_ptr, pid_m, num_tokens,
+        BLOCK_M, BLOCK_R)
+    if slot < 0:
+        return
+    module = 0
+    if NUM_MODULES > 1:
+        module = tl.where(tile >= tiles0, 1, 0)
+    if NUM_MODULES > 2:
+        module = tl.where(tile >= tiles0 + tiles1, 2, module)
+    if module == 0:
+        s = _shrink_rows(x_ptr, a0_ptr, slot, rows, row_mask, offs_r, r_mask, in_dim,
+                         stride_xt, stride_xi, stride_as, stride_ar, stride_ai, BLOCK_M,
+                         BLOCK_K, BLOCK_R)
+        _expand_tile(y0_ptr, b0_ptr, s, slot, rows, row_mask, offs_r, r_mask, tile, out0,
+                     sy0t, sy0o, sb0s, sb0o, sb0r, BLOCK_N)
+    elif module == 1:
+        s = _shrink_rows(x_ptr, a1_ptr, slot, rows, row_mask, offs_r, r_mask, in_dim,
+                         stride_xt, stride_xi, stride_as, stride_ar, stride_ai, BLOCK_M,
+                         BLOCK_K, BLOCK_R)
+        _expand_tile(y1_ptr, b1_ptr, s, slot, rows, row_mask, offs_r, r_mask, tile - tiles0,
+                     out1, sy1t, sy1o, sb1s, sb1o, sb1r, BLOCK_N)
+    else:
+        s = _shrink_rows(x_ptr, a2_ptr, slot, rows, row_mask, offs_r, r_mask, in_dim,
+                         stride_xt, stride_xi, stride_as, stride_ar, stride_ai, BLOCK_M,
+                         BLOCK_K, BLOCK_R)
+        _expand_tile(y2_ptr, b2_ptr, s, slot, rows, row_mask, offs_r, r_mask,
+                     tile - tiles0 - tiles1, out2, sy2t, sy2o, sb2s, sb2o, sb2r, BLOCK_N)
