@@ -2,7 +2,7 @@
 first: A/B runs of a size threshold or a kill switch inside one device call.
 
     python -m benchmarks.device.with_constants \\
-        --set moelora_dist.kernels.dense_lora.ops:FUSED_MAX_TOKENS=0 \\
+        --set moelora_dist.kernels.align.ops:SINGLE_LAUNCH_MAX_ITEMS=-1 \\
         --set moelora_dist.moe.router:TRITON_TOPK=false -- benchmarks launches --label old
 
 Values are JSON. A module or a name that does not exist is one line, exit 2 (a typo must not

@@ -26,19 +26,16 @@ def _case(T, S=4, R=16, I=40, outs=(24, 8, 8), seed=0, dtype=torch.float32):
     return slot_T, rank, x, a, b
 
 
-@pytest.mark.parametrize("fused", [None, True, False], ids=["auto", "fused", "two_launches"])
 @pytest.mark.parametrize("T", [1, 7, 70], ids=["T1", "T7", "T70"])
 @pytest.mark.parametrize("n", [1, 3], ids=["one_module", "qkv_group"])
-def test_kernels_match_reference_and_token_loop(T, n, fused):
-    """Both paths (shrink + expand in one launch, or the split shrink then the expand) at
-    every size; auto takes the first up to ``FUSED_MAX_TOKENS`` tokens."""
+def test_kernels_match_reference_and_token_loop(T, n):
     slot_T, rank, x, a, b = _case(T)
     a, b = a[:n], b[:n]
     ys = [torch.randn(T, t.shape[1]) for t in b]
     want = [y.clone() for y in ys]
     got = [y.clone() for y in ys]
     naive.add_dense_lora(want, x, a, b, slot_T, rank)
-    ops.add_dense_lora(got, x, a, b, slot_T, rank, fused=fused)
+    ops.add_dense_lora(got, x, a, b, slot_T, rank)
     eff = torch.where((slot_T >= 0) & (rank[slot_T.clamp(min=0).long()] > 0), slot_T, -1)
     for y0, g_, w_, aj, bj in zip(ys, got, want, a, b):
         torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
@@ -47,24 +44,22 @@ def test_kernels_match_reference_and_token_loop(T, n, fused):
         assert torch.equal(g_[eff < 0], y0[eff < 0])  # no adapter: the base output untouched
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_launches"])
-def test_strided_b_and_fp16_output(fused):
+def test_strided_b_and_fp16_output():
     """A replicated kv module hands a row slice of b (strided); an fp16 y is updated in fp32
     and rounded once."""
     slot_T, rank, x, a, b = _case(9, dtype=torch.float16)
     rows = slice(2, 6)
     y = torch.zeros(9, 4, dtype=torch.float16)
-    ops.add_dense_lora([y], x, a[:1], [b[0][:, rows]], slot_T, rank, fused=fused)
+    ops.add_dense_lora([y], x, a[:1], [b[0][:, rows]], slot_T, rank)
     eff = torch.where((slot_T >= 0) & (rank[slot_T.clamp(min=0).long()] > 0), slot_T, -1)
     want = dense_lora_token_loop(x, a[0], b[0], eff)[:, rows]
     torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_launches"])
-def test_the_delta_is_really_added(fused):
+def test_the_delta_is_really_added():
     slot_T, rank, x, a, b = _case(12, seed=4)
     y = torch.zeros(12, 24)
-    ops.add_dense_lora([y], x, a[:1], b[:1], slot_T, rank, fused=fused)
+    ops.add_dense_lora([y], x, a[:1], b[:1], slot_T, rank)
     has = (slot_T >= 0) & (rank[slot_T.clamp(min=0).long()] > 0)
     assert has.any() and (y[has].abs().amax(dim=1) > 1e-3).all()
 

@@ -42,18 +42,18 @@ def test_with_constants_sets_them_then_runs_the_module(tmp_path, monkeypatch):
     import pytest
 
     from benchmarks.device import with_constants
-    from moelora_dist.kernels.dense_lora import ops
+    from moelora_dist.kernels.align import ops
 
     script = tmp_path / "probe_mod.py"
     out = tmp_path / "seen.txt"
-    script.write_text("import sys\nfrom moelora_dist.kernels.dense_lora import ops\n"
-                      "open(sys.argv[1], 'w').write(str(ops.FUSED_MAX_TOKENS))\n")
+    script.write_text("import sys\nfrom moelora_dist.kernels.align import ops\n"
+                      "open(sys.argv[1], 'w').write(str(ops.SINGLE_LAUNCH_MAX_ITEMS))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(ops, "FUSED_MAX_TOKENS", ops.FUSED_MAX_TOKENS)  # restored after
-    with_constants.main(["--set", "moelora_dist.kernels.dense_lora.ops:FUSED_MAX_TOKENS=3",
+    monkeypatch.setattr(ops, "SINGLE_LAUNCH_MAX_ITEMS", ops.SINGLE_LAUNCH_MAX_ITEMS)  # restored
+    with_constants.main(["--set", "moelora_dist.kernels.align.ops:SINGLE_LAUNCH_MAX_ITEMS=3",
                          "--", "probe_mod", str(out)])
     assert out.read_text() == "3"
     with pytest.raises(SystemExit) as e:
-        with_constants.main(["--set", "moelora_dist.kernels.dense_lora.ops:NO_SUCH=1", "--",
+        with_constants.main(["--set", "moelora_dist.kernels.align.ops:NO_SUCH=1", "--",
                              "probe_mod", str(out)])
     assert e.value.code == 2

@@ -1,12 +1,10 @@
 """Host glue of the dense-LoRA family: the Triton path of :func:`.naive.add_dense_lora`.
 
-Pipeline of one forward: :func:`plan_tokens` sorts the tokens by slot once (the align
-family, shared by every dense module of the forward), then per group of modules that read
+Pipeline of one forward: :func:`plan_tokens` sorts the tokens by slot once (4 small align
+launches, shared by every dense module of the forward), then per group of modules that read
 the same input one shrink launch (``x`` read once for all of them; its input features split
 over several programs per token block at decode sizes, :func:`shrink_split`) and one expand
-launch for all of them, which adds each module's delta into its base output in place. Up to
-:data:`FUSED_MAX_TOKENS` tokens the two are one launch (each expand program computes its
-block's shrink itself). No
+launch for all of them, which adds each module's delta into its base output in place. No
 host sync; every shape depends on ``T``, ``S`` and the module shapes only, so a CUDA graph
 captures it.
 
@@ -23,18 +21,13 @@ import triton
 from moelora_dist.kernels.align.common import Alignment
 from moelora_dist.kernels.align.ops import align_items
 from moelora_dist.kernels.constants import block_r
-from moelora_dist.kernels.dense_lora.kernel import (_dense_expand_kernel, _dense_fused_kernel,
-                                                    _dense_shrink_kernel)
+from moelora_dist.kernels.dense_lora.kernel import _dense_expand_kernel, _dense_shrink_kernel
 from moelora_dist.kernels.device import num_sms
 
 MAX_GROUP = 3  # modules per launch (q/k/v)
 BLOCK_K = 64  # the shrink's K tile
 MIN_K_TILES = 4  # K tiles a split shrink program loops over at least
 MAX_SPLIT_K = 16
-# Up to this many tokens shrink and expand are one launch (``_dense_fused_kernel``: every
-# n-tile recomputes its block's shrink); above it, the split shrink and the expand.
-FUSED_MAX_TOKENS = 16
-FUSED_BLOCK_K = 128
 
 
 def _block_m(num_tokens: int, num_slots: int) -> int:
@@ -63,13 +56,11 @@ def shrink_split(max_blocks: int, in_dim: int, sms: int) -> int:
 def add_dense_lora(ys: list[torch.Tensor], x_TI: torch.Tensor, a_list: list[torch.Tensor],
                    b_list: list[torch.Tensor], token_slot_T: torch.Tensor,
                    slot_rank_S: torch.Tensor, plan: Alignment | None = None,
-                   split_k: int | None = None, fused: bool | None = None) -> None:
+                   split_k: int | None = None) -> None:
     """See :func:`moelora_dist.kernels.dense_lora.naive.add_dense_lora`; ``plan`` from
     :func:`plan_tokens` (made here when None); ``split_k``: the shrink's K chunks per block
-    (None: :func:`shrink_split`); ``fused``: shrink and expand in one launch (None: up to
-    :data:`FUSED_MAX_TOKENS` tokens; ``split_k`` is then unused). ``ys`` must have unit
-    stride in their last dim; every ``a`` of the group must have the same shape and
-    strides."""
+    (None: :func:`shrink_split`). ``ys`` must have unit stride in their last dim; every ``a``
+    of the group must have the same shape and strides."""
     T, I = x_TI.shape
     S, R, _ = a_list[0].shape
     if plan is None:
@@ -80,40 +71,31 @@ def add_dense_lora(ys: list[torch.Tensor], x_TI: torch.Tensor, a_list: list[torc
     if n > MAX_GROUP:
         for j in range(0, n, MAX_GROUP):
             add_dense_lora(ys[j:j + MAX_GROUP], x_TI, a_list[j:j + MAX_GROUP],
-                           b_list[j:j + MAX_GROUP], token_slot_T, slot_rank_S, plan, split_k,
-                           fused)
+                           b_list[j:j + MAX_GROUP], token_slot_T, slot_rank_S, plan, split_k)
         return
     a0 = a_list[0]
     if any(a.shape != a0.shape or a.stride() != a0.stride() for a in a_list):
         raise ValueError("the modules of one dense LoRA group need A factors of one shape")
     blocks = plan.max_blocks
+    split = split_k or shrink_split(blocks, I, num_sms(x_TI.device))
+    k_per_split = triton.cdiv(triton.cdiv(I, BLOCK_K), split) * BLOCK_K
+    split = triton.cdiv(I, k_per_split)  # no chunk past the end
+    shrink = torch.empty(split, n, T, BR, dtype=torch.float32, device=x_TI.device)
+    pad_a = a_list + [a0] * (MAX_GROUP - n)
+    _dense_shrink_kernel[(blocks, split)](
+        x_TI, *pad_a, slot_rank_S, plan.sorted_ids, plan.block_bucket, plan.num_post_pad,
+        shrink, T, I, k_per_split, x_TI.stride(0), x_TI.stride(1), *a0.stride(),
+        *shrink.stride()[:3], NUM_MODULES=n, BLOCK_M=plan.block_m, BLOCK_K=BLOCK_K,
+        BLOCK_R=BR)
     outs = [y.shape[1] for y in ys]
     block_n = 64 if max(outs) <= 2048 or T <= 64 else 128
     tiles = [triton.cdiv(o, block_n) for o in outs]
     pad = MAX_GROUP - n
     ys_p, bs_p = ys + [ys[0]] * pad, b_list + [b_list[0]] * pad
     outs_p, tiles_p = outs + [0] * pad, tiles + [0] * pad
-    y_strides = [st for y in ys_p for st in y.stride()]
-    b_strides = [st for b in bs_p for st in b.stride()]
-    pad_a = a_list + [a0] * pad
-    if T <= FUSED_MAX_TOKENS if fused is None else fused:
-        _dense_fused_kernel[(blocks, sum(tiles))](
-            *ys_p, *bs_p, x_TI, *pad_a, slot_rank_S, plan.sorted_ids, plan.block_bucket,
-            plan.num_post_pad, T, I, *outs_p, tiles_p[0], tiles_p[1], *y_strides, *b_strides,
-            x_TI.stride(0), x_TI.stride(1), *a0.stride(), NUM_MODULES=n,
-            BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=FUSED_BLOCK_K, BLOCK_R=BR)
-        return
-    split = split_k or shrink_split(blocks, I, num_sms(x_TI.device))
-    k_per_split = triton.cdiv(triton.cdiv(I, BLOCK_K), split) * BLOCK_K
-    split = triton.cdiv(I, k_per_split)  # no chunk past the end
-    shrink = torch.empty(split, n, T, BR, dtype=torch.float32, device=x_TI.device)
-    _dense_shrink_kernel[(blocks, split)](
-        x_TI, *pad_a, slot_rank_S, plan.sorted_ids, plan.block_bucket, plan.num_post_pad,
-        shrink, T, I, k_per_split, x_TI.stride(0), x_TI.stride(1), *a0.stride(),
-        *shrink.stride()[:3], NUM_MODULES=n, BLOCK_M=plan.block_m, BLOCK_K=BLOCK_K,
-        BLOCK_R=BR)
     _dense_expand_kernel[(blocks, sum(tiles))](
         *ys_p, *bs_p, shrink, slot_rank_S, plan.sorted_ids, plan.block_bucket,
-        plan.num_post_pad, T, *outs_p, tiles_p[0], tiles_p[1], *y_strides, *b_strides,
+        plan.num_post_pad, T, *outs_p, tiles_p[0], tiles_p[1],
+        *(st for y in ys_p for st in y.stride()), *(st for b in bs_p for st in b.stride()),
         split, *shrink.stride()[:3], NUM_MODULES=n, BLOCK_M=plan.block_m,
         BLOCK_N=block_n, BLOCK_R=BR)
