@@ -54,8 +54,8 @@ def test_fused_moe_lora_bf16_matches_reference(case, T):
 def test_align_and_batch_info_on_gpu(case, T):
     """One alignment at T <= 256 (top-8: up to 2048 pairs) takes the single-launch kernel,
     whose phases share one launch through block barriers and L2 atomics (the base + LoRA
-    pair keeps four launches): each size runs with three seeds, so that a phase reading a
-    stale counter would show."""
+    pair on both of its paths: four launches, or one of two blocks): each size runs with
+    three seeds, so that a phase reading a stale counter would show."""
     from moelora_dist.kernels.align import naive as align_naive
     from moelora_dist.kernels.align import ops as align_ops
     from moelora_dist.kernels.align.ops import align_base_and_lora, align_items
@@ -63,10 +63,16 @@ def test_align_and_batch_info_on_gpu(case, T):
     from moelora_dist.testing.kernel_cases import make_case
 
     assert (T * 8 <= align_ops.SINGLE_LAUNCH_MAX_ITEMS) == (T <= 256)
-    for seed in (1, 2, 3):
-        c = make_case(case, T=T, H=2048, E=32, I=768, K=8, R=64, dtype=torch.bfloat16,
-                      device="cuda", seed=seed)
-        _check_alignments(c, align_naive, align_items, align_base_and_lora)
+    shipped = align_ops.SINGLE_LAUNCH_PAIRS
+    try:
+        for pairs in (False, True):  # the pair in four launches, then in one
+            align_ops.SINGLE_LAUNCH_PAIRS = pairs
+            for seed in (1, 2, 3):
+                c = make_case(case, T=T, H=2048, E=32, I=768, K=8, R=64,
+                              dtype=torch.bfloat16, device="cuda", seed=seed)
+                _check_alignments(c, align_naive, align_items, align_base_and_lora)
+    finally:
+        align_ops.SINGLE_LAUNCH_PAIRS = shipped
     seg = torch.tensor([0, 10, 10, 200, 300], dtype=torch.int32, device="cuda")
     req = torch.tensor([1, -1, 0, 3], dtype=torch.int32, device="cuda")
     got = build_batch_info(seg, req, c["lora"].slot_rank, backend="triton")

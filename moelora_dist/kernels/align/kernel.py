@@ -181,49 +181,59 @@ def _align_scatter_kernel(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_r
 
 
 @triton.jit
+def _align_in_block(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, shared_ptr,
+                    counts_ptr, ids_ptr, labels_ptr, npp_ptr, num_items, rows, blocks,
+                    buckets, sub, num_pairs, top_k, num_experts, MODE: tl.constexpr,
+                    SUB_SLOT: tl.constexpr, BM: tl.constexpr, NB_P2: tl.constexpr,
+                    NS_P2: tl.constexpr, BLOCK: tl.constexpr):
+    """One alignment's four phases in this thread block: zero the counters, fill the outputs
+    (padding rows, unlabelled blocks), count, scan, scatter. Phases are separated by block
+    barriers; every access to the counters is an atomic (done in L2), so a phase sees the
+    previous phase's counts whatever the L1 holds."""
+    offs = tl.arange(0, BLOCK)
+    num_counts = (buckets + 1) * sub
+    for c0 in range(0, num_counts, BLOCK):
+        tl.atomic_xchg(counts_ptr + c0 + offs, tl.zeros_like(offs).to(tl.int32),
+                       mask=c0 + offs < num_counts, sem="relaxed")
+    for r0 in range(0, rows, BLOCK):
+        r = r0 + offs
+        tl.store(ids_ptr + r, (tl.zeros_like(r) + num_items).to(tl.int32), mask=r < rows)
+        tl.store(labels_ptr + r, tl.zeros_like(r).to(tl.int32) - 1, mask=r < blocks)
+    tl.debug_barrier()
+    for i0 in range(0, num_items, BLOCK):  # count only: no fill (rows and blocks 0)
+        _count_one(i0 + offs.to(tl.int64), topk_ids_ptr, token_slot_ptr, slot_enabled_ptr,
+                   slot_rank_ptr, shared_ptr, counts_ptr, ids_ptr, labels_ptr, num_items, 0, 0,
+                   num_pairs, top_k, num_experts, buckets, sub, MODE, SUB_SLOT)
+    tl.debug_barrier()
+    _scan_one(counts_ptr, npp_ptr, buckets, sub, BM, NB_P2, NS_P2, True)
+    tl.debug_barrier()
+    for i0 in range(0, num_items, BLOCK):
+        _scatter_one(i0 + offs.to(tl.int64), topk_ids_ptr, token_slot_ptr, slot_enabled_ptr,
+                     slot_rank_ptr, shared_ptr, counts_ptr, ids_ptr, labels_ptr, num_items,
+                     num_pairs, top_k, num_experts, buckets, sub, MODE, SUB_SLOT, BM)
+
+
+@triton.jit
 def _align_single_kernel(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
                          shared_ptr, counts_a_ptr, ids_a_ptr, labels_a_ptr, npp_a_ptr,
-                         counts_b_ptr, ids_b_ptr, labels_b_ptr, npp_b_ptr, num_counts,
-                         num_fill, num_items_a, rows_a, blocks_a, buckets_a, sub_a,
+                         counts_b_ptr, ids_b_ptr, labels_b_ptr, npp_b_ptr,
+                         num_items_a, rows_a, blocks_a, buckets_a, sub_a,
                          num_items_b, rows_b, blocks_b, buckets_b, num_pairs, top_k,
                          num_experts,
                          MODE_A: tl.constexpr, SUB_SLOT_A: tl.constexpr, BM_A: tl.constexpr,
                          NB_A_P2: tl.constexpr, NS_A_P2: tl.constexpr, MODE_B: tl.constexpr,
-                         BM_B: tl.constexpr, NB_B_P2: tl.constexpr, TWO: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    """The four launches of an alignment (zero, count, scan, scatter) in one program, for
-    batches small enough that one thread block does them faster than four launches start
-    (decode steps). Phases are separated by block barriers; every access to the counters is
-    an atomic (done in L2), so a phase sees the previous phase's counts whatever the L1
-    holds. ``counts_a_ptr`` starts the ``num_counts`` counters of both alignments."""
-    offs = tl.arange(0, BLOCK)
-    for c0 in range(0, num_counts, BLOCK):
-        tl.atomic_xchg(counts_a_ptr + c0 + offs, tl.zeros_like(offs).to(tl.int32),
-                       mask=c0 + offs < num_counts, sem="relaxed")
-    tl.debug_barrier()
-    for i0 in range(0, num_fill, BLOCK):
-        item = i0 + offs.to(tl.int64)
-        _count_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
-                   shared_ptr, counts_a_ptr, ids_a_ptr, labels_a_ptr, num_items_a, rows_a,
-                   blocks_a, num_pairs, top_k, num_experts, buckets_a, sub_a, MODE_A,
-                   SUB_SLOT_A)
-        if TWO:
-            _count_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
-                       shared_ptr, counts_b_ptr, ids_b_ptr, labels_b_ptr, num_items_b, rows_b,
-                       blocks_b, num_pairs, top_k, num_experts, buckets_b, 1, MODE_B, False)
-    tl.debug_barrier()
-    _scan_one(counts_a_ptr, npp_a_ptr, buckets_a, sub_a, BM_A, NB_A_P2, NS_A_P2, True)
-    if TWO:
-        _scan_one(counts_b_ptr, npp_b_ptr, buckets_b, 1, BM_B, NB_B_P2, 1, True)
-    tl.debug_barrier()
-    num_items = tl.maximum(num_items_a, num_items_b)
-    for i0 in range(0, num_items, BLOCK):
-        item = i0 + offs.to(tl.int64)
-        _scatter_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
-                     shared_ptr, counts_a_ptr, ids_a_ptr, labels_a_ptr, num_items_a,
-                     num_pairs, top_k, num_experts, buckets_a, sub_a, MODE_A, SUB_SLOT_A,
-                     BM_A)
-        if TWO:
-            _scatter_one(item, topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
-                         shared_ptr, counts_b_ptr, ids_b_ptr, labels_b_ptr, num_items_b,
-                         num_pairs, top_k, num_experts, buckets_b, 1, MODE_B, False, BM_B)
+                         BM_B: tl.constexpr, NB_B_P2: tl.constexpr, BLOCK: tl.constexpr):
+    """The four launches of an alignment (zero, count, scan, scatter) in one, for batches
+    small enough that one thread block does them faster than four launches start (decode
+    steps): program 0 aligns A, program 1 (launched for a pair) B; their counters and outputs
+    are disjoint, so the two blocks never wait on each other."""
+    if tl.program_id(0) == 0:
+        _align_in_block(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                        shared_ptr, counts_a_ptr, ids_a_ptr, labels_a_ptr, npp_a_ptr,
+                        num_items_a, rows_a, blocks_a, buckets_a, sub_a, num_pairs, top_k,
+                        num_experts, MODE_A, SUB_SLOT_A, BM_A, NB_A_P2, NS_A_P2, BLOCK)
+    else:
+        _align_in_block(topk_ids_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                        shared_ptr, counts_b_ptr, ids_b_ptr, labels_b_ptr, npp_b_ptr,
+                        num_items_b, rows_b, blocks_b, buckets_b, 1, num_pairs, top_k,
+                        num_experts, MODE_B, False, BM_B, NB_B_P2, 1, BLOCK)

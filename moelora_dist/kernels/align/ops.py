@@ -43,6 +43,7 @@ _BLOCK = 256
 # but the pair 10.18 -> 10.70 and 10.99 -> 22.94 (one block scans both, 3 400 counters, alone).
 SINGLE_LAUNCH_MAX_ITEMS = 2048
 SINGLE_LAUNCH_MAX_FILL = 32768
+SINGLE_LAUNCH_PAIRS = False  # the pair in one launch too (one block each); see above
 _SINGLE_BLOCK = 1024
 
 
@@ -98,16 +99,17 @@ def _align(ids, tslot, en, rk, sh, a: _Spec, b: _Spec | None, num_experts: int):
     fill = max(max(s.rows, s.num_items) for s in specs)
     common = (T * K, K, num_experts)
     items = max(s.num_items for s in specs)
-    if b is None and items <= SINGLE_LAUNCH_MAX_ITEMS and fill <= SINGLE_LAUNCH_MAX_FILL:
-        _align_single_kernel[(1,)](
-            ids, tslot, en, rk, sh, ca, ia, la, na, cb, ib, lb, nb, n_counts, fill,
+    if (items <= SINGLE_LAUNCH_MAX_ITEMS and fill <= SINGLE_LAUNCH_MAX_FILL
+            and (b is None or SINGLE_LAUNCH_PAIRS)):
+        _align_single_kernel[(len(specs),)](
+            ids, tslot, en, rk, sh, ca, ia, la, na, cb, ib, lb, nb,
             a.num_items, a.rows, a.rows // a.block_m, a.num_buckets, a.num_sub,
             sb.num_items, sb.rows, sb.rows // sb.block_m, sb.num_buckets, *common,
             MODE_A=a.mode, SUB_SLOT_A=a.sort_by_slot, BM_A=a.block_m,
             NB_A_P2=triton.next_power_of_2(a.num_buckets + 1),
             NS_A_P2=triton.next_power_of_2(a.num_sub), MODE_B=sb.mode, BM_B=sb.block_m,
-            NB_B_P2=triton.next_power_of_2(sb.num_buckets + 1), TWO=b is not None,
-            BLOCK=_SINGLE_BLOCK, num_warps=8)
+            NB_B_P2=triton.next_power_of_2(sb.num_buckets + 1), BLOCK=_SINGLE_BLOCK,
+            num_warps=8)
         return [Alignment(v[2], v[3], v[1], s.block_m, s.num_items)
                 for s, v in zip(specs, views)]
     ws[:n_counts].zero_()
