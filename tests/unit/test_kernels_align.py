@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 @pytest.fixture(autouse=True, params=["one_launch", "four_launches"])
 def align_path(request, monkeypatch):
     """Every test here runs on both paths of the alignment: the one-launch kernel of small
-    batches (for the base + LoRA pair too, which ships off) and the four launches of large
+    batches (one block per alignment of the base + LoRA pair) and the four launches of large
     ones (the size limit moved so that these small cases take the other path)."""
     if request.param == "four_launches":
         monkeypatch.setattr(align, "SINGLE_LAUNCH_MAX_ITEMS", -1)

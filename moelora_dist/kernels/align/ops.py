@@ -5,9 +5,9 @@ CUDA-graph safe for a fixed ``T``): one int32 workspace holds every output;
 ``zero_(counts)`` -> ``_align_count_kernel`` (fills the outputs, atomic histogram of
 (bucket, sub) keys) -> ``_align_scan_kernel`` (one program per alignment: run starts, rows
 in use) -> ``_align_scatter_kernel`` (items to their places; each item labels its block).
-One alignment of a small batch (decode steps: up to :data:`SINGLE_LAUNCH_MAX_ITEMS` items)
-runs the same four phases in one launch of one thread block (``_align_single_kernel``), the
-same outputs.
+A small batch (decode steps: up to :data:`SINGLE_LAUNCH_MAX_ITEMS` items) runs the same four
+phases in one launch, one thread block per alignment (``_align_single_kernel``), the same
+outputs.
 A LoRA call aligns the pairs by expert (base) and by slot and expert (LoRA) in the same four
 launches (:func:`align_base_and_lora`).
 
@@ -35,15 +35,15 @@ from moelora_dist.kernels.align.kernel import (
     _align_count_kernel, _align_scan_kernel, _align_scatter_kernel, _align_single_kernel)
 
 _BLOCK = 256
-# One launch (``_align_single_kernel``: one thread block runs the four phases) for a single
-# alignment up to these sizes (items, rows filled). Decode steps sit far below them (64
-# sequences x top-8 = 512 pairs); prefill chunks take the four launches. The base + LoRA pair
-# of a LoRA call keeps the four: measured on an H200 (eager decode step, GPU us per layer),
-# one launch took the base alignment 4.11 -> 2.19 us at 1 sequence and 4.65 -> 3.41 at 64,
-# but the pair 10.18 -> 10.70 and 10.99 -> 22.94 (one block scans both, 3 400 counters, alone).
+# One launch (``_align_single_kernel``: one thread block runs the four phases of an
+# alignment, a second block the LoRA pair's other one) up to these sizes (items, rows filled).
+# Decode steps sit far below them (64 sequences x top-8 = 512 pairs); prefill chunks take the
+# four launches. Measured on an H200 (eager decode step, GPU us per layer, docs/kernels.md):
+# the base alignment 4.11 -> 2.34 at 1 sequence and 4.65 -> 3.26 at 64, the LoRA pair
+# 10.18 -> 6.61 and 10.99 -> 8.48.
 SINGLE_LAUNCH_MAX_ITEMS = 2048
 SINGLE_LAUNCH_MAX_FILL = 32768
-SINGLE_LAUNCH_PAIRS = False  # the pair in one launch too (one block each); see above
+SINGLE_LAUNCH_PAIRS = True  # False: the pair in four launches (A/B runs)
 _SINGLE_BLOCK = 1024
 
 
