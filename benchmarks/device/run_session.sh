@@ -40,6 +40,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/moelora-out}
 RES=${RES:-/tmp/moelora-res}
+# A machine can come back with an earlier call's $RES: start from an empty one (KEEP_RES=1 keeps it).
+[ -n "${KEEP_RES:-}" ] || rm -rf "$RES"
 mkdir -p "$OUT" "$RES"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
   NVSHMEM_DISABLE_NVLS=1
