@@ -6,6 +6,8 @@ Pipeline of one layer (see :mod:`moelora_dist.kernels.moe_lora.ops`):
 2. ``gate_up``      x W^T + shrink B^T, act(gate) * up            -> h        [T*K, I_l]
 3. ``down_shrink``  h A_down^T per slot run of an expert block    -> dshrink  [P, T*K, BR] fp32
 4. ``down``         w_k * (h W_down^T + dshrink B_down^T)         -> out      [T*K, H]
+   or, at decode sizes (``MoEConfig.down_lora_after``), ``down`` without LoRA, then
+   ``down_lora``   out += w_k * (h A_down^T) B_down^T in one launch (no ``down_shrink``)
 5. ``topk_sum``     sum over k of the valid pairs                 -> y        [T, H]
 
 Fused variants (``MoEConfig`` switches; ``ops_fused.py`` holds the fused-shrink launcher): the
@@ -24,12 +26,15 @@ flag, never from an ``expand``). No launcher syncs with the host.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
 from moelora_dist.kernels.align.common import Alignment
 from moelora_dist.kernels.constants import FP8_GROUP, as_activation, block_r, check_activation
 from moelora_dist.kernels.moe_gemm.kernel_down import _down_kernel, _topk_sum_kernel
+from moelora_dist.kernels.moe_gemm.kernel_down_lora import _down_lora_kernel
 from moelora_dist.kernels.moe_gemm.kernel_gate_up import _gate_up_kernel
 from moelora_dist.kernels.moe_gemm.kernel_shrink import (
     _down_shrink_kernel, _down_shrink_runs_kernel, _lora_shrink_kernel)
@@ -304,6 +309,63 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         WS_PER_TILE=_scale_per_tile(w_down_EHI, block_n, (0,)),
         PREFETCH=_prefetch(prefetch, al.block_m, block_n), num_warps=num_warps,
         num_stages=num_stages)
+    return out
+
+
+# Programs per SM that :func:`down_lora` aims at when its split is left to it (``split=0``).
+DOWN_LORA_PROGRAMS_PER_SM = 4
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def down_lora_split(device: torch.device, max_blocks: int, hidden: int, block_n: int) -> int:
+    """Programs per block along H for :func:`down_lora` with ``split=0``: about
+    :data:`DOWN_LORA_PROGRAMS_PER_SM` programs per SM over the alignment's ``max_blocks`` (a
+    worst-case count: blocks past ``num_post_pad`` return at once), at most one per n-tile.
+    More programs mean more of the block's latency in parallel and more re-reads of its ``h``
+    and ``A_down`` (from L2)."""
+    sms = _sm_count(device.index if device.index is not None
+                    else torch.cuda.current_device()) if device.type == "cuda" else 8
+    want = triton.cdiv(DOWN_LORA_PROGRAMS_PER_SM * sms, max(1, max_blocks))
+    return max(1, min(want, triton.cdiv(hidden, block_n)))
+
+
+def down_lora(h, out, lora: MoELoRAWeights, al: Alignment, top_k: int, topk_weights_TK,
+              token_slot_T, slot_enabled_S, *, block_n: int = 64, block_k: int = 128,
+              split: int = 0, lora_runs: int = 4, num_warps: int = 4) -> torch.Tensor:
+    """``out[pair] += w_k * (h[pair] A_down^T) B_down^T`` in place, for the pairs with an
+    enabled slot: the down LoRA of a call whose :func:`down` ran without it
+    (``kernel_down_lora.py`` says when that is faster).
+
+    Args:
+        h: ``[T*K, I_l]`` as stored by gate_up (never the FP8-quantized copy the base GEMM may
+            read); out: ``[T*K, H]``, :func:`down`'s output for the same base alignment.
+        split: programs per block along H (0: :func:`down_lora_split`); lora_runs: slot runs
+            stacked per dot (:func:`num_runs`).
+    Returns:
+        ``out``.
+    """
+    N, inter = h.shape
+    H = out.shape[1]
+    if tuple(out.shape) != (N, lora.hidden) or out.stride(1) != 1 or out.stride(0) != H:
+        raise ValueError(f"out must be a contiguous [T*K={N}, H={lora.hidden}] buffer, got "
+                         f"{tuple(out.shape)} with strides {out.stride()}")
+    tw = topk_weights_TK.contiguous()
+    if tw.dtype != torch.float32:
+        tw = tw.float()
+    if split < 0:
+        raise ValueError(f"split must be >= 0 (0: by the grid), got {split}")
+    split = split or down_lora_split(h.device, al.max_blocks, H, block_n)
+    cols, parts = _split(H, split, block_n)
+    a, b = lora.down_a, lora.down_b
+    _down_lora_kernel[(al.max_blocks, parts)](
+        h, a, b, lora.down_b_shared, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad,
+        token_slot_T, slot_enabled_S, lora.slot_rank, N, top_k, H, inter, cols, *a.stride(),
+        *b.stride(), BLOCK_M=al.block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+        BLOCK_R=block_r(lora.max_rank), NUM_RUNS=num_runs(lora_runs), num_warps=num_warps)
     return out
 
 
