@@ -3,6 +3,10 @@
 # own timeout so that the call ends inside the tool's 10-minute limit:
 #   tests     tests/gpu except the tuned-config file, in 6 pytest processes at once (their
 #             Triton compiles run on separate cores; no test times anything)     ~3-4 min
+#   quick     a kernel change's GPU tests in 4 processes: kernels + isolation + dense, the
+#             tuned-config file and the LoRA variants, engine + families + paged attention,
+#             FP8 on the Qwen3 shape + FP8 linear + greedy (FP8 DeepSeek-V3 and Mixtral are in
+#             `tests`: their compiles take minutes)                              ~3-4 min
 #   tune      tune-kernels --keep-faster on the four benchmark shapes, base and LoRA r16, into
 #             moelora_dist/kernels/moe_lora/tuned/NVIDIA_H200.json (commit it)   ~3 min
 #   tunefp8   tune-kernels --fp8 --keep-faster (FP8 experts, "bfloat16+fp8" entries) on
@@ -69,6 +73,17 @@ for s in "$@"; do
     timeout "$(t 240)" python3 -m pytest -q -p no:cacheprovider -rf $g/test_isolation_gpu.py \
       $g/test_kernels_gpu.py $g/test_sampling_gpu.py $g/test_dispatch_kernels_gpu.py \
       >"$RES/gpu_tests_kernels.log" 2>&1 &
+    wait
+    for f in "$RES"/gpu_tests_*.log; do echo "$f: $(tail -1 "$f")" | tee -a "$LOG"; done; pack ;;
+  quick)
+    step "GPU tests of a kernel change (4 processes)"
+    g=tests/gpu
+    q() { local name=$1; shift; timeout "$(t ${QUICK_S:-300})" python3 -m pytest -q \
+      -p no:cacheprovider -rf "$@" >"$RES/gpu_tests_$name.log" 2>&1; }
+    q kernels $g/test_kernels_gpu.py $g/test_isolation_gpu.py $g/test_sampling_gpu.py &
+    q tuned $g/test_tuned_configs_gpu.py &
+    q engine $g/test_engine_gpu.py $g/test_families_gpu.py $g/test_paged_attention_gpu.py &
+    q fp8 $g/test_fp8_gpu.py -k "qwen3 or linear or greedy" &
     wait
     for f in "$RES"/gpu_tests_*.log; do echo "$f: $(tail -1 "$f")" | tee -a "$LOG"; done; pack ;;
   tune)

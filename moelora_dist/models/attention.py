@@ -130,17 +130,19 @@ class TPAttention:
         """
         cfg, sp, D = self.cfg, self.split, self.cfg.head_dim
         T = x_TH.shape[0]
+        pending = None
+        if lora is not None:  # one shrink launch for q, k and v (they read the same x),
+            p = self.prefix   # on a side stream beside the base GEMM
+            pending = lora.begin(x_TH, [(f"{p}.q_proj", None), (f"{p}.k_proj", self.kv_rows),
+                                        (f"{p}.v_proj", self.kv_rows)])
         if self.fused:
             qkv = F.linear(x_TH, self.w["qkv_proj"], self.w.get("qkv_proj.bias"))
             q, k, v = qkv.split(self.sizes, dim=1)
         else:
             q, k, v = (base_linear(x_TH, self.w[n], self.w.get(f"{n}.bias"))
                        for n in ("q_proj", "k_proj", "v_proj"))
-        if lora is not None:  # one shrink GEMM for q, k and v: they read the same x
-            p = self.prefix
-            q, k, v = lora.apply_group(x_TH, [(q, f"{p}.q_proj", None),
-                                              (k, f"{p}.k_proj", self.kv_rows),
-                                              (v, f"{p}.v_proj", self.kv_rows)])
+        if pending is not None:
+            q, k, v = pending.finish([q, k, v])
         if cfg.qk_norm == "full":
             q = rms_norm_sharded(q, self.w["q_norm"], cfg.rms_norm_eps, cfg.num_heads * D,
                                  self.tp_group)

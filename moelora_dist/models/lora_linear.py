@@ -17,12 +17,60 @@ TP and the delta rides on the same all-reduce as the base output.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from moelora_dist.kernels.block_fp8 import naive as fp8_naive
 from moelora_dist.kernels.dense_lora import naive as dense_naive
 from moelora_dist.kernels.weights_fp8 import BlockFP8Weight
 from moelora_dist.lora.batch_info import BatchInfo
+
+
+# On CUDA, the shrink of a group runs on a side stream while the caller's base GEMMs run on its
+# own (``DenseLoRA.begin`` ... ``PendingLoRA.finish``): at decode sizes the shrink is a few
+# microseconds of latency that the base GEMM, which leaves most SMs idle there, can hide. Up to
+# this many tokens; 0 turns it off (every launch on the caller's stream, in the same order).
+OVERLAP_MAX_TOKENS = 512
+
+_side_streams: dict[int, "torch.cuda.Stream"] = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
+
+
+class PendingLoRA:
+    """The LoRA of a group whose shrink is under way (:meth:`DenseLoRA.begin`); :meth:`finish`
+    adds the deltas into the base outputs once they exist. Call it exactly once."""
+
+    def __init__(self, lora: "DenseLoRA", x_TI: torch.Tensor, modules, shrinks, side):
+        self.lora, self.x_TI, self.modules = lora, x_TI, modules
+        self.shrinks, self.side = shrinks, side
+
+    def finish(self, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``ys``: the base outputs ``[T, O]`` of the modules :meth:`DenseLoRA.begin` named, in
+        its order (updated in place: the fp32 delta added and rounded once to ``y``'s dtype).
+        Returns them."""
+        if len(ys) != len(self.modules):
+            raise ValueError(f"{len(ys)} outputs for a group of {len(self.modules)} modules")
+        lora, pool = self.lora, self.lora.pool
+        bufs = [pool.dense_buffers(path) for path, _ in self.modules]
+        b_list = [buf.b if rows is None else buf.b[:, rows]
+                  for buf, (_, rows) in zip(bufs, self.modules)]
+        if self.shrinks is None:  # the reference: everything here
+            dense_naive.add_dense_lora(ys, self.x_TI, [buf.a for buf in bufs], b_list,
+                                       lora.token_slot_T, pool.slot_rank_S)
+            return ys
+        from moelora_dist.kernels.dense_lora import ops  # Triton: optional off x86-64 Linux
+
+        if self.side is not None:
+            torch.cuda.current_stream(self.x_TI.device).wait_stream(self.side)
+        ops.dense_expand(ys, b_list, self.shrinks, pool.slot_rank_S, lora._plan)
+        return ys
 
 
 class DenseLoRA:
@@ -42,18 +90,41 @@ class DenseLoRA:
         self.backend = backend
         self._plan = None
 
-    def _run(self, ys, x_TI, a_list, b_list, slot_rank_S):
+    def begin(self, x_TI: torch.Tensor, modules) -> PendingLoRA:
+        """Start the LoRA of several modules that read the same input ``x`` (q, k and v: one
+        shrink launch reads ``x`` once for all of them), before their base outputs exist.
+
+        Args:
+            x_TI: ``[T, I]`` the shared input.
+            modules: ``(path, out_rows)`` per module: its pool path and the rows of a
+                replicated ``b`` this rank computes (or None).
+        Returns:
+            a :class:`PendingLoRA`; on CUDA up to :data:`OVERLAP_MAX_TOKENS` tokens its shrink
+            runs on a side stream that waits for ``x`` (the caller's stream waits for it in
+            ``finish``), otherwise on the caller's stream.
+        """
+        modules = list(modules)
         if self.backend == "torch":
-            dense_naive.add_dense_lora(ys, x_TI, a_list, b_list, self.token_slot_T, slot_rank_S)
-            return
+            return PendingLoRA(self, x_TI, modules, None, None)
         from moelora_dist.kernels.dense_lora import ops  # Triton: optional off x86-64 Linux
 
-        if self._plan is None:
-            self._plan = ops.plan_tokens(self.token_slot_T, self.slot_enabled_S, slot_rank_S)
-        ops.add_dense_lora(ys, x_TI, a_list, b_list, self.token_slot_T, slot_rank_S, self._plan)
+        if self._plan is None:  # on the caller's stream: every later launch reads it
+            self._plan = ops.plan_tokens(self.token_slot_T, self.slot_enabled_S,
+                                         self.pool.slot_rank_S)
+        a_list = [self.pool.dense_buffers(path).a for path, _ in modules]
+        # One slot-rank table for every module of the pool: a slot's rank is the largest
+        # rank of its adapter, and the rows past a module's own rank are zero.
+        side = None
+        if x_TI.is_cuda and 0 < x_TI.shape[0] <= OVERLAP_MAX_TOKENS:
+            side = _side_stream(x_TI.device)
+            side.wait_stream(torch.cuda.current_stream(x_TI.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            shrinks = ops.dense_shrink(x_TI, a_list, self.pool.slot_rank_S, self._plan)
+        return PendingLoRA(self, x_TI, modules, shrinks, side)
 
     def apply_group(self, x_TI: torch.Tensor, items) -> list[torch.Tensor]:
-        """Add the LoRA delta of several modules that share the input ``x`` (q, k and v).
+        """Add the LoRA delta of several modules that share the input ``x`` to base outputs
+        that already exist (:meth:`begin` then ``finish`` at once: nothing to overlap).
 
         Args:
             x_TI: ``[T, I]`` the shared input.
@@ -63,15 +134,8 @@ class DenseLoRA:
         Returns:
             the updated ``y_TO`` tensors.
         """
-        bufs = [self.pool.dense_buffers(path) for _, path, _ in items]
-        a_list = [buf.a for buf in bufs]
-        b_list = [buf.b if rows is None else buf.b[:, rows]
-                  for buf, (_, _, rows) in zip(bufs, items)]
-        ys = [y for y, _, _ in items]
-        # One slot-rank table for every module of the pool: a slot's rank is the largest
-        # rank of its adapter, and the rows past a module's own rank are zero.
-        self._run(ys, x_TI, a_list, b_list, self.pool.slot_rank_S)
-        return ys
+        pending = self.begin(x_TI, [(path, rows) for _, path, rows in items])
+        return pending.finish([y for y, _, _ in items])
 
     def apply(self, y_TO: torch.Tensor, x_TI: torch.Tensor, path: str,
               out_rows: slice | None = None) -> torch.Tensor:
@@ -97,10 +161,10 @@ def linear_with_lora(x_TI: torch.Tensor, w_OI: torch.Tensor, bias_O: torch.Tenso
     Returns:
         ``[T, O]`` in ``x_TI.dtype``.
     """
-    y_TO = base_linear(x_TI, w_OI, bias_O)
     if lora is None:
-        return y_TO
-    return lora.apply(y_TO, x_TI, path, out_rows)
+        return base_linear(x_TI, w_OI, bias_O)
+    pending = lora.begin(x_TI, [(path, out_rows)])  # its shrink beside the base GEMM
+    return pending.finish([base_linear(x_TI, w_OI, bias_O)])[0]
 
 
 def base_linear(x_TI: torch.Tensor, w_OI, bias_O: torch.Tensor | None = None) -> torch.Tensor:

@@ -79,11 +79,13 @@ class TPMLA:
         m, w, p, N = self.mla, self.w, self.prefix, self.split.num_q
         T = x_TH.shape[0]
         q_in = "q_a_proj" if m.q_lora_rank is not None else "q_proj"
+        # both read x: one shrink launch, beside their base GEMMs
+        pending = (lora.begin(x_TH, [(f"{p}.{q_in}", None), (f"{p}.kv_a_proj_with_mqa", None)])
+                   if lora is not None else None)
         q0 = base_linear(x_TH, w[q_in], w.get(f"{q_in}.bias"))
         kva = base_linear(x_TH, w["kv_a_proj_with_mqa"], w.get("kv_a_proj_with_mqa.bias"))
-        if lora is not None:  # both read x: one shrink GEMM
-            q0, kva = lora.apply_group(x_TH, [(q0, f"{p}.{q_in}", None),
-                                              (kva, f"{p}.kv_a_proj_with_mqa", None)])
+        if pending is not None:
+            q0, kva = pending.finish([q0, kva])
         if m.q_lora_rank is not None:
             q0 = linear_with_lora(rms_norm(q0, w["q_a_layernorm"], MLA_NORM_EPS),
                                   w["q_b_proj"], None, lora, f"{p}.q_b_proj")

@@ -40,11 +40,13 @@ class DenseMLP:
         """``[T, H]`` -> ``[T, H]``, summed over TP ranks. ``lora``: this forward's
         :class:`.lora_linear.DenseLoRA`, or None when no token uses an adapter."""
         p = self.prefix
+        # gate and up read the same x: one shrink launch, beside their base GEMMs
+        pending = (lora.begin(x_TH, [(f"{p}.gate_proj", None), (f"{p}.up_proj", None)])
+                   if lora is not None else None)
         gate = base_linear(x_TH, self.w["gate_proj"])
         up = base_linear(x_TH, self.w["up_proj"])
-        if lora is not None:  # gate and up read the same x: one shrink GEMM
-            gate, up = lora.apply_group(x_TH, [(gate, f"{p}.gate_proj", None),
-                                               (up, f"{p}.up_proj", None)])
+        if pending is not None:
+            gate, up = pending.finish([gate, up])
         y = linear_with_lora(F.silu(gate) * up, self.w["down_proj"], None, lora,
                              f"{p}.down_proj")
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:

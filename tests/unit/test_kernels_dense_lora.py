@@ -88,3 +88,45 @@ def test_shrink_split_fills_the_gpu_at_decode_only():
     assert ops.shrink_split(264, 2048, 132) == 1
     assert ops.shrink_split(40, 4096, 132) == 7
     assert ops.shrink_split(12, 40, 132) == 1  # one K tile
+
+
+class _Pool:
+    """What :class:`DenseLoRA` reads of a pool: ``dense_buffers(path)`` and ``slot_rank_S``."""
+
+    def __init__(self, a, b, rank):
+        from types import SimpleNamespace
+
+        self.bufs = {f"m{j}": SimpleNamespace(a=aj, b=bj) for j, (aj, bj) in enumerate(zip(a, b))}
+        self.slot_rank_S = rank
+
+    def dense_buffers(self, path):
+        return self.bufs[path]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_begin_before_the_base_outputs_then_finish(backend):
+    """``DenseLoRA.begin`` starts a group's LoRA from ``x`` alone (the shrink; on CUDA beside
+    the base GEMMs on a side stream), ``finish`` adds the deltas into base outputs made after
+    it: the same as ``apply_group`` on outputs made before, for a group of five modules (two
+    launches of up to three), a strided ``b`` among them; a wrong number of outputs is refused."""
+    from types import SimpleNamespace
+
+    from moelora_dist.models.lora_linear import DenseLoRA
+
+    slot_T, rank, x, a, b = _case(21, outs=(24, 8, 8, 16, 12), seed=6)
+    pool = _Pool(a, b, rank)
+    info = SimpleNamespace(token_slot_T=slot_T, slot_enabled_S=rank > 0)
+    mods = [(f"m{j}", slice(1, 5) if j == 2 else None) for j in range(5)]
+    base = [torch.randn(21, 4 if j == 2 else t.shape[1]) for j, t in enumerate(b)]
+    want = [y.clone() for y in base]
+    naive.add_dense_lora(want, x, a, [bj[:, r] if r else bj for bj, (_, r) in zip(b, mods)],
+                         slot_T, rank)
+    lora = DenseLoRA(pool, info, backend)
+    pending = lora.begin(x, mods)
+    got = pending.finish([y.clone() for y in base])
+    before = lora.apply_group(x, [(y.clone(), p, r) for y, (p, r) in zip(base, mods)])
+    for g_, bf, w_ in zip(got, before, want):
+        torch.testing.assert_close(g_, w_, atol=1e-5, rtol=1e-5)
+        assert torch.equal(g_, bf)
+    with pytest.raises(ValueError, match="4 outputs for a group of 5"):
+        lora.begin(x, mods).finish(base[:4])

@@ -60,19 +60,28 @@ def add_dense_lora(ys: list[torch.Tensor], x_TI: torch.Tensor, a_list: list[torc
     """See :func:`moelora_dist.kernels.dense_lora.naive.add_dense_lora`; ``plan`` from
     :func:`plan_tokens` (made here when None); ``split_k``: the shrink's K chunks per block
     (None: :func:`shrink_split`). ``ys`` must have unit stride in their last dim; every ``a``
-    of the group must have the same shape and strides."""
-    T, I = x_TI.shape
-    S, R, _ = a_list[0].shape
+    of the group must have the same shape and strides. The two launches of each group of up to
+    :data:`MAX_GROUP` modules are :func:`dense_shrink` and :func:`dense_expand` (a caller may
+    run the shrink on another stream, beside the base GEMMs)."""
     if plan is None:
         plan = plan_tokens(token_slot_T.to(torch.int32), slot_rank_S > 0,
                            slot_rank_S.to(torch.int32))
+    shrinks = dense_shrink(x_TI, a_list, slot_rank_S, plan, split_k)
+    dense_expand(ys, b_list, shrinks, slot_rank_S, plan)
+
+
+def dense_shrink(x_TI: torch.Tensor, a_list: list[torch.Tensor], slot_rank_S: torch.Tensor,
+                 plan: Alignment, split_k: int | None = None) -> list[torch.Tensor]:
+    """The shrink launches of a group: one per :data:`MAX_GROUP` modules, each returning its
+    ``[P, n, T, BR]`` fp32 partial sums (``P`` splits of the input features)."""
+    if len(a_list) > MAX_GROUP:
+        return [s for j in range(0, len(a_list), MAX_GROUP)
+                for s in dense_shrink(x_TI, a_list[j:j + MAX_GROUP], slot_rank_S, plan,
+                                      split_k)]
+    T, I = x_TI.shape
+    S, R, _ = a_list[0].shape
     BR = block_r(R)
     n = len(a_list)
-    if n > MAX_GROUP:
-        for j in range(0, n, MAX_GROUP):
-            add_dense_lora(ys[j:j + MAX_GROUP], x_TI, a_list[j:j + MAX_GROUP],
-                           b_list[j:j + MAX_GROUP], token_slot_T, slot_rank_S, plan, split_k)
-        return
     a0 = a_list[0]
     if any(a.shape != a0.shape or a.stride() != a0.stride() for a in a_list):
         raise ValueError("the modules of one dense LoRA group need A factors of one shape")
@@ -87,6 +96,25 @@ def add_dense_lora(ys: list[torch.Tensor], x_TI: torch.Tensor, a_list: list[torc
         shrink, T, I, k_per_split, x_TI.stride(0), x_TI.stride(1), *a0.stride(),
         *shrink.stride()[:3], NUM_MODULES=n, BLOCK_M=plan.block_m, BLOCK_K=BLOCK_K,
         BLOCK_R=BR)
+    return [shrink]
+
+
+def dense_expand(ys: list[torch.Tensor], b_list: list[torch.Tensor],
+                 shrinks: list[torch.Tensor], slot_rank_S: torch.Tensor,
+                 plan: Alignment) -> None:
+    """The expand launches of a group (``shrinks`` from :func:`dense_shrink` of the same
+    modules, in order): each module's delta added into its ``y`` in place."""
+    if len(shrinks) != triton.cdiv(len(ys), MAX_GROUP) or len(ys) != len(b_list):
+        raise ValueError(f"{len(ys)} outputs, {len(b_list)} B factors and {len(shrinks)} "
+                         f"shrink buffers do not make groups of up to {MAX_GROUP}")
+    if len(ys) > MAX_GROUP:
+        for g, j in enumerate(range(0, len(ys), MAX_GROUP)):
+            dense_expand(ys[j:j + MAX_GROUP], b_list[j:j + MAX_GROUP], shrinks[g:g + 1],
+                         slot_rank_S, plan)
+        return
+    shrink = shrinks[0]
+    split, n, T, BR = shrink.shape
+    blocks = plan.max_blocks
     outs = [y.shape[1] for y in ys]
     block_n = 64 if max(outs) <= 2048 or T <= 64 else 128
     tiles = [triton.cdiv(o, block_n) for o in outs]
