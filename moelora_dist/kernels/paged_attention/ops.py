@@ -30,6 +30,7 @@ PREFILL_ROWS = 64
 BLOCK_N = 64
 MIN_DOT_K = 16  # tl.dot's smallest inner dimension: heads narrower than this are zero-padded
 MAX_SPLITS = 8  # key splits per decode tile
+COMBINE_UNROLL = 8  # partials the combine loads at once (1: one at a time, as before)
 
 
 def decode_splits(programs: int, sms: int) -> int:
@@ -129,5 +130,5 @@ def paged_attention(q_TND, k_pages, v_pages, block_tables_BM, kv_lens_B, seg_ind
         _paged_combine_kernel[(blocks, Nk)](
             out, seg_indptr_B1, kv_lens_B, sinks, part, part_ml, B, num_splits, out.stride(0),
             out.stride(1), GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, HEAD_DIM=D,
-            BLOCK_D=head_block(D), HAS_SINKS=sinks_N is not None)
+            BLOCK_D=head_block(D), HAS_SINKS=sinks_N is not None, UNROLL=COMBINE_UNROLL)
     return out
