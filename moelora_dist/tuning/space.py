@@ -124,13 +124,12 @@ def lora_candidates(base: MoEConfig, heuristic: MoEConfig, *, rows_per_expert: f
     for v in (False, True):
         out.append(rep(start, lora_prefetch=v))
     if rows_per_expert / max(adapters, 1) < 16:
-        # the down LoRA in the down epilogue or after it (kernel_down_lora.py), its expand
-        # tiles, and its programs per block along H (0: by the grid)
+        # the down LoRA expand in the down epilogue or after it (kernel_down_lora.py), and
+        # the tiles of the launch after it
         for v in (False, True):
             out.append(rep(start, down_lora_after=v))
-        for n, split in ((128, 0), (64, 2), (64, 8)):
-            out.append(rep(start, down_lora_after=True, down_lora_block_n=n,
-                           down_lora_split=split))
+        for n in (32, 128):
+            out.append(rep(start, down_lora_after=True, down_lora_block_n=n))
     n_tiles = -(-inter // base.block_n)
     if n_tiles <= MAX_FUSED_PARTS:
         out.append(rep(start, fuse_down_shrink=True))

@@ -196,7 +196,8 @@ def test_dense_lora_side_stream_equals_one_stream_eager_and_in_a_graph(T, monkey
         for j, o in enumerate(outs)}
     rank = torch.full((S,), R, dtype=torch.int32, device="cuda")
     pool = SimpleNamespace(dense_buffers=bufs.__getitem__, slot_rank_S=rank)
-    slot_T = torch.tensor([(t % (S + 1)) - 1 for t in range(T)], dtype=torch.int32,
+    # token 0 has slot 0 (at T = 1 the only token), every ninth has none
+    slot_T = torch.tensor([((t + 1) % (S + 1)) - 1 for t in range(T)], dtype=torch.int32,
                           device="cuda")
     info = SimpleNamespace(token_slot_T=slot_T, slot_enabled_S=rank > 0)
     w = (torch.randn(sum(outs), H, generator=g, device="cuda") * 0.02).bfloat16()

@@ -68,10 +68,10 @@ VARIANTS = {
     "fused_shrink": dict(fuse_shrink=True, lora_runs=2),
     "fused_both_slot_ds": dict(fuse_shrink=True, fuse_down_shrink=True, lora_runs=8,
                                down_shrink_runs=0),
-    # the down LoRA after the base down: stacked shrink bands kept by a select, 2 and 8 runs
+    # the down LoRA expand after the base down: 2 and 8 slot runs stacked per dot
     "down_after_2": dict(down_lora_after=True, down_lora_block_n=16, down_shrink_runs=2),
     "down_after_8": dict(down_lora_after=True, down_lora_block_n=16, down_shrink_runs=8,
-                         down_lora_split=2),
+                         down_shrink_split_k=2),
 }
 
 

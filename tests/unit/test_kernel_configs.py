@@ -141,7 +141,6 @@ def test_missing_path_in_the_variable_is_named(tmp_path, use_files):
     ("down_shrink_runs", 3, "-1"), ("shrink_split_k", 0, ">= 1"),
     ("down_shrink_split_k", 0, ">= 1"), ("lora_prefetch", 1, "true, false or null"),
     ("down_lora_after", 1, "true, false or null"), ("down_lora_block_n", 48, "power of two"),
-    ("down_lora_split", -1, ">= 0"),
 ])
 def test_config_check_names_the_field(field, value, needle):
     with pytest.raises(OptionError, match=f"{field}={value}.*{needle}"):

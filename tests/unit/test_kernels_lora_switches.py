@@ -46,12 +46,12 @@ VARIANTS = {
     "split_down_shrink_late_tiles": rep(SMALL, down_shrink_split_k=2, lora_prefetch=False),
     "slot_loop_split_down_shrink": rep(SMALL, run_loop=False, down_shrink_split_k=2,
                                        lora_runs=1),
-    # the down LoRA after the base down (its own launch, the default at decode sizes), with
-    # the split shrink and with the fused shrink in gate_up
-    "down_after_split_shrink": rep(SMALL, down_lora_after=True, down_lora_block_n=16,
-                                   shrink_split_k=2),
+    # the down LoRA expand after the base down (its own launch, the default at decode sizes),
+    # with the split shrink, the down shrink split over I, and the fused shrink in gate_up
+    "down_after_split_shrinks": rep(SMALL, down_lora_after=True, down_lora_block_n=16,
+                                    shrink_split_k=2, down_shrink_split_k=2),
     "down_after_fused_shrink": rep(SMALL, down_lora_after=True, down_lora_block_n=16,
-                                   down_lora_split=1, fuse_shrink=True, lora_runs=2),
+                                   fuse_shrink=True, lora_runs=2, down_shrink_runs=0),
 }
 
 

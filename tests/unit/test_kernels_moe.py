@@ -26,11 +26,10 @@ TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=2e-2,
 SMALL = MoEConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1,
                   lora_block_m=16, down_block_n=16, shrink_block_k=16, down_lora_after=False)
 # The one-slot-at-a-time expand loop (pick_config's choice for large tiles) next to the run
-# loop, so every case runs both expand loops, and the down LoRA after the base down (16-column
-# expand tiles, two programs per block along H).
+# loop, so every case runs both expand loops, and the down LoRA expand after the base down
+# (16-column tiles).
 SMALL_SLOT_LOOP = dataclasses.replace(SMALL, run_loop=False)
-SMALL_DOWN_AFTER = dataclasses.replace(SMALL, down_lora_after=True, down_lora_block_n=16,
-                                       down_lora_split=2)
+SMALL_DOWN_AFTER = dataclasses.replace(SMALL, down_lora_after=True, down_lora_block_n=16)
 LOOPS = {"run_loop": SMALL, "slot_loop": SMALL_SLOT_LOOP, "down_after": SMALL_DOWN_AFTER}
 
 
@@ -100,18 +99,18 @@ def test_stages_match_reference(case):
     y = ops.topk_sum(out, c["topk_ids_TK"], 4)
     torch.testing.assert_close(y, naive.topk_sum(out, c["topk_ids_TK"], 4))
 
-    # The down LoRA after a base-only down, in place: the base rows plus the delta equal the
-    # epilogue path; rows without an enabled slot keep the base values bit for bit. H = 32 in
-    # 16-column tiles: one program per block (split 1), two (2, and 0 on CPU: by the grid).
+    # The down LoRA expand after a base-only down, in place: the base rows plus the delta equal
+    # the epilogue path; rows without an enabled slot keep the base values bit for bit. From
+    # the one-buffer shrink and from the I-split partials, 1 and 4 runs per dot.
     base_out = ops.down(h, c["w_down_EHI"], c["topk_weights_TK"], base, K, **gtiles)
-    for split in (1, 2, 0):
-        after = ops.down_lora(h, base_out.clone(), lora, base, K, c["topk_weights_TK"], ts, en,
-                              block_n=16, block_k=16, split=split, lora_runs=2)
+    plain = rows & torch.isnan(dsh_ref[:, 0])
+    for shrink, runs in ((dsh, 1), (split, 4), (dsh4[0], 2)):
+        after = ops.down_expand(base_out.clone(), lora, base, K, c["topk_weights_TK"], ts, en,
+                                shrink, block_n=16, lora_runs=runs)
         torch.testing.assert_close(after[rows], out_ref[rows], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(after[rows], naive.down_lora(
-            h, base_out, lora, base, K, c["topk_weights_TK"], ts, en)[rows], atol=1e-5,
+        torch.testing.assert_close(after[rows], naive.down_expand(
+            base_out, lora, base, K, c["topk_weights_TK"], ts, en, shrink)[rows], atol=1e-5,
             rtol=1e-5)
-        plain = rows & torch.isnan(dsh_ref[:, 0])
         assert torch.equal(after[plain], base_out[plain])
 
 
@@ -280,9 +279,9 @@ def test_expert_ids_past_the_local_experts_are_skipped():
 
 
 def test_down_lora_runs_after_the_base_down_up_to_the_pair_limit(monkeypatch):
-    """A config that leaves ``down_lora_after`` to the call (None) runs the down LoRA in a
-    launch of its own after a base-only down up to ``DOWN_LORA_AFTER_MAX_PAIRS`` pairs and in
-    the down epilogue above it (or with ``fuse_down_shrink``); both give the reference's."""
+    """A config that leaves ``down_lora_after`` to the call (None) runs the down LoRA expand
+    in a launch of its own after a base-only down up to ``DOWN_LORA_AFTER_MAX_PAIRS`` pairs and
+    in the down epilogue above it (or with ``fuse_down_shrink``); both give the reference's."""
     from moelora_dist.kernels.moe_lora import ops as pipeline
 
     c = make_case("many_slots", T=20, E=4, K=2, R=16)
@@ -290,17 +289,17 @@ def test_down_lora_runs_after_the_base_down_up_to_the_pair_limit(monkeypatch):
             c["topk_ids_TK"])
     want = experts_reference(*args, effective_slots(c), c["lora"])
     calls = []
-    for name in ("down_lora", "down_shrink"):
+    for name in ("down_expand", "down"):
         real = getattr(pipeline.ops, name)
         monkeypatch.setattr(pipeline.ops, name,
                             lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
     auto = dataclasses.replace(SMALL, down_lora_after=None, down_lora_block_n=16)
-    for limit, ran in ((40, "down_lora"), (39, "down_shrink")):  # T*K = 40 pairs
+    for limit, ran in ((40, ["down", "down_expand"]), (39, ["down"])):  # T*K = 40 pairs
         monkeypatch.setattr(pipeline, "DOWN_LORA_AFTER_MAX_PAIRS", limit)
         calls.clear()
         got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
                              config=auto)
-        assert calls == [ran]
+        assert calls == ran
         _close(got, want, torch.float32)
     assert not pipeline.down_lora_after(dataclasses.replace(auto, fuse_down_shrink=True), 1)
     assert pipeline.down_lora_after(dataclasses.replace(auto, down_lora_after=True), 10**6)

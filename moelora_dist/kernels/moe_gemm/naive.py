@@ -133,10 +133,12 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
     return out
 
 
-def down_lora(h, out, lora: MoELoRAWeights, al: Alignment, top_k: int, topk_weights_TK,
-              token_slot_T, slot_enabled_S, **_tiles):
-    """Reference of :func:`ops.down_lora` (returns a new tensor; rows without an enabled slot
-    are ``out``'s)."""
+def down_expand(out, lora: MoELoRAWeights, al: Alignment, top_k: int, topk_weights_TK,
+                token_slot_T, slot_enabled_S, dshrink, **_tiles):
+    """Reference of :func:`ops.down_expand` (returns a new tensor; rows without an enabled
+    slot are ``out``'s; ``dshrink`` may be ``[P, N, BR]`` partials)."""
+    if dshrink.dim() == 3:
+        dshrink = dshrink.sum(0)
     res = out.clone()
     tw = topk_weights_TK.reshape(-1).float()
     for e, items in _blocks(al):
@@ -147,8 +149,7 @@ def down_lora(h, out, lora: MoELoRAWeights, al: Alignment, top_k: int, topk_weig
             sel = items[slots == s]
             r = int(lora.slot_rank[s])
             eb = 0 if bool(lora.down_b_shared[s]) else e
-            sh = h[sel].float() @ lora.down_a[s, e, :r].float().T
-            delta = sh @ lora.down_b[s, eb, :, :r].float().T
+            delta = dshrink[sel, :r] @ lora.down_b[s, eb, :, :r].float().T
             res[sel] = (out[sel].float() + tw[sel, None] * delta).to(out.dtype)
     return res
 

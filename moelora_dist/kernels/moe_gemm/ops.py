@@ -7,7 +7,7 @@ Pipeline of one layer (see :mod:`moelora_dist.kernels.moe_lora.ops`):
 3. ``down_shrink``  h A_down^T per slot run of an expert block    -> dshrink  [P, T*K, BR] fp32
 4. ``down``         w_k * (h W_down^T + dshrink B_down^T)         -> out      [T*K, H]
    or, at decode sizes (``MoEConfig.down_lora_after``), ``down`` without LoRA, then
-   ``down_lora``   out += w_k * (h A_down^T) B_down^T in one launch (no ``down_shrink``)
+   ``down_expand``  out += w_k * dshrink B_down^T, in place, in a launch of its own
 5. ``topk_sum``     sum over k of the valid pairs                 -> y        [T, H]
 
 Fused variants (``MoEConfig`` switches; ``ops_fused.py`` holds the fused-shrink launcher): the
@@ -26,15 +26,13 @@ flag, never from an ``expand``). No launcher syncs with the host.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 
 from moelora_dist.kernels.align.common import Alignment
 from moelora_dist.kernels.constants import FP8_GROUP, as_activation, block_r, check_activation
 from moelora_dist.kernels.moe_gemm.kernel_down import _down_kernel, _topk_sum_kernel
-from moelora_dist.kernels.moe_gemm.kernel_down_lora import _down_lora_kernel
+from moelora_dist.kernels.moe_gemm.kernel_down_lora import _down_expand_kernel
 from moelora_dist.kernels.moe_gemm.kernel_gate_up import _gate_up_kernel
 from moelora_dist.kernels.moe_gemm.kernel_shrink import (
     _down_shrink_kernel, _down_shrink_runs_kernel, _lora_shrink_kernel)
@@ -312,60 +310,35 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
     return out
 
 
-# Programs per SM that :func:`down_lora` aims at when its split is left to it (``split=0``).
-DOWN_LORA_PROGRAMS_PER_SM = 4
-
-
-@functools.lru_cache(maxsize=16)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def down_lora_split(device: torch.device, max_blocks: int, hidden: int, block_n: int) -> int:
-    """Programs per block along H for :func:`down_lora` with ``split=0``: about
-    :data:`DOWN_LORA_PROGRAMS_PER_SM` programs per SM over the alignment's ``max_blocks`` (a
-    worst-case count: blocks past ``num_post_pad`` return at once), at most one per n-tile.
-    More programs mean more of the block's latency in parallel and more re-reads of its ``h``
-    and ``A_down`` (from L2)."""
-    sms = _sm_count(device.index if device.index is not None
-                    else torch.cuda.current_device()) if device.type == "cuda" else 8
-    want = triton.cdiv(DOWN_LORA_PROGRAMS_PER_SM * sms, max(1, max_blocks))
-    return max(1, min(want, triton.cdiv(hidden, block_n)))
-
-
-def down_lora(h, out, lora: MoELoRAWeights, al: Alignment, top_k: int, topk_weights_TK,
-              token_slot_T, slot_enabled_S, *, block_n: int = 64, block_k: int = 128,
-              split: int = 0, lora_runs: int = 4, num_warps: int = 4) -> torch.Tensor:
-    """``out[pair] += w_k * (h[pair] A_down^T) B_down^T`` in place, for the pairs with an
-    enabled slot: the down LoRA of a call whose :func:`down` ran without it
+def down_expand(out, lora: MoELoRAWeights, al: Alignment, top_k: int, topk_weights_TK,
+                token_slot_T, slot_enabled_S, dshrink, *, block_n: int = 64,
+                lora_runs: int = 4, num_warps: int = 4) -> torch.Tensor:
+    """``out[pair] += w_k * dshrink[pair] B_down^T`` in place, for the pairs with an enabled
+    slot: the down LoRA expand of a call whose :func:`down` ran without LoRA
     (``kernel_down_lora.py`` says when that is faster).
 
     Args:
-        h: ``[T*K, I_l]`` as stored by gate_up (never the FP8-quantized copy the base GEMM may
-            read); out: ``[T*K, H]``, :func:`down`'s output for the same base alignment.
-        split: programs per block along H (0: :func:`down_lora_split`); lora_runs: slot runs
-            stacked per dot (:func:`num_runs`).
+        out: ``[T*K, H]``, :func:`down`'s output for the same base alignment ``al``.
+        dshrink: ``[P, T*K, BR]`` fp32 partials from :func:`down_shrink` (summed here in
+            order), or one ``[T*K, BR]`` buffer.
+        block_n: columns per program; lora_runs: slot runs stacked per dot (:func:`num_runs`).
     Returns:
         ``out``.
     """
-    N, inter = h.shape
-    H = out.shape[1]
-    if tuple(out.shape) != (N, lora.hidden) or out.stride(1) != 1 or out.stride(0) != H:
-        raise ValueError(f"out must be a contiguous [T*K={N}, H={lora.hidden}] buffer, got "
+    N, H = out.shape
+    if H != lora.hidden or out.stride(1) != 1 or out.stride(0) != H:
+        raise ValueError(f"out must be a contiguous [T*K, H={lora.hidden}] buffer, got "
                          f"{tuple(out.shape)} with strides {out.stride()}")
     tw = topk_weights_TK.contiguous()
     if tw.dtype != torch.float32:
         tw = tw.float()
-    if split < 0:
-        raise ValueError(f"split must be >= 0 (0: by the grid), got {split}")
-    split = split or down_lora_split(h.device, al.max_blocks, H, block_n)
-    cols, parts = _split(H, split, block_n)
-    a, b = lora.down_a, lora.down_b
-    _down_lora_kernel[(al.max_blocks, parts)](
-        h, a, b, lora.down_b_shared, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad,
-        token_slot_T, slot_enabled_S, lora.slot_rank, N, top_k, H, inter, cols, *a.stride(),
-        *b.stride(), BLOCK_M=al.block_m, BLOCK_K=block_k, BLOCK_N=block_n,
-        BLOCK_R=block_r(lora.max_rank), NUM_RUNS=num_runs(lora_runs), num_warps=num_warps)
+    b = lora.down_b
+    dparts, dpart_stride = _parts(dshrink)
+    _down_expand_kernel[(al.max_blocks, triton.cdiv(H, block_n))](
+        out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, token_slot_T, slot_enabled_S,
+        lora.slot_rank, lora.down_b_shared, dshrink, b, N, top_k, H, dparts, dpart_stride,
+        *b.stride(), BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_R=block_r(lora.max_rank),
+        NUM_RUNS=num_runs(lora_runs), num_warps=num_warps)
     return out
 
 

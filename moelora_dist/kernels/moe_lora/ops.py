@@ -10,7 +10,7 @@ then up rows), K top-k, S slots, R max rank, BR padded rank (power of two >= 16)
     [LoRA] down_shrink  h A_down^T                    -> [P, T*K, BR] fp32 partials
     down (+ expand, x top-k weight)                   -> [T*K, H]
       or, at decode sizes (``down_lora_after``): down without LoRA, then
-      [LoRA] down_lora  out += w (h A_down^T) B_down^T  (one launch, no down_shrink)
+      [LoRA] down_expand  out += w dshrink B_down^T   (in place, a launch of its own)
     topk_sum                                          -> y [T, H]
 
 ``MoEConfig.fuse_shrink`` moves the shrink into the gate_up launch (no LoRA alignment, no
@@ -183,14 +183,14 @@ def gemm_input(cfg: MoEConfig, a: torch.Tensor, w, scale_kw: str):
 
 
 # Up to this many (token, k) pairs, a config that leaves ``down_lora_after`` to the call runs
-# the down LoRA after the base down (``moe_gemm/kernel_down_lora.py``): decode steps of up to
-# 256 sequences of top-8.
+# the down LoRA expand after the base down (``moe_gemm/kernel_down_lora.py``): decode steps of
+# up to 256 sequences of top-8.
 DOWN_LORA_AFTER_MAX_PAIRS = 2048
 
 
 def down_lora_after(cfg: MoEConfig, num_pairs: int) -> bool:
-    """Whether a LoRA call of ``num_pairs`` pairs under ``cfg`` runs the down LoRA after the
-    base down GEMM (``cfg.down_lora_after``; None: up to :data:`DOWN_LORA_AFTER_MAX_PAIRS`
+    """Whether a LoRA call of ``num_pairs`` pairs under ``cfg`` runs the down LoRA expand
+    after the base down GEMM (``cfg.down_lora_after``; None: up to :data:`DOWN_LORA_AFTER_MAX_PAIRS`
     pairs, unless the gate_up epilogue computes the down shrink)."""
     if cfg.down_lora_after is not None:
         return cfg.down_lora_after
@@ -227,12 +227,13 @@ def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights
                           **tiles, **xkw)
     if down_lora_after(cfg, x_TH.shape[0] * K):
         h = res
-        ha, hkw = gemm_input(cfg, h, w_down_EHI, "h_scale")
+        dshrink = ops.down_shrink(h, lora, base, K, *slots, block_k=cfg.shrink_block_k,
+                                  lora_runs=ds_runs, split_k=cfg.down_shrink_split_k)
+        ha, hkw = gemm_input(cfg, h, w_down_EHI, "h_scale")  # the down shrink read bf16 h
         out = ops.down(ha, w_down_EHI, topk_weights_TK, base, K, bias_EH=b_down_EH,
                        out_dtype=h.dtype, **cfg.down_tiles(), **hkw)
-        ops.down_lora(h, out, lora, base, K, topk_weights_TK, *slots,  # reads bf16 h
-                      block_n=cfg.down_lora_block_n, block_k=cfg.shrink_block_k,
-                      split=cfg.down_lora_split, lora_runs=ds_runs or 1)
+        ops.down_expand(out, lora, base, K, topk_weights_TK, *slots, dshrink,
+                        block_n=cfg.down_lora_block_n, lora_runs=ds_runs or 1)
         return ops.topk_sum(out, topk_ids_TK, E)
     if cfg.fuse_down_shrink:
         h, dshrink = res
