@@ -123,13 +123,6 @@ def lora_candidates(base: MoEConfig, heuristic: MoEConfig, *, rows_per_expert: f
             out.append(rep(start, down_shrink_split_k=v))
     for v in (False, True):
         out.append(rep(start, lora_prefetch=v))
-    if rows_per_expert / max(adapters, 1) < 16:
-        # the down LoRA expand in the down epilogue or after it (kernel_down_lora.py), and
-        # the tiles of the launch after it
-        for v in (False, True):
-            out.append(rep(start, down_lora_after=v))
-        for n in (32, 128):
-            out.append(rep(start, down_lora_after=True, down_lora_block_n=n))
     n_tiles = -(-inter // base.block_n)
     if n_tiles <= MAX_FUSED_PARTS:
         out.append(rep(start, fuse_down_shrink=True))
@@ -157,10 +150,8 @@ def merged(start: MoEConfig, timed: list[tuple[MoEConfig, float]]) -> MoEConfig 
     cfg = dataclasses.replace(start, **changes)
     if cfg.fuse_shrink:
         cfg = dataclasses.replace(cfg, run_loop=True, shrink_split_k=1)
-    if cfg.fuse_down_shrink:  # it computes the down shrink: no split, no launch after down
-        cfg = dataclasses.replace(cfg, down_shrink_split_k=1,
-                                  down_lora_after=None if cfg.down_lora_after else
-                                  cfg.down_lora_after)
+    if cfg.fuse_down_shrink:
+        cfg = dataclasses.replace(cfg, down_shrink_split_k=1)
     return cfg
 
 

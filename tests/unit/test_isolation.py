@@ -26,7 +26,7 @@ from tests.e2e_cases import REQUESTS, build_case
 
 BAD = 3  # the slot that goes bad: enabled, rank R, per-expert factors in "many_slots"
 SMALL = MoEConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1,
-                  lora_block_m=16, down_block_n=16, shrink_block_k=16, down_lora_after=False)
+                  lora_block_m=16, down_block_n=16, shrink_block_k=16)
 
 
 def _poison(t: torch.Tensor) -> None:
@@ -68,10 +68,6 @@ VARIANTS = {
     "fused_shrink": dict(fuse_shrink=True, lora_runs=2),
     "fused_both_slot_ds": dict(fuse_shrink=True, fuse_down_shrink=True, lora_runs=8,
                                down_shrink_runs=0),
-    # the down LoRA expand after the base down: 2 and 8 slot runs stacked per dot
-    "down_after_2": dict(down_lora_after=True, down_lora_block_n=16, down_shrink_runs=2),
-    "down_after_8": dict(down_lora_after=True, down_lora_block_n=16, down_shrink_runs=8,
-                         down_shrink_split_k=2),
 }
 
 

@@ -140,7 +140,6 @@ def test_missing_path_in_the_variable_is_named(tmp_path, use_files):
     ("num_stages", 0, ">= 1"), ("lora_runs", 3, "power of two"),
     ("down_shrink_runs", 3, "-1"), ("shrink_split_k", 0, ">= 1"),
     ("down_shrink_split_k", 0, ">= 1"), ("lora_prefetch", 1, "true, false or null"),
-    ("down_lora_after", 1, "true, false or null"), ("down_lora_block_n", 48, "power of two"),
 ])
 def test_config_check_names_the_field(field, value, needle):
     with pytest.raises(OptionError, match=f"{field}={value}.*{needle}"):
@@ -154,8 +153,6 @@ def test_contradictory_switches_are_refused():
         MoEConfig(fuse_shrink=True, shrink_split_k=2).check()
     with pytest.raises(OptionError, match="down_shrink_split_k"):
         MoEConfig(fuse_down_shrink=True, down_shrink_split_k=2).check()
-    with pytest.raises(OptionError, match="down_lora_after.*fuse_down_shrink"):
-        MoEConfig(fuse_down_shrink=True, down_lora_after=True).check()
     assert MoEConfig.from_dict(MoEConfig().to_dict()) == MoEConfig()
 
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
 TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=2e-2, rtol=2e-2)}
 SMALL = MoEConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1,
-                  lora_block_m=16, down_block_n=16, shrink_block_k=16, down_lora_after=False)
+                  lora_block_m=16, down_block_n=16, shrink_block_k=16)
 rep = dataclasses.replace
 VARIANTS = {
     "split_shrink": rep(SMALL, shrink_split_k=2),
@@ -46,12 +46,6 @@ VARIANTS = {
     "split_down_shrink_late_tiles": rep(SMALL, down_shrink_split_k=2, lora_prefetch=False),
     "slot_loop_split_down_shrink": rep(SMALL, run_loop=False, down_shrink_split_k=2,
                                        lora_runs=1),
-    # the down LoRA expand after the base down (its own launch, the default at decode sizes),
-    # with the split shrink, the down shrink split over I, and the fused shrink in gate_up
-    "down_after_split_shrinks": rep(SMALL, down_lora_after=True, down_lora_block_n=16,
-                                    shrink_split_k=2, down_shrink_split_k=2),
-    "down_after_fused_shrink": rep(SMALL, down_lora_after=True, down_lora_block_n=16,
-                                   fuse_shrink=True, lora_runs=2, down_shrink_runs=0),
 }
 
 

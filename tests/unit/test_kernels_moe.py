@@ -21,16 +21,11 @@ from tests.conftest import effective_slots
 
 TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=2e-2, rtol=2e-2)}
 # Small tiles keep the interpreter fast and make several blocks per expert.
-# down_lora_after=False: the down LoRA in the down kernel's epilogue (at these sizes the default
-# runs it after the base down, in a launch of its own: SMALL_DOWN_AFTER).
 SMALL = MoEConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1,
-                  lora_block_m=16, down_block_n=16, shrink_block_k=16, down_lora_after=False)
+                  lora_block_m=16, down_block_n=16, shrink_block_k=16)
 # The one-slot-at-a-time expand loop (pick_config's choice for large tiles) next to the run
-# loop, so every case runs both expand loops, and the down LoRA expand after the base down
-# (16-column tiles).
+# loop, so every case runs both expand loops.
 SMALL_SLOT_LOOP = dataclasses.replace(SMALL, run_loop=False)
-SMALL_DOWN_AFTER = dataclasses.replace(SMALL, down_lora_after=True, down_lora_block_n=16)
-LOOPS = {"run_loop": SMALL, "slot_loop": SMALL_SLOT_LOOP, "down_after": SMALL_DOWN_AFTER}
 
 
 pytestmark = pytest.mark.usefixtures("poisoned_allocations")
@@ -99,55 +94,36 @@ def test_stages_match_reference(case):
     y = ops.topk_sum(out, c["topk_ids_TK"], 4)
     torch.testing.assert_close(y, naive.topk_sum(out, c["topk_ids_TK"], 4))
 
-    # The down LoRA expand after a base-only down, in place: the base rows plus the delta equal
-    # the epilogue path; rows without an enabled slot keep the base values bit for bit. From
-    # the one-buffer shrink and from the I-split partials, 1 and 4 runs per dot.
-    base_out = ops.down(h, c["w_down_EHI"], c["topk_weights_TK"], base, K, **gtiles)
-    plain = rows & torch.isnan(dsh_ref[:, 0])
-    for shrink, runs in ((dsh, 1), (split, 4), (dsh4[0], 2)):
-        after = ops.down_expand(base_out.clone(), lora, base, K, c["topk_weights_TK"], ts, en,
-                                shrink, block_n=16, lora_runs=runs)
-        torch.testing.assert_close(after[rows], out_ref[rows], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(after[rows], naive.down_expand(
-            base_out, lora, base, K, c["topk_weights_TK"], ts, en, shrink)[rows], atol=1e-5,
-            rtol=1e-5)
-        assert torch.equal(after[plain], base_out[plain])
 
-
-@pytest.mark.parametrize("loop", list(LOOPS))
+@pytest.mark.parametrize("run_loop", [True, False], ids=["run_loop", "slot_loop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_moe_lora_matches_experts_reference(case, dtype, loop):
+def test_fused_moe_lora_matches_experts_reference(case, dtype, run_loop):
     c = make_case(case, T=20, E=4, K=2, R=16, dtype=dtype)
     args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
             c["topk_ids_TK"])
     got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
-                         config=LOOPS[loop])
+                         config=SMALL if run_loop else SMALL_SLOT_LOOP)
     want = experts_reference(*args, effective_slots(c), c["lora"])
     _close(got, want, dtype)
     if case == "all_invalid":
         assert torch.equal(got, torch.zeros_like(got))
 
 
-@pytest.mark.parametrize("lora_runs,ds_runs,run_loop,after", [
-    (1, 0, True, False), (2, 1, True, False), (8, 2, True, False), (1, 8, True, False),
-    (1, 4, False, False), (2, 0, True, True), (2, 2, True, True), (2, 8, False, True)],
-    ids=["runs1_ds_per_slot", "runs2_ds1", "runs8_ds2", "runs1_ds8", "slot_loop_ds4",
-         "after_runs1", "after_runs2", "after_runs8"])
-def test_stacked_expand_matches_reference_for_any_runs_per_dot(lora_runs, ds_runs, run_loop,
-                                                               after):
+@pytest.mark.parametrize("lora_runs,ds_runs,run_loop", [
+    (1, 0, True), (2, 1, True), (8, 2, True), (1, 8, True), (1, 4, False)],
+    ids=["runs1_ds_per_slot", "runs2_ds1", "runs8_ds2", "runs1_ds8", "slot_loop_ds4"])
+def test_stacked_expand_matches_reference_for_any_runs_per_dot(lora_runs, ds_runs, run_loop):
     """A block of ~10 rows holds up to 7 slot runs: 1 and 2 runs per dot loop over chunks,
     8 takes them in one dot with empty bands (slots of rank 4, 8, 16 and shared factors).
-    ``ds_runs`` does the same for the down shrink (0: its one-slot-at-a-time kernel), and for
-    the down LoRA after the base down (``after``: its runs per shrink and expand dot, 0 as 1)."""
+    ``ds_runs`` does the same for the down shrink (0: its one-slot-at-a-time kernel)."""
     c = make_case("many_slots", T=20, E=4, K=2)
     args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
             c["topk_ids_TK"])
     got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
                          config=dataclasses.replace(SMALL, lora_runs=lora_runs,
                                                     down_shrink_runs=ds_runs,
-                                                    run_loop=run_loop, down_lora_after=after,
-                                                    down_lora_block_n=16))
+                                                    run_loop=run_loop))
     _close(got, experts_reference(*args, effective_slots(c), c["lora"]), torch.float32)
 
 
@@ -248,15 +224,15 @@ def test_bad_inputs_are_named():
     dict(R=16, E=4, K=4),                # K == E: every token routes to every expert
     dict(R=16, E=1, K=1),                # one local expert
 ], ids=["rank32", "rank64", "H_not_multiple_of_block_k", "K_equals_E", "one_local_expert"])
-@pytest.mark.parametrize("loop", list(LOOPS))
-def test_more_shapes_match_reference(shape, loop):
+@pytest.mark.parametrize("run_loop", [True, False], ids=["run_loop", "slot_loop"])
+def test_more_shapes_match_reference(shape, run_loop):
     kw = dict(T=12, E=4, K=2, I=24, H=32)
     kw.update(shape)
     c = make_case("mixed", **kw)
     args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
             c["topk_ids_TK"])
     got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
-                         config=LOOPS[loop])
+                         config=SMALL if run_loop else SMALL_SLOT_LOOP)
     _close(got, experts_reference(*args, effective_slots(c), c["lora"]), torch.float32)
 
 
@@ -276,30 +252,3 @@ def test_expert_ids_past_the_local_experts_are_skipped():
     _close(got, want, torch.float32)
     _close(experts_reference(*args, ids, effective_slots(c), c["lora"]),
            experts_reference(*args, sentinel, effective_slots(c), c["lora"]), torch.float32)
-
-
-def test_down_lora_runs_after_the_base_down_up_to_the_pair_limit(monkeypatch):
-    """A config that leaves ``down_lora_after`` to the call (None) runs the down LoRA expand
-    in a launch of its own after a base-only down up to ``DOWN_LORA_AFTER_MAX_PAIRS`` pairs and
-    in the down epilogue above it (or with ``fuse_down_shrink``); both give the reference's."""
-    from moelora_dist.kernels.moe_lora import ops as pipeline
-
-    c = make_case("many_slots", T=20, E=4, K=2, R=16)
-    args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
-            c["topk_ids_TK"])
-    want = experts_reference(*args, effective_slots(c), c["lora"])
-    calls = []
-    for name in ("down_expand", "down"):
-        real = getattr(pipeline.ops, name)
-        monkeypatch.setattr(pipeline.ops, name,
-                            lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
-    auto = dataclasses.replace(SMALL, down_lora_after=None, down_lora_block_n=16)
-    for limit, ran in ((40, ["down", "down_expand"]), (39, ["down"])):  # T*K = 40 pairs
-        monkeypatch.setattr(pipeline, "DOWN_LORA_AFTER_MAX_PAIRS", limit)
-        calls.clear()
-        got = fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu", c["slot_enabled_S"],
-                             config=auto)
-        assert calls == ran
-        _close(got, want, torch.float32)
-    assert not pipeline.down_lora_after(dataclasses.replace(auto, fuse_down_shrink=True), 1)
-    assert pipeline.down_lora_after(dataclasses.replace(auto, down_lora_after=True), 10**6)

@@ -53,12 +53,8 @@ def test_lora_candidates_start_from_the_base_winner():
     assert cands[0] == heur and cands[1] == space.with_lora_fields(base, heur)
     assert any(c.fuse_shrink and c.fuse_down_shrink for c in cands)
     assert any(c.shrink_split_k > 1 for c in cands)  # decode sizes
-    # the down LoRA after the base down, and pinned in the epilogue, at decode sizes only
-    assert {c.down_lora_after for c in cands} == {None, False, True}
-    assert any(c.down_lora_after and c.down_lora_block_n == 128 for c in cands)
     big = space.lora_candidates(base, heur, rows_per_expert=2048.0, adapters=8, inter=14336)
     assert not any(c.fuse_shrink or c.fuse_down_shrink or c.shrink_split_k > 1 for c in big)
-    assert {c.down_lora_after for c in big} == {None}
     assert all(c.check() for c in cands + big)
 
 
@@ -70,12 +66,6 @@ def test_round_two_merges_the_best_value_of_each_switch():
     got = space.merged(start, [(start, 1.0), (a, 0.8), (b, 0.7), (c, 0.9)])
     assert got == dataclasses.replace(start, lora_runs=4, shrink_split_k=4)
     assert space.merged(start, [(start, 1.0), (a, 0.8)]) is None  # nothing new to time
-    # both ways of computing the down shrink won alone: the merged config keeps the fused one
-    # and leaves the launch after down to the call (which skips it with fuse_down_shrink)
-    f = dataclasses.replace(start, fuse_down_shrink=True)
-    d = dataclasses.replace(start, down_lora_after=True)
-    got = space.merged(start, [(start, 1.0), (f, 0.8), (d, 0.7)])
-    assert got.fuse_down_shrink and got.down_lora_after is None and got.check()
 
 
 class FakePool:

@@ -133,27 +133,6 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
     return out
 
 
-def down_expand(out, lora: MoELoRAWeights, al: Alignment, top_k: int, topk_weights_TK,
-                token_slot_T, slot_enabled_S, dshrink, **_tiles):
-    """Reference of :func:`ops.down_expand` (returns a new tensor; rows without an enabled
-    slot are ``out``'s; ``dshrink`` may be ``[P, N, BR]`` partials)."""
-    if dshrink.dim() == 3:
-        dshrink = dshrink.sum(0)
-    res = out.clone()
-    tw = topk_weights_TK.reshape(-1).float()
-    for e, items in _blocks(al):
-        slots = _eff_slots(items // top_k, token_slot_T, slot_enabled_S, lora.slot_rank)
-        for s in slots.unique().tolist():
-            if s < 0:
-                continue
-            sel = items[slots == s]
-            r = int(lora.slot_rank[s])
-            eb = 0 if bool(lora.down_b_shared[s]) else e
-            delta = dshrink[sel, :r] @ lora.down_b[s, eb, :, :r].float().T
-            res[sel] = (out[sel].float() + tw[sel, None] * delta).to(out.dtype)
-    return res
-
-
 def topk_sum(out_NH, topk_ids_TK, num_experts: int, out_dtype=None, **_tiles):
     """Reference of :func:`ops.topk_sum`."""
     T, K = topk_ids_TK.shape

@@ -6,8 +6,6 @@ Pipeline of one layer (see :mod:`moelora_dist.kernels.moe_lora.ops`):
 2. ``gate_up``      x W^T + shrink B^T, act(gate) * up            -> h        [T*K, I_l]
 3. ``down_shrink``  h A_down^T per slot run of an expert block    -> dshrink  [P, T*K, BR] fp32
 4. ``down``         w_k * (h W_down^T + dshrink B_down^T)         -> out      [T*K, H]
-   or, at decode sizes (``MoEConfig.down_lora_after``), ``down`` without LoRA, then
-   ``down_expand``  out += w_k * dshrink B_down^T, in place, in a launch of its own
 5. ``topk_sum``     sum over k of the valid pairs                 -> y        [T, H]
 
 Fused variants (``MoEConfig`` switches; ``ops_fused.py`` holds the fused-shrink launcher): the
@@ -32,7 +30,6 @@ import triton
 from moelora_dist.kernels.align.common import Alignment
 from moelora_dist.kernels.constants import FP8_GROUP, as_activation, block_r, check_activation
 from moelora_dist.kernels.moe_gemm.kernel_down import _down_kernel, _topk_sum_kernel
-from moelora_dist.kernels.moe_gemm.kernel_down_lora import _down_expand_kernel
 from moelora_dist.kernels.moe_gemm.kernel_gate_up import _gate_up_kernel
 from moelora_dist.kernels.moe_gemm.kernel_shrink import (
     _down_shrink_kernel, _down_shrink_runs_kernel, _lora_shrink_kernel)
@@ -307,38 +304,6 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         WS_PER_TILE=_scale_per_tile(w_down_EHI, block_n, (0,)),
         PREFETCH=_prefetch(prefetch, al.block_m, block_n), num_warps=num_warps,
         num_stages=num_stages)
-    return out
-
-
-def down_expand(out, lora: MoELoRAWeights, al: Alignment, top_k: int, topk_weights_TK,
-                token_slot_T, slot_enabled_S, dshrink, *, block_n: int = 64,
-                lora_runs: int = 4, num_warps: int = 4) -> torch.Tensor:
-    """``out[pair] += w_k * dshrink[pair] B_down^T`` in place, for the pairs with an enabled
-    slot: the down LoRA expand of a call whose :func:`down` ran without LoRA
-    (``kernel_down_lora.py`` says when that is faster).
-
-    Args:
-        out: ``[T*K, H]``, :func:`down`'s output for the same base alignment ``al``.
-        dshrink: ``[P, T*K, BR]`` fp32 partials from :func:`down_shrink` (summed here in
-            order), or one ``[T*K, BR]`` buffer.
-        block_n: columns per program; lora_runs: slot runs stacked per dot (:func:`num_runs`).
-    Returns:
-        ``out``.
-    """
-    N, H = out.shape
-    if H != lora.hidden or out.stride(1) != 1 or out.stride(0) != H:
-        raise ValueError(f"out must be a contiguous [T*K, H={lora.hidden}] buffer, got "
-                         f"{tuple(out.shape)} with strides {out.stride()}")
-    tw = topk_weights_TK.contiguous()
-    if tw.dtype != torch.float32:
-        tw = tw.float()
-    b = lora.down_b
-    dparts, dpart_stride = _parts(dshrink)
-    _down_expand_kernel[(al.max_blocks, triton.cdiv(H, block_n))](
-        out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, token_slot_T, slot_enabled_S,
-        lora.slot_rank, lora.down_b_shared, dshrink, b, N, top_k, H, dparts, dpart_stride,
-        *b.stride(), BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_R=block_r(lora.max_rank),
-        NUM_RUNS=num_runs(lora_runs), num_warps=num_warps)
     return out
 
 

@@ -76,12 +76,6 @@ class MoEConfig:
     # read them (True), or in every n-tile program's K loop (False; no extra launch, but each
     # program re-reads two bytes per value and re-quantizes them in registers).
     fp8_prequant: bool = True
-    # down_lora_after: the down LoRA expand in a launch of its own after a down GEMM run
-    # without it, added into its output (moe_gemm/kernel_down_lora.py), instead of in the down
-    # epilogue. None: at decode sizes (up to moe_lora.ops.DOWN_LORA_AFTER_MAX_PAIRS pairs)
-    # unless fuse_down_shrink. Its tiles are down_lora_block_n columns.
-    down_lora_after: bool | None = None
-    down_lora_block_n: int = 64
 
     def down_tiles(self) -> dict:
         """Tile arguments of the down GEMM launch."""
@@ -128,13 +122,6 @@ class MoEConfig:
                 "gate_up n-tiles)")
         if not (self.lora_prefetch is None or isinstance(self.lora_prefetch, bool)):
             bad("lora_prefetch", "must be true, false or null (by tile size)")
-        if not (self.down_lora_after is None or isinstance(self.down_lora_after, bool)):
-            bad("down_lora_after", "must be true, false or null (at decode sizes)")
-        if self.down_lora_after and self.fuse_down_shrink:
-            bad("down_lora_after", "contradicts fuse_down_shrink (the expand after down reads "
-                "the down shrink kernel's output; set one)")
-        if not _pow2(self.down_lora_block_n) or self.down_lora_block_n < 16:
-            bad("down_lora_block_n", "must be a power of two >= 16 (the smallest tl.dot tile)")
         if self.fuse_shrink and not self.run_loop:
             bad("run_loop", "must be true with fuse_shrink (the fused kernel walks slot runs)")
         if self.fuse_shrink and self.shrink_split_k != 1:
@@ -239,4 +226,4 @@ def config_and_source(num_tokens: int, top_k: int, num_experts: int, num_slots: 
 # The fields that only a LoRA call reads.
 LORA_FIELDS = ("lora_block_m", "shrink_block_k", "shrink_split_k", "shrink_num_warps",
                "run_loop", "lora_runs", "down_shrink_runs", "fuse_shrink", "fuse_down_shrink",
-               "down_shrink_split_k", "lora_prefetch", "down_lora_after", "down_lora_block_n")
+               "down_shrink_split_k", "lora_prefetch")

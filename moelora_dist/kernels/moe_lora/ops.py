@@ -9,8 +9,6 @@ then up rows), K top-k, S slots, R max rank, BR padded rank (power of two >= 16)
     gate_up (+ expand, act)                           -> h [T*K, I_l]
     [LoRA] down_shrink  h A_down^T                    -> [P, T*K, BR] fp32 partials
     down (+ expand, x top-k weight)                   -> [T*K, H]
-      or, at decode sizes (``down_lora_after``): down without LoRA, then
-      [LoRA] down_expand  out += w dshrink B_down^T   (in place, a launch of its own)
     topk_sum                                          -> y [T, H]
 
 ``MoEConfig.fuse_shrink`` moves the shrink into the gate_up launch (no LoRA alignment, no
@@ -182,21 +180,6 @@ def gemm_input(cfg: MoEConfig, a: torch.Tensor, w, scale_kw: str):
     return q, {scale_kw: s}
 
 
-# Up to this many (token, k) pairs, a config that leaves ``down_lora_after`` to the call runs
-# the down LoRA expand after the base down (``moe_gemm/kernel_down_lora.py``): decode steps of
-# up to 256 sequences of top-8.
-DOWN_LORA_AFTER_MAX_PAIRS = 2048
-
-
-def down_lora_after(cfg: MoEConfig, num_pairs: int) -> bool:
-    """Whether a LoRA call of ``num_pairs`` pairs under ``cfg`` runs the down LoRA expand
-    after the base down GEMM (``cfg.down_lora_after``; None: up to :data:`DOWN_LORA_AFTER_MAX_PAIRS`
-    pairs, unless the gate_up epilogue computes the down shrink)."""
-    if cfg.down_lora_after is not None:
-        return cfg.down_lora_after
-    return not cfg.fuse_down_shrink and num_pairs <= DOWN_LORA_AFTER_MAX_PAIRS
-
-
 def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK,
                    topk_ids_TK, token_slot_T, lora: MoELoRAWeights, activation,
                    slot_enabled_S, b_gate_up_EX=None, b_down_EH=None) -> torch.Tensor:
@@ -225,16 +208,6 @@ def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights
         res = ops.gate_up(xa, w_gate_up_EXH, base, K, *slots, lora, shrink, activation,
                           b_gate_up_EX, run_loop=cfg.run_loop, out_dtype=x_TH.dtype,
                           **tiles, **xkw)
-    if down_lora_after(cfg, x_TH.shape[0] * K):
-        h = res
-        dshrink = ops.down_shrink(h, lora, base, K, *slots, block_k=cfg.shrink_block_k,
-                                  lora_runs=ds_runs, split_k=cfg.down_shrink_split_k)
-        ha, hkw = gemm_input(cfg, h, w_down_EHI, "h_scale")  # the down shrink read bf16 h
-        out = ops.down(ha, w_down_EHI, topk_weights_TK, base, K, bias_EH=b_down_EH,
-                       out_dtype=h.dtype, **cfg.down_tiles(), **hkw)
-        ops.down_expand(out, lora, base, K, topk_weights_TK, *slots, dshrink,
-                        block_n=cfg.down_lora_block_n, lora_runs=ds_runs or 1)
-        return ops.topk_sum(out, topk_ids_TK, E)
     if cfg.fuse_down_shrink:
         h, dshrink = res
     else:
