@@ -144,10 +144,11 @@ def main(args: argparse.Namespace) -> int:
                 torch=torch.__version__, triton=_triton_version(), commit=_commit(),
                 dtype=base[0].dtype_key, budget_s=args.budget_s,
                 wall_s=round(time.monotonic() - t0, 1), jobs=jobs,
-                problems=len(base) + len(lora), entries=len(outcomes), skipped=len(skipped))
+                problems=len(base) + len(lora), tuned=len(outcomes), entries=len(outcomes),
+                skipped=len(skipped))
     if args.keep_faster:
         outcomes, kept = output.faster_only(outcomes, previous)
-        meta["kept_previous"] = kept
+        meta.update(entries=len(outcomes), kept_previous=kept)  # entries: what this run wrote
         log.info("--keep-faster: %d entries kept from --out (their recorded time was lower)",
                  kept)
     output.write(args.out, output.build(name, outcomes, skipped, meta, previous))

@@ -154,6 +154,27 @@ def test_split_keys_match_reference(name, num_splits):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["mha_dim_24", "decode_ragged", "sliding_window"])
+def test_split_combine_in_head_dim_chunks_equals_one_chunk(name, monkeypatch):
+    """The combine's programs each merge a chunk of the head dim (``COMBINE_CHUNK_D``): 16 of
+    the 32-column tile of a 24-wide head (the second chunk half padding) and of 16-wide heads
+    (one chunk), bit for bit the one-chunk merge, and the reference's result; unrolled loads
+    of 8 partials over 3 and 16 splits too."""
+    seqs, Nq, Nk, D, S, window = CASES[name]
+    q, kp, vp, tables, kv, seg = _case(seqs, Nq, Nk, D, S, torch.float32, seed=4)
+    want = naive.paged_attention(q, kp, vp, tables, kv, seg, scale=D ** -0.5,
+                                 sliding_window=window)
+    for splits in (3, 16):
+        got = {}
+        for chunk in (16, 0):
+            monkeypatch.setattr(ops, "COMBINE_CHUNK_D", chunk)
+            got[chunk] = ops.paged_attention(q, kp, vp, tables, kv, seg, scale=D ** -0.5,
+                                             sliding_window=window, decode_only=True,
+                                             num_splits=splits)
+        assert torch.equal(got[16], got[0])
+        torch.testing.assert_close(got[16], want, atol=1e-5, rtol=0)
+
+
 def test_long_context_decode_splits():
     """A decode over 300 keys: 5 key tiles, split 1, 2 and 4 ways (the default on the CPU
     splits too), the same output each way."""

@@ -352,3 +352,18 @@ def test_keep_faster_replaces_only_the_entries_this_run_beat(tmp_path):
     assert {t: e["config"]["block_m"] for t, e in table.items()} == {"64": 32, "16": 32,
                                                                       "256": 64}
     assert table["64"]["ms"] == 1.0
+
+
+def test_keep_faster_run_record_counts_what_it_wrote(tmp_path, small_space, monkeypatch):
+    """The run record of ``--keep-faster``: ``tuned`` the problems the run found a config for,
+    ``entries`` those it wrote (here none: the file's recorded time is made to win), and
+    ``kept_previous`` the rest."""
+    out = tmp_path / "cpu.json"
+    args = ["tune-kernels", "--shape", "32,4,2,24", "--tokens", "4", "--device", "cpu",
+            "--dtype", "float16", "--budget-s", "6", "--quiet", "--out", str(out)]
+    assert cli(args) == 0
+    monkeypatch.setattr(output, "faster_only", lambda outcomes, previous: ([], len(outcomes)))
+    assert cli(args + ["--keep-faster"]) == 0
+    first, second = json.loads(out.read_text())["runs"]
+    assert first["tuned"] == first["entries"] == 1 and "kept_previous" not in first
+    assert (second["tuned"], second["entries"], second["kept_previous"]) == (1, 0, 1)

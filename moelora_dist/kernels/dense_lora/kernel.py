@@ -99,11 +99,12 @@ def _dense_expand_kernel(y0_ptr, y1_ptr, y2_ptr, b0_ptr, b1_ptr, b2_ptr, shrink_
                          sb0s, sb0o, sb0r, sb1s, sb1o, sb1r, sb2s, sb2o, sb2r,
                          num_splits, stride_ssp, stride_sm, stride_st,
                          NUM_MODULES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_R: tl.constexpr):
+                         BLOCK_R: tl.constexpr, UNROLL: tl.constexpr):
     """The expand of up to three modules in one launch: program (block, n-tile) with n-tiles
     numbered across the modules (``tiles0`` of module 0, then ``tiles1`` of module 1, then
     module 2's); its module's shrink is the sum of the ``num_splits`` partials, in order (a
-runtime loop: a split count that changes with the batch compiles no new variant)."""
+    runtime loop over chunks of ``UNROLL`` partials whose loads are issued together: a split
+    count that changes with the batch compiles no new variant)."""
     pid_m = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     slot, rows, row_mask, offs_r, r_mask = _slot_block(
@@ -119,8 +120,12 @@ runtime loop: a split count that changes with the batch compiles no new variant)
     s_ptr = shrink_ptr + module * stride_sm + rows[:, None] * stride_st + offs_r[None, :]
     s_mask = row_mask[:, None] & r_mask[None, :]
     s = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for sp in range(num_splits):
-        s += tl.load(s_ptr + sp * stride_ssp, mask=s_mask, other=0.0)
+    for sp0 in range(0, num_splits, UNROLL):
+        for j in tl.static_range(UNROLL):
+            live = (offs_r * 0 + sp0 + j) < num_splits  # a tile: the interpreter's masks
+            part = tl.load(s_ptr + (sp0 + j) * stride_ssp, mask=s_mask & live[None, :],
+                           other=0.0)
+            s = tl.where(live[None, :], s + part, s)  # past the last split: s unchanged
     if module == 0:
         _expand_tile(y0_ptr, b0_ptr, s, slot, rows, row_mask, offs_r, r_mask, tile, out0,
                      sy0t, sy0o, sb0s, sb0o, sb0r, BLOCK_N)

@@ -28,6 +28,9 @@ MAX_GROUP = 3  # modules per launch (q/k/v)
 BLOCK_K = 64  # the shrink's K tile
 MIN_K_TILES = 4  # K tiles a split shrink program loops over at least
 MAX_SPLIT_K = 16
+# Partials of a split shrink the expand loads at once (a loop of one per step waited for each
+# load in turn); 1 where the shrink is not split (prefill tiles keep their registers).
+EXPAND_UNROLL = 8
 
 
 def _block_m(num_tokens: int, num_slots: int) -> int:
@@ -126,4 +129,4 @@ def dense_expand(ys: list[torch.Tensor], b_list: list[torch.Tensor],
         plan.num_post_pad, T, *outs_p, tiles_p[0], tiles_p[1],
         *(st for y in ys_p for st in y.stride()), *(st for b in bs_p for st in b.stride()),
         split, *shrink.stride()[:3], NUM_MODULES=n, BLOCK_M=plan.block_m,
-        BLOCK_N=block_n, BLOCK_R=BR)
+        BLOCK_N=block_n, BLOCK_R=BR, UNROLL=EXPAND_UNROLL if split > 1 else 1)

@@ -161,9 +161,12 @@ def _paged_combine_kernel(out_ptr, seg_indptr_ptr, kv_lens_ptr, sinks_ptr, part_
                           part_ml_ptr, num_seqs, num_splits, stride_ot, stride_oh,
                           GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                          HAS_SINKS: tl.constexpr, UNROLL: tl.constexpr):
+                          HAS_SINKS: tl.constexpr, UNROLL: tl.constexpr,
+                          CHUNK_D: tl.constexpr):
     """out = the softmax-weighted merge of a tile's ``num_splits`` partials, in split order
-    (the sink, when there is one, first: max = sink, sum = 1, nothing added)."""
+    (the sink, when there is one, first: max = sink, sum = 1, nothing added). Program
+    ``(block, kv head, c)`` merges head-dim columns ``[c * CHUNK_D, (c + 1) * CHUNK_D)`` (each
+    column's merge is independent; every chunk reads the same maxima and sums)."""
     pid = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     spare, b, blk, q_start, q_len, kv_len, ctx, tok, head, row_ok = _tile(
@@ -171,9 +174,9 @@ def _paged_combine_kernel(out_ptr, seg_indptr_ptr, kv_lens_ptr, sinks_ptr, part_
     if spare:
         return
     rows = tl.arange(0, BLOCK_Q * BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(2) * CHUNK_D + tl.arange(0, CHUNK_D)
     h_idx = kvh * GROUP + head
-    m, l, acc = _softmax_start(sinks_ptr, h_idx, row_ok, BLOCK_Q * BLOCK_G, BLOCK_D, HAS_SINKS)
+    m, l, acc = _softmax_start(sinks_ptr, h_idx, row_ok, BLOCK_Q * BLOCK_G, CHUNK_D, HAS_SINKS)
     base = (pid * tl.num_programs(1) + kvh) * num_splits
     # UNROLL splits per step, unrolled: their loads do not depend on each other's merge, so
     # they are issued together (a loop of one split per step waited for each in turn: 4.6 us

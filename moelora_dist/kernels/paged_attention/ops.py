@@ -31,6 +31,7 @@ BLOCK_N = 64
 MIN_DOT_K = 16  # tl.dot's smallest inner dimension: heads narrower than this are zero-padded
 MAX_SPLITS = 8  # key splits per decode tile
 COMBINE_UNROLL = 8  # partials the combine loads at once (1: one at a time, as before)
+COMBINE_CHUNK_D = 32  # head-dim columns per combine program (0: the whole head)
 
 
 def decode_splits(programs: int, sms: int) -> int:
@@ -127,8 +128,10 @@ def paged_attention(q_TND, k_pages, v_pages, block_tables_BM, kv_lens_B, seg_ind
         GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=D,
         BLOCK_D=head_block(D), HAS_SINKS=sinks_N is not None and not split, SPLIT=split)
     if split:
-        _paged_combine_kernel[(blocks, Nk)](
+        bd = head_block(D)
+        chunk = min(bd, COMBINE_CHUNK_D) if COMBINE_CHUNK_D else bd
+        _paged_combine_kernel[(blocks, Nk, bd // chunk)](
             out, seg_indptr_B1, kv_lens_B, sinks, part, part_ml, B, num_splits, out.stride(0),
             out.stride(1), GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, HEAD_DIM=D,
-            BLOCK_D=head_block(D), HAS_SINKS=sinks_N is not None, UNROLL=COMBINE_UNROLL)
+            BLOCK_D=bd, HAS_SINKS=sinks_N is not None, UNROLL=COMBINE_UNROLL, CHUNK_D=chunk)
     return out
