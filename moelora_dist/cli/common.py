@@ -84,6 +84,10 @@ def add_model_arguments(p: argparse.ArgumentParser, generate: bool = False) -> N
                    action="store_true",
                    help="never replay CUDA graphs (by default every step of at most "
                         "--max-graph-tokens tokens replays one on CUDA, on every layout)")
+    p.add_argument("--no-async-steps", dest="async_steps", action="store_false",
+                   help="read each step's tokens back before planning the next (by "
+                        "default the next step is planned and queued while the "
+                        "device runs one)")
     p.add_argument("--max-graph-tokens", type=int, default=2048,
                    help="largest step, in tokens, replayed from a CUDA graph (default 2048: "
                         "decodes, mixed steps and prompt chunks up to it; 0: none)")
@@ -221,7 +225,8 @@ def engine_config(args, max_loras: int, max_rank: int):
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           max_model_len=args.max_model_len, max_loras=max_loras,
                           max_rank=max_rank, enforce_eager=args.enforce_eager,
-                          max_graph_tokens=args.max_graph_tokens, dispatcher=args.dispatcher)
+                          max_graph_tokens=args.max_graph_tokens, dispatcher=args.dispatcher,
+                          async_steps=args.async_steps)
     config.validate()
     return config
 

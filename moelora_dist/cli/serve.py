@@ -77,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest prompt + output (default: the model's positions)")
     e.add_argument("--enforce-eager", "--no-cuda-graphs", dest="enforce_eager",
                    action="store_true", help="never replay CUDA graphs")
+    e.add_argument("--no-async-steps", dest="async_steps", action="store_false",
+                   help="read each step's tokens back before planning the next (by "
+                        "default the next step is planned and queued while the "
+                        "device runs one)")
     e.add_argument("--max-graph-tokens", type=int, default=2048,
                    help="largest step, in tokens, replayed from a CUDA graph (default 2048; "
                         "0: none)")

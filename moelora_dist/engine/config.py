@@ -37,6 +37,10 @@ class EngineConfig:
         eagerly. Graph sizes are the buckets of :data:`GRAPH_BUCKETS` up to it; a graph of P
         tokens holds :meth:`graph_seqs` ``(P)`` sequences.
     dispatcher: MoE dispatcher (``auto`` picks per step size).
+    async_steps: plan and queue step N+1 while the device runs step N, before reading step
+        N's tokens (``Engine.step``; :mod:`.step`); one process per replica only (with TP
+        followers every step is read back before the next is planned). False: each step is
+        read back before the next is scheduled.
     """
 
     max_num_seqs: int = 256
@@ -50,6 +54,7 @@ class EngineConfig:
     enforce_eager: bool = False
     max_graph_tokens: int = 2048
     dispatcher: str = "auto"
+    async_steps: bool = True
 
     def validate(self) -> None:
         """``OptionError`` naming the first field whose value cannot work."""

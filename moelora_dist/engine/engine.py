@@ -42,12 +42,15 @@ from moelora_dist.engine.pages import PageAllocator
 from moelora_dist.engine.plan import recv_plan, send_idle, send_stop
 from moelora_dist.engine.prompts import RequestError, check_request, prompt_ids
 from moelora_dist.engine.scheduler import Scheduler
-from moelora_dist.engine.sequence import Sequence
-from moelora_dist.engine.step import run_step
+from moelora_dist.engine.sequence import Sequence, Status
+from moelora_dist.engine.step import complete_step, drop_pending, launch_step
 from moelora_dist.engine.worker import Worker
 from moelora_dist.errors import OptionError
 
 log = logging.getLogger(__name__)
+# False: every step is read back before the next is planned, whatever the config says
+# (A/B runs: benchmarks/device/with_constants.py).
+ASYNC_STEPS = True
 
 
 def load_codec(model_dir: str):
@@ -97,7 +100,10 @@ class Engine:
         # connections there, while the device works: serve/loop.py).
         self.after_launch = None
         self.counters = dict(prompt_tokens=0, output_tokens=0, steps=0, graph_steps=0,
-                             decode_steps=0, step_seconds=0.0)
+                             decode_steps=0, step_seconds=0.0, ahead_steps=0)
+        # The step launched and not read back yet (step.Launched), with async_steps.
+        self._in_flight = None
+        self.async_steps = ASYNC_STEPS and config.async_steps and not self.followers
         self.finished_by_adapter: dict[str, int] = {}
 
     @classmethod
@@ -215,20 +221,46 @@ class Engine:
         if seq is None:
             return False
         self.scheduler.remove(seq)
+        # A step in flight may hold it: its tokens there are dropped (step.complete_step).
+        seq.status = Status.FINISHED
+        drop_pending(seq)
         self.adapters.prepare(self.scheduler.running_adapters())
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self._in_flight is not None or self.scheduler.has_unfinished()
+
+    def drain(self) -> list:
+        """Read back the step in flight, if any (``async_steps``), launching none after it;
+        returns its outputs."""
+        step, self._in_flight = self._in_flight, None
+        return complete_step(self, step) if step is not None else []
 
     def step(self):
         """Run one forward of the running batch; returns a
-        :class:`~moelora_dist.engine.outputs.RequestOutput` per request that changed."""
+        :class:`~moelora_dist.engine.outputs.RequestOutput` per request that changed.
+
+        With ``async_steps`` the forward read back here is one launched earlier: before
+        waiting for its tokens the next step is scheduled and queued behind it (when that
+        needs no preemption), so the host's scheduling, planning and output handling run
+        while the device works (:mod:`.step`)."""
         self._leader_only("step")
-        self.adapters.settle(self._adapters_in_use())
         t0 = time.perf_counter()
-        scheduled = self.scheduler.schedule()
-        outputs = run_step(self, scheduled) if scheduled.entries else []
+        step, self._in_flight = self._in_flight, None
+        if step is None:
+            self.adapters.settle(self._adapters_in_use())
+            scheduled = self.scheduler.schedule()
+            if not scheduled.entries:
+                self.counters["step_seconds"] += time.perf_counter() - t0
+                return []
+            step = launch_step(self, scheduled)
+        if self.async_steps:
+            self.adapters.settle(self._adapters_in_use())
+            ahead = self.scheduler.schedule(ahead=True)
+            if ahead is not None and ahead.entries:
+                self._in_flight = launch_step(self, ahead, step)
+                self.counters["ahead_steps"] += 1
+        outputs = complete_step(self, step)
         self.counters["step_seconds"] += time.perf_counter() - t0
         return outputs
 
@@ -353,6 +385,7 @@ class Engine:
             for rid in rids:
                 if self.scheduler.find(rid) is not None:
                     self.abort(rid)
+            self.drain()
             self.shutdown()
 
     def prompt_logits(self, prompts: list, adapter=None,

@@ -104,6 +104,16 @@ class StepPlan:
                             dtype=torch.int64)
 
 
+def host_to_device(values: list[int], device) -> torch.Tensor:
+    """``values`` as an int64 tensor on ``device``. On CUDA through pinned memory and without
+    waiting: a plain copy from pageable memory would wait for the whole stream, i.e. for the
+    step in flight (``Engine.step`` plans the next step while the device runs one)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def build_plan(seqs: list, counts: list[int], tables: list[list[int]], slots: list[int],
                page_size: int, device, graph_bucket: int = 0, graph_logprobs: int = 0,
                graph_sampling: int = 0, ops=None, graph_seqs: int | None = None) -> StepPlan:
@@ -148,10 +158,8 @@ def build_plan(seqs: list, counts: list[int], tables: list[list[int]], slots: li
     for table in tables:
         bt += table + [0] * (M - len(table))
     bt += [0] * ((Bp - B) * M)
-    # One host-to-device copy per step. It is synchronous on purpose: the device is idle
-    # here (the previous step's sampled ids were just read back), so it costs ~10 us.
-    payload = torch.tensor(ids + pos + slot_map + seg + kv + lora + bt,
-                           dtype=torch.int64).to(device)
+    # One host-to-device copy per step, queued behind the step in flight (if any).
+    payload = host_to_device(ids + pos + slot_map + seg + kv + lora + bt, device)
     return StepPlan(payload, Tp, Bp, M, num_lora, max(counts) == 1 and Bp == Tp, P,
                     graph_logprobs, graph_sampling, list(ops or []))
 

@@ -90,18 +90,32 @@ class Scheduler:
         self.num_preemptions += 1
         self.add(seq)
 
-    def schedule(self) -> Scheduled:
-        """Decide the next forward (module docstring); pages are taken here."""
+    def schedule(self, ahead: bool = False) -> Scheduled | None:
+        """Decide the next forward (module docstring); pages are taken here.
+
+        ``ahead``: a step is in flight (``Engine.step`` plans the next one meanwhile): skip
+        the sequences with nothing left to compute before its tokens come back (a prompt
+        whose last chunk is in flight, an output at its length limit), and return None where
+        a sequence could only run by preempting another (the engine then reads the step in
+        flight first). Pages already taken and requests already admitted stay: the next
+        decision schedules the same sequences again."""
         cfg, pages = self.config, self.pages
         out = Scheduled()
         budget = cfg.max_num_batched_tokens
+        ending = 0  # running sequences the step in flight ends for sure
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:  # preempted for an older one in this loop
                 continue
+            if ahead and (seq.num_computed == seq.num_tokens
+                          or 0 < seq.max_new <= len(seq.output_ids)):
+                ending += seq.max_new == 0 or seq.max_new <= len(seq.output_ids)
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             assert n >= 1, f"{seq.request_id} is running with nothing to compute"
+            if ahead and not pages.can_grow(seq.request_id, seq.num_computed + n):
+                return None
             while not pages.can_grow(seq.request_id, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -116,7 +130,7 @@ class Scheduler:
         if out.preempted:
             return out
         adapters = self.running_adapters()
-        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) - ending < cfg.max_num_seqs:
             seq = self.waiting[0]
             if seq.adapter is not None and seq.adapter not in adapters \
                     and len(adapters) >= cfg.max_loras:

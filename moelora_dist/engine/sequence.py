@@ -53,6 +53,9 @@ class Sequence:
     detokenizer: object = None
     stop_matcher: object = None
     num_emitted: int = 0  # output tokens already returned by step()
+    # Tokens sampled by steps still in flight (engine/step.py): the last num_pending
+    # entries of output_ids are placeholders until their step is read back.
+    num_pending: int = 0
     num_logprobs_emitted: int = 0
     num_text_emitted: int = 0
 

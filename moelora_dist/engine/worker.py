@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moelora_dist.engine.graphs import GraphRunner
+from moelora_dist.engine.plan import host_to_device
 from moelora_dist.engine.sampling import SampleOutput, SamplingBatch, sample
 from moelora_dist.lora.batch_info import build_batch_info
 from moelora_dist.models.batch import ForwardBatch
@@ -62,7 +63,7 @@ class Worker:
             out = self.graphs.run(plan, sampling)
             if not self.leader or not sample_seqs:
                 return StepResult()
-            rows = torch.tensor(sample_seqs, dtype=torch.int64, device=self.model.device)
+            rows = host_to_device(sample_seqs, self.model.device)
             return StepResult(SampleOutput(out.token_ids_B[rows], out.logprob_B[rows],
                                            out.top_ids_BN[rows], out.top_logprobs_BN[rows]))
         model = self.model
@@ -77,7 +78,7 @@ class Worker:
             return StepResult()
         res = StepResult()
         if sample_tokens:
-            rows = torch.tensor(sample_tokens, dtype=torch.int64, device=model.device)
+            rows = host_to_device(sample_tokens, model.device)
             res.sampled = sample(model.logits(hidden_TH[rows]), sampling, num_logprobs)
         for lo, hi in logit_ranges or []:
             # [n, V] fp32 is GBs at a 150k vocabulary for long prompts: slices.

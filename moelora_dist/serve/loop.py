@@ -308,6 +308,7 @@ class EngineLoop:
         for rid in list(self._sinks):
             engine.abort(rid)
             outs.append(RequestOutput(rid, [], finished=True, finish_reason="abort"))
+        engine.drain()  # a step in flight ends before the server does
         self._deliver(outs)
 
     def _fail_all(self, exc: BaseException) -> None:

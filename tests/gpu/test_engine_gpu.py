@@ -112,6 +112,19 @@ def test_graph_decode_equals_eager(model, B, names):
         assert err <= LP_TOL, err
 
 
+@pytest.mark.parametrize("B,names", [(16, ["a0", None, "a1", "a2"]), (37, ["a0", None])],
+                         ids=["mixed_B16", "mixed_B37_padded"])
+def test_async_steps_equal_steps_read_back_one_by_one(model, B, names):
+    """CUDA graphs with the next step queued before the current one is read back (its token
+    ids copied on the device from the sampled ones) against each step read back first: the
+    same steps in the same order, so the same tokens and log-probabilities, bit for bit."""
+    prompts, names_ = _requests(B, names, seed=11)
+    fast, slow = _engine(model), _engine(model, async_steps=False)
+    got, want = _run(fast, prompts, names_), _run(slow, prompts, names_)
+    assert fast.counters["ahead_steps"] >= 6 and slow.counters["ahead_steps"] == 0
+    assert got == want
+
+
 def _assert_mostly_agree(got, want):
     """Graph and eager outputs agree token for token up to each request's first fork, with
     log-probabilities within LP_TOL there, on at least half the tokens (bf16 near-ties may

@@ -113,8 +113,9 @@ def test_step_counters_tell_decode_only_steps_from_prompt_steps(model):
     """``decode_steps`` counts the steps with no prompt chunk, ``step_seconds`` grows with every
     step (the serving benchmark compares both sides with them): one request of a 5-token
     prompt making 4 tokens takes 1 prompt step + 3 decode steps; a second arrival at step 2
-    adds one mixed (prompt + decode) step."""
-    static, _ = engines(model)
+    adds one mixed (prompt + decode) step. (Steps read back one by one: with ``async_steps``
+    the arrival at step 2 meets the engine a step further on.)"""
+    static, _ = engines(model, async_steps=False)
     run(static, [[1, 2, 3, 4, 5]], ["a0"], max_tokens=4)
     c = dict(static.counters)
     assert (c["steps"], c["decode_steps"]) == (4, 3) and c["step_seconds"] > 0

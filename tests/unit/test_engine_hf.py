@@ -50,9 +50,9 @@ def test_arrivals_chunks_and_preemption_match_hf_generate(case):
     chunks = []
     real = engine.scheduler.schedule
 
-    def spy():
-        out = real()
-        chunks.extend(n for s, n in out.entries
+    def spy(**kw):
+        out = real(**kw)
+        chunks.extend(n for s, n in (out.entries if out is not None else [])
                       if s.request_id == "0" and s.num_computed < s.num_prompt)
         return out
 
