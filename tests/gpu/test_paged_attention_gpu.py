@@ -4,6 +4,8 @@ heads of 128, pages of 16): decode over ragged lengths, prefill chunks after cac
 pages scattered over the pool, a sliding window; NaN in every page slot no sequence owns.
 
 Run with the device tool: ``PYTHONPATH=$PWD python3 -m pytest tests/gpu -m gpu -q``.
+The split decode's merge in the attention launch (``COMBINE_FUSED``) is checked bit for bit
+against the combine launch, eager and in a CUDA graph.
 Tolerance: bf16 inputs, fp32 softmax in both; the kernel rounds the probabilities to bf16
 before P.V (as flash attention does): within 2e-2 of the largest output.
 """
@@ -104,3 +106,84 @@ def test_rope_write_and_norm_gpu_bf16(head_norm):
     x1, x2 = norm_naive.add_rms_norm(h1, d, wn, 1e-6), norm_ops.add_rms_norm(h2, d, wn, 1e-6)
     assert torch.equal(h1, h2)
     assert (x1.float() - x2.float()).abs().max() <= 2 ** -7 * x1.float().abs().max()
+
+
+def _decode_512(B: int, seed: int):
+    """``B`` decode tokens over 512 keys each at Qwen3-30B-A3B's heads, bf16, pages of 16;
+    skipped where this GPU has SMs enough not to split their keys."""
+    from moelora_dist.kernels.device import num_sms
+    from moelora_dist.kernels.paged_attention import ops
+
+    case = _case([(1, 512)] * B, 32, 4, 128, 16, torch.bfloat16, seed=seed)
+    tiles = (B // (ops.DECODE_ROWS // 8) + B) * 4  # decode tiles: 2 tokens x 8 q heads
+    splits = ops.decode_splits(tiles, num_sms(case[0].device))
+    if splits == 1:
+        pytest.skip(f"{tiles} tiles fill this GPU's SMs: no split to merge")
+    return case
+
+
+def _queries(q: torch.Tensor, n: int) -> list[torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(10)
+    return [torch.randn(q.shape, generator=g, device="cuda").to(q.dtype) for _ in range(n)]
+
+
+@pytest.mark.parametrize("B", [1, 16], ids=["B1", "B16"])
+def test_fused_combine_gpu_equals_two_launches(B, monkeypatch):
+    """The last-arriver merge in the attention launch against the combine launch, bit for bit,
+    at 1 sequence (4 tiles, 8 splits on an H200) and 16 (96 tiles, 3 splits): 8 "layers" back
+    to back on one stream sharing the tile counters, 5 times over (other arrival orders); the
+    counters all 0 after; within the bf16 tolerance of the reference."""
+    from moelora_dist.kernels.paged_attention import naive, ops
+
+    q, kp, vp, tables, kv, seg = _decode_512(B, seed=3)
+    qs = _queries(q, 8)
+    kw = dict(scale=128 ** -0.5, decode_only=True)
+    monkeypatch.setattr(ops, "COMBINE_FUSED", False)
+    two = [ops.paged_attention(x, kp, vp, tables, kv, seg, **kw) for x in qs]
+    monkeypatch.setattr(ops, "COMBINE_FUSED", True)
+    for _ in range(5):
+        fused = [ops.paged_attention(x, kp, vp, tables, kv, seg, **kw) for x in qs]
+        torch.cuda.synchronize()
+        assert all(torch.equal(f, t) for f, t in zip(fused, two))
+    assert not ops._COUNTERS[q.device].any()
+    want = naive.paged_attention(qs[0], kp, vp, tables, kv, seg, scale=128 ** -0.5)
+    err = (fused[0].float() - want.float()).abs().max().item()
+    assert err <= 2e-2 * want.float().abs().max().item(), err
+
+
+@pytest.mark.parametrize("B", [1, 16], ids=["B1", "B16"])
+def test_fused_combine_gpu_in_a_cuda_graph(B, monkeypatch):
+    """Captured in a CUDA graph (counters allocated by the eager warm-up, before capture) and
+    replayed twice on new queries, 4 layers per graph: each replay bit for bit the eager
+    two-launch result of its queries (the counters reset between layers and replays)."""
+    from moelora_dist.kernels.paged_attention import ops
+
+    q, kp, vp, tables, kv, seg = _decode_512(B, seed=4)
+    kw = dict(scale=128 ** -0.5, decode_only=True)
+    static = [torch.zeros_like(q) for _ in range(4)]
+    monkeypatch.setattr(ops, "COMBINE_FUSED", True)
+
+    def layers():
+        return [ops.paged_attention(x, kp, vp, tables, kv, seg, **kw) for x in static]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles, allocates the counters
+        for _ in range(2):
+            layers()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = layers()
+    for replay in range(2):
+        qs = _queries(q, 8)[4 * replay:4 * replay + 4]
+        for x, y in zip(static, qs):
+            x.copy_(y)
+        graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setattr(ops, "COMBINE_FUSED", False)
+        want = [ops.paged_attention(x, kp, vp, tables, kv, seg, **kw) for x in qs]
+        monkeypatch.setattr(ops, "COMBINE_FUSED", True)
+        assert all(torch.equal(o, w) for o, w in zip(outs, want)), replay
+        assert torch.isfinite(outs[0]).all()
+    assert not ops._COUNTERS[q.device].any()

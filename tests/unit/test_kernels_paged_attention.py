@@ -6,7 +6,9 @@ attention case lays the sequences' pages out in a random order over a pool large
 need and fills every page no sequence owns -- and the stale tail of each last page -- with NaN:
 a kernel that read outside a sequence's keys would return NaN. Tolerances: fp32 differs by
 summation order (online vs one softmax), 1e-5; fp16 by the kernel's fp16 probabilities in the
-P.V product, 2e-3 on outputs of size O(1).
+P.V product, 2e-3 on outputs of size O(1). A split decode is merged either by the last of a
+tile's programs in the attention launch (``COMBINE_FUSED``) or by the combine launch: the same
+bits, checked against each other.
 """
 
 import pytest
@@ -159,25 +161,30 @@ def test_split_combine_in_head_dim_chunks_equals_one_chunk(name, monkeypatch):
     """The combine's programs each merge a chunk of the head dim (``COMBINE_CHUNK_D``): 16 of
     the 32-column tile of a 24-wide head (the second chunk half padding) and of 16-wide heads
     (one chunk), bit for bit the one-chunk merge, and the reference's result; unrolled loads
-    of 8 partials over 3 and 16 splits too."""
+    of 8 partials over 3 and 16 splits too. The fused merge loops over the same chunks in one
+    program: the same bits."""
     seqs, Nq, Nk, D, S, window = CASES[name]
     q, kp, vp, tables, kv, seg = _case(seqs, Nq, Nk, D, S, torch.float32, seed=4)
     want = naive.paged_attention(q, kp, vp, tables, kv, seg, scale=D ** -0.5,
                                  sliding_window=window)
     for splits in (3, 16):
         got = {}
-        for chunk in (16, 0):
+        for fused, chunk in ((False, 16), (False, 0), (True, 16)):
+            monkeypatch.setattr(ops, "COMBINE_FUSED", fused)
             monkeypatch.setattr(ops, "COMBINE_CHUNK_D", chunk)
-            got[chunk] = ops.paged_attention(q, kp, vp, tables, kv, seg, scale=D ** -0.5,
-                                             sliding_window=window, decode_only=True,
-                                             num_splits=splits)
-        assert torch.equal(got[16], got[0])
-        torch.testing.assert_close(got[16], want, atol=1e-5, rtol=0)
+            got[fused, chunk] = ops.paged_attention(q, kp, vp, tables, kv, seg,
+                                                    scale=D ** -0.5, sliding_window=window,
+                                                    decode_only=True, num_splits=splits)
+        assert torch.equal(got[False, 16], got[False, 0])
+        assert torch.equal(got[True, 16], got[False, 0])
+        torch.testing.assert_close(got[False, 16], want, atol=1e-5, rtol=0)
 
 
-def test_long_context_decode_splits():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_launches"])
+def test_long_context_decode_splits(fused, monkeypatch):
     """A decode over 300 keys: 5 key tiles, split 1, 2 and 4 ways (the default on the CPU
-    splits too), the same output each way."""
+    splits too), the same output each way, with either merge."""
+    monkeypatch.setattr(ops, "COMBINE_FUSED", fused)
     seqs = [(1, 300), (1, 77)]
     q, kp, vp, tables, kv, seg = _case(seqs, 8, 2, 16, 16, torch.float32, seed=5)
     want = naive.paged_attention(q, kp, vp, tables, kv, seg, scale=0.25)
@@ -193,3 +200,58 @@ def test_decode_splits_fill_the_gpu_only_when_tiles_do_not():
     assert ops.decode_splits(40, 132) == 7
     assert ops.decode_splits(96 * 4, 132) == 1  # 64 sequences
     assert ops.decode_splits(384 * 4, 132) == 1  # 256 sequences
+
+
+class _NoLaunch:
+    """Stands for ``_paged_combine_kernel`` where the fused path must not launch it."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the fused path launched the combine kernel")
+
+
+# decode, GQA 4, pages of 4 shuffled: 200 keys fill 2 of 3 splits (128 keys each) or 4 of 8
+# (64 each); 1, 5 and 40 keys leave all splits but the first empty; the padding sequence
+# leaves spare tiles, whose programs return before the counter
+FUSED_SEQS = [(1, 1), (1, 200), (1, 5), (0, 0), (1, 40), (1, 130)]
+
+
+@pytest.mark.parametrize("splits,sinks", [(3, False), (8, True)], ids=["s3", "s8_sinks"])
+def test_fused_combine_equals_two_launches(splits, sinks, monkeypatch):
+    """The last split program of each tile merges in the attention launch (``COMBINE_FUSED``):
+    bit for bit the combine launch's result, the reference's within fp32 tolerance (an
+    unmerged or half-merged tile is NaN or wrong), the tile counters all 0 after the call, so
+    a second call gives the same bits."""
+    q, kp, vp, tables, kv, seg = _case(FUSED_SEQS, 8, 2, 16, 4, torch.float32, seed=6)
+    sinks_N = torch.randn(8, generator=torch.Generator().manual_seed(7)) * 2 if sinks else None
+    kw = dict(scale=0.25, decode_only=True, num_splits=splits, sinks_N=sinks_N)
+    want = naive.paged_attention(q, kp, vp, tables, kv, seg, scale=0.25, sinks_N=sinks_N)
+    monkeypatch.setattr(ops, "COMBINE_FUSED", False)
+    two = ops.paged_attention(q, kp, vp, tables, kv, seg, **kw)
+    monkeypatch.setattr(ops, "COMBINE_FUSED", True)
+    monkeypatch.setattr(ops, "_paged_combine_kernel", _NoLaunch())
+    fused = [ops.paged_attention(q, kp, vp, tables, kv, seg, **kw) for _ in range(2)]
+    assert not ops._COUNTERS[q.device].any()
+    assert torch.equal(fused[0], two) and torch.equal(fused[1], two)
+    torch.testing.assert_close(fused[0], want, atol=1e-5, rtol=0)
+
+
+def test_tile_counters_grow_outside_capture_and_fall_back_inside(monkeypatch):
+    """The counter buffer holds at least one per SM, grows (doubling) for more tiles and keeps
+    the outgrown buffer alive (a graph captured on it still uses it); a call captured while it
+    is too small merges with the combine launch, the same bits, allocating nothing."""
+    monkeypatch.setattr(ops, "_COUNTERS", {})
+    monkeypatch.setattr(ops, "_OUTGROWN", [])
+    cpu = torch.device("cpu")
+    small = ops._tile_counters(cpu, 3)
+    assert small.dtype == torch.int32 and small.numel() == ops.num_sms(cpu)
+    assert not small.any() and ops._tile_counters(cpu, small.numel()) is small
+    big = ops._tile_counters(cpu, small.numel() + 1)
+    assert big.numel() == 2 * small.numel() and ops._OUTGROWN == [small]
+
+    q, kp, vp, tables, kv, seg = _case(FUSED_SEQS, 8, 2, 16, 4, torch.float32, seed=6)
+    kw = dict(scale=0.25, decode_only=True, num_splits=3)
+    eager = ops.paged_attention(q, kp, vp, tables, kv, seg, **kw)
+    monkeypatch.setattr(ops, "_COUNTERS", {})
+    monkeypatch.setattr(ops, "_capturing", lambda device: True)
+    captured = ops.paged_attention(q, kp, vp, tables, kv, seg, **kw)
+    assert ops._COUNTERS == {} and torch.equal(captured, eager)

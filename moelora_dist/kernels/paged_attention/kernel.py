@@ -12,7 +12,10 @@ anywhere), with an online softmax in fp32; positions at or past the sequence's l
 masked on load, so a reused page's stale values are never read. ``HAS_SINKS`` (gpt-oss): the
 online softmax starts from each row's sink logit with weight 1 (max = sink, sum = 1), so the
 sink joins the normalization and adds nothing to the output. ``SPLIT``: a third grid axis
-splits each tile's keys; the programs write fp32 partials that ``_paged_combine_kernel`` merges.
+splits each tile's keys; the programs write fp32 partials that ``_paged_combine_kernel`` merges,
+or, with ``FUSED``, the last of a tile's programs to arrive (a per-tile atomic counter) merges.
+Both merges are :func:`_merge_splits`, in split order from memory: the same bits either way,
+whatever order the programs run in.
 
 ``_rope_write_kernel``: one program per token: per-head RMSNorm of q and k (Qwen3), rotary
 embedding from the fp32 tables, q stored to a new tensor, k and v stored into their page slot.
@@ -75,9 +78,46 @@ def _softmax_start(sinks_ptr, h_idx, row_ok, ROWS: tl.constexpr, BLOCK_D: tl.con
 
 
 @triton.jit
+def _merge_splits(out_ptr, sinks_ptr, part_ptr, part_ml_ptr, base, num_splits, t_idx, h_idx,
+                  row_ok, offs_d, stride_ot, stride_oh, ROWS: tl.constexpr,
+                  BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_SINKS: tl.constexpr,
+                  UNROLL: tl.constexpr, CHUNK_D: tl.constexpr):
+    """Head-dim columns ``offs_d`` (``CHUNK_D`` of them) of out = the softmax-weighted merge of
+    partials ``base .. base + num_splits - 1``, in that order (the sink, when there is one,
+    first: max = sink, sum = 1, nothing added). Each column's merge is independent of the
+    others', so any chunking of the head gives the same bits."""
+    rows = tl.arange(0, ROWS)
+    m, l, acc = _softmax_start(sinks_ptr, h_idx, row_ok, ROWS, CHUNK_D, HAS_SINKS)
+    # UNROLL splits per step, unrolled: their loads do not depend on each other's merge, so
+    # they are issued together (a loop of one split per step waited for each in turn: 4.6 us
+    # per layer at 1 sequence for 8 splits on an H200). Splits past num_splits load nothing and
+    # change nothing (a select), so the merge is the same, in split order, for any unroll.
+    for s0 in range(0, num_splits, UNROLL):
+        for j in tl.static_range(UNROLL):
+            s = s0 + j
+            live = (rows * 0 + s) < num_splits  # a tile, not a scalar: the interpreter's masks
+            ml = part_ml_ptr + (base + s) * (2 * ROWS) + rows
+            m_s = tl.load(ml, mask=live, other=float("-inf"))
+            l_s = tl.load(ml + ROWS, mask=live, other=0.0)
+            a_s = tl.load(part_ptr + (base + s) * (ROWS * BLOCK_D) + rows[:, None] * BLOCK_D
+                          + offs_d[None, :], mask=live[:, None], other=0.0)
+            m_new = tl.maximum(m, m_s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            beta = tl.exp2(m_s - m_safe)
+            l = tl.where(live, l * alpha + l_s * beta, l)
+            acc = tl.where(live[:, None], acc * alpha[:, None] + a_s * beta[:, None], acc)
+            m = tl.where(live, m_new, m)
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    tl.store(out_ptr + t_idx[:, None] * stride_ot + h_idx[:, None] * stride_oh
+             + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
 def _paged_attention_kernel(q_ptr, k_pages_ptr, v_pages_ptr, out_ptr, block_tables_ptr,
                             kv_lens_ptr, seg_indptr_ptr, sinks_ptr, part_ptr, part_ml_ptr,
-                            num_seqs, qk_scale, window, num_splits,
+                            counter_ptr, num_seqs, qk_scale, window, num_splits,
                             stride_qt, stride_qh, stride_ot, stride_oh,
                             stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                             stride_bt,
@@ -85,13 +125,17 @@ def _paged_attention_kernel(q_ptr, k_pages_ptr, v_pages_ptr, out_ptr, block_tabl
                             BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
                             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                             BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
-                            SPLIT: tl.constexpr):
+                            SPLIT: tl.constexpr, FUSED: tl.constexpr, UNROLL: tl.constexpr,
+                            CHUNK_D: tl.constexpr):
     """out[t, h] = softmax(q[t, h] K^T * scale + causal/window mask) V for one tile of rows.
 
     ``qk_scale`` is ``scale * log2(e)`` (exp2 below); ``window`` 0 means no sliding window.
     ``SPLIT``: program ``(block, kv head, s)`` reads only part ``s`` of ``num_splits`` of the
     block's keys and writes its unnormalized sum and its softmax max and sum (log2 units) to the
-    partial buffers, for :func:`_paged_combine_kernel` (no sinks here: the combine adds them).
+    partial buffers (sinks join only the merge), merged by :func:`_paged_combine_kernel` or,
+    with ``FUSED``, here: each program adds 1 to the tile's int32 counter (``counter_ptr``, 0
+    on entry) after its stores; the one that sees ``num_splits - 1`` merges every partial of
+    the tile ``CHUNK_D`` columns at a time and puts the counter back to 0.
     """
     pid = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
@@ -108,7 +152,7 @@ def _paged_attention_kernel(q_ptr, k_pages_ptr, v_pages_ptr, out_ptr, block_tabl
                 + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     m_i, l_i, acc = _softmax_start(sinks_ptr, h_idx, row_ok, BLOCK_Q * BLOCK_G, BLOCK_D,
-                                   HAS_SINKS)
+                                   HAS_SINKS and not SPLIT)
     # Keys this block can see: up to its last query position; from its first query's window.
     hi = tl.minimum(kv_len, ctx + tl.minimum(q_len, (blk + 1) * BLOCK_Q))
     first = tl.maximum(ctx + blk * BLOCK_Q - window + 1, 0)
@@ -149,6 +193,20 @@ def _paged_attention_kernel(q_ptr, k_pages_ptr, v_pages_ptr, out_ptr, block_tabl
         ml = part_ml_ptr + part * (2 * BLOCK_Q * BLOCK_G) + rows
         tl.store(ml, m_i)
         tl.store(ml + BLOCK_Q * BLOCK_G, l_i)
+        if FUSED:
+            tile = pid * tl.num_programs(1) + kvh
+            tl.debug_barrier()  # every thread's partial stores come before the release
+            # acq_rel at GPU scope: releases this program's partials; the last arriver's
+            # acquire makes every other program's partials visible to its plain loads below
+            arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+            if arrived == num_splits - 1:
+                for c0 in range(0, BLOCK_D, CHUNK_D):
+                    _merge_splits(out_ptr, sinks_ptr, part_ptr, part_ml_ptr,
+                                  tile * num_splits, num_splits, t_idx, h_idx, row_ok,
+                                  c0 + tl.arange(0, CHUNK_D), stride_ot, stride_oh,
+                                  BLOCK_Q * BLOCK_G, BLOCK_D, HEAD_DIM, HAS_SINKS, UNROLL,
+                                  CHUNK_D)
+                tl.atomic_xchg(counter_ptr + tile, 0)  # for the next call on this stream
         return
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + t_idx[:, None] * stride_ot + h_idx[:, None] * stride_oh
@@ -163,47 +221,20 @@ def _paged_combine_kernel(out_ptr, seg_indptr_ptr, kv_lens_ptr, sinks_ptr, part_
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           HAS_SINKS: tl.constexpr, UNROLL: tl.constexpr,
                           CHUNK_D: tl.constexpr):
-    """out = the softmax-weighted merge of a tile's ``num_splits`` partials, in split order
-    (the sink, when there is one, first: max = sink, sum = 1, nothing added). Program
-    ``(block, kv head, c)`` merges head-dim columns ``[c * CHUNK_D, (c + 1) * CHUNK_D)`` (each
-    column's merge is independent; every chunk reads the same maxima and sums)."""
+    """:func:`_merge_splits` of one tile's ``num_splits`` partials as a launch of its own:
+    program ``(block, kv head, c)`` merges head-dim columns ``[c * CHUNK_D, (c + 1) *
+    CHUNK_D)`` (every chunk reads the same maxima and sums)."""
     pid = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     spare, b, blk, q_start, q_len, kv_len, ctx, tok, head, row_ok = _tile(
         seg_indptr_ptr, kv_lens_ptr, num_seqs, BLOCK_Q, BLOCK_G, GROUP)
     if spare:
         return
-    rows = tl.arange(0, BLOCK_Q * BLOCK_G)
     offs_d = tl.program_id(2) * CHUNK_D + tl.arange(0, CHUNK_D)
-    h_idx = kvh * GROUP + head
-    m, l, acc = _softmax_start(sinks_ptr, h_idx, row_ok, BLOCK_Q * BLOCK_G, CHUNK_D, HAS_SINKS)
-    base = (pid * tl.num_programs(1) + kvh) * num_splits
-    # UNROLL splits per step, unrolled: their loads do not depend on each other's merge, so
-    # they are issued together (a loop of one split per step waited for each in turn: 4.6 us
-    # per layer at 1 sequence for 8 splits on an H200). Splits past num_splits load nothing and
-    # change nothing (a select), so the merge is the same, in split order, for any unroll.
-    for s0 in range(0, num_splits, UNROLL):
-        for j in tl.static_range(UNROLL):
-            s = s0 + j
-            live = (rows * 0 + s) < num_splits  # a tile, not a scalar: the interpreter's masks
-            ml = part_ml_ptr + (base + s) * (2 * BLOCK_Q * BLOCK_G) + rows
-            m_s = tl.load(ml, mask=live, other=float("-inf"))
-            l_s = tl.load(ml + BLOCK_Q * BLOCK_G, mask=live, other=0.0)
-            a_s = tl.load(part_ptr + (base + s) * (BLOCK_Q * BLOCK_G * BLOCK_D)
-                          + rows[:, None] * BLOCK_D + offs_d[None, :], mask=live[:, None],
-                          other=0.0)
-            m_new = tl.maximum(m, m_s)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_safe)
-            beta = tl.exp2(m_s - m_safe)
-            l = tl.where(live, l * alpha + l_s * beta, l)
-            acc = tl.where(live[:, None], acc * alpha[:, None] + a_s * beta[:, None], acc)
-            m = tl.where(live, m_new, m)
-    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
-    t_idx = (q_start + tok).to(tl.int64)
-    tl.store(out_ptr + t_idx[:, None] * stride_ot + h_idx[:, None] * stride_oh
-             + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    _merge_splits(out_ptr, sinks_ptr, part_ptr, part_ml_ptr,
+                  (pid * tl.num_programs(1) + kvh) * num_splits, num_splits,
+                  (q_start + tok).to(tl.int64), kvh * GROUP + head, row_ok, offs_d, stride_ot,
+                  stride_oh, BLOCK_Q * BLOCK_G, BLOCK_D, HEAD_DIM, HAS_SINKS, UNROLL, CHUNK_D)
 
 
 @triton.jit

@@ -9,10 +9,20 @@ tables, lengths and positions are read from device memory on every replay.
 Tiles: a program holds ``BLOCK_Q`` tokens x the ``g`` query heads of one kv head as its rows.
 Decode (one token per sequence) takes the fewest rows ``tl.dot`` allows (16); prefill chunks
 take 64 rows. Keys are read ``BLOCK_N = 64`` positions at a time whatever the page size. A
-decode step with fewer tiles than SMs splits each tile's keys over up to 8 programs
-that write fp32 partials (sum, max, normalizer), merged in split order by one more launch
-(flash-decoding's split-KV; deterministic, no atomics); the split count depends on ``T``,
-``B`` and the GPU only, so graphs capture it.
+decode step with fewer tiles than SMs splits each tile's keys over up to 8 programs that write
+fp32 partials (sum, max, normalizer), as flash-decoding's split-KV; the split count depends on
+``T``, ``B`` and the GPU only, so graphs capture it. With ``COMBINE_FUSED`` (read at each
+call) the partials are merged in the same launch: each program adds 1 to its tile's int32
+counter after its stores (an acq_rel atomic), and the one that arrives last merges all the
+tile's partials and puts the counter back to 0; without it one more launch merges them. Both
+use one merge, in split order from memory, so the result is deterministic and the same bits
+whichever program arrives last and whichever path runs.
+
+The counters (:func:`_tile_counters`) are one zeroed int32 buffer per device, allocated
+outside graph capture and kept for the process; every layer's call uses them in turn and
+leaves them 0. They belong to the stream order: two split calls running at once on different
+streams would race (the engine runs attention on one stream). A call captured while the buffer
+is too small uses the two launches rather than allocate inside the capture.
 """
 
 from __future__ import annotations
@@ -32,6 +42,10 @@ MIN_DOT_K = 16  # tl.dot's smallest inner dimension: heads narrower than this ar
 MAX_SPLITS = 8  # key splits per decode tile
 COMBINE_UNROLL = 8  # partials the combine loads at once (1: one at a time, as before)
 COMBINE_CHUNK_D = 32  # head-dim columns per combine program (0: the whole head)
+COMBINE_FUSED = True  # the last split program of a tile merges (False: a combine launch)
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}  # device -> int32 zeros, one per tile
+_OUTGROWN: list[torch.Tensor] = []  # replaced counters: graphs captured on them still use them
 
 
 def decode_splits(programs: int, sms: int) -> int:
@@ -49,6 +63,27 @@ def head_block(head_dim: int) -> int:
     """The kernel's head-dim tile: a power of two, at least ``tl.dot``'s minimum K (the q k^T
     product's inner dimension); the padding columns are masked to zero."""
     return max(MIN_DOT_K, next_power_of_2(head_dim))
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor | None:
+    """int32 ``[>= num_tiles]`` zeros on ``device`` (every call leaves them 0), or None
+    while a CUDA graph is being captured and the cached buffer is too small. At least one per
+    SM, the most tiles a default split has (:func:`decode_splits` splits fewer tiles only)."""
+    counters = _COUNTERS.get(device)
+    if counters is not None and counters.numel() >= num_tiles:
+        return counters
+    if _capturing(device):
+        return None
+    size = max(num_tiles, num_sms(device))
+    if counters is not None:
+        _OUTGROWN.append(counters)
+        size = max(size, 2 * counters.numel())
+    _COUNTERS[device] = torch.zeros(size, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 def _check_pages(k_pages: torch.Tensor, v_pages: torch.Tensor) -> None:
@@ -120,16 +155,19 @@ def paged_attention(q_TND, k_pages, v_pages, block_tables_BM, kv_lens_B, seg_ind
                               dtype=torch.float32, device=q_TND.device)
     else:
         part = part_ml = out  # never read
+    counters = _tile_counters(q_TND.device, blocks * Nk) if split and COMBINE_FUSED else None
+    fused = counters is not None
+    bd = head_block(D)
+    chunk = min(bd, COMBINE_CHUNK_D) if COMBINE_CHUNK_D else bd
     _paged_attention_kernel[(blocks, Nk, num_splits)](
         q_TND, k_pages, v_pages, out, block_tables_BM, kv_lens_B, seg_indptr_B1, sinks, part,
-        part_ml, B, scale * LOG2E, int(sliding_window or 0), num_splits, q_TND.stride(0),
-        q_TND.stride(1), out.stride(0), out.stride(1), *k_pages.stride()[:3],
-        *v_pages.stride()[:3], block_tables_BM.stride(0), PAGE_SIZE=k_pages.shape[1],
-        GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_N=BLOCK_N, HEAD_DIM=D,
-        BLOCK_D=head_block(D), HAS_SINKS=sinks_N is not None and not split, SPLIT=split)
-    if split:
-        bd = head_block(D)
-        chunk = min(bd, COMBINE_CHUNK_D) if COMBINE_CHUNK_D else bd
+        part_ml, counters if fused else out, B, scale * LOG2E, int(sliding_window or 0),
+        num_splits, q_TND.stride(0), q_TND.stride(1), out.stride(0), out.stride(1),
+        *k_pages.stride()[:3], *v_pages.stride()[:3], block_tables_BM.stride(0),
+        PAGE_SIZE=k_pages.shape[1], GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q,
+        BLOCK_N=BLOCK_N, HEAD_DIM=D, BLOCK_D=bd, HAS_SINKS=sinks_N is not None, SPLIT=split,
+        FUSED=fused, UNROLL=COMBINE_UNROLL, CHUNK_D=chunk)
+    if split and not fused:
         _paged_combine_kernel[(blocks, Nk, bd // chunk)](
             out, seg_indptr_B1, kv_lens_B, sinks, part, part_ml, B, num_splits, out.stride(0),
             out.stride(1), GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q, HEAD_DIM=D,
