@@ -218,8 +218,13 @@ class LoRAPool:
         except Exception:
             self._pinned = pinned_before
             raise
-        slots = [-1 if n is None else self._slot_by_name[n] for n in adapters_per_request]
-        return torch.tensor(slots, dtype=torch.int32, device=self.config.device)
+        slots = torch.tensor([-1 if n is None else self._slot_by_name[n]
+                              for n in adapters_per_request], dtype=torch.int32)
+        if torch.device(self.config.device).type == "cuda":
+            # Pinned and without waiting: a pageable copy would wait for the step in flight
+            # (the engine prepares step N+1 while the device runs step N).
+            return slots.pin_memory().to(self.config.device, non_blocking=True)
+        return slots.to(self.config.device)
 
     def release_batch(self) -> None:
         """Unpin every slot pinned by ``prepare_batch``."""

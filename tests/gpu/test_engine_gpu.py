@@ -125,6 +125,33 @@ def test_async_steps_equal_steps_read_back_one_by_one(model, B, names):
     assert got == want
 
 
+def test_a_step_planned_ahead_never_waits_for_the_device(model, monkeypatch):
+    """With ``async_steps`` the next step is scheduled, planned and queued while the device
+    runs the current one: nothing in that launch may synchronize with the device (a pageable
+    copy, a read-back), or the host would wait for the step in flight. CUDA's sync-debug mode
+    makes any such call raise."""
+    import moelora_dist.engine.engine as engine_mod
+
+    engine = _engine(model)
+    prompts, names = _requests(16, ["a0", None, "a1"], seed=12)
+    _run(engine, prompts, names)  # captures every graph the same requests replay
+    real, ahead_calls = engine_mod.launch_step, []
+
+    def strict(eng, scheduled, ahead=None):
+        if ahead is None:
+            return real(eng, scheduled)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real(eng, scheduled, ahead)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            ahead_calls.append(len(scheduled.entries))
+
+    monkeypatch.setattr(engine_mod, "launch_step", strict)
+    _run(engine, prompts, names)
+    assert len(ahead_calls) >= 6
+
+
 def _assert_mostly_agree(got, want):
     """Graph and eager outputs agree token for token up to each request's first fork, with
     log-probabilities within LP_TOL there, on at least half the tokens (bf16 near-ties may

@@ -85,42 +85,56 @@ def _route_topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts
 
 
 @triton.jit
-def _gemm_softmax_topk_kernel(x_ptr, w_ptr, logits_ptr, counter_ptr, weights_ptr, ids_ptr,
-                              num_tokens, num_experts, hidden, stride_xt, stride_xh,
-                              stride_we, stride_wh, stride_lt, stride_le, stride_wt, stride_it,
+def _gemm_softmax_topk_kernel(x_ptr, w_ptr, part_ptr, logits_ptr, counter_ptr, weights_ptr,
+                              ids_ptr, num_tokens, num_experts, hidden, h_per_split,
+                              stride_xt, stride_xh, stride_we, stride_wh, stride_lt, stride_le,
+                              stride_wt, stride_it,
                               TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
-                              NUM_CHUNKS: tl.constexpr, BLOCK_T: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                              BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                              NUM_CHUNKS: tl.constexpr, H_SPLITS: tl.constexpr,
+                              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
     pid_t = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < num_tokens
     experts = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     expert_ok = experts < num_experts
     hh = tl.arange(0, BLOCK_H)
     acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    for h0 in range(0, hidden, BLOCK_H):
-        h_ok = h0 + hh < hidden
+    h_lo = pid_h * h_per_split
+    h_hi = tl.minimum(h_lo + h_per_split, hidden)
+    for h0 in range(h_lo, h_hi, BLOCK_H):
+        h_ok = h0 + hh < h_hi
         x = tl.load(x_ptr + rows[:, None] * stride_xt + (h0 + hh)[None, :] * stride_xh,
                     mask=row_ok[:, None] & h_ok[None, :], other=0.0)
         w = tl.load(w_ptr + experts[:, None] * stride_we + (h0 + hh)[None, :] * stride_wh,
                     mask=expert_ok[:, None] & h_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
-    # One rounding to the logits' dtype, as the GEMM's bf16 output is rounded.
-    tl.store(logits_ptr + rows[:, None] * stride_lt + experts[None, :] * stride_le,
-             acc.to(logits_ptr.dtype.element_ty), mask=row_ok[:, None] & expert_ok[None, :])
+    # fp32 partial of this program's hidden columns: [H_SPLITS, num_tokens, num_experts].
+    part = part_ptr + (pid_h * num_tokens + rows[:, None]) * num_experts + experts[None, :]
+    tl.store(part, acc, mask=row_ok[:, None] & expert_ok[None, :])
     # Every thread's stores precede the count (barrier), and the count releases them to the
-    # last arriver, whose acquire makes the other chunks' stores visible to its loads.
+    # last arriver, whose acquire makes the other programs' stores visible to its loads.
     tl.debug_barrier()
     arrived = tl.atomic_add(counter_ptr + pid_t, 1, sem="acq_rel")
-    if arrived == NUM_CHUNKS - 1:
+    if arrived == NUM_CHUNKS * H_SPLITS - 1:
         cols = tl.arange(0, BLOCK_E)
         col_ok = cols < num_experts
         safe = tl.minimum(rows, num_tokens - 1)  # a real row: finite, written by this block
-        # .cg: from L2, never a line this SM's L1 may hold from before the other chunks wrote
-        raw = tl.load(logits_ptr + safe[:, None] * stride_lt + cols[None, :] * stride_le,
-                      mask=col_ok[None, :], other=float("-inf"), cache_modifier=".cg")
+        total = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        # The partials in split order (the same sum whatever order the programs ran in),
+        # .cg: from L2, never a line this SM's L1 may hold from before the others wrote.
+        for sp in tl.static_range(H_SPLITS):
+            total += tl.load(part_ptr + (sp * num_tokens + safe[:, None]) * num_experts
+                             + cols[None, :], mask=col_ok[None, :], other=0.0,
+                             cache_modifier=".cg")
+        # One rounding to the logits' dtype, as the GEMM's bf16 output is rounded.
+        logits = total.to(logits_ptr.dtype.element_ty)
+        tl.store(logits_ptr + rows[:, None] * stride_lt + cols[None, :] * stride_le, logits,
+                 mask=row_ok[:, None] & col_ok[None, :])
+        raw = tl.where(col_ok[None, :], logits, float("-inf"))
         _route_rows(raw, rows, row_ok, cols, col_ok, num_experts, weights_ptr, ids_ptr,
                     stride_wt, stride_it, TOP_K, True, RENORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K)
         tl.atomic_xchg(counter_ptr + pid_t, 0, sem="relaxed")
