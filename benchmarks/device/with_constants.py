@@ -27,7 +27,12 @@ def apply(sets: list[str]) -> None:
         mod = importlib.import_module(module)
         if not hasattr(mod, name):
             raise ValueError(f"--set {item!r}: {module} has no {name}")
-        setattr(mod, name, json.loads(value))
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"--set {item!r}: {value!r} is not JSON (true/false, null, "
+                             "numbers, quoted strings)") from None
+        setattr(mod, name, parsed)
 
 
 def main(argv: list[str] | None = None) -> None:

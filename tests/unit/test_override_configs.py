@@ -57,3 +57,17 @@ def test_with_constants_sets_them_then_runs_the_module(tmp_path, monkeypatch):
         with_constants.main(["--set", "moelora_dist.kernels.align.ops:NO_SUCH=1", "--",
                              "probe_mod", str(out)])
     assert e.value.code == 2
+
+
+def test_with_constants_refuses_a_value_that_is_not_json(capsys):
+    """``False`` (Python) instead of ``false`` (JSON): one line naming it, exit 2."""
+    import pytest
+
+    from benchmarks.device import with_constants
+
+    with pytest.raises(SystemExit) as e:
+        with_constants.main(["--set", "moelora_dist.engine.engine:ASYNC_STEPS=False", "--",
+                             "probe_mod"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'False' is not JSON" in err[0]
