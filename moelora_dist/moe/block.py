@@ -22,8 +22,7 @@ from torch import nn
 from moelora_dist.kernels.constants import Activation, as_activation
 from moelora_dist.kernels.weights_fp8 import is_fp8
 from moelora_dist.moe.experts import pick_backend, run_experts
-from moelora_dist.moe.router import (RouterSpec, localize_topk_ids, route_from_hidden,
-                                     route_with)
+from moelora_dist.moe.router import RouterSpec, localize_topk_ids, route_with
 from moelora_dist.parallel.layout import MoEShard
 from moelora_dist.parallel.sharding import cut_gate_up
 
@@ -141,13 +140,7 @@ class MoEBlock(nn.Module):
     def route(self, x_TH: torch.Tensor, router_logits_TE: torch.Tensor | None = None):
         """``x_TH [T, H]`` -> ``topk_weights_TK`` fp32, ``topk_ids_TK`` int32 (global ids).
         ``router_logits_TE``: logits computed by the caller (with a router LoRA), else
-        :meth:`router_logits`; for the ``softmax`` router with no bias (nothing needs its
-        logits then) :func:`~moelora_dist.moe.router.route_from_hidden`, which at decode sizes
-        on CUDA runs the GEMM and the top-k as one launch."""
-        spec = self.router_spec
-        if (router_logits_TE is None and spec.kind == "softmax" and self.router_bias is None
-                and not self.router_fp32):
-            return route_from_hidden(x_TH, self.router, spec.top_k, spec.renormalize)
+        :meth:`router_logits`."""
         logits_TE = self.router_logits(x_TH) if router_logits_TE is None else router_logits_TE
         return route_with(self.router_spec, logits_TE, self.correction_bias)
 

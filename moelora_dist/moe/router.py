@@ -17,10 +17,6 @@ the two together):
 - ``topk_softmax`` (gpt-oss ``GptOssTopKRouter``): top-k of the logits (a bias is part of the
   logits), then a softmax over the k chosen only.
 
-:func:`route_from_hidden` takes the hidden states instead of the logits (the ``softmax`` router
-with no bias and no router LoRA): on CUDA and up to ``FUSED_GEMM_MAX_TOKENS`` tokens
-(:mod:`moelora_dist.kernels.router.ops`) the router GEMM joins the top-k launch.
-
 Every function runs on the device with fixed shapes and no host sync, so it can be captured in
 a CUDA graph. Plain-loop references of the same math: :mod:`.router_reference`.
 """
@@ -30,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from moelora_dist.kernels.router import naive as router_naive
 
@@ -78,40 +73,6 @@ def route(router_logits_TE: torch.Tensor, top_k: int, renormalize: bool):
     if top_k > router_logits_TE.shape[-1]:
         raise ValueError(f"top_k={top_k} exceeds the number of experts {router_logits_TE.shape[-1]}")
     return _topk_kernels(router_logits_TE).softmax_topk(router_logits_TE, top_k, renormalize)
-
-
-def fused_gemm_applies(x_TH: torch.Tensor, w_router_EH: torch.Tensor) -> bool:
-    """Whether :func:`route_from_hidden` runs the router GEMM and the top-k as one launch:
-    the Triton router family in use (CUDA), a 16-bit ``x_TH`` with a weight of its dtype, and
-    ``1 <= T <= ops.FUSED_GEMM_MAX_TOKENS`` (read now, so a benchmark can change it)."""
-    kernels = _topk_kernels(x_TH)
-    return (kernels is not router_naive and x_TH.dtype in (torch.bfloat16, torch.float16)
-            and w_router_EH.dtype == x_TH.dtype
-            and 0 < x_TH.shape[0] <= kernels.FUSED_GEMM_MAX_TOKENS)
-
-
-def route_from_hidden(x_TH: torch.Tensor, w_router_EH: torch.Tensor, top_k: int,
-                      renormalize: bool):
-    """:func:`route` of the logits ``F.linear(x_TH, w_router_EH)`` (no router bias), in
-    ``x_TH``'s dtype.
-
-    Args:
-        x_TH: ``[T, H]`` hidden states; w_router_EH: ``[E, H]`` router weight (cast to
-            ``x_TH``'s dtype where it is another; the fused launch needs the same one).
-    Returns:
-        ``topk_weights_TK`` fp32 and ``topk_ids_TK`` int32 (global expert ids); the logits are
-        not kept (a router LoRA needs them: its caller computes them and calls :func:`route`).
-
-    Where :func:`fused_gemm_applies`, one launch computes the logits and routes them
-    (``kernels.router.ops.gemm_softmax_topk``): its logits are the fp32 dot rounded once, as
-    cuBLAS's, but a sum in another order may differ in the last bit; elsewhere the GEMM, then
-    :func:`route`.
-    """
-    if top_k > w_router_EH.shape[0]:
-        raise ValueError(f"top_k={top_k} exceeds the number of experts {w_router_EH.shape[0]}")
-    if fused_gemm_applies(x_TH, w_router_EH):
-        return _topk_kernels(x_TH).gemm_softmax_topk(x_TH, w_router_EH, top_k, renormalize)
-    return route(F.linear(x_TH, w_router_EH.to(x_TH.dtype)), top_k, renormalize)
 
 
 def route_sigmoid_grouped(router_logits_TE: torch.Tensor, correction_bias_E: torch.Tensor,

@@ -8,7 +8,6 @@ module, so that ties at the top-k boundary are broken as transformers breaks the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def softmax_topk(router_logits_TE: torch.Tensor, top_k: int, renormalize: bool):
@@ -19,16 +18,6 @@ def softmax_topk(router_logits_TE: torch.Tensor, top_k: int, renormalize: bool):
     if renormalize:
         topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(dim=-1, keepdim=True)
     return topk_weights_TK, topk_ids_TK.to(torch.int32)
-
-
-def gemm_softmax_topk(x_TH: torch.Tensor, w_router_EH: torch.Tensor, top_k: int,
-                      renormalize: bool, logits_TE: torch.Tensor | None = None):
-    """:func:`softmax_topk` of the router GEMM ``F.linear(x_TH [T, H], w_router_EH [E, H])``
-    in ``x_TH``'s dtype (written into ``logits_TE [T, E]`` when given)."""
-    logits = F.linear(x_TH, w_router_EH)
-    if logits_TE is not None:
-        logits = logits_TE.copy_(logits)
-    return softmax_topk(logits, top_k, renormalize)
 
 
 def topk_softmax(router_logits_TE: torch.Tensor, top_k: int):
