@@ -207,11 +207,6 @@ def complete_step(engine, step: Launched) -> list[RequestOutput]:
     return outputs
 
 
-def run_step(engine, scheduled) -> list[RequestOutput]:
-    """Launch ``scheduled`` and read it back at once (no step in flight before or after)."""
-    return complete_step(engine, launch_step(engine, scheduled))
-
-
 def _read(step: Launched) -> list[tuple[int, tuple | None]]:
     """The step's one wait: its sampled ids, and their log-probabilities when asked."""
     if step.ready is not None:
