@@ -37,10 +37,9 @@ class EngineConfig:
         eagerly. Graph sizes are the buckets of :data:`GRAPH_BUCKETS` up to it; a graph of P
         tokens holds :meth:`graph_seqs` ``(P)`` sequences.
     dispatcher: MoE dispatcher (``auto`` picks per step size).
-    async_steps: plan and queue step N+1 while the device runs step N, before reading step
-        N's tokens (``Engine.step``; :mod:`.step`); one process per replica only (with TP
-        followers every step is read back before the next is planned). False: each step is
-        read back before the next is scheduled.
+    async_steps: plan and queue step N+1 (and broadcast its plan to the TP followers) while
+        the device runs step N, before reading step N's tokens (``Engine.step``; :mod:`.step`).
+        False: each step is read back before the next is scheduled.
     """
 
     max_num_seqs: int = 256

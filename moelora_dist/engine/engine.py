@@ -103,7 +103,7 @@ class Engine:
                              decode_steps=0, step_seconds=0.0, ahead_steps=0)
         # The step launched and not read back yet (step.Launched), with async_steps.
         self._in_flight = None
-        self.async_steps = ASYNC_STEPS and config.async_steps and not self.followers
+        self.async_steps = ASYNC_STEPS and config.async_steps
         self.finished_by_adapter: dict[str, int] = {}
 
     @classmethod

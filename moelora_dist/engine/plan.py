@@ -165,8 +165,9 @@ def build_plan(seqs: list, counts: list[int], tables: list[list[int]], slots: li
 
 
 def send_plan(plan: StepPlan, group, src: int, device) -> None:
-    """Broadcast ``plan`` from the leader ``src`` (a global rank) to its TP group."""
-    dist.broadcast(plan.header().to(device), src=src, group=group)
+    """Broadcast ``plan`` from the leader ``src`` (a global rank) to its TP group (queued
+    behind the step in flight, as the plan's own copy: nothing here waits for the device)."""
+    dist.broadcast(host_to_device(plan.header().tolist(), device), src=src, group=group)
     dist.broadcast(plan.payload, src=src, group=group)
     if plan.ops:
         data = torch.frombuffer(bytearray(json.dumps(plan.ops).encode()), dtype=torch.uint8)

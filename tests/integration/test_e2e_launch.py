@@ -62,7 +62,10 @@ ARRIVALS = [(list(range(3, 16)), "a1", 6, 0), ([9, 10], None, 5, 0),
 def _check(root: Path, out_dir: Path, cases: dict) -> None:
     for name, (case, ref_logits, ref_tokens, ref_arrivals) in cases.items():
         got = json.loads((out_dir / f"{name}_arrivals.json").read_text())
+        # the leader planned steps ahead of the one in flight (async steps; the followers
+        # executed the plans it broadcast with the device-copied tokens) and preempted
         assert got["tokens"] == ref_arrivals and got["preemptions"] > 0, name
+        assert got["ahead_steps"] > 0, name
         got = load_file(str(out_dir / f"{name}.safetensors"))
         assert len(got) == len(ref_logits)
         for i, ref in enumerate(ref_logits):
@@ -132,7 +135,8 @@ def arrivals(engine, out: Path) -> None:
     engine.shutdown()
     if engine.groups.is_rank0:
         out.write_text(json.dumps({"tokens": [done[i][0] for i in range(len(ARRIVALS))],
-                                   "preemptions": engine.scheduler.num_preemptions}))
+                                   "preemptions": engine.scheduler.num_preemptions,
+                                   "ahead_steps": engine.counters["ahead_steps"]}))
 
 
 if __name__ == "__main__":
