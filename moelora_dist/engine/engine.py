@@ -246,16 +246,15 @@ class Engine:
         while the device works (:mod:`.step`)."""
         self._leader_only("step")
         t0 = time.perf_counter()
+        self.adapters.settle(self._adapters_in_use())
         step, self._in_flight = self._in_flight, None
         if step is None:
-            self.adapters.settle(self._adapters_in_use())
             scheduled = self.scheduler.schedule()
             if not scheduled.entries:
                 self.counters["step_seconds"] += time.perf_counter() - t0
                 return []
             step = launch_step(self, scheduled)
         if self.async_steps:
-            self.adapters.settle(self._adapters_in_use())
             ahead = self.scheduler.schedule(ahead=True)
             if ahead is not None and ahead.entries:
                 self._in_flight = launch_step(self, ahead, step)

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from moelora_dist.kernels.device import to_device
+
 STEP, STOP, IDLE = 1, 2, 3
 HEADER = 10  # kind, T', B', M, lora tokens, decode only, graph P, logprobs, sampling, op bytes
 
@@ -105,13 +107,9 @@ class StepPlan:
 
 
 def host_to_device(values: list[int], device) -> torch.Tensor:
-    """``values`` as an int64 tensor on ``device``. On CUDA through pinned memory and without
-    waiting: a plain copy from pageable memory would wait for the whole stream, i.e. for the
-    step in flight (``Engine.step`` plans the next step while the device runs one)."""
-    t = torch.tensor(values, dtype=torch.int64)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    """``values`` as an int64 tensor on ``device``, copied without waiting for the step in
+    flight (:func:`~moelora_dist.kernels.device.to_device`)."""
+    return to_device(torch.tensor(values, dtype=torch.int64), device)
 
 
 def build_plan(seqs: list, counts: list[int], tables: list[list[int]], slots: list[int],
@@ -167,7 +165,7 @@ def build_plan(seqs: list, counts: list[int], tables: list[list[int]], slots: li
 def send_plan(plan: StepPlan, group, src: int, device) -> None:
     """Broadcast ``plan`` from the leader ``src`` (a global rank) to its TP group (queued
     behind the step in flight, as the plan's own copy: nothing here waits for the device)."""
-    dist.broadcast(host_to_device(plan.header().tolist(), device), src=src, group=group)
+    dist.broadcast(to_device(plan.header(), device), src=src, group=group)
     dist.broadcast(plan.payload, src=src, group=group)
     if plan.ops:
         data = torch.frombuffer(bytearray(json.dumps(plan.ops).encode()), dtype=torch.uint8)

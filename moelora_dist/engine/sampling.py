@@ -35,6 +35,7 @@ import torch
 from moelora_dist.engine.sampling_params import (MAX_LOGPROBS, SamplingError,  # noqa: F401
                                                  SamplingParams, request_seed)
 from moelora_dist.kernels.constants import next_power_of_2
+from moelora_dist.kernels.device import to_device
 from moelora_dist.kernels.sampling import naive
 from moelora_dist.kernels.sampling.filters import filter_thresholds
 
@@ -132,10 +133,7 @@ def _int64(seed: int) -> int:
 
 
 def _to_device(rows: list[tuple], dtype: torch.dtype, device) -> torch.Tensor:
-    t = torch.tensor(rows, dtype=dtype).reshape(len(rows), 3)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return to_device(torch.tensor(rows, dtype=dtype).reshape(len(rows), 3), device)
 
 
 @dataclass

@@ -26,6 +26,7 @@ import logging
 import torch
 
 from moelora_dist.adapters.canonical import CanonicalAdapter
+from moelora_dist.kernels.device import to_device
 from moelora_dist.kernels.weights import MoELoRAWeights
 from moelora_dist.lora.pool_report import describe_pool
 from moelora_dist.lora.pool_types import (DenseLoRABuffers, DenseModuleSpec, MoELayerSpec,
@@ -218,13 +219,10 @@ class LoRAPool:
         except Exception:
             self._pinned = pinned_before
             raise
-        slots = torch.tensor([-1 if n is None else self._slot_by_name[n]
-                              for n in adapters_per_request], dtype=torch.int32)
-        if torch.device(self.config.device).type == "cuda":
-            # Pinned and without waiting: a pageable copy would wait for the step in flight
-            # (the engine prepares step N+1 while the device runs step N).
-            return slots.pin_memory().to(self.config.device, non_blocking=True)
-        return slots.to(self.config.device)
+        # Without waiting for the step in flight (the engine prepares step N+1 meanwhile).
+        return to_device(torch.tensor([-1 if n is None else self._slot_by_name[n]
+                                       for n in adapters_per_request], dtype=torch.int32),
+                         self.config.device)
 
     def release_batch(self) -> None:
         """Unpin every slot pinned by ``prepare_batch``."""

@@ -252,6 +252,6 @@ def test_tile_counters_grow_outside_capture_and_fall_back_inside(monkeypatch):
     kw = dict(scale=0.25, decode_only=True, num_splits=3)
     eager = ops.paged_attention(q, kp, vp, tables, kv, seg, **kw)
     monkeypatch.setattr(ops, "_COUNTERS", {})
-    monkeypatch.setattr(ops, "_capturing", lambda device: True)
+    monkeypatch.setattr(ops, "capturing", lambda device: True)
     captured = ops.paged_attention(q, kp, vp, tables, kv, seg, **kw)
     assert ops._COUNTERS == {} and torch.equal(captured, eager)

@@ -31,16 +31,13 @@ import functools
 from moelora_dist.kernels.align.ops import align_base_and_lora, align_items
 from moelora_dist.kernels.block_fp8 import ops as fp8_ops
 from moelora_dist.kernels.constants import as_activation, block_r, check_activation
+from moelora_dist.kernels.device import capturing
 from moelora_dist.kernels.moe_gemm import ops
 from moelora_dist.kernels.moe_gemm.ops_fused import gate_up_lora
 from moelora_dist.kernels.moe_lora import tuned
 from moelora_dist.kernels.moe_lora.configs import MoEConfig, config_and_source, pick_config
 from moelora_dist.kernels.weights import MoELoRAWeights
 from moelora_dist.kernels.weights_fp8 import is_fp8
-
-
-def _capturing(x_TH: torch.Tensor) -> bool:
-    return x_TH.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 @functools.lru_cache(maxsize=64)
@@ -145,7 +142,7 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
     if lora is not None:
         if slot_enabled_S is None:
             slot_enabled_S = lora.slot_rank > 0
-        elif num_lora_tokens is None and not _capturing(x_TH) and not bool(slot_enabled_S.any()):
+        elif num_lora_tokens is None and not capturing(x_TH.device) and not bool(slot_enabled_S.any()):
             lora = None  # no adapter in this batch: skip the LoRA path, do not run it on zeros
     if lora is not None and max_lora_rank is not None:
         if not 1 <= int(max_lora_rank) <= lora.max_rank:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from moelora_dist.kernels.constants import next_power_of_2
-from moelora_dist.kernels.device import num_sms
+from moelora_dist.kernels.device import capturing, num_sms
 from moelora_dist.kernels.paged_attention.kernel import (LOG2E, _paged_attention_kernel,
                                                          _paged_combine_kernel,
                                                          _rope_write_kernel)
@@ -68,10 +68,6 @@ def head_block(head_dim: int) -> int:
     return max(MIN_DOT_K, next_power_of_2(head_dim))
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor | None:
     """int32 ``[>= num_tiles]`` zeros on ``device`` (every call leaves them 0), or None
     while a CUDA graph is being captured and the cached buffer is too small. At least one per
@@ -79,7 +75,7 @@ def _tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor | None:
     counters = _COUNTERS.get(device)
     if counters is not None and counters.numel() >= num_tiles:
         return counters
-    if _capturing(device):
+    if capturing(device):
         return None
     size = max(num_tiles, num_sms(device))
     if counters is not None:

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from moelora_dist.errors import OptionError
+from moelora_dist.kernels.device import capturing as graph_capturing
 from moelora_dist.kernels.dispatch import naive
 from moelora_dist.kernels.dispatch.wire import (HEADER_COUNT_MASK, HEADER_OVERFLOW_BIT,
                                                 MAX_TOKENS, DispatchIndex, RowFormat,
@@ -153,7 +154,7 @@ class AllToAllFixedDispatcher(Dispatcher):
         if T > MAX_TOKENS:
             raise OptionError(f"a batch of {T} tokens exceeds the dispatcher's {MAX_TOKENS}")
         kern = self._kernels(x_TH)
-        capturing = x_TH.is_cuda and torch.cuda.is_current_stream_capturing()
+        capturing = graph_capturing(x_TH.device)
         pl = self.plan(T, H, K, x_TH.dtype, capturing)
         self.stats.calls += 1
         self.stats.last_capacity, self.stats.last_share = pl.cap, pl.C0
