@@ -15,7 +15,10 @@
 #   tuned     tests/gpu/test_tuned_configs_gpu.py (every tuned entry vs the reference, the
 #             +fp8 ones on FP8 experts; 105 bf16 cases took 95 s, so up to ~200 s with the
 #             FP8 entries: ${TUNED_S:-240})
-#   kernels   the kernel benchmark (--quick, no transformers peer)
+#   kernels   the kernel benchmark (${KERNELS_ARGS:---quick --no-peer}; e.g. --tokens 64,256
+#             --models mixtral-8x7b keeps those cases only; ${KERNELS_S:-150} s)
+#   kbefore   the same with ${KBEFORE_ARGS} into $RES/before: the "before" side of an A/B
+#             with a step that changes the tree (e.g. `kbefore tune kernels`)
 #   engine    the engine benchmark, 48 layers, 8 adapters r16 vs none
 #   fp8       the FP8 kernel benchmark (--quick)
 #   families  kernel benchmark --families-only --quick; engine on the gpt-oss-20b shape
@@ -107,9 +110,14 @@ for s in "$@"; do
       tests/gpu/test_tuned_configs_gpu.py >"$RES/gpu_tests_tuned.log" 2>&1; rc $?
     tail -1 "$RES/gpu_tests_tuned.log" | tee -a "$LOG" ;;
   kernels)
-    step "kernel benchmark (quick, no peer)"
-    timeout "$(t ${KERNELS_S:-150})" python3 -m benchmarks kernels --quick --no-peer --out "$RES" \
-      >>"$RES/kernels.log" 2>&1; rc $? ;;
+    step "kernel benchmark (${KERNELS_ARGS:---quick --no-peer})"
+    timeout "$(t ${KERNELS_S:-150})" python3 -m benchmarks kernels ${KERNELS_ARGS:---quick --no-peer} \
+      --out "$RES" >>"$RES/kernels.log" 2>&1; rc $? ;;
+  kbefore)
+    step "kernel benchmark before the steps after it (${KBEFORE_ARGS:---quick --no-peer})"
+    mkdir -p "$RES/before"
+    timeout "$(t ${KBEFORE_S:-150})" python3 -m benchmarks kernels ${KBEFORE_ARGS:---quick --no-peer} \
+      --out "$RES/before" >>"$RES/kernels_before.log" 2>&1; rc $? ;;
   engine)
     step "engine benchmark (48 layers; ${ENGINE_ARGS:-default cases})"
     timeout "$(t ${ENGINE_S:-200})" python3 -m benchmarks engine ${ENGINE_ARGS:-} --out-dir "$RES" \

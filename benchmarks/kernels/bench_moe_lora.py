@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 import torch
 from tqdm import tqdm
@@ -122,6 +123,13 @@ def run_case(case: Case, time_reference: bool, roof: dict) -> dict:
     return row, inp
 
 
+def _int_list(v: str) -> list[int]:
+    try:
+        return [int(t) for t in v.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers joined by commas, got {v!r}")
+
+
 def _fmt(v, digits=4):
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
@@ -144,8 +152,22 @@ def main(argv=None):
                     help="add DeepSeek-V3 routed (EP 8) and gpt-oss-120b cases")
     ap.add_argument("--families-only", action="store_true",
                     help="run only the --families cases")
+    ap.add_argument("--tokens", type=_int_list, default=None, metavar="T,T,...",
+                    help="keep the cases of these token counts only (e.g. 64,256,1024)")
+    ap.add_argument("--models", type=lambda v: v.split(","), default=None,
+                    metavar="NAME,...", help="keep the cases of these models only")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cases = [] if args.families_only else registry(args.quick)
+    if args.families or args.families_only:
+        cases += family_registry(args.quick)
+    cases = [c for c in cases if (args.tokens is None or c.T in args.tokens)
+             and (args.models is None or c.model in args.models)]
+    if not cases:
+        print("bench_moe_lora: --tokens / --models leave no case; the cases' T are "
+              f"{T_ALL} and their models {sorted({c.model for c in registry(False)})}",
+              file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         raise SystemExit("bench_moe_lora needs a CUDA GPU (run it through the device tool)")
     os.makedirs(args.out, exist_ok=True)
@@ -154,9 +176,6 @@ def main(argv=None):
     log.info("roofline measured in this run: HBM copy %.2f TB/s, bf16 GEMM %.0f TFLOP/s",
              roof["hbm_bytes_per_s"] / 1e12, roof["bf16_flops"] / 1e12)
     rows, base_ms, stage_rows = peers.rows(), {}, []
-    cases = [] if args.families_only else registry(args.quick)
-    if args.families or args.families_only:
-        cases += family_registry(args.quick)
     for case in tqdm(cases, desc="cases"):
         timed_ref = case.model.startswith("qwen3") and case.T in args.reference_t and (
             case.adapters in (0, 8) and case.share in (0.0, 1.0) and case.rank == 16

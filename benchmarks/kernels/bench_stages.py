@@ -27,7 +27,7 @@ def stage_times(inp) -> dict:
     E = inp["w_gate_up_EXH"].shape[0]
     cfg = config_for(x, inp["w_gate_up_EXH"], K, lora)
     gkw = dict(block_n=cfg.block_n, block_k=cfg.block_k, num_warps=cfg.num_warps,
-               num_stages=cfg.num_stages)
+               num_stages=cfg.num_stages, group_m=cfg.group_m)
     out = {}
     if lora is None:
         out["align_base"] = _bench(lambda: align_items(ids, None, None, None, None,

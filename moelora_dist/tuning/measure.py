@@ -118,7 +118,8 @@ class BaseStages:
         return lambda: ops.gate_up(x, inp["w_gate_up_EXH"], self.al, self.K,
                                    activation="silu", block_n=cfg.block_n,
                                    block_k=cfg.block_k, num_warps=cfg.num_warps,
-                                   num_stages=cfg.num_stages, out_dtype=inp["x_TH"].dtype,
+                                   num_stages=cfg.num_stages, group_m=cfg.group_m,
+                                   out_dtype=inp["x_TH"].dtype,
                                    **kw)
 
     def down(self, cfg: MoEConfig, h_from: MoEConfig):

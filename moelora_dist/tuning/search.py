@@ -3,7 +3,8 @@
     base phase   every (shape, T): the heuristic's config as a whole layer (the default every
                  gain is measured against); for each block_m near the rows per expert, the
                  gate_up tiles and then the down tiles, each timed as its own kernel; the two
-                 winners of each block_m as a whole layer; the fastest whole layer wins
+                 winners of each block_m as a whole layer; the fastest whole layer, then it
+                 with each program order (``group_m`` of ``space.GROUP_MS``), wins
     LoRA round 1 every (shape, T, rank): ``space.lora_candidates`` around the base winner of
                  that T, whole-layer timings
     LoRA round 2 ``space.merged``: the best value of every switch at once, where new
@@ -198,6 +199,16 @@ class Tuner:
                                 pool_key=False)
             if ms is not None and ms < best_ms:
                 best, best_ms = combo, ms
+        for g in space.GROUP_MS:  # the winner's program order (group_m is no compile key)
+            if g == best.group_m:
+                continue
+            if self.clock() >= until:
+                break
+            alt = dataclasses.replace(best, group_m=g)
+            ms = self._evaluate(p, inp, ref, default_y, alt, layer, best_ms, until,
+                                pool_key=False)
+            if ms is not None and ms < best_ms:
+                best, best_ms = alt, ms
         if p.fp8 and best.fp8_prequant:  # the winner's tiles with in-loop quantization
             alt = dataclasses.replace(best, fp8_prequant=False)
             ms = self._evaluate(p, inp, ref, default_y, alt, layer, best_ms, until,

@@ -5,7 +5,7 @@ Base layer (per problem): block sizes ``block_m`` near the rows per expert (a bl
 rows than the expert has reads the expert's weights once per block; a block of many more pads
 the GEMM), and for each a short list of ``(block_n, block_k, num_warps, num_stages)`` tiles for
 gate_up and, independently, for down (the two kernels are timed apart, so the lists add up
-instead of multiplying). LoRA (per problem): the base winner with one LoRA switch changed at a
+instead of multiplying), then the winner in each program order (``group_m``). LoRA (per problem): the base winner with one LoRA switch changed at a
 time, the fused variants, and the heuristic config, then one more round that merges the best
 value of every switch.
 
@@ -47,6 +47,9 @@ FP8_EXTRA_TILES = {
     64: [(128, 128, 4, 4), (64, 128, 8, 4), (64, 128, 4, 5), (128, 128, 8, 4)],
     128: [(64, 128, 4, 3), (64, 128, 8, 3), (64, 128, 8, 4), (128, 128, 4, 3), (32, 128, 4, 4)],
 }
+# Program orders tried on each base winner and each LoRA start (row blocks per group; a runtime
+# argument of the kernels, so no candidate here costs a compile).
+GROUP_MS = (1, 8, 16, 64, 256)
 FP8_BLOCK_K = FP8_GROUP  # the FP8 kernels step K by the 128-column scale group
 MAX_FUSED_PARTS = 32  # fuse_down_shrink writes one partial per gate_up n-tile: keep them few
 MAX_FUSED_SHRINK_REREADS = 16  # fuse_shrink re-reads A once per n-tile
@@ -123,6 +126,8 @@ def lora_candidates(base: MoEConfig, heuristic: MoEConfig, *, rows_per_expert: f
             out.append(rep(start, down_shrink_split_k=v))
     for v in (False, True):
         out.append(rep(start, lora_prefetch=v))
+    for v in GROUP_MS:
+        out.append(rep(start, group_m=v))
     n_tiles = -(-inter // base.block_n)
     if n_tiles <= MAX_FUSED_PARTS:
         out.append(rep(start, fuse_down_shrink=True))

@@ -9,9 +9,12 @@ import dataclasses
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from moelora_dist.kernels.align.ops import align_items
 from moelora_dist.kernels.moe_gemm import naive, ops
+from moelora_dist.kernels.moe_gemm.kernel_common import _tile_of
 from moelora_dist.kernels.moe_lora.configs import MoEConfig
 from moelora_dist.kernels.moe_lora.naive import experts_reference
 from moelora_dist.kernels.moe_lora.ops import fused_moe_lora
@@ -252,3 +255,54 @@ def test_expert_ids_past_the_local_experts_are_skipped():
     _close(got, want, torch.float32)
     _close(experts_reference(*args, ids, effective_slots(c), c["lora"]),
            experts_reference(*args, sentinel, effective_slots(c), c["lora"]), torch.float32)
+
+
+@triton.jit
+def _tile_order_kernel(out_ptr, num_n, group_m):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m, pid_n = _tile_of(pid, num_n, group_m)
+    tl.store(out_ptr + 2 * pid, pid_m)
+    tl.store(out_ptr + 2 * pid + 1, pid_n)
+
+
+@pytest.mark.parametrize("group_m", [1, 2, 3, 5, 64])
+def test_tile_order_puts_row_blocks_of_a_group_side_by_side(group_m):
+    """Every (row block, column tile) exactly once; inside a group of ``group_m`` row blocks
+    the row block varies fastest (the last group may be shorter); group 1 is row-major."""
+    num_m, num_n = 5, 3
+    out = torch.full((num_m * num_n, 2), -1, dtype=torch.int64)
+    _tile_order_kernel[(num_m * num_n,)](out, num_n, group_m)
+    want = []
+    for first in range(0, num_m, group_m):
+        size = min(group_m, num_m - first)
+        want += [(first + m, n) for n in range(num_n) for m in range(size)]
+    assert [tuple(r) for r in out.tolist()] == want
+    assert len(set(want)) == num_m * num_n
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate_shrink", "fused_shrink"])
+@pytest.mark.parametrize("case", ["mixed", "many_slots", "empty_expert"])
+def test_program_order_does_not_change_the_result(case, fused):
+    """``group_m`` reorders gate_up's and down's programs only: base and LoRA outputs are the
+    same bits for every value (experts with two and three 16-row blocks at T=40, K=2, E=4)."""
+    c = make_case(case, T=40, E=4, K=2, R=16)
+    args = (c["x_TH"], c["w_gate_up_EXH"], c["w_down_EHI"], c["topk_weights_TK"],
+            c["topk_ids_TK"])
+    cfg = dataclasses.replace(SMALL, fuse_shrink=fused)
+    outs = {}
+    for g in (1, 2, 3, 64):
+        gcfg = dataclasses.replace(cfg, group_m=g)
+        outs[g] = (fused_moe_lora(*args, c["token_slot_T"], c["lora"], "silu",
+                                  c["slot_enabled_S"], config=gcfg),
+                   fused_moe_lora(*args, None, None, config=gcfg))
+    want = experts_reference(*args, effective_slots(c), c["lora"])
+    _close(outs[1][0], want, torch.float32)
+    for g in (2, 3, 64):
+        assert torch.equal(outs[g][0], outs[1][0]) and torch.equal(outs[g][1], outs[1][1]), g
+
+
+def test_group_m_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="group_m"):
+        ops.group_size(0)
+    with pytest.raises(ValueError, match="group_m"):
+        MoEConfig(group_m=0).check()

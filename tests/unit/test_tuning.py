@@ -244,3 +244,30 @@ print("ok")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_base_winner_is_tried_in_every_program_order(monkeypatch):
+    """The base phase times its winner again with each ``group_m`` of ``space.GROUP_MS`` and
+    keeps the fastest (a timer that makes group 16 the fastest picks it; with the sweep gone
+    the winner keeps the heuristic's order and this fails)."""
+    monkeypatch.setattr(space, "TILES", SMALL_TILES)
+    p = Problem(TINY, 6, dtype="float16")
+    seen = []
+
+    def timer(fn, est):
+        fn()
+        cfg = seen[-1]
+        return 1.0 - (0.5 if cfg.group_m == 16 else 0.0)
+
+    real = search.run_layer
+
+    def run_layer(inp, cfg):
+        seen.append(cfg)
+        return real(inp, cfg)
+
+    monkeypatch.setattr(search, "run_layer", run_layer)
+    tuner = search.Tuner([p], [], device="cpu", pool=FakePool(), timer=timer, budget_s=600,
+                         progress=False)
+    outcomes, _ = tuner.run()
+    assert outcomes[0].config.group_m == 16
+    assert {c.group_m for c in seen} >= set(space.GROUP_MS)

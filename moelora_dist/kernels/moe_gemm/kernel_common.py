@@ -22,6 +22,23 @@ def _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr, pid_m, num_i
 
 
 @triton.jit
+def _tile_of(pid, num_n, group_m):
+    """``(pid_m, pid_n)`` of program ``pid`` of a grid of ``num_m * num_n`` tiles (``num_m``
+    row blocks, ``num_n`` column tiles), in groups of ``group_m`` row blocks: inside a group the
+    row block varies fastest, so the blocks of one expert that read the same weight tile run
+    side by side and the second read of it comes from L2. ``group_m = 1`` is row-block-major
+    (each block sweeps all its columns before the next starts: an expert with more rows than
+    one block reads its weights from HBM once per block); larger groups also keep the rows of
+    a group's activations in L2 while its columns are swept (GEMM tile swizzling)."""
+    num_m = tl.num_programs(0) // num_n
+    in_group = group_m * num_n
+    first_m = (pid // in_group) * group_m
+    size_m = tl.minimum(num_m - first_m, group_m)
+    local = pid % in_group
+    return first_m + local % size_m, local // size_m
+
+
+@triton.jit
 def _row_slots(tok, row_mask, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr):
     """Effective slot of each row: its token's slot if enabled with rank > 0, else -1."""
     slot = tl.load(token_slot_ptr + tok, mask=row_mask, other=-1)

@@ -16,7 +16,7 @@ import triton.language as tl
 from moelora_dist.kernels.block_fp8.kernel import _quant_act_tile
 from moelora_dist.kernels.moe_gemm.kernel_common import (
     NO_SLOT, _block_rows, _finite_or_zero, _fp8_step, _load_parts, _next_slot, _row_runs,
-    _row_slots, _stacked_slots, _w_scale_row)
+    _row_slots, _stacked_slots, _tile_of, _w_scale_row)
 
 
 @triton.jit
@@ -61,14 +61,14 @@ def _slot_expand_tiles(slot, slot_m, rows, expert, offs_n, n_mask, dshrink_ptr, 
     return d, b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group_m"])
 def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket_ptr,
                  num_post_pad_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
                  b_shared_ptr, dshrink_ptr, b_ptr, bias_ptr,
                  num_pairs, top_k, hidden, inter, num_dparts, dpart_stride,
                  stride_we, stride_wh, stride_wi, stride_bs, stride_be, stride_bh, stride_br,
                  ws_ptr, scale_bn, stride_se, stride_sn, stride_sk, hs_ptr, stride_hst,
-                 stride_bias_e,
+                 stride_bias_e, group_m,
                  HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RUN_LOOP: tl.constexpr,
                  NUM_RUNS: tl.constexpr, W_FP8: tl.constexpr, X_FP8: tl.constexpr,
@@ -77,9 +77,7 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
     """out[pair, n-tile] = topk_w[pair] * (h W_down^T + dshrink B_down^T [+ bias]); the bias
     (``HAS_BIAS``, gpt-oss) is given to one rank of a MoE-TP group only."""
     pid = tl.program_id(0).to(tl.int64)
-    num_n = tl.cdiv(hidden, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    pid_m, pid_n = _tile_of(pid, tl.cdiv(hidden, BLOCK_N), group_m)
     expert, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                                          pid_m, num_pairs, BLOCK_M)
     if expert < 0:

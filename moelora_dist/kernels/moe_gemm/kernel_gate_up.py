@@ -31,10 +31,10 @@ from moelora_dist.kernels.block_fp8.kernel import _quant_act_tile
 from moelora_dist.kernels.moe_gemm.kernel_common import (
     NO_SLOT, _block_rows, _down_shrink_epilogue, _finite_or_zero, _fp8_step, _gelu_tanh_mul,
     _load_parts, _next_slot, _row_runs, _row_slots, _silu_mul, _stacked_slots, _swiglu_oai_mul,
-    _w_scale_row)
+    _tile_of, _w_scale_row)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group_m"])
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                     token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, a_shared_ptr,
                     shrink_ptr, b_ptr, da_ptr, dpart_ptr, bias_ptr,
@@ -43,7 +43,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                     stride_bs, stride_be, stride_bn, stride_br,
                     stride_das, stride_dae, stride_dar, stride_dai,
                     ws_ptr, scale_bn, stride_se, stride_sn, stride_sk, xs_ptr, stride_xst,
-                    stride_bias_e, act_alpha, act_limit,
+                    stride_bias_e, act_alpha, act_limit, group_m,
                     HAS_LORA: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     RUN_LOOP: tl.constexpr, NUM_RUNS: tl.constexpr,
@@ -51,9 +51,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr, num_p
                     W_FP8: tl.constexpr, X_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
                     WS_PER_TILE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    num_n = tl.cdiv(inter, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    pid_m, pid_n = _tile_of(pid, tl.cdiv(inter, BLOCK_N), group_m)
     expert, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                                          pid_m, num_pairs, BLOCK_M)
     if expert < 0:

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from moelora_dist.kernels.moe_gemm.kernel_common import (
     _block_rows, _down_shrink_epilogue, _finite_or_zero, _gelu_tanh_mul, _row_runs, _row_slots,
-    _silu_mul, _stacked_slots)
+    _silu_mul, _stacked_slots, _tile_of)
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _expand(acc_g, acc_u, s_g, s_u, b_ptr, slot_rank_ptr, slot_q, r_q, expert, o
     return acc_g, acc_u
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group_m"])
 def _gate_up_lora_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr,
                          num_post_pad_ptr, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
                          a_shared_ptr, a_ptr, b_ptr, da_ptr, dpart_ptr,
@@ -66,15 +66,13 @@ def _gate_up_lora_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_bucket_ptr,
                          stride_xt, stride_xh, stride_we, stride_wn, stride_wh,
                          stride_as, stride_ae, stride_ar, stride_ah,
                          stride_bs, stride_be, stride_bn, stride_br,
-                         stride_das, stride_dae, stride_dar, stride_dai,
+                         stride_das, stride_dae, stride_dar, stride_dai, group_m,
                          ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, NUM_RUNS: tl.constexpr,
                          FUSE_DOWN_SHRINK: tl.constexpr, DS_RUNS: tl.constexpr):
     """h[pair, n-tile] = act(x W_g^T + s_g B_g^T) * (x W_u^T + s_u B_u^T), s = x A^T here."""
     pid = tl.program_id(0).to(tl.int64)
-    num_n = tl.cdiv(inter, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    pid_m, pid_n = _tile_of(pid, tl.cdiv(inter, BLOCK_N), group_m)
     expert, rows, row_mask = _block_rows(sorted_ids_ptr, block_bucket_ptr, num_post_pad_ptr,
                                          pid_m, num_pairs, BLOCK_M)
     if expert < 0:

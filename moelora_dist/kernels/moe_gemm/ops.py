@@ -80,6 +80,14 @@ def num_runs(lora_runs: int) -> int:
     return lora_runs
 
 
+def group_size(group_m: int) -> int:
+    """Check ``group_m`` (row blocks per program group of the grouped GEMMs): an int >= 1.
+    Any value computes the same result; it orders the programs (``kernel_common._tile_of``)."""
+    if isinstance(group_m, bool) or not isinstance(group_m, int) or group_m < 1:
+        raise ValueError(f"group_m must be an integer >= 1, got {group_m!r}")
+    return group_m
+
+
 def _parts(t: torch.Tensor | None) -> tuple[int, int]:
     """(number of partial buffers, elements between two) of a 2-D buffer or a 3-D stack."""
     if t is None:
@@ -150,7 +158,7 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
             run_loop: bool = True, lora_runs: int = 1, fuse_down_shrink: bool = False,
             down_shrink_runs: int = 1, x_scale: torch.Tensor | None = None,
-            out_dtype: torch.dtype | None = None):
+            out_dtype: torch.dtype | None = None, group_m: int = 1):
     """Base gate_up + LoRA expand + activation for a base alignment.
 
     Args:
@@ -167,6 +175,8 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         x_scale: FP8 experts only: ``x_TH`` is already quantized (e4m3, from
             :func:`~moelora_dist.kernels.block_fp8.ops.quantize_act`) and these are its
             ``[T, ceil(H / 128)]`` scales; ``out_dtype`` is then the dtype of ``h``.
+        group_m: programs in groups of this many row blocks, row block fastest inside a
+            group (:func:`group_size`; 1: each row block sweeps its columns in turn).
     Returns:
         ``h`` ``[T*K, I_l]`` in ``out_dtype or x_TH.dtype`` (rows of invalid pairs unset); with
         ``fuse_down_shrink``, ``(h, dshrink_parts)`` (:func:`empty_down_shrink_parts`, rows of
@@ -205,7 +215,8 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         x_TH.stride(0), x_TH.stride(1), w.stride(0), w.stride(1),
         w.stride(2), *lora_strides, *fp8_args, *_scale_args(x_scale, h),
         bias.stride(0) if bias_EX is not None else 0,
-        float(act_spec.alpha), float(act_spec.limit), HAS_LORA=has_lora, ACT=act,
+        float(act_spec.alpha), float(act_spec.limit), group_size(group_m),
+        HAS_LORA=has_lora, ACT=act,
         BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
         RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), FUSE_DOWN_SHRINK=fuse_down_shrink,
         DS_RUNS=num_runs(down_shrink_runs), W_FP8=is_fp8(w_gate_up_EXH),
@@ -256,7 +267,7 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
          bias_EH: torch.Tensor | None = None, *, block_n: int = 64, block_k: int = 64,
          num_warps: int = 4, num_stages: int = 3, run_loop: bool = True, lora_runs: int = 1,
          h_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-         prefetch: bool | None = None):
+         prefetch: bool | None = None, group_m: int = 1):
     """Base down + LoRA expand, times the top-k weight, per pair.
 
     Args:
@@ -269,6 +280,7 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         bias_EH: ``[E_l, H]`` down bias added before the top-k weight, or None.
         h_scale: FP8 experts only: ``h`` is already quantized (e4m3) and these are its
             ``[T*K, ceil(I_l / 128)]`` scales; ``out_dtype`` is then the output's dtype.
+        group_m: the program order, as in :func:`gate_up`.
     Returns:
         ``[T*K, H]`` in ``out_dtype or h.dtype``; rows of pairs with an invalid expert are
         unset.
@@ -297,7 +309,7 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args, bias,
         N, top_k, H, inter, dparts, dpart_stride, w.stride(0), w.stride(1), w.stride(2),
         *b_strides, *fp8_args, *_scale_args(h_scale, out),
-        bias.stride(0) if bias_EH is not None else 0,
+        bias.stride(0) if bias_EH is not None else 0, group_size(group_m),
         HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=BR, RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs),
         W_FP8=is_fp8(w_down_EHI), X_FP8=h_scale is not None, HAS_BIAS=bias_EH is not None,

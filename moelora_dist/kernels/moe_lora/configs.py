@@ -40,6 +40,12 @@ class MoEConfig:
     down_block_k: int | None = None
     down_num_warps: int | None = None
     down_num_stages: int | None = None
+    # Program order of gate_up and down (kernels/moe_gemm/kernel_common._tile_of): groups of
+    # group_m row blocks, the row block fastest inside a group. 1: each block sweeps all its
+    # column tiles before the next block starts, so an expert with more rows than one block
+    # reads its weights from HBM once per block; in a group the blocks of an expert read each
+    # weight tile side by side (the second read hits L2). Same result for every value.
+    group_m: int = 1
     # LoRA shrink of gate_up in its own kernel: blocks of lora_block_m rows of one (slot,
     # expert), K tiles of shrink_block_k, H split over shrink_split_k programs (partial sums
     # added by the gate_up expand: more programs in flight at decode sizes, where each shrink
@@ -81,7 +87,7 @@ class MoEConfig:
         """Tile arguments of the down GEMM launch."""
         return dict(block_n=self.down_block_n, block_k=self.down_block_k or self.block_k,
                     num_warps=self.down_num_warps or self.num_warps,
-                    num_stages=self.down_num_stages or self.num_stages)
+                    num_stages=self.down_num_stages or self.num_stages, group_m=self.group_m)
 
     def down_shrink_runs_for(self, max_rank: int) -> int | None:
         """The down shrink's runs per dot (None: its one-slot-at-a-time kernel)."""
@@ -109,6 +115,9 @@ class MoEConfig:
             v = getattr(self, f)
             if not (v is None and f == "down_num_stages") and (not isinstance(v, int) or v < 1):
                 bad(f, "must be an integer >= 1")
+        if isinstance(self.group_m, bool) or not isinstance(self.group_m, int) or (
+                self.group_m < 1):
+            bad("group_m", "must be an integer >= 1 (row blocks per program group)")
         if not _pow2(self.lora_runs):
             bad("lora_runs", "must be a power of two >= 1")
         if self.down_shrink_runs not in (-1, 0) and not _pow2(self.down_shrink_runs):
@@ -157,6 +166,13 @@ def lora_block_m_for(num_tokens: int, top_k: int, num_experts: int, num_slots: i
     return 16 if per_virtual < 16 else (32 if per_virtual <= 64 else 64)
 
 
+# group_m of the heuristic: up to 128 rows per expert the layer is bound by its weight bytes and
+# the activations are a few MB (they stay in L2 whatever the order), so a group spans many
+# experts' blocks; above, groups of 16 blocks keep a group's activation rows (16 x 128 rows of
+# H) in L2 while its columns are swept.
+GROUP_M_DECODE, GROUP_M_PREFILL = 64, 16
+
+
 def heuristic_config(num_tokens: int, top_k: int, num_experts: int,
                      num_slots: int = 1) -> MoEConfig:
     """Tiles by the average rows per expert: small blocks for decode, large for prefill (the
@@ -165,14 +181,15 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int,
     lora_bm = lora_block_m_for(num_tokens, top_k, num_experts, num_slots)
     if per_expert <= 16:
         return MoEConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4,
-                         lora_block_m=lora_bm, down_block_n=64)
+                         lora_block_m=lora_bm, down_block_n=64, group_m=GROUP_M_DECODE)
     if per_expert <= 128:
         return MoEConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=4,
-                         lora_block_m=lora_bm, down_block_n=64)
+                         lora_block_m=lora_bm, down_block_n=64, group_m=GROUP_M_DECODE)
     # H100, Qwen3 shapes, T=4096 (256 rows per expert): 128x128 tiles with 8 warps took 0.87
     # ms against 1.04 ms for 64x128 with 4 warps; the LoRA expand loops one slot at a time.
     return MoEConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3,
-                     lora_block_m=lora_bm, down_block_n=128, run_loop=False)
+                     lora_block_m=lora_bm, down_block_n=128, run_loop=False,
+                     group_m=GROUP_M_PREFILL)
 
 
 @functools.lru_cache(maxsize=1024)

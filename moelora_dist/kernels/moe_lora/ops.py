@@ -157,7 +157,7 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
         h = ops.gate_up(xa, w_gate_up_EXH, base, K, activation=activation,
                         bias_EX=b_gate_up_EX, block_n=cfg.block_n, block_k=cfg.block_k,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                        out_dtype=x_TH.dtype, **xkw)
+                        group_m=cfg.group_m, out_dtype=x_TH.dtype, **xkw)
         ha, hkw = gemm_input(cfg, h, w_down_EHI, "h_scale")
         out = ops.down(ha, w_down_EHI, topk_weights_TK, base, K, bias_EH=b_down_EH,
                        out_dtype=h.dtype, **cfg.down_tiles(), **hkw)
@@ -189,7 +189,8 @@ def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights
     ds_runs = cfg.down_shrink_runs_for(lora.max_rank)
     tiles = dict(block_n=cfg.block_n, block_k=cfg.block_k, num_warps=cfg.num_warps,
                  num_stages=cfg.num_stages, lora_runs=cfg.lora_runs,
-                 fuse_down_shrink=cfg.fuse_down_shrink, down_shrink_runs=ds_runs or 1)
+                 fuse_down_shrink=cfg.fuse_down_shrink, down_shrink_runs=ds_runs or 1,
+                 group_m=cfg.group_m)
     plain = b_gate_up_EX is None and check_activation(as_activation(activation)) < 2
     if cfg.fuse_shrink and plain and not is_fp8(w_gate_up_EXH):  # it reads bf16/fp16 W
         base = align_items(topk_ids_TK, token_slot_T, slot_enabled_S, lora.slot_rank, None,
