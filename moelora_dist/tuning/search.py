@@ -37,6 +37,10 @@ from moelora_dist.tuning.problems import (NUM_SLOTS, Problem, make_inputs, refer
 
 log = logging.getLogger(__name__)
 BASE_SHARE, LORA1_SHARE = 0.45, 0.90
+# How long a problem's default (the heuristic) may wait for its compile beyond the problem's
+# share: on the H200 (2026-12-04) the first base problem's share (2.7 s of a 170 s run) ended
+# before the workers had compiled its default, and the run wrote no entry for it.
+DEFAULT_WAIT_S = 30.0
 
 
 @dataclass
@@ -144,9 +148,15 @@ class Tuner:
     def _layer(self, inp):
         return lambda cfg: (lambda: run_layer(inp, cfg))
 
-    def _default(self, p, inp, ref, heur, until):
-        """The heuristic's whole-layer time (inf if it fails) and its output (or None)."""
-        ms = self._evaluate(p, inp, ref, None, heur, self._layer(inp), None, until)
+    def _default(self, p, inp, ref, heur, until, end):
+        """The heuristic's whole-layer time (inf if it fails) and its output (or None).
+
+        Its compile may take longer than the problem's share (the first problems of a run
+        wait while the workers compile every candidate of the phase): the default waits up to
+        :data:`DEFAULT_WAIT_S` past ``until`` (never past the phase's ``end``), since without
+        it the problem gets no entry at all."""
+        wait = max(until, min(end, self.clock() + DEFAULT_WAIT_S))
+        ms = self._evaluate(p, inp, ref, None, heur, self._layer(inp), None, wait)
         return (math.inf if ms is None else ms), self.last_y
 
     # -- base -----------------------------------------------------------------------------
@@ -169,15 +179,15 @@ class Tuner:
             del inp
         for i, p in enumerate(self.base):
             until = self.clock() + max(0.0, end - self.clock()) / (len(self.base) - i)
-            self._tune_base(p, plans[p][0], until)
+            self._tune_base(p, plans[p][0], until, end)
             self._submit_lora_of(p)
             self._bar.update()
 
-    def _tune_base(self, p: Problem, heur: MoEConfig, until: float) -> None:
+    def _tune_base(self, p: Problem, heur: MoEConfig, until: float, end: float) -> None:
         inp = make_inputs(p, self.device)
         ref = reference_rows(inp)
         timed0, failed0 = self.timed, len(self.skipped)
-        default_ms, default_y = self._default(p, inp, ref, heur, until)
+        default_ms, default_y = self._default(p, inp, ref, heur, until, end)
         best, best_ms = heur, default_ms
         layer = self._layer(inp)
         bms = space.block_ms(rows_per_expert(inp), heur.block_m)
@@ -199,8 +209,8 @@ class Tuner:
                                 pool_key=False)
             if ms is not None and ms < best_ms:
                 best, best_ms = combo, ms
-        for g in space.GROUP_MS:  # the winner's program order (group_m is no compile key)
-            if g == best.group_m:
+        for g in space.GROUP_MS if best_ms < math.inf else ():  # the winner's program order
+            if g == best.group_m:  # (a runtime argument: the winner's binary runs it)
                 continue
             if self.clock() >= until:
                 break
@@ -270,7 +280,7 @@ class Tuner:
             ref = reference_rows(inp)
             heur, start, cands = self._lora_plan(p, inp)
             timed0, failed0 = self.timed, len(self.skipped)
-            default_ms, default_y = self._default(p, inp, ref, heur, until)
+            default_ms, default_y = self._default(p, inp, ref, heur, until, end)
             timed = [(heur, default_ms)] if default_ms < math.inf else []
             for cfg in cands:
                 if cfg == heur:

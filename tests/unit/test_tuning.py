@@ -271,3 +271,46 @@ def test_base_winner_is_tried_in_every_program_order(monkeypatch):
     outcomes, _ = tuner.run()
     assert outcomes[0].config.group_m == 16
     assert {c.group_m for c in seen} >= set(space.GROUP_MS)
+
+
+class SlowPool(FakePool):
+    """Workers compile in parallel: a candidate is ready ``need`` seconds of the fake clock
+    after it was submitted; a wait for it moves the clock to then, or by its whole timeout
+    (PENDING) when that is too short."""
+
+    def __init__(self, need, clock):
+        super().__init__()
+        self.need, self.clock, self.ready = need, clock, {}
+
+    def submit(self, problem, cfg):
+        self.ready.setdefault((problem, cfg), self.clock[0] + self.need)
+
+    def result(self, problem, cfg, timeout):
+        self.asked.append(cfg)
+        self.submit(problem, cfg)
+        ready = self.ready[(problem, cfg)]
+        if self.clock[0] + timeout < ready:
+            self.clock[0] += timeout
+            return PENDING
+        self.clock[0] = max(self.clock[0], ready)
+        return None
+
+
+def test_first_problems_wait_for_their_default_to_compile(monkeypatch):
+    """Three problems share a 12 s phase (4 s each); every compile, all submitted at the
+    phase's start, takes 6 s. Each default still waits for its compile (up to DEFAULT_WAIT_S,
+    within the phase), so every problem gets an entry; bounded by its share alone, the first
+    got none (the H200 run of 2026-12-04 wrote no Qwen3 T=1 base entry so)."""
+    monkeypatch.setattr(space, "TILES", SMALL_TILES)
+    now = [0.0]
+    probs = [Problem(TINY, t, dtype="float16") for t in (2, 6, 12)]
+
+    def timer(fn, est):
+        fn()
+        now[0] += 0.01
+        return 1.0
+
+    tuner = search.Tuner(probs, [], device="cpu", pool=SlowPool(6.0, now), timer=timer,
+                         budget_s=12, clock=lambda: now[0], progress=False)
+    outcomes, _ = tuner.run()
+    assert {o.problem for o in outcomes} == set(probs)
