@@ -37,18 +37,24 @@ CTX = 512
 TOP_KERNELS = 30  # kernels named in a row (by GPU time)
 
 
-def _model(layers: int):
+def _model(layers: int, fp8: bool = False):
     from benchmarks.engine.shapes import QWEN3_30B_A3B, random_adapter
     from moelora_dist.config.model import ModelConfig
     from moelora_dist.models.model import MoELoRAModel
     from moelora_dist.models.weights import RandomWeights
     from moelora_dist.parallel.groups import ParallelGroups
 
-    cfg = ModelConfig.from_dict(dict(QWEN3_30B_A3B, num_hidden_layers=layers))
+    raw = dict(QWEN3_30B_A3B, num_hidden_layers=layers)
+    if fp8:  # as the engine benchmark's --fp8: block-FP8 experts and projections
+        from benchmarks.engine.shapes import FP8_QUANTIZATION
+        from moelora_dist.models.random_weights import RandomFP8Weights
+
+        raw["quantization_config"] = FP8_QUANTIZATION
+    cfg = ModelConfig.from_dict(raw)
     dev = torch.device("cuda", 0)
-    model = MoELoRAModel.build(cfg, ParallelGroups.single(dev), RandomWeights(
-        cfg, torch.bfloat16, dev), dtype=torch.bfloat16, max_loras=8, max_rank=16,
-        progress=False)
+    source = (RandomFP8Weights if fp8 else RandomWeights)(cfg, torch.bfloat16, dev)
+    model = MoELoRAModel.build(cfg, ParallelGroups.single(dev), source, dtype=torch.bfloat16,
+                               max_loras=8, max_rank=16, progress=False)
     for i in range(8):
         model.pool.load(random_adapter(f"a{i}", cfg, 16, dev, 100 + i))
     return cfg, model
@@ -140,14 +146,16 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--host-profile", action="store_true",
                     help="also cProfile each case's forwards into launches_host_<label>.txt")
+    ap.add_argument("--fp8", action="store_true",
+                    help="block-FP8 weights (experts and projections), as `engine --fp8`")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    cfg, model = _model(args.layers)
+    cfg, model = _model(args.layers, args.fp8)
     with open(os.path.join(args.out, "launches.jsonl"), "a") as f:
         for B in (1, 64):
             for lora in (False, True):
                 title = f"{args.label} B={B} lora={lora}" if args.host_profile else None
-                row = dict(label=args.label, layers=args.layers,
+                row = dict(label=args.label, layers=args.layers, fp8=args.fp8,
                            **measure(model, cfg, B, lora, title))
                 text = row.pop("host_profile", None)
                 print(json.dumps(row), flush=True)
