@@ -9,6 +9,7 @@
 #             `tests`: their compiles take minutes)                              ~3-4 min
 #   tune      tune-kernels --keep-faster on the four benchmark shapes, base and LoRA r16, into
 #             moelora_dist/kernels/moe_lora/tuned/NVIDIA_H200.json (commit it)   ~3 min
+#             (${TUNE_SHAPES} and ${TUNE_TOKENS} replace the shapes and the token counts)
 #   tunefp8   tune-kernels --fp8 --keep-faster (FP8 experts, "bfloat16+fp8" entries) on
 #             Qwen3, Mixtral and DeepSeek-V3 routed, base and LoRA r16, into the same file
 #                                                                                ~3 min
@@ -92,8 +93,8 @@ for s in "$@"; do
   tune)
     step "tune-kernels (budget ${TUNE_S:-150} s)"
     timeout "$(t $(( ${TUNE_S:-150} + 45 )))" python3 -m moelora_dist.cli.main tune-kernels \
-      --shape qwen3-30b-a3b mixtral-8x7b olmoe deepseek-v3-routed \
-      --tokens 1,16,64,256,1024,4096,16384 --lora --ranks 16 --budget-s "${TUNE_S:-150}" \
+      --shape ${TUNE_SHAPES:-qwen3-30b-a3b mixtral-8x7b olmoe deepseek-v3-routed} \
+      --tokens ${TUNE_TOKENS:-1,16,64,256,1024,4096,16384} --lora --ranks 16 --budget-s "${TUNE_S:-150}" \
       --out "$TUNED" --keep-faster --quiet >"$RES/tune.log" 2>&1; rc $?
     tail -3 "$RES/tune.log" | tee -a "$LOG"; cp "$TUNED" "$RES/" 2>/dev/null; pack ;;
   tunefp8)
