@@ -197,3 +197,45 @@ def test_per_tile_weight_scales_equal_per_column_scales(prequant, monkeypatch):
     assert torch.equal(got, run())
     want = experts_reference(*args, effective_slots(c), c["lora"])
     torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 5, 64])
+@pytest.mark.parametrize("T,N,K,bias", [(5, 200, 640, True), (33, 136, 512, False)], ids=str)
+def test_block_fp8_linear_split_k_matches_reference(T, N, K, bias, split_k, monkeypatch):
+    """K split over programs (fp32 partials summed in split order by a second launch): the
+    reference's result, with a ragged last split (640 = 5 steps of 128 in 2 or 3 splits) and
+    more splits asked than there are steps (64: one step each); the same bits run to run."""
+    sums = []
+    kernel = fp8_ops._split_sum_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                sums.append(args[4])  # the number of partials
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(fp8_ops, "_split_sum_kernel", Spy())
+    g = torch.Generator().manual_seed(2)
+    w = fp8_naive.quantize_weight(torch.randn(N, K, generator=g) * K ** -0.5)
+    x = (torch.randn(T, K, generator=g) * 3).to(torch.float32)
+    b = torch.randn(N, generator=g) if bias else None
+    got = fp8_ops.block_fp8_linear(x, w, b, block_n=32, split_k=split_k)
+    steps = K // 128
+    assert sums == [-(-steps // -(-steps // split_k))]  # the partials the split made
+    torch.testing.assert_close(got, fp8_naive.block_fp8_linear(x, w, b), atol=1e-3, rtol=1e-3)
+    assert torch.equal(got, fp8_ops.block_fp8_linear(x, w, b, block_n=32, split_k=split_k))
+
+
+def test_block_fp8_linear_splits_decode_sizes_only():
+    """Qwen3-30B-A3B's projections on 132 SMs: split at 1 and 64 tokens (too few tiles to fill
+    the GPU), not at 4096; never below two 128-column steps per split."""
+    sf = fp8_ops.split_k_for
+    assert sf(1, 5120, 2048, 16, 64, 132) == 4  # q/k/v: 80 tiles
+    assert sf(1, 2048, 4096, 16, 64, 132) == 9  # o: 32 tiles
+    assert sf(64, 2048, 4096, 32, 64, 132) == 5
+    assert sf(4096, 5120, 2048, 64, 64, 132) == 1
+    assert sf(1, 64, 256, 16, 64, 132) == 1  # two steps: no split
+    with pytest.raises(ValueError, match="split_k"):
+        fp8_ops.block_fp8_linear(torch.zeros(1, 128), fp8_naive.quantize_weight(
+            torch.zeros(64, 128)), split_k=0)

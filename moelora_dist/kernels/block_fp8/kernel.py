@@ -9,7 +9,8 @@ GEMM then loads one byte per value through its pipelined loads instead of re-qua
 bytes per value in registers. ``_block_fp8_linear_kernel`` is the
 dense/attention projection: ``y = x W^T (+ bias)`` with ``W`` e4m3 ``[N, K]`` and fp32 block
 scales ``[ceil(N / block_n), ceil(K / 128)]``; per 128-column step, ``dot(q_x, q_w)`` (fp32
-accumulation) times the token's activation scale and the weight block's scale.
+accumulation) times the token's activation scale and the weight block's scale; at decode sizes
+K is split over programs (fp32 partials, ``_split_sum_kernel`` adds them in order).
 """
 
 import triton
@@ -49,20 +50,27 @@ def _quant_act_kernel(x_ptr, q_ptr, s_ptr, num_rows, k_in, stride_xt, stride_xk,
 
 
 @triton.jit
-def _block_fp8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, num_rows, n_out, k_in,
-                             scale_bn, stride_xt, stride_xk, stride_wn, stride_wk,
-                             stride_sn, stride_sk, stride_yt,
-                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _block_fp8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, num_rows, n_out, k_in,
+                             k_per_split, scale_bn, stride_xt, stride_xk, stride_wn, stride_wk,
+                             stride_sn, stride_sk, stride_yt, part_stride,
+                             HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    """One ``[BLOCK_M, BLOCK_N]`` tile over the columns ``[k_per_split * s, ...)`` of split
+    ``s = program_id(2)``: with ``SPLIT`` its fp32 partial goes to ``part[s]`` (summed in split
+    order by ``_split_sum_kernel``), else ``y`` (+ bias) directly."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < num_rows
     n_mask = offs_n < n_out
     s_row = s_ptr + (offs_n // scale_bn) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_in, BLOCK_K):  # BLOCK_K == 128: one activation group per step
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, k_in)
+    for k0 in range(k_lo, k_hi, BLOCK_K):  # BLOCK_K == 128: one activation group per step
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_in
         x = tl.load(x_ptr + offs_m[:, None] * stride_xt + offs_k[None, :] * stride_xk,
@@ -72,7 +80,28 @@ def _block_fp8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, num_rows, n_out,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         ws = tl.load(s_row + (k0 // BLOCK_K) * stride_sk, mask=n_mask, other=0.0)
         acc += tl.dot(xq, w) * (xs[:, None] * ws[None, :])
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        tl.store(part_ptr + pid_s * part_stride + offs_m[:, None] * n_out + offs_n[None, :],
+                 acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_yt + offs_n[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, b_ptr, y_ptr, n_out, num_splits, part_stride, stride_yt,
+                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``y[t, tile] = sum_s part[s, t, tile] (+ bias)``, the splits added in order (the same
+    bits on every run)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < n_out
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for sp in range(0, num_splits):
+        acc += tl.load(part_ptr + sp * part_stride + t * n_out + offs, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_yt + offs_n[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * stride_yt + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
