@@ -72,15 +72,15 @@ def test_block_fp8_linear_split_k_in_a_graph(T):
     g = torch.Generator(device="cuda").manual_seed(1)
     w = naive.quantize_weight(torch.randn(2048, 4096, generator=g, device="cuda") * 4096 ** -0.5)
     x = torch.randn(T, 4096, generator=g, device="cuda").to(torch.bfloat16)
-    assert ops.split_k_for(T, 2048, 4096, 16 if T <= 16 else 32, 64,
-                           ops._num_sms(x.device)) > 1
-    eager = ops.block_fp8_linear(x, w)
+    split = ops.split_k_for(T, 2048, 4096, 16 if T <= 16 else 32, 64, ops._num_sms(x.device))
+    assert split > 1
+    eager = ops.block_fp8_linear(x, w, split_k=split)
     _close(eager, naive.block_fp8_linear(x, w))
-    ops.block_fp8_linear(x, w)  # warm
+    ops.block_fp8_linear(x, w, split_k=split)  # warm
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = ops.block_fp8_linear(x, w)
+        out = ops.block_fp8_linear(x, w, split_k=split)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)

@@ -236,6 +236,27 @@ def test_block_fp8_linear_splits_decode_sizes_only():
     assert sf(64, 2048, 4096, 32, 64, 132) == 5
     assert sf(4096, 5120, 2048, 64, 64, 132) == 1
     assert sf(1, 64, 256, 16, 64, 132) == 1  # two steps: no split
+    assert not fp8_ops.AUTO_SPLIT  # off until measured on a GPU (docs/fp8.md)
     with pytest.raises(ValueError, match="split_k"):
         fp8_ops.block_fp8_linear(torch.zeros(1, 128), fp8_naive.quantize_weight(
             torch.zeros(64, 128)), split_k=0)
+
+
+def test_block_fp8_linear_auto_split_follows_split_k_for(monkeypatch):
+    """With AUTO_SPLIT on, a launch without ``split_k`` splits as ``split_k_for`` says (one
+    64-column tile of K 1024 on 132 SMs: 4 splits of 2 steps) and still matches the reference."""
+    seen = []
+    kernel = fp8_ops._split_sum_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: (seen.append(a[4]), kernel[grid](*a, **kw))[1]
+
+    monkeypatch.setattr(fp8_ops, "_split_sum_kernel", Spy())
+    monkeypatch.setattr(fp8_ops, "AUTO_SPLIT", True)
+    g = torch.Generator().manual_seed(3)
+    w = fp8_naive.quantize_weight(torch.randn(64, 1024, generator=g) * 1024 ** -0.5)
+    x = torch.randn(1, 1024, generator=g)
+    got = fp8_ops.block_fp8_linear(x, w)
+    assert seen == [4]
+    torch.testing.assert_close(got, fp8_naive.block_fp8_linear(x, w), atol=1e-3, rtol=1e-3)

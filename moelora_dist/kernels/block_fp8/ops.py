@@ -24,6 +24,12 @@ from moelora_dist.kernels.weights_fp8 import BlockFP8Weight
 # cuBLAS GEMMs that read twice the bytes.
 PROGRAMS_PER_SM = 2
 MIN_SPLIT_STEPS = 2
+# Whether a launch with ``split_k=None`` splits by :func:`split_k_for` (else one program per
+# tile along K, as before the split existed). Off until it has run on a GPU: it was built and
+# tested under the interpreter on 2026-12-04 when no device machine was left to the session;
+# `benchmarks/device/with_constants.py` turns it on for an A/B
+# (moelora_dist.kernels.block_fp8.ops:AUTO_SPLIT=true).
+AUTO_SPLIT = False
 SUM_BLOCK_N = 1024  # columns per program of the partials' sum
 _SMS: dict = {}
 
@@ -59,8 +65,9 @@ def block_fp8_linear(x_TK: torch.Tensor, w: BlockFP8Weight, bias_N: torch.Tensor
         x_TK: ``[T, K]`` bf16/fp16/fp32 (any strides); w: ``[N, K]`` block-FP8.
         bias_N: ``[N]`` or None. block_m: rows per tile (default by T: 16 up to 16 rows, 32
             up to 64, else 64).
-        split_k: programs along K per tile (None: :func:`split_k_for`); above 1 each writes
-            an fp32 partial and a second launch adds them in order (deterministic).
+        split_k: programs along K per tile (None: :func:`split_k_for` with
+            :data:`AUTO_SPLIT`, else 1); above 1 each writes an fp32 partial and a second
+            launch adds them in order (deterministic).
     Returns:
         ``[T, N]`` in ``x_TK.dtype`` (fp32 accumulation).
     """
@@ -72,7 +79,7 @@ def block_fp8_linear(x_TK: torch.Tensor, w: BlockFP8Weight, bias_N: torch.Tensor
         return y
     bm = block_m or (16 if T <= 16 else (32 if T <= 64 else 64))
     if split_k is None:
-        split_k = split_k_for(T, N, K, bm, block_n, _num_sms(x_TK.device))
+        split_k = split_k_for(T, N, K, bm, block_n, _num_sms(x_TK.device)) if AUTO_SPLIT else 1
     if split_k < 1:
         raise ValueError(f"split_k must be >= 1, got {split_k}")
     steps = triton.cdiv(K, FP8_GROUP)
