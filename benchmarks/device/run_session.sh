@@ -30,6 +30,9 @@
 #             hold --http-variant options (one HTTP side each, each adds its time: raise
 #             T_SCALE), e.g. SERVE_ARGS='--concurrency 64 --http-variant default=
 #             --http-variant "si=--switch-interval-ms 0.2"'
+#   enginetp  the engine benchmark under torchrun on each (tp, ep) of ${ENGINE_TP_LAYOUTS:-2,1 2,2}
+#             (a machine of that many GPUs: nvidia-h200-x2), ${ENGINE_ARGS}; CSVs
+#             engine_<device>_tp<N>_ep<M>.csv (issue 18)
 #   enginefp8 the engine benchmark on an FP8 model
 #   launches  kernels, their GPU us and host ms per layer of an eager decode step (4 layers);
 #             ${LAUNCH_ARGS} added (--host-profile: cProfile of each case's host time)
@@ -143,6 +146,15 @@ for s in "$@"; do
     eval "serve_args=(${SERVE_ARGS:---concurrency 1,64})"  # quotes in SERVE_ARGS group words
     PYTHONPATH=/tmp/site:$PWD timeout "$(t 170)" python3 -m benchmarks serve \
       "${serve_args[@]}" --out-dir "$RES" >>"$RES/serve.log" 2>&1; rc $? ;;
+  enginetp)
+    step "engine benchmark on TP layouts (${ENGINE_TP_LAYOUTS:-2,1 2,2}; ${ENGINE_ARGS:-default cases})"
+    for lay in ${ENGINE_TP_LAYOUTS:-2,1 2,2}; do
+      tp=${lay%,*}; ep=${lay#*,}
+      timeout "$(t ${ENGINE_S:-200})" python3 -m torch.distributed.run --standalone \
+        --nproc-per-node "$tp" -m benchmarks engine --tp "$tp" --ep "$ep" ${ENGINE_ARGS:-} \
+        --out-dir "$RES" >>"$RES/engine_tp${tp}_ep${ep}_run.log" 2>&1; rc $?
+      tail -5 "$RES/engine_tp${tp}_ep${ep}_run.log" | tee -a "$LOG"
+    done ;;
   enginefp8)
     step "engine benchmark, FP8 model"
     timeout "$(t 140)" python3 -m benchmarks engine --fp8 ${ENGINE_FP8_ARGS:---quick \

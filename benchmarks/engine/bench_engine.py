@@ -5,6 +5,9 @@
     python -m benchmarks engine --tiny --device cpu --out-dir /tmp/e          # CPU smoke run
     python -m benchmarks engine --model gpt-oss-20b --quick --concurrency 1,64  # ~1.5 min
     python -m benchmarks engine --fp8 --quick --concurrency 1,64 --out-dir DIR   # ~2.5 min
+    torchrun --nproc-per-node 2 -m benchmarks engine --tp 2 --ep 2 --out-dir DIR  # 2 GPUs
+    python -m launch --device cpu --nproc-per-node 2 -m benchmarks.engine.bench_engine \
+        --tiny --device cpu --tp 2 --out-dir /tmp/e                         # gloo smoke run
 
 Model: random bf16 weights of Qwen3-30B-A3B's shape at full depth (48 layers; H 2048, 32 q / 4
 kv heads of 128, 128 experts top-8 renormalized, I 768, vocab 151936), one process. Adapters: 8
@@ -53,6 +56,13 @@ tolerance (``CHECK_TOL``; ``CHECK_TOL_FP8`` with ``--fp8``) and twice the floor 
 ``ok=False`` and the run exits 1.
 Results: ``engine_<device>.csv`` and ``.png`` (``engine_fp8_<device>.*`` with ``--fp8``) in
 ``--out-dir``.
+
+``--tp N --ep M`` (under ``torchrun`` or ``python -m launch``, ``N`` processes: one replica):
+every rank builds its shard of the same model and the engine; rank 0 schedules, times the runs
+and writes ``engine_<device>_tp<N>_ep<M>.csv`` (columns ``tp``, ``ep``), the others follow its
+plans. The check runs on every rank (it is collective). The graph-step and eager-host columns
+(``graph_step_ms``, ``roofline``, ``host_over_gpu``, ``eager_*``) replay one rank's step alone,
+which a TP layout cannot (its collectives need every rank): they are left out there.
 """
 
 from __future__ import annotations
@@ -78,7 +88,8 @@ from moelora_dist.engine.engine import Engine
 from moelora_dist.engine.sampling import SamplingParams
 from moelora_dist.models.model import MoELoRAModel
 from moelora_dist.models.random_weights import RandomFP8Weights, RandomWeights
-from moelora_dist.parallel.groups import ParallelGroups
+from moelora_dist.parallel.groups import destroy_parallel, init_parallel
+from moelora_dist.parallel.layout import Layout, LayoutError
 
 log = logging.getLogger("bench_engine")
 CHECK_TOL = 5e-2
@@ -117,9 +128,21 @@ def parse_args(argv=None):
                         "(default 1; each more costs one more run of every case)")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "..",
                                                      "results", "current"))
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (run under torchrun with that many processes)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks inside TP")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: must be >= 1")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.tp:
+        p.error(f"--tp {args.tp} with WORLD_SIZE={world}: the benchmark times one replica; "
+                f"launch {args.tp} processes (torchrun --nproc-per-node {args.tp}) or pass "
+                f"--tp {world}")
+    try:
+        Layout(world, args.tp, args.ep)
+    except LayoutError as exc:
+        p.error(str(exc))
     if args.fp8 and args.model != "qwen3-30b-a3b":
         p.error(f"--fp8 serves the qwen3-30b-a3b shape only ({args.model}'s experts have no FP8 "
                 "checkpoint path)")
@@ -138,10 +161,11 @@ def build(args):
     if args.fp8:  # parsed by the config as a checkpoint's config.json is
         raw["quantization_config"] = FP8_QUANTIZATION
     cfg = ModelConfig.from_dict(raw)
-    dev = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    groups = init_parallel(args.tp, args.ep, backend="gloo" if args.device == "cpu" else None)
+    dev = groups.device
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     source = (RandomFP8Weights if args.fp8 else RandomWeights)(cfg, dtype, dev)
-    model = MoELoRAModel.build(cfg, ParallelGroups.single(dev), source,
+    model = MoELoRAModel.build(cfg, groups, source,
                                dtype=dtype, max_loras=args.num_adapters, max_rank=args.rank)
     # The adapters live on the host, as loaded PEFT checkpoints do (drawn on the device, then
     # moved): the page pool is sized after them with the whole device free but weights + pool.
@@ -167,13 +191,16 @@ def check(engine, args) -> tuple[float, float]:
     with the prompts' embedding rows nudged by one bf16 rounding (``NUDGE``; restored bit for
     bit after). A random model that amplifies rounding (gpt-oss-20b's: two valid bf16 paths
     differ by ~0.5 after 24 layers, docs/families.md) has a large floor; a kernel bug shows as
-    an ``err`` far above it."""
+    an ``err`` far above it. Collective: every rank runs it; the numbers are rank 0's (0.0
+    elsewhere)."""
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, engine.cfg.vocab_size, (n,), generator=g).tolist()
                for n in (args.prompt_len, 7, 19)]
     names = ["a0", None, "a1"]
     p = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5, ignore_eos=True)
-    tops = lambda outs: [o.logprobs[0].top for o in outs]  # noqa: E731
+    def tops(outs):
+        return None if outs[0] is None else [o.logprobs[0].top for o in outs]
+
     fast = tops(engine.generate(prompts, p, names))
     with engine.model.backend_as("torch"):
         engine.worker.graphs, graphs = None, engine.worker.graphs
@@ -183,6 +210,8 @@ def check(engine, args) -> tuple[float, float]:
                 nudged = tops(engine.generate(prompts, p, names))
         finally:
             engine.worker.graphs = graphs
+    if fast is None:  # a follower: rank 0 has the outputs
+        return 0.0, 0.0
     return top_logprob_err(fast, ref), top_logprob_err(nudged, ref)
 
 
@@ -356,13 +385,16 @@ def meta(args, engine, roof) -> dict:
                 layers=engine.cfg.num_layers, weights="fp8" if args.fp8 else dtype,
                 dtype=dtype, adapters=args.num_adapters,
                 rank=args.rank, pages=engine.pages.num_pages, page_size=engine.config.page_size,
-                max_graph_tokens=engine.config.max_graph_tokens)
+                max_graph_tokens=engine.config.max_graph_tokens, tp=args.tp, ep=args.ep)
 
 
 def run(args) -> list[dict]:
     engine = build(args)
     cuda = engine.model.device.type == "cuda"
     err, floor = check(engine, args)
+    if not engine.is_leader:  # a TP follower: execute rank 0's plans until it is done
+        engine.follow()
+        return [], engine, {}
     tol = CHECK_TOL_FP8 if args.fp8 else CHECK_TOL
     ok = check_ok(err, floor, tol)
     log.info("check: first-token top-5 logprobs, Triton vs reference: max abs %.3g < max(%g, "
@@ -387,6 +419,11 @@ def run(args) -> list[dict]:
                     for _ in range(args.repeats)]
             row = dict(concurrency=B, mode=mode, prompt_len=args.prompt_len,
                        output_len=args.output_len, repeats=args.repeats, **median_row(runs))
+            if engine.followers:  # one rank cannot replay a TP step alone (module docstring)
+                rows.append(dict(row, check_err=round(err, 5), check_floor=round(floor, 5),
+                                 ok=ok))
+                log.info("%s", rows[-1])
+                continue
             seqs, lora = measure.fake_decode(engine, B, args.prompt_len + args.output_len - 1,
                                              names)
             try:
@@ -408,14 +445,20 @@ def run(args) -> list[dict]:
             if base[k]:
                 lora8[f"{k}_ratio"] = round(lora8[k] / base[k], 4)
         write_outputs(rows, m, args.out_dir)  # after each concurrency: a cut run keeps its rows
+    engine.shutdown()  # TP followers leave follow()
     return rows, engine, m
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows, engine, m = run(args)
-    path = write_outputs(rows, m, args.out_dir)
+    try:
+        rows, engine, m = run(args)
+        if not engine.is_leader:
+            return 0
+        path = write_outputs(rows, m, args.out_dir)
+    finally:
+        destroy_parallel()
     for r in rows:
         if r["mode"] == "lora8":
             log.info("B=%-4d lora8/base: out %.3f decode %.3f prefill %.3f (its steps %.3f); "

@@ -19,7 +19,9 @@ SUFFIX = {"tiny": "_tiny", "tiny-gpt-oss": "_tiny_gpt-oss", "gpt-oss-20b-shape":
 def write_outputs(rows: list[dict], m: dict, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     fp8 = "fp8_" if m.get("weights") == "fp8" else ""
-    path = os.path.join(out_dir, f"engine_{fp8}{device_tag(m)}" + SUFFIX.get(m["model"], ""))
+    layout = f"_tp{m['tp']}_ep{m['ep']}" if m.get("tp", 1) > 1 else ""
+    path = os.path.join(out_dir, f"engine_{fp8}{device_tag(m)}" + SUFFIX.get(m["model"], "")
+                        + layout)
     write_csv(path + ".csv", rows, m)
     try:
         import matplotlib
