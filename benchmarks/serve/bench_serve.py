@@ -3,6 +3,7 @@ offline, with 8 adapters mixed over the requests vs none.
 
     python -m benchmarks serve --out-dir benchmarks/results/current       # one H200, ~3 min
     python -m benchmarks serve --tiny --device cpu --out-dir /tmp/s        # CPU smoke run
+    python -m benchmarks serve --tp 2 --concurrency 64 --out-dir DIR        # two GPUs
 
 Model: random bf16 weights of Qwen3-30B-A3B's shape at full depth (48 layers; ``--layers``),
 8 random adapters of rank 16 on q/k/v/o and every expert (``--random-weights qwen3-30b-a3b
@@ -33,6 +34,11 @@ same greedy tokens over HTTP as offline (each variant's own; on offline rows, ev
 no figure of a side whose check fails is trustworthy; the run exits 1). Results:
 ``serve_<device>.csv`` in ``--out-dir``, and each server's log beside it:
 ``serve_server_<device>.log``, or ``serve_server_<device>_<variant>.log`` with several variants.
+
+``--tp N --ep M`` (issue 18: two GPUs): both sides on N processes under the launcher (``python
+-m launch --nproc-per-node N``): the server as ``launch ... serve --tp N --ep M``, the offline
+side likewise; files ``serve_<device>_tp<N>_ep<M>.csv`` and ``serve_server_<device>_tp<N>_ep<M>
+.log``.
 
 On the GPU machine (no fastapi/uvicorn there), carry these wheels (Python 3.12): fastapi,
 starlette, pydantic, pydantic-core (cp312 manylinux), annotated-types, typing-inspection,
@@ -86,6 +92,10 @@ def parse_args(argv=None):
                         "thread of the engine's (the comparison)")
     p.add_argument("--startup-timeout", type=float, default=900)
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "current"))
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: both sides run under the launcher with that "
+                        "many processes (the server as `python -m launch ... serve --tp N`)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks inside TP")
     p.add_argument("--http-variant", dest="variants", action="append", type=parse_variant,
                    metavar="NAME=ARGS",
                    help="an HTTP side with these extra server options (shell words, may be "
@@ -101,6 +111,12 @@ def parse_args(argv=None):
                                                               else "1,16,64")).split(",")]
     args.prompt_len = args.prompt_len or (16 if args.tiny else 512)
     args.output_len = args.output_len or (8 if args.tiny else 128)
+    from moelora_dist.parallel.layout import Layout, LayoutError
+
+    try:
+        Layout(args.tp, args.tp, args.ep)
+    except LayoutError as exc:
+        p.error(str(exc))
     check_variants(p, args)
     return args
 
@@ -129,7 +145,8 @@ def check_variants(p: argparse.ArgumentParser, args) -> None:
         sp = argparse.ArgumentParser(exit_on_error=False)
         serve_cli.add_arguments(sp)
         try:
-            ns, unknown = sp.parse_known_args(serve_options(args) + extra)
+            # checked as one process would run them: the layout is checked apart (above)
+            ns, unknown = sp.parse_known_args(serve_options(args, layout=False) + extra)
             if unknown:
                 raise argparse.ArgumentError(None, f"unknown server options {unknown}")
             ns.command = "serve"
@@ -145,8 +162,9 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def serve_options(args) -> list[str]:
-    """The server's options; the offline side builds its engine from the same ones."""
+def serve_options(args, layout: bool = True) -> list[str]:
+    """The server's options; the offline side builds its engine from the same ones (with
+    ``layout``, ``--tp``/``--ep`` when above 1)."""
     opts = ["--random-weights", "tiny" if args.tiny else "qwen3-30b-a3b",
             "--random-adapters", str(args.num_adapters), "--random-adapter-rank", str(args.rank),
             "--served-model-name", BASE, "--device", args.device,
@@ -158,7 +176,21 @@ def serve_options(args) -> list[str]:
         opts += ["--num-layers", str(args.layers)]
     if args.device == "cpu":
         opts += ["--num-pages", "2048"]
+    if layout and (args.tp > 1 or args.ep > 1):
+        opts += ["--tp", str(args.tp), "--ep", str(args.ep)]
     return opts
+
+
+def launcher(args) -> list[str]:
+    """The command prefix of a side on ``args.tp`` processes (empty for one)."""
+    if args.tp == 1:
+        return []
+    return [sys.executable, "-m", "launch", "--device", args.device, "--nproc-per-node",
+            str(args.tp)]
+
+
+def layout_suffix(args) -> str:
+    return f"_tp{args.tp}_ep{args.ep}" if args.tp > 1 else ""
 
 
 def plan(args) -> dict:
@@ -183,8 +215,9 @@ def run_offline(args, spec: dict, work: str) -> dict:
     with open(os.path.join(work, "cases.json"), "w") as f:
         json.dump(spec, f)
     out = os.path.join(work, "offline.json")
-    cmd = [sys.executable, "-m", "benchmarks.serve.offline", "--cases", f.name, "--out", out,
-           "--", *serve_options(args)]
+    own = ["--cases", f.name, "--out", out, "--", *serve_options(args)]
+    cmd = ([*launcher(args), "-m", "benchmarks.serve.offline", "--", *own] if args.tp > 1
+           else [sys.executable, "-m", "benchmarks.serve.offline", *own])
     subprocess.run(cmd, cwd=ROOT, env=_env(), check=True, timeout=args.startup_timeout + 900)
     return json.load(open(out))
 
@@ -214,8 +247,8 @@ def run_http(args, spec: dict, variant: tuple[str, list[str]], log_path: str):
     stats)."""
     name, extra = variant
     port = _free_port()
-    cmd = [sys.executable, "-m", "moelora_dist.cli.main", "serve", *serve_options(args),
-           *extra, "--port", str(port)]
+    job = [*launcher(args)] if args.tp > 1 else [sys.executable, "-m", "moelora_dist.cli.main"]
+    cmd = [*job, "serve", *serve_options(args), *extra, "--port", str(port)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -280,8 +313,9 @@ def main(argv=None) -> int:
             log = os.path.join(work, f"server_{name}.log")
             if os.path.exists(log):  # not for the variants after one that failed
                 suffix = f"_{name}" if len(args.variants) > 1 else ""
-                shutil.copy(log, os.path.join(args.out_dir,
-                                              f"serve_server_{device_tag(env)}{suffix}.log"))
+                shutil.copy(log, os.path.join(
+                    args.out_dir, f"serve_server_{device_tag(env)}{layout_suffix(args)}"
+                    f"{suffix}.log"))
     all_ok = all(ok for _, ok in http.values())
     rows = []
     first, _ = next(iter(http.values()))  # every variant ran the same cases
@@ -296,7 +330,7 @@ def main(argv=None) -> int:
                 off["out_tok_s"] else ""
             rows.append(dict(base, side="http", variant=name, **row, http_overhead=over,
                              check_ok=ok))
-    path = os.path.join(args.out_dir, f"serve_{device_tag(env)}.csv")
+    path = os.path.join(args.out_dir, f"serve_{device_tag(env)}{layout_suffix(args)}.csv")
     write_csv(path, rows, env)
     sides = [r["side"] if r["side"] == "offline" else f"http[{r['variant']}]" for r in rows]
     width = max(map(len, sides))

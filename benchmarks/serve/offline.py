@@ -5,6 +5,9 @@ time):
 
     python -m benchmarks.serve.offline --cases cases.json --out result.json -- SERVE OPTIONS
 
+With ``--tp N`` among the serve options it runs under the launcher on N processes: rank 0
+drives the cases, the others follow its plans.
+
 ``result.json``: per case the statistics of :func:`benchmarks.serve.cases.summarize`, and the
 token ids of the check requests.
 """
@@ -70,6 +73,9 @@ def main(argv=None) -> int:
     args.command = "serve"
     cfg, paths = serve_cli.check_options(args)
     engine = serve_cli.build(args, make_groups(args), cfg, paths)
+    if not engine.is_leader:  # a TP follower (under the launcher): rank 0 drives the cases
+        engine.follow()
+        return 0
     spec = json.load(open(ns.cases))
     out = {"cases": [], "check": []}
     for case in spec["warmup"]:
@@ -85,6 +91,7 @@ def main(argv=None) -> int:
         out["cases"].append(dict(summarize(stats, wall), **step_columns(
             {k: engine.counters[k] - before[k] for k in STEP_COUNTERS}, wall)))
         print(json.dumps({**case, **out["cases"][-1]}), file=sys.stderr, flush=True)
+    engine.shutdown()  # TP followers leave follow()
     with open(ns.out, "w") as f:
         json.dump(out, f)
     return 0

@@ -26,3 +26,21 @@ def test_serve_benchmark_smoke_run(tmp_path):
     assert all(r["http_overhead"] != "" and r["variant"] == "default"
                for r in rows if r["side"] == "http")
     assert (tmp_path / "serve_server_cpu.log").stat().st_size > 0  # one variant: the plain name
+
+
+def test_serve_benchmark_on_tp2_ep2_under_the_launcher(tmp_path):
+    """``--tp 2 --ep 2``: both sides on two processes under the launcher (the server as
+    ``launch ... serve --tp 2 --ep 2``, rank 1 following): every request streams all its
+    tokens and HTTP gives the offline side's greedy tokens. About 60 s."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "serve", "--tiny", "--device",
+                           "cpu", "--tp", "2", "--ep", "2", "--concurrency", "2", "--requests",
+                           "3", "--output-len", "5", "--out-dir", str(tmp_path)], cwd=ROOT,
+                          env=job_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "serve_cpu_tp2_ep2.csv")))
+    assert [(r["side"], r["mode"]) for r in rows] == [
+        ("offline", "base"), ("http", "base"), ("offline", "lora8"), ("http", "lora8")]
+    for r in rows:
+        assert r["errors"] == "0" and r["output_tokens"] == str(3 * 5) and r["check_ok"] == "True"
+    log = (tmp_path / "serve_server_cpu_tp2_ep2.log").read_text()
+    assert "parallel groups ready: world=2 dp=1 tp=2 ep=2" in log  # the server's layout
