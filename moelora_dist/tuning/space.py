@@ -1,13 +1,14 @@
 """The candidates the tuner measures: the heuristic first, then its neighbours, pruned by what
 the shape makes sensible (no search of the full product: the device time is small).
 
-Base layer (per problem): block sizes ``block_m`` near the rows per expert (a block of fewer
-rows than the expert has reads the expert's weights once per block; a block of many more pads
-the GEMM), and for each a short list of ``(block_n, block_k, num_warps, num_stages)`` tiles for
-gate_up and, independently, for down (the two kernels are timed apart, so the lists add up
-instead of multiplying), then the winner in each program order (``group_m``). LoRA (per problem): the base winner with one LoRA switch changed at a
-time, the fused variants, and the heuristic config, then one more round that merges the best
-value of every switch.
+Base layer (per problem): block sizes ``block_m`` near the rows per expert (a block of many
+more rows pads the GEMM; one of fewer makes an expert several blocks, whose weight reads share
+L2 only when the program order groups them: ``group_m``), and for each a short list of
+``(block_n, block_k, num_warps, num_stages)`` tiles for gate_up and, independently, for down
+(the two kernels are timed apart, so the lists add up instead of multiplying), then the winner
+in each program order of :data:`GROUP_MS`. LoRA (per problem): the base winner with one LoRA
+switch changed at a time (and in each program order), the fused variants, and the heuristic
+config, then one more round that merges the best value of every switch.
 
 FP8 experts (``fp8=True``): the kernels run ``block_k = 128`` for gate_up and down whatever the
 config says (the scale group: ``kernels/moe_gemm/ops.py::_fp8_args``), so every candidate is

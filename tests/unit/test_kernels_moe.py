@@ -303,6 +303,6 @@ def test_program_order_does_not_change_the_result(case, fused):
 
 def test_group_m_must_be_a_positive_integer():
     with pytest.raises(ValueError, match="group_m"):
-        ops.group_size(0)
+        ops.check_group_m(0)
     with pytest.raises(ValueError, match="group_m"):
         MoEConfig(group_m=0).check()

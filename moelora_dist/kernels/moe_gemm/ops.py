@@ -80,7 +80,7 @@ def num_runs(lora_runs: int) -> int:
     return lora_runs
 
 
-def group_size(group_m: int) -> int:
+def check_group_m(group_m: int) -> int:
     """Check ``group_m`` (row blocks per program group of the grouped GEMMs): an int >= 1.
     Any value computes the same result; it orders the programs (``kernel_common._tile_of``)."""
     if isinstance(group_m, bool) or not isinstance(group_m, int) or group_m < 1:
@@ -176,7 +176,7 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
             :func:`~moelora_dist.kernels.block_fp8.ops.quantize_act`) and these are its
             ``[T, ceil(H / 128)]`` scales; ``out_dtype`` is then the dtype of ``h``.
         group_m: programs in groups of this many row blocks, row block fastest inside a
-            group (:func:`group_size`; 1: each row block sweeps its columns in turn).
+            group (:func:`check_group_m`; 1: each row block sweeps its columns in turn).
     Returns:
         ``h`` ``[T*K, I_l]`` in ``out_dtype or x_TH.dtype`` (rows of invalid pairs unset); with
         ``fuse_down_shrink``, ``(h, dshrink_parts)`` (:func:`empty_down_shrink_parts`, rows of
@@ -215,7 +215,7 @@ def gate_up(x_TH, w_gate_up_EXH, al: Alignment, top_k: int, token_slot_T=None,
         x_TH.stride(0), x_TH.stride(1), w.stride(0), w.stride(1),
         w.stride(2), *lora_strides, *fp8_args, *_scale_args(x_scale, h),
         bias.stride(0) if bias_EX is not None else 0,
-        float(act_spec.alpha), float(act_spec.limit), group_size(group_m),
+        float(act_spec.alpha), float(act_spec.limit), check_group_m(group_m),
         HAS_LORA=has_lora, ACT=act,
         BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
         RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs), FUSE_DOWN_SHRINK=fuse_down_shrink,
@@ -309,7 +309,7 @@ def down(h, w_down_EHI, topk_weights_TK, al: Alignment, top_k: int, token_slot_T
         h, w, out, tw, al.sorted_ids, al.block_bucket, al.num_post_pad, *lora_args, bias,
         N, top_k, H, inter, dparts, dpart_stride, w.stride(0), w.stride(1), w.stride(2),
         *b_strides, *fp8_args, *_scale_args(h_scale, out),
-        bias.stride(0) if bias_EH is not None else 0, group_size(group_m),
+        bias.stride(0) if bias_EH is not None else 0, check_group_m(group_m),
         HAS_LORA=has_lora, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=BR, RUN_LOOP=run_loop, NUM_RUNS=num_runs(lora_runs),
         W_FP8=is_fp8(w_down_EHI), X_FP8=h_scale is not None, HAS_BIAS=bias_EH is not None,

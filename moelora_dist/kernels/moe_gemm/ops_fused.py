@@ -13,7 +13,7 @@ import triton
 from moelora_dist.kernels.align.common import Alignment
 from moelora_dist.kernels.constants import block_r, check_activation
 from moelora_dist.kernels.moe_gemm.kernel_gate_up_lora import _gate_up_lora_kernel
-from moelora_dist.kernels.moe_gemm.ops import empty_down_shrink_parts, group_size, num_runs
+from moelora_dist.kernels.moe_gemm.ops import check_group_m, empty_down_shrink_parts, num_runs
 from moelora_dist.kernels.weights import MoELoRAWeights
 from moelora_dist.kernels.weights_fp8 import is_fp8
 
@@ -63,7 +63,7 @@ def gate_up_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, al: Alignment,
         dparts if dparts is not None else h,
         N, top_k, H, inter, lora.a_half_rows, dparts[0].numel() if dparts is not None else 0,
         x_TH.stride(0), x_TH.stride(1), *w.stride(), *a.stride(), *b.stride(), *da.stride(),
-        group_size(group_m), ACT=act, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=BR,
-        NUM_RUNS=num_runs(lora_runs), FUSE_DOWN_SHRINK=fuse_down_shrink,
+        check_group_m(group_m), ACT=act, BLOCK_M=al.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_R=BR, NUM_RUNS=num_runs(lora_runs), FUSE_DOWN_SHRINK=fuse_down_shrink,
         DS_RUNS=num_runs(down_shrink_runs), num_warps=num_warps, num_stages=num_stages)
     return (h, dparts) if fuse_down_shrink else h
