@@ -46,7 +46,11 @@ the graph decode step of that B (at the final context length): ``graph_step_ms``
 the replayed graph), ``step_bytes`` (what it reads: :mod:`.measure`) and ``roofline`` (bytes
 over the HBM bandwidth measured in this run, over the step time), ``host_over_gpu`` (the
 engine's decode step wall time over the graph's GPU time); ``eager_host_ms_per_layer`` (host
-time of an eager decode step per layer) and ``eager_step_ms``.
+time of an eager decode step per layer) and ``eager_step_ms``. On CUDA also, from 16 decode
+steps of the warm-up run under ``torch.profiler`` (:data:`PROFILED_STEPS`, once every request
+has 4 tokens): ``kernel_ms_per_step`` (the device time of a step: its kernels, copies and
+collectives summed) and ``host_over_kernels`` (``decode_step_ms`` over it), which TP layouts
+have too.
 
 Before timing, a check compares a mixed batch's first-token log-probabilities of the Triton
 engine (graphs on) against the PyTorch reference path (``check_err``, max abs), and the
@@ -62,7 +66,9 @@ every rank builds its shard of the same model and the engine; rank 0 schedules, 
 and writes ``engine_<device>_tp<N>_ep<M>.csv`` (columns ``tp``, ``ep``), the others follow its
 plans. The check runs on every rank (it is collective). The graph-step and eager-host columns
 (``graph_step_ms``, ``roofline``, ``host_over_gpu``, ``eager_*``) replay one rank's step alone,
-which a TP layout cannot (its collectives need every rank): they are left out there.
+which a TP layout cannot (its collectives need every rank): they are left out there;
+``host_over_kernels`` (rank 0's device time, from the profiled warm-up) stands in for
+``host_over_gpu``.
 """
 
 from __future__ import annotations
@@ -284,6 +290,7 @@ class Trace:
     last: dict[str, float]
     count: dict[str, int]
     preemptions: int
+    kernel_ms: float | None = None  # device time per profiled decode step (timed_run)
 
 
 def _num_graphs(engine) -> int:
@@ -313,18 +320,49 @@ def _step(engine, first, last, count) -> StepRecord:
                       _num_graphs(engine) - graphs0)
 
 
-def timed_run(engine, prompts, names, n) -> Trace:
-    """All requests at once, each generating ``n`` tokens; every step recorded."""
+def timed_run(engine, prompts, names, n, profile: int = 0) -> Trace:
+    """All requests at once, each generating ``n`` tokens; every step recorded. With
+    ``profile`` > 0 (CUDA), the first ``profile`` decode steps once every request has
+    :data:`PROFILE_AFTER` tokens run under ``torch.profiler`` and :func:`kernel_ms_per_step`
+    of them is kept in ``Trace.kernel_ms`` (None when the run is too short for it)."""
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     preempted = engine.scheduler.num_preemptions
     t0 = time.perf_counter()
     for i, (p, a) in enumerate(zip(prompts, names)):
         engine.add_request(f"q{i}", p, params, a)
     first, last, count, steps = {}, {}, {}, []
+    prof, profiled, kernel_ms = None, 0, None
     while engine.has_unfinished():
+        if (profile and prof is None and kernel_ms is None and len(count) == len(prompts)
+                and min(count.values()) >= PROFILE_AFTER
+                and n - max(count.values()) > profile):
+            from torch.profiler import ProfilerActivity
+
+            prof = torch.profiler.profile(activities=[ProfilerActivity.CUDA])
+            prof.__enter__()
         steps.append(_step(engine, first, last, count))
+        if prof is not None:
+            profiled += 1
+            if profiled == profile:
+                torch.cuda.synchronize()
+                prof.__exit__(None, None, None)
+                kernel_ms = kernel_ms_per_step(prof.events(), profiled)
+                prof = None
     return Trace(t0, time.perf_counter(), steps, first, last, count,
-                 engine.scheduler.num_preemptions - preempted)
+                 engine.scheduler.num_preemptions - preempted, kernel_ms)
+
+
+PROFILED_STEPS = 16  # decode steps of the warm-up whose kernels a CUDA run sums up
+PROFILE_AFTER = 4  # tokens every request has first: the decode graphs are captured by then
+
+
+def kernel_ms_per_step(events, steps: int) -> float:
+    """The device time of ``steps`` engine steps from ``torch.profiler`` events: the summed
+    durations of the CUDA-side ones (kernels, copies, NCCL collectives; the same count as
+    ``benchmarks launches``), in ms per step. With steps in flight a window of ``steps``
+    steps holds about that many steps of work (one step's kernels may fall on either side)."""
+    cuda = torch.autograd.DeviceType.CUDA
+    return sum(e.time_range.elapsed_us() for e in events if e.device_type == cuda) / 1e3 / steps
 
 
 def window_metrics(steps: list[StepRecord], t0: float, t_first: float,
@@ -414,11 +452,16 @@ def run(args) -> list[dict]:
             # use is compiled and captured here. A shorter warm-up finishes requests earlier,
             # which moves the chunk boundaries: at 64 sequences its last prefill step was a
             # 128-token graph, the timed run's a 256-token one, captured inside the timing.
-            run_case(engine, prompts, names, args.output_len)
+            # Its decode steps give the device time per step (profiled, so untimed).
+            warm = timed_run(engine, prompts, names, args.output_len,
+                             profile=PROFILED_STEPS if cuda else 0)
             runs = [run_case(engine, prompts, names, args.output_len)
                     for _ in range(args.repeats)]
             row = dict(concurrency=B, mode=mode, prompt_len=args.prompt_len,
                        output_len=args.output_len, repeats=args.repeats, **median_row(runs))
+            if warm.kernel_ms:
+                row.update(kernel_ms_per_step=round(warm.kernel_ms, 4),
+                           host_over_kernels=round(row["decode_step_ms"] / warm.kernel_ms, 3))
             if engine.followers:  # one rank cannot replay a TP step alone (module docstring)
                 rows.append(dict(row, check_err=round(err, 5), check_floor=round(floor, 5),
                                  ok=ok))

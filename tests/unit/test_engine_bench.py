@@ -242,3 +242,62 @@ def test_only_a_warm_up_of_the_same_length_repeats_the_timed_schedule():
     assert _schedule(bench_engine.timed_run(engine, prompts, names, 3)) == timed
     short = _schedule(bench_engine.timed_run(engine, prompts, names, 1))
     assert short[1] == (64, 2, 0) and timed[1] == (63, 2, 1)  # request 0 is done, or decodes
+
+
+class _Event:
+    def __init__(self, us, cuda=True):
+        import torch
+
+        self.device_type = (torch.autograd.DeviceType.CUDA if cuda
+                            else torch.autograd.DeviceType.CPU)
+        self.time_range = type("R", (), {"elapsed_us": lambda self, us=us: us})()
+
+
+def test_kernel_time_per_step_sums_the_device_events():
+    events = [_Event(300.0), _Event(100.0), _Event(5000.0, cuda=False), _Event(600.0)]
+    assert bench_engine.kernel_ms_per_step(events, 4) == 0.25  # (300+100+600) us / 4 steps
+
+
+def test_the_profiled_window_starts_once_every_request_decodes(monkeypatch):
+    """``timed_run(profile=k)`` profiles k steps, first when every request has PROFILE_AFTER
+    tokens and more than k still to come, and keeps their device time per step; a run too
+    short for a window keeps none (the CUDA profiler replaced by a recorder, on the CPU)."""
+    import torch
+
+    seen = []
+
+    class FakeProfile:
+        def __init__(self, activities):
+            self.steps0 = None
+
+        def __enter__(self):
+            self.steps0 = engine.counters["steps"]
+            seen.append(("start", {k: v for k, v in counts.items()}))
+            return self
+
+        def __exit__(self, *exc):
+            seen.append(("stop", engine.counters["steps"] - self.steps0))
+
+        def events(self):
+            return [_Event(1000.0)] * 3
+
+    counts = {}
+    real_step = bench_engine._step
+
+    def step(engine, first, last, count):
+        out = real_step(engine, first, last, count)
+        counts.clear()
+        counts.update(count)
+        return out
+
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(bench_engine, "_step", step)
+    engine, prompts = _tiny_engine()
+    trace = bench_engine.timed_run(engine, prompts, [None, "a0", None, "a1"], 12, profile=3)
+    start, stop = seen
+    assert min(start[1].values()) >= bench_engine.PROFILE_AFTER and len(start[1]) == 4
+    assert stop == ("stop", 3) and trace.kernel_ms == 1.0  # 3 ms over 3 steps
+    seen.clear()
+    short = bench_engine.timed_run(engine, prompts, [None] * 4, 5, profile=3)
+    assert short.kernel_ms is None and not seen
