@@ -47,8 +47,9 @@ the replayed graph), ``step_bytes`` (what it reads: :mod:`.measure`) and ``roofl
 over the HBM bandwidth measured in this run, over the step time), ``host_over_gpu`` (the
 engine's decode step wall time over the graph's GPU time); ``eager_host_ms_per_layer`` (host
 time of an eager decode step per layer) and ``eager_step_ms``. On CUDA also, from 16 decode
-steps of the warm-up run under ``torch.profiler`` (:data:`PROFILED_STEPS`, once every request
-has 4 tokens): ``kernel_ms_per_step`` (the device time of a step: its kernels, copies and
+steps under ``torch.profiler`` (:data:`PROFILED_STEPS`, once every request has 4 tokens) of
+one more run of each case after all the timed ones (the profiler may leave host overhead
+behind): ``kernel_ms_per_step`` (the device time of a step: its kernels, copies and
 collectives summed) and ``host_over_kernels`` (``decode_step_ms`` over it), which TP layouts
 have too.
 
@@ -67,8 +68,8 @@ and writes ``engine_<device>_tp<N>_ep<M>.csv`` (columns ``tp``, ``ep``), the oth
 plans. The check runs on every rank (it is collective). The graph-step and eager-host columns
 (``graph_step_ms``, ``roofline``, ``host_over_gpu``, ``eager_*``) replay one rank's step alone,
 which a TP layout cannot (its collectives need every rank): they are left out there;
-``host_over_kernels`` (rank 0's device time, from the profiled warm-up) stands in for
-``host_over_gpu``.
+``host_over_kernels`` (over rank 0's device time, from a profiled run after the timed ones)
+stands in for ``host_over_gpu``.
 """
 
 from __future__ import annotations
@@ -441,7 +442,7 @@ def run(args) -> list[dict]:
     roof = measure_roofline() if cuda else {}
     m = meta(args, engine, roof)
     g = torch.Generator().manual_seed(0)
-    rows = []
+    rows, profiled = [], []  # profiled: (prompts, adapters, row index) of every case
     for B in args.concurrency:
         prompts = [torch.randint(0, engine.cfg.vocab_size, (args.prompt_len,),
                                  generator=g).tolist() for _ in range(B)]
@@ -452,16 +453,12 @@ def run(args) -> list[dict]:
             # use is compiled and captured here. A shorter warm-up finishes requests earlier,
             # which moves the chunk boundaries: at 64 sequences its last prefill step was a
             # 128-token graph, the timed run's a 256-token one, captured inside the timing.
-            # Its decode steps give the device time per step (profiled, so untimed).
-            warm = timed_run(engine, prompts, names, args.output_len,
-                             profile=PROFILED_STEPS if cuda else 0)
+            run_case(engine, prompts, names, args.output_len)
             runs = [run_case(engine, prompts, names, args.output_len)
                     for _ in range(args.repeats)]
             row = dict(concurrency=B, mode=mode, prompt_len=args.prompt_len,
                        output_len=args.output_len, repeats=args.repeats, **median_row(runs))
-            if warm.kernel_ms:
-                row.update(kernel_ms_per_step=round(warm.kernel_ms, 4),
-                           host_over_kernels=round(row["decode_step_ms"] / warm.kernel_ms, 3))
+            profiled.append((prompts, names, len(rows)))
             if engine.followers:  # one rank cannot replay a TP step alone (module docstring)
                 rows.append(dict(row, check_err=round(err, 5), check_floor=round(floor, 5),
                                  ok=ok))
@@ -488,6 +485,14 @@ def run(args) -> list[dict]:
             if base[k]:
                 lora8[f"{k}_ratio"] = round(lora8[k] / base[k], 4)
         write_outputs(rows, m, args.out_dir)  # after each concurrency: a cut run keeps its rows
+    if cuda:  # after every timed run: the profiler may leave overhead behind it
+        for prompts, names, i in profiled:
+            kernel_ms = timed_run(engine, prompts, names, args.output_len,
+                                  profile=PROFILED_STEPS).kernel_ms
+            if kernel_ms:
+                rows[i].update(kernel_ms_per_step=round(kernel_ms, 4), host_over_kernels=round(
+                    rows[i]["decode_step_ms"] / kernel_ms, 3))
+        write_outputs(rows, m, args.out_dir)
     engine.shutdown()  # TP followers leave follow()
     return rows, engine, m
 
