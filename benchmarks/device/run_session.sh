@@ -124,7 +124,7 @@ for s in "$@"; do
       --out "$RES/before" >>"$RES/kernels_before.log" 2>&1; rc $? ;;
   engine)
     step "engine benchmark (48 layers; ${ENGINE_ARGS:-default cases})"
-    timeout "$(t ${ENGINE_S:-200})" python3 -m benchmarks engine ${ENGINE_ARGS:-} --out-dir "$RES" \
+    timeout "$(t ${ENGINE_S:-260})" python3 -m benchmarks engine ${ENGINE_ARGS:-} --out-dir "$RES" \
       >>"$RES/engine_run.log" 2>&1; rc $? ;;
   fp8)
     step "FP8 kernel benchmark (quick)"
@@ -150,7 +150,7 @@ for s in "$@"; do
     step "engine benchmark on TP layouts (${ENGINE_TP_LAYOUTS:-2,1 2,2}; ${ENGINE_ARGS:-default cases})"
     for lay in ${ENGINE_TP_LAYOUTS:-2,1 2,2}; do
       tp=${lay%,*}; ep=${lay#*,}
-      timeout "$(t ${ENGINE_S:-200})" python3 -m torch.distributed.run --standalone \
+      timeout "$(t ${ENGINE_S:-260})" python3 -m torch.distributed.run --standalone \
         --nproc-per-node "$tp" -m benchmarks engine --tp "$tp" --ep "$ep" ${ENGINE_ARGS:-} \
         --out-dir "$RES" >>"$RES/engine_tp${tp}_ep${ep}_run.log" 2>&1; rc $?
       tail -5 "$RES/engine_tp${tp}_ep${ep}_run.log" | tee -a "$LOG"
@@ -191,7 +191,7 @@ for s in "$@"; do
         benchmarks launches --out "$RES" --label "c-$name" >>"$RES/launches.log" 2>&1; rc $?
       if [ -n "${ENGINE_CONSTS:-}" ]; then
         mkdir -p "$RES/engine_c-$name"
-        timeout "$(t ${ENGINE_S:-200})" python3 -m benchmarks.device.with_constants "${sets[@]}" \
+        timeout "$(t ${ENGINE_S:-260})" python3 -m benchmarks.device.with_constants "${sets[@]}" \
           -- benchmarks engine --out-dir "$RES/engine_c-$name" ${ENGINE_ARGS:-} \
           >"$RES/engine_c-$name.log" 2>&1; rc $?
         tail -6 "$RES/engine_c-$name.log" | tee -a "$LOG"
