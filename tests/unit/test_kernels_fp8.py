@@ -118,7 +118,8 @@ def test_fused_moe_lora_fp8_matches_reference(case, reblocked):
 @pytest.mark.parametrize("switches", [
     dict(shrink_split_k=2), dict(fuse_down_shrink=True),
     dict(fuse_shrink=True, fuse_down_shrink=True),  # FP8 takes the separate shrink
-], ids=["split_shrink", "fused_down_shrink", "fused_both"])
+    dict(group_m=3), dict(group_m=64, fp8_prequant=False),  # program orders, both inputs
+], ids=["split_shrink", "fused_down_shrink", "fused_both", "group3", "group64_inloop"])
 def test_lora_variants_on_fp8_experts(switches):
     """The MoEConfig switches the tuner measures keep the LoRA path bf16/fp32 on FP8 experts."""
     c = make_case("many_slots", T=20, H=160, I=24, E=4, K=2, R=16)
