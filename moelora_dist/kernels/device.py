@@ -1,5 +1,6 @@
-"""Facts of the device a kernel launch sizes its grid by (cached; no sync), whether a CUDA
-graph is being captured, and host-to-device copies that never wait for the stream."""
+"""Facts of the device a kernel launch sizes its grid by (cached; no sync) and the split of a K
+axis over programs that fills it, whether a CUDA graph is being captured, and host-to-device
+copies that never wait for the stream."""
 
 from __future__ import annotations
 
@@ -16,6 +17,28 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return CPU_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def splits_to_fill(tiles: int, k_steps: int, sms: int, min_steps: int,
+                   max_splits: int | None = None, per_sm: int = 2) -> int:
+    """Programs along K per tile so that a launch of ``tiles`` tiles has about ``per_sm``
+    programs per SM, each looping over at least ``min_steps`` of the ``k_steps`` K steps (and
+    at most ``max_splits``); 1 where the tiles fill the GPU already."""
+    cap = k_steps // min_steps if max_splits is None else min(k_steps // min_steps, max_splits)
+    return max(1, min(_cdiv(per_sm * sms, max(tiles, 1)), cap))
+
+
+def split_columns(k: int, split_k: int, block_k: int) -> tuple[int, int]:
+    """``(columns per split, a multiple of block_k; number of splits)`` of a K axis of ``k``
+    cut into at most ``split_k`` programs (none of them past the end)."""
+    if split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    k_per_split = _cdiv(_cdiv(k, split_k), block_k) * block_k
+    return k_per_split, _cdiv(k, k_per_split)
 
 
 def capturing(device: torch.device) -> bool:

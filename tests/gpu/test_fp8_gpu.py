@@ -68,11 +68,12 @@ def test_block_fp8_linear_split_k_in_a_graph(T):
     """Qwen3's o_proj shape at decode sizes, where the launch splits K (8 and 5 partials on an
     H200): a CUDA-graph replay gives the eager bits, and both match the reference."""
     from moelora_dist.kernels.block_fp8 import naive, ops
+    from moelora_dist.kernels.device import num_sms
 
     g = torch.Generator(device="cuda").manual_seed(1)
     w = naive.quantize_weight(torch.randn(2048, 4096, generator=g, device="cuda") * 4096 ** -0.5)
     x = torch.randn(T, 4096, generator=g, device="cuda").to(torch.bfloat16)
-    split = ops.split_k_for(T, 2048, 4096, 16 if T <= 16 else 32, 64, ops._num_sms(x.device))
+    split = ops.split_k_for(T, 2048, 4096, 16 if T <= 16 else 32, 64, num_sms(x.device))
     assert split > 1
     eager = ops.block_fp8_linear(x, w, split_k=split)
     _close(eager, naive.block_fp8_linear(x, w))

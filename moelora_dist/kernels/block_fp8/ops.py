@@ -14,6 +14,7 @@ import triton
 from moelora_dist.kernels.block_fp8.kernel import (_block_fp8_linear_kernel, _quant_act_kernel,
                                                    _split_sum_kernel)
 from moelora_dist.kernels.constants import FP8_GROUP
+from moelora_dist.kernels.device import num_sms, split_columns, splits_to_fill
 from moelora_dist.kernels.weights_fp8 import BlockFP8Weight
 
 
@@ -31,28 +32,14 @@ MIN_SPLIT_STEPS = 2
 # (moelora_dist.kernels.block_fp8.ops:AUTO_SPLIT=true).
 AUTO_SPLIT = False
 SUM_BLOCK_N = 1024  # columns per program of the partials' sum
-_SMS: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (cached); 132 (an H100/H200) off CUDA, where
-    only the interpreter runs the kernel."""
-    if device.type != "cuda":
-        return 132
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SMS:
-        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return _SMS[key]
 
 
 def split_k_for(T: int, N: int, K: int, block_m: int, block_n: int, sms: int) -> int:
     """K splits of a ``[T, K] x [K, N]`` launch: 1 when its tiles already fill
     ``PROGRAMS_PER_SM * sms`` programs, else enough to, keeping ``MIN_SPLIT_STEPS`` steps each."""
     tiles = triton.cdiv(T, block_m) * triton.cdiv(N, block_n)
-    want = PROGRAMS_PER_SM * sms
-    if tiles >= want:
-        return 1
-    return max(1, min(triton.cdiv(want, tiles), triton.cdiv(K, FP8_GROUP) // MIN_SPLIT_STEPS))
+    return splits_to_fill(tiles, triton.cdiv(K, FP8_GROUP), sms, MIN_SPLIT_STEPS,
+                          per_sm=PROGRAMS_PER_SM)
 
 
 def block_fp8_linear(x_TK: torch.Tensor, w: BlockFP8Weight, bias_N: torch.Tensor | None = None,
@@ -79,12 +66,8 @@ def block_fp8_linear(x_TK: torch.Tensor, w: BlockFP8Weight, bias_N: torch.Tensor
         return y
     bm = block_m or (16 if T <= 16 else (32 if T <= 64 else 64))
     if split_k is None:
-        split_k = split_k_for(T, N, K, bm, block_n, _num_sms(x_TK.device)) if AUTO_SPLIT else 1
-    if split_k < 1:
-        raise ValueError(f"split_k must be >= 1, got {split_k}")
-    steps = triton.cdiv(K, FP8_GROUP)
-    k_per_split = triton.cdiv(steps, split_k) * FP8_GROUP
-    parts = triton.cdiv(K, k_per_split)
+        split_k = split_k_for(T, N, K, bm, block_n, num_sms(x_TK.device)) if AUTO_SPLIT else 1
+    k_per_split, parts = split_columns(K, split_k, FP8_GROUP)
     part = (torch.empty(parts, T, N, dtype=torch.float32, device=x_TK.device) if parts > 1
             else y)  # y: never read or written as a partial
     bias = bias_N if bias_N is not None else y

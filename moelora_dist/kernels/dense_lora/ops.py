@@ -22,7 +22,7 @@ from moelora_dist.kernels.align.common import Alignment
 from moelora_dist.kernels.align.ops import align_items
 from moelora_dist.kernels.constants import block_r
 from moelora_dist.kernels.dense_lora.kernel import _dense_expand_kernel, _dense_shrink_kernel
-from moelora_dist.kernels.device import num_sms
+from moelora_dist.kernels.device import num_sms, split_columns, splits_to_fill
 
 MAX_GROUP = 3  # modules per launch (q/k/v)
 BLOCK_K = 64  # the shrink's K tile
@@ -51,8 +51,7 @@ def shrink_split(max_blocks: int, in_dim: int, sms: int) -> int:
     """Programs per shrink block: enough for about two per SM, each with at least
     ``MIN_K_TILES`` K tiles, never a chunk with nothing to do."""
     k_tiles = triton.cdiv(in_dim, BLOCK_K)
-    split = max(1, min(triton.cdiv(2 * sms, max(max_blocks, 1)), k_tiles // MIN_K_TILES,
-                       MAX_SPLIT_K))
+    split = splits_to_fill(max_blocks, k_tiles, sms, MIN_K_TILES, MAX_SPLIT_K)
     return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
 
 
@@ -90,8 +89,7 @@ def dense_shrink(x_TI: torch.Tensor, a_list: list[torch.Tensor], slot_rank_S: to
         raise ValueError("the modules of one dense LoRA group need A factors of one shape")
     blocks = plan.max_blocks
     split = split_k or shrink_split(blocks, I, num_sms(x_TI.device))
-    k_per_split = triton.cdiv(triton.cdiv(I, BLOCK_K), split) * BLOCK_K
-    split = triton.cdiv(I, k_per_split)  # no chunk past the end
+    k_per_split, split = split_columns(I, split, BLOCK_K)  # no chunk past the end
     shrink = torch.empty(split, n, T, BR, dtype=torch.float32, device=x_TI.device)
     pad_a = a_list + [a0] * (MAX_GROUP - n)
     _dense_shrink_kernel[(blocks, split)](

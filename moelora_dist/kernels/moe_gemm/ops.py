@@ -29,6 +29,7 @@ import triton
 
 from moelora_dist.kernels.align.common import Alignment
 from moelora_dist.kernels.constants import FP8_GROUP, as_activation, block_r, check_activation
+from moelora_dist.kernels.device import split_columns
 from moelora_dist.kernels.moe_gemm.kernel_down import _down_kernel, _topk_sum_kernel
 from moelora_dist.kernels.moe_gemm.kernel_gate_up import _gate_up_kernel
 from moelora_dist.kernels.moe_gemm.kernel_shrink import (
@@ -95,15 +96,6 @@ def _parts(t: torch.Tensor | None) -> tuple[int, int]:
     return (int(t.shape[0]), int(t[0].numel())) if t.dim() == 3 else (1, 0)
 
 
-def _split(k: int, split_k: int, block_k: int) -> tuple[int, int]:
-    """(columns per split, a multiple of ``block_k``; number of splits) of a K axis of ``k``
-    cut into at most ``split_k`` programs."""
-    if split_k < 1:
-        raise ValueError(f"split_k must be >= 1, got {split_k}")
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    return k_per_split, triton.cdiv(k, k_per_split)
-
-
 # Largest down tile (rows x columns) whose first LoRA expand tiles are loaded before the base K
 # loop when the caller leaves ``prefetch`` to the launcher: decode tiles (16 x 64 .. 64 x 64),
 # where the loads' latency is what the expand costs; larger tiles keep their registers for the
@@ -132,7 +124,7 @@ def lora_shrink(x_TH: torch.Tensor, lora: MoELoRAWeights, al: Alignment, top_k: 
     """
     T, H = x_TH.shape
     BR = block_r(lora.max_rank)
-    k_per_split, parts = _split(H, split_k, block_k)
+    k_per_split, parts = split_columns(H, split_k, block_k)
     out = torch.empty(parts, T * top_k + T, 2 * BR, dtype=torch.float32, device=x_TH.device)
     a = lora.gate_up_a
     _lora_shrink_kernel[(al.max_blocks, parts)](
@@ -245,7 +237,7 @@ def down_shrink(h, lora: MoELoRAWeights, al: Alignment, top_k: int, token_slot_T
     """
     N, inter = h.shape
     BR = block_r(lora.max_rank)
-    k_per_split, parts = _split(inter, split_k, block_k)
+    k_per_split, parts = split_columns(inter, split_k, block_k)
     out = torch.empty(parts, N, BR, dtype=torch.float32, device=h.device)
     a = lora.down_a
     args = (h, a, al.sorted_ids, al.block_bucket, al.num_post_pad, token_slot_T,
