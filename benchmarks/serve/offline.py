@@ -66,16 +66,28 @@ def main(argv=None) -> int:
 
     from moelora_dist.cli import serve as serve_cli
     from moelora_dist.cli.common import make_groups
+    from moelora_dist.parallel.groups import destroy_parallel
 
     sp = argparse.ArgumentParser()
     serve_cli.add_arguments(sp)
     args = sp.parse_args(argv[split + 1:])
     args.command = "serve"
     cfg, paths = serve_cli.check_options(args)
-    engine = serve_cli.build(args, make_groups(args), cfg, paths)
-    if not engine.is_leader:  # a TP follower (under the launcher): rank 0 drives the cases
-        engine.follow()
-        return 0
+    groups = make_groups(args)
+    try:
+        engine = serve_cli.build(args, groups, cfg, paths)
+        if not engine.is_leader:  # a TP follower (under the launcher): rank 0 drives the cases
+            engine.follow()
+            return 0
+        return _drive(engine, cfg, ns)
+    finally:  # a process group left alive aborts the interpreter's exit now and then (gloo)
+        if groups.backend != "none":
+            destroy_parallel()
+
+
+def _drive(engine, cfg, ns) -> int:
+    """Rank 0: the warm-up, the check requests and the timed cases; their figures to
+    ``ns.out``."""
     spec = json.load(open(ns.cases))
     out = {"cases": [], "check": []}
     for case in spec["warmup"]:
