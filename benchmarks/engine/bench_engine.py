@@ -353,7 +353,7 @@ def timed_run(engine, prompts, names, n, profile: int = 0) -> Trace:
                  engine.scheduler.num_preemptions - preempted, kernel_ms)
 
 
-PROFILED_STEPS = 16  # decode steps of the warm-up whose kernels a CUDA run sums up
+PROFILED_STEPS = 16  # decode steps of a case's profiled run whose device time is summed
 PROFILE_AFTER = 4  # tokens every request has first: the decode graphs are captured by then
 
 

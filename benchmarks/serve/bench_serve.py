@@ -182,9 +182,7 @@ def serve_options(args, layout: bool = True) -> list[str]:
 
 
 def launcher(args) -> list[str]:
-    """The command prefix of a side on ``args.tp`` processes (empty for one)."""
-    if args.tp == 1:
-        return []
+    """The command prefix of a side on ``args.tp`` processes (``args.tp`` > 1)."""
     return [sys.executable, "-m", "launch", "--device", args.device, "--nproc-per-node",
             str(args.tp)]
 
@@ -217,7 +215,7 @@ def run_offline(args, spec: dict, work: str) -> dict:
     out = os.path.join(work, "offline.json")
     own = ["--cases", f.name, "--out", out, "--", *serve_options(args)]
     cmd = ([*launcher(args), "-m", "benchmarks.serve.offline", "--", *own] if args.tp > 1
-           else [sys.executable, "-m", "benchmarks.serve.offline", *own])
+           else [sys.executable, "-m", "benchmarks.serve.offline", *own])  # launch's own "--"
     subprocess.run(cmd, cwd=ROOT, env=_env(), check=True, timeout=args.startup_timeout + 900)
     return json.load(open(out))
 
@@ -247,7 +245,7 @@ def run_http(args, spec: dict, variant: tuple[str, list[str]], log_path: str):
     stats)."""
     name, extra = variant
     port = _free_port()
-    job = [*launcher(args)] if args.tp > 1 else [sys.executable, "-m", "moelora_dist.cli.main"]
+    job = launcher(args) if args.tp > 1 else [sys.executable, "-m", "moelora_dist.cli.main"]
     cmd = [*job, "serve", *serve_options(args), *extra, "--port", str(port)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
