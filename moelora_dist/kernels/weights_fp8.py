@@ -16,7 +16,7 @@ groups in which the kernels quantize activations, so a rank's columns must start
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -44,6 +44,15 @@ class BlockFP8Weight(NamedTuple):
         return (self.weight.numel() * self.weight.element_size()
                 + self.scale_inv.numel() * self.scale_inv.element_size())
 
+    def row_view(self, start: int, end: int) -> "BlockFP8Weight":
+        """Rows ``[start, end)`` as views of this weight's values and scales (``start`` on a
+        scale block: a multiple of ``block_n``)."""
+        if start % self.block_n:
+            raise ValueError(f"row {start} does not start a block of {self.block_n} rows")
+        bn = self.block_n
+        return BlockFP8Weight(self.weight[..., start:end, :],
+                              self.scale_inv[..., start // bn:-(-end // bn), :], bn)
+
     def check(self) -> None:
         """Internal invariants of the tuple (loaders build it; a wrong one is a bug)."""
         w, s = self.weight, self.scale_inv
@@ -56,3 +65,31 @@ class BlockFP8Weight(NamedTuple):
 
 def is_fp8(w) -> bool:
     return isinstance(w, BlockFP8Weight)
+
+
+def can_cat_rows(ws: Sequence[BlockFP8Weight]) -> bool:
+    """Whether :func:`cat_rows` takes ``ws``: one scale block size, the same leading dims and
+    columns, and every part but the last made of whole blocks (so the stored scales serve the
+    concatenation as they are: no scale is added or re-blocked)."""
+    if not ws:
+        return False
+    w0 = ws[0]
+    lead, K = w0.weight.shape[:-2], w0.weight.shape[-1]
+    return (all(w.block_n == w0.block_n and w.weight.shape[:-2] == lead
+                and w.weight.shape[-1] == K for w in ws)
+            and all(w.weight.shape[-2] % w.block_n == 0 for w in ws[:-1]))
+
+
+def cat_rows(ws: Sequence[BlockFP8Weight]) -> BlockFP8Weight:
+    """The weights' rows concatenated, values and scales, as one GEMM computes them (q, k and
+    v; gate and up); ``ws`` as :func:`can_cat_rows` accepts. Part ``i`` is then
+    ``row_view(start_i, start_i + rows_i)`` of the result."""
+    if not can_cat_rows(ws):
+        raise ValueError("cat_rows needs weights of one scale block size, leading dims and "
+                         "column count, all but the last of whole blocks; got "
+                         f"{[(tuple(w.weight.shape), w.block_n) for w in ws]}")
+    out = BlockFP8Weight(torch.cat([w.weight for w in ws], dim=-2).contiguous(),
+                         torch.cat([w.scale_inv for w in ws], dim=-2).contiguous(),
+                         ws[0].block_n)
+    out.check()
+    return out

@@ -28,13 +28,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from moelora_dist.config.model import ModelConfig, ModelConfigError
 from moelora_dist.kernels.paged_attention import naive as pa_naive
 from moelora_dist.models.batch import ForwardBatch, PagedKVCache
 from moelora_dist.models.fp8_weights import read_linear
-from moelora_dist.models.lora_linear import DenseLoRA, base_linear, linear_with_lora
+from moelora_dist.models.lora_linear import DenseLoRA, base_linear, fuse_rows, linear_with_lora
 from moelora_dist.models.ops import rms_norm, rms_norm_sharded
 from moelora_dist.models.paged_rope import rotate_then_write
 
@@ -82,7 +81,8 @@ class TPAttention:
 
     ``w_qkv [(N_q + 2 N_kv) * D, H]``: q, k and v rows of this rank concatenated at load so
     that one GEMM computes all three (``w["q_proj"]``, ``w["k_proj"]``, ``w["v_proj"]`` are
-    views of it; block-FP8 projections stay three, each with its scales); ``w_o [H, N_q*D]``
+    views of it; block-FP8 projections too, their scale rows with them, see
+    :func:`.lora_linear.fuse_rows`); ``w_o [H, N_q*D]``
     (rank-local), optional biases, q/k norm weights (``[D]`` per head for Qwen3, this rank's
     slice of the whole projection for OLMoE).
     ``backend``: ``"torch"`` (the references) or ``"triton"`` for the paged-attention kernels.
@@ -99,14 +99,11 @@ class TPAttention:
         self.sizes = [split.num_q * D, split.num_kv * D, split.num_kv * D]
         w = dict(weights)
         names = ("q_proj", "k_proj", "v_proj")
-        # Block-FP8 projections keep their own scales per projection: not fused.
-        self.fused = all(isinstance(w[n], torch.Tensor) for n in names)
-        if self.fused:
-            w["qkv_proj"] = torch.cat([w.pop(n) for n in names]).contiguous()
-            for n, part in zip(names, w["qkv_proj"].split(self.sizes)):
-                w[n] = part
-            if "q_proj.bias" in w:
-                w["qkv_proj.bias"] = torch.cat([w.pop(f"{n}.bias") for n in names]).contiguous()
+        # One GEMM for the three when they are of one kind (all in the model dtype, or all
+        # block-FP8: their scale rows are concatenated too); a mix stays three.
+        self.fused = fuse_rows(w, names, "qkv_proj")
+        if self.fused and "q_proj.bias" in w:
+            w["qkv_proj.bias"] = torch.cat([w.pop(f"{n}.bias") for n in names]).contiguous()
         self.w = w
         # Rows of the pool's replicated k/v LoRA B that belong to this rank's kv head.
         self.kv_rows = None if split.kv_sharded else slice(
@@ -136,7 +133,7 @@ class TPAttention:
             pending = lora.begin(x_TH, [(f"{p}.q_proj", None), (f"{p}.k_proj", self.kv_rows),
                                         (f"{p}.v_proj", self.kv_rows)])
         if self.fused:
-            qkv = F.linear(x_TH, self.w["qkv_proj"], self.w.get("qkv_proj.bias"))
+            qkv = base_linear(x_TH, self.w["qkv_proj"], self.w.get("qkv_proj.bias"))
             q, k, v = qkv.split(self.sizes, dim=1)
         else:
             q, k, v = (base_linear(x_TH, self.w[n], self.w.get(f"{n}.bias"))

@@ -23,7 +23,7 @@ import torch
 
 from moelora_dist.kernels.block_fp8 import naive as fp8_naive
 from moelora_dist.kernels.dense_lora import naive as dense_naive
-from moelora_dist.kernels.weights_fp8 import BlockFP8Weight
+from moelora_dist.kernels.weights_fp8 import BlockFP8Weight, can_cat_rows, cat_rows
 from moelora_dist.lora.batch_info import BatchInfo
 
 
@@ -178,3 +178,28 @@ def base_linear(x_TI: torch.Tensor, w_OI, bias_O: torch.Tensor | None = None) ->
 
         return ops.block_fp8_linear(x_TI, w_OI, bias_O)
     return fp8_naive.block_fp8_linear(x_TI, w_OI, bias_O)
+
+
+def fuse_rows(w: dict, names: tuple[str, ...], fused: str) -> bool:
+    """Replace the base weights ``w[name]`` (same input, in order) by one weight ``w[fused]``
+    whose rows are theirs concatenated, and each ``w[name]`` by a view of its rows, so that one
+    GEMM (one launch) computes them all; the caller splits its output by the parts' rows.
+    Done when all are tensors, or all block-FP8 parts that concatenate with their stored
+    scales as they are (:func:`~moelora_dist.kernels.weights_fp8.can_cat_rows`: whole 128-row
+    blocks, as q/k/v of 128-dim heads are); anything else is left as it is. Returns whether
+    it fused."""
+    parts = [w[n] for n in names]
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        w[fused] = torch.cat(parts).contiguous()
+        views = w[fused].split([p.shape[0] for p in parts])
+    elif all(isinstance(p, BlockFP8Weight) for p in parts) and can_cat_rows(parts):
+        w[fused] = cat_rows(parts)
+        starts = [0]
+        for p in parts[:-1]:
+            starts.append(starts[-1] + p.shape[0])
+        views = [w[fused].row_view(s, s + p.shape[0]) for s, p in zip(starts, parts)]
+    else:
+        return False
+    for n, view in zip(names, views):
+        w[n] = view
+    return True

@@ -28,19 +28,27 @@ def _weights(model):
     for layer in model.layers:
         yield layer["ln1"]
         yield layer["ln2"]
-        w = layer["attn"].w
-        fused = "qkv_proj" in w  # q/k/v_proj are then views of it
-        yield from (t for k, t in w.items() if not (fused and k in ("q_proj", "k_proj",
-                                                                   "v_proj")))
+        yield from _owned(layer["attn"].w)
         if "moe" in layer:
             base = layer["moe"].base
             yield from (base.router, base.w_gate_up, base.w_down)
             yield from (t for t in (base.router_bias, base.correction_bias, base.b_gate_up,
                                     base.b_down) if t is not None)
             if "shared" in layer:
-                yield from layer["shared"].w.values()
+                yield from _owned(layer["shared"].w)
         else:
-            yield from layer["mlp"].w.values()
+            yield from _owned(layer["mlp"].w)
+
+
+# A fused weight and the parts that are views of its rows (``lora_linear.fuse_rows``).
+_FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _owned(w: dict):
+    """The weights of ``w`` that own their memory (not the views of a fused weight's rows)."""
+    views = {p for fused, parts in _FUSED_PARTS.items() if fused in w for p in parts}
+    return (t for k, t in w.items() if k not in views)
 
 
 def weight_bytes(model) -> tuple[int, int]:

@@ -19,13 +19,15 @@ import torch.nn.functional as F
 
 from moelora_dist.config.model import ModelConfig, ModelConfigError
 from moelora_dist.models.fp8_weights import read_linear
-from moelora_dist.models.lora_linear import DenseLoRA, base_linear, linear_with_lora
+from moelora_dist.models.lora_linear import DenseLoRA, base_linear, fuse_rows, linear_with_lora
 from moelora_dist.models.moe_weights import RankMoEWeights, load_moe_weights
 from moelora_dist.models.moe_weights_fp8 import experts_stored_fp8, load_moe_weights_fp8
 
 
 class DenseMLP:
-    """``w_gate``/``w_up`` ``[F_l, H]`` and ``w_down`` ``[H, F_l]`` of one rank.
+    """``w_gate``/``w_up`` ``[F_l, H]`` and ``w_down`` ``[H, F_l]`` of one rank; gate and up
+    concatenated at construction into ``w["gate_up_proj"] [2 F_l, H]`` (one GEMM) when both are
+    tensors or both block-FP8 (:func:`.lora_linear.fuse_rows`).
 
     ``module``: the MLP's name inside the decoder layer (``mlp``, or ``mlp.shared_experts``):
     its LoRA pool paths are ``layers.{layer}.{module}.{gate,up,down}_proj``.
@@ -33,8 +35,12 @@ class DenseMLP:
 
     def __init__(self, layer: int, weights: dict[str, torch.Tensor], tp_group=None,
                  module: str = "mlp"):
-        self.layer, self.w, self.tp_group = layer, weights, tp_group
+        self.layer, self.tp_group = layer, tp_group
         self.prefix = f"layers.{layer}.{module}"
+        self.w = dict(weights)
+        self.inter = self.w["gate_proj"].shape[0]
+        # gate and up in one GEMM (w["gate_proj"], w["up_proj"] become views of its rows)
+        self.fused = fuse_rows(self.w, ("gate_proj", "up_proj"), "gate_up_proj")
 
     def forward(self, x_TH: torch.Tensor, lora: DenseLoRA | None = None) -> torch.Tensor:
         """``[T, H]`` -> ``[T, H]``, summed over TP ranks. ``lora``: this forward's
@@ -43,8 +49,11 @@ class DenseMLP:
         # gate and up read the same x: one shrink launch, beside their base GEMMs
         pending = (lora.begin(x_TH, [(f"{p}.gate_proj", None), (f"{p}.up_proj", None)])
                    if lora is not None else None)
-        gate = base_linear(x_TH, self.w["gate_proj"])
-        up = base_linear(x_TH, self.w["up_proj"])
+        if self.fused:
+            gate, up = base_linear(x_TH, self.w["gate_up_proj"]).split(self.inter, dim=1)
+        else:
+            gate = base_linear(x_TH, self.w["gate_proj"])
+            up = base_linear(x_TH, self.w["up_proj"])
         if pending is not None:
             gate, up = pending.finish([gate, up])
         y = linear_with_lora(F.silu(gate) * up, self.w["down_proj"], None, lora,
