@@ -43,8 +43,9 @@
 #             labelled ab-<name>                                        ~15 s per variant
 #   consts    launches once per variant of ${CONSTS}: "name=MOD:NAME=V,MOD:NAME=V;name2=..."
 #             (module constants set by benchmarks/device/with_constants.py; "name=" runs
-#             the code as is), labelled c-<name>; with ENGINE_CONSTS=1 also the engine
-#             benchmark per variant (${ENGINE_ARGS}), its CSV engine_c-<name>.csv
+#             the code as is), labelled c-<name> (launches options: ${LAUNCHES_ARGS}, e.g.
+#             --fp8); with ENGINE_CONSTS=1 also the engine benchmark per variant
+#             (${ENGINE_ARGS}), its CSV engine_c-<name>.csv
 #   bash benchmarks/device/run_session.sh STEP...
 # Logs and CSVs go to $RES; after every step they are packed into $OUT/results.tgz (the tool
 # brings back at most 8 files).
@@ -188,7 +189,7 @@ for s in "$@"; do
       IFS=',' read -ra fields <<<"${v#*=}"
       for f in "${fields[@]}"; do [ -n "$f" ] && sets+=(--set "$f"); done
       timeout "$(t 120)" python3 -m benchmarks.device.with_constants "${sets[@]}" -- \
-        benchmarks launches --out "$RES" --label "c-$name" >>"$RES/launches.log" 2>&1; rc $?
+        benchmarks launches --out "$RES" --label "c-$name" ${LAUNCHES_ARGS:-} >>"$RES/launches.log" 2>&1; rc $?
       if [ -n "${ENGINE_CONSTS:-}" ]; then
         mkdir -p "$RES/engine_c-$name"
         timeout "$(t ${ENGINE_S:-260})" python3 -m benchmarks.device.with_constants "${sets[@]}" \

@@ -33,7 +33,8 @@ from moelora_dist.config.model import ModelConfig, ModelConfigError
 from moelora_dist.kernels.paged_attention import naive as pa_naive
 from moelora_dist.models.batch import ForwardBatch, PagedKVCache
 from moelora_dist.models.fp8_weights import read_linear
-from moelora_dist.models.lora_linear import DenseLoRA, base_linear, fuse_rows, linear_with_lora
+from moelora_dist.models.lora_linear import (DeferredLoRA, DenseLoRA, base_linear, fuse_rows,
+                                             linear_with_lora)
 from moelora_dist.models.ops import rms_norm, rms_norm_sharded
 from moelora_dist.models.paged_rope import rotate_then_write
 
@@ -119,7 +120,9 @@ class TPAttention:
     def forward(self, x_TH: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache,
                 rope: tuple[torch.Tensor, torch.Tensor],
                 lora: DenseLoRA | None = None) -> torch.Tensor:
-        """``[T, H]`` -> ``[T, H]`` (full sum over TP ranks on every rank).
+        """``[T, H]`` -> ``[T, H]`` (full sum over TP ranks on every rank); with
+        :data:`.lora_linear.FUSE_EXPAND` on one GPU a :class:`.lora_linear.DeferredLoRA` (o's
+        base output and its pending delta, for the residual add + norm to fuse).
 
         ``rope``: the model's ``cos, sin`` tables ``[max_positions, D/2]`` fp32. ``lora``: this
         forward's dense LoRA (:class:`.lora_linear.DenseLoRA`), or None when no token of the
@@ -138,7 +141,10 @@ class TPAttention:
         else:
             q, k, v = (base_linear(x_TH, self.w[n], self.w.get(f"{n}.bias"))
                        for n in ("q_proj", "k_proj", "v_proj"))
-        if pending is not None:
+        # q/k/v's expand inside the page write (FUSE_EXPAND) where nothing runs between them
+        fuse = (pending is not None and lora.fuses_expand and not self.partial
+                and cfg.qk_norm != "full" and cfg.clip_qkv is None)
+        if pending is not None and not fuse:
             q, k, v = pending.finish([q, k, v])
         if cfg.qk_norm == "full":
             q = rms_norm_sharded(q, self.w["q_norm"], cfg.rms_norm_eps, cfg.num_heads * D,
@@ -160,15 +166,21 @@ class TPAttention:
             q_TND = kern.rope_write(q3, k3, v3, batch.positions_T, rope[0], rope[1],
                                     batch.slot_mapping_T, k_pages, v_pages,
                                     self.w["q_norm"] if head else None,
-                                    self.w["k_norm"] if head else None, cfg.rms_norm_eps)
+                                    self.w["k_norm"] if head else None, cfg.rms_norm_eps,
+                                    **(dict(lora=pending.token_lora()) if fuse else {}))
         out_TND = kern.paged_attention(q_TND, k_pages, v_pages, batch.block_tables_BM,
                                        batch.kv_lens_B, batch.seg_indptr_B1, scale=D ** -0.5,
                                        sliding_window=self.window,
                                        decode_only=batch.decode_only,
                                        sinks_N=self.w.get("sinks"))
         # o is row parallel: its bias is added once, after the sum over ranks, not per rank.
-        o = linear_with_lora(out_TND.reshape(T, sp.num_q * D), self.w["o_proj"], None, lora,
-                             f"{self.prefix}.o_proj")
+        o_in = out_TND.reshape(T, sp.num_q * D)
+        single = self.tp_group is None or dist.get_world_size(self.tp_group) == 1
+        if (lora is not None and lora.fuses_expand and single
+                and "o_proj.bias" not in self.w):  # the next residual add + norm adds it
+            pending_o = lora.begin(o_in, [(f"{self.prefix}.o_proj", None)])
+            return DeferredLoRA(base_linear(o_in, self.w["o_proj"]), pending_o)
+        o = linear_with_lora(o_in, self.w["o_proj"], None, lora, f"{self.prefix}.o_proj")
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             dist.all_reduce(o, group=self.tp_group)
         if "o_proj.bias" in self.w:

@@ -18,6 +18,7 @@ TP and the delta rides on the same all-reduce as the base output.
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 
@@ -32,6 +33,15 @@ from moelora_dist.lora.batch_info import BatchInfo
 # microseconds of latency that the base GEMM, which leaves most SMs idle there, can hide. Up to
 # this many tokens; 0 turns it off (every launch on the caller's stream, in the same order).
 OVERLAP_MAX_TOKENS = 512
+
+# On CUDA, the expand of q/k/v runs inside the page write and o's inside the residual add +
+# norm that follows attention (one-GPU layouts: under TP o's delta must join the all-reduce),
+# instead of a ``dense_expand`` launch each: two launches less per layer with adapters
+# (``kernels.dense_lora.ops.TokenLoRA``). Off until it has run on a GPU: built and tested under
+# the interpreter on 2026-12-04 (S10), when no device machine was lent;
+# `benchmarks/device/with_constants.py` turns it on for an A/B
+# (moelora_dist.models.lora_linear:FUSE_EXPAND=true).
+FUSE_EXPAND = False
 
 _side_streams: dict[int, "torch.cuda.Stream"] = {}
 
@@ -58,19 +68,53 @@ class PendingLoRA:
         if len(ys) != len(self.modules):
             raise ValueError(f"{len(ys)} outputs for a group of {len(self.modules)} modules")
         lora, pool = self.lora, self.lora.pool
-        bufs = [pool.dense_buffers(path) for path, _ in self.modules]
-        b_list = [buf.b if rows is None else buf.b[:, rows]
-                  for buf, (_, rows) in zip(bufs, self.modules)]
+        b_list = self._b_list()
         if self.shrinks is None:  # the reference: everything here
-            dense_naive.add_dense_lora(ys, self.x_TI, [buf.a for buf in bufs], b_list,
-                                       lora.token_slot_T, pool.slot_rank_S)
+            a_list = [pool.dense_buffers(path).a for path, _ in self.modules]
+            dense_naive.add_dense_lora(ys, self.x_TI, a_list, b_list, lora.token_slot_T,
+                                       pool.slot_rank_S)
             return ys
         from moelora_dist.kernels.dense_lora import ops  # Triton: optional off x86-64 Linux
 
-        if self.side is not None:
-            torch.cuda.current_stream(self.x_TI.device).wait_stream(self.side)
+        self._join_side()
         ops.dense_expand(ys, b_list, self.shrinks, pool.slot_rank_S, lora._plan)
         return ys
+
+    def token_lora(self):
+        """Instead of :meth:`finish` (call one of them, once): the group as a per-token
+        consumer kernel takes it to add the deltas itself
+        (:class:`~moelora_dist.kernels.dense_lora.ops.TokenLoRA`; the Triton path of a group
+        of up to three modules)."""
+        if self.shrinks is None or len(self.shrinks) != 1:
+            raise ValueError("a fused expand needs the Triton shrink of one group")
+        from moelora_dist.kernels.dense_lora import ops  # Triton: optional off x86-64 Linux
+
+        self._join_side()
+        lora = self.lora
+        return ops.TokenLoRA(self.shrinks[0], self._b_list(), lora.token_slot_T,
+                             lora.slot_enabled_S, lora.pool.slot_rank_S)
+
+    def _b_list(self) -> list[torch.Tensor]:
+        bufs = [self.lora.pool.dense_buffers(path) for path, _ in self.modules]
+        return [buf.b if rows is None else buf.b[:, rows]
+                for buf, (_, rows) in zip(bufs, self.modules)]
+
+    def _join_side(self) -> None:
+        """The caller's stream waits for the shrink on the side stream (if it ran there)."""
+        if self.side is not None:
+            torch.cuda.current_stream(self.x_TI.device).wait_stream(self.side)
+
+
+class DeferredLoRA(NamedTuple):
+    """A module's base output whose LoRA delta its consumer adds (:data:`FUSE_EXPAND`): the
+    residual add + norm after attention fuses o's expand; any other consumer calls
+    :meth:`resolve` (the expand launch, as :func:`linear_with_lora` would have run it)."""
+
+    base: torch.Tensor
+    pending: PendingLoRA
+
+    def resolve(self) -> torch.Tensor:
+        return self.pending.finish([self.base])[0]
 
 
 class DenseLoRA:
@@ -89,6 +133,11 @@ class DenseLoRA:
         self.slot_enabled_S = batch_info.slot_enabled_S
         self.backend = backend
         self._plan = None
+
+    @property
+    def fuses_expand(self) -> bool:
+        """Whether consumers fuse the expand (:data:`FUSE_EXPAND` on the Triton path)."""
+        return FUSE_EXPAND and self.backend == "triton"
 
     def begin(self, x_TI: torch.Tensor, modules) -> PendingLoRA:
         """Start the LoRA of several modules that read the same input ``x`` (q, k and v: one

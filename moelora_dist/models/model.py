@@ -33,7 +33,7 @@ from moelora_dist.models.attention import HeadSplit, TPAttention
 from moelora_dist.kernels.norm import naive as norm_naive
 from moelora_dist.models.batch import ForwardBatch, PagedKVCache
 from moelora_dist.models.fp8_layout import check_fp8_layout
-from moelora_dist.models.lora_linear import DenseLoRA, base_linear
+from moelora_dist.models.lora_linear import DeferredLoRA, DenseLoRA, base_linear
 from moelora_dist.models.memory import describe_memory, place_weight
 from moelora_dist.models.mla import TPMLA
 from moelora_dist.models.mlp import DenseMLP
@@ -259,6 +259,12 @@ class MoELoRAModel:
                                        self.cfg.head_dim, self.dtype)
 
     def _add_norm(self, h_TH, delta_TH, weight_H):
+        lora = None
+        if isinstance(delta_TH, DeferredLoRA):  # o's expand, fused into the kernel below
+            if self.backend == "triton" and not self.cfg.norm_weight_first:
+                delta_TH, lora = delta_TH.base, delta_TH.pending.token_lora()
+            else:
+                delta_TH = delta_TH.resolve()
         if self.cfg.norm_weight_first:  # gpt-oss's RMSNorm (weight x fp32 value, then cast)
             if delta_TH is not None:
                 h_TH.add_(delta_TH)
@@ -266,7 +272,7 @@ class MoELoRAModel:
         if self.backend == "triton":
             from moelora_dist.kernels.norm import ops  # Triton: optional off x86-64 Linux
 
-            return ops.add_rms_norm(h_TH, delta_TH, weight_H, self.cfg.rms_norm_eps)
+            return ops.add_rms_norm(h_TH, delta_TH, weight_H, self.cfg.rms_norm_eps, lora=lora)
         return norm_naive.add_rms_norm(h_TH, delta_TH, weight_H, self.cfg.rms_norm_eps)
 
     @torch.no_grad()

@@ -259,3 +259,81 @@ def test_router_kernel_matches_torch_topk_on_cuda(E, K, renorm, T):
     graph.replay()
     fresh = ops.softmax_topk(static, K, renorm)
     assert torch.equal(out[0], fresh[0]) and torch.equal(out[1], fresh[1])
+
+
+@pytest.mark.parametrize("T", [1, 64])
+def test_fused_expand_consumers_match_the_expand_launch_and_replay(T):
+    """``lora_linear.FUSE_EXPAND``'s kernels at Qwen3-30B-A3B's attention shapes (32 query /
+    4 kv heads of 128, hidden 2048, 8 slots of rank 16, side-stream shrink): the page write
+    with the q/k/v expand and the residual add + norm with o's equal the expand launch
+    followed by the plain kernels (TF32 in the expand against fp32 here: 1e-2 of the largest
+    value), and a CUDA-graph replay of the fused pair equals its eager call bit for bit."""
+    from types import SimpleNamespace
+
+    from moelora_dist.kernels.norm import ops as norm_ops
+    from moelora_dist.kernels.paged_attention import ops as pa_ops
+    from moelora_dist.kernels.paged_attention.naive import rope_tables
+    from moelora_dist.models import lora_linear
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    S, R, H, Nq, Nk, D = 8, 16, 2048, 32, 4, 128
+    outs = {"q": Nq * D, "k": Nk * D, "v": Nk * D, "o": H}
+    ins = {"q": H, "k": H, "v": H, "o": Nq * D}
+    bufs = {m: SimpleNamespace(
+        a=(torch.randn(S, R, ins[m], generator=g, device="cuda") * 0.05).bfloat16(),
+        b=(torch.randn(S, o, R, generator=g, device="cuda") * 0.05).bfloat16())
+        for m, o in outs.items()}
+    rank = torch.tensor([16, 8, 16, 0, 16, 4, 16, 16], dtype=torch.int32, device="cuda")
+    pool = SimpleNamespace(dense_buffers=bufs.__getitem__, slot_rank_S=rank)
+    slot_T = torch.tensor([((t + 1) % (S + 1)) - 1 for t in range(T)], dtype=torch.int32,
+                          device="cuda")
+    info = SimpleNamespace(token_slot_T=slot_T, slot_enabled_S=rank > 0)
+    x = torch.randn(T, H, generator=g, device="cuda").bfloat16()
+    qkv0 = torch.randn(T, (Nq + 2 * Nk) * D, generator=g, device="cuda").bfloat16()
+    attn = torch.randn(T, Nq * D, generator=g, device="cuda").bfloat16()
+    o0 = torch.randn(T, H, generator=g, device="cuda").bfloat16()
+    h0 = torch.randn(T, H, generator=g, device="cuda").bfloat16()
+    wn = torch.ones(H, device="cuda").bfloat16()
+    qn = (1 + 0.1 * torch.randn(D, generator=g, device="cuda")).bfloat16()
+    cos, sin = (t.cuda() for t in rope_tables(D, 1e6, 1024))
+    pos = torch.arange(T, device="cuda") + 500
+    page_slots = torch.arange(T, device="cuda") * 3
+    pages = [torch.zeros(T * 3 // 16 + 2, 16, Nk, D, device="cuda").bfloat16() for _ in "kv"]
+    qkv_mods = [("q", None), ("k", None), ("v", None)]
+
+    def step(fuse: bool):
+        lora = lora_linear.DenseLoRA(pool, info, "triton")
+        h = h0.clone()
+        qkv = qkv0.clone()
+        q, k, v = (t.view(T, -1, D) for t in qkv.split([Nq * D, Nk * D, Nk * D], dim=1))
+        pending = lora.begin(x, qkv_mods)
+        if fuse:
+            q_out = pa_ops.rope_write(q, k, v, pos, cos, sin, page_slots, *pages, qn, qn,
+                                      1e-6, lora=pending.token_lora())
+            pend_o = lora.begin(attn, [("o", None)])
+            out = norm_ops.add_rms_norm(h, o0, wn, 1e-6, lora=pend_o.token_lora())
+        else:
+            pending.finish([q.view(T, -1), k.view(T, -1), v.view(T, -1)])
+            q_out = pa_ops.rope_write(q, k, v, pos, cos, sin, page_slots, *pages, qn, qn, 1e-6)
+            o = lora.begin(attn, [("o", None)]).finish([o0.clone()])[0]
+            out = norm_ops.add_rms_norm(h, o, wn, 1e-6)
+        return q_out, out, h, pages[0].clone(), pages[1].clone()
+
+    plain = step(False)
+    fused = step(True)
+    torch.cuda.synchronize()
+    for a_, b_ in zip(fused, plain):
+        err = (a_.float() - b_.float()).abs().max().item()
+        assert err <= 1e-2 * b_.float().abs().max().item(), err
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step(True)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a_, b_ in zip(static, fused):
+        assert torch.equal(a_, b_)

@@ -135,3 +135,50 @@ def _dense_expand_kernel(y0_ptr, y1_ptr, y2_ptr, b0_ptr, b1_ptr, b2_ptr, shrink_
     else:
         _expand_tile(y2_ptr, b2_ptr, s, slot, rows, row_mask, offs_r, r_mask,
                      tile - tiles0 - tiles1, out2, sy2t, sy2o, sb2s, sb2o, sb2r, BLOCK_N)
+
+
+# --- The expand inside a per-token consumer kernel (the page write, the residual add + norm):
+# the token's summed shrink and the delta of some of its output features, computed where the
+# consumer loads them, so that no expand launch runs between the base GEMM and the consumer.
+
+@triton.jit
+def _token_shrink(shrink_ptr, module, t, num_splits, stride_ssp, stride_sm, stride_st,
+                  token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, BLOCK_R: tl.constexpr):
+    """Token ``t``'s shrink of ``module`` (fp32 ``[BLOCK_R]``: the partials of
+    :func:`_dense_shrink_kernel` added in split order), its slot (int64, 0 when it has none)
+    and the rank columns to use (none when the token's slot is -1, disabled or of rank 0:
+    the tokens the shrink plan leaves out, whose rows were never written)."""
+    slot = tl.load(token_slot_ptr + t).to(tl.int64)
+    safe = tl.maximum(slot, 0)
+    rank = tl.load(slot_rank_ptr + safe)
+    enabled = tl.load(slot_enabled_ptr + safe).to(tl.int32)
+    rank = tl.where((slot >= 0) & (enabled != 0), rank, 0)  # no columns: no delta
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    s = tl.zeros([BLOCK_R], dtype=tl.float32)
+    ptr = shrink_ptr + module * stride_sm + t * stride_st + offs_r
+    for sp in range(0, num_splits):
+        s += tl.load(ptr + sp * stride_ssp, mask=r_mask, other=0.0)
+    return s, safe, r_mask
+
+
+@triton.jit
+def _delta_1d(b_ptr, slot, offs_o, o_mask, s, r_mask, stride_bs, stride_bo, stride_br,
+              BLOCK_R: tl.constexpr):
+    """``delta[o] = sum_r s[r] b[slot, o, r]`` (fp32) for output features ``offs_o [N]``."""
+    offs_r = tl.arange(0, BLOCK_R)
+    b = tl.load(b_ptr + slot * stride_bs + offs_o[:, None] * stride_bo
+                + offs_r[None, :] * stride_br, mask=o_mask[:, None] & r_mask[None, :],
+                other=0.0).to(tl.float32)
+    return tl.sum(b * s[None, :], 1)
+
+
+@triton.jit
+def _delta_2d(b_ptr, slot, offs_o, o_mask, s, r_mask, stride_bs, stride_bo, stride_br,
+              BLOCK_R: tl.constexpr):
+    """:func:`_delta_1d` for a 2-D tile of output features ``offs_o [A, B]``."""
+    offs_r = tl.arange(0, BLOCK_R)
+    b = tl.load(b_ptr + slot * stride_bs + offs_o[:, :, None] * stride_bo
+                + offs_r[None, None, :] * stride_br,
+                mask=o_mask[:, :, None] & r_mask[None, None, :], other=0.0).to(tl.float32)
+    return tl.sum(b * s[None, None, :], 2)

@@ -15,6 +15,8 @@ rounded once. No global PyTorch flag is touched.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 
@@ -31,6 +33,29 @@ MAX_SPLIT_K = 16
 # Partials of a split shrink the expand loads at once (a loop of one per step waited for each
 # load in turn); 1 where the shrink is not split (prefill tiles keep their registers).
 EXPAND_UNROLL = 8
+
+
+class TokenLoRA(NamedTuple):
+    """The LoRA of a group whose expand a per-token consumer kernel fuses (the page write for
+    q/k/v, the residual add + norm for o): the group's shrink partials, each module's ``b``
+    and the tables that say which tokens have a delta. Made by the model's ``PendingLoRA``
+    once the shrink is queued; the consumer adds ``b[slot] s`` to what it loads."""
+
+    shrink: torch.Tensor  # [P, n, T, BR] fp32 partials (dense_shrink)
+    b_list: list  # per module [S, O_j, R] (views allowed)
+    token_slot_T: torch.Tensor  # [T] int32, -1 none
+    slot_enabled_S: torch.Tensor  # [S] bool
+    slot_rank_S: torch.Tensor  # [S] int32
+
+    @property
+    def block_r(self) -> int:
+        return int(self.shrink.shape[3])
+
+    def shrink_args(self) -> tuple:
+        """What the kernels' ``_token_shrink`` takes: the partials, their count and strides
+        (split, module, token), and the three tables."""
+        return (self.shrink, int(self.shrink.shape[0]), *self.shrink.stride()[:3],
+                self.token_slot_T, self.slot_enabled_S, self.slot_rank_S)
 
 
 def _block_m(num_tokens: int, num_slots: int) -> int:

@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from moelora_dist.kernels.dense_lora.kernel import _delta_1d, _token_shrink
+
 
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, out_ptr, hidden, eps, stride_h, stride_d,
@@ -23,3 +25,44 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, out_ptr, hidden, eps, stride_h, st
     y = (x * tl.rsqrt(var + eps)).to(dt).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, (w * y).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _add_rms_norm_lora_kernel(h_ptr, d_ptr, w_ptr, out_ptr, hidden, eps, stride_h, stride_d,
+                              stride_o, shrink_ptr, num_splits, stride_ssp, stride_sm,
+                              stride_st, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                              b_ptr, stride_bs, stride_bo, stride_br,
+                              BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One row of :func:`_add_rms_norm_kernel` whose ``d`` (a base output, o's) still lacks
+    its LoRA delta: ``d' = round(d + b[slot] s)`` (fp32 sum, rounded once, as the expand
+    launch stores it), ``h = round(h + d')`` stored back, then the norm. Two passes over
+    ``BLOCK_C`` columns (the delta tile of a whole row would not fit in registers): the first
+    adds and stores ``h`` and sums its squares, the second reads ``h`` back and normalizes."""
+    row = tl.program_id(0).to(tl.int64)
+    s, slot, r_mask = _token_shrink(shrink_ptr, 0, row, num_splits, stride_ssp, stride_sm,
+                                    stride_st, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                                    BLOCK_R)
+    sq = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, hidden, BLOCK_C):
+        offs = c0 + tl.arange(0, BLOCK_C)
+        ok = offs < hidden
+        h = tl.load(h_ptr + row * stride_h + offs, mask=ok, other=0.0)
+        d = tl.load(d_ptr + row * stride_d + offs, mask=ok, other=0.0)
+        dt = h.dtype
+        delta = _delta_1d(b_ptr, slot, offs, ok, s, r_mask, stride_bs, stride_bo, stride_br,
+                          BLOCK_R)
+        d = (d.to(tl.float32) + delta).to(d.dtype)
+        h = (h.to(tl.float32) + d.to(tl.float32)).to(dt)
+        tl.store(h_ptr + row * stride_h + offs, h, mask=ok)
+        x = h.to(tl.float32)
+        sq += x * x
+    rstd = tl.rsqrt(tl.sum(sq, 0) / hidden + eps)
+    tl.debug_barrier()  # the second pass reads what the first stored
+    for c0 in range(0, hidden, BLOCK_C):
+        offs = c0 + tl.arange(0, BLOCK_C)
+        ok = offs < hidden
+        h = tl.load(h_ptr + row * stride_h + offs, mask=ok, other=0.0)
+        y = (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + offs, (w * y).to(out_ptr.dtype.element_ty),
+                 mask=ok)

@@ -6,18 +6,33 @@ from __future__ import annotations
 import torch
 
 from moelora_dist.kernels.constants import next_power_of_2
-from moelora_dist.kernels.norm.kernel import _add_rms_norm_kernel
+from moelora_dist.kernels.norm.kernel import _add_rms_norm_kernel, _add_rms_norm_lora_kernel
+
+LORA_BLOCK_C = 512  # columns per step of the fused-expand norm (a 512 x R tile of b)
 
 
 def add_rms_norm(h_TH: torch.Tensor, delta_TH: torch.Tensor | None, weight_H: torch.Tensor,
-                 eps: float) -> torch.Tensor:
-    """See :func:`moelora_dist.kernels.norm.naive.add_rms_norm` (rows with unit stride)."""
+                 eps: float, lora=None) -> torch.Tensor:
+    """See :func:`moelora_dist.kernels.norm.naive.add_rms_norm` (rows with unit stride).
+
+    ``lora``: a :class:`~moelora_dist.kernels.dense_lora.ops.TokenLoRA` of one module whose
+    output ``delta_TH`` is before its LoRA delta: the expand is fused here (one launch for
+    the expand, the residual add and the norm; :data:`LORA_BLOCK_C` columns at a time)."""
     T, H = h_TH.shape
     out = torch.empty_like(h_TH)
     if T == 0:
         return out
     if h_TH.stride(1) != 1 or (delta_TH is not None and delta_TH.stride(1) != 1):
         raise ValueError("add_rms_norm needs rows with unit stride")
+    if lora is not None:
+        if delta_TH is None or len(lora.b_list) != 1:
+            raise ValueError("a fused LoRA expand needs the module's output and one module")
+        b = lora.b_list[0]
+        _add_rms_norm_lora_kernel[(T,)](
+            h_TH, delta_TH, weight_H, out, H, eps, h_TH.stride(0), delta_TH.stride(0),
+            out.stride(0), *lora.shrink_args(), b, *b.stride(),
+            BLOCK_C=min(LORA_BLOCK_C, next_power_of_2(H)), BLOCK_R=lora.block_r, num_warps=8)
+        return out
     d = delta_TH if delta_TH is not None else h_TH
     _add_rms_norm_kernel[(T,)](h_TH, d, weight_H, out, H, eps, h_TH.stride(0), d.stride(0),
                                out.stride(0), HAS_DELTA=delta_TH is not None,

@@ -24,6 +24,8 @@ embedding from the fp32 tables, q stored to a new tensor, k and v stored into th
 import triton
 import triton.language as tl
 
+from moelora_dist.kernels.dense_lora.kernel import _delta_2d, _token_shrink
+
 LOG2E = 1.4426950408889634  # the host's scale factor (ops.py)
 _LOG2E = tl.constexpr(LOG2E)  # the same inside kernels (globals there must be constexpr)
 
@@ -238,17 +240,20 @@ def _paged_combine_kernel(out_ptr, seg_indptr_ptr, kv_lens_ptr, sinks_ptr, part_
 
 
 @triton.jit
-def _norm_rope(x_ptr, w_ptr, cos, sin, heads, offs_h, offs_d, eps,
-               NUM_HEADS: tl.constexpr, HALF: tl.constexpr, HEAD_NORM: tl.constexpr):
-    """Rows ``offs_h`` of one token's ``[N, D]`` projection at ``x_ptr`` (head stride
-    ``heads``): optional per-head RMSNorm (transformers' rounding: normalized in fp32, cast,
-    scaled in the input dtype), then the rotary embedding, in fp32."""
-    h_ok = offs_h < NUM_HEADS
-    d_ok = offs_d < HALF
-    m = h_ok[:, None] & d_ok[None, :]
+def _load_halves(x_ptr, heads, offs_h, offs_d, NUM_HEADS: tl.constexpr, HALF: tl.constexpr):
+    """Both halves ``[len(offs_h), len(offs_d)]`` of rows ``offs_h`` of one token's
+    ``[N, D]`` projection at ``x_ptr`` (head stride ``heads``), in its dtype, and their mask."""
+    m = (offs_h < NUM_HEADS)[:, None] & (offs_d < HALF)[None, :]
     ptr = x_ptr + offs_h[:, None] * heads + offs_d[None, :]
-    x1 = tl.load(ptr, mask=m, other=0.0)
-    x2 = tl.load(ptr + HALF, mask=m, other=0.0)
+    return tl.load(ptr, mask=m, other=0.0), tl.load(ptr + HALF, mask=m, other=0.0), m
+
+
+@triton.jit
+def _norm_rope_values(x1, x2, w_ptr, cos, sin, offs_d, eps, HALF: tl.constexpr,
+                      HEAD_NORM: tl.constexpr):
+    """Optional per-head RMSNorm of the halves ``x1, x2`` (transformers' rounding: normalized
+    in fp32, cast, scaled in the input dtype), then the rotary embedding, in fp32."""
+    d_ok = offs_d < HALF
     dt = x1.dtype
     x1 = x1.to(tl.float32)
     x2 = x2.to(tl.float32)
@@ -261,7 +266,17 @@ def _norm_rope(x_ptr, w_ptr, cos, sin, heads, offs_h, offs_d, eps,
         x2 = (w2 * (x2 * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
     c = cos[None, :]
     s = sin[None, :]
-    return x1 * c - x2 * s, x2 * c + x1 * s, m
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
+def _norm_rope(x_ptr, w_ptr, cos, sin, heads, offs_h, offs_d, eps,
+               NUM_HEADS: tl.constexpr, HALF: tl.constexpr, HEAD_NORM: tl.constexpr):
+    """Rows ``offs_h`` of one token's ``[N, D]`` projection at ``x_ptr`` (head stride
+    ``heads``): :func:`_load_halves` then :func:`_norm_rope_values`."""
+    x1, x2, m = _load_halves(x_ptr, heads, offs_h, offs_d, NUM_HEADS, HALF)
+    y1, y2 = _norm_rope_values(x1, x2, w_ptr, cos, sin, offs_d, eps, HALF, HEAD_NORM)
+    return y1, y2, m
 
 
 @triton.jit
@@ -297,3 +312,79 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr
         src = v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
         tl.store(v_pages_ptr + dst, tl.load(src, mask=km, other=0.0), mask=km)
         tl.store(v_pages_ptr + dst + HALF, tl.load(src + HALF, mask=km, other=0.0), mask=km)
+
+
+@triton.jit
+def _with_delta(x1, x2, b_ptr, slot, s, r_mask, offs_h, offs_d, m, stride_bs, stride_bo,
+                stride_br, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The halves of heads ``offs_h`` with their LoRA delta added in fp32 and rounded once to
+    their dtype, as the expand launch would have stored them (projection row ``h * D + d``)."""
+    rows = offs_h[:, None] * (2 * HALF) + offs_d[None, :]
+    d1 = _delta_2d(b_ptr, slot, rows, m, s, r_mask, stride_bs, stride_bo, stride_br, BLOCK_R)
+    d2 = _delta_2d(b_ptr, slot, rows + HALF, m, s, r_mask, stride_bs, stride_bo, stride_br,
+                   BLOCK_R)
+    dt = x1.dtype
+    return (x1.to(tl.float32) + d1).to(dt), (x2.to(tl.float32) + d2).to(dt)
+
+
+@triton.jit
+def _rope_write_lora_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
+                            k_pages_ptr, v_pages_ptr, q_norm_ptr, k_norm_ptr, eps,
+                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                            stride_ot, stride_oh, stride_cos, stride_slot, stride_ph,
+                            shrink_ptr, num_splits, stride_ssp, stride_sm, stride_st,
+                            token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                            bq_ptr, bk_ptr, bv_ptr, sbq_s, sbq_o, sbq_r, sbk_s, sbk_o, sbk_r,
+                            sbv_s, sbv_o, sbv_r, q_groups,
+                            NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr,
+                            HEAD_GROUP: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                            BLOCK_R: tl.constexpr, HEAD_NORM: tl.constexpr):
+    """:func:`_rope_write_kernel` with the q/k/v LoRA expand fused in: program ``(t, g)``
+    takes ``HEAD_GROUP`` query heads (``g < q_groups``) or kv heads (the rest) of token ``t``,
+    adds each head's delta (``shrink`` of module 0/1/2 = q/k/v times its ``b``) to the loaded
+    projection, rounded once, then norms, rotates and stores as the plain kernel does."""
+    t = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_ok = offs_d < HALF
+    cos = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=d_ok, other=0.0)
+    sin = tl.load(sin_ptr + pos * stride_cos + offs_d, mask=d_ok, other=0.0)
+    if g < q_groups:
+        offs_h = g * HEAD_GROUP + tl.arange(0, HEAD_GROUP)
+        s, slot, r_mask = _token_shrink(shrink_ptr, 0, t, num_splits, stride_ssp, stride_sm,
+                                        stride_st, token_slot_ptr, slot_enabled_ptr,
+                                        slot_rank_ptr, BLOCK_R)
+        x1, x2, qm = _load_halves(q_ptr + t * stride_qt, stride_qh, offs_h, offs_d, NUM_Q, HALF)
+        x1, x2 = _with_delta(x1, x2, bq_ptr, slot, s, r_mask, offs_h, offs_d, qm, sbq_s, sbq_o,
+                             sbq_r, HALF, BLOCK_R)
+        q1, q2 = _norm_rope_values(x1, x2, q_norm_ptr, cos, sin, offs_d, eps, HALF, HEAD_NORM)
+        o = q_out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o, q1.to(q_out_ptr.dtype.element_ty), mask=qm)
+        tl.store(o + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=qm)
+    else:
+        page_slot = tl.load(slot_ptr + t)
+        if page_slot >= 0:
+            offs_h = (g - q_groups) * HEAD_GROUP + tl.arange(0, HEAD_GROUP)
+            dst = (page_slot.to(tl.int64) * stride_slot + offs_h[:, None] * stride_ph
+                   + offs_d[None, :])
+            s, slot, r_mask = _token_shrink(shrink_ptr, 1, t, num_splits, stride_ssp,
+                                            stride_sm, stride_st, token_slot_ptr,
+                                            slot_enabled_ptr, slot_rank_ptr, BLOCK_R)
+            x1, x2, km = _load_halves(k_ptr + t * stride_kt, stride_kh, offs_h, offs_d, NUM_KV,
+                                      HALF)
+            x1, x2 = _with_delta(x1, x2, bk_ptr, slot, s, r_mask, offs_h, offs_d, km, sbk_s,
+                                 sbk_o, sbk_r, HALF, BLOCK_R)
+            k1, k2 = _norm_rope_values(x1, x2, k_norm_ptr, cos, sin, offs_d, eps, HALF,
+                                       HEAD_NORM)
+            tl.store(k_pages_ptr + dst, k1.to(k_pages_ptr.dtype.element_ty), mask=km)
+            tl.store(k_pages_ptr + dst + HALF, k2.to(k_pages_ptr.dtype.element_ty), mask=km)
+            s, slot, r_mask = _token_shrink(shrink_ptr, 2, t, num_splits, stride_ssp,
+                                            stride_sm, stride_st, token_slot_ptr,
+                                            slot_enabled_ptr, slot_rank_ptr, BLOCK_R)
+            v1, v2, vm = _load_halves(v_ptr + t * stride_vt, stride_vh, offs_h, offs_d, NUM_KV,
+                                      HALF)
+            v1, v2 = _with_delta(v1, v2, bv_ptr, slot, s, r_mask, offs_h, offs_d, vm, sbv_s,
+                                 sbv_o, sbv_r, HALF, BLOCK_R)
+            tl.store(v_pages_ptr + dst, v1.to(v_pages_ptr.dtype.element_ty), mask=vm)
+            tl.store(v_pages_ptr + dst + HALF, v2.to(v_pages_ptr.dtype.element_ty), mask=vm)

@@ -33,7 +33,8 @@ from moelora_dist.kernels.constants import next_power_of_2
 from moelora_dist.kernels.device import capturing, num_sms
 from moelora_dist.kernels.paged_attention.kernel import (LOG2E, _paged_attention_kernel,
                                                          _paged_combine_kernel,
-                                                         _rope_write_kernel)
+                                                         _rope_write_kernel,
+                                                         _rope_write_lora_kernel)
 
 DECODE_ROWS = 16
 PREFILL_ROWS = 64
@@ -92,9 +93,18 @@ def _check_pages(k_pages: torch.Tensor, v_pages: torch.Tensor) -> None:
 
 
 def rope_write(q_TND, k_TND, v_TND, positions_T, cos_PH, sin_PH, slot_mapping_T, k_pages,
-               v_pages, q_norm_D=None, k_norm_D=None, eps: float = 1e-6) -> torch.Tensor:
+               v_pages, q_norm_D=None, k_norm_D=None, eps: float = 1e-6,
+               lora=None) -> torch.Tensor:
     """See :func:`moelora_dist.kernels.paged_attention.naive.rope_write`. q/k/v may be views
-    of one fused projection (any token and head strides, unit stride in D)."""
+    of one fused projection (any token and head strides, unit stride in D).
+
+    ``lora``: a :class:`~moelora_dist.kernels.dense_lora.ops.TokenLoRA` of the q/k/v group
+    (modules 0, 1, 2) whose expand this launch fuses: each head's delta is added to the
+    loaded projection (fp32, rounded once), as ``dense_expand`` would have stored it, before
+    the norm and the rotary (:func:`rope_write_lora`)."""
+    if lora is not None:
+        return rope_write_lora(q_TND, k_TND, v_TND, positions_T, cos_PH, sin_PH,
+                               slot_mapping_T, k_pages, v_pages, q_norm_D, k_norm_D, eps, lora)
     _check_pages(k_pages, v_pages)
     T, Nq, D = q_TND.shape
     Nk = k_TND.shape[1]
@@ -113,6 +123,43 @@ def rope_write(q_TND, k_TND, v_TND, positions_T, cos_PH, sin_PH, slot_mapping_T,
         cos_PH.stride(0), k_pages.stride(1), k_pages.stride(2),
         NUM_Q=Nq, NUM_KV=Nk, HALF=D // 2, BLOCK_H=next_power_of_2(max(Nq, Nk)),
         BLOCK_HALF=next_power_of_2(D // 2), HEAD_NORM=norm)
+    return q_out
+
+
+# Query (or kv) heads per program of the LoRA page write: the program's delta tile is
+# HEAD_GROUP x D/2 x R per half (4 x 64 x 16 at Qwen3's heads and rank 16).
+LORA_HEAD_GROUP = 4
+
+
+def rope_write_lora(q_TND, k_TND, v_TND, positions_T, cos_PH, sin_PH, slot_mapping_T,
+                    k_pages, v_pages, q_norm_D, k_norm_D, eps, lora) -> torch.Tensor:
+    """:func:`rope_write` with the q/k/v LoRA expand fused in (``lora``: a ``TokenLoRA`` of
+    three modules). Grid: per token, its query heads and then its kv heads in groups of
+    :data:`LORA_HEAD_GROUP`."""
+    _check_pages(k_pages, v_pages)
+    T, Nq, D = q_TND.shape
+    Nk = k_TND.shape[1]
+    if D % 2 or any(t.stride(2) != 1 for t in (q_TND, k_TND, v_TND)):
+        raise ValueError("rope_write needs an even head dim with unit stride")
+    if len(lora.b_list) != 3:
+        raise ValueError(f"the page write fuses the q/k/v LoRA: 3 modules, got {len(lora.b_list)}")
+    q_out = torch.empty(T, Nq, D, dtype=q_TND.dtype, device=q_TND.device)
+    if T == 0:
+        return q_out
+    norm = q_norm_D is not None
+    qn = q_norm_D if norm else q_TND
+    kn = k_norm_D if norm else q_TND
+    hg = min(LORA_HEAD_GROUP, next_power_of_2(max(Nq, Nk)))
+    q_groups = -(-Nq // hg)
+    bq, bk, bv = lora.b_list
+    _rope_write_lora_kernel[(T, q_groups + -(-Nk // hg))](
+        q_TND, k_TND, v_TND, q_out, positions_T, cos_PH, sin_PH, slot_mapping_T, k_pages,
+        v_pages, qn, kn, eps, q_TND.stride(0), q_TND.stride(1), k_TND.stride(0),
+        k_TND.stride(1), v_TND.stride(0), v_TND.stride(1), q_out.stride(0), q_out.stride(1),
+        cos_PH.stride(0), k_pages.stride(1), k_pages.stride(2), *lora.shrink_args(),
+        bq, bk, bv, *bq.stride(), *bk.stride(), *bv.stride(), q_groups,
+        NUM_Q=Nq, NUM_KV=Nk, HALF=D // 2, HEAD_GROUP=hg, BLOCK_HALF=next_power_of_2(D // 2),
+        BLOCK_R=lora.block_r, HEAD_NORM=norm)
     return q_out
 
 
