@@ -94,6 +94,20 @@ def norm_lora() -> list:
         lora=_token_lora(T, [H])))
 
 
+def norm_topk() -> list:
+    """The residual add + norm that sums a MoE layer's top-8 pair rows (hidden 2048)."""
+    from moelora_dist.kernels.moe_gemm.pairs import PairOutputs
+    from moelora_dist.kernels.norm import ops
+    from moelora_dist.kernels.norm.kernel import _add_topk_rms_norm_kernel
+
+    T, K, H = 64, 8, 2048
+    h = torch.empty(T, H, dtype=BF16, **META)
+    pairs = PairOutputs(torch.empty(T * K, H, dtype=BF16, **META),
+                        torch.empty(T, K, dtype=torch.int32, **META), 128)
+    return _compiled([_add_topk_rms_norm_kernel], lambda: ops.add_topk_rms_norm(
+        h, pairs, torch.empty(H, dtype=BF16, **META), 1e-6))
+
+
 CASES = {  # name: (what, expected kernel names)
     "block_fp8_split_t1": (lambda: block_fp8_split(1, 4),
                            ["_block_fp8_linear_kernel", "_split_sum_kernel"]),
@@ -102,6 +116,7 @@ CASES = {  # name: (what, expected kernel names)
     "page_write_lora": (lambda: page_write_lora(False), ["_rope_write_lora_kernel"]),
     "page_write_lora_head_norm": (lambda: page_write_lora(True), ["_rope_write_lora_kernel"]),
     "norm_lora": (norm_lora, ["_add_rms_norm_lora_kernel"]),
+    "norm_topk": (norm_topk, ["_add_topk_rms_norm_kernel"]),
 }
 
 

@@ -33,6 +33,7 @@ from moelora_dist.models.attention import HeadSplit, TPAttention
 from moelora_dist.kernels.norm import naive as norm_naive
 from moelora_dist.models.batch import ForwardBatch, PagedKVCache
 from moelora_dist.models.fp8_layout import check_fp8_layout
+from moelora_dist.kernels.moe_gemm.pairs import PairOutputs
 from moelora_dist.models.lora_linear import DeferredLoRA, DenseLoRA, base_linear
 from moelora_dist.models.memory import describe_memory, place_weight
 from moelora_dist.models.mla import TPMLA
@@ -48,6 +49,12 @@ from moelora_dist.parallel.groups import ParallelGroups
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_POSITIONS = 8192  # rotary table length when config.json does not say
+# On CUDA, one GPU: a MoE layer's top-k sum runs inside the residual add + norm after it
+# (``norm.ops.add_topk_rms_norm``: the same bits, one launch less per MoE layer) where nothing
+# else is added to the routed output first (no shared experts). Off until it has run on a
+# GPU: built and tested under the interpreter on 2026-12-04 (S10), when no device machine was
+# lent (`benchmarks/device/with_constants.py`: moelora_dist.models.model:FUSE_TOPK_SUM=true).
+FUSE_TOPK_SUM = False
 
 
 def _attention_specs(cfg: ModelConfig, split: HeadSplit, p: str) -> dict[str, DenseModuleSpec]:
@@ -259,6 +266,12 @@ class MoELoRAModel:
                                        self.cfg.head_dim, self.dtype)
 
     def _add_norm(self, h_TH, delta_TH, weight_H):
+        if isinstance(delta_TH, PairOutputs):  # a one-GPU MoE layer's outputs, not summed
+            if self.backend == "triton" and not self.cfg.norm_weight_first:
+                from moelora_dist.kernels.norm import ops  # Triton: optional off x86-64 Linux
+
+                return ops.add_topk_rms_norm(h_TH, delta_TH, weight_H, self.cfg.rms_norm_eps)
+            delta_TH = delta_TH.sum()
         lora = None
         if isinstance(delta_TH, DeferredLoRA):  # o's expand, fused into the kernel below
             if self.backend == "triton" and not self.cfg.norm_weight_first:
@@ -315,7 +328,11 @@ class MoELoRAModel:
         run_router = self.pool.targets(path) if router_lora is None else router_lora
         if lora is not None and run_router:
             logits = lora.apply(moe.base.router_logits(x_TH), x_TH, path)
-        y = moe(x_TH, batch_info, logits)
+        # The top-k sum inside the next residual add + norm (FUSE_TOPK_SUM), where nothing
+        # else is added to the routed output first.
+        fuse = (FUSE_TOPK_SUM and self.backend == "triton" and "shared" not in layer
+                and not self.cfg.norm_weight_first)
+        y = moe(x_TH, batch_info, logits, sum_pairs=not fuse)
         if "shared" in layer:
             y = y + layer["shared"].forward(x_TH, lora)
         return y

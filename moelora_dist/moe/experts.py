@@ -29,13 +29,15 @@ def run_experts(backend: str, x_NH: torch.Tensor, w_gate_up_EXH: torch.Tensor,
                 slot_enabled_S: torch.Tensor | None,
                 num_lora_tokens: int | None, b_gate_up_EX: torch.Tensor | None = None,
                 b_down_EH: torch.Tensor | None = None, *,
-                max_lora_rank: int | None = None) -> torch.Tensor:
+                max_lora_rank: int | None = None, sum_pairs: bool = True) -> torch.Tensor:
     """``[N, H]`` weighted expert outputs of the routed rows (shapes as in
     :func:`~moelora_dist.kernels.moe_lora.naive.experts_reference`); ``lora=None`` or
     ``token_slot_N=None`` runs the base path only. ``activation``: a name or an
     ``Activation``; the biases: gpt-oss's (``b_down_EH`` on one MoE-TP rank only).
     ``max_lora_rank``: the batch's largest adapter rank when known on the host (the Triton
-    path's rank tiles follow it)."""
+    path's rank tiles follow it). ``sum_pairs=False``: the Triton path returns its pair
+    outputs before the top-k sum (``moe_gemm.ops.PairOutputs``, for a consumer that sums them
+    itself); the reference returns the sum whatever it says."""
     if x_NH.shape[0] == 0:
         return x_NH.new_zeros(0, x_NH.shape[1])
     if token_slot_N is None:
@@ -49,4 +51,5 @@ def run_experts(backend: str, x_NH: torch.Tensor, w_gate_up_EXH: torch.Tensor,
     return fused_moe_lora(x_NH, w_gate_up_EXH, w_down_EHI, topk_weights_NK, topk_ids_NK,
                           token_slot_N, lora, activation, slot_enabled_S,
                           num_lora_tokens=num_lora_tokens, max_lora_rank=max_lora_rank,
-                          b_gate_up_EX=b_gate_up_EX, b_down_EH=b_down_EH)
+                          b_gate_up_EX=b_gate_up_EX, b_down_EH=b_down_EH,
+                          sum_pairs=sum_pairs)

@@ -21,7 +21,8 @@ from moelora_dist.moe.block import MoEBlock
 from moelora_dist.moe.dispatch import (DISPATCHERS, Dispatcher, auto_dispatcher_name,
                                        make_dispatcher)
 from moelora_dist.moe.experts import pick_backend, run_experts
-from moelora_dist.parallel.groups import ParallelGroups
+from moelora_dist.moe.dispatch.all_reduce import AllReduceDispatcher
+from moelora_dist.parallel.groups import ParallelGroups, group_size
 
 
 class LoRAMoE(nn.Module):
@@ -80,13 +81,18 @@ class LoRAMoE(nn.Module):
         return self._dispatchers[name]
 
     def forward(self, x_TH: torch.Tensor, batch_info: BatchInfo | None = None,
-                router_logits_TE: torch.Tensor | None = None) -> torch.Tensor:
+                router_logits_TE: torch.Tensor | None = None,
+                sum_pairs: bool = True) -> torch.Tensor:
         """``x_TH [T, H]`` (the same on every TP rank) -> ``y_TH [T, H]`` in ``x_TH.dtype``.
 
         ``batch_info.token_slot_T [T]`` int32 gives each token's adapter slot (``-1`` = base
         model only); with no LoRA token (or no pool) the LoRA path is left out entirely.
         ``router_logits_TE``: ``[T, E]`` logits the caller computed (the model adds a router
-        LoRA to ``base.router_logits(x)``); None routes from ``x``.
+        LoRA to ``base.router_logits(x)``); None routes from ``x``. ``sum_pairs=False``: where
+        the combine has nothing to do (the all-reduce dispatcher over one rank) the Triton
+        path returns its pair outputs before the top-k sum
+        (:class:`~moelora_dist.kernels.moe_gemm.ops.PairOutputs`), for the caller's next
+        kernel to sum; elsewhere the sum as always.
         """
         if x_TH.dim() != 2 or x_TH.shape[1] != self.base.hidden_size:
             raise ValueError(f"x must be [T, {self.base.hidden_size}], got {tuple(x_TH.shape)}")
@@ -105,8 +111,11 @@ class LoRAMoE(nn.Module):
         topk_weights_TK, topk_ids_TK = base.route(x_TH, router_logits_TE)
         dispatcher = self.get_dispatcher(x_TH.shape[0])
         routed = dispatcher.dispatch(x_TH, topk_weights_TK, topk_ids_TK, token_slot_T)
+        local = (not sum_pairs and isinstance(dispatcher, AllReduceDispatcher)
+                 and group_size(self.groups.tp_group) == 1)
         y_NH = run_experts(self.backend, routed.x_NH, base.w_gate_up, base.w_down,
                            routed.topk_weights_NK, routed.topk_ids_NK, routed.token_slot_N,
                            lora, base.activation, slot_enabled_S, num_lora_tokens,
-                           *base.expert_biases(), max_lora_rank=max_rank)
-        return dispatcher.combine(y_NH, routed)
+                           *base.expert_biases(), max_lora_rank=max_rank,
+                           sum_pairs=not local)
+        return y_NH if local else dispatcher.combine(y_NH, routed)

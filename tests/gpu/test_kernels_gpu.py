@@ -337,3 +337,27 @@ def test_fused_expand_consumers_match_the_expand_launch_and_replay(T):
     torch.cuda.synchronize()
     for a_, b_ in zip(static, fused):
         assert torch.equal(a_, b_)
+
+
+@pytest.mark.parametrize("T", [1, 64, 2048])
+def test_fused_topk_sum_norm_is_bitwise_on_cuda(T):
+    """``models.model.FUSE_TOPK_SUM``'s kernel at Qwen3-30B-A3B's shape (top-8, hidden 2048,
+    bf16): the same bits as ``topk_sum`` then ``add_rms_norm``, with pairs of invalid
+    experts left as NaN."""
+    from moelora_dist.kernels.moe_gemm import ops as gemm_ops
+    from moelora_dist.kernels.moe_gemm.pairs import PairOutputs
+    from moelora_dist.kernels.norm import ops as norm_ops
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    K, E, H = 8, 128, 2048
+    ids = torch.randint(-1, E, (T, K), generator=g, device="cuda").int()
+    out = torch.randn(T * K, H, generator=g, device="cuda").bfloat16()
+    out[(ids < 0).reshape(-1)] = float("nan")
+    h0 = torch.randn(T, H, generator=g, device="cuda").bfloat16()
+    w = (1 + 0.1 * torch.randn(H, generator=g, device="cuda")).bfloat16()
+    h_want = h0.clone()
+    want = norm_ops.add_rms_norm(h_want, gemm_ops.topk_sum(out, ids, E), w, 1e-6)
+    h = h0.clone()
+    got = norm_ops.add_topk_rms_norm(h, PairOutputs(out, ids, E), w, 1e-6)
+    torch.cuda.synchronize()
+    assert torch.equal(h, h_want) and torch.equal(got, want)

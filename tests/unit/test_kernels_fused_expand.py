@@ -238,3 +238,51 @@ def test_model_with_fused_expand_matches_reference_and_launches_less(monkeypatch
     # the adapters matter here: base-only differs
     plain = _decode_step(cfg, ref_model, [-1] * len(slots))
     assert (plain - want).abs().amax() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("T,H", [(1, 64), (13, 600)], ids=["T1", "T13H600"])
+def test_residual_norm_with_fused_topk_sum(dtype, T, H):
+    """``add_topk_rms_norm`` = ``topk_sum`` then ``add_rms_norm``, bit for bit; pair rows of
+    invalid experts (-1, or not on this rank) hold poison and are never read."""
+    from moelora_dist.kernels.moe_gemm import ops as gemm_ops
+    from moelora_dist.kernels.moe_gemm.pairs import PairOutputs
+
+    g = torch.Generator().manual_seed(T * H)
+    K, E = 4, 6
+    ids = torch.randint(-1, E + 2, (T, K), generator=g).to(torch.int32)  # E, E+1: off rank
+    out = torch.randn(T * K, H, generator=g).to(dtype)
+    bad = ((ids < 0) | (ids >= E)).reshape(-1)
+    out[bad] = float("nan")
+    h0 = torch.randn(T, H, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(H, generator=g)).to(dtype)
+    pairs = PairOutputs(out, ids, E)
+    h_want = h0.clone()
+    want = norm_ops.add_rms_norm(h_want, gemm_ops.topk_sum(out, ids, E), w, 1e-6)
+    h = h0.clone()
+    got = norm_ops.add_topk_rms_norm(h, pairs, w, 1e-6)
+    assert torch.equal(h, h_want) and torch.equal(got, want)
+    assert torch.equal(pairs.sum(), gemm_ops.topk_sum(out, ids, E))
+    with pytest.raises(ValueError, match="do not match"):
+        norm_ops.add_topk_rms_norm(h, PairOutputs(out[:-1], ids, E), w, 1e-6)
+
+
+def test_model_with_fused_topk_sum_is_bitwise_and_launches_less(monkeypatch):
+    """FUSE_TOPK_SUM on the tiny model (Triton backend, interpreter, adapters in some
+    sequences): the same hidden states bit for bit, no ``topk_sum`` launch (one per MoE
+    layer without it)."""
+    from moelora_dist.kernels.moe_gemm import ops as gemm_ops
+    from moelora_dist.models import model as model_mod
+
+    cfg, model = _tiny_model("triton")
+    calls = []
+    real = gemm_ops.topk_sum
+    monkeypatch.setattr(gemm_ops, "topk_sum", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = {}
+    for fuse in (False, True):
+        monkeypatch.setattr(model_mod, "FUSE_TOPK_SUM", fuse)
+        calls.clear()
+        out[fuse] = _decode_step(cfg, model, [0, -1, 1, 2])
+        out[fuse, "sums"] = len(calls)
+    assert out[False, "sums"] == cfg.num_layers and out[True, "sums"] == 0
+    assert torch.equal(out[True], out[False])

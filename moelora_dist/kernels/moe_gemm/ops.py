@@ -30,6 +30,7 @@ import triton
 from moelora_dist.kernels.align.common import Alignment
 from moelora_dist.kernels.constants import FP8_GROUP, as_activation, block_r, check_activation
 from moelora_dist.kernels.device import split_columns
+from moelora_dist.kernels.moe_gemm.pairs import PairOutputs  # noqa: F401  (re-exported)
 from moelora_dist.kernels.moe_gemm.kernel_down import _down_kernel, _topk_sum_kernel
 from moelora_dist.kernels.moe_gemm.kernel_gate_up import _gate_up_kernel
 from moelora_dist.kernels.moe_gemm.kernel_shrink import (

@@ -9,7 +9,8 @@ then up rows), K top-k, S slots, R max rank, BR padded rank (power of two >= 16)
     gate_up (+ expand, act)                           -> h [T*K, I_l]
     [LoRA] down_shrink  h A_down^T                    -> [P, T*K, BR] fp32 partials
     down (+ expand, x top-k weight)                   -> [T*K, H]
-    topk_sum                                          -> y [T, H]
+    topk_sum                                          -> y [T, H]  (or the caller's:
+                                                         ``sum_pairs=False``)
 
 ``MoEConfig.fuse_shrink`` moves the shrink into the gate_up launch (no LoRA alignment, no
 shrink launch); ``fuse_down_shrink`` moves the down shrink into the gate_up epilogue. With both,
@@ -109,7 +110,8 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
                    num_lora_tokens: int | None = None,
                    max_lora_rank: int | None = None,
                    b_gate_up_EX: torch.Tensor | None = None,
-                   b_down_EH: torch.Tensor | None = None) -> torch.Tensor:
+                   b_down_EH: torch.Tensor | None = None,
+                   sum_pairs: bool = True) -> torch.Tensor:
     """Triton version of :func:`moelora_dist.kernels.moe_lora.naive.experts_reference`.
 
     Args:
@@ -130,8 +132,11 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
         activation: a name or an ``Activation`` (gpt-oss's clamped SwiGLU).
         b_gate_up_EX: ``[E_l, 2*I_l]``, b_down_EH: ``[E_l, H]`` expert biases, or None (the
             down bias on one rank of a MoE-TP group only).
+        sum_pairs: False returns the pair outputs before their top-k sum
+            (:class:`~moelora_dist.kernels.moe_gemm.ops.PairOutputs`) for a consumer that
+            sums them itself, one launch less.
     Returns:
-        ``[T, H]`` in ``x_TH.dtype``.
+        ``[T, H]`` in ``x_TH.dtype`` (or its ``PairOutputs``).
     """
     _check(x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK, topk_ids_TK, token_slot_T, lora)
     T, _ = x_TH.shape
@@ -161,10 +166,12 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
         ha, hkw = gemm_input(cfg, h, w_down_EHI, "h_scale")
         out = ops.down(ha, w_down_EHI, topk_weights_TK, base, K, bias_EH=b_down_EH,
                        out_dtype=h.dtype, **cfg.down_tiles(), **hkw)
-        return ops.topk_sum(out, topk_ids_TK, E)
-    return _lora_pipeline(cfg, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK, topk_ids_TK,
-                          token_slot_T, lora, activation, slot_enabled_S, b_gate_up_EX,
-                          b_down_EH)
+        pairs = ops.PairOutputs(out, topk_ids_TK, E)
+    else:
+        pairs = _lora_pipeline(cfg, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK,
+                               topk_ids_TK, token_slot_T, lora, activation, slot_enabled_S,
+                               b_gate_up_EX, b_down_EH)
+    return pairs.sum() if sum_pairs else pairs
 
 
 def gemm_input(cfg: MoEConfig, a: torch.Tensor, w, scale_kw: str):
@@ -179,8 +186,10 @@ def gemm_input(cfg: MoEConfig, a: torch.Tensor, w, scale_kw: str):
 
 def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights_TK,
                    topk_ids_TK, token_slot_T, lora: MoELoRAWeights, activation,
-                   slot_enabled_S, b_gate_up_EX=None, b_down_EH=None) -> torch.Tensor:
-    """The launches of a LoRA call under ``cfg``'s switches (shapes as in fused_moe_lora).
+                   slot_enabled_S, b_gate_up_EX=None,
+                   b_down_EH=None) -> "ops.PairOutputs":
+    """The launches of a LoRA call under ``cfg``'s switches (shapes as in fused_moe_lora), up
+    to the pair outputs (the top-k sum is the caller's).
     The fused-shrink gate_up has no bias or clamped-SwiGLU variant: gpt-oss's experts (and FP8
     ones) take the separate shrink whatever ``cfg.fuse_shrink`` says."""
     E = w_gate_up_EXH.shape[0]
@@ -216,4 +225,4 @@ def _lora_pipeline(cfg: MoEConfig, x_TH, w_gate_up_EXH, w_down_EHI, topk_weights
     out = ops.down(ha, w_down_EHI, topk_weights_TK, base, K, *slots, lora, dshrink, b_down_EH,
                    run_loop=cfg.run_loop, lora_runs=cfg.lora_runs, out_dtype=h.dtype,
                    prefetch=cfg.lora_prefetch, **cfg.down_tiles(), **hkw)
-    return ops.topk_sum(out, topk_ids_TK, E)
+    return ops.PairOutputs(out, topk_ids_TK, E)

@@ -66,3 +66,33 @@ def _add_rms_norm_lora_kernel(h_ptr, d_ptr, w_ptr, out_ptr, hidden, eps, stride_
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_o + offs, (w * y).to(out_ptr.dtype.element_ty),
                  mask=ok)
+
+
+@triton.jit
+def _add_topk_rms_norm_kernel(h_ptr, pairs_ptr, topk_ids_ptr, w_ptr, out_ptr, hidden, top_k,
+                              num_experts, eps, stride_h, stride_p, stride_o,
+                              BLOCK_H: tl.constexpr):
+    """One row of :func:`_add_rms_norm_kernel` whose ``d`` is the sum of its token's ``top_k``
+    pair rows (a MoE layer's weighted expert outputs): the sum as ``topk_sum`` makes it (fp32
+    in k order, pairs of invalid experts never read, rounded once to the pairs' dtype), then
+    ``h = round(h + d)`` stored back and the norm. The same bits as the two launches."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_H)
+    ok = offs < hidden
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in range(0, top_k):
+        # the scalar expert id broadcast to the tile (a scalar & vector mask: the interpreter)
+        e = tl.load(topk_ids_ptr + row * top_k + k + tl.zeros([BLOCK_H], dtype=tl.int64))
+        m = ok & (e >= 0) & (e < num_experts)
+        acc += tl.load(pairs_ptr + (row * top_k + k) * stride_p + offs, mask=m,
+                       other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + row * stride_h + offs, mask=ok, other=0.0)
+    dt = h.dtype
+    d = acc.to(pairs_ptr.dtype.element_ty)
+    h = (h.to(tl.float32) + d.to(tl.float32)).to(dt)
+    tl.store(h_ptr + row * stride_h + offs, h, mask=ok)
+    x = h.to(tl.float32)
+    var = tl.sum(x * x, 0) / hidden
+    y = (x * tl.rsqrt(var + eps)).to(dt).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (w * y).to(out_ptr.dtype.element_ty), mask=ok)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from moelora_dist.kernels.constants import next_power_of_2
-from moelora_dist.kernels.norm.kernel import _add_rms_norm_kernel, _add_rms_norm_lora_kernel
+from moelora_dist.kernels.norm.kernel import (_add_rms_norm_kernel, _add_rms_norm_lora_kernel,
+                                             _add_topk_rms_norm_kernel)
 
 LORA_BLOCK_C = 512  # columns per step of the fused-expand norm (a 512 x R tile of b)
 
@@ -37,4 +38,27 @@ def add_rms_norm(h_TH: torch.Tensor, delta_TH: torch.Tensor | None, weight_H: to
     _add_rms_norm_kernel[(T,)](h_TH, d, weight_H, out, H, eps, h_TH.stride(0), d.stride(0),
                                out.stride(0), HAS_DELTA=delta_TH is not None,
                                BLOCK_H=next_power_of_2(H))
+    return out
+
+
+def add_topk_rms_norm(h_TH: torch.Tensor, pairs, weight_H: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """:func:`add_rms_norm` with ``delta = pairs.sum()`` (``pairs``: a
+    :class:`~moelora_dist.kernels.moe_gemm.ops.PairOutputs`, the weighted expert outputs of a
+    one-GPU MoE layer before their top-k sum), the sum done in the same launch: the same bits
+    as ``topk_sum`` then :func:`add_rms_norm`, one launch less."""
+    T, H = h_TH.shape
+    out_NH, ids = pairs.out_NH, pairs.topk_ids_TK.contiguous()
+    K = ids.shape[1]
+    if tuple(out_NH.shape) != (T * K, H) or tuple(ids.shape) != (T, K):
+        raise ValueError(f"pair outputs {tuple(out_NH.shape)} and top-k ids {tuple(ids.shape)} "
+                         f"do not match h [{T}, {H}]")
+    out = torch.empty_like(h_TH)
+    if T == 0:
+        return out
+    if h_TH.stride(1) != 1 or out_NH.stride(1) != 1:
+        raise ValueError("add_topk_rms_norm needs rows with unit stride")
+    _add_topk_rms_norm_kernel[(T,)](h_TH, out_NH, ids, weight_H, out, H, K, pairs.num_experts,
+                                    eps, h_TH.stride(0), out_NH.stride(0), out.stride(0),
+                                    BLOCK_H=next_power_of_2(H))
     return out

@@ -1,0 +1,24 @@
+"""The pair outputs of a MoE call before their top-k sum (no Triton import: the model names
+the type on machines without Triton)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class PairOutputs(NamedTuple):
+    """The weighted pair outputs of a MoE call before their sum over top-k (``[T*K, H]``;
+    rows of invalid experts never written): what a consumer that sums them itself takes (the
+    residual add + norm after a one-GPU MoE layer, ``norm.ops.add_topk_rms_norm``), or
+    :meth:`sum` (``moe_gemm.ops.topk_sum``)."""
+
+    out_NH: torch.Tensor
+    topk_ids_TK: torch.Tensor
+    num_experts: int
+
+    def sum(self) -> torch.Tensor:
+        from moelora_dist.kernels.moe_gemm.ops import topk_sum  # Triton: optional off x86
+
+        return topk_sum(self.out_NH, self.topk_ids_TK, self.num_experts)
