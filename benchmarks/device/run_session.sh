@@ -37,6 +37,8 @@
 #   launches  kernels, their GPU us and host ms per layer of an eager decode step (4 layers);
 #             ${LAUNCH_ARGS} added (--host-profile: cProfile of each case's host time)
 #   dense     the dense-LoRA and isolation GPU tests only (a quick check of a dense change)
+#   pending   the GPU tests of what was built without a GPU (fused expand and top-k sum in
+#             test_kernels_gpu.py, FP8 linear incl. the K split, FP8 greedy)      ~2 min
 #   ab        launches once per variant of ${AB}: "name=FIELD=V,FIELD=V;name2=..." (MoEConfig
 #             fields set on the shipped lora_r16 entries up to T=256 by
 #             benchmarks/device/override_configs.py; "name=" runs the shipped file as is),
@@ -169,6 +171,13 @@ for s in "$@"; do
     timeout "$(t 120)" python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_kernels_gpu.py \
       tests/gpu/test_isolation_gpu.py -k "dense" >"$RES/gpu_tests_dense.log" 2>&1; rc $?
     tail -1 "$RES/gpu_tests_dense.log" | tee -a "$LOG" ;;
+  pending)
+    step "GPU tests of the kernels built without a GPU (S10: fused expand, top-k sum, FP8 split)"
+    timeout "$(t 200)" python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_kernels_gpu.py \
+      -k "fused_expand or fused_topk" >"$RES/gpu_tests_pending.log" 2>&1; rc $?
+    timeout "$(t 200)" python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_fp8_gpu.py \
+      -k "linear or greedy" >>"$RES/gpu_tests_pending.log" 2>&1; rc $?
+    grep -E "passed|failed" "$RES/gpu_tests_pending.log" | tee -a "$LOG" ;;
   ab)
     step "A/B of tuned-config overrides (launches): ${AB:-none}"
     IFS=';' read -ra variants <<<"${AB:-}"
