@@ -183,19 +183,29 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, block_bucket
 
 
 @triton.jit
-def _topk_sum_kernel(out_ptr, topk_ids_ptr, y_ptr, hidden, top_k, num_experts,
-                     stride_yt, BLOCK_H: tl.constexpr):
-    """y[t] = sum over k of out[t*K + k] for the pairs whose expert is valid on this rank;
-    the others were never written (their rows hold garbage) and are never read."""
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_mask = offs < hidden
+def _topk_rows_sum(out_ptr, topk_ids_ptr, t, offs, h_mask, top_k, num_experts, stride_out,
+                   BLOCK_H: tl.constexpr):
+    """sum over k of out[t*K + k, offs] (fp32, in k order) for the pairs whose expert is valid
+    on this rank; the others were never written (their rows hold garbage) and are never
+    read. Shared with the residual add + norm that sums a one-GPU layer's pairs itself."""
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for k in range(0, top_k):
         # Broadcast the scalar expert id to the tile: a scalar & vector mask is rejected by
         # the interpreter.
         e = tl.load(topk_ids_ptr + t * top_k + k + tl.zeros([BLOCK_H], dtype=tl.int64))
         ok = h_mask & (e >= 0) & (e < num_experts)
-        acc += tl.load(out_ptr + (t * top_k + k) * hidden + offs, mask=ok,
+        acc += tl.load(out_ptr + (t * top_k + k) * stride_out + offs, mask=ok,
                        other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _topk_sum_kernel(out_ptr, topk_ids_ptr, y_ptr, hidden, top_k, num_experts,
+                     stride_yt, BLOCK_H: tl.constexpr):
+    """y[t] = :func:`_topk_rows_sum` of token t."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs < hidden
+    acc = _topk_rows_sum(out_ptr, topk_ids_ptr, t, offs, h_mask, top_k, num_experts, hidden,
+                         BLOCK_H)
     tl.store(y_ptr + t * stride_yt + offs, acc.to(y_ptr.dtype.element_ty), mask=h_mask)

@@ -1,9 +1,23 @@
-"""Triton kernel of the fused residual-add + RMSNorm (imports triton only; glue in ``ops.py``)."""
+"""Triton kernels of the fused residual-add + RMSNorm (glue in ``ops.py``): the plain one, one
+that adds a LoRA expand to the delta first (``_add_rms_norm_lora_kernel``), one whose delta is
+the top-k sum of a MoE layer's pair rows (``_add_topk_rms_norm_kernel``)."""
 
 import triton
 import triton.language as tl
 
 from moelora_dist.kernels.dense_lora.kernel import _delta_1d, _token_shrink
+from moelora_dist.kernels.moe_gemm.kernel_down import _topk_rows_sum
+
+
+@triton.jit
+def _store_norm(h, w_ptr, out_ptr, row, offs, ok, hidden, eps, stride_o):
+    """``out[row] = round(w * round(h * rsqrt(mean(h^2) + eps)))`` of the row ``h`` (in its
+    dtype), the statistics in fp32 (transformers' rounding points)."""
+    x = h.to(tl.float32)
+    var = tl.sum(x * x, 0) / hidden
+    y = (x * tl.rsqrt(var + eps)).to(h.dtype).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (w * y).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -15,16 +29,11 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, out_ptr, hidden, eps, stride_h, st
     offs = tl.arange(0, BLOCK_H)
     ok = offs < hidden
     h = tl.load(h_ptr + row * stride_h + offs, mask=ok, other=0.0)
-    dt = h.dtype
     if HAS_DELTA:
         d = tl.load(d_ptr + row * stride_d + offs, mask=ok, other=0.0)
-        h = (h.to(tl.float32) + d.to(tl.float32)).to(dt)
+        h = (h.to(tl.float32) + d.to(tl.float32)).to(h.dtype)
         tl.store(h_ptr + row * stride_h + offs, h, mask=ok)
-    x = h.to(tl.float32)
-    var = tl.sum(x * x, 0) / hidden
-    y = (x * tl.rsqrt(var + eps)).to(dt).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (w * y).to(out_ptr.dtype.element_ty), mask=ok)
+    _store_norm(h, w_ptr, out_ptr, row, offs, ok, hidden, eps, stride_o)
 
 
 @triton.jit
@@ -79,20 +88,10 @@ def _add_topk_rms_norm_kernel(h_ptr, pairs_ptr, topk_ids_ptr, w_ptr, out_ptr, hi
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     ok = offs < hidden
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for k in range(0, top_k):
-        # the scalar expert id broadcast to the tile (a scalar & vector mask: the interpreter)
-        e = tl.load(topk_ids_ptr + row * top_k + k + tl.zeros([BLOCK_H], dtype=tl.int64))
-        m = ok & (e >= 0) & (e < num_experts)
-        acc += tl.load(pairs_ptr + (row * top_k + k) * stride_p + offs, mask=m,
-                       other=0.0).to(tl.float32)
+    acc = _topk_rows_sum(pairs_ptr, topk_ids_ptr, row, offs, ok, top_k, num_experts, stride_p,
+                         BLOCK_H)
     h = tl.load(h_ptr + row * stride_h + offs, mask=ok, other=0.0)
-    dt = h.dtype
     d = acc.to(pairs_ptr.dtype.element_ty)
-    h = (h.to(tl.float32) + d.to(tl.float32)).to(dt)
+    h = (h.to(tl.float32) + d.to(tl.float32)).to(h.dtype)
     tl.store(h_ptr + row * stride_h + offs, h, mask=ok)
-    x = h.to(tl.float32)
-    var = tl.sum(x * x, 0) / hidden
-    y = (x * tl.rsqrt(var + eps)).to(dt).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (w * y).to(out_ptr.dtype.element_ty), mask=ok)
+    _store_norm(h, w_ptr, out_ptr, row, offs, ok, hidden, eps, stride_o)

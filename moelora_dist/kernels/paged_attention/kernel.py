@@ -315,16 +315,23 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr
 
 
 @triton.jit
-def _with_delta(x1, x2, b_ptr, slot, s, r_mask, offs_h, offs_d, m, stride_bs, stride_bo,
-                stride_br, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The halves of heads ``offs_h`` with their LoRA delta added in fp32 and rounded once to
-    their dtype, as the expand launch would have stored them (projection row ``h * D + d``)."""
+def _load_with_delta(x_ptr, heads, module, t, offs_h, offs_d, shrink_ptr, num_splits,
+                     stride_ssp, stride_sm, stride_st, token_slot_ptr, slot_enabled_ptr,
+                     slot_rank_ptr, b_ptr, stride_bs, stride_bo, stride_br,
+                     NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
+    """:func:`_load_halves` of heads ``offs_h`` of token ``t`` with their LoRA delta (the
+    shrink of group module ``module`` times ``b``; projection row ``h * D + d``) added in fp32
+    and rounded once to their dtype, as the expand launch would have stored them."""
+    x1, x2, m = _load_halves(x_ptr, heads, offs_h, offs_d, NUM_HEADS, HALF)
+    s, slot, r_mask = _token_shrink(shrink_ptr, module, t, num_splits, stride_ssp, stride_sm,
+                                    stride_st, token_slot_ptr, slot_enabled_ptr, slot_rank_ptr,
+                                    BLOCK_R)
     rows = offs_h[:, None] * (2 * HALF) + offs_d[None, :]
     d1 = _delta_2d(b_ptr, slot, rows, m, s, r_mask, stride_bs, stride_bo, stride_br, BLOCK_R)
     d2 = _delta_2d(b_ptr, slot, rows + HALF, m, s, r_mask, stride_bs, stride_bo, stride_br,
                    BLOCK_R)
     dt = x1.dtype
-    return (x1.to(tl.float32) + d1).to(dt), (x2.to(tl.float32) + d2).to(dt)
+    return (x1.to(tl.float32) + d1).to(dt), (x2.to(tl.float32) + d2).to(dt), m
 
 
 @triton.jit
@@ -352,12 +359,10 @@ def _rope_write_lora_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_ptr, si
     sin = tl.load(sin_ptr + pos * stride_cos + offs_d, mask=d_ok, other=0.0)
     if g < q_groups:
         offs_h = g * HEAD_GROUP + tl.arange(0, HEAD_GROUP)
-        s, slot, r_mask = _token_shrink(shrink_ptr, 0, t, num_splits, stride_ssp, stride_sm,
-                                        stride_st, token_slot_ptr, slot_enabled_ptr,
-                                        slot_rank_ptr, BLOCK_R)
-        x1, x2, qm = _load_halves(q_ptr + t * stride_qt, stride_qh, offs_h, offs_d, NUM_Q, HALF)
-        x1, x2 = _with_delta(x1, x2, bq_ptr, slot, s, r_mask, offs_h, offs_d, qm, sbq_s, sbq_o,
-                             sbq_r, HALF, BLOCK_R)
+        x1, x2, qm = _load_with_delta(q_ptr + t * stride_qt, stride_qh, 0, t, offs_h, offs_d,
+                                      shrink_ptr, num_splits, stride_ssp, stride_sm, stride_st,
+                                      token_slot_ptr, slot_enabled_ptr, slot_rank_ptr, bq_ptr,
+                                      sbq_s, sbq_o, sbq_r, NUM_Q, HALF, BLOCK_R)
         q1, q2 = _norm_rope_values(x1, x2, q_norm_ptr, cos, sin, offs_d, eps, HALF, HEAD_NORM)
         o = q_out_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
         tl.store(o, q1.to(q_out_ptr.dtype.element_ty), mask=qm)
@@ -368,23 +373,19 @@ def _rope_write_lora_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_ptr, si
             offs_h = (g - q_groups) * HEAD_GROUP + tl.arange(0, HEAD_GROUP)
             dst = (page_slot.to(tl.int64) * stride_slot + offs_h[:, None] * stride_ph
                    + offs_d[None, :])
-            s, slot, r_mask = _token_shrink(shrink_ptr, 1, t, num_splits, stride_ssp,
-                                            stride_sm, stride_st, token_slot_ptr,
-                                            slot_enabled_ptr, slot_rank_ptr, BLOCK_R)
-            x1, x2, km = _load_halves(k_ptr + t * stride_kt, stride_kh, offs_h, offs_d, NUM_KV,
-                                      HALF)
-            x1, x2 = _with_delta(x1, x2, bk_ptr, slot, s, r_mask, offs_h, offs_d, km, sbk_s,
-                                 sbk_o, sbk_r, HALF, BLOCK_R)
+            x1, x2, km = _load_with_delta(k_ptr + t * stride_kt, stride_kh, 1, t, offs_h,
+                                          offs_d, shrink_ptr, num_splits, stride_ssp, stride_sm,
+                                          stride_st, token_slot_ptr, slot_enabled_ptr,
+                                          slot_rank_ptr, bk_ptr, sbk_s, sbk_o, sbk_r, NUM_KV,
+                                          HALF, BLOCK_R)
             k1, k2 = _norm_rope_values(x1, x2, k_norm_ptr, cos, sin, offs_d, eps, HALF,
                                        HEAD_NORM)
             tl.store(k_pages_ptr + dst, k1.to(k_pages_ptr.dtype.element_ty), mask=km)
             tl.store(k_pages_ptr + dst + HALF, k2.to(k_pages_ptr.dtype.element_ty), mask=km)
-            s, slot, r_mask = _token_shrink(shrink_ptr, 2, t, num_splits, stride_ssp,
-                                            stride_sm, stride_st, token_slot_ptr,
-                                            slot_enabled_ptr, slot_rank_ptr, BLOCK_R)
-            v1, v2, vm = _load_halves(v_ptr + t * stride_vt, stride_vh, offs_h, offs_d, NUM_KV,
-                                      HALF)
-            v1, v2 = _with_delta(v1, v2, bv_ptr, slot, s, r_mask, offs_h, offs_d, vm, sbv_s,
-                                 sbv_o, sbv_r, HALF, BLOCK_R)
+            v1, v2, vm = _load_with_delta(v_ptr + t * stride_vt, stride_vh, 2, t, offs_h,
+                                          offs_d, shrink_ptr, num_splits, stride_ssp, stride_sm,
+                                          stride_st, token_slot_ptr, slot_enabled_ptr,
+                                          slot_rank_ptr, bv_ptr, sbv_s, sbv_o, sbv_r, NUM_KV,
+                                          HALF, BLOCK_R)
             tl.store(v_pages_ptr + dst, v1.to(v_pages_ptr.dtype.element_ty), mask=vm)
             tl.store(v_pages_ptr + dst + HALF, v2.to(v_pages_ptr.dtype.element_ty), mask=vm)

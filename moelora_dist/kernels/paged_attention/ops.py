@@ -47,6 +47,7 @@ COMBINE_UNROLL = 8  # partials the combine loads at once (1: one at a time, as b
 # heads, 512 keys, 8 splits) against 11.5 in 32-column chunks and 6.8 + 4.1 for two launches.
 COMBINE_CHUNK_D = 0
 COMBINE_FUSED = True  # the last split program of a tile merges (False: a combine launch)
+LORA_HEAD_GROUP = 4  # heads per program of the page write with the q/k/v LoRA expand fused
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # device -> int32 zeros, one per tile
 _OUTGROWN: list[torch.Tensor] = []  # replaced counters: graphs captured on them still use them
@@ -101,47 +102,13 @@ def rope_write(q_TND, k_TND, v_TND, positions_T, cos_PH, sin_PH, slot_mapping_T,
     ``lora``: a :class:`~moelora_dist.kernels.dense_lora.ops.TokenLoRA` of the q/k/v group
     (modules 0, 1, 2) whose expand this launch fuses: each head's delta is added to the
     loaded projection (fp32, rounded once), as ``dense_expand`` would have stored it, before
-    the norm and the rotary (:func:`rope_write_lora`)."""
-    if lora is not None:
-        return rope_write_lora(q_TND, k_TND, v_TND, positions_T, cos_PH, sin_PH,
-                               slot_mapping_T, k_pages, v_pages, q_norm_D, k_norm_D, eps, lora)
+    the norm and the rotary (programs of :data:`LORA_HEAD_GROUP` heads of one token)."""
     _check_pages(k_pages, v_pages)
     T, Nq, D = q_TND.shape
     Nk = k_TND.shape[1]
     if D % 2 or any(t.stride(2) != 1 for t in (q_TND, k_TND, v_TND)):
         raise ValueError("rope_write needs an even head dim with unit stride")
-    q_out = torch.empty(T, Nq, D, dtype=q_TND.dtype, device=q_TND.device)
-    if T == 0:
-        return q_out
-    norm = q_norm_D is not None
-    qn = q_norm_D if norm else q_TND
-    kn = k_norm_D if norm else q_TND
-    _rope_write_kernel[(T,)](
-        q_TND, k_TND, v_TND, q_out, positions_T, cos_PH, sin_PH, slot_mapping_T, k_pages,
-        v_pages, qn, kn, eps, q_TND.stride(0), q_TND.stride(1), k_TND.stride(0),
-        k_TND.stride(1), v_TND.stride(0), v_TND.stride(1), q_out.stride(0), q_out.stride(1),
-        cos_PH.stride(0), k_pages.stride(1), k_pages.stride(2),
-        NUM_Q=Nq, NUM_KV=Nk, HALF=D // 2, BLOCK_H=next_power_of_2(max(Nq, Nk)),
-        BLOCK_HALF=next_power_of_2(D // 2), HEAD_NORM=norm)
-    return q_out
-
-
-# Query (or kv) heads per program of the LoRA page write: the program's delta tile is
-# HEAD_GROUP x D/2 x R per half (4 x 64 x 16 at Qwen3's heads and rank 16).
-LORA_HEAD_GROUP = 4
-
-
-def rope_write_lora(q_TND, k_TND, v_TND, positions_T, cos_PH, sin_PH, slot_mapping_T,
-                    k_pages, v_pages, q_norm_D, k_norm_D, eps, lora) -> torch.Tensor:
-    """:func:`rope_write` with the q/k/v LoRA expand fused in (``lora``: a ``TokenLoRA`` of
-    three modules). Grid: per token, its query heads and then its kv heads in groups of
-    :data:`LORA_HEAD_GROUP`."""
-    _check_pages(k_pages, v_pages)
-    T, Nq, D = q_TND.shape
-    Nk = k_TND.shape[1]
-    if D % 2 or any(t.stride(2) != 1 for t in (q_TND, k_TND, v_TND)):
-        raise ValueError("rope_write needs an even head dim with unit stride")
-    if len(lora.b_list) != 3:
+    if lora is not None and len(lora.b_list) != 3:
         raise ValueError(f"the page write fuses the q/k/v LoRA: 3 modules, got {len(lora.b_list)}")
     q_out = torch.empty(T, Nq, D, dtype=q_TND.dtype, device=q_TND.device)
     if T == 0:
@@ -149,17 +116,23 @@ def rope_write_lora(q_TND, k_TND, v_TND, positions_T, cos_PH, sin_PH, slot_mappi
     norm = q_norm_D is not None
     qn = q_norm_D if norm else q_TND
     kn = k_norm_D if norm else q_TND
+    args = (q_TND, k_TND, v_TND, q_out, positions_T, cos_PH, sin_PH, slot_mapping_T, k_pages,
+            v_pages, qn, kn, eps, q_TND.stride(0), q_TND.stride(1), k_TND.stride(0),
+            k_TND.stride(1), v_TND.stride(0), v_TND.stride(1), q_out.stride(0),
+            q_out.stride(1), cos_PH.stride(0), k_pages.stride(1), k_pages.stride(2))
+    consts = dict(NUM_Q=Nq, NUM_KV=Nk, HALF=D // 2, BLOCK_HALF=next_power_of_2(D // 2),
+                  HEAD_NORM=norm)
+    if lora is None:
+        _rope_write_kernel[(T,)](*args, BLOCK_H=next_power_of_2(max(Nq, Nk)), **consts)
+        return q_out
+    # The LoRA page write: per token, its query heads then its kv heads in groups of
+    # LORA_HEAD_GROUP (each program's delta tile is that many heads x D/2 x R per half).
     hg = min(LORA_HEAD_GROUP, next_power_of_2(max(Nq, Nk)))
     q_groups = -(-Nq // hg)
     bq, bk, bv = lora.b_list
     _rope_write_lora_kernel[(T, q_groups + -(-Nk // hg))](
-        q_TND, k_TND, v_TND, q_out, positions_T, cos_PH, sin_PH, slot_mapping_T, k_pages,
-        v_pages, qn, kn, eps, q_TND.stride(0), q_TND.stride(1), k_TND.stride(0),
-        k_TND.stride(1), v_TND.stride(0), v_TND.stride(1), q_out.stride(0), q_out.stride(1),
-        cos_PH.stride(0), k_pages.stride(1), k_pages.stride(2), *lora.shrink_args(),
-        bq, bk, bv, *bq.stride(), *bk.stride(), *bv.stride(), q_groups,
-        NUM_Q=Nq, NUM_KV=Nk, HALF=D // 2, HEAD_GROUP=hg, BLOCK_HALF=next_power_of_2(D // 2),
-        BLOCK_R=lora.block_r, HEAD_NORM=norm)
+        *args, *lora.shrink_args(), bq, bk, bv, *bq.stride(), *bk.stride(), *bv.stride(),
+        q_groups, HEAD_GROUP=hg, BLOCK_R=lora.block_r, **consts)
     return q_out
 
 
