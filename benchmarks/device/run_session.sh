@@ -10,6 +10,9 @@
 #   tune      tune-kernels --keep-faster on the four benchmark shapes, base and LoRA r16, into
 #             moelora_dist/kernels/moe_lora/tuned/NVIDIA_H200.json (commit it)   ~3 min
 #             (${TUNE_SHAPES} and ${TUNE_TOKENS} replace the shapes and the token counts)
+#   refine    tune-kernels --refine-order on every shipped bf16 and +fp8 entry of the four
+#             shapes: each re-timed in every program order (group_m), the fastest kept, in
+#             one run (${REFINE_S:-100} s each)                                 ~4 min
 #   tunefp8   tune-kernels --fp8 --keep-faster (FP8 experts, "bfloat16+fp8" entries) on
 #             Qwen3, Mixtral and DeepSeek-V3 routed, base and LoRA r16, into the same file
 #                                                                                ~3 min
@@ -103,6 +106,15 @@ for s in "$@"; do
       --tokens ${TUNE_TOKENS:-1,16,64,256,1024,4096,16384} --lora --ranks 16 --budget-s "${TUNE_S:-150}" \
       --out "$TUNED" --keep-faster --quiet >"$RES/tune.log" 2>&1; rc $?
     tail -3 "$RES/tune.log" | tee -a "$LOG"; cp "$TUNED" "$RES/" 2>/dev/null; pack ;;
+  refine)
+    step "tune-kernels --refine-order, bf16 then FP8 (budget ${REFINE_S:-100} s each)"
+    for extra in "" "--fp8"; do
+      timeout "$(t $(( ${REFINE_S:-100} + 45 )))" python3 -m moelora_dist.cli.main tune-kernels \
+        --shape qwen3-30b-a3b mixtral-8x7b olmoe deepseek-v3-routed \
+        --tokens 1,16,64,256,1024,4096,16384 --lora --ranks 16 $extra --refine-order \
+        --budget-s "${REFINE_S:-100}" --out "$TUNED" --quiet >>"$RES/tune_refine.log" 2>&1; rc $?
+    done
+    tail -4 "$RES/tune_refine.log" | tee -a "$LOG"; cp "$TUNED" "$RES/" 2>/dev/null; pack ;;
   tunefp8)
     step "tune-kernels --fp8 (budget ${TUNE_FP8_S:-150} s)"
     timeout "$(t $(( ${TUNE_FP8_S:-150} + 45 )))" python3 -m moelora_dist.cli.main tune-kernels \

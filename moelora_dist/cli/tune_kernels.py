@@ -72,6 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace an entry of --out only where this run's time is lower than "
                         "the one recorded (a short budget then cannot undo a longer run's "
                         "finds; the recorded time may predate a kernel change)")
+    p.add_argument("--refine-order", action="store_true",
+                   help="no search: time the entries --out already has for these shapes, "
+                        "tokens (and with --lora, ranks) in this run, each in every program "
+                        "order (group_m), and keep the fastest, the stored one included; "
+                        "problems --out has no entry for are left out (named in the log)")
     p.add_argument("--jobs", type=int, default=None,
                    help="compile worker processes (default: CPU cores - 2, at most 16; 0: none)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
@@ -94,6 +99,12 @@ def check_options(args):
     if args.jobs is not None and args.jobs < 0:
         raise OptionError(f"--jobs {args.jobs}: must be >= 0")
     check_writable(args.out, "--out")
+    if args.refine_order and args.keep_faster:
+        raise OptionError("--refine-order already keeps the stored entry unless another "
+                          "program order is faster in the same run; drop --keep-faster")
+    if args.refine_order and not os.path.exists(args.out):
+        raise OptionError(f"--refine-order: --out {args.out} does not exist; it re-times the "
+                          "entries of an existing tuned file")
     return shapes, tokens, ranks
 
 
@@ -123,6 +134,14 @@ def main(args: argparse.Namespace) -> int:
     base = [Problem(s, T, dtype=args.dtype, fp8=args.fp8) for s in shapes for T in tokens]
     lora = [Problem(s, T, r, args.adapters, args.dtype, args.fp8) for r in ranks
             for s in shapes for T in tokens] if args.lora else []
+    refine = None
+    if args.refine_order:
+        refine, missing = output.stored_entries(previous, base + lora)
+        for p in missing:
+            log.warning("%s: --out has no entry for it; not refined", p.name)
+        if not refine:
+            raise OptionError(f"--refine-order: --out {args.out} has no entry for any of the "
+                              f"{len(base) + len(lora)} problems asked")
     jobs = args.jobs if args.jobs is not None else min(16, max(1, (os.cpu_count() or 2) - 2))
     if args.device == "cpu":
         jobs = 0  # the interpreter compiles nothing
@@ -133,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
              len(base) + len(lora), base[0].dtype_key, name, args.budget_s, jobs)
     tuner = Tuner(base, lora, device=args.device, timer=timer, pool=pool,
                   budget_s=args.budget_s - (time.monotonic() - t0) - 2.0,
-                  progress=not args.quiet)
+                  progress=not args.quiet, refine=refine)
     try:
         outcomes, skipped = tuner.run()
     finally:
@@ -144,8 +163,9 @@ def main(args: argparse.Namespace) -> int:
                 torch=torch.__version__, triton=_triton_version(), commit=_commit(),
                 dtype=base[0].dtype_key, budget_s=args.budget_s,
                 wall_s=round(time.monotonic() - t0, 1), jobs=jobs,
-                problems=len(base) + len(lora), tuned=len(outcomes), entries=len(outcomes),
-                skipped=len(skipped))
+                problems=len(refine) if refine is not None else len(base) + len(lora),
+                tuned=len(outcomes), entries=len(outcomes), skipped=len(skipped),
+                **({"refine_order": True} if refine is not None else {}))
     if args.keep_faster:
         outcomes, kept = output.faster_only(outcomes, previous)
         meta.update(entries=len(outcomes), kept_previous=kept)  # entries: what this run wrote

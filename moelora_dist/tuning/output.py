@@ -39,6 +39,22 @@ def _recorded(previous: dict | None, problem) -> dict | None:
         p.mode, {}).get(str(p.tokens))
 
 
+def stored_entries(previous: dict | None, problems) -> tuple[dict, list]:
+    """``tune-kernels --refine-order``: ``({problem: (stored config, stored default_ms)},
+    problems without an entry)``."""
+    from moelora_dist.kernels.moe_lora.configs import MoEConfig
+
+    found, missing = {}, []
+    for p in problems:
+        old = _recorded(previous, p)
+        if old is None:
+            missing.append(p)
+        else:
+            found[p] = (MoEConfig.from_dict(old["config"], f"stored entry of {p.name}"),
+                        float(old.get("default_ms", float("inf"))))
+    return found, missing
+
+
 def faster_only(outcomes, previous: dict | None) -> tuple[list, int]:
     """``tune-kernels --keep-faster``: the outcomes whose time beats the entry ``previous``
     records for their problem (or that it lacks), and how many were dropped."""

@@ -7,7 +7,13 @@
                  with each program order (``group_m`` of ``space.GROUP_MS``), wins
     LoRA round 1 every (shape, T, rank): ``space.lora_candidates`` around the base winner of
                  that T, whole-layer timings
-    LoRA round 2 ``space.merged``: the best value of every switch at once, where new
+    LoRA round 2 ``space.merged``: the best value of every switch at once, where that
+                 config is new (one more whole-layer timing)
+    refine       (``refine=``, instead of the phases above) every problem's stored entry
+                 timed in this run, then with each program order of ``space.GROUP_MS``: the
+                 fastest is kept, the stored config included, so the comparison is inside
+                 one run (entries kept from older runs by ``--keep-faster`` on a time of
+                 another run may predate ``group_m``)
 
 Budget: the base phase ends at 45% of the budget when LoRA is tuned too (else at the end), LoRA
 round 1 at 90%; inside a phase every problem gets an equal share of what is left (unused time
@@ -76,8 +82,11 @@ def _down_key(cfg: MoEConfig, first: MoEConfig) -> MoEConfig:
 
 class Tuner:
     def __init__(self, base: list[Problem], lora: list[Problem], *, device: str, timer,
-                 pool: CompilePool, budget_s: float, clock=time.monotonic, progress=True):
+                 pool: CompilePool, budget_s: float, clock=time.monotonic, progress=True,
+                 refine: dict[Problem, tuple[MoEConfig, float]] | None = None):
         self.base, self.lora = base, lora
+        # problem -> (stored config, stored default_ms): the refine phase only
+        self.refine = refine
         self.device, self.timer, self.pool, self.clock = device, timer, pool, clock
         self.start = clock()
         self.budget_s = budget_s
@@ -86,8 +95,8 @@ class Tuner:
         self._round1: dict[Problem, tuple[MoEConfig, list]] = {}
         self.timed = 0
         self.last_y = None
-        self._bar = tqdm(total=len(base) + len(lora), desc="tune-kernels", unit="problem",
-                         disable=not progress)
+        self._bar = tqdm(total=len(refine) if refine is not None else len(base) + len(lora),
+                         desc="tune-kernels", unit="problem", disable=not progress)
 
     def left(self) -> float:
         return self.start + self.budget_s - self.clock()
@@ -97,6 +106,9 @@ class Tuner:
 
     def run(self) -> tuple[list[Outcome], list[Skip]]:
         try:
+            if self.refine is not None:
+                self._refine_phase(self._phase_end(1.0))
+                return list(self.outcomes.values()), self.skipped
             self._base_phase(self._phase_end(BASE_SHARE if self.lora else 1.0))
             if self.lora:
                 self._lora_round1(self._phase_end(LORA1_SHARE))
@@ -251,6 +263,33 @@ class Tuner:
                                   f"{self.left():.0f} s left")
         log.info("%-40s %.4f ms, default %.4f ms, %d timed, %d failed", p.name, ms,
                  default_ms, tried, failed)
+
+    # -- refine -----------------------------------------------------------------------------
+
+    def _refine_phase(self, end: float) -> None:
+        for p, (cfg, _) in self.refine.items():
+            self.pool.submit(p, cfg)
+        for i, (p, (stored, stored_default_ms)) in enumerate(self.refine.items()):
+            until = self.clock() + max(0.0, end - self.clock()) / (len(self.refine) - i)
+            inp = make_inputs(p, self.device)
+            ref = reference_rows(inp)
+            timed0, failed0 = self.timed, len(self.skipped)
+            # the stored config first (it waits for its compile as a default does)
+            best_ms, ref_y = self._default(p, inp, ref, stored, until, end)
+            best = stored
+            for g in space.GROUP_MS if best_ms < math.inf else ():
+                if g == stored.group_m:
+                    continue
+                if self.clock() >= until:
+                    break
+                alt = dataclasses.replace(stored, group_m=g)  # a runtime argument: same binary
+                ms = self._evaluate(p, inp, ref, ref_y, alt, self._layer(inp), best_ms, until,
+                                    pool_key=False)
+                if ms is not None and ms < best_ms:
+                    best, best_ms = alt, ms
+            self._finish(p, best, best_ms, stored_default_ms, self.timed - timed0,
+                         len(self.skipped) - failed0)
+            self._bar.update()
 
     # -- LoRA -----------------------------------------------------------------------------
 

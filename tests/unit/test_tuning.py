@@ -316,3 +316,53 @@ def test_first_problems_wait_for_their_default_to_compile(monkeypatch):
                          budget_s=12, clock=lambda: now[0], progress=False)
     outcomes, _ = tuner.run()
     assert {o.problem for o in outcomes} == set(probs)
+
+
+@pytest.mark.parametrize("fastest", [64, None], ids=["order_64_wins", "stored_wins"])
+def test_refine_times_the_stored_entry_in_every_program_order(monkeypatch, fastest):
+    """``--refine-order``: the stored config is timed in this run, then with each group_m;
+    the fastest is kept (the stored one when no order beats it), no other candidate is
+    tried, and the entry's recorded default_ms is carried over."""
+    p = Problem(TINY, 6, dtype="float16")
+    stored = dataclasses.replace(heuristic_config(6, 2, 4, 1), group_m=1)
+    seen = []
+
+    def timer(fn, est):
+        fn()
+        return 0.5 if seen[-1].group_m == fastest else 1.0
+
+    real = search.run_layer
+    monkeypatch.setattr(search, "run_layer", lambda inp, cfg: seen.append(cfg) or real(inp, cfg))
+    tuner = search.Tuner([p], [], device="cpu", pool=FakePool(), timer=timer, budget_s=600,
+                         progress=False, refine={p: (stored, 2.5)})
+    outcomes, skipped = tuner.run()
+    assert not skipped and len(outcomes) == 1
+    o = outcomes[0]
+    assert o.config == (dataclasses.replace(stored, group_m=fastest) if fastest else stored)
+    assert o.default_ms == 2.5 and o.ms == (0.5 if fastest else 1.0)
+    assert {dataclasses.replace(c, group_m=1) for c in seen} == {stored}  # nothing else
+    assert {c.group_m for c in seen} == set(space.GROUP_MS)
+
+
+@pytest.mark.usefixtures("e4m3_cast")
+def test_refine_order_cli(tmp_path, monkeypatch, capsys):
+    """The CLI on the interpreter: a tuning run, then --refine-order over it (and a token
+    count the file lacks, left out); bad combinations are one line and exit 2."""
+    monkeypatch.setattr(space, "TILES", SMALL_TILES)
+    out = tmp_path / "cpu.json"
+    base = ["tune-kernels", "--shape", "32,4,2,24", "--device", "cpu", "--dtype", "float16",
+            "--quiet", "--out", str(out)]
+    assert cli(base + ["--tokens", "4", "--budget-s", "40"]) == 0
+    assert cli(base + ["--tokens", "4,16", "--budget-s", "30", "--refine-order"]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["runs"]) == 2 and data["runs"][1]["refine_order"] is True
+    assert set(data["shapes"]["32,4,2,24"]["float16"]["base"]) == {"4"}  # 16: no entry
+    MoEConfig.from_dict(data["shapes"]["32,4,2,24"]["float16"]["base"]["4"]["config"])
+    capsys.readouterr()
+    assert cli(base + ["--tokens", "4", "--refine-order", "--keep-faster"]) == 2
+    assert "drop --keep-faster" in capsys.readouterr().err
+    assert cli(base[:-1] + [str(tmp_path / "none.json"), "--tokens", "4",
+                            "--refine-order"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli(base + ["--tokens", "64", "--refine-order"]) == 2
+    assert "no entry for any" in capsys.readouterr().err
