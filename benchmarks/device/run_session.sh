@@ -41,7 +41,8 @@
 #             ${LAUNCH_ARGS} added (--host-profile: cProfile of each case's host time)
 #   dense     the dense-LoRA and isolation GPU tests only (a quick check of a dense change)
 #   pending   the GPU tests of what was built without a GPU (fused expand and top-k sum in
-#             test_kernels_gpu.py, FP8 linear incl. the K split, FP8 greedy)      ~2 min
+#             test_kernels_gpu.py, FP8 linear incl. the K split, FP8 greedy) and of the plain
+#             kernels S10 refactored (dense LoRA, the paged-attention file)      ~3 min
 #   ab        launches once per variant of ${AB}: "name=FIELD=V,FIELD=V;name2=..." (MoEConfig
 #             fields set on the shipped lora_r16 entries up to T=256 by
 #             benchmarks/device/override_configs.py; "name=" runs the shipped file as is),
@@ -186,7 +187,8 @@ for s in "$@"; do
   pending)
     step "GPU tests of the kernels built without a GPU (S10: fused expand, top-k sum, FP8 split)"
     timeout "$(t 200)" python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_kernels_gpu.py \
-      -k "fused_expand or fused_topk" >"$RES/gpu_tests_pending.log" 2>&1; rc $?
+      -k "fused_expand or fused_topk or dense" tests/gpu/test_paged_attention_gpu.py \
+      >"$RES/gpu_tests_pending.log" 2>&1; rc $?
     timeout "$(t 200)" python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_fp8_gpu.py \
       -k "linear or greedy" >>"$RES/gpu_tests_pending.log" 2>&1; rc $?
     grep -E "passed|failed" "$RES/gpu_tests_pending.log" | tee -a "$LOG" ;;

@@ -1,4 +1,5 @@
-"""Compile the kernels that have not run on a GPU yet for sm_90 (H100 / H200), on any machine:
+"""Compile the kernels that have not run on a GPU yet (and the default-path kernels whose code
+moved since the last GPU run) for sm_90 (H100 / H200), on any machine:
 Triton's own compiler and ptxas, launched through the real host glue on ``meta`` tensors (the
 harness of :mod:`benchmarks.kernels.ir_report`), so the signature, the integer specialization
 and the constexprs are the ones a launch on the device compiles.
@@ -108,6 +109,37 @@ def norm_topk() -> list:
         h, pairs, torch.empty(H, dtype=BF16, **META), 1e-6))
 
 
+def refactored_defaults() -> list:
+    """The default-path kernels whose code S10 moved into shared helpers (the plain page
+    write, the plain norm, ``topk_sum``): they run on every step."""
+    from moelora_dist.kernels.moe_gemm import ops as gemm_ops
+    from moelora_dist.kernels.moe_gemm.kernel_down import _topk_sum_kernel
+    from moelora_dist.kernels.norm import ops as norm_ops
+    from moelora_dist.kernels.norm.kernel import _add_rms_norm_kernel
+    from moelora_dist.kernels.paged_attention import ops as pa_ops
+    from moelora_dist.kernels.paged_attention.kernel import _rope_write_kernel
+
+    T, Nq, Nk, D, H, K = 64, 32, 4, 128, 2048, 8
+    qkv = torch.empty(T, (Nq + 2 * Nk) * D, dtype=BF16, **META)
+    q, k, v = (t.view(T, -1, D) for t in qkv.split([Nq * D, Nk * D, Nk * D], dim=1))
+    pages = torch.empty(64, 16, Nk, D, dtype=BF16, **META)
+    cos = torch.empty(4096, D // 2, dtype=torch.float32, **META)
+    pos = torch.empty(T, dtype=torch.long, **META)
+    w = torch.empty(D, dtype=BF16, **META)
+    h = torch.empty(T, H, dtype=BF16, **META)
+    wh = torch.empty(H, dtype=BF16, **META)
+
+    def run():
+        pa_ops.rope_write(q, k, v, pos, cos, cos, pos, pages, pages, w, w, 1e-6)
+        pa_ops.rope_write(q, k, v, pos, cos, cos, pos, pages, pages)
+        norm_ops.add_rms_norm(h, torch.empty(T, H, dtype=BF16, **META), wh, 1e-6)
+        norm_ops.add_rms_norm(h, None, wh, 1e-6)
+        gemm_ops.topk_sum(torch.empty(T * K, H, dtype=BF16, **META),
+                          torch.empty(T, K, dtype=torch.int32, **META), 128)
+
+    return _compiled([_rope_write_kernel, _add_rms_norm_kernel, _topk_sum_kernel], run)
+
+
 CASES = {  # name: (what, expected kernel names)
     "block_fp8_split_t1": (lambda: block_fp8_split(1, 4),
                            ["_block_fp8_linear_kernel", "_split_sum_kernel"]),
@@ -117,6 +149,8 @@ CASES = {  # name: (what, expected kernel names)
     "page_write_lora_head_norm": (lambda: page_write_lora(True), ["_rope_write_lora_kernel"]),
     "norm_lora": (norm_lora, ["_add_rms_norm_lora_kernel"]),
     "norm_topk": (norm_topk, ["_add_topk_rms_norm_kernel"]),
+    "refactored_defaults": (refactored_defaults, ["_add_rms_norm_kernel"] * 2
+                            + ["_rope_write_kernel"] * 2 + ["_topk_sum_kernel"]),
 }
 
 
