@@ -42,7 +42,8 @@
 #   dense     the dense-LoRA and isolation GPU tests only (a quick check of a dense change)
 #   pending   the GPU tests of what was built without a GPU (fused expand and top-k sum in
 #             test_kernels_gpu.py, FP8 linear incl. the K split, FP8 greedy) and of the plain
-#             kernels S10 refactored (dense LoRA, the paged-attention file)      ~3 min
+#             kernels S10 refactored (dense LoRA, the paged-attention file), the engine's
+#             graph-vs-eager tests with the fusions on and off                   ~5 min
 #   ab        launches once per variant of ${AB}: "name=FIELD=V,FIELD=V;name2=..." (MoEConfig
 #             fields set on the shipped lora_r16 entries up to T=256 by
 #             benchmarks/device/override_configs.py; "name=" runs the shipped file as is),
@@ -190,6 +191,8 @@ for s in "$@"; do
       -k "fused_expand or fused_topk or dense" >"$RES/gpu_tests_pending.log" 2>&1; rc $?
     timeout "$(t 150)" python3 -m pytest -q -p no:cacheprovider -rf \
       tests/gpu/test_paged_attention_gpu.py >>"$RES/gpu_tests_pending.log" 2>&1; rc $?
+    timeout "$(t 200)" python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_engine_gpu.py \
+      -k "fused_paths or graph_decode_equals_eager" >>"$RES/gpu_tests_pending.log" 2>&1; rc $?
     timeout "$(t 200)" python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_fp8_gpu.py \
       -k "linear or greedy" >>"$RES/gpu_tests_pending.log" 2>&1; rc $?
     grep -E "passed|failed" "$RES/gpu_tests_pending.log" | tee -a "$LOG" ;;

@@ -253,3 +253,31 @@ def test_page_pool_is_sized_from_free_memory(model):
     used = total - free
     expect = (0.5 * total - used - GRAPH_RESERVE_BYTES) / model.page_bytes(16)
     assert 0.8 * expect <= pages <= 1.05 * expect, (pages, expect)
+
+
+@pytest.mark.parametrize("flags", [("FUSE_EXPAND",), ("FUSE_TOPK_SUM",),
+                                   ("FUSE_EXPAND", "FUSE_TOPK_SUM")],
+                         ids=["fuse_expand", "fuse_topk", "both"])
+def test_fused_paths_graph_decode_equals_eager_and_matches_unfused(model, flags, monkeypatch):
+    """The S10 fusions (off by default; ``lora_linear.FUSE_EXPAND``, ``model.FUSE_TOPK_SUM``):
+    with them on, graph decode equals eager token for token (mixed adapters, a full bucket),
+    and both stay within the logprob tolerance of the unfused engine; the top-k sum alone is
+    the same bits, so its tokens equal the unfused ones."""
+    from moelora_dist.models import lora_linear
+    from moelora_dist.models import model as model_mod
+
+    prompts, names_ = _requests(16, ["a0", None, "a1", "a2"], seed=3)
+    plain = _run(_engine(model), prompts, names_)
+    owner = {"FUSE_EXPAND": lora_linear, "FUSE_TOPK_SUM": model_mod}
+    for f in flags:
+        monkeypatch.setattr(owner[f], f, True)
+    graph, eager = _engine(model), _engine(model, eager=True)
+    got, want = _run(graph, prompts, names_), _run(eager, prompts, names_)
+    assert graph.counters["graph_steps"] >= 7
+    for (g_ids, g_lp), (w_ids, _), (p_ids, p_lp) in zip(got, want, plain):
+        assert g_ids == w_ids
+        if flags == ("FUSE_TOPK_SUM",):
+            assert g_ids == p_ids
+        k = next((i for i, (a, b) in enumerate(zip(g_ids, p_ids)) if a != b), len(g_ids))
+        err = (torch.tensor(g_lp[:k]) - torch.tensor(p_lp[:k])).abs().max().item() if k else 0
+        assert err <= LP_TOL, err
