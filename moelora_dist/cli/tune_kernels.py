@@ -69,9 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="FILE.json",
                    help="tuned file to write or merge into (one device per file)")
     p.add_argument("--keep-faster", action="store_true",
-                   help="replace an entry of --out only where this run's time is lower than "
-                        "the one recorded (a short budget then cannot undo a longer run's "
-                        "finds; the recorded time may predate a kernel change)")
+                   help="the entry --out has is one more candidate, timed in this run: "
+                        "it is replaced only by a config faster in the same run (where the "
+                        "budget left it untimed, only by one faster than its recorded time); "
+                        "a short budget then cannot undo a longer run's finds")
     p.add_argument("--refine-order", action="store_true",
                    help="no search: time the entries --out already has for these shapes, "
                         "tokens (and with --lora, ranks) in this run, each in every program "
@@ -152,7 +153,9 @@ def main(args: argparse.Namespace) -> int:
              len(base) + len(lora), base[0].dtype_key, name, args.budget_s, jobs)
     tuner = Tuner(base, lora, device=args.device, timer=timer, pool=pool,
                   budget_s=args.budget_s - (time.monotonic() - t0) - 2.0,
-                  progress=not args.quiet, refine=refine)
+                  progress=not args.quiet, refine=refine,
+                  stored=output.stored_configs(previous, base + lora) if args.keep_faster
+                  else None)
     try:
         outcomes, skipped = tuner.run()
     finally:

@@ -55,13 +55,24 @@ def stored_entries(previous: dict | None, problems) -> tuple[dict, list]:
     return found, missing
 
 
+def stored_configs(previous: dict | None, problems) -> dict:
+    """``tune-kernels --keep-faster``: ``{problem: the config --out has}``, each one more
+    candidate of the search (``Tuner(stored=)``)."""
+    found, _ = stored_entries(previous, problems)
+    return {p: cfg for p, (cfg, _) in found.items()}
+
+
 def faster_only(outcomes, previous: dict | None) -> tuple[list, int]:
     """``tune-kernels --keep-faster``: the outcomes whose time beats the entry ``previous``
-    records for their problem (or that it lacks), and how many were dropped."""
+    records for their problem (or that it lacks), and how many were dropped. An outcome whose
+    search timed the stored entry in the same run (``Outcome.stored_timed``) is kept: that
+    comparison is the fair one (the recorded time may come from another run, or predate a
+    kernel change)."""
     keep = []
     for o in outcomes:
         old = _recorded(previous, o.problem)
-        if old is None or o.ms < float(old.get("ms", float("inf"))):
+        if (old is None or getattr(o, "stored_timed", False)
+                or o.ms < float(old.get("ms", float("inf")))):
             keep.append(o)
     return keep, len(outcomes) - len(keep)
 

@@ -14,6 +14,9 @@
                  fastest is kept, the stored config included, so the comparison is inside
                  one run (entries kept from older runs by ``--keep-faster`` on a time of
                  another run may predate ``group_m``)
+    stored       (``stored=``, ``--keep-faster``) the entry ``--out`` has for a problem is one
+                 more candidate: timed in this run after the base winners (then swept over
+                 the orders with the winner) and second in LoRA round 1
 
 Budget: the base phase ends at 45% of the budget when LoRA is tuned too (else at the end), LoRA
 round 1 at 90%; inside a phase every problem gets an equal share of what is left (unused time
@@ -57,6 +60,7 @@ class Outcome:
     default_ms: float  # the heuristic's config, the same way
     tried: int  # candidates timed
     failed: int  # candidates skipped for a failure (each in the skipped list)
+    stored_timed: bool = False  # the entry --out had for it was timed in this run too
 
 
 @dataclass
@@ -83,10 +87,14 @@ def _down_key(cfg: MoEConfig, first: MoEConfig) -> MoEConfig:
 class Tuner:
     def __init__(self, base: list[Problem], lora: list[Problem], *, device: str, timer,
                  pool: CompilePool, budget_s: float, clock=time.monotonic, progress=True,
-                 refine: dict[Problem, tuple[MoEConfig, float]] | None = None):
+                 refine: dict[Problem, tuple[MoEConfig, float]] | None = None,
+                 stored: dict[Problem, MoEConfig] | None = None):
         self.base, self.lora = base, lora
         # problem -> (stored config, stored default_ms): the refine phase only
         self.refine = refine
+        # problem -> the config --out already has: one more candidate of the search
+        # (``--keep-faster``), so the entry written is the fastest of this run's timings
+        self.stored = stored or {}
         self.device, self.timer, self.pool, self.clock = device, timer, pool, clock
         self.start = clock()
         self.budget_s = budget_s
@@ -186,7 +194,7 @@ class Tuner:
         for p in self.base:
             inp = make_inputs(p, self.device)
             plans[p] = self._base_candidates(p, inp)
-            for cfg in plans[p][1]:
+            for cfg in plans[p][1] + ([self.stored[p]] if p in self.stored else []):
                 self.pool.submit(p, cfg)
             del inp
         for i, p in enumerate(self.base):
@@ -221,6 +229,14 @@ class Tuner:
                                 pool_key=False)
             if ms is not None and ms < best_ms:
                 best, best_ms = combo, ms
+        stored_timed = False
+        if p in self.stored and self.stored[p] != best:  # the entry --out has, timed now
+            wait = max(until, min(end, self.clock() + DEFAULT_WAIT_S))  # as the default's
+            ms = self._evaluate(p, inp, ref, default_y, self.stored[p], layer, best_ms, wait)
+            stored_timed = ms is not None
+            if stored_timed and ms < best_ms:
+                best, best_ms = self.stored[p], ms
+        stored_timed = stored_timed or self.stored.get(p) == best
         for g in space.GROUP_MS if best_ms < math.inf else ():  # the winner's program order
             if g == best.group_m:  # (a runtime argument: the winner's binary runs it)
                 continue
@@ -238,7 +254,7 @@ class Tuner:
             if ms is not None and ms < best_ms:
                 best, best_ms = alt, ms
         self._finish(p, best, best_ms, default_ms, self.timed - timed0,
-                     len(self.skipped) - failed0)
+                     len(self.skipped) - failed0, stored_timed)
 
     def _best(self, p, inp, ref, default_y, cfgs, time_fn, until, keys=None):
         """The fastest of ``cfgs`` by ``time_fn`` (the first always tried), or None."""
@@ -254,11 +270,11 @@ class Tuner:
                     best, best_ms = cfg, ms
         return best
 
-    def _finish(self, p, cfg, ms, default_ms, tried, failed) -> None:
+    def _finish(self, p, cfg, ms, default_ms, tried, failed, stored_timed=False) -> None:
         if ms == math.inf:
             log.warning("%s: no candidate passed the check; no entry written", p.name)
             return
-        self.outcomes[p] = Outcome(p, cfg, ms, default_ms, tried, failed)
+        self.outcomes[p] = Outcome(p, cfg, ms, default_ms, tried, failed, stored_timed)
         self._bar.set_postfix_str(f"{p.name}: {ms:.4f} ms (default {default_ms:.4f}), "
                                   f"{self.left():.0f} s left")
         log.info("%-40s %.4f ms, default %.4f ms, %d timed, %d failed", p.name, ms,
@@ -303,6 +319,8 @@ class Tuner:
         cands = space.lora_candidates(base, heur, rows_per_expert=rows_per_expert(inp),
                                       adapters=p.adapters, inter=p.shape.local_inter,
                                       fp8=p.fp8)
+        if p in self.stored and self.stored[p] not in cands:  # the entry --out has
+            cands = [*cands[:1], self.stored[p], *cands[1:]]
         return heur, space.with_lora_fields(base, heur), cands
 
     def _submit_lora_of(self, base_p: Problem) -> None:
@@ -333,7 +351,8 @@ class Tuner:
             if timed:
                 best, best_ms = min(timed, key=lambda t: t[1])
                 self._finish(p, best, best_ms, default_ms, self.timed - timed0,
-                             len(self.skipped) - failed0)
+                             len(self.skipped) - failed0,
+                             any(c == self.stored.get(p) for c, _ in timed))
                 self._round1[p] = (start, timed)
             self._bar.update()
 

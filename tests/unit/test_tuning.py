@@ -366,3 +366,37 @@ def test_refine_order_cli(tmp_path, monkeypatch, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli(base + ["--tokens", "64", "--refine-order"]) == 2
     assert "no entry for any" in capsys.readouterr().err
+
+
+def test_keep_faster_times_the_stored_entry_in_the_same_run(monkeypatch):
+    """``--keep-faster``: the entry --out has is one more candidate (base and LoRA). A timer
+    that makes it the fastest keeps it; the outcome says it was timed, so ``faster_only``
+    keeps a faster config of this run even against a lower recorded time (another run's)."""
+    monkeypatch.setattr(space, "TILES", SMALL_TILES)
+    p_base = Problem(TINY, 6, dtype="float16")
+    p_lora = Problem(TINY, 6, 16, adapters=4, dtype="float16")
+    heur = heuristic_config(6, 2, 4, 1)
+    stored = {p: dataclasses.replace(heur, block_n=32, block_k=16, num_warps=2, num_stages=1,
+                                     group_m=8) for p in (p_base, p_lora)}
+    seen = []
+
+    def timer(fn, est):
+        fn()
+        return 0.25 if seen[-1] in stored.values() else 1.0
+
+    real = search.run_layer
+    monkeypatch.setattr(search, "run_layer", lambda inp, cfg: seen.append(cfg) or real(inp, cfg))
+    tuner = search.Tuner([p_base], [p_lora], device="cpu", pool=FakePool(), timer=timer,
+                         budget_s=600, progress=False, stored=stored)
+    outcomes, _ = tuner.run()
+    by = {o.problem: o for o in outcomes}
+    for p in (p_base, p_lora):
+        assert by[p].config == stored[p] and by[p].stored_timed and by[p].ms == 0.25
+    # a faster config of this run against a recorded 0.01 ms (another run, another tree)
+    previous = {"shapes": {str(TINY.key): {"float16": {
+        "base": {"6": {"config": heur.to_dict(), "ms": 0.01}},
+        "lora_r16": {"6": {"config": heur.to_dict(), "ms": 0.01}}}}}}
+    kept, dropped = output.faster_only(outcomes, previous)
+    assert len(kept) == 2 and dropped == 0
+    untimed = [dataclasses.replace(o, stored_timed=False) for o in outcomes]
+    assert output.faster_only(untimed, previous) == ([], 2)  # untimed: the recorded time rules
