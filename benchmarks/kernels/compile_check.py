@@ -105,8 +105,14 @@ def norm_topk() -> list:
     h = torch.empty(T, H, dtype=BF16, **META)
     pairs = PairOutputs(torch.empty(T * K, H, dtype=BF16, **META),
                         torch.empty(T, K, dtype=torch.int32, **META), 128)
-    return _compiled([_add_topk_rms_norm_kernel], lambda: ops.add_topk_rms_norm(
-        h, pairs, torch.empty(H, dtype=BF16, **META), 1e-6))
+    w = torch.empty(H, dtype=BF16, **META)
+
+    def run():
+        ops.add_topk_rms_norm(h, pairs, w, 1e-6)
+        ops.add_topk_rms_norm(h, pairs._replace(plus_TH=torch.empty(T, H, dtype=BF16, **META)),
+                              w, 1e-6)  # with shared experts
+
+    return _compiled([_add_topk_rms_norm_kernel], run)
 
 
 def refactored_defaults() -> list:
@@ -148,7 +154,7 @@ CASES = {  # name: (what, expected kernel names)
     "page_write_lora": (lambda: page_write_lora(False), ["_rope_write_lora_kernel"]),
     "page_write_lora_head_norm": (lambda: page_write_lora(True), ["_rope_write_lora_kernel"]),
     "norm_lora": (norm_lora, ["_add_rms_norm_lora_kernel"]),
-    "norm_topk": (norm_topk, ["_add_topk_rms_norm_kernel"]),
+    "norm_topk": (norm_topk, ["_add_topk_rms_norm_kernel"] * 2),
     "refactored_defaults": (refactored_defaults, ["_add_rms_norm_kernel"] * 2
                             + ["_rope_write_kernel"] * 2 + ["_topk_sum_kernel"]),
 }

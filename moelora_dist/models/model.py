@@ -50,8 +50,8 @@ from moelora_dist.parallel.groups import ParallelGroups
 log = logging.getLogger(__name__)
 DEFAULT_MAX_POSITIONS = 8192  # rotary table length when config.json does not say
 # On CUDA, one GPU: a MoE layer's top-k sum runs inside the residual add + norm after it
-# (``norm.ops.add_topk_rms_norm``: the same bits, one launch less per MoE layer) where nothing
-# else is added to the routed output first (no shared experts). Off until it has run on a
+# (``norm.ops.add_topk_rms_norm``: the same bits, one launch less per MoE layer, two with
+# shared experts, whose output it adds as well). Off until it has run on a
 # GPU: built and tested under the interpreter on 2026-12-04 (S10), when no device machine was
 # lent (`benchmarks/device/with_constants.py`: moelora_dist.models.model:FUSE_TOPK_SUM=true).
 FUSE_TOPK_SUM = False
@@ -328,13 +328,13 @@ class MoELoRAModel:
         run_router = self.pool.targets(path) if router_lora is None else router_lora
         if lora is not None and run_router:
             logits = lora.apply(moe.base.router_logits(x_TH), x_TH, path)
-        # The top-k sum inside the next residual add + norm (FUSE_TOPK_SUM), where nothing
-        # else is added to the routed output first.
-        fuse = (FUSE_TOPK_SUM and self.backend == "triton" and "shared" not in layer
-                and not self.cfg.norm_weight_first)
+        # The top-k sum (and the shared experts' add) inside the next residual add + norm
+        # (FUSE_TOPK_SUM).
+        fuse = FUSE_TOPK_SUM and self.backend == "triton" and not self.cfg.norm_weight_first
         y = moe(x_TH, batch_info, logits, sum_pairs=not fuse)
         if "shared" in layer:
-            y = y + layer["shared"].forward(x_TH, lora)
+            shared = layer["shared"].forward(x_TH, lora)
+            y = y._replace(plus_TH=shared) if isinstance(y, PairOutputs) else y + shared
         return y
 
     def router_paths(self) -> list[str]:

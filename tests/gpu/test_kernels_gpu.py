@@ -361,3 +361,10 @@ def test_fused_topk_sum_norm_is_bitwise_on_cuda(T):
     got = norm_ops.add_topk_rms_norm(h, PairOutputs(out, ids, E), w, 1e-6)
     torch.cuda.synchronize()
     assert torch.equal(h, h_want) and torch.equal(got, want)
+    shared = torch.randn(T, H, generator=g, device="cuda").bfloat16()  # shared experts
+    h_want = h0.clone()
+    want = norm_ops.add_rms_norm(h_want, gemm_ops.topk_sum(out, ids, E) + shared, w, 1e-6)
+    h = h0.clone()
+    got = norm_ops.add_topk_rms_norm(h, PairOutputs(out, ids, E, shared), w, 1e-6)
+    torch.cuda.synchronize()
+    assert torch.equal(h, h_want) and torch.equal(got, want)

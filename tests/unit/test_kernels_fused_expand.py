@@ -263,26 +263,61 @@ def test_residual_norm_with_fused_topk_sum(dtype, T, H):
     got = norm_ops.add_topk_rms_norm(h, pairs, w, 1e-6)
     assert torch.equal(h, h_want) and torch.equal(got, want)
     assert torch.equal(pairs.sum(), gemm_ops.topk_sum(out, ids, E))
+    # with a layer's shared-expert output added (as y + shared)
+    shared = torch.randn(T, H, generator=g).to(dtype)
+    h_want = h0.clone()
+    want = norm_ops.add_rms_norm(h_want, gemm_ops.topk_sum(out, ids, E) + shared, w, 1e-6)
+    h = h0.clone()
+    got = norm_ops.add_topk_rms_norm(h, pairs._replace(plus_TH=shared), w, 1e-6)
+    assert torch.equal(h, h_want) and torch.equal(got, want)
+    with pytest.raises(ValueError, match="added output"):
+        norm_ops.add_topk_rms_norm(h, pairs._replace(plus_TH=shared[:-1]), w, 1e-6)
     with pytest.raises(ValueError, match="do not match"):
         norm_ops.add_topk_rms_norm(h, PairOutputs(out[:-1], ids, E), w, 1e-6)
+
+
+def _with_and_without_topk_fusion(cfg, model, slots, monkeypatch):
+    """One step with FUSE_TOPK_SUM off and one with it on: the same hidden states bit for bit,
+    no ``topk_sum`` launch with it, one per MoE layer without."""
+    from moelora_dist.kernels.moe_gemm import ops as gemm_ops
+    from moelora_dist.models import model as model_mod
+
+    calls = []
+    real = gemm_ops.topk_sum
+    monkeypatch.setattr(gemm_ops, "topk_sum", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out, sums = {}, {}
+    for fuse in (False, True):
+        monkeypatch.setattr(model_mod, "FUSE_TOPK_SUM", fuse)
+        calls.clear()
+        out[fuse] = _decode_step(cfg, model, slots)
+        sums[fuse] = len(calls)
+    assert sums == {False: len(cfg.moe_layers), True: 0}
+    assert torch.equal(out[True], out[False])
 
 
 def test_model_with_fused_topk_sum_is_bitwise_and_launches_less(monkeypatch):
     """FUSE_TOPK_SUM on the tiny model (Triton backend, interpreter, adapters in some
     sequences): the same hidden states bit for bit, no ``topk_sum`` launch (one per MoE
     layer without it)."""
-    from moelora_dist.kernels.moe_gemm import ops as gemm_ops
-    from moelora_dist.models import model as model_mod
-
     cfg, model = _tiny_model("triton")
-    calls = []
-    real = gemm_ops.topk_sum
-    monkeypatch.setattr(gemm_ops, "topk_sum", lambda *a, **k: calls.append(1) or real(*a, **k))
-    out = {}
-    for fuse in (False, True):
-        monkeypatch.setattr(model_mod, "FUSE_TOPK_SUM", fuse)
-        calls.clear()
-        out[fuse] = _decode_step(cfg, model, [0, -1, 1, 2])
-        out[fuse, "sums"] = len(calls)
-    assert out[False, "sums"] == cfg.num_layers and out[True, "sums"] == 0
-    assert torch.equal(out[True], out[False])
+    _with_and_without_topk_fusion(cfg, model, [0, -1, 1, 2], monkeypatch)
+
+
+def test_fused_topk_sum_with_shared_experts_is_bitwise(monkeypatch):
+    """GLM-4.5's layout (a dense first layer, a shared expert in every MoE layer; Triton
+    backend, interpreter): FUSE_TOPK_SUM gives the same hidden states bit for bit, the shared
+    output added inside the norm, and no ``topk_sum`` launch."""
+    from moelora_dist.config.model import ModelConfig
+    from moelora_dist.models.model import MoELoRAModel
+    from moelora_dist.models.weights import RandomWeights
+    from moelora_dist.parallel.groups import ParallelGroups
+    from tests.family_configs import RAW
+
+    cfg = ModelConfig.from_dict(RAW["glm4_moe"])
+    dev = torch.device("cpu")
+    model = MoELoRAModel.build(cfg, ParallelGroups.single(dev),
+                               RandomWeights(cfg, torch.float32, dev, std=0.2),
+                               dtype=torch.float32, max_loras=2, max_rank=8, progress=False,
+                               backend="triton", max_positions=64)
+    assert any("shared" in layer for layer in model.layers)
+    _with_and_without_topk_fusion(cfg, model, [-1, -1, -1], monkeypatch)

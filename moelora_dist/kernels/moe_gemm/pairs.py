@@ -17,8 +17,11 @@ class PairOutputs(NamedTuple):
     out_NH: torch.Tensor
     topk_ids_TK: torch.Tensor
     num_experts: int
+    plus_TH: torch.Tensor | None = None  # added to the sum (a layer's shared experts)
 
     def sum(self) -> torch.Tensor:
+        """``topk_sum`` (+ ``plus_TH``, one rounding of its own, as ``y + shared``)."""
         from moelora_dist.kernels.moe_gemm.ops import topk_sum  # Triton: optional off x86
 
-        return topk_sum(self.out_NH, self.topk_ids_TK, self.num_experts)
+        y = topk_sum(self.out_NH, self.topk_ids_TK, self.num_experts)
+        return y if self.plus_TH is None else y + self.plus_TH

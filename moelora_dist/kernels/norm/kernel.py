@@ -78,13 +78,14 @@ def _add_rms_norm_lora_kernel(h_ptr, d_ptr, w_ptr, out_ptr, hidden, eps, stride_
 
 
 @triton.jit
-def _add_topk_rms_norm_kernel(h_ptr, pairs_ptr, topk_ids_ptr, w_ptr, out_ptr, hidden, top_k,
-                              num_experts, eps, stride_h, stride_p, stride_o,
-                              BLOCK_H: tl.constexpr):
+def _add_topk_rms_norm_kernel(h_ptr, pairs_ptr, topk_ids_ptr, plus_ptr, w_ptr, out_ptr, hidden,
+                              top_k, num_experts, eps, stride_h, stride_p, stride_plus,
+                              stride_o, HAS_PLUS: tl.constexpr, BLOCK_H: tl.constexpr):
     """One row of :func:`_add_rms_norm_kernel` whose ``d`` is the sum of its token's ``top_k``
     pair rows (a MoE layer's weighted expert outputs): the sum as ``topk_sum`` makes it (fp32
     in k order, pairs of invalid experts never read, rounded once to the pairs' dtype), then
-    ``h = round(h + d)`` stored back and the norm. The same bits as the two launches."""
+    ``h = round(h + d)`` stored back and the norm; with ``HAS_PLUS`` ``d = round(d + plus)``
+    first (the shared experts' output, as ``y + shared``). The same bits as the launches."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     ok = offs < hidden
@@ -92,6 +93,9 @@ def _add_topk_rms_norm_kernel(h_ptr, pairs_ptr, topk_ids_ptr, w_ptr, out_ptr, hi
                          BLOCK_H)
     h = tl.load(h_ptr + row * stride_h + offs, mask=ok, other=0.0)
     d = acc.to(pairs_ptr.dtype.element_ty)
+    if HAS_PLUS:
+        plus = tl.load(plus_ptr + row * stride_plus + offs, mask=ok, other=0.0)
+        d = (d.to(tl.float32) + plus.to(tl.float32)).to(d.dtype)
     h = (h.to(tl.float32) + d.to(tl.float32)).to(h.dtype)
     tl.store(h_ptr + row * stride_h + offs, h, mask=ok)
     _store_norm(h, w_ptr, out_ptr, row, offs, ok, hidden, eps, stride_o)

@@ -45,8 +45,9 @@ def add_topk_rms_norm(h_TH: torch.Tensor, pairs, weight_H: torch.Tensor,
                       eps: float) -> torch.Tensor:
     """:func:`add_rms_norm` with ``delta = pairs.sum()`` (``pairs``: a
     :class:`~moelora_dist.kernels.moe_gemm.ops.PairOutputs`, the weighted expert outputs of a
-    one-GPU MoE layer before their top-k sum), the sum done in the same launch: the same bits
-    as ``topk_sum`` then :func:`add_rms_norm`, one launch less."""
+    one-GPU MoE layer before their top-k sum, and the shared experts' output to add, if any),
+    the sum done in the same launch: the same bits as ``pairs.sum()`` then
+    :func:`add_rms_norm`, one launch (two with shared experts) less."""
     T, H = h_TH.shape
     out_NH, ids = pairs.out_NH, pairs.topk_ids_TK.contiguous()
     K = ids.shape[1]
@@ -56,9 +57,16 @@ def add_topk_rms_norm(h_TH: torch.Tensor, pairs, weight_H: torch.Tensor,
     out = torch.empty_like(h_TH)
     if T == 0:
         return out
-    if h_TH.stride(1) != 1 or out_NH.stride(1) != 1:
+    plus = pairs.plus_TH
+    if plus is not None and (tuple(plus.shape) != (T, H) or plus.dtype != out_NH.dtype):
+        raise ValueError(f"the added output {tuple(plus.shape)} {plus.dtype} does not match "
+                         f"[{T}, {H}] {out_NH.dtype}")
+    if h_TH.stride(1) != 1 or out_NH.stride(1) != 1 or (plus is not None
+                                                        and plus.stride(1) != 1):
         raise ValueError("add_topk_rms_norm needs rows with unit stride")
-    _add_topk_rms_norm_kernel[(T,)](h_TH, out_NH, ids, weight_H, out, H, K, pairs.num_experts,
-                                    eps, h_TH.stride(0), out_NH.stride(0), out.stride(0),
+    p = plus if plus is not None else out_NH  # never read without HAS_PLUS
+    _add_topk_rms_norm_kernel[(T,)](h_TH, out_NH, ids, p, weight_H, out, H, K,
+                                    pairs.num_experts, eps, h_TH.stride(0), out_NH.stride(0),
+                                    p.stride(0), out.stride(0), HAS_PLUS=plus is not None,
                                     BLOCK_H=next_power_of_2(H))
     return out
