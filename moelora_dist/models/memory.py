@@ -42,7 +42,8 @@ def _weights(model):
 
 # A fused weight and the parts that are views of its rows (``lora_linear.fuse_rows``).
 _FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
-                "gate_up_proj": ("gate_proj", "up_proj")}
+                "gate_up_proj": ("gate_proj", "up_proj"),
+                "qkv_a_proj": ("q_a_proj", "q_proj", "kv_a_proj_with_mqa")}  # MLA
 
 
 def _owned(w: dict):

@@ -38,7 +38,7 @@ from moelora_dist.config.model import ModelConfig
 from moelora_dist.kernels.paged_attention import naive as pa_naive
 from moelora_dist.models.batch import ForwardBatch, PagedKVCache
 from moelora_dist.models.fp8_weights import read_linear
-from moelora_dist.models.lora_linear import DenseLoRA, base_linear, linear_with_lora
+from moelora_dist.models.lora_linear import DenseLoRA, base_linear, fuse_rows, linear_with_lora
 from moelora_dist.models.ops import rms_norm
 from moelora_dist.models.paged_rope import identity_tables, per_token_tables
 from moelora_dist.models.rope import apply_rotary
@@ -52,16 +52,26 @@ class TPMLA:
     ``w``: ``q_a_proj [Cq, H]``, ``q_a_layernorm [Cq]``, ``q_b_proj [N*Dq, Cq]`` (or
     ``q_proj [N*Dq, H]``), ``kv_a_proj_with_mqa [Ckv+Dr, H]``, ``kv_a_layernorm [Ckv]``,
     ``kv_b_proj [N*(Dn+Dv), Ckv]``, ``o_proj [H, N*Dv]``; biases of q_a, kv_a and o when
-    ``attention_bias``.
+    ``attention_bias``. q_a (or q) and kv_a are concatenated at construction into
+    ``w["qkv_a_proj"]`` (one GEMM; the two become views of its rows) when
+    :func:`.lora_linear.fuse_rows` takes them.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int, split, weights: dict, tp_group=None,
                  backend: str = "torch"):
         self.cfg, self.layer, self.split, self.tp_group = cfg, layer, split, tp_group
         self.backend = backend
-        self.w = weights
         self.prefix = f"layers.{layer}.self_attn"
         self.mla = cfg.mla
+        # q's first projection and kv_a read the same x: one GEMM (lora_linear.fuse_rows)
+        w = dict(weights)
+        self.q_in = "q_a_proj" if cfg.mla.q_lora_rank is not None else "q_proj"
+        parts = (self.q_in, "kv_a_proj_with_mqa")
+        self.a_rows = [w[n].shape[0] for n in parts]
+        self.fused = fuse_rows(w, parts, "qkv_a_proj")
+        if self.fused and f"{self.q_in}.bias" in w:
+            w["qkv_a_proj.bias"] = torch.cat([w.pop(f"{n}.bias") for n in parts]).contiguous()
+        self.w = w
         self.scale = self.mla.qk_head_dim ** -0.5 * cfg.rope.softmax_mscale()
 
     def _kernels(self):
@@ -78,12 +88,16 @@ class TPMLA:
         fp32 tables (YaRN's factor in them); this layer's keys and values go into ``cache``."""
         m, w, p, N = self.mla, self.w, self.prefix, self.split.num_q
         T = x_TH.shape[0]
-        q_in = "q_a_proj" if m.q_lora_rank is not None else "q_proj"
-        # both read x: one shrink launch, beside their base GEMMs
+        q_in = self.q_in
+        # both read x: one shrink launch, beside their base GEMM(s)
         pending = (lora.begin(x_TH, [(f"{p}.{q_in}", None), (f"{p}.kv_a_proj_with_mqa", None)])
                    if lora is not None else None)
-        q0 = base_linear(x_TH, w[q_in], w.get(f"{q_in}.bias"))
-        kva = base_linear(x_TH, w["kv_a_proj_with_mqa"], w.get("kv_a_proj_with_mqa.bias"))
+        if self.fused:
+            q0, kva = base_linear(x_TH, w["qkv_a_proj"], w.get("qkv_a_proj.bias")).split(
+                self.a_rows, dim=1)
+        else:
+            q0 = base_linear(x_TH, w[q_in], w.get(f"{q_in}.bias"))
+            kva = base_linear(x_TH, w["kv_a_proj_with_mqa"], w.get("kv_a_proj_with_mqa.bias"))
         if pending is not None:
             q0, kva = pending.finish([q0, kva])
         if m.q_lora_rank is not None:

@@ -140,3 +140,41 @@ def test_fp8_model_runs_one_gemm_for_qkv_and_for_gate_up(tmp_path, monkeypatch):
     assert len(got_plain) - len(got) == forwards * (2 * L + len(dense))
     for a, b in zip(fused_logits, plain_logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_mla_runs_one_gemm_for_q_a_and_kv_a(monkeypatch):
+    """DeepSeek-V3's MLA (tiny, fp32 reference backend): q_a and kv_a_proj_with_mqa, which
+    read the same x, are one GEMM (``w["qkv_a_proj"]``); one base GEMM fewer per attention
+    layer than with the fusion off, and the same hidden states."""
+    from moelora_dist.config.model import ModelConfig
+    from moelora_dist.models import mla
+    from moelora_dist.models.model import MoELoRAModel
+    from moelora_dist.models.weights import RandomWeights
+    from moelora_dist.parallel.groups import ParallelGroups
+    from tests.family_configs import RAW
+    from tests.unit.test_kernels_fused_expand import _decode_step
+
+    cfg = ModelConfig.from_dict(RAW["deepseek_v3"])
+    dev = torch.device("cpu")
+
+    def build():
+        return MoELoRAModel.build(cfg, ParallelGroups.single(dev),
+                                  RandomWeights(cfg, torch.float32, dev, std=0.2),
+                                  dtype=torch.float32, max_loras=2, max_rank=8,
+                                  progress=False, max_positions=64)
+
+    calls = []
+    real = mla.base_linear
+    monkeypatch.setattr(mla, "base_linear",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = build()
+    assert all(layer["attn"].fused and "qkv_a_proj" in layer["attn"].w
+               for layer in fused.layers)
+    want = _decode_step(cfg, fused, [-1, -1])
+    n_fused = len(calls)
+    monkeypatch.setattr(mla, "fuse_rows", lambda *a: False)
+    calls.clear()
+    plain = build()
+    got = _decode_step(cfg, plain, [-1, -1])
+    assert len(calls) - n_fused == cfg.num_layers
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
