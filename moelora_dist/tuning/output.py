@@ -71,8 +71,7 @@ def faster_only(outcomes, previous: dict | None) -> tuple[list, int]:
     keep = []
     for o in outcomes:
         old = _recorded(previous, o.problem)
-        if (old is None or getattr(o, "stored_timed", False)
-                or o.ms < float(old.get("ms", float("inf")))):
+        if old is None or o.stored_timed or o.ms < float(old.get("ms", float("inf"))):
             keep.append(o)
     return keep, len(outcomes) - len(keep)
 

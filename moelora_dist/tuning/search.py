@@ -175,9 +175,31 @@ class Tuner:
         wait while the workers compile every candidate of the phase): the default waits up to
         :data:`DEFAULT_WAIT_S` past ``until`` (never past the phase's ``end``), since without
         it the problem gets no entry at all."""
-        wait = max(until, min(end, self.clock() + DEFAULT_WAIT_S))
-        ms = self._evaluate(p, inp, ref, None, heur, self._layer(inp), None, wait)
+        ms = self._evaluate(p, inp, ref, None, heur, self._layer(inp), None,
+                            self._patient(until, end))
         return (math.inf if ms is None else ms), self.last_y
+
+    def _patient(self, until: float, end: float) -> float:
+        """The deadline of a config a problem must not go without (its default, the entry
+        ``--out`` has): up to :data:`DEFAULT_WAIT_S` past ``until``, never past ``end``."""
+        return max(until, min(end, self.clock() + DEFAULT_WAIT_S))
+
+    def _sweep_orders(self, p, inp, ref, ref_y, best: MoEConfig, best_ms: float,
+                      until: float) -> tuple[MoEConfig, float]:
+        """``best`` timed with each other ``group_m`` of ``space.GROUP_MS`` (a runtime
+        argument: ``best``'s binary runs them all) until ``until``; the fastest of them."""
+        start = best
+        for g in space.GROUP_MS if best_ms < math.inf else ():
+            if g == start.group_m:
+                continue
+            if self.clock() >= until:
+                break
+            alt = dataclasses.replace(start, group_m=g)
+            ms = self._evaluate(p, inp, ref, ref_y, alt, self._layer(inp), best_ms, until,
+                                pool_key=False)
+            if ms is not None and ms < best_ms:
+                best, best_ms = alt, ms
+        return best, best_ms
 
     # -- base -----------------------------------------------------------------------------
 
@@ -231,22 +253,13 @@ class Tuner:
                 best, best_ms = combo, ms
         stored_timed = False
         if p in self.stored and self.stored[p] != best:  # the entry --out has, timed now
-            wait = max(until, min(end, self.clock() + DEFAULT_WAIT_S))  # as the default's
-            ms = self._evaluate(p, inp, ref, default_y, self.stored[p], layer, best_ms, wait)
+            ms = self._evaluate(p, inp, ref, default_y, self.stored[p], layer, best_ms,
+                                self._patient(until, end))
             stored_timed = ms is not None
             if stored_timed and ms < best_ms:
                 best, best_ms = self.stored[p], ms
         stored_timed = stored_timed or self.stored.get(p) == best
-        for g in space.GROUP_MS if best_ms < math.inf else ():  # the winner's program order
-            if g == best.group_m:  # (a runtime argument: the winner's binary runs it)
-                continue
-            if self.clock() >= until:
-                break
-            alt = dataclasses.replace(best, group_m=g)
-            ms = self._evaluate(p, inp, ref, default_y, alt, layer, best_ms, until,
-                                pool_key=False)
-            if ms is not None and ms < best_ms:
-                best, best_ms = alt, ms
+        best, best_ms = self._sweep_orders(p, inp, ref, default_y, best, best_ms, until)
         if p.fp8 and best.fp8_prequant:  # the winner's tiles with in-loop quantization
             alt = dataclasses.replace(best, fp8_prequant=False)
             ms = self._evaluate(p, inp, ref, default_y, alt, layer, best_ms, until,
@@ -292,17 +305,7 @@ class Tuner:
             timed0, failed0 = self.timed, len(self.skipped)
             # the stored config first (it waits for its compile as a default does)
             best_ms, ref_y = self._default(p, inp, ref, stored, until, end)
-            best = stored
-            for g in space.GROUP_MS if best_ms < math.inf else ():
-                if g == stored.group_m:
-                    continue
-                if self.clock() >= until:
-                    break
-                alt = dataclasses.replace(stored, group_m=g)  # a runtime argument: same binary
-                ms = self._evaluate(p, inp, ref, ref_y, alt, self._layer(inp), best_ms, until,
-                                    pool_key=False)
-                if ms is not None and ms < best_ms:
-                    best, best_ms = alt, ms
+            best, best_ms = self._sweep_orders(p, inp, ref, ref_y, stored, best_ms, until)
             self._finish(p, best, best_ms, stored_default_ms, self.timed - timed0,
                          len(self.skipped) - failed0)
             self._bar.update()
