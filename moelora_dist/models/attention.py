@@ -37,6 +37,7 @@ from moelora_dist.models.lora_linear import (DeferredLoRA, DenseLoRA, base_linea
                                              linear_with_lora)
 from moelora_dist.models.ops import rms_norm, rms_norm_sharded
 from moelora_dist.models.paged_rope import rotate_then_write
+from moelora_dist.parallel.groups import group_size
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,6 @@ class TPAttention:
         # One GEMM for the three when they are of one kind (all in the model dtype, or all
         # block-FP8: their scale rows are concatenated too); a mix stays three.
         self.fused = fuse_rows(w, names, "qkv_proj")
-        if self.fused and "q_proj.bias" in w:
-            w["qkv_proj.bias"] = torch.cat([w.pop(f"{n}.bias") for n in names]).contiguous()
         self.w = w
         # Rows of the pool's replicated k/v LoRA B that belong to this rank's kv head.
         self.kv_rows = None if split.kv_sharded else slice(
@@ -175,13 +174,13 @@ class TPAttention:
                                        sinks_N=self.w.get("sinks"))
         # o is row parallel: its bias is added once, after the sum over ranks, not per rank.
         o_in = out_TND.reshape(T, sp.num_q * D)
-        single = self.tp_group is None or dist.get_world_size(self.tp_group) == 1
+        single = group_size(self.tp_group) == 1
         if (lora is not None and lora.fuses_expand and single
                 and "o_proj.bias" not in self.w):  # the next residual add + norm adds it
             pending_o = lora.begin(o_in, [(f"{self.prefix}.o_proj", None)])
             return DeferredLoRA(base_linear(o_in, self.w["o_proj"]), pending_o)
         o = linear_with_lora(o_in, self.w["o_proj"], None, lora, f"{self.prefix}.o_proj")
-        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+        if not single:
             dist.all_reduce(o, group=self.tp_group)
         if "o_proj.bias" in self.w:
             o = o + self.w["o_proj.bias"]

@@ -233,10 +233,11 @@ def fuse_rows(w: dict, names: tuple[str, ...], fused: str) -> bool:
     """Replace the base weights ``w[name]`` (same input, in order) by one weight ``w[fused]``
     whose rows are theirs concatenated, and each ``w[name]`` by a view of its rows, so that one
     GEMM (one launch) computes them all; the caller splits its output by the parts' rows.
-    Done when all are tensors, or all block-FP8 parts that concatenate with their stored
-    scales as they are (:func:`~moelora_dist.kernels.weights_fp8.can_cat_rows`: whole 128-row
-    blocks, as q/k/v of 128-dim heads are); anything else is left as it is. Returns whether
-    it fused."""
+    Their biases ``w[f"{name}.bias"]``, where the first part has one (then every part has),
+    become ``w[f"{fused}.bias"]``. Done when all are tensors, or all block-FP8 parts that
+    concatenate with their stored scales as they are
+    (:func:`~moelora_dist.kernels.weights_fp8.can_cat_rows`: whole 128-row blocks, as q/k/v of
+    128-dim heads are); anything else is left as it is. Returns whether it fused."""
     parts = [w[n] for n in names]
     if all(isinstance(p, torch.Tensor) for p in parts):
         w[fused] = torch.cat(parts).contiguous()
@@ -251,4 +252,6 @@ def fuse_rows(w: dict, names: tuple[str, ...], fused: str) -> bool:
         return False
     for n, view in zip(names, views):
         w[n] = view
+    if f"{names[0]}.bias" in w:
+        w[f"{fused}.bias"] = torch.cat([w.pop(f"{n}.bias") for n in names]).contiguous()
     return True

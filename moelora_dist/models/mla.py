@@ -69,8 +69,6 @@ class TPMLA:
         parts = (self.q_in, "kv_a_proj_with_mqa")
         self.a_rows = [w[n].shape[0] for n in parts]
         self.fused = fuse_rows(w, parts, "qkv_a_proj")
-        if self.fused and f"{self.q_in}.bias" in w:
-            w["qkv_a_proj.bias"] = torch.cat([w.pop(f"{n}.bias") for n in parts]).contiguous()
         self.w = w
         self.scale = self.mla.qk_head_dim ** -0.5 * cfg.rope.softmax_mscale()
 
