@@ -86,7 +86,6 @@ def block_fp8_linear(x_TK: torch.Tensor, w: BlockFP8Weight, bias_N: torch.Tensor
     return y
 
 
-
 def quantize_act(x_TK: torch.Tensor, *, block_m: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`.naive.quantize_act`: ``x`` quantized per row and 128 columns.
 

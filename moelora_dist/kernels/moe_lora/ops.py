@@ -147,7 +147,8 @@ def fused_moe_lora(x_TH: torch.Tensor, w_gate_up_EXH: torch.Tensor, w_down_EHI: 
     if lora is not None:
         if slot_enabled_S is None:
             slot_enabled_S = lora.slot_rank > 0
-        elif num_lora_tokens is None and not capturing(x_TH.device) and not bool(slot_enabled_S.any()):
+        elif (num_lora_tokens is None and not capturing(x_TH.device)
+              and not bool(slot_enabled_S.any())):
             lora = None  # no adapter in this batch: skip the LoRA path, do not run it on zeros
     if lora is not None and max_lora_rank is not None:
         if not 1 <= int(max_lora_rank) <= lora.max_rank:
