@@ -16,6 +16,7 @@ from pathlib import Path
 from moelora_dist.errors import FileError
 from moelora_dist.files.paths import kind_of, open_for_write, read_json_object
 from moelora_dist.kernels.moe_lora import tuned
+from moelora_dist.kernels.moe_lora.configs import MoEConfig
 
 
 def load_previous(path: str | os.PathLike, device_name: str) -> dict | None:
@@ -42,8 +43,6 @@ def _recorded(previous: dict | None, problem) -> dict | None:
 def stored_entries(previous: dict | None, problems) -> tuple[dict, list]:
     """``tune-kernels --refine-order``: ``({problem: (stored config, stored default_ms)},
     problems without an entry)``."""
-    from moelora_dist.kernels.moe_lora.configs import MoEConfig
-
     found, missing = {}, []
     for p in problems:
         old = _recorded(previous, p)
