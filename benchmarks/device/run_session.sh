@@ -7,8 +7,8 @@
 #             tuned-config file and the LoRA variants, engine + families + paged attention,
 #             FP8 on the Qwen3 shape + FP8 linear + greedy (FP8 DeepSeek-V3 and Mixtral are in
 #             `tests`: their compiles take minutes)                              ~3-4 min
-#   tune      tune-kernels --keep-faster on the four benchmark shapes, base and LoRA r16, into
-#             moelora_dist/kernels/moe_lora/tuned/NVIDIA_H200.json (commit it)   ~3 min
+#   tune      tune-kernels --keep-faster on the four benchmark shapes, base and LoRA r16, into the
+#             tuned file of the call's GPU (\$TUNED below; commit it)   ~3 min
 #             (${TUNE_SHAPES} and ${TUNE_TOKENS} replace the shapes and the token counts)
 #   refine    tune-kernels --refine-order on every shipped bf16 and +fp8 entry of the four
 #             shapes: each re-timed in every program order (group_m), the fastest kept, in
@@ -65,7 +65,11 @@ mkdir -p "$OUT" "$RES"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
   NVSHMEM_DISABLE_NVLS=1
 export MOELORA_GIT_COMMIT=${MOELORA_GIT_COMMIT:-unknown}
-TUNED=moelora_dist/kernels/moe_lora/tuned/NVIDIA_H200.json
+# The tuned file of this GPU (NVIDIA_H200.json, NVIDIA_H100_80GB_HBM3.json, ...): `tune`, `refine`
+# and `tunefp8` write the file of the device the call runs on.
+TUNED=$(python3 -c 'import torch; from moelora_dist.kernels.moe_lora.tuned import PACKAGE_DIR, file_name
+print(PACKAGE_DIR.relative_to(PACKAGE_DIR.parents[3]) / file_name(torch.cuda.get_device_name()))' \
+  2>/dev/null || echo moelora_dist/kernels/moe_lora/tuned/NVIDIA_H200.json)
 LOG=$RES/run.log
 step() { echo "=== $1 ($(date -u +%H:%M:%S))" | tee -a "$LOG"; }
 pack() { tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; }
